@@ -1,0 +1,541 @@
+//! The embedded origin proxy: what cloudflared's ingress points at.
+//!
+//! Per request: `/healthz` → ok; internal auth header (constant time) → 401; `Host` → route → 404;
+//! weighted backend; hop-by-hop and credential headers removed; upstream identity token added;
+//! streamed to the upstream through a pooled client; errors mapped to 502/503/504 with a short
+//! JSON body and a log line naming the route.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use subtle::ConstantTimeEq;
+use tokio::time::Instant;
+
+use crate::config::{AuthHeaderKind, ProxySection, UpstreamAuthKind, UpstreamProtocol};
+use crate::gcp::IdTokenCache;
+use crate::routes::{host_without_port, Backend, RouteTable, Rule};
+use crate::secrets::Secret;
+use crate::telemetry::{Metrics, UpstreamErrorKind};
+
+pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Hop-by-hop headers that are removed whether or not `Connection` names them
+/// (RFC 9110 §7.6.1; `Keep-Alive` and `Proxy-Connection` are the legacy ones it mentions).
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+];
+
+const X_SERVERLESS_AUTHORIZATION: HeaderName = HeaderName::from_static("x-serverless-authorization");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// One accepted internal token. During rotation the previous value stays accepted until
+/// `until`.
+#[derive(Debug, Clone)]
+pub struct AcceptedToken {
+    pub value: Secret,
+    pub until: Option<Instant>,
+}
+
+#[derive(Debug, Clone)]
+pub struct InboundAuth {
+    pub header: HeaderName,
+    pub accepted: Vec<AcceptedToken>,
+}
+
+impl InboundAuth {
+    /// Constant-time comparison against every accepted token (no early exit on the first
+    /// match, so timing does not tell which one matched).
+    fn accepts(&self, presented: &[u8]) -> bool {
+        let now = Instant::now();
+        let mut ok = subtle::Choice::from(0);
+        for t in &self.accepted {
+            if t.until.is_none_or(|u| now < u) {
+                ok |= t.value.expose().as_bytes().ct_eq(presented);
+            }
+        }
+        ok.into()
+    }
+}
+
+/// What a reload can change without a restart.
+#[derive(Debug)]
+pub struct LiveSettings {
+    pub routes: Arc<RouteTable>,
+    pub auth: Option<InboundAuth>,
+    pub max_body_bytes: Option<u64>,
+}
+
+type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
+
+pub struct Proxy {
+    pub live: ArcSwap<LiveSettings>,
+    /// HTTP/1.1 to `http://`, HTTP/1.1 or HTTP/2 (ALPN) to `https://`.
+    client: Client<HttpsConnector, CappedBody>,
+    /// HTTP/2 with prior knowledge over cleartext.
+    h2c: Client<HttpConnector, CappedBody>,
+    tokens: Arc<IdTokenCache>,
+    metrics: Arc<Metrics>,
+}
+
+fn http_connector(settings: &ProxySection) -> HttpConnector {
+    let mut c = HttpConnector::new();
+    c.set_nodelay(true);
+    c.set_connect_timeout(Some(settings.connect_timeout));
+    c.enforce_http(false);
+    c.set_keepalive(Some(Duration::from_secs(60)));
+    c
+}
+
+impl Proxy {
+    pub fn new(
+        settings: &ProxySection,
+        live: LiveSettings,
+        tokens: Arc<IdTokenCache>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Arc<Proxy>> {
+        // ring is the only rustls provider compiled in (no C toolchain or cmake needed).
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())?
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http_connector(settings));
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(settings.pool_idle_timeout)
+            .pool_max_idle_per_host(settings.pool_max_idle_per_host);
+        let client = builder.build(https);
+        let h2c = builder.clone().http2_only(true).build(http_connector(settings));
+        Ok(Arc::new(Proxy {
+            live: ArcSwap::from_pointee(live),
+            client,
+            h2c,
+            tokens,
+            metrics,
+        }))
+    }
+
+    /// Handles one downstream request. Never fails: every error becomes a response.
+    pub async fn handle(self: Arc<Self>, peer: SocketAddr, req: Request<Incoming>) -> Response<ProxyBody> {
+        let start = Instant::now();
+        if req.uri().path() == "/healthz" {
+            return json(StatusCode::OK, r#"{"status":"ok"}"#.into());
+        }
+        let live = self.live.load_full();
+        if let Some(auth) = &live.auth {
+            let ok = req
+                .headers()
+                .get(&auth.header)
+                .is_some_and(|v| auth.accepts(v.as_bytes()));
+            if !ok {
+                self.metrics.unrouted.observe(401, start.elapsed());
+                return error(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    &format!("missing or wrong {}", auth.header),
+                );
+            }
+        }
+        // HTTP/2 requests carry the host in `:authority`; HTTP/1.1 in `Host`.
+        let host = req
+            .uri()
+            .host()
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(host_without_port)
+            })
+            .unwrap_or("");
+        let Some(rule) = live.routes.find(host) else {
+            self.metrics.unrouted.observe(404, start.elapsed());
+            return error(
+                StatusCode::NOT_FOUND,
+                "no_route",
+                &format!("no route for host {host:?}"),
+            );
+        };
+        let resp = self.forward(rule, &live, peer, req).await;
+        rule.stats.observe(resp.status().as_u16(), start.elapsed());
+        resp
+    }
+
+    async fn forward(
+        &self,
+        rule: &Rule,
+        live: &LiveSettings,
+        peer: SocketAddr,
+        mut req: Request<Incoming>,
+    ) -> Response<ProxyBody> {
+        let Some(backend) = rule.pick_backend() else {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "no_backend",
+                "every backend of this route has weight 0",
+            );
+        };
+        if let (Some(limit), Some(len)) = (live.max_body_bytes, content_length(req.headers())) {
+            if len > limit {
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    &format!("request body of {len} bytes exceeds the limit of {limit}"),
+                );
+            }
+        }
+        let upgrade = upgrade_protocol(req.headers());
+        let downstream_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        let headers = &mut parts.headers;
+        let wants_trailers = te_has_trailers(headers);
+        strip_hop_by_hop(headers);
+        headers.remove(header::HOST);
+        headers.remove(header::AUTHORIZATION);
+        headers.remove(X_SERVERLESS_AUTHORIZATION);
+        if let Some(auth) = &live.auth {
+            headers.remove(&auth.header);
+        }
+        if wants_trailers {
+            // gRPC servers use `te: trailers` to detect proxies that would drop trailers.
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+        if let Some(proto) = &upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(header::UPGRADE, proto.clone());
+        }
+        append_forwarded_for(headers, peer);
+        if !headers.contains_key(X_FORWARDED_PROTO) {
+            headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        }
+        if backend.auth == UpstreamAuthKind::GcpIdToken {
+            match self.tokens.header(&backend.upstream.url).await {
+                Ok(v) => {
+                    let name = match backend.auth_header {
+                        AuthHeaderKind::Authorization => header::AUTHORIZATION,
+                        AuthHeaderKind::XServerlessAuthorization => X_SERVERLESS_AUTHORIZATION,
+                    };
+                    headers.insert(name, v);
+                }
+                Err(e) => {
+                    rule.stats.upstream_error(UpstreamErrorKind::Token);
+                    tracing::warn!(route = %rule.route, upstream = %backend.upstream.url, error = %e, "no identity token; answering 503");
+                    return error(StatusCode::SERVICE_UNAVAILABLE, "token_unavailable", &e.to_string());
+                }
+            }
+        }
+        parts.uri = match backend.upstream.uri_for(parts.uri.path_and_query()) {
+            Ok(uri) => uri,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    &format!("cannot build upstream URI: {e}"),
+                )
+            }
+        };
+        parts.version = match backend.protocol {
+            UpstreamProtocol::H2c => Version::HTTP_2,
+            UpstreamProtocol::Auto => Version::HTTP_11,
+        };
+        // Extensions are per hop (hyper's connection info, upgrade handles): start clean.
+        parts.extensions = http::Extensions::new();
+        let up = Request::from_parts(
+            parts,
+            CappedBody {
+                inner: body,
+                remaining: live.max_body_bytes.unwrap_or(u64::MAX),
+            },
+        );
+
+        let sent = match backend.protocol {
+            UpstreamProtocol::Auto => tokio::time::timeout(rule.timeout, self.client.request(up)).await,
+            UpstreamProtocol::H2c => tokio::time::timeout(rule.timeout, self.h2c.request(up)).await,
+        };
+        let mut resp = match sent {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(e)) => return self.upstream_failure(rule, backend, &e),
+            Err(_) => {
+                rule.stats.upstream_error(UpstreamErrorKind::Timeout);
+                tracing::warn!(route = %rule.route, upstream = %backend.upstream.url, timeout_s = rule.timeout.as_secs_f64(), "upstream did not answer in time; answering 504");
+                return error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream_timeout",
+                    "the upstream did not answer in time",
+                );
+            }
+        };
+
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(downstream) = downstream_upgrade {
+                let upstream = hyper::upgrade::on(&mut resp);
+                let route = rule.route.clone();
+                tokio::spawn(async move {
+                    match tokio::try_join!(downstream, upstream) {
+                        Ok((down, up)) => {
+                            let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+                            if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+                                tracing::debug!(%route, error = %e, "upgraded connection ended");
+                            }
+                        }
+                        Err(e) => tracing::warn!(%route, error = %e, "upgrade failed"),
+                    }
+                });
+                // Keep Connection/Upgrade: they are the 101's point.
+                return resp.map(Either::Left);
+            }
+        }
+        strip_hop_by_hop(resp.headers_mut());
+        resp.map(Either::Left)
+    }
+
+    fn upstream_failure(
+        &self,
+        rule: &Rule,
+        backend: &Backend,
+        e: &hyper_util::client::legacy::Error,
+    ) -> Response<ProxyBody> {
+        if find_cause::<BodyTooLarge>(e).is_some() {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                "request body exceeds the configured limit",
+            );
+        }
+        let cause = crate::gcp::error_chain(e);
+        let (kind, code, message) = if e.is_connect() {
+            (
+                UpstreamErrorKind::Connect,
+                "upstream_unreachable",
+                "cannot connect to the upstream",
+            )
+        } else {
+            (
+                UpstreamErrorKind::Other,
+                "upstream_error",
+                "the upstream connection failed",
+            )
+        };
+        rule.stats.upstream_error(kind);
+        tracing::warn!(route = %rule.route, upstream = %backend.upstream.url, error = %cause, "upstream request failed; answering 502");
+        error(StatusCode::BAD_GATEWAY, code, message)
+    }
+}
+
+fn find_cause<'a, T: std::error::Error + 'static>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a T> {
+    let mut cur: Option<&'a (dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(t) = err.downcast_ref::<T>() {
+            return Some(t);
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// A short JSON error body.
+pub fn error(status: StatusCode, code: &str, message: &str) -> Response<ProxyBody> {
+    let body = serde_json::json!({ "error": code, "message": message }).to_string();
+    json(status, body)
+}
+
+pub fn json(status: StatusCode, body: String) -> Response<ProxyBody> {
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body))));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// The `Upgrade` value when the request asks for one (`Connection: upgrade` on any line).
+fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
+    let asks = connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"));
+    asks.then(|| headers.get(header::UPGRADE).cloned()).flatten()
+}
+
+fn te_has_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            t.trim()
+                .split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+}
+
+/// Every token of every `Connection` line (a sender may split them over several lines).
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Removes hop-by-hop headers: the fixed set and every header named by any `Connection` line.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = connection_tokens(headers)
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
+    let ip = peer.ip().to_string();
+    let value = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
+        _ => ip,
+    };
+    if let Ok(v) = HeaderValue::try_from(value) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+}
+
+/// The request body passed upstream, with the configured size limit enforced as it streams
+/// (a chunked body has no `Content-Length` to check up front).
+pub struct CappedBody {
+    inner: Incoming,
+    remaining: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("request body exceeds the configured limit")]
+pub struct BodyTooLarge;
+
+impl Body for CappedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        Poll::Ready(match frame {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    let n = data.len() as u64;
+                    if n > self.remaining {
+                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
+                    }
+                    self.remaining -= n;
+                }
+                Some(Ok(frame))
+            }
+            Some(Err(e)) => Some(Err(Box::new(e))),
+            None => None,
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_headers_named_on_every_connection_line() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("keep-alive, x-first"));
+        h.append(header::CONNECTION, HeaderValue::from_static("X-Second"));
+        h.insert("x-first", HeaderValue::from_static("1"));
+        h.insert("x-second", HeaderValue::from_static("2"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert("x-kept", HeaderValue::from_static("3"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn forwarded_for_appends() {
+        let mut h = HeaderMap::new();
+        append_forwarded_for(&mut h, "10.0.0.1:5".parse().unwrap());
+        append_forwarded_for(&mut h, "[::1]:5".parse().unwrap());
+        assert_eq!(h[X_FORWARDED_FOR], "10.0.0.1, ::1");
+    }
+
+    #[test]
+    fn auth_accepts_current_and_unexpired_previous_only() {
+        let now = Instant::now();
+        let auth = InboundAuth {
+            header: HeaderName::from_static("x-internal-auth-token"),
+            accepted: vec![
+                AcceptedToken {
+                    value: Secret::new("new"),
+                    until: None,
+                },
+                AcceptedToken {
+                    value: Secret::new("old"),
+                    until: Some(now + Duration::from_secs(60)),
+                },
+                AcceptedToken {
+                    value: Secret::new("older"),
+                    until: Some(now - Duration::from_secs(1)),
+                },
+            ],
+        };
+        assert!(auth.accepts(b"new"));
+        assert!(auth.accepts(b"old"));
+        assert!(!auth.accepts(b"older"));
+        assert!(!auth.accepts(b"ne"));
+        assert!(!auth.accepts(b""));
+    }
+
+    #[test]
+    fn te_trailers_detected_with_params() {
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("gzip, trailers;q=1"));
+        assert!(te_has_trailers(&h));
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        assert!(!te_has_trailers(&h));
+    }
+}

@@ -1,0 +1,544 @@
+//! The route table, modelled on Gateway API `HTTPRoute`: hostnames → ordered rules → matches →
+//! weighted backends. The seed's `{"hostname": "https://upstream"}` map is the simplest case: one
+//! route per hostname with one rule, the default match (`PathPrefix /`) and one backend.
+//!
+//! A table is built whole from configuration and then only read: requests see it through an
+//! `ArcSwap`, so a reload swaps one pointer and no reader ever sees a half-built table. Everything
+//! a request needs (lower-cased host keys, parsed URIs, precomputed weights) is prepared here,
+//! once per table, not per request.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::{Authority, PathAndQuery, Scheme};
+
+use crate::config::{
+    AuthHeaderKind, BackendSpec, Config, Problem, RouteSourceKind, UpstreamAuthKind, UpstreamProtocol,
+};
+use crate::telemetry::{Metrics, RouteStats};
+
+/// Where a request goes once it matched: the upstream and how to authenticate to it.
+#[derive(Debug)]
+pub struct Backend {
+    pub upstream: Upstream,
+    pub weight: u32,
+    pub auth: UpstreamAuthKind,
+    pub auth_header: AuthHeaderKind,
+    pub protocol: UpstreamProtocol,
+}
+
+/// A parsed upstream URL.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// Path prefix prepended to the request path; empty when the URL has none.
+    pub base_path: String,
+    /// The URL as configured (without a trailing slash); also the identity-token audience,
+    /// which Cloud Run expects to be the service URL.
+    pub url: String,
+}
+
+/// `url` with any `user:password@` replaced, for error messages.
+fn redact_userinfo(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..end].rfind('@') {
+        Some(at) if scheme.is_empty() => format!("[redacted]@{}", &rest[at + 1..]),
+        Some(at) => format!("{scheme}://[redacted]@{}", &rest[at + 1..]),
+        None => url.to_owned(),
+    }
+}
+
+impl Upstream {
+    pub fn parse(url: &str) -> Result<Upstream, String> {
+        Self::parse_inner(url).map_err(|e| e.replace(url, &redact_userinfo(url)))
+    }
+
+    fn parse_inner(url: &str) -> Result<Upstream, String> {
+        let uri: http::Uri = url.parse().map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+        let scheme = match uri.scheme_str() {
+            Some("http") => Scheme::HTTP,
+            Some("https") => Scheme::HTTPS,
+            Some(other) => return Err(format!("{url:?}: scheme {other:?} is not http or https")),
+            None => return Err(format!("{url:?}: missing scheme (http:// or https://)")),
+        };
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| format!("{url:?}: missing host"))?;
+        if authority.as_str().contains('@') {
+            return Err(format!(
+                "{url:?}: credentials in the URL are not allowed; use upstream_auth"
+            ));
+        }
+        if uri.query().is_some() {
+            return Err(format!("{url:?}: a query string is not allowed in an upstream URL"));
+        }
+        let base_path = uri.path().trim_end_matches('/').to_owned();
+        Ok(Upstream {
+            scheme,
+            authority,
+            base_path,
+            url: url.trim_end_matches('/').to_owned(),
+        })
+    }
+
+    /// The URI to send upstream for a request with `path_and_query`.
+    pub fn uri_for(&self, path_and_query: Option<&PathAndQuery>) -> Result<http::Uri, http::Error> {
+        let pq = match (self.base_path.is_empty(), path_and_query) {
+            (true, Some(pq)) => pq.clone(),
+            (true, None) => PathAndQuery::from_static("/"),
+            (false, pq) => {
+                let rest = pq.map_or("/", |pq| pq.as_str());
+                PathAndQuery::try_from(format!("{}{}", self.base_path, rest))?
+            }
+        };
+        http::Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(pq)
+            .build()
+    }
+}
+
+/// One rule of a route: when it applies and where it sends the request.
+#[derive(Debug)]
+pub struct Rule {
+    /// The route's name, for logs and metrics.
+    pub route: Arc<str>,
+    pub backends: Vec<Backend>,
+    total_weight: u64,
+    /// Time to the upstream's response head.
+    pub timeout: Duration,
+    pub stats: Arc<RouteStats>,
+}
+
+impl Rule {
+    /// Picks a backend by weight. `None` when every weight is 0 (Gateway API: answer 500).
+    pub fn pick_backend(&self) -> Option<&Backend> {
+        match self.backends.as_slice() {
+            [only] if only.weight > 0 => Some(only),
+            _ if self.total_weight == 0 => None,
+            backends => {
+                let mut n = crate::random_u64() % self.total_weight;
+                for b in backends {
+                    if n < u64::from(b.weight) {
+                        return Some(b);
+                    }
+                    n -= u64::from(b.weight);
+                }
+                None
+            }
+        }
+    }
+}
+
+/// A route as configured, kept for `routes.json` and `/status`.
+#[derive(Debug, Clone)]
+pub struct RouteSummary {
+    pub name: String,
+    pub hostnames: Vec<String>,
+    pub upstreams: Vec<String>,
+}
+
+/// The compiled, immutable table.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    rules: Vec<Rule>,
+    /// Lower-case exact hostname → rule indices, in precedence order.
+    exact: HashMap<Box<str>, Vec<usize>>,
+    /// `*.suffix` hostnames as (".suffix", rules), longest suffix first.
+    wildcard: Vec<(Box<str>, Vec<usize>)>,
+    /// Rules of routes without hostnames: they apply to any host.
+    any_host: Vec<usize>,
+    pub summary: Vec<RouteSummary>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{}", problems.iter().map(|p| format!("{}: {}", p.key, p.reason)).collect::<Vec<_>>().join("; "))]
+pub struct RoutesError {
+    pub problems: Vec<Problem>,
+}
+
+/// Normalises a configured hostname. Accepts `*.` wildcards; rejects ports and junk.
+fn normalise_hostname(h: &str) -> Result<String, String> {
+    let lower = h.trim().to_ascii_lowercase();
+    let bare = lower.strip_prefix("*.").unwrap_or(&lower);
+    let valid_label = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if bare.is_empty() || bare.len() > 253 || !bare.split('.').all(valid_label) {
+        return Err(format!(
+            "{h:?} is not a valid hostname (no port, no scheme; a leading \"*.\" is allowed)"
+        ));
+    }
+    Ok(lower)
+}
+
+/// Reads a seed-format `routes.json` (`{"hostname": "https://upstream"}`).
+pub fn read_host_map(path: &Path) -> Result<BTreeMap<String, String>, String> {
+    let text = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    parse_host_map(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+pub fn parse_host_map(json: &[u8]) -> Result<BTreeMap<String, String>, String> {
+    serde_json::from_slice::<BTreeMap<String, String>>(json)
+        .map_err(|e| format!("not a JSON object of hostname → URL strings: {e}"))
+}
+
+impl RouteTable {
+    /// Builds the table from `config`'s `[[route]]` entries plus `host_map` (the inline
+    /// `[routes.hosts]` or the routes file). Collects every problem.
+    pub fn build(config: &Config, host_map: &BTreeMap<String, String>) -> Result<RouteTable, RoutesError> {
+        Self::build_with(config, host_map, &Metrics::default())
+    }
+
+    pub fn build_with(
+        config: &Config,
+        host_map: &BTreeMap<String, String>,
+        metrics: &Metrics,
+    ) -> Result<RouteTable, RoutesError> {
+        let mut problems = Vec::new();
+        let mut table = RouteTable::default();
+        let defaults = &config.routes;
+        let map_key = match defaults.source {
+            RouteSourceKind::Inline => "routes.hosts",
+            RouteSourceKind::File => "routes.file",
+        };
+        // Which route claimed each hostname first, to report duplicates.
+        let mut claimed: HashMap<String, String> = HashMap::new();
+
+        struct Pending {
+            name: String,
+            key: String,
+            hostnames: Vec<String>,
+            backends: Vec<BackendSpec>,
+            /// Single upstream given as a string (host map entry or `upstream =`).
+            shorthand: bool,
+            /// Key to blame for a bad shorthand upstream, when not the route's own key.
+            upstream_key: Option<String>,
+            timeout: Duration,
+        }
+        let mut pending = Vec::new();
+        for (host, url) in host_map {
+            pending.push(Pending {
+                name: host.to_ascii_lowercase(),
+                key: format!("{map_key}.{host:?}"),
+                hostnames: vec![host.clone()],
+                backends: vec![BackendSpec {
+                    url: url.clone(),
+                    weight: 1,
+                    upstream_auth: None,
+                    auth_header: None,
+                    protocol: None,
+                }],
+                shorthand: true,
+                upstream_key: None,
+                timeout: config.proxy.upstream_timeout,
+            });
+        }
+        for (i, r) in config.route.iter().enumerate() {
+            let key = format!("route[{i}]");
+            let mut backends = r.backends.clone();
+            match (&r.upstream, backends.is_empty()) {
+                (Some(url), true) => backends.push(BackendSpec {
+                    url: url.clone(),
+                    weight: 1,
+                    upstream_auth: r.upstream_auth,
+                    auth_header: r.auth_header,
+                    protocol: r.protocol,
+                }),
+                (Some(_), false) => problems.push(Problem {
+                    key: format!("{key}.upstream"),
+                    reason: "give either upstream or backends, not both".into(),
+                }),
+                (None, true) => problems.push(Problem {
+                    key: format!("{key}.backends"),
+                    reason: "a route needs an upstream or at least one backend".into(),
+                }),
+                (None, false) => {
+                    for b in &mut backends {
+                        b.upstream_auth = b.upstream_auth.or(r.upstream_auth);
+                        b.auth_header = b.auth_header.or(r.auth_header);
+                        b.protocol = b.protocol.or(r.protocol);
+                    }
+                }
+            }
+            let name = r
+                .name
+                .clone()
+                .or_else(|| r.hostnames.first().map(|h| h.to_ascii_lowercase()))
+                .unwrap_or_else(|| key.clone());
+            let shorthand = r.upstream.is_some();
+            pending.push(Pending {
+                name,
+                upstream_key: shorthand.then(|| format!("{key}.upstream")),
+                key,
+                shorthand,
+                hostnames: r.hostnames.clone(),
+                backends,
+                timeout: r.timeout.unwrap_or(config.proxy.upstream_timeout),
+            });
+        }
+
+        for p in pending {
+            let mut backends = Vec::new();
+            for (bi, b) in p.backends.iter().enumerate() {
+                let bkey = if p.shorthand {
+                    p.upstream_key.clone().unwrap_or_else(|| p.key.clone())
+                } else {
+                    format!("{}.backends[{bi}].url", p.key)
+                };
+                match Upstream::parse(&b.url) {
+                    Ok(upstream) => {
+                        let protocol = b.protocol.unwrap_or(defaults.protocol);
+                        if protocol == UpstreamProtocol::H2c && upstream.scheme == Scheme::HTTPS {
+                            problems.push(Problem {
+                                key: bkey,
+                                reason: "protocol = \"h2c\" needs an http:// upstream (https negotiates HTTP/2 itself)"
+                                    .into(),
+                            });
+                            continue;
+                        }
+                        backends.push(Backend {
+                            upstream,
+                            weight: b.weight,
+                            auth: b.upstream_auth.unwrap_or(defaults.upstream_auth),
+                            auth_header: b.auth_header.unwrap_or(defaults.auth_header),
+                            protocol,
+                        })
+                    }
+                    Err(reason) => problems.push(Problem { key: bkey, reason }),
+                }
+            }
+            let mut hostnames = Vec::new();
+            for h in &p.hostnames {
+                match normalise_hostname(h) {
+                    Ok(h) => {
+                        if let Some(first) = claimed.get(&h) {
+                            problems.push(Problem {
+                                key: p.key.clone(),
+                                reason: format!("hostname {h:?} is already routed by {first}"),
+                            });
+                        } else {
+                            claimed.insert(h.clone(), p.key.clone());
+                            hostnames.push(h);
+                        }
+                    }
+                    Err(reason) => problems.push(Problem {
+                        key: p.key.clone(),
+                        reason,
+                    }),
+                }
+            }
+            let total_weight = backends.iter().map(|b| u64::from(b.weight)).sum();
+            let idx = table.rules.len();
+            let route: Arc<str> = Arc::from(p.name.as_str());
+            table.summary.push(RouteSummary {
+                name: p.name,
+                hostnames: hostnames.clone(),
+                upstreams: backends.iter().map(|b| b.upstream.url.clone()).collect(),
+            });
+            table.rules.push(Rule {
+                stats: metrics.route(&route),
+                route,
+                backends,
+                total_weight,
+                timeout: p.timeout,
+            });
+            if hostnames.is_empty() {
+                table.any_host.push(idx);
+            }
+            for h in hostnames {
+                match h.strip_prefix('*') {
+                    Some(suffix) => table.wildcard.push((suffix.into(), vec![idx])),
+                    None => table.exact.entry(h.into_boxed_str()).or_default().push(idx),
+                }
+            }
+        }
+        table.wildcard.sort_by_key(|w| std::cmp::Reverse(w.0.len()));
+
+        if problems.is_empty() {
+            Ok(table)
+        } else {
+            Err(RoutesError { problems })
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// The rule for a request to `host` (already without port). Exact hostnames win over
+    /// wildcards (longest suffix first), which win over host-less routes.
+    pub fn find(&self, host: &str) -> Option<&Rule> {
+        let lower;
+        let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            lower = host.to_ascii_lowercase();
+            lower.as_str()
+        } else {
+            host
+        };
+        let host = host.strip_suffix('.').unwrap_or(host);
+        let candidates = self.exact.get(host).map(Vec::as_slice).or_else(|| {
+            self.wildcard
+                .iter()
+                // A wildcard matches one or more labels, never the apex itself.
+                .find(|(suffix, _)| host.len() > suffix.len() && host.ends_with(&**suffix))
+                .map(|(_, rules)| rules.as_slice())
+        });
+        let rules = candidates.unwrap_or(&self.any_host);
+        rules.first().map(|&i| &self.rules[i])
+    }
+
+    /// The seed's `routes.json` format: hostname → first backend URL.
+    pub fn to_host_map(&self) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        for r in &self.summary {
+            if let Some(url) = r.upstreams.first() {
+                for h in &r.hostnames {
+                    out.insert(h.clone(), url.clone());
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Strips the port from a `Host` header value (`example.com:8080`, `[::1]:8080`).
+pub fn host_without_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        // IPv6 literal: keep up to the closing bracket.
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(toml: &str) -> Result<RouteTable, RoutesError> {
+        let config = Config::parse(Path::new("t.toml"), toml).map_err(|e| RoutesError { problems: e.problems })?;
+        RouteTable::build(&config, &config.routes.hosts)
+    }
+
+    #[test]
+    fn host_map_is_one_rule_per_host_case_insensitive() {
+        let t = table("[routes.hosts]\n\"API.example.com\" = \"https://svc-1.a.run.app/\"\n").unwrap();
+        let rule = t.find("api.EXAMPLE.com").expect("route found");
+        assert_eq!(rule.backends[0].upstream.url, "https://svc-1.a.run.app");
+        assert!(t.find("other.example.com").is_none());
+        assert!(t.find("api.example.com.").is_some(), "trailing dot is the same name");
+    }
+
+    #[test]
+    fn wildcard_matches_subdomains_not_apex_and_exact_wins() {
+        let t = table(
+            r#"
+            [routes.hosts]
+            "*.example.com" = "http://wild"
+            "a.example.com" = "http://exact"
+            "*.b.example.com" = "http://deeper"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            t.find("a.example.com").unwrap().backends[0].upstream.url,
+            "http://exact"
+        );
+        assert_eq!(
+            t.find("x.y.example.com").unwrap().backends[0].upstream.url,
+            "http://wild"
+        );
+        assert_eq!(
+            t.find("x.b.example.com").unwrap().backends[0].upstream.url,
+            "http://deeper"
+        );
+        assert!(t.find("example.com").is_none());
+    }
+
+    #[test]
+    fn bad_urls_and_duplicates_are_all_reported() {
+        let err = table(
+            r#"
+            [routes.hosts]
+            "a.example.com" = "ftp://x"
+            "b.example.com" = "no-scheme"
+            "c.example.com:80" = "http://x"
+            [[route]]
+            hostnames = ["A.example.com"]
+            upstream = "http://user:pw@x"
+            "#,
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("scheme \"ftp\""), "{text}");
+        assert!(text.contains("missing scheme"), "{text}");
+        assert!(text.contains("not a valid hostname"), "{text}");
+        assert!(text.contains("already routed"), "{text}");
+        assert!(text.contains("credentials"), "{text}");
+        assert!(!text.contains("pw@"), "URL credentials must not be echoed: {text}");
+    }
+
+    #[test]
+    fn upstream_uri_keeps_path_and_query_and_prefixes_base_path() {
+        let u = Upstream::parse("https://svc.run.app").unwrap();
+        let pq = PathAndQuery::from_static("/a/b?x=1");
+        assert_eq!(u.uri_for(Some(&pq)).unwrap().to_string(), "https://svc.run.app/a/b?x=1");
+        let u = Upstream::parse("http://127.0.0.1:9/base/").unwrap();
+        assert_eq!(
+            u.uri_for(Some(&pq)).unwrap().to_string(),
+            "http://127.0.0.1:9/base/a/b?x=1"
+        );
+    }
+
+    #[test]
+    fn weights_pick_only_positive_backends() {
+        let t = table(
+            r#"
+            [[route]]
+            hostnames = ["w.example.com"]
+            backends = [{ url = "http://a", weight = 0 }, { url = "http://b", weight = 3 }]
+            [[route]]
+            hostnames = ["z.example.com"]
+            backends = [{ url = "http://a", weight = 0 }]
+            "#,
+        )
+        .unwrap();
+        let rule = t.find("w.example.com").unwrap();
+        for _ in 0..200 {
+            assert_eq!(rule.pick_backend().unwrap().upstream.url, "http://b");
+        }
+        assert!(t.find("z.example.com").unwrap().pick_backend().is_none());
+    }
+
+    #[test]
+    fn host_port_stripping() {
+        assert_eq!(host_without_port("a.example.com:8080"), "a.example.com");
+        assert_eq!(host_without_port("a.example.com"), "a.example.com");
+        assert_eq!(host_without_port("[::1]:80"), "::1");
+    }
+
+    #[test]
+    fn seed_routes_json_round_trips() {
+        let map = parse_host_map(br#"{"api.example.com": "https://svc-x-ew.a.run.app"}"#).unwrap();
+        assert_eq!(map["api.example.com"], "https://svc-x-ew.a.run.app");
+        assert!(parse_host_map(b"[1,2]").is_err());
+        assert!(parse_host_map(br#"{"a": 1}"#).is_err());
+    }
+}

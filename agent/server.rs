@@ -1,0 +1,260 @@
+//! Serving HTTP on a listener: the accept loop, per-connection limits and graceful drain. Used by
+//! the proxy and the health listener alike.
+//!
+//! Two client-side timeouts that hyper alone conflates: in hyper 1.x the HTTP/1 "header read
+//! timeout" timer starts when the connection starts waiting for a request head, which on a
+//! keep-alive connection means *while idle*. Set to a slowloris-sized 10 s, it would close
+//! cloudflared's pooled origin connections long before cloudflared's own 90 s keep-alive, and a
+//! request racing that close fails at the edge. So hyper's timer is set to the idle timeout
+//! (> 90 s), and [`HeadTimeoutIo`] enforces the short header deadline from the first byte of a
+//! request head until hyper hands the parsed request to the service.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, Sleep};
+
+/// Client-side limits for one listener.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_header_bytes: usize,
+}
+
+/// Request accounting shared by a connection's IO and its service.
+#[derive(Debug, Default)]
+struct ConnPhase {
+    /// Requests whose head hyper has parsed.
+    started: AtomicU64,
+    /// Responses not yet finished (body not yet dropped by hyper).
+    in_flight: AtomicU64,
+}
+
+/// Closes a connection whose request head takes longer than the limit, counted from the first
+/// byte of that head. Disabled for HTTP/2 (a PING is not a request head).
+struct HeadTimeoutIo<S> {
+    inner: S,
+    phase: Arc<ConnPhase>,
+    timeout: Duration,
+    /// When the current head started and `started` at that time.
+    head: Option<(Instant, u64)>,
+    sleep: Option<Pin<Box<Sleep>>>,
+    first_read: bool,
+    disabled: bool,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for HeadTimeoutIo<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.disabled {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
+        let started = this.phase.started.load(Ordering::Acquire);
+        if this.head.is_some_and(|(_, seq)| seq != started) {
+            this.head = None;
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let fresh = &buf.filled()[before..];
+                if this.first_read && !fresh.is_empty() {
+                    this.first_read = false;
+                    if fresh.starts_with(b"PRI * HTTP/2") {
+                        this.disabled = true;
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+                if !fresh.is_empty() && this.head.is_none() && this.phase.in_flight.load(Ordering::Acquire) == 0 {
+                    this.head = Some((Instant::now(), started));
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                if let Some((since, _)) = this.head {
+                    let deadline = since + this.timeout;
+                    let sleep = this
+                        .sleep
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                    if sleep.deadline() != deadline {
+                        sleep.as_mut().reset(deadline);
+                    }
+                    if sleep.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "request head not completed within header_read_timeout",
+                        )));
+                    }
+                }
+                Poll::Pending
+            }
+            other => other,
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for HeadTimeoutIo<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A response body that tells the connection when the response is finished (dropped by hyper).
+pub struct TrackedBody<B> {
+    inner: B,
+    phase: Arc<ConnPhase>,
+}
+
+impl<B> Drop for TrackedBody<B> {
+    fn drop(&mut self) {
+        self.phase.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for TrackedBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A running listener. Dropping it does not stop it; call [`ServerHandle::shutdown`].
+pub struct ServerHandle {
+    pub local_addr: SocketAddr,
+    stop: watch::Sender<Option<Duration>>,
+    task: JoinHandle<bool>,
+}
+
+impl ServerHandle {
+    /// Stops accepting, lets in-flight requests finish for up to `grace`, closes idle
+    /// connections. Returns whether every connection finished in time.
+    pub async fn shutdown(self, grace: Duration) -> bool {
+        let _ = self.stop.send(Some(grace));
+        self.task.await.unwrap_or(false)
+    }
+}
+
+/// Binds `addr`, naming it in the error.
+pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({what}): {e}"))
+}
+
+/// Serves `handler` on `listener` until shut down.
+pub fn serve<H, F, B>(listener: TcpListener, limits: Limits, handler: H) -> anyhow::Result<ServerHandle>
+where
+    H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let local_addr = listener.local_addr()?;
+    let (stop, mut stopped) = watch::channel(None);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .header_read_timeout(limits.idle_timeout)
+        .max_buf_size(limits.max_header_bytes);
+    builder.http2().timer(TokioTimer::new());
+
+    let task = tokio::spawn(async move {
+        let graceful = GracefulShutdown::new();
+        let grace = loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let (stream, peer) = match accepted {
+                        Ok(a) => a,
+                        Err(e) => {
+                            // EMFILE and friends: back off briefly instead of spinning.
+                            tracing::warn!(listener = %local_addr, error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let _ = stream.set_nodelay(true);
+                    let phase = Arc::new(ConnPhase::default());
+                    let io = HeadTimeoutIo {
+                        inner: stream,
+                        phase: phase.clone(),
+                        timeout: limits.header_read_timeout,
+                        head: None,
+                        sleep: None,
+                        first_read: true,
+                        disabled: false,
+                    };
+                    let handler = handler.clone();
+                    let service = hyper::service::service_fn(move |req| {
+                        phase.started.fetch_add(1, Ordering::AcqRel);
+                        phase.in_flight.fetch_add(1, Ordering::AcqRel);
+                        let phase = phase.clone();
+                        let fut = handler(peer, req);
+                        async move {
+                            let resp = fut.await;
+                            Ok::<_, Infallible>(resp.map(|inner| TrackedBody { inner, phase }))
+                        }
+                    });
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
+                    let conn = graceful.watch(conn);
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing::debug!(%peer, error = %e, "connection closed with error");
+                        }
+                    });
+                }
+                _ = stopped.changed() => break stopped.borrow().unwrap_or_default(),
+            }
+        };
+        drop(listener);
+        let drained = tokio::time::timeout(grace, graceful.shutdown()).await.is_ok();
+        if !drained {
+            tracing::warn!(listener = %local_addr, grace_s = grace.as_secs_f64(), "connections still open after the shutdown grace; closing them");
+        }
+        drained
+    });
+    Ok(ServerHandle { local_addr, stop, task })
+}

@@ -1,0 +1,55 @@
+//! The systemd notify protocol (`sd_notify(3)`): readiness, status text, watchdog keep-alives.
+//!
+//! Every call is a no-op when `NOTIFY_SOCKET` is unset (standalone runs). The variable is kept in
+//! our environment so later messages still reach systemd; children get it removed explicitly.
+
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+
+fn send(states: &[NotifyState<'_>]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    if let Err(e) = sd_notify::notify(false, states) {
+        tracing::debug!(error = %e, "sd_notify failed");
+    }
+}
+
+pub fn ready(status: &str) {
+    send(&[NotifyState::Ready, NotifyState::Status(status)]);
+}
+
+pub fn status(status: &str) {
+    send(&[NotifyState::Status(status)]);
+}
+
+pub fn reloading() {
+    send(&[NotifyState::Reloading, NotifyState::Status("reloading configuration")]);
+}
+
+pub fn stopping() {
+    send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+}
+
+pub fn watchdog() {
+    send(&[NotifyState::Watchdog]);
+}
+
+/// Asks systemd for `extra` more time before its start (or stop) timeout fires.
+pub fn extend_timeout(extra: Duration, status: &str) {
+    let usec = u32::try_from(extra.as_micros()).unwrap_or(u32::MAX);
+    send(&[NotifyState::ExtendTimeoutUsec(usec), NotifyState::Status(status)]);
+}
+
+/// The interval at which to send `WATCHDOG=1` (half of `WATCHDOG_USEC`), if systemd asked for
+/// one and it is meant for this process (`WATCHDOG_PID`).
+pub fn watchdog_interval() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.parse::<u32>().ok()? != std::process::id() {
+            return None;
+        }
+    }
+    (usec > 0).then(|| Duration::from_micros(usec / 2))
+}

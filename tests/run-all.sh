@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Runs every test: unit and integration tests (cargo), then the system test under real systemd
+# when this machine can run it (tests/system/run.sh says why when it cannot).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo test --locked --all-targets
+if [ -x tests/system/run.sh ]; then
+  tests/system/run.sh
+fi
