@@ -39,6 +39,8 @@ pub struct Config {
     pub gcp: GcpSection,
     #[serde(default)]
     pub health: HealthSection,
+    #[serde(default)]
+    pub cloudflared: CloudflaredSection,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -55,6 +57,10 @@ pub struct AgentSection {
     pub log_format: LogFormat,
     /// `tracing` filter directive, e.g. `info` or `tunnel_agent=debug,hyper=info`.
     pub log_level: String,
+    /// How long boot may keep retrying transient failures (Secret Manager 429/5xx, metadata
+    /// server unreachable) before giving up with an error.
+    #[serde(with = "humantime_serde")]
+    pub boot_timeout: Duration,
 }
 
 impl Default for AgentSection {
@@ -65,6 +71,7 @@ impl Default for AgentSection {
             shutdown_grace: Duration::from_secs(30),
             log_format: LogFormat::Auto,
             log_level: "info".to_owned(),
+            boot_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -125,6 +132,10 @@ pub struct ProxySection {
     /// Name of the secret holding the internal token. Unset: no auth on this listener (seed 002,
     /// where cloudflared and the app share a host).
     pub auth_secret: Option<String>,
+    /// After the internal token rotates (secret `refresh`), the previous value is still accepted
+    /// this long, so requests signed with it during the rollout do not get 401s.
+    #[serde(with = "humantime_serde")]
+    pub auth_overlap: Duration,
     /// Largest request head accepted; larger gets 431. hyper's floor is 8 KiB.
     pub max_header_bytes: usize,
     /// Largest request body accepted; larger gets 413. Unset: no limit (bodies stream, so a
@@ -154,6 +165,7 @@ impl Default for ProxySection {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             auth_header: "X-Internal-Auth-Token".to_owned(),
             auth_secret: None,
+            auth_overlap: Duration::from_secs(600),
             max_header_bytes: 16 * 1024,
             max_body_bytes: None,
             header_read_timeout: Duration::from_secs(10),
@@ -174,6 +186,26 @@ pub enum RouteSourceKind {
     Inline,
     /// A JSON file in the seed's `routes.json` format.
     File,
+    /// A GCE metadata attribute holding that JSON, watched for changes.
+    GcpMetadata,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttributeScope {
+    #[default]
+    Instance,
+    Project,
+}
+
+impl AttributeScope {
+    /// The metadata path prefix for attributes of this scope.
+    pub fn path(self) -> &'static str {
+        match self {
+            AttributeScope::Instance => "instance/attributes",
+            AttributeScope::Project => "project/attributes",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -213,6 +245,9 @@ pub struct RoutesSection {
     pub file: Option<PathBuf>,
     /// `source = "inline"`: hostname → upstream URL.
     pub hosts: BTreeMap<String, String>,
+    /// `source = "gcp-metadata"`: the attribute name, e.g. `tunnel-routes`.
+    pub attribute: Option<String>,
+    pub attribute_scope: AttributeScope,
     /// Applied to every host-map entry.
     pub upstream_auth: UpstreamAuthKind,
     pub auth_header: AuthHeaderKind,
@@ -225,6 +260,8 @@ impl Default for RoutesSection {
             source: RouteSourceKind::Inline,
             file: None,
             hosts: BTreeMap::new(),
+            attribute: None,
+            attribute_scope: AttributeScope::Instance,
             upstream_auth: UpstreamAuthKind::None,
             auth_header: AuthHeaderKind::Authorization,
             protocol: UpstreamProtocol::Auto,
@@ -279,6 +316,9 @@ pub struct GcpSection {
     /// Per-request timeout towards the metadata server.
     #[serde(with = "humantime_serde")]
     pub metadata_timeout: Duration,
+    /// Secret Manager API base URL. Unset: `https://secretmanager.googleapis.com`, or
+    /// `https://secretmanager.LOCATION.rep.googleapis.com` for regional secrets.
+    pub secret_manager_endpoint: Option<String>,
 }
 
 impl Default for GcpSection {
@@ -287,6 +327,7 @@ impl Default for GcpSection {
             metadata_url: None,
             id_token_refresh_margin: Duration::from_secs(300),
             metadata_timeout: Duration::from_secs(5),
+            secret_manager_endpoint: None,
         }
     }
 }
@@ -302,6 +343,94 @@ impl GcpSection {
             },
         };
         url.trim_end_matches('/').to_owned()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum TokenDelivery {
+    /// `TUNNEL_TOKEN` in cloudflared's environment: works on every version.
+    #[default]
+    Env,
+    /// `--token-file` in the runtime dir, mode 0600 (cloudflared >= 2025.4).
+    File,
+}
+
+/// cloudflared, supervised. Either a remotely-managed tunnel (`token_secret`) or a
+/// locally-managed one (`credentials_file` + `tunnel`, ingress written from the route table).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CloudflaredSection {
+    pub enabled: bool,
+    /// The executable; looked up in `PATH` when not absolute.
+    pub path: PathBuf,
+    /// Name of the secret holding the connector token (remotely-managed tunnel).
+    pub token_secret: Option<String>,
+    pub token_delivery: TokenDelivery,
+    /// Locally-managed tunnel: the credentials JSON from `cloudflared tunnel create`.
+    pub credentials_file: Option<PathBuf>,
+    /// Locally-managed tunnel: its name or UUID.
+    pub tunnel: Option<String>,
+    /// Where cloudflared serves `/ready` and `/metrics`: moved off `:2000`, which the agent owns.
+    pub metrics: SocketAddr,
+    /// cloudflared's `--grace-period`: how long it drains on SIGTERM. The agent waits this plus
+    /// `stop_margin` before SIGKILL.
+    #[serde(with = "humantime_serde")]
+    pub grace_period: Duration,
+    #[serde(with = "humantime_serde")]
+    pub stop_margin: Duration,
+    /// Extra arguments placed before `run` (e.g. `["--protocol", "http2"]`).
+    pub extra_args: Vec<String>,
+    /// Restart backoff after an unrequested exit.
+    #[serde(with = "humantime_serde")]
+    pub restart_backoff: Duration,
+    #[serde(with = "humantime_serde")]
+    pub restart_backoff_max: Duration,
+    /// Running and connected this long resets the backoff and the exit count.
+    #[serde(with = "humantime_serde")]
+    pub stable_after: Duration,
+    /// `crash_loop_exits` exits within `crash_loop_window` is a crash loop: `/ready` fails.
+    pub crash_loop_exits: u32,
+    #[serde(with = "humantime_serde")]
+    pub crash_loop_window: Duration,
+    /// After this many exits without a stable period the agent itself exits non-zero, handing
+    /// the problem to systemd's restart policy. 0 = never.
+    pub give_up_after_exits: u32,
+    /// How often cloudflared's `/ready` is polled.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// A tunnel that was connected and has had 0 connections this long is restarted.
+    #[serde(with = "humantime_serde")]
+    pub disconnected_restart_after: Duration,
+    /// `/ready` keeps answering 200 this long after the tunnel loses its last connection, so a
+    /// brief reconnect does not flap the verdict.
+    #[serde(with = "humantime_serde")]
+    pub ready_grace: Duration,
+}
+
+impl Default for CloudflaredSection {
+    fn default() -> Self {
+        CloudflaredSection {
+            enabled: false,
+            path: PathBuf::from("cloudflared"),
+            token_secret: None,
+            token_delivery: TokenDelivery::Env,
+            credentials_file: None,
+            tunnel: None,
+            metrics: SocketAddr::from(([127, 0, 0, 1], 20241)),
+            grace_period: Duration::from_secs(30),
+            stop_margin: Duration::from_secs(5),
+            extra_args: Vec::new(),
+            restart_backoff: Duration::from_millis(200),
+            restart_backoff_max: Duration::from_secs(30),
+            stable_after: Duration::from_secs(60),
+            crash_loop_exits: 5,
+            crash_loop_window: Duration::from_secs(120),
+            give_up_after_exits: 20,
+            poll_interval: Duration::from_secs(1),
+            disconnected_restart_after: Duration::from_secs(120),
+            ready_grace: Duration::from_secs(10),
+        }
     }
 }
 
@@ -462,38 +591,101 @@ impl Config {
             );
         }
 
-        match self.routes.source {
-            RouteSourceKind::Inline => {
-                if self.routes.file.is_some() {
-                    bad("routes.file".into(), "only used with source = \"file\"".into());
-                }
-            }
-            RouteSourceKind::File => {
-                if self.routes.file.is_none() {
-                    bad("routes.file".into(), "required for source = \"file\"".into());
-                }
-                if !self.routes.hosts.is_empty() {
-                    bad("routes.hosts".into(), "only used with source = \"inline\"".into());
-                }
-            }
+        let r = &self.routes;
+        if r.source != RouteSourceKind::File && r.file.is_some() {
+            bad("routes.file".into(), "only used with source = \"file\"".into());
+        }
+        if r.source == RouteSourceKind::File && r.file.is_none() {
+            bad("routes.file".into(), "required for source = \"file\"".into());
+        }
+        if r.source != RouteSourceKind::Inline && !r.hosts.is_empty() {
+            bad("routes.hosts".into(), "only used with source = \"inline\"".into());
+        }
+        if r.source != RouteSourceKind::GcpMetadata && r.attribute.is_some() {
+            bad(
+                "routes.attribute".into(),
+                "only used with source = \"gcp-metadata\"".into(),
+            );
         }
         // Route contents (URLs, hostnames, duplicates) are checked by the same code that builds
-        // the live table, so `check` and a running agent can never disagree.
-        if self.routes.source == RouteSourceKind::Inline {
-            if let Err(e) = crate::routes::RouteTable::build(self, &self.routes.hosts) {
-                for p in e.problems {
-                    out.push(p);
-                }
-            }
-        } else {
-            let empty = BTreeMap::new();
-            if let Err(e) = crate::routes::RouteTable::build(self, &empty) {
-                for p in e.problems {
-                    out.push(p);
-                }
+        // the live table, so `check` and a running agent can never disagree. Remote sources are
+        // checked when fetched.
+        let empty = BTreeMap::new();
+        let hosts = match self.routes.source {
+            RouteSourceKind::Inline => &self.routes.hosts,
+            _ => &empty,
+        };
+        if let Err(e) = crate::routes::RouteTable::build(self, hosts) {
+            for p in e.problems {
+                bad(p.key, p.reason);
             }
         }
 
+        let cf = &self.cloudflared;
+        if cf.enabled {
+            match (&cf.token_secret, &cf.credentials_file) {
+                (None, None) => bad(
+                    "cloudflared.token_secret".into(),
+                    "set token_secret (remotely-managed tunnel) or credentials_file + tunnel (locally-managed)".into(),
+                ),
+                (Some(_), Some(_)) => bad(
+                    "cloudflared.credentials_file".into(),
+                    "give either token_secret or credentials_file, not both".into(),
+                ),
+                (Some(name), None) if !self.secrets.contains_key(name) => bad(
+                    "cloudflared.token_secret".into(),
+                    format!("no secret named {name:?} in [secrets]"),
+                ),
+                (None, Some(_)) if cf.tunnel.is_none() => bad(
+                    "cloudflared.tunnel".into(),
+                    "required with credentials_file (the tunnel's name or UUID)".into(),
+                ),
+                _ => {}
+            }
+            if cf.metrics == self.health.listen || cf.metrics == self.proxy.listen {
+                bad(
+                    "cloudflared.metrics".into(),
+                    format!("{} is already used by the agent", cf.metrics),
+                );
+            }
+            if cf.crash_loop_exits == 0 {
+                bad("cloudflared.crash_loop_exits".into(), "must be at least 1".into());
+            }
+            if cf.poll_interval.is_zero() {
+                bad("cloudflared.poll_interval".into(), "must be greater than 0".into());
+            }
+            for a in &cf.extra_args {
+                if a == "run" || a.starts_with("--token") || a.starts_with("--metrics") {
+                    bad(
+                        "cloudflared.extra_args".into(),
+                        format!("{a:?} is managed by the agent; remove it (and never put a token in argv)"),
+                    );
+                }
+            }
+        }
+        if self.routes.source == RouteSourceKind::GcpMetadata {
+            match &self.routes.attribute {
+                None => bad(
+                    "routes.attribute".into(),
+                    "required for source = \"gcp-metadata\"".into(),
+                ),
+                Some(a) if a.is_empty() || !a.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') => {
+                    bad(
+                        "routes.attribute".into(),
+                        format!("{a:?} is not a metadata attribute name"),
+                    )
+                }
+                _ => {}
+            }
+        }
+        if let Some(url) = &self.gcp.secret_manager_endpoint {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                bad(
+                    "gcp.secret_manager_endpoint".into(),
+                    "must be an http:// or https:// URL".into(),
+                );
+            }
+        }
         if let Some(url) = &self.gcp.metadata_url {
             match reqwest::Url::parse(url) {
                 Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
@@ -543,6 +735,12 @@ impl Config {
             || self.proxy.pool_max_idle_per_host != new.proxy.pool_max_idle_per_host
         {
             out.push("proxy.connect_timeout/pool_*");
+        }
+        if self.routes.source != new.routes.source
+            || self.routes.attribute != new.routes.attribute
+            || self.routes.attribute_scope != new.routes.attribute_scope
+        {
+            out.push("routes.source/attribute");
         }
         if self.gcp.metadata_url != new.gcp.metadata_url || self.gcp.metadata_timeout != new.gcp.metadata_timeout {
             out.push("gcp.metadata_url/metadata_timeout");

@@ -21,6 +21,7 @@ use tokio::time::Instant;
 
 use crate::routes::RouteSummary;
 use crate::telemetry::Metrics;
+use crate::tunnel::TunnelState;
 
 /// Facts for `/status`, replaced whole on each change.
 #[derive(Debug, Clone, Default)]
@@ -34,6 +35,12 @@ pub struct StatusInfo {
     /// Settings changed in the file that need a restart to apply.
     pub pending_restart: Vec<String>,
     pub secrets: Vec<String>,
+    /// Why the table in use is the last good one rather than the source's (unreachable source).
+    pub routes_fallback: Option<String>,
+    /// cloudflared's metrics address, for re-exporting its metrics.
+    pub cloudflared_metrics: Option<SocketAddr>,
+    /// How long after losing its last connection the tunnel still counts as connected.
+    pub tunnel_ready_grace: Duration,
 }
 
 /// The agent's cached health.
@@ -47,6 +54,7 @@ pub struct Health {
     pub draining: AtomicBool,
     pub status: ArcSwap<StatusInfo>,
     pub metrics: Arc<Metrics>,
+    pub tunnel: Arc<TunnelState>,
     started: Instant,
 }
 
@@ -60,6 +68,7 @@ impl Health {
             draining: AtomicBool::new(false),
             status: ArcSwap::default(),
             metrics,
+            tunnel: Arc::default(),
             started: Instant::now(),
         })
     }
@@ -80,17 +89,49 @@ impl Health {
             ("proxy", flag(&self.proxy_answering)),
         ];
         let draining = flag(&self.draining);
-        let ready = !draining && components.iter().all(|(_, ok)| *ok);
+        let (tunnel_ok, tunnel_text) = self.tunnel_verdict();
+        let ready = !draining && tunnel_ok && components.iter().all(|(_, ok)| *ok);
         let mut detail = serde_json::Map::new();
         for (name, ok) in components {
             detail.insert(name.to_owned(), json!(if ok { "ok" } else { "not ready" }));
         }
+        detail.insert("cloudflared".to_owned(), json!(tunnel_text));
         let body = json!({
             "ready": ready,
             "draining": draining,
             "components": detail,
         });
         (ready, body)
+    }
+
+    /// cloudflared's part of the verdict: fine when it is not wanted here; otherwise running and
+    /// connected (with the configured grace), and not crash-looping.
+    fn tunnel_verdict(&self) -> (bool, String) {
+        let t = &self.tunnel;
+        if !t.wanted.load(Ordering::Acquire) {
+            return (true, "disabled".to_owned());
+        }
+        if t.crash_loop.load(Ordering::Acquire) {
+            return (false, "crash loop".to_owned());
+        }
+        if t.pid.load(Ordering::Acquire) == 0 {
+            return (false, "not running".to_owned());
+        }
+        let conns = t.connections.load(Ordering::Acquire);
+        if conns > 0 {
+            return (true, format!("connected ({conns})"));
+        }
+        if t.connected(self.status.load().tunnel_ready_grace) {
+            return (true, "reconnecting (within grace)".to_owned());
+        }
+        (false, "no connections".to_owned())
+    }
+
+    /// `/active`: this node runs the tunnel and it is connected.
+    pub fn active(&self) -> bool {
+        self.tunnel.wanted.load(Ordering::Acquire)
+            && !self.draining.load(Ordering::Acquire)
+            && self.tunnel.connected(self.status.load().tunnel_ready_grace)
     }
 
     fn status_json(&self) -> serde_json::Value {
@@ -110,11 +151,80 @@ impl Health {
                     "name": r.name, "hostnames": r.hostnames, "upstreams": r.upstreams,
                 })).collect::<Vec<_>>(),
             },
+            "routes_fallback": s.routes_fallback,
+            "cloudflared": self.tunnel_json(),
             "last_reload_error": s.last_reload_error,
             "pending_restart": s.pending_restart,
             // Names only: values never leave the process.
             "secrets": s.secrets,
         })
+    }
+
+    fn tunnel_json(&self) -> serde_json::Value {
+        let t = &self.tunnel;
+        let d = t.detail();
+        let pid = t.pid.load(Ordering::Acquire);
+        json!({
+            "wanted": t.wanted.load(Ordering::Acquire),
+            "pid": (pid != 0).then_some(pid),
+            "connections": t.connections.load(Ordering::Acquire),
+            "connector_id": d.connector_id,
+            "restarts": t.restarts.load(Ordering::Acquire),
+            "crash_loop": t.crash_loop.load(Ordering::Acquire),
+            "last_exit": d.last_exit,
+            "uptime_s": d.started_at.filter(|_| pid != 0).map(|s| s.elapsed().as_secs()),
+        })
+    }
+
+    /// Our metrics, then cloudflared's own (fetched with a short timeout; absent if it does not
+    /// answer).
+    async fn render_metrics(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        self.metrics.render(&mut out);
+        let t = &self.tunnel;
+        let gauges = [
+            (
+                "tunnel_agent_cloudflared_wanted",
+                "1 when cloudflared should run on this node.",
+                u64::from(t.wanted.load(Ordering::Acquire)),
+            ),
+            (
+                "tunnel_agent_cloudflared_up",
+                "1 while cloudflared is running.",
+                u64::from(t.pid.load(Ordering::Acquire) != 0),
+            ),
+            (
+                "tunnel_agent_cloudflared_connections",
+                "cloudflared's readyConnections at the last poll.",
+                u64::from(t.connections.load(Ordering::Acquire)),
+            ),
+            (
+                "tunnel_agent_cloudflared_crash_loop",
+                "1 while cloudflared is crash-looping.",
+                u64::from(t.crash_loop.load(Ordering::Acquire)),
+            ),
+        ];
+        for (name, help, v) in gauges {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"));
+        }
+        let restarts = t.restarts.load(Ordering::Acquire);
+        out.push_str(&format!(
+            "# HELP tunnel_agent_cloudflared_restarts_total cloudflared restarts after failures.\n# TYPE tunnel_agent_cloudflared_restarts_total counter\ntunnel_agent_cloudflared_restarts_total {restarts}\n"
+        ));
+        let (ready, _) = self.readiness();
+        out.push_str(&format!(
+            "# HELP tunnel_agent_ready 1 when /ready answers 200.\n# TYPE tunnel_agent_ready gauge\ntunnel_agent_ready {}\n",
+            u8::from(ready)
+        ));
+        if let (Some(addr), true) = (
+            self.status.load().cloudflared_metrics,
+            t.pid.load(Ordering::Acquire) != 0,
+        ) {
+            if let Some(text) = fetch_text(addr, "/metrics", Duration::from_secs(1)).await {
+                out.push_str(&text);
+            }
+        }
+        out
     }
 
     /// Answers one request on the health listener.
@@ -137,11 +247,18 @@ impl Health {
                 };
                 reply(status, "application/json", body.to_string())
             }
-            "/metrics" => {
-                let mut out = String::with_capacity(8192);
-                self.metrics.render(&mut out);
-                reply(StatusCode::OK, "text/plain; version=0.0.4", out)
+            "/active" => {
+                if self.active() {
+                    reply(StatusCode::OK, "application/json", r#"{"active":true}"#.into())
+                } else {
+                    reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "application/json",
+                        r#"{"active":false}"#.into(),
+                    )
+                }
             }
+            "/metrics" => reply(StatusCode::OK, "text/plain; version=0.0.4", self.render_metrics().await),
             "/status" => reply(StatusCode::OK, "application/json", self.status_json().to_string()),
             _ => reply(
                 StatusCode::NOT_FOUND,
@@ -207,6 +324,23 @@ pub async fn probe(addr: SocketAddr, timeout: Duration) -> bool {
         .ok()
         .flatten()
         .unwrap_or(false)
+}
+
+/// A plain HTTP/1.1 GET of a small text document from a loopback service.
+async fn fetch_text(addr: SocketAddr, path: &str, timeout: Duration) -> Option<String> {
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+        s.write_all(req.as_bytes()).await.ok()?;
+        let mut buf = Vec::new();
+        s.take(4 * 1024 * 1024).read_to_end(&mut buf).await.ok()?;
+        let text = String::from_utf8(buf).ok()?;
+        let (head, body) = text.split_once("\r\n\r\n")?;
+        head.starts_with("HTTP/1.").then_some(())?;
+        head.split(' ').nth(1).filter(|c| *c == "200")?;
+        Some(body.to_owned())
+    };
+    tokio::time::timeout(timeout, attempt).await.ok().flatten()
 }
 
 fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {

@@ -7,18 +7,22 @@
 
 pub mod backoff;
 pub mod config;
+pub mod files;
 pub mod gcp;
 pub mod health;
 pub mod proxy;
+pub mod route_source;
 pub mod routes;
 pub mod secrets;
 pub mod server;
 pub mod systemd;
 pub mod telemetry;
+pub mod tunnel;
 
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hasher};
-use std::path::{Path, PathBuf};
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,13 +30,18 @@ use std::time::Duration;
 use anyhow::Context as _;
 use http::HeaderName;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
 
-use config::{Config, RouteSourceKind};
+use config::{Config, SecretSpec};
+use gcp::{MetadataClient, SecretManager, SecretManagerError};
 use health::Health;
 use proxy::{AcceptedToken, InboundAuth, LiveSettings, Proxy};
+use route_source::HostMap;
 use routes::RouteTable;
-use secrets::{SecretError, SecretValues};
+use secrets::{Secret, SecretError, SecretValues, SecretVersionName};
 use telemetry::Metrics;
+use tunnel::{RestartPolicy, TunnelSpec, TunnelSupervisor};
 
 /// A random number for load balancing and backoff jitter (not for anything secret). std's
 /// `RandomState` is seeded per instance from OS randomness; hashing a fresh one is enough here
@@ -78,8 +87,9 @@ impl Signals {
     }
 }
 
-/// Reads every local secret. Collects all failures into one error.
-pub fn load_secrets(config: &Config, metrics: &Metrics) -> Result<SecretValues, Vec<SecretError>> {
+/// Reads every local secret (`file`, `env`); remote ones are skipped. What `check` uses: it must
+/// not need the network.
+pub fn load_local_secrets(config: &Config, metrics: &Metrics) -> Result<SecretValues, Vec<SecretError>> {
     let mut values = BTreeMap::new();
     let mut errors = Vec::new();
     for (name, spec) in &config.secrets {
@@ -92,10 +102,7 @@ pub fn load_secrets(config: &Config, metrics: &Metrics) -> Result<SecretValues, 
                 metrics.secret_fetch_failures.inc();
                 errors.push(e);
             }
-            None => errors.push(SecretError::Remote {
-                name: name.clone(),
-                message: format!("source \"{}\" is not supported by this build yet", spec.source),
-            }),
+            None => {}
         }
     }
     if errors.is_empty() {
@@ -105,51 +112,174 @@ pub fn load_secrets(config: &Config, metrics: &Metrics) -> Result<SecretValues, 
     }
 }
 
-/// Reads the configured route source and builds the table.
-pub fn load_routes(config: &Config, metrics: &Metrics) -> anyhow::Result<RouteTable> {
-    let file_map;
-    let host_map = match config.routes.source {
-        RouteSourceKind::Inline => &config.routes.hosts,
-        RouteSourceKind::File => {
-            let path = config.routes.file.as_deref().unwrap_or(Path::new(""));
-            file_map = routes::read_host_map(path).map_err(anyhow::Error::msg)?;
-            &file_map
-        }
+/// One attempt at one secret. `Err((error, transient))`.
+async fn fetch_secret(name: &str, spec: &SecretSpec, sm: &SecretManager) -> Result<Secret, (SecretError, bool)> {
+    if let Some(local) = secrets::read_local(name, spec) {
+        return local.map_err(|e| (e, false));
+    }
+    let remote = |message: String| SecretError::Remote {
+        name: name.to_owned(),
+        message,
     };
-    RouteTable::build_with(config, host_map, metrics).map_err(|e| anyhow::anyhow!("invalid routes: {e}"))
-}
-
-fn route_source_name(config: &Config) -> String {
-    match config.routes.source {
-        RouteSourceKind::Inline => "inline".to_owned(),
-        RouteSourceKind::File => format!(
-            "file {}",
-            config.routes.file.as_deref().unwrap_or(Path::new("")).display()
-        ),
+    let version = SecretVersionName::parse(spec.name.as_deref().unwrap_or("")).map_err(|e| (remote(e), false))?;
+    match sm.access(&version).await {
+        Ok(bytes) => secrets::from_bytes(name, bytes, &version.resource()).map_err(|e| (e, false)),
+        Err(SecretManagerError::Transient(m)) => Err((remote(m), true)),
+        Err(SecretManagerError::Permanent(m)) => Err((remote(m), false)),
     }
 }
 
-/// What the proxy can change live, from a config, its secrets and a route table.
-fn live_settings(config: &Config, secrets: &SecretValues, routes: RouteTable) -> anyhow::Result<LiveSettings> {
-    let auth = match &config.proxy.auth_secret {
-        None => None,
-        Some(name) => Some(InboundAuth {
-            header: HeaderName::from_bytes(config.proxy.auth_header.as_bytes()).context("proxy.auth_header")?,
-            accepted: vec![AcceptedToken {
-                value: secrets.get(name).cloned().context("proxy.auth_secret has no value")?,
-                until: None,
-            }],
-        }),
+/// Resolves every secret, retrying transient failures with backoff until `deadline`. While
+/// waiting, systemd's status names the secret and the reason, and its start timeout is extended.
+pub async fn resolve_secrets(
+    config: &Config,
+    sm: &SecretManager,
+    metrics: &Metrics,
+    deadline: Instant,
+) -> Result<SecretValues, Vec<SecretError>> {
+    let mut values = BTreeMap::new();
+    let mut errors = Vec::new();
+    for (name, spec) in &config.secrets {
+        let mut backoff = backoff::Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+        loop {
+            metrics.secret_fetches.inc();
+            match fetch_secret(name, spec, sm).await {
+                Ok(v) => {
+                    values.insert(name.clone(), v);
+                    break;
+                }
+                Err((e, transient)) => {
+                    metrics.secret_fetch_failures.inc();
+                    let delay = backoff.next_delay();
+                    if !transient || Instant::now() + delay > deadline {
+                        errors.push(e);
+                        break;
+                    }
+                    let why = format!("waiting for secret {name:?}: {e}");
+                    tracing::warn!(secret = %name, error = %e, retry_in_ms = delay.as_millis() as u64, "secret not available yet");
+                    systemd::extend_timeout(delay + Duration::from_secs(30), &why);
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(values)
+    } else {
+        Err(errors)
+    }
+}
+
+/// Builds the route table from a host map (the source's) plus the config's `[[route]]`s.
+pub fn build_routes(config: &Config, map: &HostMap, metrics: &Metrics) -> anyhow::Result<RouteTable> {
+    RouteTable::build_with(config, map, metrics).map_err(|e| anyhow::anyhow!("invalid routes: {e}"))
+}
+
+/// Reads the configured local route source and builds the table (what `check` uses).
+pub fn load_routes(config: &Config, metrics: &Metrics) -> anyhow::Result<RouteTable> {
+    let map = match config.routes.source {
+        config::RouteSourceKind::Inline => config.routes.hosts.clone(),
+        config::RouteSourceKind::File => {
+            routes::read_host_map(config.routes.file.as_deref().unwrap_or(std::path::Path::new("")))
+                .map_err(anyhow::Error::msg)?
+        }
+        config::RouteSourceKind::GcpMetadata => HostMap::new(),
     };
-    Ok(LiveSettings {
-        routes: Arc::new(routes),
-        auth,
-        max_body_bytes: config.proxy.max_body_bytes,
-    })
+    build_routes(config, &map, metrics)
 }
 
 fn join_errors(errors: &[SecretError]) -> String {
     errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")
+}
+
+/// The proxy's inbound auth for `config`. When the token changed from `previous`, the previous
+/// value stays accepted for `proxy.auth_overlap` (rotation without 401s).
+fn inbound_auth(
+    config: &Config,
+    secrets: &SecretValues,
+    previous: Option<&InboundAuth>,
+) -> anyhow::Result<Option<InboundAuth>> {
+    let Some(name) = &config.proxy.auth_secret else {
+        return Ok(None);
+    };
+    let header = HeaderName::from_bytes(config.proxy.auth_header.as_bytes()).context("proxy.auth_header")?;
+    let current = secrets.get(name).cloned().context("proxy.auth_secret has no value")?;
+    let now = Instant::now();
+    let mut accepted = vec![AcceptedToken {
+        value: current.clone(),
+        until: None,
+    }];
+    for old in previous.map(|p| p.accepted.as_slice()).unwrap_or_default() {
+        if old.value == current || old.until.is_some_and(|u| u <= now) {
+            continue;
+        }
+        accepted.push(AcceptedToken {
+            value: old.value.clone(),
+            until: Some(old.until.unwrap_or(now + config.proxy.auth_overlap)),
+        });
+    }
+    if accepted.len() > 1 {
+        tracing::info!(
+            overlap_s = config.proxy.auth_overlap.as_secs(),
+            "internal auth token rotated; the previous one stays accepted during the overlap"
+        );
+    }
+    Ok(Some(InboundAuth { header, accepted }))
+}
+
+/// The cloudflared command for `config`, or `None` when it should not run here.
+fn tunnel_spec(config: &Config, secrets: &SecretValues, origin: SocketAddr, table: &RouteTable) -> Option<TunnelSpec> {
+    let cf = &config.cloudflared;
+    if !cf.enabled {
+        return None;
+    }
+    let token = cf.token_secret.as_ref().and_then(|n| secrets.get(n)).cloned();
+    let hostnames: Vec<String> = table.summary.iter().flat_map(|r| r.hostnames.iter().cloned()).collect();
+    Some(TunnelSpec::new(
+        cf,
+        token,
+        &config.agent.runtime_dir,
+        origin,
+        &hostnames,
+    ))
+}
+
+/// Something the supervision loop reacts to.
+enum Event {
+    SecretChanged(String, Secret),
+}
+
+/// Re-reads secrets that have a `refresh` interval and reports changed values.
+fn spawn_refreshers(
+    config: &Config,
+    sm: &Arc<SecretManager>,
+    current: &SecretValues,
+    tx: &mpsc::Sender<Event>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    for (name, spec) in &config.secrets {
+        let Some(every) = spec.refresh else { continue };
+        let (name, spec, sm, tx) = (name.clone(), spec.clone(), sm.clone(), tx.clone());
+        let mut last = current.get(&name).cloned();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                match fetch_secret(&name, &spec, &sm).await {
+                    Ok(v) if last.as_ref() != Some(&v) => {
+                        last = Some(v.clone());
+                        if tx.send(Event::SecretChanged(name.clone(), v)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err((e, _)) => {
+                        tracing::warn!(secret = %name, error = %e, "secret refresh failed; keeping the current value")
+                    }
+                }
+            }
+        }));
+    }
+    tasks
 }
 
 /// The running agent's mutable state, owned by the supervision loop.
@@ -159,13 +289,46 @@ struct Agent {
     health: Arc<Health>,
     metrics: Arc<Metrics>,
     proxy: Arc<Proxy>,
+    proxy_addr: SocketAddr,
+    metadata: MetadataClient,
+    secret_manager: Arc<SecretManager>,
+    secrets: SecretValues,
+    tunnel: TunnelSupervisor,
+    events: mpsc::Sender<Event>,
+    refreshers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Agent {
+    /// Swaps in new live proxy settings.
+    fn apply_live(&self, routes: Arc<RouteTable>, config: &Config, secrets: &SecretValues) -> anyhow::Result<()> {
+        let previous = self.proxy.live.load();
+        let auth = inbound_auth(config, secrets, previous.auth.as_ref())?;
+        self.proxy.live.store(Arc::new(LiveSettings {
+            routes,
+            auth,
+            max_body_bytes: config.proxy.max_body_bytes,
+        }));
+        Ok(())
+    }
+
+    /// Records a newly applied table: status, metrics, files.
+    fn routes_applied(&self, config: &Config, map: &HostMap, table: &RouteTable) {
+        self.metrics.route_reloads.inc();
+        if let Err(e) = route_source::persist(config, map, table) {
+            tracing::warn!(error = %e, "cannot write routes.json to the runtime or state directory");
+        }
+        self.health.update_status(|s| {
+            s.routes = table.summary.clone();
+            s.routes_version += 1;
+            s.route_source = route_source::describe(config);
+            s.routes_fallback = None;
+        });
+    }
+
     /// SIGHUP: re-read config, secrets and routes; apply all or nothing.
-    fn reload(&mut self) {
+    async fn reload(&mut self) {
         systemd::reloading();
-        match self.try_reload() {
+        match self.try_reload().await {
             Ok(()) => {
                 self.health.update_status(|s| s.last_reload_error = None);
                 systemd::ready("serving (reloaded)");
@@ -180,25 +343,35 @@ impl Agent {
         }
     }
 
-    fn try_reload(&mut self) -> anyhow::Result<()> {
+    async fn try_reload(&mut self) -> anyhow::Result<()> {
         let new = Config::load(&self.config_path)?;
-        let secrets = load_secrets(&new, &self.metrics).map_err(|e| anyhow::anyhow!(join_errors(&e)))?;
-        let routes = load_routes(&new, &self.metrics)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let secrets = resolve_secrets(&new, &self.secret_manager, &self.metrics, deadline)
+            .await
+            .map_err(|e| anyhow::anyhow!(join_errors(&e)))?;
+        let (map, _) = route_source::fetch(&new, &self.metadata)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let table = build_routes(&new, &map, &self.metrics)?;
         let pending = self.config.restart_only_differences(&new);
         if !pending.is_empty() {
             tracing::warn!(settings = ?pending, "changed settings take effect only after a restart");
         }
-        let summary = routes.summary.clone();
-        let live = live_settings(&new, &secrets, routes)?;
-        self.proxy.live.store(Arc::new(live));
-        self.metrics.route_reloads.inc();
+        let spec = tunnel_spec(&new, &secrets, self.proxy_addr, &table);
+        self.routes_applied(&new, &map, &table);
+        self.apply_live(Arc::new(table), &new, &secrets)?;
+        self.tunnel.apply(spec).await;
         self.health.update_status(|s| {
-            s.routes = summary;
-            s.routes_version += 1;
-            s.route_source = route_source_name(&new);
             s.secrets = secrets.keys().cloned().collect();
             s.pending_restart = pending.iter().map(|p| (*p).to_owned()).collect();
+            s.cloudflared_metrics = new.cloudflared.enabled.then_some(new.cloudflared.metrics);
+            s.tunnel_ready_grace = new.cloudflared.ready_grace;
         });
+        for t in self.refreshers.drain(..) {
+            t.abort();
+        }
+        self.refreshers = spawn_refreshers(&new, &self.secret_manager, &secrets, &self.events);
+        self.secrets = secrets;
         tracing::info!(routes = self.proxy.live.load().routes.len(), "configuration reloaded");
         // Keep the running values of restart-only settings, so the next reload diffs against
         // what is really in effect.
@@ -209,8 +382,84 @@ impl Agent {
         applied.agent.state_dir = self.config.agent.state_dir.clone();
         applied.agent.log_format = self.config.agent.log_format;
         applied.agent.log_level = self.config.agent.log_level.clone();
+        applied.routes.source = self.config.routes.source;
+        applied.routes.attribute = self.config.routes.attribute.clone();
+        applied.routes.attribute_scope = self.config.routes.attribute_scope;
         self.config = applied;
         Ok(())
+    }
+
+    /// A new value from the watched route source.
+    async fn routes_changed(&mut self, update: route_source::Update) {
+        let built = update.and_then(|map| {
+            build_routes(&self.config, &map, &self.metrics)
+                .map(|t| (map, t))
+                .map_err(|e| format!("{e:#}"))
+        });
+        match built {
+            Ok((map, table)) => {
+                tracing::info!(routes = table.len(), "routes updated from the watched source");
+                let spec = tunnel_spec(&self.config, &self.secrets, self.proxy_addr, &table);
+                self.routes_applied(&self.config, &map, &table);
+                if let Err(e) = self.apply_live(Arc::new(table), &self.config, &self.secrets) {
+                    tracing::error!(error = %format!("{e:#}"), "cannot apply routes");
+                }
+                self.tunnel.apply(spec).await;
+            }
+            Err(e) => {
+                self.metrics.route_reload_failures.inc();
+                tracing::error!(error = %e, "route update rejected; the current table keeps serving");
+                self.health.update_status(|s| s.last_reload_error = Some(e.clone()));
+            }
+        }
+    }
+
+    /// A refreshed secret changed value.
+    async fn secret_changed(&mut self, name: String, value: Secret) {
+        tracing::info!(secret = %name, "secret changed; applying");
+        self.secrets.insert(name.clone(), value);
+        if self.config.proxy.auth_secret.as_ref() == Some(&name) {
+            let routes = self.proxy.live.load().routes.clone();
+            if let Err(e) = self.apply_live(routes, &self.config, &self.secrets) {
+                tracing::error!(error = %format!("{e:#}"), "cannot apply the rotated token");
+            }
+        }
+        if self.config.cloudflared.token_secret.as_ref() == Some(&name) {
+            let routes = self.proxy.live.load().routes.clone();
+            self.tunnel
+                .apply(tunnel_spec(&self.config, &self.secrets, self.proxy_addr, &routes))
+                .await;
+        }
+    }
+}
+
+/// Routes at boot: the source's, or the last good table when the source cannot be read.
+async fn boot_routes(
+    config: &Config,
+    metadata: &MetadataClient,
+    metrics: &Metrics,
+) -> anyhow::Result<(HostMap, RouteTable, Option<String>, Option<String>)> {
+    match route_source::fetch(config, metadata).await {
+        Ok((map, etag)) => {
+            let table = build_routes(config, &map, metrics)?;
+            Ok((map, table, etag, None))
+        }
+        Err(source_error) => {
+            let map = route_source::load_last_good(config).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot read routes from {}: {source_error}; no last good table either ({e})",
+                    route_source::describe(config)
+                )
+            })?;
+            let table = build_routes(config, &map, metrics)?;
+            tracing::warn!(source = %route_source::describe(config), error = %source_error, "route source unreachable; serving the last good table");
+            Ok((
+                map,
+                table,
+                None,
+                Some(format!("source unreachable at boot: {source_error}")),
+            ))
+        }
     }
 }
 
@@ -220,28 +469,30 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     let mut signals = Signals::install()?;
     let metrics = Arc::new(Metrics::default());
     let health = Health::new(metrics.clone());
+    let boot_deadline = Instant::now() + config.agent.boot_timeout;
+    let metadata = MetadataClient::new(config.gcp.metadata_base(), config.gcp.metadata_timeout)?;
+    let secret_manager = Arc::new(SecretManager::new(
+        metadata.clone(),
+        config.gcp.secret_manager_endpoint.clone(),
+        config.gcp.metadata_timeout.max(Duration::from_secs(10)),
+    )?);
 
     // 1. Config (loaded and validated by the caller).
     health.config_loaded.store(true, Ordering::Release);
     health.update_status(|s| s.config_file = config_path.display().to_string());
 
     // 2. Secrets.
-    systemd::status("reading secrets");
-    let secrets = load_secrets(&config, &metrics).map_err(|e| anyhow::anyhow!(join_errors(&e)))?;
+    systemd::status("fetching secrets");
+    let secrets = resolve_secrets(&config, &secret_manager, &metrics, boot_deadline)
+        .await
+        .map_err(|e| anyhow::anyhow!(join_errors(&e)))?;
     health.secrets_loaded.store(true, Ordering::Release);
+    health.update_status(|s| s.secrets = secrets.keys().cloned().collect());
 
     // 3. Routes.
     systemd::status("loading routes");
-    let routes = load_routes(&config, &metrics)?;
-    metrics.route_reloads.inc();
-    health.update_status(|s| {
-        s.routes = routes.summary.clone();
-        s.routes_version = 1;
-        s.route_source = route_source_name(&config);
-        s.secrets = secrets.keys().cloned().collect();
-    });
-    health.routes_loaded.store(true, Ordering::Release);
-    tracing::info!(routes = routes.len(), source = %route_source_name(&config), "routes loaded");
+    let (host_map, routes, etag, fallback) = boot_routes(&config, &metadata, &metrics).await?;
+    tracing::info!(routes = routes.len(), source = %route_source::describe(&config), "routes loaded");
 
     let limits = server::Limits {
         header_read_timeout: config.proxy.header_read_timeout,
@@ -260,25 +511,45 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     tracing::info!(listen = %health_server.local_addr, "health listener up");
 
     // 5. Proxy.
-    let metadata = gcp::MetadataClient::new(config.gcp.metadata_base(), config.gcp.metadata_timeout)?;
-    let tokens = gcp::IdTokenCache::new(metadata, config.gcp.id_token_refresh_margin, metrics.clone());
-    let proxy = Proxy::new(
-        &config.proxy,
-        live_settings(&config, &secrets, routes)?,
-        tokens,
-        metrics.clone(),
-    )?;
+    let tokens = gcp::IdTokenCache::new(metadata.clone(), config.gcp.id_token_refresh_margin, metrics.clone());
+    let live = LiveSettings {
+        auth: inbound_auth(&config, &secrets, None)?,
+        routes: Arc::new(RouteTable::default()),
+        max_body_bytes: config.proxy.max_body_bytes,
+    };
+    let proxy = Proxy::new(&config.proxy, live, tokens, metrics.clone())?;
     let proxy_listener = server::bind(config.proxy.listen, "proxy.listen").await?;
     let proxy_server = {
         let proxy = proxy.clone();
         server::serve(proxy_listener, limits, move |peer, req| proxy.clone().handle(peer, req))?
     };
     let proxy_addr = proxy_server.local_addr;
-    // Wait for the proxy to answer before declaring it (and, later, starting cloudflared).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let spec = tunnel_spec(&config, &secrets, proxy_addr, &routes);
+    let (events, mut event_rx) = mpsc::channel(16);
+    let config_cloudflared = config.cloudflared.clone();
+    let mut agent = Agent {
+        config_path,
+        config,
+        health: health.clone(),
+        metrics,
+        proxy,
+        proxy_addr,
+        metadata: metadata.clone(),
+        secret_manager,
+        secrets,
+        tunnel: TunnelSupervisor::start(None, RestartPolicy::from(&config_cloudflared), health.tunnel.clone()),
+        events: events.clone(),
+        refreshers: Vec::new(),
+    };
+    agent.routes_applied(&agent.config, &host_map, &routes);
+    health.update_status(|s| s.routes_fallback = fallback);
+    agent.apply_live(Arc::new(routes), &agent.config, &agent.secrets)?;
+    health.routes_loaded.store(true, Ordering::Release);
+    // Wait for the proxy to answer before declaring it, and before cloudflared may send traffic.
+    let deadline = Instant::now() + Duration::from_secs(5);
     while !health::probe(proxy_addr, Duration::from_secs(1)).await {
         anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
+            Instant::now() < deadline,
             "proxy on {proxy_addr} does not answer its own health probe"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -287,20 +558,30 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     let proxy_probe = health.watch_proxy(proxy_addr, Duration::from_secs(1));
     tracing::info!(listen = %proxy_addr, "proxy up");
 
-    // 7. Ready.
+    // 6. cloudflared, once the proxy answers.
+    health.update_status(|s| {
+        s.cloudflared_metrics = agent
+            .config
+            .cloudflared
+            .enabled
+            .then_some(agent.config.cloudflared.metrics);
+        s.tunnel_ready_grace = agent.config.cloudflared.ready_grace;
+    });
+    if spec.is_some() {
+        systemd::status("starting cloudflared");
+    }
+    agent.tunnel.apply(spec).await;
+
+    // 7. Ready: every local component serves; the tunnel's edge connection is /ready's business.
     systemd::ready("serving");
     tracing::info!("ready");
 
     // Watch.
-    let mut agent = Agent {
-        config_path,
-        config,
-        health: health.clone(),
-        metrics,
-        proxy,
-    };
+    let (route_tx, mut route_rx) = mpsc::channel(4);
+    let route_watch = route_source::watch(&agent.config, metadata, etag, route_tx);
+    agent.refreshers = spawn_refreshers(&agent.config, &agent.secret_manager, &agent.secrets, &events);
     let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
-    loop {
+    let failure = loop {
         let tick = async {
             match watchdog.as_mut() {
                 Some(w) => {
@@ -311,21 +592,33 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
         };
         tokio::select! {
             sig = signals.next() => match sig {
-                Signal::Reload => agent.reload(),
-                Signal::Shutdown => break,
+                Signal::Reload => agent.reload().await,
+                Signal::Shutdown => break None,
             },
+            Some(update) = route_rx.recv() => agent.routes_changed(update).await,
+            Some(Event::SecretChanged(name, value)) = event_rx.recv() => agent.secret_changed(name, value).await,
+            e = agent.tunnel.failed() => break Some(e),
             _ = tick => systemd::watchdog(),
         }
-    }
+    };
 
     // Shutdown: the boot sequence in reverse. Readiness fails first so probes stop routing here.
     tracing::info!("shutting down");
     systemd::stopping();
     health.draining.store(true, Ordering::Release);
-    let grace = agent.config.agent.shutdown_grace;
+    if let Some(w) = route_watch {
+        w.abort();
+    }
+    for t in agent.refreshers.drain(..) {
+        t.abort();
+    }
+    agent.tunnel.shutdown().await;
     proxy_probe.abort();
-    let drained = proxy_server.shutdown(grace).await;
+    let drained = proxy_server.shutdown(agent.config.agent.shutdown_grace).await;
     tracing::info!(drained, "proxy stopped");
     health_server.shutdown(Duration::from_secs(1)).await;
-    Ok(())
+    match failure {
+        None => Ok(()),
+        Some(e) => Err(e),
+    }
 }

@@ -51,7 +51,7 @@ fn check(path: &std::path::Path) -> ExitCode {
     };
     let metrics = tunnel_agent::telemetry::Metrics::default();
     let mut failed = false;
-    if let Err(errors) = tunnel_agent::load_secrets(&config, &metrics) {
+    if let Err(errors) = tunnel_agent::load_local_secrets(&config, &metrics) {
         for e in errors {
             eprintln!("{}: {e}", path.display());
         }

@@ -211,6 +211,7 @@ impl RouteTable {
         let map_key = match defaults.source {
             RouteSourceKind::Inline => "routes.hosts",
             RouteSourceKind::File => "routes.file",
+            RouteSourceKind::GcpMetadata => "routes.attribute",
         };
         // Which route claimed each hostname first, to report duplicates.
         let mut claimed: HashMap<String, String> = HashMap::new();

@@ -1,0 +1,155 @@
+//! Where the route table comes from, and where it is written for operators and reboots.
+//!
+//! - `<runtime_dir>/routes.json`: the effective table in the seed's format, for operators (and
+//!   anything that used to read `/etc/cf-proxy/routes.json`).
+//! - `<state_dir>/routes.json`: the last host map from a remote source (file, metadata attribute)
+//!   that built a valid table; served at boot when the source cannot be read, so a reboot during
+//!   a metadata outage still serves.
+//!
+//! The metadata attribute is watched with the metadata server's long poll
+//! (`?wait_for_change=true&last_etag=E&timeout_sec=N`): it answers as soon as the value changes,
+//! or with the same value and ETag when the timeout passes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::config::{Config, RouteSourceKind};
+use crate::gcp::{MetadataClient, MetadataError};
+use crate::routes::{parse_host_map, read_host_map, RouteTable};
+
+pub type HostMap = BTreeMap<String, String>;
+
+/// How long one long poll asks the metadata server to wait.
+const WATCH_TIMEOUT_SEC: u64 = 300;
+
+/// A human name for the configured source.
+pub fn describe(config: &Config) -> String {
+    match config.routes.source {
+        RouteSourceKind::Inline => "inline".to_owned(),
+        RouteSourceKind::File => format!(
+            "file {}",
+            config.routes.file.as_deref().unwrap_or(Path::new("")).display()
+        ),
+        RouteSourceKind::GcpMetadata => format!(
+            "gcp-metadata {}/{}",
+            config.routes.attribute_scope.path(),
+            config.routes.attribute.as_deref().unwrap_or("")
+        ),
+    }
+}
+
+fn attribute_path(config: &Config) -> String {
+    format!(
+        "{}/{}",
+        config.routes.attribute_scope.path(),
+        config.routes.attribute.as_deref().unwrap_or("")
+    )
+}
+
+/// Reads the host map from the configured source. Returns the map and, for the metadata
+/// attribute, its ETag (the starting point of the watch).
+pub async fn fetch(config: &Config, metadata: &MetadataClient) -> Result<(HostMap, Option<String>), String> {
+    match config.routes.source {
+        RouteSourceKind::Inline => Ok((config.routes.hosts.clone(), None)),
+        RouteSourceKind::File => {
+            read_host_map(config.routes.file.as_deref().unwrap_or(Path::new(""))).map(|m| (m, None))
+        }
+        RouteSourceKind::GcpMetadata => {
+            let path = attribute_path(config);
+            let (body, etag) = metadata.get(&path, &[]).await.map_err(|e| e.to_string())?;
+            let map = parse_host_map(body.as_bytes()).map_err(|e| format!("metadata attribute {path}: {e}"))?;
+            Ok((map, etag))
+        }
+    }
+}
+
+fn last_good_path(config: &Config) -> PathBuf {
+    config.agent.state_dir.join("routes.json")
+}
+
+/// Whether the source is remote enough to need a last-good copy.
+fn keeps_last_good(config: &Config) -> bool {
+    config.routes.source != RouteSourceKind::Inline
+}
+
+/// The last host map that built a valid table, if any.
+pub fn load_last_good(config: &Config) -> Result<HostMap, String> {
+    read_host_map(&last_good_path(config))
+}
+
+/// Records a table that was just applied: the effective table for operators, and the source's
+/// host map as the last good one.
+pub fn persist(config: &Config, map: &HostMap, table: &RouteTable) -> std::io::Result<()> {
+    let effective = serde_json::to_vec_pretty(&table.to_host_map()).map_err(std::io::Error::other)?;
+    crate::files::write_atomic(&config.agent.runtime_dir.join("routes.json"), &effective, 0o644)?;
+    if keeps_last_good(config) {
+        let raw = serde_json::to_vec_pretty(map).map_err(std::io::Error::other)?;
+        crate::files::write_atomic(&last_good_path(config), &raw, 0o600)?;
+    }
+    Ok(())
+}
+
+/// A new value of the watched attribute: the parsed map, or why it is unusable.
+pub type Update = Result<HostMap, String>;
+
+/// Long-polls the routes attribute and sends each changed value. Ends when `tx` is closed.
+pub fn watch(
+    config: &Config,
+    metadata: MetadataClient,
+    mut etag: Option<String>,
+    tx: mpsc::Sender<Update>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    if config.routes.source != RouteSourceKind::GcpMetadata {
+        return None;
+    }
+    let path = attribute_path(config);
+    Some(tokio::spawn(async move {
+        let mut backoff = crate::backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        let timeout = WATCH_TIMEOUT_SEC.to_string();
+        loop {
+            let mut query = vec![("wait_for_change", "true"), ("timeout_sec", timeout.as_str())];
+            let tag = etag.clone().unwrap_or_default();
+            if etag.is_some() {
+                query.push(("last_etag", tag.as_str()));
+            }
+            let result = metadata
+                .get_with_timeout(&path, &query, Some(Duration::from_secs(WATCH_TIMEOUT_SEC + 10)))
+                .await;
+            match result {
+                Ok((body, new_etag)) => {
+                    backoff.reset();
+                    if new_etag.is_some() && new_etag == etag {
+                        continue; // timed out without a change
+                    }
+                    etag = new_etag;
+                    let update = parse_host_map(body.as_bytes()).map_err(|e| format!("metadata attribute {path}: {e}"));
+                    if tx.send(update).await.is_err() {
+                        return;
+                    }
+                }
+                Err(MetadataError::Status { status: 404, .. }) => {
+                    // Deleted attribute: keep serving the current table, say so once per change.
+                    if etag.take().is_some()
+                        && tx
+                            .send(Err(format!(
+                                "metadata attribute {path} was deleted; keeping the current routes"
+                            )))
+                            .await
+                            .is_err()
+                    {
+                        return;
+                    }
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "routes watch failed");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }))
+}

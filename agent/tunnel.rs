@@ -1,0 +1,729 @@
+//! cloudflared, supervised: started after the proxy answers, watched, restarted with backoff,
+//! stopped gracefully.
+//!
+//! Facts about cloudflared this relies on:
+//! - `cloudflared tunnel [flags] run` takes its connector token from `TUNNEL_TOKEN` or (since
+//!   2025.4) `--token-file`; we never put it in argv, where `ps` and `/proc/PID/cmdline` show it.
+//! - On SIGTERM it stops accepting, waits up to `--grace-period` for in-flight requests, and exits;
+//!   a *second* SIGTERM skips the drain, so we send exactly one, then SIGKILL after grace + margin.
+//! - It serves `GET /ready` on its `--metrics` address: `{"status":200,"readyConnections":N,
+//!   "connectorId":"…"}` (503 with the same body while it has no connection).
+//! - It exits 0 on some errors (an unknown flag prints usage and exits 0), so any exit we did not
+//!   ask for is a failure.
+//! - It sends `READY=1` itself when it sees `NOTIFY_SOCKET`, which would confuse systemd about
+//!   *our* readiness: `NOTIFY_SOCKET` and `WATCHDOG_*` are removed from its environment.
+//!
+//! The child runs in its own process group, so signals reach any helper it forks.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::backoff::Backoff;
+use crate::config::CloudflaredSection;
+use crate::secrets::Secret;
+
+/// Everything that determines the cloudflared command. A reload restarts cloudflared only when
+/// this changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelSpec {
+    pub program: PathBuf,
+    /// argv after the program. Never holds a secret.
+    pub args: Vec<String>,
+    pub token: Option<Secret>,
+    /// When set, the token is written here (mode 0600) instead of passed in the environment.
+    pub token_file: Option<PathBuf>,
+    /// Locally-managed tunnels: the ingress config we write, and where.
+    pub ingress: Option<(PathBuf, String)>,
+    pub metrics: SocketAddr,
+    pub grace: Duration,
+    pub stop_margin: Duration,
+    /// The embedded proxy, for cloudflared's ingress (and the test fake's dependency check).
+    pub origin: SocketAddr,
+}
+
+/// How a Go duration flag spells `d`.
+fn go_duration(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+impl TunnelSpec {
+    /// Builds the command for `section`. `token` is the value of `token_secret`; `hostnames`
+    /// feed the ingress of a locally-managed tunnel.
+    pub fn new(
+        section: &CloudflaredSection,
+        token: Option<Secret>,
+        runtime_dir: &std::path::Path,
+        origin: SocketAddr,
+        hostnames: &[String],
+    ) -> TunnelSpec {
+        let mut args = vec![
+            "tunnel".to_owned(),
+            "--no-autoupdate".to_owned(),
+            "--metrics".to_owned(),
+            section.metrics.to_string(),
+            "--grace-period".to_owned(),
+            go_duration(section.grace_period),
+        ];
+        let mut ingress = None;
+        let mut token_file = None;
+        if let (Some(creds), Some(tunnel)) = (&section.credentials_file, &section.tunnel) {
+            let path = runtime_dir.join("cloudflared.yml");
+            args.push("--config".to_owned());
+            args.push(path.display().to_string());
+            ingress = Some((path, ingress_yaml(tunnel, creds, origin, hostnames)));
+        }
+        args.extend(section.extra_args.iter().cloned());
+        args.push("run".to_owned());
+        if token.is_some() && section.token_delivery == crate::config::TokenDelivery::File {
+            let path = runtime_dir.join("cloudflared.token");
+            args.push("--token-file".to_owned());
+            args.push(path.display().to_string());
+            token_file = Some(path);
+        }
+        if let (Some(tunnel), true) = (&section.tunnel, ingress.is_some()) {
+            args.push(tunnel.clone());
+        }
+        TunnelSpec {
+            program: section.path.clone(),
+            args,
+            token,
+            token_file,
+            ingress,
+            metrics: section.metrics,
+            grace: section.grace_period,
+            stop_margin: section.stop_margin,
+            origin,
+        }
+    }
+}
+
+/// cloudflared's `config.yml` for a locally-managed tunnel: every hostname to the embedded
+/// proxy, then the catch-all cloudflared requires as the last rule.
+pub fn ingress_yaml(tunnel: &str, credentials: &std::path::Path, origin: SocketAddr, hostnames: &[String]) -> String {
+    // Hostnames and the tunnel id were validated (letters, digits, '-', '.', '*'); paths are
+    // quoted as JSON strings, which are valid YAML scalars.
+    let q = |s: &str| serde_json::Value::String(s.to_owned()).to_string();
+    let mut out = format!(
+        "# Written by tunnel-agent from its route table; edits are overwritten.\ntunnel: {}\ncredentials-file: {}\ningress:\n",
+        q(tunnel),
+        q(&credentials.display().to_string())
+    );
+    for h in hostnames {
+        out.push_str(&format!("  - hostname: {}\n    service: http://{origin}\n", q(h)));
+    }
+    out.push_str("  - service: http_status:404\n");
+    out
+}
+
+/// Restart behaviour, from `[cloudflared]`.
+#[derive(Debug, Clone)]
+pub struct RestartPolicy {
+    pub backoff: Duration,
+    pub backoff_max: Duration,
+    pub stable_after: Duration,
+    pub crash_loop_exits: u32,
+    pub crash_loop_window: Duration,
+    pub give_up_after_exits: u32,
+    pub poll_interval: Duration,
+    pub disconnected_restart_after: Duration,
+}
+
+impl From<&CloudflaredSection> for RestartPolicy {
+    fn from(s: &CloudflaredSection) -> Self {
+        RestartPolicy {
+            backoff: s.restart_backoff,
+            backoff_max: s.restart_backoff_max,
+            stable_after: s.stable_after,
+            crash_loop_exits: s.crash_loop_exits,
+            crash_loop_window: s.crash_loop_window,
+            give_up_after_exits: s.give_up_after_exits,
+            poll_interval: s.poll_interval,
+            disconnected_restart_after: s.disconnected_restart_after,
+        }
+    }
+}
+
+/// What health, status and metrics read; written only by the supervisor.
+#[derive(Debug, Default)]
+pub struct TunnelState {
+    /// Whether cloudflared should be running here at all.
+    pub wanted: AtomicBool,
+    /// 0 when not running.
+    pub pid: AtomicU32,
+    /// `readyConnections` from the last poll.
+    pub connections: AtomicU32,
+    /// Restarts after unrequested exits or a stuck tunnel.
+    pub restarts: AtomicU64,
+    pub crash_loop: AtomicBool,
+    detail: Mutex<TunnelDetail>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct TunnelDetail {
+    pub last_exit: Option<String>,
+    pub connector_id: Option<String>,
+    /// When a poll last saw at least one connection.
+    pub last_connected: Option<Instant>,
+    pub started_at: Option<Instant>,
+}
+
+impl TunnelState {
+    pub fn detail(&self) -> TunnelDetail {
+        self.detail.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn with_detail(&self, f: impl FnOnce(&mut TunnelDetail)) {
+        f(&mut self.detail.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// Whether the tunnel counts as connected, allowing `grace` after the last connection was
+    /// seen so a brief reconnect does not flap the verdict.
+    pub fn connected(&self, grace: Duration) -> bool {
+        if self.pid.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        if self.connections.load(Ordering::Acquire) > 0 {
+            return true;
+        }
+        self.detail().last_connected.is_some_and(|t| t.elapsed() < grace)
+    }
+}
+
+enum Control {
+    /// Run this spec (restarting if it differs), or stop when `None`.
+    Apply(Option<TunnelSpec>, oneshot::Sender<()>),
+}
+
+/// The handle the boot sequence holds.
+pub struct TunnelSupervisor {
+    tx: mpsc::Sender<Control>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub state: Arc<TunnelState>,
+}
+
+impl TunnelSupervisor {
+    /// Starts supervising; spawns cloudflared at once when `spec` is set.
+    pub fn start(spec: Option<TunnelSpec>, policy: RestartPolicy, state: Arc<TunnelState>) -> TunnelSupervisor {
+        let (tx, rx) = mpsc::channel(8);
+        let task = tokio::spawn(supervise(spec, policy, state.clone(), rx));
+        TunnelSupervisor { tx, task, state }
+    }
+
+    /// Applies a new spec (or stops, with `None`). Returns once the change took effect:
+    /// cloudflared spawned, or stopped and reaped.
+    pub async fn apply(&self, spec: Option<TunnelSpec>) {
+        let (ack, done) = oneshot::channel();
+        if self.tx.send(Control::Apply(spec, ack)).await.is_ok() {
+            let _ = done.await;
+        }
+    }
+
+    /// Resolves when the supervisor gave up (crash loop past the limit); the error says why.
+    pub async fn failed(&mut self) -> anyhow::Error {
+        match (&mut self.task).await {
+            Ok(Ok(())) => anyhow::anyhow!("cloudflared supervisor stopped unexpectedly"),
+            Ok(Err(e)) => e,
+            Err(e) => anyhow::anyhow!("cloudflared supervisor panicked: {e}"),
+        }
+    }
+
+    /// Stops cloudflared (one SIGTERM, grace, SIGKILL, reap) and the supervisor.
+    pub async fn shutdown(self) {
+        self.apply(None).await;
+        self.task.abort();
+    }
+}
+
+/// A cloudflared we started.
+struct Running {
+    pid: u32,
+    exit: oneshot::Receiver<std::io::Result<ExitStatus>>,
+    started: Instant,
+    /// Connected at least once since it started.
+    connected_once: bool,
+    /// Since when it has had no connection (after having had one).
+    zero_since: Option<Instant>,
+}
+
+fn describe(status: &std::io::Result<ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(c), _) => format!("exited with code {c}"),
+            (None, Some(sig)) => format!(
+                "killed by signal {}",
+                Signal::try_from(sig).map_or_else(|_| sig.to_string(), |s| s.as_str().to_owned())
+            ),
+            _ => "exited".to_owned(),
+        },
+        Err(e) => format!("could not be waited for: {e}"),
+    }
+}
+
+fn spawn(spec: &TunnelSpec, state: &TunnelState) -> anyhow::Result<Running> {
+    if let (Some(path), Some(token)) = (&spec.token_file, &spec.token) {
+        crate::files::write_atomic(path, token.expose().as_bytes(), 0o600)
+            .map_err(|e| anyhow::anyhow!("cannot write the token file {}: {e}", path.display()))?;
+    }
+    if let Some((path, yaml)) = &spec.ingress {
+        crate::files::write_atomic(path, yaml.as_bytes(), 0o644)
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    }
+    let mut cmd = tokio::process::Command::new(&spec.program);
+    cmd.args(&spec.args)
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .env_remove("TUNNEL_TOKEN")
+        .env("TUNNEL_AGENT_ORIGIN", format!("http://{}", spec.origin));
+    if let (Some(token), None) = (&spec.token, &spec.token_file) {
+        cmd.env("TUNNEL_TOKEN", token.expose());
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", spec.program.display()))?;
+    let pid = child.id().unwrap_or(0);
+    if let Some(out) = child.stdout.take() {
+        tokio::spawn(pump_logs(out, pid));
+    }
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(pump_logs(err, pid));
+    }
+    let (tx, exit) = oneshot::channel();
+    tokio::spawn(async move {
+        let _ = tx.send(child.wait().await);
+    });
+    state.pid.store(pid, Ordering::Release);
+    state.connections.store(0, Ordering::Release);
+    state.with_detail(|d| {
+        d.started_at = Some(Instant::now());
+        d.connector_id = None;
+    });
+    tracing::info!(pid, program = %spec.program.display(), args = ?spec.args, "cloudflared started");
+    Ok(Running {
+        pid,
+        exit,
+        started: Instant::now(),
+        connected_once: false,
+        zero_since: None,
+    })
+}
+
+/// One SIGTERM to the group, wait grace + margin, then SIGKILL; always reaps.
+async fn stop(mut run: Running, spec: &TunnelSpec, state: &TunnelState) {
+    let group = Pid::from_raw(i32::try_from(run.pid).unwrap_or(0));
+    tracing::info!(
+        pid = run.pid,
+        grace_s = spec.grace.as_secs_f64(),
+        "stopping cloudflared (SIGTERM)"
+    );
+    if run.pid != 0 {
+        let _ = killpg(group, Signal::SIGTERM);
+    }
+    let status = match tokio::time::timeout(spec.grace + spec.stop_margin, &mut run.exit).await {
+        Ok(status) => status,
+        Err(_) => {
+            tracing::warn!(
+                pid = run.pid,
+                "cloudflared ignored SIGTERM past its grace period; sending SIGKILL"
+            );
+            let _ = killpg(group, Signal::SIGKILL);
+            run.exit.await
+        }
+    };
+    let status = status.unwrap_or_else(|_| Err(std::io::Error::other("waiter task ended")));
+    tracing::info!(pid = run.pid, result = %describe(&status), "cloudflared stopped");
+    state.pid.store(0, Ordering::Release);
+    state.connections.store(0, Ordering::Release);
+}
+
+/// Reads cloudflared's `/ready`.
+async fn poll_ready(http: &reqwest::Client, metrics: SocketAddr) -> Option<(u32, Option<String>)> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Ready {
+        ready_connections: u32,
+        connector_id: Option<String>,
+    }
+    let resp = http.get(format!("http://{metrics}/ready")).send().await.ok()?;
+    let ready: Ready = resp.json().await.ok()?;
+    Some((ready.ready_connections, ready.connector_id))
+}
+
+async fn supervise(
+    mut spec: Option<TunnelSpec>,
+    policy: RestartPolicy,
+    state: Arc<TunnelState>,
+    mut rx: mpsc::Receiver<Control>,
+) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder()
+        .timeout(policy.poll_interval.max(Duration::from_millis(500)))
+        .no_proxy()
+        .build()?;
+    let mut backoff = Backoff::new(policy.backoff, policy.backoff_max);
+    let mut exits: VecDeque<Instant> = VecDeque::new();
+    let mut unstable_exits = 0u32;
+    let mut running: Option<Running> = None;
+    let mut next_start: Option<Instant> = None;
+    state.wanted.store(spec.is_some(), Ordering::Release);
+    if let Some(s) = &spec {
+        running = Some(spawn(s, &state)?);
+    }
+    let mut poll = tokio::time::interval(policy.poll_interval);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    loop {
+        let has_child = running.is_some();
+        let exited = async {
+            match running.as_mut() {
+                Some(r) => (&mut r.exit)
+                    .await
+                    .unwrap_or_else(|_| Err(std::io::Error::other("waiter task ended"))),
+                None => std::future::pending().await,
+            }
+        };
+        let start_due = async {
+            match next_start {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            status = exited => {
+                let run = running.take();
+                let uptime = run.as_ref().map(|r| r.started.elapsed()).unwrap_or_default();
+                let what = describe(&status);
+                state.pid.store(0, Ordering::Release);
+                state.connections.store(0, Ordering::Release);
+                state.with_detail(|d| d.last_exit = Some(what.clone()));
+                let now = Instant::now();
+                exits.push_back(now);
+                while exits.front().is_some_and(|t| now.duration_since(*t) > policy.crash_loop_window) {
+                    exits.pop_front();
+                }
+                unstable_exits += 1;
+                let delay = backoff.next_delay();
+                tracing::warn!(result = %what, uptime_s = uptime.as_secs_f64(), restart_in_ms = delay.as_millis() as u64, "cloudflared exited unexpectedly");
+                if exits.len() >= policy.crash_loop_exits as usize {
+                    if !state.crash_loop.swap(true, Ordering::AcqRel) {
+                        tracing::error!(exits = exits.len(), window_s = policy.crash_loop_window.as_secs(), "cloudflared is crash-looping");
+                    }
+                    crate::systemd::status(&format!(
+                        "cloudflared crash loop: {} exits in {}s, last {what}",
+                        exits.len(),
+                        policy.crash_loop_window.as_secs()
+                    ));
+                }
+                if policy.give_up_after_exits > 0 && unstable_exits >= policy.give_up_after_exits {
+                    anyhow::bail!(
+                        "cloudflared exited {unstable_exits} times without staying up (last: {what}); giving up so systemd's restart policy takes over"
+                    );
+                }
+                next_start = Some(now + delay);
+            }
+            _ = start_due => {
+                next_start = None;
+                if let Some(s) = &spec {
+                    state.restarts.fetch_add(1, Ordering::AcqRel);
+                    match spawn(s, &state) {
+                        Ok(r) => running = Some(r),
+                        Err(e) => {
+                            tracing::error!(error = %format!("{e:#}"), "cannot restart cloudflared");
+                            unstable_exits += 1;
+                            next_start = Some(Instant::now() + backoff.next_delay());
+                        }
+                    }
+                }
+            }
+            msg = rx.recv() => {
+                let Some(Control::Apply(new, ack)) = msg else {
+                    if let (Some(r), Some(s)) = (running.take(), &spec) {
+                        stop(r, s, &state).await;
+                    }
+                    return Ok(());
+                };
+                if new != spec || (new.is_some() && running.is_none() && next_start.is_none()) {
+                    if let (Some(r), Some(s)) = (running.take(), &spec) {
+                        stop(r, s, &state).await;
+                    }
+                    spec = new;
+                    state.wanted.store(spec.is_some(), Ordering::Release);
+                    backoff.reset();
+                    unstable_exits = 0;
+                    exits.clear();
+                    state.crash_loop.store(false, Ordering::Release);
+                    next_start = None;
+                    if let Some(s) = &spec {
+                        match spawn(s, &state) {
+                            Ok(r) => running = Some(r),
+                            Err(e) => {
+                                tracing::error!(error = %format!("{e:#}"), "cannot start cloudflared");
+                                next_start = Some(Instant::now() + backoff.next_delay());
+                            }
+                        }
+                    }
+                }
+                let _ = ack.send(());
+            }
+            _ = poll.tick(), if has_child => {
+                let Some(s) = &spec else { continue };
+                let polled = poll_ready(&http, s.metrics).await;
+                let Some(r) = running.as_mut() else { continue };
+                let (conns, connector) = polled.unwrap_or((0, None));
+                let was = state.connections.swap(conns, Ordering::AcqRel);
+                let now = Instant::now();
+                if conns > 0 {
+                    r.connected_once = true;
+                    r.zero_since = None;
+                    state.with_detail(|d| {
+                        d.last_connected = Some(now);
+                        if connector.is_some() {
+                            d.connector_id = connector;
+                        }
+                    });
+                    if was == 0 {
+                        tracing::info!(connections = conns, "tunnel connected");
+                        crate::systemd::status(&format!("serving; tunnel connected ({conns} connections)"));
+                    }
+                    if r.started.elapsed() >= policy.stable_after && (unstable_exits > 0 || backoff.attempts() > 0) {
+                        backoff.reset();
+                        unstable_exits = 0;
+                        exits.clear();
+                        if state.crash_loop.swap(false, Ordering::AcqRel) {
+                            tracing::info!("cloudflared is stable again");
+                        }
+                    }
+                } else if r.connected_once {
+                    let since = *r.zero_since.get_or_insert(now);
+                    if was > 0 {
+                        tracing::warn!("tunnel lost its last connection");
+                        crate::systemd::status("serving; tunnel disconnected");
+                    }
+                    if now.duration_since(since) >= policy.disconnected_restart_after {
+                        tracing::warn!(
+                            disconnected_s = now.duration_since(since).as_secs(),
+                            "tunnel stayed disconnected; restarting cloudflared"
+                        );
+                        if let Some(r) = running.take() {
+                            stop(r, s, &state).await;
+                        }
+                        state.restarts.fetch_add(1, Ordering::AcqRel);
+                        match spawn(s, &state) {
+                            Ok(r) => running = Some(r),
+                            Err(e) => {
+                                tracing::error!(error = %format!("{e:#}"), "cannot restart cloudflared");
+                                next_start = Some(Instant::now() + backoff.next_delay());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Longest cloudflared log line kept; the rest of a longer line is dropped.
+const MAX_LINE: usize = 16 * 1024;
+
+/// Reads one line (without the newline) of at most `MAX_LINE` bytes; the excess is consumed
+/// and dropped. Returns false at EOF.
+async fn read_line_capped<R: AsyncRead + Unpin>(r: &mut BufReader<R>, out: &mut Vec<u8>) -> std::io::Result<bool> {
+    out.clear();
+    let mut any = false;
+    loop {
+        let buf = r.fill_buf().await?;
+        if buf.is_empty() {
+            return Ok(any);
+        }
+        any = true;
+        let (chunk, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (&buf[..i], Some(i + 1)),
+            None => (buf, None),
+        };
+        let room = MAX_LINE.saturating_sub(out.len());
+        out.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        let consumed = done.unwrap_or(buf.len());
+        r.consume(consumed);
+        if done.is_some() {
+            return Ok(true);
+        }
+    }
+}
+
+async fn pump_logs<R: AsyncRead + Unpin>(reader: R, pid: u32) {
+    let mut r = BufReader::new(reader);
+    let mut line = Vec::with_capacity(256);
+    while let Ok(true) = read_line_capped(&mut r, &mut line).await {
+        let text = String::from_utf8_lossy(&line);
+        let (level, message) = parse_log_line(text.trim_end_matches('\r'));
+        match level {
+            LogLevel::Debug => tracing::debug!(target: "cloudflared", pid, "{message}"),
+            LogLevel::Info => tracing::info!(target: "cloudflared", pid, "{message}"),
+            LogLevel::Warn => tracing::warn!(target: "cloudflared", pid, "{message}"),
+            LogLevel::Error => tracing::error!(target: "cloudflared", pid, "{message}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+fn level_from(word: &str) -> Option<LogLevel> {
+    Some(match word.to_ascii_lowercase().as_str() {
+        "dbg" | "debug" | "trace" | "trc" => LogLevel::Debug,
+        "inf" | "info" => LogLevel::Info,
+        "wrn" | "warn" | "warning" => LogLevel::Warn,
+        "err" | "error" | "ftl" | "fatal" | "panic" | "pnc" => LogLevel::Error,
+        _ => return None,
+    })
+}
+
+/// Splits a cloudflared log line into its level and the rest. Text format (zerolog console):
+/// `2024-05-01T12:00:00Z INF Registered tunnel connection connIndex=0 …`. JSON format
+/// (`--logformat json`): `{"level":"info","time":"…","message":"…",…}`. Anything else is info.
+pub fn parse_log_line(line: &str) -> (LogLevel, String) {
+    if line.starts_with('{') {
+        if let Ok(serde_json::Value::Object(mut obj)) = serde_json::from_str::<serde_json::Value>(line) {
+            let level = obj
+                .remove("level")
+                .and_then(|l| l.as_str().and_then(level_from))
+                .unwrap_or(LogLevel::Info);
+            obj.remove("time");
+            let message = obj
+                .remove("message")
+                .or_else(|| obj.remove("msg"))
+                .and_then(|m| m.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            let rest: Vec<String> = obj.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let message = if rest.is_empty() {
+                message
+            } else {
+                format!("{message} {}", rest.join(" "))
+            };
+            return (level, message);
+        }
+    }
+    let mut words = line.splitn(3, ' ');
+    if let (Some(_time), Some(level), rest) = (words.next(), words.next(), words.next()) {
+        if let Some(level) = level_from(level) {
+            return (level, rest.unwrap_or("").to_owned());
+        }
+    }
+    (LogLevel::Info, line.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_text_and_json_lines() {
+        assert_eq!(
+            parse_log_line("2024-05-01T12:00:00Z INF Registered tunnel connection connIndex=0"),
+            (LogLevel::Info, "Registered tunnel connection connIndex=0".to_owned())
+        );
+        assert_eq!(
+            parse_log_line("2024-05-01T12:00:00Z ERR failed to serve").0,
+            LogLevel::Error
+        );
+        assert_eq!(parse_log_line("2024-05-01T12:00:00Z WRN retrying").0, LogLevel::Warn);
+        let (l, m) = parse_log_line(r#"{"level":"warn","time":"x","message":"lost","connIndex":1}"#);
+        assert_eq!(l, LogLevel::Warn);
+        assert_eq!(m, "lost connIndex=1");
+        assert_eq!(parse_log_line("plain text"), (LogLevel::Info, "plain text".to_owned()));
+    }
+
+    #[test]
+    fn command_never_holds_the_token() {
+        let section = CloudflaredSection {
+            enabled: true,
+            token_secret: Some("t".into()),
+            extra_args: vec!["--protocol".into(), "http2".into()],
+            ..Default::default()
+        };
+        let origin: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let spec = TunnelSpec::new(
+            &section,
+            Some(Secret::new("sekrit")),
+            std::path::Path::new("/run/x"),
+            origin,
+            &[],
+        );
+        assert_eq!(
+            spec.args,
+            [
+                "tunnel",
+                "--no-autoupdate",
+                "--metrics",
+                "127.0.0.1:20241",
+                "--grace-period",
+                "30s",
+                "--protocol",
+                "http2",
+                "run"
+            ]
+        );
+        assert!(!spec.args.iter().any(|a| a.contains("sekrit")));
+        let section = CloudflaredSection {
+            token_delivery: crate::config::TokenDelivery::File,
+            ..section
+        };
+        let spec = TunnelSpec::new(
+            &section,
+            Some(Secret::new("sekrit")),
+            std::path::Path::new("/run/x"),
+            origin,
+            &[],
+        );
+        assert_eq!(
+            &spec.args[spec.args.len() - 3..],
+            ["run", "--token-file", "/run/x/cloudflared.token"]
+        );
+    }
+
+    #[test]
+    fn locally_managed_tunnel_gets_ingress_with_catch_all() {
+        let yaml = ingress_yaml(
+            "6ff42ae2-765d-4adf-8112-31c55c1551ef",
+            std::path::Path::new("/etc/cloudflared/creds.json"),
+            "127.0.0.1:8080".parse().unwrap(),
+            &["a.example.com".into(), "*.b.example.com".into()],
+        );
+        assert!(
+            yaml.contains("  - hostname: \"a.example.com\"\n    service: http://127.0.0.1:8080\n"),
+            "{yaml}"
+        );
+        assert!(yaml.contains("\"*.b.example.com\""), "{yaml}");
+        assert!(yaml.trim_end().ends_with("- service: http_status:404"), "{yaml}");
+    }
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(go_duration(Duration::from_secs(30)), "30s");
+        assert_eq!(go_duration(Duration::from_millis(1500)), "1500ms");
+    }
+}
