@@ -21,6 +21,12 @@ pub const DEFAULT_PATH: &str = "/etc/tunnel-agent/agent.toml";
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// `active` runs cloudflared; `standby` keeps everything else warm for promotion. A top-level
+    /// key, so it must come before the first `[section]`.
+    #[serde(default)]
+    pub role: crate::roles::Role,
+    #[serde(default)]
+    pub role_watch: RoleWatchSection,
     #[serde(default)]
     pub agent: AgentSection,
     /// Named secrets; other sections refer to them by name so that a value never has to appear
@@ -434,6 +440,16 @@ impl Default for CloudflaredSection {
     }
 }
 
+/// Optional: a GCE metadata attribute naming the active host. When set it decides the role.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoleWatchSection {
+    pub attribute: Option<String>,
+    pub attribute_scope: AttributeScope,
+    /// This host's name as the attribute spells it. Unset: the kernel hostname.
+    pub host_name: Option<String>,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthSection {
@@ -663,6 +679,14 @@ impl Config {
                 }
             }
         }
+        if let Some(a) = &self.role_watch.attribute {
+            if a.is_empty() || !a.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+                bad(
+                    "role_watch.attribute".into(),
+                    format!("{a:?} is not a metadata attribute name"),
+                );
+            }
+        }
         if self.routes.source == RouteSourceKind::GcpMetadata {
             match &self.routes.attribute {
                 None => bad(
@@ -741,6 +765,12 @@ impl Config {
             || self.routes.attribute_scope != new.routes.attribute_scope
         {
             out.push("routes.source/attribute");
+        }
+        if self.role_watch.attribute != new.role_watch.attribute
+            || self.role_watch.attribute_scope != new.role_watch.attribute_scope
+            || self.role_watch.host_name != new.role_watch.host_name
+        {
+            out.push("role_watch");
         }
         if self.gcp.metadata_url != new.gcp.metadata_url || self.gcp.metadata_timeout != new.gcp.metadata_timeout {
             out.push("gcp.metadata_url/metadata_timeout");

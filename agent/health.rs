@@ -41,6 +41,8 @@ pub struct StatusInfo {
     pub cloudflared_metrics: Option<SocketAddr>,
     /// How long after losing its last connection the tunnel still counts as connected.
     pub tunnel_ready_grace: Duration,
+    pub role: String,
+    pub role_source: String,
 }
 
 /// The agent's cached health.
@@ -98,6 +100,7 @@ impl Health {
         detail.insert("cloudflared".to_owned(), json!(tunnel_text));
         let body = json!({
             "ready": ready,
+            "role": self.status.load().role,
             "draining": draining,
             "components": detail,
         });
@@ -109,7 +112,12 @@ impl Health {
     fn tunnel_verdict(&self) -> (bool, String) {
         let t = &self.tunnel;
         if !t.wanted.load(Ordering::Acquire) {
-            return (true, "disabled".to_owned());
+            let why = if self.status.load().role == "standby" {
+                "standby (not running)"
+            } else {
+                "disabled"
+            };
+            return (true, why.to_owned());
         }
         if t.crash_loop.load(Ordering::Acquire) {
             return (false, "crash loop".to_owned());
@@ -134,11 +142,13 @@ impl Health {
             && self.tunnel.connected(self.status.load().tunnel_ready_grace)
     }
 
-    fn status_json(&self) -> serde_json::Value {
+    pub fn status_json(&self) -> serde_json::Value {
         let s = self.status.load();
         let (ready, readiness) = self.readiness();
         json!({
             "version": env!("CARGO_PKG_VERSION"),
+            "role": s.role,
+            "role_source": s.role_source,
             "uptime_s": self.started.elapsed().as_secs(),
             "ready": ready,
             "readiness": readiness["components"],
@@ -211,6 +221,13 @@ impl Health {
         out.push_str(&format!(
             "# HELP tunnel_agent_cloudflared_restarts_total cloudflared restarts after failures.\n# TYPE tunnel_agent_cloudflared_restarts_total counter\ntunnel_agent_cloudflared_restarts_total {restarts}\n"
         ));
+        let role = self.status.load().role.clone();
+        out.push_str(
+            "# HELP tunnel_agent_role The node's role (1 for the current one).\n# TYPE tunnel_agent_role gauge\n",
+        );
+        for r in ["active", "standby"] {
+            out.push_str(&format!("tunnel_agent_role{{role=\"{r}\"}} {}\n", u8::from(role == r)));
+        }
         let (ready, _) = self.readiness();
         out.push_str(&format!(
             "# HELP tunnel_agent_ready 1 when /ready answers 200.\n# TYPE tunnel_agent_ready gauge\ntunnel_agent_ready {}\n",

@@ -7,10 +7,12 @@
 
 pub mod backoff;
 pub mod config;
+pub mod control;
 pub mod files;
 pub mod gcp;
 pub mod health;
 pub mod proxy;
+pub mod roles;
 pub mod route_source;
 pub mod routes;
 pub mod secrets;
@@ -37,6 +39,7 @@ use config::{Config, SecretSpec};
 use gcp::{MetadataClient, SecretManager, SecretManagerError};
 use health::Health;
 use proxy::{AcceptedToken, InboundAuth, LiveSettings, Proxy};
+use roles::{PersistedRole, Role, RoleSource};
 use route_source::HostMap;
 use routes::RouteTable;
 use secrets::{Secret, SecretError, SecretValues, SecretVersionName};
@@ -227,10 +230,17 @@ fn inbound_auth(
     Ok(Some(InboundAuth { header, accepted }))
 }
 
-/// The cloudflared command for `config`, or `None` when it should not run here.
-fn tunnel_spec(config: &Config, secrets: &SecretValues, origin: SocketAddr, table: &RouteTable) -> Option<TunnelSpec> {
+/// The cloudflared command for `config`, or `None` when it should not run here (disabled, or
+/// this node is standby).
+fn tunnel_spec(
+    config: &Config,
+    secrets: &SecretValues,
+    origin: SocketAddr,
+    table: &RouteTable,
+    role: Role,
+) -> Option<TunnelSpec> {
     let cf = &config.cloudflared;
-    if !cf.enabled {
+    if !cf.enabled || role == Role::Standby {
         return None;
     }
     let token = cf.token_secret.as_ref().and_then(|n| secrets.get(n)).cloned();
@@ -296,6 +306,8 @@ struct Agent {
     tunnel: TunnelSupervisor,
     events: mpsc::Sender<Event>,
     refreshers: Vec<tokio::task::JoinHandle<()>>,
+    role: Role,
+    role_source: RoleSource,
 }
 
 impl Agent {
@@ -357,7 +369,17 @@ impl Agent {
         if !pending.is_empty() {
             tracing::warn!(settings = ?pending, "changed settings take effect only after a restart");
         }
-        let spec = tunnel_spec(&new, &secrets, self.proxy_addr, &table);
+        if new.role != self.config.role && self.config.role_watch.attribute.is_none() {
+            tracing::info!(
+                from = self.config.role.as_str(),
+                to = new.role.as_str(),
+                "role changed in the config file"
+            );
+            self.role = new.role;
+            self.role_source = RoleSource::Config;
+            let _ = std::fs::remove_file(roles::state_path(&new.agent.state_dir));
+        }
+        let spec = tunnel_spec(&new, &secrets, self.proxy_addr, &table, self.role);
         self.routes_applied(&new, &map, &table);
         self.apply_live(Arc::new(table), &new, &secrets)?;
         self.tunnel.apply(spec).await;
@@ -366,6 +388,8 @@ impl Agent {
             s.pending_restart = pending.iter().map(|p| (*p).to_owned()).collect();
             s.cloudflared_metrics = new.cloudflared.enabled.then_some(new.cloudflared.metrics);
             s.tunnel_ready_grace = new.cloudflared.ready_grace;
+            s.role = self.role.as_str().to_owned();
+            s.role_source = self.role_source.as_str().to_owned();
         });
         for t in self.refreshers.drain(..) {
             t.abort();
@@ -399,7 +423,7 @@ impl Agent {
         match built {
             Ok((map, table)) => {
                 tracing::info!(routes = table.len(), "routes updated from the watched source");
-                let spec = tunnel_spec(&self.config, &self.secrets, self.proxy_addr, &table);
+                let spec = tunnel_spec(&self.config, &self.secrets, self.proxy_addr, &table, self.role);
                 self.routes_applied(&self.config, &map, &table);
                 if let Err(e) = self.apply_live(Arc::new(table), &self.config, &self.secrets) {
                     tracing::error!(error = %format!("{e:#}"), "cannot apply routes");
@@ -427,8 +451,103 @@ impl Agent {
         if self.config.cloudflared.token_secret.as_ref() == Some(&name) {
             let routes = self.proxy.live.load().routes.clone();
             self.tunnel
-                .apply(tunnel_spec(&self.config, &self.secrets, self.proxy_addr, &routes))
+                .apply(tunnel_spec(
+                    &self.config,
+                    &self.secrets,
+                    self.proxy_addr,
+                    &routes,
+                    self.role,
+                ))
                 .await;
+        }
+    }
+
+    /// Moves to `role`. Promotion spawns cloudflared before returning; demotion stops it like
+    /// shutdown does (one SIGTERM, grace, SIGKILL) while the proxy keeps serving.
+    async fn set_role(&mut self, role: Role, source: RoleSource) -> (bool, String) {
+        if role == self.role {
+            if source == RoleSource::WatchedAttribute {
+                self.role_source = source;
+                self.publish_role();
+            }
+            return (false, format!("already {}; nothing to do", role.as_str()));
+        }
+        let started = Instant::now();
+        self.role = role;
+        self.role_source = source;
+        match role {
+            Role::Active => self.metrics.promotions.inc(),
+            Role::Standby => self.metrics.demotions.inc(),
+        }
+        let persisted = PersistedRole {
+            role,
+            source: if source == RoleSource::Cli {
+                RoleSource::Cli
+            } else {
+                source
+            },
+            config_role: self.config.role,
+        };
+        if let Err(e) = roles::persist(&self.config.agent.state_dir, &persisted) {
+            tracing::warn!(error = %e, "cannot persist the role; a restart will fall back to the config's");
+        }
+        let routes = self.proxy.live.load().routes.clone();
+        let spec = tunnel_spec(&self.config, &self.secrets, self.proxy_addr, &routes, role);
+        self.tunnel.apply(spec).await;
+        self.publish_role();
+        let took_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let message = match role {
+            Role::Active if self.config.cloudflared.enabled => {
+                format!("promoted to active; cloudflared started in {took_ms:.1} ms")
+            }
+            Role::Active => "promoted to active (cloudflared is disabled in the config)".to_owned(),
+            Role::Standby => {
+                format!("demoted to standby; cloudflared stopped in {took_ms:.1} ms, the proxy keeps serving")
+            }
+        };
+        tracing::info!(role = role.as_str(), source = source.as_str(), took_ms, "{message}");
+        (true, message)
+    }
+
+    fn publish_role(&self) {
+        let (role, source) = (self.role.as_str().to_owned(), self.role_source.as_str().to_owned());
+        self.health.update_status(|s| {
+            s.role = role.clone();
+            s.role_source = source.clone();
+        });
+        systemd::status(&format!("serving as {role} ({source})"));
+    }
+
+    /// A command from the control socket.
+    async fn control(&mut self, command: control::Command) -> control::Reply {
+        let (ok, changed, message) = match command {
+            control::Command::Status => (
+                true,
+                false,
+                format!("{} ({})", self.role.as_str(), self.role_source.as_str()),
+            ),
+            control::Command::Promote | control::Command::Demote if self.config.role_watch.attribute.is_some() => (
+                false,
+                false,
+                format!(
+                    "the role is decided by the metadata attribute {:?}; change it there",
+                    self.config.role_watch.attribute.as_deref().unwrap_or("")
+                ),
+            ),
+            control::Command::Promote => {
+                let (changed, message) = self.set_role(Role::Active, RoleSource::Cli).await;
+                (true, changed, message)
+            }
+            control::Command::Demote => {
+                let (changed, message) = self.set_role(Role::Standby, RoleSource::Cli).await;
+                (true, changed, message)
+            }
+        };
+        control::Reply {
+            ok,
+            changed,
+            message,
+            status: self.health.status_json(),
         }
     }
 }
@@ -524,7 +643,8 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
         server::serve(proxy_listener, limits, move |peer, req| proxy.clone().handle(peer, req))?
     };
     let proxy_addr = proxy_server.local_addr;
-    let spec = tunnel_spec(&config, &secrets, proxy_addr, &routes);
+    let (role, role_source, role_etag) = roles::boot_role(&config, &metadata).await;
+    let spec = tunnel_spec(&config, &secrets, proxy_addr, &routes, role);
     let (events, mut event_rx) = mpsc::channel(16);
     let config_cloudflared = config.cloudflared.clone();
     let mut agent = Agent {
@@ -540,7 +660,10 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
         tunnel: TunnelSupervisor::start(None, RestartPolicy::from(&config_cloudflared), health.tunnel.clone()),
         events: events.clone(),
         refreshers: Vec::new(),
+        role,
+        role_source,
     };
+    agent.publish_role();
     agent.routes_applied(&agent.config, &host_map, &routes);
     health.update_status(|s| s.routes_fallback = fallback);
     agent.apply_live(Arc::new(routes), &agent.config, &agent.secrets)?;
@@ -577,6 +700,10 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     tracing::info!("ready");
 
     // Watch.
+    let (control_tx, mut control_rx) = mpsc::channel(4);
+    let (control_path, control_server) = control::serve(&agent.config.agent.runtime_dir, control_tx)?;
+    let (role_tx, mut role_rx) = mpsc::channel(4);
+    let role_watch = roles::watch(&agent.config, agent.metadata.clone(), role_etag, role_tx);
     let (route_tx, mut route_rx) = mpsc::channel(4);
     let route_watch = route_source::watch(&agent.config, metadata, etag, route_tx);
     agent.refreshers = spawn_refreshers(&agent.config, &agent.secret_manager, &agent.secrets, &events);
@@ -597,6 +724,13 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
             },
             Some(update) = route_rx.recv() => agent.routes_changed(update).await,
             Some(Event::SecretChanged(name, value)) = event_rx.recv() => agent.secret_changed(name, value).await,
+            Some((command, reply)) = control_rx.recv() => {
+                let answer = agent.control(command).await;
+                let _ = reply.send(answer);
+            }
+            Some(role) = role_rx.recv() => {
+                agent.set_role(role, RoleSource::WatchedAttribute).await;
+            }
             e = agent.tunnel.failed() => break Some(e),
             _ = tick => systemd::watchdog(),
         }
@@ -606,9 +740,11 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     systemd::stopping();
     health.draining.store(true, Ordering::Release);
-    if let Some(w) = route_watch {
+    for w in [route_watch, role_watch].into_iter().flatten() {
         w.abort();
     }
+    control_server.abort();
+    let _ = std::fs::remove_file(&control_path);
     for t in agent.refreshers.drain(..) {
         t.abort();
     }

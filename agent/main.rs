@@ -31,6 +31,25 @@ enum Command {
         #[arg(short, long, default_value = config::DEFAULT_PATH)]
         config: PathBuf,
     },
+    /// Make this node active: start cloudflared now (through the running agent).
+    Promote(ControlArgs),
+    /// Make this node standby: stop cloudflared gracefully; the proxy keeps serving.
+    Demote(ControlArgs),
+    /// Show the running agent's role, where it came from, tunnel state and routes.
+    Status(ControlArgs),
+}
+
+#[derive(clap::Args)]
+struct ControlArgs {
+    /// Configuration file (to find the runtime directory and its control socket).
+    #[arg(short, long, default_value = config::DEFAULT_PATH)]
+    config: PathBuf,
+    /// The control socket, instead of the one in the config's runtime directory.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Print the agent's JSON answer instead of a summary.
+    #[arg(long)]
+    json: bool,
 }
 
 fn main() -> ExitCode {
@@ -38,7 +57,77 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Run { config } => run(config),
+        Command::Promote(args) => control(args, tunnel_agent::control::Command::Promote),
+        Command::Demote(args) => control(args, tunnel_agent::control::Command::Demote),
+        Command::Status(args) => control(args, tunnel_agent::control::Command::Status),
     }
+}
+
+fn control(args: ControlArgs, command: tunnel_agent::control::Command) -> ExitCode {
+    let socket = match args.socket {
+        Some(s) => s,
+        None => match Config::load(&args.config) {
+            Ok(c) => tunnel_agent::control::socket_path(&c.agent.runtime_dir),
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(tunnel_agent::EXIT_CONFIG);
+            }
+        },
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(tunnel_agent::control::call(&socket, command)) {
+        Err(e) => {
+            eprintln!("tunnel-agent: {e}");
+            ExitCode::FAILURE
+        }
+        Ok(reply) => {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&reply).unwrap_or_default());
+            } else {
+                print_summary(&reply);
+            }
+            if reply.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn print_summary(reply: &tunnel_agent::control::Reply) {
+    if !reply.ok {
+        eprintln!("tunnel-agent: {}", reply.message);
+        return;
+    }
+    println!("{}", reply.message);
+    let s = &reply.status;
+    if s.is_null() {
+        return;
+    }
+    let cf = &s["cloudflared"];
+    println!(
+        "role:         {} (from {})",
+        s["role"].as_str().unwrap_or("?"),
+        s["role_source"].as_str().unwrap_or("?")
+    );
+    println!("ready:        {}", s["ready"]);
+    println!(
+        "tunnel:       {} connections, pid {}, {} restarts, last exit {}",
+        cf["connections"], cf["pid"], cf["restarts"], cf["last_exit"]
+    );
+    println!(
+        "routes:       {} from {} (version {})",
+        s["routes"]["count"],
+        s["routes"]["source"].as_str().unwrap_or("?"),
+        s["routes"]["version"]
+    );
 }
 
 fn check(path: &std::path::Path) -> ExitCode {

@@ -92,6 +92,8 @@ pub struct Metrics {
     pub route_reload_failures: Counter,
     pub secret_fetches: Counter,
     pub secret_fetch_failures: Counter,
+    pub promotions: Counter,
+    pub demotions: Counter,
 }
 
 impl Metrics {

@@ -1,0 +1,145 @@
+//! The local control socket (`<runtime_dir>/control.sock`) behind `tunnel-agent promote`,
+//! `demote` and `status`.
+//!
+//! Access: the socket file is mode 0600 (owner only), and each connection's peer credentials
+//! (`SO_PEERCRED`) must be root or the agent's own user, so a permissive umask or a bind-mounted
+//! runtime dir cannot widen it. Protocol: one JSON request line, one JSON reply line.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Command {
+    Promote,
+    Demote,
+    Status,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Request {
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    /// Whether the command changed anything (a promote on an active node does not).
+    pub changed: bool,
+    pub message: String,
+    pub status: serde_json::Value,
+}
+
+/// A command on its way to the supervision loop, with where to send the answer.
+pub type Incoming = (Command, oneshot::Sender<Reply>);
+
+pub fn socket_path(runtime_dir: &Path) -> PathBuf {
+    runtime_dir.join("control.sock")
+}
+
+/// Binds the socket (replacing a stale one) and serves it until the task is aborted.
+pub fn serve(runtime_dir: &Path, tx: mpsc::Sender<Incoming>) -> anyhow::Result<(PathBuf, tokio::task::JoinHandle<()>)> {
+    let path = socket_path(runtime_dir);
+    std::fs::create_dir_all(runtime_dir)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", runtime_dir.display()))?;
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => anyhow::bail!("cannot remove stale {}: {e}", path.display()),
+    }
+    let listener =
+        UnixListener::bind(&path).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| anyhow::anyhow!("cannot restrict {}: {e}", path.display()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                if let Err(e) = handle(stream, me, tx).await {
+                    tracing::debug!(error = %e, "control connection failed");
+                }
+            });
+        }
+    });
+    Ok((path, task))
+}
+
+async fn handle(stream: UnixStream, me: u32, tx: mpsc::Sender<Incoming>) -> std::io::Result<()> {
+    let peer = stream.peer_cred()?;
+    let (read, mut write) = stream.into_split();
+    let reply = if peer.uid() != 0 && peer.uid() != me {
+        tracing::warn!(
+            uid = peer.uid(),
+            "control socket: refused a caller that is neither root nor the agent's user"
+        );
+        refusal(format!(
+            "permission denied: uid {} may not control this agent",
+            peer.uid()
+        ))
+    } else {
+        let mut line = String::new();
+        let mut reader = BufReader::new(read.take(4096));
+        tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request"))??;
+        match serde_json::from_str::<Request>(&line) {
+            Err(e) => refusal(format!("bad request: {e}")),
+            Ok(req) => {
+                let (answer, rx) = oneshot::channel();
+                if tx.send((req.command, answer)).await.is_err() {
+                    refusal("the agent is shutting down".into())
+                } else {
+                    rx.await
+                        .unwrap_or_else(|_| refusal("the agent is shutting down".into()))
+                }
+            }
+        }
+    };
+    let mut out = serde_json::to_vec(&reply).map_err(std::io::Error::other)?;
+    out.push(b'\n');
+    write.write_all(&out).await
+}
+
+fn refusal(message: String) -> Reply {
+    Reply {
+        ok: false,
+        changed: false,
+        message,
+        status: serde_json::Value::Null,
+    }
+}
+
+/// The client side: sends `command` to the agent listening at `path`.
+pub async fn call(path: &Path, command: Command) -> Result<Reply, String> {
+    let mut stream = UnixStream::connect(path).await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+            format!("the agent is not running (no control socket at {})", path.display())
+        }
+        std::io::ErrorKind::PermissionDenied => format!(
+            "permission denied on {}: run as root or as the agent's user",
+            path.display()
+        ),
+        _ => format!("cannot connect to {}: {e}", path.display()),
+    })?;
+    let mut req = serde_json::to_vec(&Request { command }).map_err(|e| e.to_string())?;
+    req.push(b'\n');
+    stream.write_all(&req).await.map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    let mut reader = BufReader::new(stream);
+    tokio::time::timeout(Duration::from_secs(120), reader.read_line(&mut line))
+        .await
+        .map_err(|_| "the agent did not answer within 120 s".to_owned())?
+        .map_err(|e| e.to_string())?;
+    serde_json::from_str(&line).map_err(|e| format!("unreadable answer from the agent: {e}"))
+}

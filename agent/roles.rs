@@ -1,0 +1,231 @@
+//! Active / standby (seed 002): only the active node runs cloudflared; a standby keeps secrets,
+//! routes and the proxy warm so promotion only has to start cloudflared.
+//!
+//! Where the role comes from, highest precedence first:
+//! 1. a watched GCE metadata attribute naming the active host (`[role_watch]`), when configured.
+//!    It is authoritative: one value names one host, so two hosts cannot both be active through
+//!    it, and manual `promote`/`demote` are refused rather than fight it;
+//! 2. `tunnel-agent promote|demote` (the control socket), persisted in the state dir so a restart
+//!    or crash keeps it;
+//! 3. `role` in the config file. A persisted manual role is dropped when the config's `role`
+//!    changed since it was persisted: the operator's newer edit wins.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::gcp::{MetadataClient, MetadataError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    #[default]
+    Active,
+    Standby,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Active => "active",
+            Role::Standby => "standby",
+        }
+    }
+}
+
+/// Why the node has its role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RoleSource {
+    Config,
+    /// `promote`/`demote` in this run.
+    Cli,
+    /// `promote`/`demote` in an earlier run, read back from the state dir.
+    Persisted,
+    WatchedAttribute,
+}
+
+impl RoleSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoleSource::Config => "config",
+            RoleSource::Cli => "cli",
+            RoleSource::Persisted => "persisted",
+            RoleSource::WatchedAttribute => "watched-attribute",
+        }
+    }
+}
+
+/// What is kept in `<state_dir>/role.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PersistedRole {
+    pub role: Role,
+    pub source: RoleSource,
+    /// The config file's `role` when this was written, to notice a later edit.
+    pub config_role: Role,
+}
+
+pub fn state_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("role.json")
+}
+
+pub fn load_persisted(state_dir: &Path) -> Option<PersistedRole> {
+    let bytes = std::fs::read(state_path(state_dir)).ok()?;
+    match serde_json::from_slice(&bytes) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            tracing::warn!(error = %e, path = %state_path(state_dir).display(), "ignoring unreadable persisted role");
+            None
+        }
+    }
+}
+
+pub fn persist(state_dir: &Path, p: &PersistedRole) -> std::io::Result<()> {
+    let data = serde_json::to_vec(p).map_err(std::io::Error::other)?;
+    crate::files::write_atomic(&state_path(state_dir), &data, 0o600)
+}
+
+/// The role at boot, before any watched attribute answered.
+pub fn initial(config: &Config) -> (Role, RoleSource) {
+    match load_persisted(&config.agent.state_dir) {
+        Some(p) if p.config_role == config.role && p.source != RoleSource::Config => (p.role, RoleSource::Persisted),
+        _ => (config.role, RoleSource::Config),
+    }
+}
+
+/// The role the watched attribute's value gives this host.
+pub fn role_for(value: &str, host_name: &str) -> Role {
+    if value.trim().eq_ignore_ascii_case(host_name) {
+        Role::Active
+    } else {
+        Role::Standby
+    }
+}
+
+/// This host's name for comparison with the attribute: configured, else the kernel's hostname.
+pub fn host_name(config: &Config) -> String {
+    config
+        .role_watch
+        .host_name
+        .clone()
+        .or_else(|| nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()))
+        .unwrap_or_default()
+}
+
+fn attribute_path(config: &Config) -> Option<String> {
+    let attribute = config.role_watch.attribute.as_deref()?;
+    Some(format!("{}/{attribute}", config.role_watch.attribute_scope.path()))
+}
+
+/// The role at boot. With a watched attribute, it is read first (so a node never starts
+/// cloudflared on a stale belief); when the metadata server cannot answer, the last watched
+/// value persisted, else standby: never two actives. Returns the attribute's ETag for the watch.
+pub async fn boot_role(config: &Config, metadata: &MetadataClient) -> (Role, RoleSource, Option<String>) {
+    let Some(path) = attribute_path(config) else {
+        let (role, source) = initial(config);
+        return (role, source, None);
+    };
+    match metadata.get(&path, &[]).await {
+        Ok((value, etag)) => (role_for(&value, &host_name(config)), RoleSource::WatchedAttribute, etag),
+        Err(MetadataError::Status { status: 404, .. }) => (Role::Standby, RoleSource::WatchedAttribute, None),
+        Err(e) => {
+            let persisted =
+                load_persisted(&config.agent.state_dir).filter(|p| p.source == RoleSource::WatchedAttribute);
+            let role = persisted.map_or(Role::Standby, |p| p.role);
+            tracing::warn!(error = %e, role = role.as_str(), "cannot read the role attribute at boot; using the last watched value (or standby)");
+            (role, RoleSource::Persisted, None)
+        }
+    }
+}
+
+/// Long-polls the role attribute; sends the role it gives this host whenever the value changes.
+pub fn watch(
+    config: &Config,
+    metadata: MetadataClient,
+    etag: Option<String>,
+    tx: mpsc::Sender<Role>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let path = attribute_path(config)?;
+    let me = host_name(config);
+    Some(tokio::spawn(async move {
+        let mut etag = etag;
+        let mut backoff = crate::backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        loop {
+            let tag = etag.clone().unwrap_or_default();
+            let mut query = vec![("wait_for_change", "true"), ("timeout_sec", "300")];
+            if etag.is_some() {
+                query.push(("last_etag", tag.as_str()));
+            }
+            match metadata
+                .get_with_timeout(&path, &query, Some(Duration::from_secs(310)))
+                .await
+            {
+                Ok((value, new_etag)) => {
+                    backoff.reset();
+                    if new_etag.is_some() && new_etag == etag {
+                        continue;
+                    }
+                    etag = new_etag;
+                    let role = role_for(&value, &me);
+                    tracing::info!(attribute = %path, value = %value.trim(), host = %me, role = role.as_str(), "role attribute read");
+                    if tx.send(role).await.is_err() {
+                        return;
+                    }
+                }
+                Err(MetadataError::Status { status: 404, .. }) => {
+                    // No attribute: nobody is named active.
+                    if etag.take().is_some() || backoff.attempts() == 0 {
+                        tracing::warn!(attribute = %path, "role attribute missing; this host is standby");
+                        if tx.send(Role::Standby).await.is_err() {
+                            return;
+                        }
+                    }
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "role watch failed; keeping the current role");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attribute_names_one_host() {
+        assert_eq!(role_for("chi-02\n", "chi-02"), Role::Active);
+        assert_eq!(role_for("CHI-02", "chi-02"), Role::Active);
+        assert_eq!(role_for("dal-01", "chi-02"), Role::Standby);
+        assert_eq!(role_for("", "chi-02"), Role::Standby);
+    }
+
+    #[test]
+    fn persisted_role_survives_unless_config_changed() {
+        let dir = std::env::temp_dir().join(format!("ta-roles-{}", std::process::id()));
+        let mut config = Config::default();
+        config.agent.state_dir = dir.clone();
+        config.role = Role::Standby;
+        assert_eq!(initial(&config), (Role::Standby, RoleSource::Config));
+        persist(
+            &dir,
+            &PersistedRole {
+                role: Role::Active,
+                source: RoleSource::Cli,
+                config_role: Role::Standby,
+            },
+        )
+        .unwrap();
+        assert_eq!(initial(&config), (Role::Active, RoleSource::Persisted));
+        config.role = Role::Active;
+        assert_eq!(initial(&config), (Role::Active, RoleSource::Config));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
