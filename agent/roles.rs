@@ -155,10 +155,15 @@ pub fn watch(
         let mut backoff = crate::backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
         loop {
             let tag = etag.clone().unwrap_or_default();
-            let mut query = vec![("wait_for_change", "true"), ("timeout_sec", "300")];
-            if etag.is_some() {
-                query.push(("last_etag", tag.as_str()));
-            }
+            let query: Vec<(&str, &str)> = if etag.is_some() {
+                vec![
+                    ("wait_for_change", "true"),
+                    ("timeout_sec", "300"),
+                    ("last_etag", tag.as_str()),
+                ]
+            } else {
+                Vec::new()
+            };
             match metadata
                 .get_with_timeout(&path, &query, Some(Duration::from_secs(310)))
                 .await

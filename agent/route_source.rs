@@ -110,11 +110,18 @@ pub fn watch(
         let mut backoff = crate::backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
         let timeout = WATCH_TIMEOUT_SEC.to_string();
         loop {
-            let mut query = vec![("wait_for_change", "true"), ("timeout_sec", timeout.as_str())];
+            // Without an ETag (boot fell back to the last good table, or the attribute was
+            // missing), read the current value at once; with one, wait for a change.
             let tag = etag.clone().unwrap_or_default();
-            if etag.is_some() {
-                query.push(("last_etag", tag.as_str()));
-            }
+            let query: Vec<(&str, &str)> = if etag.is_some() {
+                vec![
+                    ("wait_for_change", "true"),
+                    ("timeout_sec", timeout.as_str()),
+                    ("last_etag", tag.as_str()),
+                ]
+            } else {
+                Vec::new()
+            };
             let result = metadata
                 .get_with_timeout(&path, &query, Some(Duration::from_secs(WATCH_TIMEOUT_SEC + 10)))
                 .await;
