@@ -546,6 +546,10 @@ impl Config {
         if self.agent.log_format != new.agent.log_format {
             out.push("agent.log_format");
         }
+        // The global subscriber is installed once, with the level read at start.
+        if self.agent.log_level != new.agent.log_level {
+            out.push("agent.log_level");
+        }
         if self.proxy.max_header_bytes != new.proxy.max_header_bytes {
             out.push("proxy.max_header_bytes");
         }
@@ -563,6 +567,10 @@ impl Config {
         }
         if self.gcp.metadata_url != new.gcp.metadata_url || self.gcp.metadata_timeout != new.gcp.metadata_timeout {
             out.push("gcp.metadata_url/metadata_timeout");
+        }
+        // The identity-token cache is built once at start and keeps its margin.
+        if self.gcp.id_token_refresh_margin != new.gcp.id_token_refresh_margin {
+            out.push("gcp.id_token_refresh_margin");
         }
         out
     }
@@ -851,6 +859,18 @@ mod tests {
         ] {
             assert!(keys.contains(&want), "missing {want} in {keys:?}");
         }
+    }
+
+    #[test]
+    fn settings_read_once_at_start_are_reported_as_needing_a_restart() {
+        let old = parse("").unwrap();
+        let new = parse("[agent]\nlog_level = \"debug\"\n[gcp]\nid_token_refresh_margin = \"1m\"\n").unwrap();
+        assert_eq!(
+            old.restart_only_differences(&new),
+            ["agent.log_level", "gcp.id_token_refresh_margin"]
+        );
+        let live = parse("[proxy]\nupstream_timeout = \"5s\"\nmax_body_bytes = 10\n").unwrap();
+        assert!(old.restart_only_differences(&live).is_empty());
     }
 
     #[test]
