@@ -472,29 +472,46 @@ pub struct Problem {
     pub reason: String,
 }
 
+/// A syntax or type error found by the TOML parser.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseProblem {
+    /// Dotted key path (`proxy.listen`, `route[0].upstream`) when the error points at a key or
+    /// value; `None` for plain syntax errors.
+    pub key: Option<String>,
+    /// 1-based line and column (in characters) when the parser knows the position.
+    pub position: Option<(usize, usize)>,
+    pub reason: String,
+}
+
 /// Everything wrong with one file, reported together.
 #[derive(Debug, thiserror::Error)]
 pub struct ConfigError {
     pub file: PathBuf,
+    /// Errors from the TOML parser (syntax, unknown keys, wrong types). When there are any,
+    /// `problems` is empty: validation needs a file that parses.
+    pub parse: Vec<ParseProblem>,
     pub problems: Vec<Problem>,
-    /// A syntax or type error from the TOML parser (already carries line/column and key).
-    pub parse: Option<String>,
 }
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let file = self.file.display();
-        if let Some(parse) = &self.parse {
-            // toml's message is multi-line with a source excerpt; keep it whole.
-            write!(f, "{file}: {}", parse.trim_end())?;
+        let mut lines = Vec::new();
+        // `file:line:column:` is the shape editors and CI annotators recognise.
+        for p in &self.parse {
+            let at = match p.position {
+                Some((line, column)) => format!("{file}:{line}:{column}"),
+                None => file.to_string(),
+            };
+            lines.push(match &p.key {
+                Some(key) => format!("{at}: {key}: {}", p.reason),
+                None => format!("{at}: {}", p.reason),
+            });
         }
-        for (i, p) in self.problems.iter().enumerate() {
-            if i > 0 || self.parse.is_some() {
-                writeln!(f)?;
-            }
-            write!(f, "{file}: {}: {}", p.key, p.reason)?;
+        for p in &self.problems {
+            lines.push(format!("{file}: {}: {}", p.key, p.reason));
         }
-        Ok(())
+        f.write_str(&lines.join("\n"))
     }
 }
 
@@ -507,16 +524,16 @@ impl Config {
                 key: "(file)".to_owned(),
                 reason: format!("cannot read: {e}"),
             }],
-            parse: None,
+            parse: Vec::new(),
         })?;
         Self::parse(path, &text)
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError {
+        let config = parse_all(text).map_err(|parse| ConfigError {
             file: path.to_owned(),
+            parse,
             problems: Vec::new(),
-            parse: Some(e.to_string()),
         })?;
         let problems = config.validate();
         if problems.is_empty() {
@@ -525,7 +542,7 @@ impl Config {
             Err(ConfigError {
                 file: path.to_owned(),
                 problems,
-                parse: None,
+                parse: Vec::new(),
             })
         }
     }
@@ -745,6 +762,10 @@ impl Config {
         if self.agent.log_format != new.agent.log_format {
             out.push("agent.log_format");
         }
+        // The global subscriber is installed once, with the level read at start.
+        if self.agent.log_level != new.agent.log_level {
+            out.push("agent.log_level");
+        }
         if self.proxy.max_header_bytes != new.proxy.max_header_bytes {
             out.push("proxy.max_header_bytes");
         }
@@ -775,7 +796,194 @@ impl Config {
         if self.gcp.metadata_url != new.gcp.metadata_url || self.gcp.metadata_timeout != new.gcp.metadata_timeout {
             out.push("gcp.metadata_url/metadata_timeout");
         }
+        // The identity-token cache is built once at start and keeps its margin.
+        if self.gcp.id_token_refresh_margin != new.gcp.id_token_refresh_margin {
+            out.push("gcp.id_token_refresh_margin");
+        }
         out
+    }
+}
+
+/// Parser errors reported per `check` run, at most. A file with more is not worth listing.
+const MAX_PARSE_PROBLEMS: usize = 50;
+
+/// Deserializes `text`, collecting every parser error rather than the first.
+///
+/// serde stops at the first error, so after each one the offending statement (a `key = value`
+/// line or a `[table]`) is blanked with spaces and the text parsed again. Blanking keeps every
+/// byte offset, so later positions are still those of the original file. The loop stops at the
+/// first error it cannot attribute to a statement, or when blanking left text that is no longer
+/// TOML (that error would be ours, not the file's).
+fn parse_all(text: &str) -> Result<Config, Vec<ParseProblem>> {
+    let mut scratch = text.to_owned();
+    let mut problems: Vec<ParseProblem> = Vec::new();
+    let mut blanked: Vec<String> = Vec::new();
+    loop {
+        let e = match toml::from_str::<Config>(&scratch) {
+            Ok(config) if problems.is_empty() => return Ok(config),
+            Ok(_) => return Err(problems),
+            Err(e) => e,
+        };
+        let doc = toml_edit::ImDocument::parse(scratch.as_str()).ok();
+        if doc.is_none() && !problems.is_empty() {
+            return Err(problems);
+        }
+        let located = match (&doc, e.span()) {
+            (Some(doc), Some(span)) => locate(doc.as_table(), span.start),
+            _ => None,
+        };
+        // Syntax errors come as several lines ("invalid table header\nexpected ..."): keep one.
+        let reason = e.message().trim().replace('\n', "; ");
+        // `[secrets.x]` with a bad `source` line blanked now lacks `source`: that is our doing.
+        let consequence = match (&located, reason.strip_prefix("missing field `")) {
+            (Some(l), Some(rest)) => {
+                let field = rest.trim_end_matches('`');
+                blanked.contains(&join_key(&l.key, field))
+            }
+            _ => false,
+        };
+        if !consequence {
+            problems.push(ParseProblem {
+                key: located.as_ref().map(|l| l.key.clone()),
+                position: e.span().map(|s| line_column(text, s.start)),
+                reason,
+            });
+        }
+        let Some(Located {
+            key,
+            statement: Some(statement),
+        }) = located
+        else {
+            return Err(problems);
+        };
+        if problems.len() >= MAX_PARSE_PROBLEMS || !blank(&mut scratch, statement) {
+            return Err(problems);
+        }
+        blanked.push(key);
+    }
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = before.matches('\n').count() + 1;
+    (line, before[line_start..].chars().count() + 1)
+}
+
+/// Replaces `range` of `text` with spaces, keeping line breaks. False if nothing changed.
+fn blank(text: &mut String, range: std::ops::Range<usize>) -> bool {
+    let mut bytes = std::mem::take(text).into_bytes();
+    let mut changed = false;
+    for b in bytes.get_mut(range).into_iter().flatten() {
+        if !matches!(*b, b'\n' | b'\r' | b' ') {
+            *b = b' ';
+            changed = true;
+        }
+    }
+    // Spans start and end on character boundaries, so this only fails on a parser bug.
+    match String::from_utf8(bytes) {
+        Ok(s) => *text = s,
+        Err(_) => changed = false,
+    }
+    changed
+}
+
+/// `prefix.key`, quoting keys that are not bare TOML keys (`routes.hosts."a.example.com"`).
+fn join_key(prefix: &str, key: &str) -> String {
+    let bare = !key.is_empty() && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    match (prefix.is_empty(), bare) {
+        (true, true) => key.to_owned(),
+        (true, false) => format!("{key:?}"),
+        (false, true) => format!("{prefix}.{key}"),
+        (false, false) => format!("{prefix}.{key:?}"),
+    }
+}
+
+/// Where a parser error falls: the innermost key, and the statement to blank to get past it.
+#[derive(Debug)]
+struct Located {
+    key: String,
+    /// `None` where blanking would change the meaning of what follows (an `[[array]]` element
+    /// renumbers the ones after it; a dotted key leaves its prefix behind).
+    statement: Option<std::ops::Range<usize>>,
+}
+
+fn contains(span: &Option<std::ops::Range<usize>>, pos: usize) -> bool {
+    span.as_ref().is_some_and(|s| s.contains(&pos) || s.start == pos)
+}
+
+/// Walks every entry of `table`; deeper matches overwrite shallower ones.
+fn locate(table: &toml_edit::Table, pos: usize) -> Option<Located> {
+    let mut found = None;
+    locate_in(table, "", None, true, pos, &mut found);
+    found
+}
+
+fn locate_in(
+    table: &dyn toml_edit::TableLike,
+    prefix: &str,
+    statement: Option<&std::ops::Range<usize>>,
+    lines: bool,
+    pos: usize,
+    found: &mut Option<Located>,
+) {
+    use toml_edit::{Item, Value};
+    for (name, _) in table.iter() {
+        let Some((key, item)) = table.get_key_value(name) else {
+            continue;
+        };
+        let path = join_key(prefix, name);
+        let entry = match (key.span(), item.span()) {
+            (Some(k), Some(v)) if v.end > k.start => Some(k.start..v.end),
+            (k, _) => k,
+        };
+        let own = match item {
+            // In a [table] (or at the top), `key = value` is a line of its own.
+            Item::Value(_) if lines => entry.clone(),
+            Item::Value(_) => statement.cloned(),
+            // A [table]'s span runs from its header to its last value. Implicit parents
+            // (`[secrets]` of `[secrets.x]`) and dotted tables have none.
+            Item::Table(t) if !t.is_dotted() => t.span(),
+            Item::Table(_) | Item::ArrayOfTables(_) | Item::None => None,
+        };
+        if contains(&entry, pos) || (matches!(item, Item::Table(_)) && contains(&own, pos)) {
+            *found = Some(Located {
+                key: path.clone(),
+                statement: own.clone(),
+            });
+        }
+        match item {
+            Item::Table(t) => locate_in(t, &path, own.as_ref(), !t.is_dotted(), pos, found),
+            Item::ArrayOfTables(tables) => {
+                for (i, t) in tables.iter().enumerate() {
+                    let path = format!("{path}[{i}]");
+                    if contains(&t.span(), pos) {
+                        *found = Some(Located {
+                            key: path.clone(),
+                            statement: None,
+                        });
+                    }
+                    locate_in(t, &path, None, true, pos, found);
+                }
+            }
+            Item::Value(Value::InlineTable(t)) => locate_in(t, &path, own.as_ref(), false, pos, found),
+            Item::Value(Value::Array(values)) => {
+                for (i, v) in values.iter().enumerate() {
+                    let path = format!("{path}[{i}]");
+                    if contains(&v.span(), pos) {
+                        *found = Some(Located {
+                            key: path.clone(),
+                            statement: own.clone(),
+                        });
+                    }
+                    if let Value::InlineTable(t) = v {
+                        locate_in(t, &path, own.as_ref(), false, pos, found);
+                    }
+                }
+            }
+            Item::Value(_) | Item::None => {}
+        }
     }
 }
 
@@ -800,9 +1008,58 @@ mod tests {
         let err = parse("[proxy]\nlisten = \"127.0.0.1:1\"\nlsiten = 3\n")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("/etc/t/agent.toml"), "{err}");
-        assert!(err.contains("line 3"), "{err}");
-        assert!(err.contains("lsiten"), "{err}");
+        assert!(
+            err.starts_with("/etc/t/agent.toml:3:1: proxy.lsiten: unknown field `lsiten`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn every_parser_error_is_reported_with_key_and_position() {
+        let err = parse(
+            "[agent]\nlog_format = \"xml\"\nbogus = 1\n\n[[route]]\nhostnames = [\"a.example.com\"]\n\
+             backends = [{ url = \"http://b\", wieght = 2 }]\n\n[proxy]\nlisten = \"nope\"\n",
+        )
+        .unwrap_err();
+        assert!(err.problems.is_empty(), "validation needs a parsed file");
+        let got: Vec<_> = err
+            .parse
+            .iter()
+            .map(|p| (p.key.as_deref().unwrap_or(""), p.position))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("agent.log_format", Some((2, 14))),
+                ("agent.bogus", Some((3, 1))),
+                ("route[0].backends[0].wieght", Some((7, 33))),
+                ("proxy.listen", Some((10, 10))),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_blanked_bad_value_is_not_reported_again_as_missing() {
+        let err =
+            parse("[secrets.tok]\nsource = \"fle\"\npath = \"/x\"\n[secrets.other]\npath = \"/y\"\n").unwrap_err();
+        let got: Vec<_> = err.parse.iter().map(|p| p.key.as_deref().unwrap_or("")).collect();
+        assert_eq!(got, ["secrets.tok.source", "secrets.other"], "{err}");
+        assert!(err.parse[1].reason.contains("missing field `source`"), "{err}");
+    }
+
+    #[test]
+    fn syntax_error_has_position_and_one_line_reason() {
+        let err = parse("[proxy\nlisten = 1\n").unwrap_err();
+        assert_eq!(err.parse.len(), 1, "{err}");
+        assert_eq!(err.parse[0].key, None);
+        assert_eq!(err.parse[0].position, Some((1, 7)));
+        assert!(!err.to_string().contains('\n'), "{err}");
+    }
+
+    #[test]
+    fn line_column_counts_characters() {
+        assert_eq!(line_column("a\nbé = 1", 5), (2, 3));
+        assert_eq!(line_column("", 0), (1, 1));
     }
 
     #[test]
@@ -830,6 +1087,18 @@ mod tests {
         ] {
             assert!(keys.contains(&want), "missing {want} in {keys:?}");
         }
+    }
+
+    #[test]
+    fn settings_read_once_at_start_are_reported_as_needing_a_restart() {
+        let old = parse("").unwrap();
+        let new = parse("[agent]\nlog_level = \"debug\"\n[gcp]\nid_token_refresh_margin = \"1m\"\n").unwrap();
+        assert_eq!(
+            old.restart_only_differences(&new),
+            ["agent.log_level", "gcp.id_token_refresh_margin"]
+        );
+        let live = parse("[proxy]\nupstream_timeout = \"5s\"\nmax_body_bytes = 10\n").unwrap();
+        assert!(old.restart_only_differences(&live).is_empty());
     }
 
     #[test]

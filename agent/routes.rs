@@ -189,8 +189,16 @@ pub fn read_host_map(path: &Path) -> Result<BTreeMap<String, String>, String> {
 }
 
 pub fn parse_host_map(json: &[u8]) -> Result<BTreeMap<String, String>, String> {
-    serde_json::from_slice::<BTreeMap<String, String>>(json)
-        .map_err(|e| format!("not a JSON object of hostname → URL strings: {e}"))
+    serde_json::from_slice::<BTreeMap<String, String>>(json).map_err(|e| {
+        // serde_json's own message quotes the offending value ("invalid type: string \"…\""),
+        // and a misconfigured `routes.file` may well point at a secret: give the position only.
+        let what = match e.classify() {
+            serde_json::error::Category::Data => "not a JSON object of hostname → URL strings",
+            serde_json::error::Category::Eof => "unexpected end of JSON",
+            serde_json::error::Category::Syntax | serde_json::error::Category::Io => "not valid JSON",
+        };
+        format!("{what} (line {}, column {})", e.line(), e.column())
+    })
 }
 
 impl RouteTable {
@@ -541,5 +549,19 @@ mod tests {
         assert_eq!(map["api.example.com"], "https://svc-x-ew.a.run.app");
         assert!(parse_host_map(b"[1,2]").is_err());
         assert!(parse_host_map(br#"{"a": 1}"#).is_err());
+    }
+
+    #[test]
+    fn routes_file_errors_do_not_quote_the_content() {
+        for (content, want) in [
+            (&br#""s3cr3t""#[..], "line 1, column 8"),
+            (b"8817263548\n", "line 1, column 10"),
+            (br#"{"a": "s3cr3t", "b": 8817263548}"#, "line 1, column 31"),
+            (b"s3cr3t", "not valid JSON"),
+        ] {
+            let err = parse_host_map(content).unwrap_err();
+            assert!(err.contains(want), "{err}");
+            assert!(!err.contains("s3cr3t") && !err.contains("8817263548"), "{err}");
+        }
     }
 }
