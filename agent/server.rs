@@ -204,7 +204,12 @@ where
         .keep_alive(true)
         .header_read_timeout(limits.idle_timeout)
         .max_buf_size(limits.max_header_bytes);
-    builder.http2().timer(TokioTimer::new());
+    // The same head limit over HTTP/2, where it is SETTINGS_MAX_HEADER_LIST_SIZE (h2 answers
+    // 431 above it); left alone, hyper announces its own 16 KiB whatever the config says.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
 
     let task = tokio::spawn(async move {
         let graceful = GracefulShutdown::new();
