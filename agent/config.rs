@@ -617,7 +617,9 @@ impl Config {
                 bad(format!("proxy.{k}"), "must be greater than 0".into());
             }
         }
-        if p.listen == self.health.listen {
+        // Port 0 asks the kernel for a free port, so two `:0` listeners never collide (tests
+        // and ad-hoc runs bind both that way).
+        if p.listen == self.health.listen && p.listen.port() != 0 {
             bad(
                 "health.listen".into(),
                 format!("same address as proxy.listen ({})", p.listen),

@@ -316,8 +316,13 @@ impl IdTokenCache {
             HeaderValue::try_from(format!("Bearer {jwt}")).map_err(|_| bad("not a valid header value".into()))?;
         header.set_sensitive(true);
         let fetched = Instant::now();
-        // A token shorter-lived than the margin is refreshed at half its life instead.
-        let refresh_in = remaining.checked_sub(self.margin).unwrap_or(remaining / 2);
+        // A token that does not outlive the margin is refreshed at half its life instead.
+        // "Exactly the margin" counts too: a refresh due *now* would fetch a token just as short
+        // and loop, hammering the metadata server (hundreds of fetches a second).
+        let refresh_in = remaining
+            .checked_sub(self.margin)
+            .filter(|d| !d.is_zero())
+            .unwrap_or(remaining / 2);
         slot.token.store(Some(Arc::new(CachedToken {
             header: header.clone(),
             expires_at: fetched + remaining,

@@ -423,10 +423,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
     let ip = peer.ip().to_string();
-    let value = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
-        _ => ip,
-    };
+    // A chain may arrive split over several lines, which mean the same as one comma-joined
+    // line (RFC 9110 §5.3); `get` would keep only the first and `insert` drop the rest.
+    let mut chain: Vec<&str> = headers
+        .get_all(X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .collect();
+    chain.push(&ip);
+    let value = chain.join(", ");
     if let Ok(v) = HeaderValue::try_from(value) {
         headers.insert(X_FORWARDED_FOR, v);
     }
@@ -501,6 +508,16 @@ mod tests {
         append_forwarded_for(&mut h, "10.0.0.1:5".parse().unwrap());
         append_forwarded_for(&mut h, "[::1]:5".parse().unwrap());
         assert_eq!(h[X_FORWARDED_FOR], "10.0.0.1, ::1");
+    }
+
+    #[test]
+    fn forwarded_for_keeps_every_line() {
+        let mut h = HeaderMap::new();
+        h.append(X_FORWARDED_FOR, HeaderValue::from_static("198.51.100.1"));
+        h.append(X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.7, 192.0.2.9"));
+        append_forwarded_for(&mut h, "10.0.0.1:5".parse().unwrap());
+        assert_eq!(h.get_all(X_FORWARDED_FOR).iter().count(), 1);
+        assert_eq!(h[X_FORWARDED_FOR], "198.51.100.1, 203.0.113.7, 192.0.2.9, 10.0.0.1");
     }
 
     #[test]

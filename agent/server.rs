@@ -14,13 +14,13 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -47,10 +47,14 @@ struct ConnPhase {
     started: AtomicU64,
     /// Responses not yet finished (body not yet dropped by hyper).
     in_flight: AtomicU64,
+    /// The connection answered 101 and now carries another protocol (WebSocket): its bytes
+    /// are frames, not request heads, and long silences between them are normal.
+    upgraded: AtomicBool,
 }
 
 /// Closes a connection whose request head takes longer than the limit, counted from the first
-/// byte of that head. Disabled for HTTP/2 (a PING is not a request head).
+/// byte of that head. Disabled for HTTP/2 (a PING is not a request head) and once the
+/// connection is upgraded (a WebSocket frame is not one either).
 struct HeadTimeoutIo<S> {
     inner: S,
     phase: Arc<ConnPhase>,
@@ -65,7 +69,7 @@ struct HeadTimeoutIo<S> {
 impl<S: AsyncRead + Unpin> AsyncRead for HeadTimeoutIo<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if this.disabled {
+        if this.disabled || this.phase.upgraded.load(Ordering::Acquire) {
             return Pin::new(&mut this.inner).poll_read(cx, buf);
         }
         let started = this.phase.started.load(Ordering::Acquire);
@@ -200,7 +204,12 @@ where
         .keep_alive(true)
         .header_read_timeout(limits.idle_timeout)
         .max_buf_size(limits.max_header_bytes);
-    builder.http2().timer(TokioTimer::new());
+    // The same head limit over HTTP/2, where it is SETTINGS_MAX_HEADER_LIST_SIZE (h2 answers
+    // 431 above it); left alone, hyper announces its own 16 KiB whatever the config says.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
 
     let task = tokio::spawn(async move {
         let graceful = GracefulShutdown::new();
@@ -235,6 +244,11 @@ where
                         let fut = handler(peer, req);
                         async move {
                             let resp = fut.await;
+                            // Set before hyper writes the 101, so no upgraded byte is ever
+                            // timed as a request head.
+                            if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                                phase.upgraded.store(true, Ordering::Release);
+                            }
                             Ok::<_, Infallible>(resp.map(|inner| TrackedBody { inner, phase }))
                         }
                     });

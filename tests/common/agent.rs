@@ -1,0 +1,399 @@
+//! Runs the real binary: writes its config into a fresh directory, starts `run -c FILE` with a
+//! chosen environment, collects stderr, and learns the real listen addresses from the log.
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use super::DEADLINE;
+
+/// A config file's text, assembled section by section so a test only writes what it cares
+/// about. Listeners are always `127.0.0.1:0`; the harness reads the real ports from the log.
+#[derive(Debug, Clone)]
+pub struct ConfigText {
+    agent: Vec<String>,
+    secrets: String,
+    proxy: Vec<String>,
+    gcp: Vec<String>,
+    routes: Vec<String>,
+    hosts: Vec<(String, String)>,
+    tail: String,
+}
+
+impl Default for ConfigText {
+    fn default() -> Self {
+        ConfigText {
+            agent: vec![
+                "shutdown_grace = \"10s\"".into(),
+                "log_format = \"text\"".into(),
+                "log_level = \"info\"".into(),
+            ],
+            secrets: String::new(),
+            proxy: Vec::new(),
+            gcp: Vec::new(),
+            routes: Vec::new(),
+            hosts: Vec::new(),
+            tail: String::new(),
+        }
+    }
+}
+
+impl ConfigText {
+    pub fn new() -> ConfigText {
+        ConfigText::default()
+    }
+
+    /// A line in `[agent]`; a later key replaces an earlier one of the same name.
+    pub fn agent(mut self, line: &str) -> Self {
+        replace_key(&mut self.agent, line);
+        self
+    }
+
+    /// A line in `[proxy]`.
+    pub fn proxy(mut self, line: &str) -> Self {
+        replace_key(&mut self.proxy, line);
+        self
+    }
+
+    /// A line in `[gcp]`.
+    pub fn gcp(mut self, line: &str) -> Self {
+        replace_key(&mut self.gcp, line);
+        self
+    }
+
+    /// A line in `[routes]` (before `[routes.hosts]`).
+    pub fn routes(mut self, line: &str) -> Self {
+        replace_key(&mut self.routes, line);
+        self
+    }
+
+    /// `[secrets.NAME]` read from environment variable `var`.
+    pub fn env_secret(mut self, name: &str, var: &str) -> Self {
+        let _ = write!(self.secrets, "[secrets.{name}]\nsource = \"env\"\nvar = \"{var}\"\n");
+        self
+    }
+
+    /// Turns on the internal auth header, checked against the secret in env `var`.
+    pub fn internal_auth(self, var: &str) -> Self {
+        self.env_secret("internal_token", var)
+            .proxy("auth_secret = \"internal_token\"")
+    }
+
+    /// One `[routes.hosts]` entry.
+    pub fn host(mut self, hostname: &str, url: &str) -> Self {
+        self.hosts.push((hostname.to_owned(), url.to_owned()));
+        self
+    }
+
+    /// Raw TOML appended at the end (for `[[route]]` entries).
+    pub fn raw(mut self, toml: &str) -> Self {
+        self.tail.push_str(toml);
+        self.tail.push('\n');
+        self
+    }
+
+    pub fn render(&self, dir: &Path) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "[agent]");
+        let _ = writeln!(out, "runtime_dir = {:?}", dir.join("run"));
+        let _ = writeln!(out, "state_dir = {:?}", dir.join("state"));
+        for l in &self.agent {
+            let _ = writeln!(out, "{l}");
+        }
+        let _ = writeln!(out, "\n{}", self.secrets);
+        let _ = writeln!(out, "[proxy]\nlisten = \"127.0.0.1:0\"");
+        for l in &self.proxy {
+            let _ = writeln!(out, "{l}");
+        }
+        if !self.gcp.is_empty() {
+            let _ = writeln!(out, "\n[gcp]");
+            for l in &self.gcp {
+                let _ = writeln!(out, "{l}");
+            }
+        }
+        let _ = writeln!(out, "\n[health]\nlisten = \"127.0.0.1:0\"");
+        let _ = writeln!(out, "\n[routes]");
+        for l in &self.routes {
+            let _ = writeln!(out, "{l}");
+        }
+        if !self.hosts.is_empty() {
+            let _ = writeln!(out, "[routes.hosts]");
+            for (h, u) in &self.hosts {
+                let _ = writeln!(out, "{h:?} = {u:?}");
+            }
+        }
+        let _ = writeln!(out, "\n{}", self.tail);
+        out
+    }
+}
+
+fn replace_key(lines: &mut Vec<String>, line: &str) {
+    let key = |l: &str| l.split('=').next().unwrap_or("").trim().to_owned();
+    let k = key(line);
+    lines.retain(|l| key(l) != k);
+    lines.push(line.to_owned());
+}
+
+/// Prepares an agent's directory and environment before starting it.
+pub struct AgentBuilder {
+    dir: tempfile::TempDir,
+    env: Vec<(String, String)>,
+}
+
+impl Default for AgentBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AgentBuilder {
+    pub fn new() -> AgentBuilder {
+        AgentBuilder {
+            dir: tempfile::Builder::new()
+                .prefix("tunnel-agent-test-")
+                .tempdir()
+                .expect("create temp dir"),
+            env: Vec::new(),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes `contents` to `name` inside the agent's directory; returns the path.
+    pub fn file(&self, name: &str, contents: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, contents).expect("write test file");
+        path
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Starts the agent with `config` and waits until it logs `ready`.
+    pub async fn start(self, config: &ConfigText) -> Agent {
+        let text = config.render(self.dir.path());
+        let mut agent = self.spawn(&text);
+        agent.wait_ready().await;
+        agent
+    }
+
+    /// Writes `config_text` verbatim and starts the agent without waiting for anything.
+    pub fn spawn(self, config_text: &str) -> Agent {
+        let config_path = self.dir.path().join("agent.toml");
+        std::fs::write(&config_path, config_text).expect("write config");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tunnel-agent"));
+        cmd.arg("run")
+            .arg("-c")
+            .arg(&config_path)
+            // Only what the test chooses: no GCE_METADATA_HOST, JOURNAL_STREAM or NOTIFY_SOCKET
+            // from the developer's shell or CI.
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn tunnel-agent");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+            }
+        });
+        Agent {
+            child,
+            dir: self.dir,
+            config_path,
+            log,
+            proxy_addr: None,
+            health_addr: None,
+            exit: None,
+        }
+    }
+}
+
+/// A running `tunnel-agent run`. Killed (SIGKILL) and reaped on drop; its log is printed when
+/// the test is failing, so a failure shows what the agent said.
+pub struct Agent {
+    child: Child,
+    dir: tempfile::TempDir,
+    config_path: PathBuf,
+    log: Arc<Mutex<Vec<String>>>,
+    proxy_addr: Option<SocketAddr>,
+    health_addr: Option<SocketAddr>,
+    exit: Option<ExitStatus>,
+}
+
+/// Memory figures from `/proc/PID/status`, in KiB.
+#[derive(Debug, Clone, Copy)]
+pub struct Memory {
+    pub rss_kib: u64,
+    pub hwm_kib: u64,
+}
+
+impl Agent {
+    /// Waits for `ready` and reads the listener addresses from the log.
+    pub async fn wait_ready(&mut self) {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let lines = self.logs();
+            for line in &lines {
+                if self.health_addr.is_none() && line.contains("health listener up") {
+                    self.health_addr = Some(listen_field(line));
+                }
+                if self.proxy_addr.is_none() && line.contains("proxy up") {
+                    self.proxy_addr = Some(listen_field(line));
+                }
+            }
+            if lines.iter().any(|l| l.trim_end().ends_with(": ready")) {
+                assert!(
+                    self.proxy_addr.is_some() && self.health_addr.is_some(),
+                    "ready before listeners: {lines:#?}"
+                );
+                return;
+            }
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                self.exit = Some(status);
+                panic!("agent exited with {status} before ready:\n{}", lines.join("\n"));
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "agent not ready within {DEADLINE:?}:\n{}",
+                lines.join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub fn proxy_addr(&self) -> SocketAddr {
+        self.proxy_addr.expect("agent is ready")
+    }
+
+    pub fn health_addr(&self) -> SocketAddr {
+        self.health_addr.expect("agent is ready")
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(i32::try_from(self.child.id()).expect("pid fits in i32"))
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        kill(self.pid(), sig).expect("signal the agent");
+    }
+
+    /// Waits for the agent to exit, failing the test after `within`.
+    pub async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        if let Some(s) = self.exit {
+            return s;
+        }
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                self.exit = Some(status);
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "agent did not exit within {within:?}:\n{}",
+                self.logs().join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Current and peak resident memory of the agent process.
+    pub fn memory(&self) -> Memory {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).expect("read /proc status");
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("{name} missing in /proc status"))
+        };
+        Memory {
+            rss_kib: field("VmRSS:"),
+            hwm_kib: field("VmHWM:"),
+        }
+    }
+
+    /// Replaces the config file (the agent sees it on the next SIGHUP).
+    pub fn rewrite_config(&self, config: &ConfigText) {
+        std::fs::write(&self.config_path, config.render(self.dir.path())).expect("rewrite config");
+    }
+
+    /// Writes a file in the agent's directory (e.g. a routes file) and returns its path.
+    pub fn write_file(&self, name: &str, contents: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        // Write-then-rename, as an operator's tooling would: the agent never reads half a file.
+        let tmp = self.dir.path().join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, contents).expect("write file");
+        std::fs::rename(&tmp, &path).expect("rename file");
+        path
+    }
+
+    /// Every stderr line so far.
+    pub fn logs(&self) -> Vec<String> {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Waits for a log line containing every one of `needles`, returning it.
+    pub async fn wait_for_log(&self, needles: &[&str], within: Duration) -> String {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(line) = self.logs().into_iter().find(|l| needles.iter().all(|n| l.contains(n))) {
+                return line;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no log line with {needles:?} within {within:?}:\n{}",
+                self.logs().join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// `http://ADDR/PATH` on the health listener.
+    pub fn health_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.health_addr())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.exit.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("---- agent log ----\n{}\n-------------------", self.logs().join("\n"));
+        }
+    }
+}
+
+/// `listen=ADDR` from a log line.
+fn listen_field(line: &str) -> SocketAddr {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("listen="))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no listen=ADDR in {line:?}"))
+}

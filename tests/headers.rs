@@ -1,0 +1,131 @@
+//! Header hygiene in both directions (RFC 9110 §7.6.1 hop-by-hop fields), forwarding headers,
+//! and the Host the upstream sees.
+
+mod common;
+
+use common::client::{self, get, raw_exchange};
+use common::{AgentBuilder, ConfigText, FakeUpstream, Wire};
+use http::StatusCode;
+
+async fn echo_agent() -> (FakeUpstream, common::Agent) {
+    let up = FakeUpstream::start(Wire::Http1).await;
+    let agent = AgentBuilder::new()
+        .start(&ConfigText::new().host("app.test", &up.url()))
+        .await;
+    (up, agent)
+}
+
+fn echo_of(raw: &client::RawReply) -> common::upstream::Echo {
+    assert_eq!(raw.status, 200, "{}", raw.text());
+    serde_json::from_slice(&raw.body).expect("echo JSON")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_named_on_any_connection_line_are_not_forwarded() {
+    let (_up, agent) = echo_agent().await;
+    // Two separate Connection lines, as a sender may legally split them (RFC 9110 §5.3); a
+    // proxy that reads only the first line forwards X-Second.
+    let request = b"GET /conn HTTP/1.1\r\n\
+        Host: app.test\r\n\
+        Connection: X-First\r\n\
+        X-First: 1\r\n\
+        Connection: x-second, close\r\n\
+        X-Second: 2\r\n\
+        X-Kept: 3\r\n\
+        \r\n";
+    let echo = echo_of(&raw_exchange(agent.proxy_addr(), request).await);
+    assert!(!echo.has("x-first"), "{:?}", echo.headers);
+    assert!(
+        !echo.has("x-second"),
+        "second Connection line ignored: {:?}",
+        echo.headers
+    );
+    assert!(!echo.has("connection") || echo.header("connection") == Some("keep-alive"));
+    assert_eq!(echo.header("x-kept"), Some("3"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixed_hop_by_hop_request_headers_are_not_forwarded() {
+    let (_up, agent) = echo_agent().await;
+    let request = b"GET / HTTP/1.1\r\n\
+        Host: app.test\r\n\
+        Keep-Alive: timeout=5\r\n\
+        TE: deflate\r\n\
+        Trailer: X-Checksum\r\n\
+        Upgrade: h2c\r\n\
+        Proxy-Authorization: Basic cHJveHk6cGFzcw==\r\n\
+        Proxy-Connection: keep-alive\r\n\
+        Proxy-Authenticate: Basic\r\n\
+        X-Kept: yes\r\n\
+        Connection: close\r\n\
+        \r\n";
+    let echo = echo_of(&raw_exchange(agent.proxy_addr(), request).await);
+    for name in [
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-connection",
+        "proxy-authenticate",
+    ] {
+        assert!(!echo.has(name), "{name} forwarded: {:?}", echo.headers);
+    }
+    assert_eq!(echo.header("x-kept"), Some("yes"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_response_headers_are_not_returned() {
+    let (_up, agent) = echo_agent().await;
+    let r = get(agent.proxy_addr(), "app.test", "/hop", &[]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    for name in ["x-resp-hop", "keep-alive", "proxy-authenticate", "proxy-connection"] {
+        assert!(!r.headers.contains_key(name), "{name} returned: {:?}", r.headers);
+    }
+    if let Some(c) = r.headers.get("connection") {
+        assert!(!c.to_str().unwrap_or("").contains("x-resp-hop"), "{c:?}");
+    }
+    assert_eq!(r.headers["x-end-to-end"], "kept");
+    assert_eq!(r.body, "hop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_and_upstream_host() {
+    let (up, agent) = echo_agent().await;
+    let addr = agent.proxy_addr();
+
+    let fresh = get(addr, "app.test", "/", &[]).await.echoed();
+    assert_eq!(fresh.header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(fresh.header("x-forwarded-proto"), Some("http"));
+    let hosts = fresh.header_all("host");
+    assert_eq!(
+        hosts,
+        vec![up.addr().to_string().as_str()],
+        "the upstream sees its own host:port"
+    );
+
+    // cloudflared sets both; the client chain is kept and our peer appended, the scheme kept.
+    let relayed = get(
+        addr,
+        "app.test",
+        "/",
+        &[("x-forwarded-for", "203.0.113.7"), ("x-forwarded-proto", "https")],
+    )
+    .await
+    .echoed();
+    assert_eq!(relayed.header("x-forwarded-for"), Some("203.0.113.7, 127.0.0.1"));
+    assert_eq!(relayed.header("x-forwarded-proto"), Some("https"));
+
+    // A chain split over two lines is one list (RFC 9110 §5.3): nothing of it may be lost.
+    let request = b"GET / HTTP/1.1\r\n\
+        Host: app.test\r\n\
+        X-Forwarded-For: 198.51.100.1\r\n\
+        X-Forwarded-For: 203.0.113.7\r\n\
+        Connection: close\r\n\
+        \r\n";
+    let split = echo_of(&raw_exchange(addr, request).await);
+    assert_eq!(
+        split.header_all("x-forwarded-for").join(", "),
+        "198.51.100.1, 203.0.113.7, 127.0.0.1"
+    );
+}

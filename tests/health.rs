@@ -1,0 +1,147 @@
+//! The health listener: `/ready` with its per-component JSON, and `/metrics` counting what the
+//! proxy did.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::client::get;
+use common::{AgentBuilder, ConfigText, FakeMetadata, FakeUpstream, Wire};
+use http::StatusCode;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_lists_every_component() {
+    let agent = AgentBuilder::new().start(&ConfigText::new()).await;
+    let r = get(agent.health_addr(), "localhost", "/ready", &[]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.headers["content-type"], "application/json");
+    let body = r.json();
+    assert_eq!(body["ready"], true, "{body}");
+    assert_eq!(body["draining"], false, "{body}");
+    for component in ["config", "secrets", "routes", "proxy"] {
+        assert_eq!(body["components"][component], "ok", "{component}: {body}");
+    }
+}
+
+/// `/metrics` as `series → value`, where a series is the name with its label set.
+fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("bad metrics line {l:?}"));
+            (
+                series.to_owned(),
+                value.parse().unwrap_or_else(|_| panic!("bad value in {l:?}")),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_requests_latency_errors_and_tokens() {
+    let meta = FakeMetadata::start().await;
+    let up = FakeUpstream::start(Wire::Http1).await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let config = ConfigText::new()
+        .gcp(&format!("metadata_url = {:?}", meta.url()))
+        .host("ok.test", &up.url())
+        .host("down.test", &format!("http://{closed}"))
+        .raw(&format!(
+            r#"
+[[route]]
+name = "slow"
+hostnames = ["slow.test"]
+upstream = "{0}"
+timeout = "200ms"
+
+[[route]]
+name = "run"
+hostnames = ["run.test"]
+upstream = "{0}/run"
+upstream_auth = "gcp-id-token"
+"#,
+            up.url()
+        ));
+    let agent = AgentBuilder::new().start(&config).await;
+    let addr = agent.proxy_addr();
+
+    for _ in 0..3 {
+        assert_eq!(get(addr, "ok.test", "/", &[]).await.status, StatusCode::OK);
+        assert_eq!(get(addr, "run.test", "/", &[]).await.status, StatusCode::OK);
+    }
+    assert_eq!(get(addr, "down.test", "/", &[]).await.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        get(addr, "slow.test", "/?delay_ms=3000", &[]).await.status,
+        StatusCode::GATEWAY_TIMEOUT
+    );
+    assert_eq!(get(addr, "nowhere.test", "/", &[]).await.status, StatusCode::NOT_FOUND);
+
+    let r = get(agent.health_addr(), "localhost", "/metrics", &[]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(
+        r.headers["content-type"]
+            .to_str()
+            .unwrap_or("")
+            .starts_with("text/plain"),
+        "{:?}",
+        r.headers
+    );
+    let text = r.text();
+    let m = parse_metrics(&text);
+    let get = |series: &str| {
+        *m.get(series)
+            .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+    };
+
+    assert_eq!(get(r#"tunnel_agent_requests_total{route="ok.test",code="2xx"}"#), 3.0);
+    assert_eq!(get(r#"tunnel_agent_requests_total{route="run",code="2xx"}"#), 3.0);
+    assert_eq!(get(r#"tunnel_agent_requests_total{route="down.test",code="5xx"}"#), 1.0);
+    assert_eq!(get(r#"tunnel_agent_requests_total{route="slow",code="5xx"}"#), 1.0);
+    assert!(
+        m.keys()
+            .any(|k| k.starts_with("tunnel_agent_requests_total{") && k.contains("code=\"4xx\"")),
+        "the 404 is counted:\n{text}"
+    );
+
+    // Latency histogram: cumulative buckets ending in +Inf = count, and a sum.
+    let buckets: Vec<f64> = m
+        .iter()
+        .filter(|(k, _)| k.starts_with(r#"tunnel_agent_request_duration_seconds_bucket{route="ok.test","#))
+        .map(|(_, v)| *v)
+        .collect();
+    assert!(buckets.len() > 5, "{text}");
+    assert_eq!(
+        get(r#"tunnel_agent_request_duration_seconds_bucket{route="ok.test",le="+Inf"}"#),
+        3.0
+    );
+    assert_eq!(
+        get(r#"tunnel_agent_request_duration_seconds_count{route="ok.test"}"#),
+        3.0
+    );
+    assert!(get(r#"tunnel_agent_request_duration_seconds_sum{route="ok.test"}"#) > 0.0);
+    assert!(
+        get(r#"tunnel_agent_request_duration_seconds_bucket{route="slow",le="0.1"}"#) == 0.0
+            && get(r#"tunnel_agent_request_duration_seconds_bucket{route="slow",le="+Inf"}"#) == 1.0,
+        "the 504 took at least the 200 ms timeout:\n{text}"
+    );
+
+    assert_eq!(
+        get(r#"tunnel_agent_upstream_errors_total{route="down.test",kind="connect"}"#),
+        1.0
+    );
+    assert_eq!(
+        get(r#"tunnel_agent_upstream_errors_total{route="slow",kind="timeout"}"#),
+        1.0
+    );
+    assert_eq!(
+        get(r#"tunnel_agent_upstream_errors_total{route="ok.test",kind="connect"}"#),
+        0.0
+    );
+
+    assert_eq!(get("tunnel_agent_id_token_fetches_total"), 1.0);
+    assert_eq!(get("tunnel_agent_id_token_cache_hits_total"), 2.0);
+    assert_eq!(get("tunnel_agent_id_token_fetch_failures_total"), 0.0);
+    assert_eq!(meta.total_fetches(), 1);
+}
