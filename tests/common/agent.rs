@@ -18,6 +18,8 @@ use super::DEADLINE;
 /// about. Listeners are always `127.0.0.1:0`; the harness reads the real ports from the log.
 #[derive(Debug, Clone)]
 pub struct ConfigText {
+    /// Top-level keys (e.g. `role`), which TOML needs before the first table.
+    top: Vec<String>,
     agent: Vec<String>,
     secrets: String,
     proxy: Vec<String>,
@@ -30,6 +32,7 @@ pub struct ConfigText {
 impl Default for ConfigText {
     fn default() -> Self {
         ConfigText {
+            top: Vec::new(),
             agent: vec![
                 "shutdown_grace = \"10s\"".into(),
                 "log_format = \"text\"".into(),
@@ -48,6 +51,12 @@ impl Default for ConfigText {
 impl ConfigText {
     pub fn new() -> ConfigText {
         ConfigText::default()
+    }
+
+    /// A top-level line, e.g. `role = "standby"`.
+    pub fn top(mut self, line: &str) -> Self {
+        replace_key(&mut self.top, line);
+        self
     }
 
     /// A line in `[agent]`; a later key replaces an earlier one of the same name.
@@ -101,6 +110,9 @@ impl ConfigText {
 
     pub fn render(&self, dir: &Path) -> String {
         let mut out = String::new();
+        for l in &self.top {
+            let _ = writeln!(out, "{l}");
+        }
         let _ = writeln!(out, "[agent]");
         let _ = writeln!(out, "runtime_dir = {:?}", dir.join("run"));
         let _ = writeln!(out, "state_dir = {:?}", dir.join("state"));

@@ -28,6 +28,8 @@ use tokio::task::JoinHandle;
 pub const SIGNATURE_MARKER: &str = "RkFLRS1TSUdOQVRVUkUtZG8tbm90LWxvZw";
 
 const IDENTITY_PATH: &str = "/computeMetadata/v1/instance/service-accounts/default/identity";
+const TOKEN_PATH: &str = "/computeMetadata/v1/instance/service-accounts/default/token";
+const V1: &str = "/computeMetadata/v1/";
 
 /// What the fake does with the next identity requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +55,15 @@ struct State {
     issued: Mutex<Vec<String>>,
     refused: AtomicU64,
     serial: AtomicU64,
+    /// The OAuth2 access token the token endpoint hands out.
+    access_token: Mutex<String>,
+    token_requests: AtomicU64,
+    /// `instance/attributes/NAME` or `project/attributes/NAME` → (value, version).
+    attributes: Mutex<HashMap<String, (String, u64)>>,
+    attribute_version: AtomicU64,
+    attribute_changed: tokio::sync::Notify,
+    /// While set, attribute and token requests get 503 (a metadata outage).
+    attributes_down: std::sync::atomic::AtomicBool,
 }
 
 pub struct FakeMetadata {
@@ -73,6 +84,12 @@ impl FakeMetadata {
             issued: Mutex::new(Vec::new()),
             refused: AtomicU64::new(0),
             serial: AtomicU64::new(0),
+            access_token: Mutex::new("ya29.fake-access-token".into()),
+            token_requests: AtomicU64::new(0),
+            attributes: Mutex::new(HashMap::new()),
+            attribute_version: AtomicU64::new(1),
+            attribute_changed: tokio::sync::Notify::new(),
+            attributes_down: std::sync::atomic::AtomicBool::new(false),
         });
         let shared = state.clone();
         let task = tokio::spawn(async move {
@@ -128,6 +145,37 @@ impl FakeMetadata {
         self.state.refused.load(Ordering::SeqCst)
     }
 
+    /// The access token the token endpoint hands out (the fake Secret Manager checks it).
+    pub fn access_token(&self) -> String {
+        self.state.access_token.lock().unwrap().clone()
+    }
+
+    pub fn token_requests(&self) -> u64 {
+        self.state.token_requests.load(Ordering::SeqCst)
+    }
+
+    /// Sets `path` (e.g. `instance/attributes/tunnel-routes`), waking long polls.
+    pub fn set_attribute(&self, path: &str, value: &str) {
+        let version = self.state.attribute_version.fetch_add(1, Ordering::SeqCst) + 1;
+        self.state
+            .attributes
+            .lock()
+            .unwrap()
+            .insert(path.to_owned(), (value.to_owned(), version));
+        self.state.attribute_changed.notify_waiters();
+    }
+
+    pub fn delete_attribute(&self, path: &str) {
+        self.state.attributes.lock().unwrap().remove(path);
+        self.state.attribute_changed.notify_waiters();
+    }
+
+    /// Attribute and token requests answer 503 while `down`.
+    pub fn set_attributes_down(&self, down: bool) {
+        self.state.attributes_down.store(down, Ordering::SeqCst);
+        self.state.attribute_changed.notify_waiters();
+    }
+
     /// Every token handed out, oldest first.
     pub fn issued(&self) -> Vec<String> {
         self.state.issued.lock().unwrap().clone()
@@ -169,8 +217,8 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Fu
             "Missing required header \"Metadata-Flavor\": \"Google\"\n".into(),
         ));
     }
-    if req.uri().path() != IDENTITY_PATH || req.method() != http::Method::GET {
-        return Ok(reply(StatusCode::NOT_FOUND, "Not Found\n".into()));
+    if req.method() != http::Method::GET {
+        return Ok(reply(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed\n".into()));
     }
     let query: HashMap<String, String> = req
         .uri()
@@ -180,6 +228,13 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Fu
         .filter_map(|kv| kv.split_once('='))
         .map(|(k, v)| (k.to_owned(), percent_decode(v)))
         .collect();
+    let path = req.uri().path().to_owned();
+    if path == TOKEN_PATH || path.contains("/attributes/") {
+        return Ok(non_identity(&state, &path, &query).await);
+    }
+    if path != IDENTITY_PATH {
+        return Ok(reply(StatusCode::NOT_FOUND, "Not Found\n".into()));
+    }
     let Some(audience) = query.get("audience").filter(|a| !a.is_empty()).cloned() else {
         return Ok(reply(
             StatusCode::BAD_REQUEST,
@@ -238,6 +293,61 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Fu
         resp.headers_mut().remove("metadata-flavor");
     }
     Ok(resp)
+}
+
+/// The access-token endpoint and attributes (with `ETag`, `wait_for_change`, `last_etag`,
+/// `timeout_sec` as the real server implements them).
+async fn non_identity(state: &State, path: &str, query: &HashMap<String, String>) -> Response<Full<Bytes>> {
+    if state.attributes_down.load(Ordering::SeqCst) {
+        return reply(StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable\n".into());
+    }
+    if path == TOKEN_PATH {
+        state.token_requests.fetch_add(1, Ordering::SeqCst);
+        let token = state.access_token.lock().unwrap().clone();
+        let body = serde_json::json!({"access_token": token, "expires_in": 3599, "token_type": "Bearer"});
+        return reply(StatusCode::OK, body.to_string());
+    }
+    let key = path.strip_prefix(V1).unwrap_or(path).to_owned();
+    let current = |state: &State| state.attributes.lock().unwrap().get(&key).cloned();
+    let etag_of = |version: u64| format!("{version:016x}");
+    let wait = query.get("wait_for_change").is_some_and(|v| v == "true");
+    let last = query.get("last_etag").cloned();
+    let timeout = query
+        .get("timeout_sec")
+        .and_then(|t| t.parse().ok())
+        .map_or(Duration::from_secs(300), Duration::from_secs);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let changed = state.attribute_changed.notified();
+        let value = current(state);
+        let unchanged = match (&value, &last) {
+            (Some((_, v)), Some(l)) => etag_of(*v) == *l,
+            _ => false,
+        };
+        if !wait || !unchanged || state.attributes_down.load(Ordering::SeqCst) {
+            if state.attributes_down.load(Ordering::SeqCst) {
+                return reply(StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable\n".into());
+            }
+            return match value {
+                Some((v, version)) => {
+                    let mut resp = reply(StatusCode::OK, v);
+                    resp.headers_mut().insert("etag", etag_of(version).parse().unwrap());
+                    resp
+                }
+                None => reply(StatusCode::NOT_FOUND, "Not Found\n".into()),
+            };
+        }
+        tokio::select! {
+            _ = changed => {}
+            _ = tokio::time::sleep_until(deadline) => {
+                // Timed out without a change: the same value and ETag.
+                let (v, version) = value.expect("unchanged implies present");
+                let mut resp = reply(StatusCode::OK, v);
+                resp.headers_mut().insert("etag", etag_of(version).parse().unwrap());
+                return resp;
+            }
+        }
+    }
 }
 
 fn percent_decode(s: &str) -> String {

@@ -11,7 +11,10 @@
 pub mod agent;
 pub mod body;
 pub mod client;
+pub mod cloudflared;
 pub mod metadata;
+pub mod notify;
+pub mod secret_manager;
 pub mod upstream;
 pub mod ws;
 
@@ -20,7 +23,10 @@ use std::time::Duration;
 
 pub use agent::{Agent, AgentBuilder, ConfigText};
 pub use client::Reply;
+pub use cloudflared::FakeCloudflared;
 pub use metadata::{FakeMetadata, Fault};
+pub use notify::NotifySocket;
+pub use secret_manager::FakeSecretManager;
 pub use upstream::{FakeUpstream, Wire};
 
 /// How long any "this should happen soon" wait may take before the test fails. Generous: a

@@ -1,0 +1,103 @@
+//! Drives `tests/fakes/cloudflared` (see its docstring): where it is, how to switch its mode,
+//! and what it recorded (starts with their argv, SIGTERMs, exits).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub struct FakeCloudflared {
+    /// The control directory (`FAKE_CF_DIR`): `mode` in, `events` out.
+    dir: PathBuf,
+    /// Where the fake serves `/ready` and `/metrics`.
+    pub metrics: std::net::SocketAddr,
+}
+
+/// One line of the fake's `events` file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub kind: String,
+    pub pid: u32,
+    pub rest: String,
+}
+
+impl FakeCloudflared {
+    /// A fake controlled from `dir` (created), with a free loopback port for its metrics.
+    pub fn new(dir: &Path) -> FakeCloudflared {
+        let dir = dir.join("fake-cloudflared");
+        std::fs::create_dir_all(&dir).expect("create fake cloudflared dir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port");
+        FakeCloudflared { dir, metrics: port }
+    }
+
+    pub fn program() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fakes/cloudflared")
+    }
+
+    /// The environment entry the agent must pass on to the fake.
+    pub fn env(&self) -> (&'static str, String) {
+        ("FAKE_CF_DIR", self.dir.display().to_string())
+    }
+
+    /// A `[cloudflared]` section with fast test timings; `extra` lines override or add keys.
+    pub fn section(&self, extra: &[&str]) -> String {
+        let mut lines = vec![
+            "enabled = true".to_owned(),
+            format!("path = {:?}", Self::program().display().to_string()),
+            "token_secret = \"tunnel_token\"".to_owned(),
+            format!("metrics = \"{}\"", self.metrics),
+            "grace_period = \"2s\"".to_owned(),
+            "stop_margin = \"500ms\"".to_owned(),
+            "poll_interval = \"100ms\"".to_owned(),
+            "restart_backoff = \"100ms\"".to_owned(),
+            "restart_backoff_max = \"400ms\"".to_owned(),
+            "ready_grace = \"0s\"".to_owned(),
+        ];
+        for e in extra {
+            let key = e.split('=').next().unwrap_or("").trim();
+            lines.retain(|l| l.split('=').next().unwrap_or("").trim() != key);
+            lines.push((*e).to_owned());
+        }
+        format!("[cloudflared]\n{}\n", lines.join("\n"))
+    }
+
+    pub fn set_mode(&self, mode: &str) {
+        let tmp = self.dir.join(".mode.tmp");
+        std::fs::write(&tmp, mode).expect("write mode");
+        std::fs::rename(&tmp, self.dir.join("mode")).expect("rename mode");
+    }
+
+    pub fn events(&self) -> Vec<Event> {
+        let text = std::fs::read_to_string(self.dir.join("events")).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| {
+                let mut parts = l.splitn(3, ' ');
+                let kind = parts.next()?.to_owned();
+                let second = parts.next().unwrap_or("");
+                let (pid, rest) = match second.parse::<u32>() {
+                    Ok(pid) => (pid, parts.next().unwrap_or("").to_owned()),
+                    Err(_) => (0, [second, parts.next().unwrap_or("")].join(" ").trim().to_owned()),
+                };
+                Some(Event { kind, pid, rest })
+            })
+            .collect()
+    }
+
+    pub fn count(&self, kind: &str) -> usize {
+        self.events().iter().filter(|e| e.kind == kind).count()
+    }
+
+    /// Pids of every start, oldest first.
+    pub fn started_pids(&self) -> Vec<u32> {
+        self.events().iter().filter(|e| e.kind == "start").map(|e| e.pid).collect()
+    }
+
+    /// Waits until at least `n` starts were recorded; returns their pids.
+    pub async fn wait_starts(&self, n: usize, within: Duration) -> Vec<u32> {
+        super::eventually(within, &format!("{n} cloudflared starts"), || async {
+            let pids = self.started_pids();
+            (pids.len() >= n).then_some(pids)
+        })
+        .await
+    }
+}
