@@ -802,8 +802,73 @@ impl Config {
         if self.gcp.id_token_refresh_margin != new.gcp.id_token_refresh_margin {
             out.push("gcp.id_token_refresh_margin");
         }
+        // The Secret Manager client is built once at start, with its endpoint.
+        if self.gcp.secret_manager_endpoint != new.gcp.secret_manager_endpoint {
+            out.push("gcp.secret_manager_endpoint");
+        }
+        // The supervisor takes its restart policy at start; a reload only changes the command.
+        if restart_policy(&self.cloudflared) != restart_policy(&new.cloudflared) {
+            out.push(
+                "cloudflared.restart_backoff/restart_backoff_max/stable_after/crash_loop_*/give_up_after_exits/poll_interval/disconnected_restart_after",
+            );
+        }
         out
     }
+
+    /// Overwrites the settings [`Config::restart_only_differences`] covers with `running`'s, so
+    /// a reloaded configuration describes what is really in effect: the next reload diffs
+    /// against it, and nothing half-applies a value that needs a restart (cloudflared's token
+    /// file in a new `runtime_dir`, one read of a new route source).
+    pub fn keep_restart_only(&mut self, running: &Config) {
+        self.proxy.listen = running.proxy.listen;
+        self.health.listen = running.health.listen;
+        self.agent.runtime_dir = running.agent.runtime_dir.clone();
+        self.agent.state_dir = running.agent.state_dir.clone();
+        self.agent.log_format = running.agent.log_format;
+        self.agent.log_level = running.agent.log_level.clone();
+        self.proxy.max_header_bytes = running.proxy.max_header_bytes;
+        self.proxy.header_read_timeout = running.proxy.header_read_timeout;
+        self.proxy.idle_timeout = running.proxy.idle_timeout;
+        self.proxy.connect_timeout = running.proxy.connect_timeout;
+        self.proxy.pool_idle_timeout = running.proxy.pool_idle_timeout;
+        self.proxy.pool_max_idle_per_host = running.proxy.pool_max_idle_per_host;
+        if self.routes.source != running.routes.source {
+            // The source's own keys go with it; within one source, `file` and `hosts` are live.
+            self.routes.source = running.routes.source;
+            self.routes.file = running.routes.file.clone();
+            self.routes.hosts = running.routes.hosts.clone();
+        }
+        self.routes.attribute = running.routes.attribute.clone();
+        self.routes.attribute_scope = running.routes.attribute_scope;
+        self.role_watch = running.role_watch.clone();
+        self.gcp.metadata_url = running.gcp.metadata_url.clone();
+        self.gcp.metadata_timeout = running.gcp.metadata_timeout;
+        self.gcp.id_token_refresh_margin = running.gcp.id_token_refresh_margin;
+        self.gcp.secret_manager_endpoint = running.gcp.secret_manager_endpoint.clone();
+        let cf = &running.cloudflared;
+        self.cloudflared.restart_backoff = cf.restart_backoff;
+        self.cloudflared.restart_backoff_max = cf.restart_backoff_max;
+        self.cloudflared.stable_after = cf.stable_after;
+        self.cloudflared.crash_loop_exits = cf.crash_loop_exits;
+        self.cloudflared.crash_loop_window = cf.crash_loop_window;
+        self.cloudflared.give_up_after_exits = cf.give_up_after_exits;
+        self.cloudflared.poll_interval = cf.poll_interval;
+        self.cloudflared.disconnected_restart_after = cf.disconnected_restart_after;
+    }
+}
+
+/// The `[cloudflared]` keys the supervisor reads once, at start.
+fn restart_policy(cf: &CloudflaredSection) -> (Duration, Duration, Duration, u32, Duration, u32, Duration, Duration) {
+    (
+        cf.restart_backoff,
+        cf.restart_backoff_max,
+        cf.stable_after,
+        cf.crash_loop_exits,
+        cf.crash_loop_window,
+        cf.give_up_after_exits,
+        cf.poll_interval,
+        cf.disconnected_restart_after,
+    )
 }
 
 /// Parser errors reported per `check` run, at most. A file with more is not worth listing.
@@ -1101,6 +1166,65 @@ mod tests {
         );
         let live = parse("[proxy]\nupstream_timeout = \"5s\"\nmax_body_bytes = 10\n").unwrap();
         assert!(old.restart_only_differences(&live).is_empty());
+    }
+
+    #[test]
+    fn a_reloaded_config_keeps_every_restart_only_setting_in_effect() {
+        let running = parse("").unwrap();
+        let mut new = parse(
+            r#"
+            [role_watch]
+            attribute = "tunnel-active-host"
+            [agent]
+            runtime_dir = "/run/other"
+            state_dir = "/var/lib/other"
+            log_format = "json"
+            log_level = "debug"
+            [proxy]
+            listen = "127.0.0.1:8081"
+            max_header_bytes = 32768
+            header_read_timeout = "1s"
+            idle_timeout = "200s"
+            connect_timeout = "1s"
+            upstream_timeout = "5s"
+            [routes]
+            source = "gcp-metadata"
+            attribute = "tunnel-routes"
+            attribute_scope = "project"
+            [gcp]
+            metadata_url = "http://127.0.0.1:9"
+            id_token_refresh_margin = "1m"
+            secret_manager_endpoint = "http://127.0.0.1:10"
+            [health]
+            listen = "127.0.0.1:2001"
+            [cloudflared]
+            restart_backoff = "1s"
+            crash_loop_exits = 9
+            ready_grace = "30s"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            running.restart_only_differences(&new).len(),
+            16,
+            "every restart-only group"
+        );
+        new.keep_restart_only(&running);
+        assert!(running.restart_only_differences(&new).is_empty());
+        // Live settings are the new file's.
+        assert_eq!(new.proxy.upstream_timeout, Duration::from_secs(5));
+        assert_eq!(new.cloudflared.ready_grace, Duration::from_secs(30));
+        // The running source comes with its own keys; within one source they stay live.
+        assert_eq!(new.routes.source, RouteSourceKind::Inline);
+        assert!(new.routes.hosts.is_empty() && new.routes.file.is_none());
+        let running = parse("[routes.hosts]\n\"a.example.com\" = \"http://a\"\n").unwrap();
+        let mut new = parse("[routes]\nsource = \"file\"\nfile = \"/x.json\"\n").unwrap();
+        new.keep_restart_only(&running);
+        assert_eq!(new.routes.hosts, running.routes.hosts);
+        assert!(new.routes.file.is_none());
+        let mut edited = parse("[routes.hosts]\n\"b.example.com\" = \"http://b\"\n").unwrap();
+        edited.keep_restart_only(&running);
+        assert!(edited.routes.hosts.contains_key("b.example.com"));
     }
 
     #[test]

@@ -356,7 +356,11 @@ impl Agent {
     }
 
     async fn try_reload(&mut self) -> anyhow::Result<()> {
-        let new = Config::load(&self.config_path)?;
+        let mut new = Config::load(&self.config_path)?;
+        let pending = self.config.restart_only_differences(&new);
+        // From here on `new` holds the running values of restart-only settings, so nothing
+        // below acts on one of them (a new runtime_dir, a new route source) before a restart.
+        new.keep_restart_only(&self.config);
         let deadline = Instant::now() + Duration::from_secs(30);
         let secrets = resolve_secrets(&new, &self.secret_manager, &self.metrics, deadline)
             .await
@@ -365,7 +369,6 @@ impl Agent {
             .await
             .map_err(anyhow::Error::msg)?;
         let table = build_routes(&new, &map, &self.metrics)?;
-        let pending = self.config.restart_only_differences(&new);
         if !pending.is_empty() {
             tracing::warn!(settings = ?pending, "changed settings take effect only after a restart");
         }
@@ -397,19 +400,7 @@ impl Agent {
         self.refreshers = spawn_refreshers(&new, &self.secret_manager, &secrets, &self.events);
         self.secrets = secrets;
         tracing::info!(routes = self.proxy.live.load().routes.len(), "configuration reloaded");
-        // Keep the running values of restart-only settings, so the next reload diffs against
-        // what is really in effect.
-        let mut applied = new;
-        applied.proxy.listen = self.config.proxy.listen;
-        applied.health.listen = self.config.health.listen;
-        applied.agent.runtime_dir = self.config.agent.runtime_dir.clone();
-        applied.agent.state_dir = self.config.agent.state_dir.clone();
-        applied.agent.log_format = self.config.agent.log_format;
-        applied.agent.log_level = self.config.agent.log_level.clone();
-        applied.routes.source = self.config.routes.source;
-        applied.routes.attribute = self.config.routes.attribute.clone();
-        applied.routes.attribute_scope = self.config.routes.attribute_scope;
-        self.config = applied;
+        self.config = new;
         Ok(())
     }
 

@@ -209,6 +209,18 @@ impl Metrics {
             "Failed secret reads and fetches.",
             &self.secret_fetch_failures,
         );
+        counter(
+            out,
+            "tunnel_agent_promotions_total",
+            "Changes of this node's role to active.",
+            &self.promotions,
+        );
+        counter(
+            out,
+            "tunnel_agent_demotions_total",
+            "Changes of this node's role to standby.",
+            &self.demotions,
+        );
     }
 }
 
@@ -304,6 +316,16 @@ mod tests {
             "{out}"
         );
         assert!(Arc::ptr_eq(&s, &m.route(&Arc::from("r1"))), "same name, same counters");
+    }
+
+    #[test]
+    fn role_changes_are_exported() {
+        let m = Metrics::default();
+        m.promotions.inc();
+        let mut out = String::new();
+        m.render(&mut out);
+        assert!(out.contains("\ntunnel_agent_promotions_total 1\n"), "{out}");
+        assert!(out.contains("\ntunnel_agent_demotions_total 0\n"), "{out}");
     }
 
     #[test]

@@ -87,13 +87,11 @@ fn standalone_example_checks_with_its_env_and_names_the_variable_without() {
 }
 
 #[test]
-fn production_example_checks_once_its_files_exist() {
+fn production_example_checks_once_its_routes_file_exists() {
     let dir = scratch_dir("production_example");
     let example = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/examples/agent.toml"))
         .expect("read packaging/examples/agent.toml");
-    let token = dir.join("internal-token");
     let routes = dir.join("routes.json");
-    std::fs::write(&token, "0123456789abcdef\n").unwrap();
     // The seed's routes.json, as its startup script writes it.
     std::fs::write(
         &routes,
@@ -103,13 +101,9 @@ fn production_example_checks_once_its_files_exist() {
 }"#,
     )
     .unwrap();
+    // Its secrets come from Secret Manager, which `check` validates by name without fetching.
     let config = replace_once(
         &example,
-        r#"path = "/etc/tunnel-agent/internal-token""#,
-        &format!("path = {:?}", token.display().to_string()),
-    );
-    let config = replace_once(
-        &config,
         r#"file = "/etc/tunnel-agent/routes.json""#,
         &format!("file = {:?}", routes.display().to_string()),
     );
@@ -123,12 +117,49 @@ fn production_example_checks_once_its_files_exist() {
 }
 
 #[test]
-fn production_example_as_shipped_names_both_missing_files() {
+fn production_example_with_the_file_secret_variant_names_the_missing_token_file() {
+    let dir = scratch_dir("production_example_file_secret");
+    let example = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/examples/agent.toml"))
+        .expect("read packaging/examples/agent.toml");
+    let routes = dir.join("routes.json");
+    std::fs::write(&routes, r#"{"a.example.com": "https://a-abc123-ew.a.run.app"}"#).unwrap();
+    let token = dir.join("internal-token");
+    // The variant the example shows in comments: the token in a file cloud-init wrote.
+    let config = replace_once(
+        &example,
+        "source = \"gcp-secret-manager\"\nname = \"projects/example-project/secrets/internal-auth-token/versions/latest\"",
+        &format!("source = \"file\"\npath = {:?}", token.display().to_string()),
+    );
+    let config = replace_once(
+        &config,
+        r#"file = "/etc/tunnel-agent/routes.json""#,
+        &format!("file = {:?}", routes.display().to_string()),
+    );
+    let path = dir.join("agent.toml");
+    std::fs::write(&path, config).unwrap();
+
+    let out = check(&path);
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("secret \"internal_token\"") && err.contains(&token.display().to_string()),
+        "{err}"
+    );
+
+    std::fs::write(&token, "0123456789abcdef\n").unwrap();
+    let out = check(&path);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), format!("{}: ok (1 routes)", path.display()));
+}
+
+#[test]
+fn production_example_as_shipped_names_the_missing_routes_file_only() {
     let out = check(Path::new("packaging/examples/agent.toml"));
     assert_eq!(out.status.code(), Some(EXIT_CONFIG));
     let err = text(&out.stderr);
-    assert!(err.contains("/etc/tunnel-agent/internal-token"), "{err}");
     assert!(err.contains("/etc/tunnel-agent/routes.json"), "{err}");
+    // Secret Manager secrets are not fetched by `check`, so they cannot be reported missing.
+    assert_eq!(err.lines().count(), 1, "{err}");
     assert!(out.stdout.is_empty());
 }
 
