@@ -549,10 +549,15 @@ async fn boot_routes(
     metadata: &MetadataClient,
     metrics: &Metrics,
 ) -> anyhow::Result<(HostMap, RouteTable, Option<String>, Option<String>)> {
-    match route_source::fetch(config, metadata).await {
-        Ok((map, etag)) => {
-            let table = build_routes(config, &map, metrics)?;
-            Ok((map, table, etag, None))
+    // A remote source's value that builds no valid table is as unusable as an unreachable one.
+    let fetched = route_source::fetch(config, metadata).await.and_then(|(map, etag)| {
+        let table = build_routes(config, &map, metrics).map_err(|e| format!("{e:#}"))?;
+        Ok((map, table, etag))
+    });
+    match fetched {
+        Ok((map, table, etag)) => Ok((map, table, etag, None)),
+        Err(source_error) if config.routes.source == config::RouteSourceKind::Inline => {
+            anyhow::bail!("{source_error}")
         }
         Err(source_error) => {
             let map = route_source::load_last_good(config).map_err(|e| {
@@ -635,6 +640,17 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     };
     let proxy_addr = proxy_server.local_addr;
     let (role, role_source, role_etag) = roles::boot_role(&config, &metadata).await;
+    if role_source == RoleSource::WatchedAttribute {
+        // Remembered so a reboot during a metadata outage comes back in the last watched role.
+        let persisted = PersistedRole {
+            role,
+            source: role_source,
+            config_role: config.role,
+        };
+        if let Err(e) = roles::persist(&config.agent.state_dir, &persisted) {
+            tracing::warn!(error = %e, "cannot persist the role");
+        }
+    }
     let spec = tunnel_spec(&config, &secrets, proxy_addr, &routes, role);
     let (events, mut event_rx) = mpsc::channel(16);
     let config_cloudflared = config.cloudflared.clone();

@@ -118,9 +118,17 @@ fn print_summary(reply: &tunnel_agent::control::Reply) {
         s["role_source"].as_str().unwrap_or("?")
     );
     println!("ready:        {}", s["ready"]);
+    let or_none = |v: &serde_json::Value| match v {
+        serde_json::Value::Null => "none".to_owned(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
     println!(
         "tunnel:       {} connections, pid {}, {} restarts, last exit {}",
-        cf["connections"], cf["pid"], cf["restarts"], cf["last_exit"]
+        cf["connections"],
+        or_none(&cf["pid"]),
+        cf["restarts"],
+        or_none(&cf["last_exit"])
     );
     println!(
         "routes:       {} from {} (version {})",

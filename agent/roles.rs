@@ -98,7 +98,9 @@ pub fn initial(config: &Config) -> (Role, RoleSource) {
 
 /// The role the watched attribute's value gives this host.
 pub fn role_for(value: &str, host_name: &str) -> Role {
-    if value.trim().eq_ignore_ascii_case(host_name) {
+    let value = value.trim();
+    // An empty value names nobody, even a host whose name could not be determined.
+    if !value.is_empty() && value.eq_ignore_ascii_case(host_name.trim()) {
         Role::Active
     } else {
         Role::Standby
@@ -210,6 +212,8 @@ mod tests {
         assert_eq!(role_for("CHI-02", "chi-02"), Role::Active);
         assert_eq!(role_for("dal-01", "chi-02"), Role::Standby);
         assert_eq!(role_for("", "chi-02"), Role::Standby);
+        assert_eq!(role_for("", ""), Role::Standby);
+        assert_eq!(role_for("  ", " "), Role::Standby);
     }
 
     #[test]

@@ -317,6 +317,9 @@ fn spawn(spec: &TunnelSpec, state: &TunnelState) -> anyhow::Result<Running> {
     state.with_detail(|d| {
         d.started_at = Some(Instant::now());
         d.connector_id = None;
+        // A new process has no connection until a poll sees one; an earlier process's
+        // connection must not count towards ready_grace.
+        d.last_connected = None;
     });
     tracing::info!(pid, program = %spec.program.display(), args = ?spec.args, "cloudflared started");
     Ok(Running {

@@ -89,7 +89,11 @@ impl FakeCloudflared {
 
     /// Pids of every start, oldest first.
     pub fn started_pids(&self) -> Vec<u32> {
-        self.events().iter().filter(|e| e.kind == "start").map(|e| e.pid).collect()
+        self.events()
+            .iter()
+            .filter(|e| e.kind == "start")
+            .map(|e| e.pid)
+            .collect()
     }
 
     /// Waits until at least `n` starts were recorded; returns their pids.

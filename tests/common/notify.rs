@@ -34,7 +34,10 @@ impl NotifySocket {
 
     /// All `KEY=VALUE` lines in arrival order.
     pub fn lines(&self) -> Vec<String> {
-        self.messages().iter().flat_map(|m| m.lines().map(str::to_owned).collect::<Vec<_>>()).collect()
+        self.messages()
+            .iter()
+            .flat_map(|m| m.lines().map(str::to_owned).collect::<Vec<_>>())
+            .collect()
     }
 
     /// When the first line equal to `line` arrived.

@@ -65,7 +65,9 @@ impl FakeSecretManager {
         let shared = state.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let state = shared.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| handle(state.clone(), req));
@@ -84,7 +86,11 @@ impl FakeSecretManager {
     }
 
     pub fn set(&self, resource: &str, value: &[u8]) {
-        self.state.values.lock().unwrap().insert(resource.to_owned(), value.to_vec());
+        self.state
+            .values
+            .lock()
+            .unwrap()
+            .insert(resource.to_owned(), value.to_vec());
     }
 
     pub fn forbid(&self, resource: &str) {
@@ -119,8 +125,10 @@ fn envelope(code: u16, status: &str, message: &str) -> Response<Full<Bytes>> {
     let body = serde_json::json!({ "error": { "code": code, "message": message, "status": status } });
     let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
     *resp.status_mut() = StatusCode::from_u16(code).expect("valid status");
-    resp.headers_mut()
-        .insert(http::header::CONTENT_TYPE, "application/json; charset=UTF-8".parse().unwrap());
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        "application/json; charset=UTF-8".parse().unwrap(),
+    );
     resp
 }
 
@@ -155,11 +163,17 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Fu
         return Ok(envelope(
             403,
             "PERMISSION_DENIED",
-            &format!("Permission 'secretmanager.versions.access' denied for resource '{resource}' (or it may not exist)."),
+            &format!(
+                "Permission 'secretmanager.versions.access' denied for resource '{resource}' (or it may not exist)."
+            ),
         ));
     }
     let Some(value) = state.values.lock().unwrap().get(resource).cloned() else {
-        return Ok(envelope(404, "NOT_FOUND", &format!("Secret Version [{resource}] not found or has been destroyed.")));
+        return Ok(envelope(
+            404,
+            "NOT_FOUND",
+            &format!("Secret Version [{resource}] not found or has been destroyed."),
+        ));
     };
     let crc = u64::from(crc32c::crc32c(&value));
     let mut payload = serde_json::json!({ "data": base64::engine::general_purpose::STANDARD.encode(&value) });
@@ -170,7 +184,9 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Fu
     }
     let body = serde_json::json!({ "name": resource, "payload": payload });
     let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
-    resp.headers_mut()
-        .insert(http::header::CONTENT_TYPE, "application/json; charset=UTF-8".parse().unwrap());
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        "application/json; charset=UTF-8".parse().unwrap(),
+    );
     Ok(resp)
 }
