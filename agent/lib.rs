@@ -245,13 +245,14 @@ fn tunnel_spec(
     }
     let token = cf.token_secret.as_ref().and_then(|n| secrets.get(n)).cloned();
     let hostnames: Vec<String> = table.summary.iter().flat_map(|r| r.hostnames.iter().cloned()).collect();
-    Some(TunnelSpec::new(
-        cf,
-        token,
-        &config.agent.runtime_dir,
-        origin,
-        &hostnames,
-    ))
+    let mut spec = TunnelSpec::new(cf, token, &config.agent.runtime_dir, origin, &hostnames);
+    spec.scrub_env = config
+        .secrets
+        .values()
+        .filter(|s| s.source == config::SecretSourceKind::Env)
+        .filter_map(|s| s.var.clone())
+        .collect();
+    Some(spec)
 }
 
 /// Something the supervision loop reacts to.

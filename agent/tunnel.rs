@@ -50,6 +50,9 @@ pub struct TunnelSpec {
     pub stop_margin: Duration,
     /// The embedded proxy, for cloudflared's ingress (and the test fake's dependency check).
     pub origin: SocketAddr,
+    /// Environment variables that hold the agent's own secrets (`source = "env"`): cloudflared
+    /// would otherwise inherit them.
+    pub scrub_env: Vec<String>,
 }
 
 /// How a Go duration flag spells `d`.
@@ -108,6 +111,7 @@ impl TunnelSpec {
             grace: section.grace_period,
             stop_margin: section.stop_margin,
             origin,
+            scrub_env: Vec::new(),
         }
     }
 }
@@ -295,6 +299,9 @@ fn spawn(spec: &TunnelSpec, state: &TunnelState) -> anyhow::Result<Running> {
         .env_remove("WATCHDOG_PID")
         .env_remove("TUNNEL_TOKEN")
         .env("TUNNEL_AGENT_ORIGIN", format!("http://{}", spec.origin));
+    for var in &spec.scrub_env {
+        cmd.env_remove(var);
+    }
     if let (Some(token), None) = (&spec.token, &spec.token_file) {
         cmd.env("TUNNEL_TOKEN", token.expose());
     }

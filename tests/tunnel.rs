@@ -1,0 +1,437 @@
+//! cloudflared supervision against `tests/fakes/cloudflared`: dependency order, the token never in
+//! argv or logs, restarts with backoff, crash loops, a hung child, a stuck tunnel, reloads, and
+//! the systemd notify sequence.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use common::{eventually, Agent, AgentBuilder, ConfigText, FakeCloudflared, NotifySocket, DEADLINE};
+use nix::sys::signal::Signal;
+
+const TOKEN: &str = "eyJhIjoiZmFrZS10dW5uZWwtdG9rZW4tZG8tbm90LWxlYWsifQ";
+
+fn config(cf: &FakeCloudflared, extra: &[&str]) -> ConfigText {
+    ConfigText::new()
+        .env_secret("tunnel_token", "TUNNEL_TOKEN_FOR_TEST")
+        .host("app.example.com", "http://127.0.0.1:9")
+        .raw(&cf.section(extra))
+}
+
+async fn start(extra: &[&str]) -> (Agent, FakeCloudflared) {
+    start_with(extra, |b| b).await
+}
+
+async fn start_with(extra: &[&str], env: impl FnOnce(AgentBuilder) -> AgentBuilder) -> (Agent, FakeCloudflared) {
+    let builder = AgentBuilder::new();
+    let cf = FakeCloudflared::new(builder.dir());
+    let (k, v) = cf.env();
+    let builder = env(builder.env(k, &v).env("TUNNEL_TOKEN_FOR_TEST", TOKEN));
+    let agent = builder.start(&config(&cf, extra)).await;
+    (agent, cf)
+}
+
+async fn get_json(agent: &Agent, path: &str) -> (u16, serde_json::Value) {
+    let resp = reqwest::get(agent.health_url(path))
+        .await
+        .expect("health listener answers");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+async fn wait_ready(agent: &Agent) -> serde_json::Value {
+    eventually(DEADLINE, "/ready 200 with a connected tunnel", || async {
+        let (code, body) = get_json(agent, "/ready").await;
+        (code == 200).then_some(body)
+    })
+    .await
+}
+
+fn cmdline(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+fn environ(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', "\n"))
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn starts_after_the_proxy_with_the_token_only_in_its_environment() {
+    let builder = AgentBuilder::new();
+    let notify = NotifySocket::bind(builder.dir());
+    let cf = FakeCloudflared::new(builder.dir());
+    let (k, v) = cf.env();
+    let agent = builder
+        .env(k, &v)
+        .env("TUNNEL_TOKEN_FOR_TEST", TOKEN)
+        .env("NOTIFY_SOCKET", &notify.path.display().to_string())
+        .env("WATCHDOG_USEC", "30000000")
+        .start(&config(&cf, &[]))
+        .await;
+    let ready = wait_ready(&agent).await;
+    assert_eq!(ready["components"]["cloudflared"], "connected (4)", "{ready}");
+
+    // The fake exits 3 if the proxy did not accept connections when it started.
+    assert_eq!(cf.count("origin-down"), 0, "{:?}", cf.events());
+    let pids = cf.started_pids();
+    assert_eq!(pids.len(), 1, "{:?}", cf.events());
+    let pid = pids[0];
+    assert_eq!(cf.count("token"), 1);
+    assert!(
+        cf.events().iter().any(|e| e.kind == "token" && e.rest == "env"),
+        "{:?}",
+        cf.events()
+    );
+    assert_eq!(
+        cf.count("notify-socket-leaked"),
+        0,
+        "NOTIFY_SOCKET/WATCHDOG_* must not reach cloudflared"
+    );
+    let env = environ(pid);
+    assert!(
+        !env.contains("NOTIFY_SOCKET=") && !env.contains("WATCHDOG_USEC="),
+        "{env}"
+    );
+    assert!(env.contains(&format!("TUNNEL_TOKEN={TOKEN}")), "env delivery: {env}");
+    assert!(
+        !env.contains("TUNNEL_TOKEN_FOR_TEST="),
+        "the source variable is scrubbed: {env}"
+    );
+
+    // Never in argv: not cloudflared's, not the agent's.
+    let argv = cmdline(pid);
+    assert!(argv.contains("tunnel --no-autoupdate --metrics"), "{argv}");
+    assert!(!argv.contains(TOKEN), "token in cloudflared's argv: {argv}");
+    assert!(!cmdline(agent.pid().as_raw() as u32).contains(TOKEN));
+
+    // cloudflared's lines come back through the agent's log with their level.
+    agent
+        .wait_for_log(&["INFO", "cloudflared", "Registered tunnel connection"], DEADLINE)
+        .await;
+    let (code, status) = get_json(&agent, "/status").await;
+    assert_eq!(code, 200);
+    assert_eq!(status["cloudflared"]["pid"], pid);
+    assert!(!status.to_string().contains(TOKEN));
+    let (code, _) = get_json(&agent, "/active").await;
+    assert_eq!(code, 200);
+    let metrics = reqwest::get(agent.health_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("tunnel_agent_cloudflared_connections 4"), "{metrics}");
+    assert!(
+        metrics.contains("cloudflared_tunnel_ha_connections 4"),
+        "cloudflared's own metrics re-exported"
+    );
+    assert!(
+        agent.logs().iter().all(|l| !l.contains(TOKEN)),
+        "token in the agent's log"
+    );
+    assert!(notify.lines().contains(&"READY=1".to_owned()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn token_file_is_private_and_kept_out_of_the_environment() {
+    let (agent, cf) = start(&["token_delivery = \"file\""]).await;
+    wait_ready(&agent).await;
+    let file = agent.dir().join("run/cloudflared.token");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), TOKEN);
+    assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    let pid = cf.started_pids()[0];
+    assert!(
+        cf.events().iter().any(|e| e.kind == "token" && e.rest == "file"),
+        "{:?}",
+        cf.events()
+    );
+    let env = environ(pid);
+    assert!(
+        !env.contains("TUNNEL_TOKEN="),
+        "token file delivery must not also set TUNNEL_TOKEN"
+    );
+    assert!(
+        !env.contains(TOKEN),
+        "the agent's env-sourced secrets must not leak into cloudflared: {env}"
+    );
+    assert!(cmdline(pid).contains("run --token-file"), "{}", cmdline(pid));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_is_restarted_within_the_backoff() {
+    let (agent, cf) = start(&[]).await;
+    wait_ready(&agent).await;
+    let first = cf.started_pids()[0];
+    let killed_at = tokio::time::Instant::now();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(first as i32), Signal::SIGKILL).unwrap();
+    let pids = cf.wait_starts(2, DEADLINE).await;
+    let restart = killed_at.elapsed();
+    assert_ne!(pids[1], first);
+    // Backoff is 100 ms here (50-100 ms with jitter) plus the fake's Python start-up.
+    assert!(restart < Duration::from_secs(2), "restart took {restart:?}");
+    println!("cloudflared kill -> restarted (start event): {restart:?}");
+    agent
+        .wait_for_log(
+            &["cloudflared exited unexpectedly", "killed by signal SIGKILL"],
+            DEADLINE,
+        )
+        .await;
+    let status = eventually(DEADLINE, "restart counted", || async {
+        let (_, s) = get_json(&agent, "/status").await;
+        (s["cloudflared"]["restarts"] == 1).then_some(s)
+    })
+    .await;
+    assert_eq!(status["cloudflared"]["last_exit"], "killed by signal SIGKILL");
+    wait_ready(&agent).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exit_zero_is_a_failure_too() {
+    // The real cloudflared prints usage and exits 0 on an unknown flag.
+    let (agent, _cf) = start(&["extra_args = [\"--no-such-flag\"]"]).await;
+    agent
+        .wait_for_log(&["cloudflared exited unexpectedly", "exited with code 0"], DEADLINE)
+        .await;
+    eventually(DEADLINE, "a restart after exit 0", || async {
+        let (_, s) = get_json(&agent, "/status").await;
+        (s["cloudflared"]["restarts"].as_u64() >= Some(1)).then_some(())
+    })
+    .await;
+    let (code, body) = get_json(&agent, "/ready").await;
+    assert_eq!(code, 503, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_loop_fails_ready_then_the_agent_gives_up() {
+    let builder = AgentBuilder::new();
+    let cf = FakeCloudflared::new(builder.dir());
+    cf.set_mode("crash");
+    let (k, v) = cf.env();
+    let extra = [
+        "crash_loop_exits = 3",
+        "crash_loop_window = \"1m\"",
+        "give_up_after_exits = 6",
+        "restart_backoff = \"50ms\"",
+        "restart_backoff_max = \"150ms\"",
+    ];
+    let mut agent = builder
+        .env(k, &v)
+        .env("TUNNEL_TOKEN_FOR_TEST", TOKEN)
+        .start(&config(&cf, &extra))
+        .await;
+    // Ready is reached (an edge outage or a bad connector must not become a systemd restart
+    // loop by itself), but /ready says why the node is unhealthy.
+    let body = eventually(DEADLINE, "/ready 503 with crash loop", || async {
+        let (code, body) = get_json(&agent, "/ready").await;
+        (code == 503 && body["components"]["cloudflared"] == "crash loop").then_some(body)
+    })
+    .await;
+    assert_eq!(body["ready"], false);
+    let status = agent.wait_exit(DEADLINE).await;
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "the agent exits non-zero so systemd's restart policy takes over"
+    );
+    assert_eq!(cf.count("start"), 6, "{:?}", cf.events());
+    assert!(
+        agent.logs().iter().any(|l| l.contains("giving up")),
+        "{:#?}",
+        agent.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hung_cloudflared_gets_one_sigterm_then_sigkill_after_its_grace() {
+    let (mut agent, cf) = start(&["grace_period = \"1s\"", "stop_margin = \"300ms\""]).await;
+    wait_ready(&agent).await;
+    cf.set_mode("ignore-term");
+    let pid = cf.started_pids()[0];
+    let t = tokio::time::Instant::now();
+    agent.signal(Signal::SIGTERM);
+    let status = agent.wait_exit(DEADLINE).await;
+    let took = t.elapsed();
+    assert!(status.success(), "{status}");
+    assert!(
+        took >= Duration::from_millis(1300),
+        "SIGKILL came before grace + margin: {took:?}"
+    );
+    let sigterms = cf
+        .events()
+        .iter()
+        .filter(|e| e.kind == "sigterm" && e.pid == pid)
+        .count();
+    assert_eq!(
+        sigterms,
+        1,
+        "exactly one SIGTERM (a second skips cloudflared's drain): {:?}",
+        cf.events()
+    );
+    assert_eq!(cf.count("exit"), 0, "it was killed, not exited: {:?}", cf.events());
+    assert!(agent.logs().iter().any(|l| l.contains("sending SIGKILL")));
+    assert!(
+        std::fs::metadata(format!("/proc/{pid}")).is_err()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z ")),
+        "cloudflared still running after the agent exited"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_stops_cloudflared_before_the_proxy() {
+    let (mut agent, cf) = start(&[]).await;
+    wait_ready(&agent).await;
+    agent.signal(Signal::SIGTERM);
+    assert!(agent.wait_exit(DEADLINE).await.success());
+    let logs = agent.logs();
+    let pos = |needle: &str| {
+        logs.iter()
+            .position(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no {needle:?} in {logs:#?}"))
+    };
+    assert!(pos("cloudflared stopped") < pos("proxy stopped"), "{logs:#?}");
+    assert_eq!(cf.count("sigterm"), 1);
+    assert_eq!(cf.count("exit"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tunnel_stuck_disconnected_is_restarted() {
+    let (agent, cf) = start(&["disconnected_restart_after = \"1s\""]).await;
+    wait_ready(&agent).await;
+    cf.set_mode("disconnected");
+    // With no ready grace, /ready fails as soon as a poll sees no connection...
+    eventually(DEADLINE, "/ready 503 while disconnected", || async {
+        let (code, body) = get_json(&agent, "/ready").await;
+        (code == 503 && body["components"]["cloudflared"] == "no connections").then_some(())
+    })
+    .await;
+    // ...and after disconnected_restart_after cloudflared is restarted (gracefully).
+    cf.wait_starts(2, DEADLINE).await;
+    assert_eq!(cf.count("sigterm"), 1, "{:?}", cf.events());
+    agent
+        .wait_for_log(&["tunnel stayed disconnected; restarting cloudflared"], DEADLINE)
+        .await;
+    cf.set_mode("connected");
+    wait_ready(&agent).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ready_grace_rides_out_a_brief_reconnect() {
+    let (agent, cf) = start(&["ready_grace = \"30s\""]).await;
+    wait_ready(&agent).await;
+    cf.set_mode("disconnected");
+    let body = eventually(DEADLINE, "disconnect seen within grace", || async {
+        let (code, body) = get_json(&agent, "/ready").await;
+        (body["components"]["cloudflared"] == "reconnecting (within grace)").then_some((code, body))
+    })
+    .await;
+    assert_eq!(body.0, 200, "{}", body.1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reload_restarts_cloudflared_only_when_its_command_changes() {
+    let (agent, cf) = start(&[]).await;
+    wait_ready(&agent).await;
+    agent.signal(Signal::SIGHUP);
+    agent.wait_for_log(&["configuration reloaded"], DEADLINE).await;
+    assert_eq!(cf.count("start"), 1, "same arguments and token: no restart");
+
+    agent.rewrite_config(&config(&cf, &["extra_args = [\"--protocol\", \"http2\"]"]));
+    agent.signal(Signal::SIGHUP);
+    let pids = cf.wait_starts(2, DEADLINE).await;
+    assert!(
+        cmdline(pids[1]).contains("--protocol http2 run"),
+        "{}",
+        cmdline(pids[1])
+    );
+    assert_eq!(cf.count("sigterm"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_locally_managed_tunnel_gets_an_ingress_written_from_the_routes() {
+    let builder = AgentBuilder::new();
+    let cf = FakeCloudflared::new(builder.dir());
+    let creds = builder.file("creds.json", r#"{"AccountTag":"a","TunnelSecret":"s","TunnelID":"t"}"#);
+    let (k, v) = cf.env();
+    let section = cf.section(&[
+        "token_secret = \"\"",
+        &format!("credentials_file = {:?}", creds.display().to_string()),
+        "tunnel = \"6ff42ae2-765d-4adf-8112-31c55c1551ef\"",
+    ]);
+    // No token secret in this configuration: drop the line the helper added.
+    let section = section.replace("token_secret = \"\"\n", "");
+    let cfg = ConfigText::new()
+        .host("app.example.com", "http://127.0.0.1:9")
+        .host("*.wild.example.com", "http://127.0.0.1:9")
+        .raw(&section);
+    let agent = builder.env(k, &v).start(&cfg).await;
+    wait_ready(&agent).await;
+    let yaml = std::fs::read_to_string(agent.dir().join("run/cloudflared.yml")).unwrap();
+    let origin = format!("service: http://{}", agent.proxy_addr());
+    assert!(
+        yaml.contains("tunnel: \"6ff42ae2-765d-4adf-8112-31c55c1551ef\""),
+        "{yaml}"
+    );
+    assert!(yaml.contains("- hostname: \"app.example.com\""), "{yaml}");
+    assert!(yaml.contains("- hostname: \"*.wild.example.com\""), "{yaml}");
+    assert_eq!(yaml.matches(&origin).count(), 2, "{yaml}");
+    assert!(yaml.trim_end().ends_with("- service: http_status:404"), "{yaml}");
+    let argv = cmdline(cf.started_pids()[0]);
+    assert!(
+        argv.contains("--config") && argv.trim_end().ends_with("run 6ff42ae2-765d-4adf-8112-31c55c1551ef"),
+        "{argv}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn systemd_hears_ready_status_watchdog_reloading_and_stopping_in_order() {
+    let builder = AgentBuilder::new();
+    let notify = NotifySocket::bind(builder.dir());
+    let cf = FakeCloudflared::new(builder.dir());
+    let (k, v) = cf.env();
+    let spawned = tokio::time::Instant::now();
+    let mut agent = builder
+        .env(k, &v)
+        .env("TUNNEL_TOKEN_FOR_TEST", TOKEN)
+        .env("NOTIFY_SOCKET", &notify.path.display().to_string())
+        .env("WATCHDOG_USEC", "200000")
+        .start(&config(&cf, &[]))
+        .await;
+    notify.wait_for("READY=1", 1, DEADLINE).await;
+    let ready_after = notify.arrival("READY=1").unwrap() - spawned;
+    println!("spawn -> READY=1: {ready_after:?}");
+    notify.wait_for("WATCHDOG=1", 3, DEADLINE).await;
+    agent.signal(Signal::SIGHUP);
+    notify.wait_for("RELOADING=1", 1, DEADLINE).await;
+    notify.wait_for("READY=1", 2, DEADLINE).await;
+    agent.signal(Signal::SIGTERM);
+    assert!(agent.wait_exit(DEADLINE).await.success());
+    notify.wait_for("STOPPING=1", 1, DEADLINE).await;
+
+    let lines = notify.lines();
+    let first = |l: &str| {
+        lines
+            .iter()
+            .position(|x| x == l)
+            .unwrap_or_else(|| panic!("{l} missing: {lines:#?}"))
+    };
+    let last = |l: &str| lines.iter().rposition(|x| x == l).unwrap();
+    assert!(
+        lines.iter().any(|l| l.starts_with("STATUS=fetching secrets")),
+        "{lines:#?}"
+    );
+    assert!(
+        lines[..first("READY=1")]
+            .iter()
+            .any(|l| l == "STATUS=starting cloudflared"),
+        "{lines:#?}"
+    );
+    assert!(first("READY=1") < first("WATCHDOG=1"));
+    assert!(first("RELOADING=1") < last("READY=1"));
+    assert!(last("READY=1") < first("STOPPING=1"));
+    assert!(lines.iter().all(|l| !l.contains(TOKEN)));
+}
