@@ -180,6 +180,7 @@ async fn upstream_connections_are_pooled() {
             StatusCode::OK
         );
     }
+    eprintln!("50 sequential requests, {} upstream connections", up.connections());
     assert_eq!(up.requests(), 50);
     assert!(
         up.connections() <= 2,
