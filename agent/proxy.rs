@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -264,22 +265,24 @@ impl Proxy {
         };
         // Extensions are per hop (hyper's connection info, upgrade handles): start clean.
         parts.extensions = http::Extensions::new();
+        let progress = Arc::new(BodyProgress::new());
         let up = Request::from_parts(
             parts,
             CappedBody {
                 inner: body,
                 remaining: live.max_body_bytes.unwrap_or(u64::MAX),
+                progress: progress.clone(),
             },
         );
 
         let sent = match backend.protocol {
-            UpstreamProtocol::Auto => tokio::time::timeout(rule.timeout, self.client.request(up)).await,
-            UpstreamProtocol::H2c => tokio::time::timeout(rule.timeout, self.h2c.request(up)).await,
+            UpstreamProtocol::Auto => response_head(self.client.request(up), rule.timeout, &progress).await,
+            UpstreamProtocol::H2c => response_head(self.h2c.request(up), rule.timeout, &progress).await,
         };
         let mut resp = match sent {
-            Ok(Ok(resp)) => resp,
-            Ok(Err(e)) => return self.upstream_failure(rule, backend, &e),
-            Err(_) => {
+            Some(Ok(resp)) => resp,
+            Some(Err(e)) => return self.upstream_failure(rule, backend, &e),
+            None => {
                 rule.stats.upstream_error(UpstreamErrorKind::Timeout);
                 tracing::warn!(route = %rule.route, upstream = %backend.upstream.url, timeout_s = rule.timeout.as_secs_f64(), "upstream did not answer in time; answering 504");
                 return error(
@@ -343,6 +346,53 @@ impl Proxy {
         rule.stats.upstream_error(kind);
         tracing::warn!(route = %rule.route, upstream = %backend.upstream.url, error = %cause, "upstream request failed; answering 502");
         error(StatusCode::BAD_GATEWAY, code, message)
+    }
+}
+
+/// Waits for the upstream's response head. The timeout runs from the later of the request's
+/// start and the last request-body bytes handed to the upstream: an upload that keeps moving is
+/// not a slow upstream (a 1 GiB upload through cloudflared can take minutes), while an upload the
+/// upstream stopped reading, or silence after the body, is.
+async fn response_head<F: std::future::Future>(
+    request: F,
+    timeout: Duration,
+    progress: &BodyProgress,
+) -> Option<F::Output> {
+    tokio::pin!(request);
+    loop {
+        let deadline = progress.last() + timeout;
+        match tokio::time::timeout_at(deadline, &mut request).await {
+            Ok(out) => return Some(out),
+            // The body moved since the deadline was set: it moves with it.
+            Err(_) if progress.last() + timeout > deadline => continue,
+            Err(_) => return None,
+        }
+    }
+}
+
+/// When the request body last moved towards the upstream.
+#[derive(Debug)]
+struct BodyProgress {
+    start: Instant,
+    /// Milliseconds after `start`.
+    last_ms: AtomicU64,
+}
+
+impl BodyProgress {
+    fn new() -> BodyProgress {
+        BodyProgress {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
     }
 }
 
@@ -444,6 +494,7 @@ fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
 pub struct CappedBody {
     inner: Incoming,
     remaining: u64,
+    progress: Arc<BodyProgress>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -464,6 +515,7 @@ impl Body for CappedBody {
                         return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
                     }
                     self.remaining -= n;
+                    self.progress.touch();
                 }
                 Some(Ok(frame))
             }

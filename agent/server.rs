@@ -64,6 +64,9 @@ struct HeadTimeoutIo<S> {
     sleep: Option<Pin<Box<Sleep>>>,
     first_read: bool,
     disabled: bool,
+    /// Held for as long as the connection's socket exists, including after an upgrade, when
+    /// hyper no longer tracks it: shutdown waits for every one to be dropped.
+    _alive: watch::Receiver<()>,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for HeadTimeoutIo<S> {
@@ -172,8 +175,8 @@ pub struct ServerHandle {
 }
 
 impl ServerHandle {
-    /// Stops accepting, lets in-flight requests finish for up to `grace`, closes idle
-    /// connections. Returns whether every connection finished in time.
+    /// Stops accepting, lets in-flight requests (and upgraded connections) finish for up to
+    /// `grace`, closes idle connections. Returns whether every connection finished in time.
     pub async fn shutdown(self, grace: Duration) -> bool {
         let _ = self.stop.send(Some(grace));
         self.task.await.unwrap_or(false)
@@ -197,6 +200,7 @@ where
 {
     let local_addr = listener.local_addr()?;
     let (stop, mut stopped) = watch::channel(None);
+    let (alive, alive_token) = watch::channel(());
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -235,6 +239,7 @@ where
                         sleep: None,
                         first_read: true,
                         disabled: false,
+                        _alive: alive_token.clone(),
                     };
                     let handler = handler.clone();
                     let service = hyper::service::service_fn(move |req| {
@@ -264,7 +269,15 @@ where
             }
         };
         drop(listener);
-        let drained = tokio::time::timeout(grace, graceful.shutdown()).await.is_ok();
+        drop(alive_token);
+        let drain = async {
+            graceful.shutdown().await;
+            // An upgraded connection (WebSocket) left hyper's graceful watch when it switched
+            // protocols, but it is still a request in flight: wait for its tunnel to end too
+            // (cloudflared, stopped first, closes its side) rather than cut it at once.
+            alive.closed().await;
+        };
+        let drained = tokio::time::timeout(grace, drain).await.is_ok();
         if !drained {
             tracing::warn!(listener = %local_addr, grace_s = grace.as_secs_f64(), "connections still open after the shutdown grace; closing them");
         }

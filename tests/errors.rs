@@ -291,3 +291,105 @@ async fn http2_clients_get_the_configured_header_limit() {
         .expect("request");
     assert_eq!(client::send_h2(addr, req).await.status, StatusCode::OK);
 }
+
+/// A chunked request body that arrives in `chunks` pieces of `chunk_len` bytes, one every
+/// `every`: a slow client (or a slow link behind cloudflared).
+struct Trickle {
+    left: u32,
+    chunk: bytes::Bytes,
+    every: Duration,
+    sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl http_body::Body for Trickle {
+    type Data = bytes::Bytes;
+    type Error = common::body::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        use std::future::Future;
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        let every = self.every;
+        let sleep = self.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(every)));
+        std::task::ready!(sleep.as_mut().poll(cx));
+        self.sleep = None;
+        self.left -= 1;
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(self.chunk.clone()))))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_is_not_an_upstream_timeout() {
+    let up = FakeUpstream::start(Wire::Http1).await;
+    let agent = AgentBuilder::new()
+        .start(
+            &ConfigText::new()
+                .proxy("upstream_timeout = \"1s\"")
+                .host("app.test", &up.url()),
+        )
+        .await;
+    // 3 s of steady upload against a 1 s upstream timeout: the upstream is receiving all the
+    // while and answers as soon as the body ends.
+    let body = Trickle {
+        left: 30,
+        chunk: bytes::Bytes::from(vec![b'u'; 32 * 1024]),
+        every: Duration::from_millis(100),
+        sleep: None,
+    };
+    let req = client::request(Method::POST, "app.test", "/sink")
+        .body(http_body_util::BodyExt::boxed(body))
+        .expect("request");
+    let r = client::send(agent.proxy_addr(), req).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["bytes"], 30 * 32 * 1024);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wedged_upstream_times_out_even_mid_upload() {
+    let up = FakeUpstream::start(Wire::Http1).await;
+    let agent = AgentBuilder::new()
+        .start(
+            &ConfigText::new()
+                .proxy("upstream_timeout = \"500ms\"")
+                .host("app.test", &up.url()),
+        )
+        .await;
+    // Far more than the socket buffers hold: the upload stalls once the upstream stops reading.
+    let mut conn = TcpStream::connect(agent.proxy_addr()).await.expect("connect");
+    let (mut rd, mut wr) = conn.split();
+    let write = async {
+        wr.write_all(b"POST /wedged HTTP/1.1\r\nHost: app.test\r\nContent-Length: 268435456\r\n\r\n")
+            .await?;
+        let chunk = vec![b'w'; 64 * 1024];
+        for _ in 0..4096 {
+            wr.write_all(&chunk).await?;
+        }
+        std::io::Result::Ok(())
+    };
+    let started = tokio::time::Instant::now();
+    let read = async {
+        let mut buf = Vec::new();
+        tokio::time::timeout(DEADLINE, read_response(&mut rd, &mut buf)).await
+    };
+    // The writer either stalls (buffers full) or fails once the agent answers and closes.
+    let write = async {
+        if write.await.is_ok() {
+            panic!("a wedged upstream swallowed 256 MiB");
+        }
+        std::future::pending::<()>().await
+    };
+    let response = tokio::select! {
+        r = read => r,
+        () = write => unreachable!(),
+    };
+    let r = response
+        .expect("answered in time, not a hang")
+        .expect("read")
+        .expect("an answer");
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert!(started.elapsed() < Duration::from_secs(10));
+}

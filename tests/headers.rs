@@ -87,6 +87,17 @@ async fn hop_by_hop_response_headers_are_not_returned() {
     }
     assert_eq!(r.headers["x-end-to-end"], "kept");
     assert_eq!(r.body, "hop");
+
+    // HTTP/2 forbids connection-specific fields outright (RFC 9113 §8.2.2): an HTTP/2 client
+    // (cloudflared's http2Origin) must get a clean response from the same HTTP/1.1 upstream.
+    let req = http::Request::builder()
+        .uri("http://app.test/hop")
+        .body(common::body::empty())
+        .expect("request");
+    let r = client::send_h2(agent.proxy_addr(), req).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.headers["x-end-to-end"], "kept");
+    assert!(!r.headers.contains_key("x-resp-hop"), "{:?}", r.headers);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use common::body;
 use common::client::{self, get};
+use common::ws::{WsClient, OP_CLOSE, OP_TEXT};
 use common::{eventually, AgentBuilder, ConfigText, FakeUpstream, Wire, DEADLINE};
 use http::{Method, StatusCode};
 use nix::sys::signal::Signal;
@@ -55,11 +56,7 @@ async fn sighup_with_a_broken_file_keeps_the_old_table() {
     assert_eq!(get(addr, "a.test", "/", &[]).await.status, StatusCode::OK);
 
     // A config file with a typo'd key.
-    std::fs::write(
-        agent.dir().join("agent.toml"),
-        config.render(agent.dir()) + "\n[proxy2]\nx = 1\n",
-    )
-    .expect("rewrite config");
+    agent.rewrite_config(&config.clone().raw("[proxy2]\nx = 1"));
     agent.signal(Signal::SIGHUP);
     // toml's message spans several lines (it quotes the offending line): read the whole entry.
     let entry = eventually(DEADLINE, "a second rejected reload", || async {
@@ -158,6 +155,99 @@ async fn sigterm_drains_in_flight_requests_and_exits_0() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_http2_streams_too() {
+    let up = FakeUpstream::start(Wire::Http1).await;
+    let mut agent = AgentBuilder::new()
+        .start(&ConfigText::new().host("app.test", &up.url()))
+        .await;
+    let addr = agent.proxy_addr();
+    let in_flight = tokio::spawn(async move {
+        let req = http::Request::builder()
+            .uri("http://app.test/slow?delay_ms=1000")
+            .body(body::empty())
+            .expect("request");
+        client::send_h2(addr, req).await
+    });
+    eventually(DEADLINE, "the slow request reaching the upstream", || async {
+        (up.requests() == 1).then_some(())
+    })
+    .await;
+    agent.signal(Signal::SIGTERM);
+    let reply = in_flight.await.expect("the HTTP/2 stream completed");
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(agent.wait_exit(DEADLINE).await.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_gives_up_on_requests_after_the_grace() {
+    let up = FakeUpstream::start(Wire::Http1).await;
+    let mut agent = AgentBuilder::new()
+        .start(
+            &ConfigText::new()
+                .agent("shutdown_grace = \"1s\"")
+                .host("app.test", &up.url()),
+        )
+        .await;
+    let addr = agent.proxy_addr();
+    let stuck = tokio::spawn(async move {
+        let req = client::request(Method::GET, "app.test", "/?delay_ms=60000")
+            .body(body::empty())
+            .expect("request");
+        client::try_send(addr, req).await
+    });
+    eventually(DEADLINE, "the stuck request reaching the upstream", || async {
+        (up.requests() == 1).then_some(())
+    })
+    .await;
+    let started = tokio::time::Instant::now();
+    agent.signal(Signal::SIGTERM);
+    let status = agent.wait_exit(DEADLINE).await;
+    let took = started.elapsed();
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+    assert!(
+        took >= Duration::from_millis(900),
+        "exited after {took:?}, before the grace"
+    );
+    assert!(took < Duration::from_secs(8), "exited after {took:?}");
+    agent
+        .wait_for_log(&["connections still open after the shutdown grace"], DEADLINE)
+        .await;
+    assert!(
+        stuck.await.expect("task").is_err(),
+        "the stuck request was cut, not answered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_an_open_websocket_finish() {
+    let up = FakeUpstream::start(Wire::Http1).await;
+    let mut agent = AgentBuilder::new()
+        .start(&ConfigText::new().host("ws.test", &up.url()))
+        .await;
+    let mut ws = WsClient::connect(agent.proxy_addr(), "ws.test", "/ws", &[]).await;
+    assert_eq!(ws.handshake.status, 101);
+    ws.send(OP_TEXT, b"before").await;
+    assert_eq!(ws.recv().await.payload, b"before");
+
+    agent.signal(Signal::SIGTERM);
+    agent.wait_for_log(&["shutting down"], DEADLINE).await;
+    // The session is a request in flight: it keeps working during the drain...
+    ws.send(OP_TEXT, b"during the drain").await;
+    assert_eq!(ws.recv().await.payload, b"during the drain");
+    assert!(
+        agent.logs().iter().all(|l| !l.contains("proxy stopped")),
+        "drain ended with a session open"
+    );
+    // ...and the agent exits as soon as the client closes it, well inside the 10 s grace.
+    ws.send(OP_CLOSE, &1000u16.to_be_bytes()).await;
+    assert_eq!(ws.recv().await.opcode, OP_CLOSE);
+    drop(ws);
+    let status = agent.wait_exit(Duration::from_secs(5)).await;
+    assert_eq!(status.code(), Some(0));
+    agent.wait_for_log(&["proxy stopped", "drained=true"], DEADLINE).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_on_an_idle_agent_exits_0() {
     let mut agent = AgentBuilder::new().start(&ConfigText::new()).await;
     agent.signal(Signal::SIGINT);
@@ -180,6 +270,7 @@ async fn upstream_connections_are_pooled() {
             StatusCode::OK
         );
     }
+    eprintln!("50 sequential requests, {} upstream connections", up.connections());
     assert_eq!(up.requests(), 50);
     assert!(
         up.connections() <= 2,

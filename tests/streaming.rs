@@ -5,14 +5,16 @@
 
 mod common;
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::body::Generated;
 use common::client::{self, chain};
-use common::{AgentBuilder, ConfigText, FakeUpstream, Wire, DEADLINE};
+use common::{eventually, AgentBuilder, ConfigText, FakeUpstream, Wire, DEADLINE};
 use http::{Method, StatusCode};
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 const GIB: u64 = 1 << 30;
@@ -21,11 +23,8 @@ const MIB: u64 = 1 << 20;
 const HWM_LIMIT_KIB: u64 = 64 * 1024;
 
 fn streaming_config(up: &FakeUpstream) -> ConfigText {
-    // The route timeout covers the request body too; give the upload room on a slow machine.
-    ConfigText::new().raw(&format!(
-        "[[route]]\nhostnames = [\"bulk.test\"]\nupstream = \"{}\"\ntimeout = \"10m\"\n",
-        up.url()
-    ))
+    // Default timeouts: an upload that keeps moving never counts against upstream_timeout.
+    ConfigText::new().host("bulk.test", &up.url())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -84,6 +83,15 @@ async fn one_gib_upload_streams_without_growing_memory() {
 
 /// Downloads `path` over a fresh connection, counting body bytes as they stream in.
 async fn download(addr: std::net::SocketAddr, path: &str) -> (StatusCode, Option<String>, u64) {
+    let (status, length, total, error) = try_download(addr, path).await;
+    if let Some(e) = error {
+        panic!("download body failed after {total} bytes: {e}");
+    }
+    (status, length, total)
+}
+
+/// Like [`download`], but a body error is returned (with the bytes that arrived before it).
+async fn try_download(addr: std::net::SocketAddr, path: &str) -> (StatusCode, Option<String>, u64, Option<String>) {
     let stream = TcpStream::connect(addr).await.expect("connect");
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -101,10 +109,12 @@ async fn download(addr: std::net::SocketAddr, path: &str) -> (StatusCode, Option
     let mut body = resp.into_body();
     let mut total = 0u64;
     while let Some(frame) = body.frame().await {
-        let frame = frame.unwrap_or_else(|e| panic!("download body failed after {total} bytes: {}", chain(&e)));
-        total += frame.data_ref().map_or(0, |d| d.len() as u64);
+        match frame {
+            Ok(frame) => total += frame.data_ref().map_or(0, |d| d.len() as u64),
+            Err(e) => return (status, length, total, Some(chain(&e))),
+        }
     }
-    (status, length, total)
+    (status, length, total, None)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -144,4 +154,66 @@ async fn large_download_streams_without_growing_memory() {
         "agent peak RSS {} KiB during downloads (limit {HWM_LIMIT_KIB} KiB)",
         m.hwm_kib
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_reader_holds_the_upstream_back() {
+    let up = FakeUpstream::start(Wire::Http1).await;
+    let agent = AgentBuilder::new().start(&streaming_config(&up)).await;
+    let size = 256 * MIB;
+    let mut conn = TcpStream::connect(agent.proxy_addr()).await.expect("connect");
+    conn.write_all(format!("GET /download?bytes={size} HTTP/1.1\r\nHost: bulk.test\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    eventually(DEADLINE, "the download to start", || async {
+        (up.stats.download_bytes.load(Ordering::SeqCst) > 0).then_some(())
+    })
+    .await;
+    // The client reads nothing. Give an unbounded buffer in the agent time to show itself:
+    // the generator runs at hundreds of MiB/s when nothing holds it back.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let produced = up.stats.download_bytes.load(Ordering::SeqCst);
+    let m = agent.memory();
+    eprintln!(
+        "stalled reader: upstream produced {} KiB of {} KiB; agent VmHWM {} KiB",
+        produced / 1024,
+        size / 1024,
+        m.hwm_kib
+    );
+    assert!(
+        produced < 64 * MIB,
+        "upstream ran {produced} bytes ahead of a reader that read nothing"
+    );
+    assert!(m.hwm_kib < HWM_LIMIT_KIB, "agent peak RSS {} KiB", m.hwm_kib);
+
+    // Once the reader reads, everything arrives.
+    let mut buf = Vec::new();
+    let reply = tokio::time::timeout(DEADLINE * 3, client::read_response(&mut conn, &mut buf))
+        .await
+        .expect("in time")
+        .expect("read")
+        .expect("response");
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body.len() as u64, size);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_dying_mid_body_is_not_a_complete_response() {
+    let up = FakeUpstream::start(Wire::Http1).await;
+    let agent = AgentBuilder::new().start(&streaming_config(&up)).await;
+    let addr = agent.proxy_addr();
+    for path in [
+        format!("/download?bytes={}&die_after={}", 8 * MIB, MIB),
+        format!("/download?bytes={}&die_after={}&chunked", 8 * MIB, MIB),
+    ] {
+        let (status, _, total, error) = tokio::time::timeout(DEADLINE, try_download(addr, &path))
+            .await
+            .unwrap_or_else(|_| panic!("{path}: the client hangs instead of seeing the failure"));
+        assert_eq!(status, StatusCode::OK, "{path}");
+        assert!(total <= MIB, "{path}: {total} bytes");
+        assert!(
+            error.is_some(),
+            "{path}: a truncated body ended like a complete one ({total} bytes)"
+        );
+    }
 }

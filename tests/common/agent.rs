@@ -114,8 +114,16 @@ impl ConfigText {
             let _ = writeln!(out, "{l}");
         }
         let _ = writeln!(out, "[agent]");
-        let _ = writeln!(out, "runtime_dir = {:?}", dir.join("run"));
-        let _ = writeln!(out, "state_dir = {:?}", dir.join("state"));
+        let _ = writeln!(
+            out,
+            "runtime_dir = {}",
+            toml_str(&dir.join("run").display().to_string())
+        );
+        let _ = writeln!(
+            out,
+            "state_dir = {}",
+            toml_str(&dir.join("state").display().to_string())
+        );
         for l in &self.agent {
             let _ = writeln!(out, "{l}");
         }
@@ -138,12 +146,17 @@ impl ConfigText {
         if !self.hosts.is_empty() {
             let _ = writeln!(out, "[routes.hosts]");
             for (h, u) in &self.hosts {
-                let _ = writeln!(out, "{h:?} = {u:?}");
+                let _ = writeln!(out, "{} = {}", toml_str(h), toml_str(u));
             }
         }
         let _ = writeln!(out, "\n{}", self.tail);
         out
     }
+}
+
+/// `s` as a TOML string literal, quoted and escaped by the toml crate itself.
+pub fn toml_str(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
 }
 
 fn replace_key(lines: &mut Vec<String>, line: &str) {

@@ -4,6 +4,8 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -62,6 +64,10 @@ pub struct Generated {
     remaining: u64,
     chunk: Bytes,
     exact_size: bool,
+    /// Bytes handed out so far, for a sender that wants to see backpressure.
+    produced: Option<Arc<AtomicU64>>,
+    /// After this many bytes the body fails instead of continuing (a sender that dies).
+    fail_after: Option<u64>,
 }
 
 impl Generated {
@@ -71,24 +77,48 @@ impl Generated {
             remaining: len,
             chunk: Bytes::from(chunk),
             exact_size,
+            produced: None,
+            fail_after: None,
         }
     }
 
+    /// Counts every byte handed out into `counter`.
+    pub fn counted(mut self, counter: Arc<AtomicU64>) -> Generated {
+        self.produced = Some(counter);
+        self
+    }
+
+    /// Fails with an error once `bytes` have been handed out.
+    pub fn failing_after(mut self, bytes: u64) -> Generated {
+        self.fail_after = Some(bytes);
+        self
+    }
+
     pub fn boxed_any(self) -> AnyBody {
-        self.map_err(|e: Infallible| match e {}).boxed()
+        self.boxed()
     }
 }
 
 impl Body for Generated {
     type Data = Bytes;
-    type Error = Infallible;
+    type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.fail_after == Some(0) {
+            return Poll::Ready(Some(Err("the sender died mid-body".into())));
+        }
         if self.remaining == 0 {
             return Poll::Ready(None);
         }
-        let n = self.remaining.min(self.chunk.len() as u64);
+        let mut n = self.remaining.min(self.chunk.len() as u64);
+        if let Some(left) = self.fail_after {
+            n = n.min(left);
+            self.fail_after = Some(left - n);
+        }
         self.remaining -= n;
+        if let Some(c) = &self.produced {
+            c.fetch_add(n, Ordering::SeqCst);
+        }
         // A slice of a shared buffer: no allocation or copy per frame.
         Poll::Ready(Some(Ok(Frame::data(self.chunk.slice(..n as usize)))))
     }
