@@ -156,7 +156,9 @@ pub struct ProxySection {
     pub idle_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
-    /// Time from sending the request to receiving the upstream's response head; then 504.
+    /// How long the upstream may take to send its response head, counted from the end of the
+    /// request body (a slow upload is not a slow upstream); then 504. An upstream that stops
+    /// reading an upload also gets 504 after this long.
     #[serde(with = "humantime_serde")]
     pub upstream_timeout: Duration,
     /// Idle pooled upstream connections are closed after this.

@@ -319,6 +319,7 @@ impl Agent {
         self.proxy.live.store(Arc::new(LiveSettings {
             routes,
             auth,
+            auth_header: HeaderName::from_bytes(config.proxy.auth_header.as_bytes()).context("proxy.auth_header")?,
             max_body_bytes: config.proxy.max_body_bytes,
         }));
         Ok(())
@@ -631,6 +632,7 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     let live = LiveSettings {
         auth: inbound_auth(&config, &secrets, None)?,
         routes: Arc::new(RouteTable::default()),
+        auth_header: HeaderName::from_bytes(config.proxy.auth_header.as_bytes()).context("proxy.auth_header")?,
         max_body_bytes: config.proxy.max_body_bytes,
     };
     let proxy = Proxy::new(&config.proxy, live, tokens, metrics.clone())?;

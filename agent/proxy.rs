@@ -86,6 +86,9 @@ impl InboundAuth {
 pub struct LiveSettings {
     pub routes: Arc<RouteTable>,
     pub auth: Option<InboundAuth>,
+    /// The internal auth header's name, removed before forwarding even when auth is off: a
+    /// token meant for this hop must never reach an upstream.
+    pub auth_header: HeaderName,
     pub max_body_bytes: Option<u64>,
 }
 
@@ -218,9 +221,7 @@ impl Proxy {
         headers.remove(header::HOST);
         headers.remove(header::AUTHORIZATION);
         headers.remove(X_SERVERLESS_AUTHORIZATION);
-        if let Some(auth) = &live.auth {
-            headers.remove(&auth.header);
-        }
+        headers.remove(&live.auth_header);
         if wants_trailers {
             // gRPC servers use `te: trailers` to detect proxies that would drop trailers.
             headers.insert(header::TE, HeaderValue::from_static("trailers"));

@@ -74,7 +74,10 @@ async fn without_auth_secret_no_header_is_needed() {
         agent.proxy_addr(),
         "app.test",
         "/open",
-        &[("authorization", "Basic dXNlcjpwYXNz")],
+        &[
+            ("authorization", "Basic dXNlcjpwYXNz"),
+            ("x-internal-auth-token", "meant-for-this-hop"),
+        ],
     )
     .await;
     let echo = r.echoed();
@@ -82,6 +85,11 @@ async fn without_auth_secret_no_header_is_needed() {
     assert!(
         !echo.has("authorization"),
         "incoming Authorization forwarded: {:?}",
+        echo.headers
+    );
+    assert!(
+        !echo.has("x-internal-auth-token"),
+        "the internal auth header is stripped even with auth off: {:?}",
         echo.headers
     );
 }
