@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use common::secret_manager::Checksum;
 use common::{
-    client, eventually, Agent, AgentBuilder, ConfigText, FakeMetadata, FakeSecretManager, FakeUpstream, Wire, DEADLINE,
+    client, eventually, Agent, AgentBuilder, ConfigText, FakeMetadata, FakeSecretManager, FakeUpstream, NotifySocket,
+    Wire, DEADLINE,
 };
 
 const RESOURCE: &str = "projects/test-project/secrets/internal-token/versions/latest";
@@ -113,7 +114,24 @@ async fn regional_secret_names_are_accessed_under_their_location() {
 async fn transient_errors_are_retried_until_the_secret_arrives() {
     let c = cloud().await;
     c.sm.queue_faults(&[503, 503, 429, 500]);
-    let agent = AgentBuilder::new().start(&config(&c, "")).await;
+    let builder = AgentBuilder::new();
+    let notify = NotifySocket::bind(builder.dir());
+    let agent = builder
+        .env("NOTIFY_SOCKET", &notify.path.display().to_string())
+        .start(&config(&c, ""))
+        .await;
+    // While waiting, systemd hears which secret and why, and gets more time.
+    let lines = notify.lines();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("STATUS=waiting for secret \"internal_token\"") && l.contains("503")),
+        "{lines:#?}"
+    );
+    assert!(
+        lines.iter().any(|l| l.starts_with("EXTEND_TIMEOUT_USEC=")),
+        "{lines:#?}"
+    );
     assert_eq!(status_with(&agent, TOKEN_V1).await, 200);
     assert_eq!(c.sm.requests(RESOURCE), 5, "four failures, then success");
     assert!(
