@@ -78,6 +78,13 @@ pub fn serve(runtime_dir: &Path, tx: mpsc::Sender<Incoming>) -> anyhow::Result<(
 async fn handle(stream: UnixStream, me: u32, tx: mpsc::Sender<Incoming>) -> std::io::Result<()> {
     let peer = stream.peer_cred()?;
     let (read, mut write) = stream.into_split();
+    // The request line is read even from a caller about to be refused: answering and closing
+    // before it was written would fail the client's write (EPIPE), and it would never read why.
+    let mut line = String::new();
+    let mut reader = BufReader::new(read.take(4096));
+    tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request"))??;
     let reply = if peer.uid() != 0 && peer.uid() != me {
         tracing::warn!(
             uid = peer.uid(),
@@ -88,11 +95,6 @@ async fn handle(stream: UnixStream, me: u32, tx: mpsc::Sender<Incoming>) -> std:
             peer.uid()
         ))
     } else {
-        let mut line = String::new();
-        let mut reader = BufReader::new(read.take(4096));
-        tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
-            .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request"))??;
         match serde_json::from_str::<Request>(&line) {
             Err(e) => refusal(format!("bad request: {e}")),
             Ok(req) => {

@@ -691,6 +691,12 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     let proxy_probe = health.watch_proxy(proxy_addr, Duration::from_secs(1));
     tracing::info!(listen = %proxy_addr, "proxy up");
 
+    // The control socket, before READY=1 so `systemctl start` followed at once by `tunnel-agent
+    // promote` finds it, and before cloudflared so failing to bind it cannot leave a child behind.
+    // Commands wait in the channel until the supervision loop runs.
+    let (control_tx, mut control_rx) = mpsc::channel(4);
+    let (control_path, control_server) = control::serve(&agent.config.agent.runtime_dir, control_tx)?;
+
     // 6. cloudflared, once the proxy answers.
     health.update_status(|s| {
         s.cloudflared_metrics = agent
@@ -710,8 +716,6 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     tracing::info!("ready");
 
     // Watch.
-    let (control_tx, mut control_rx) = mpsc::channel(4);
-    let (control_path, control_server) = control::serve(&agent.config.agent.runtime_dir, control_tx)?;
     let (role_tx, mut role_rx) = mpsc::channel(4);
     let role_watch = roles::watch(&agent.config, agent.metadata.clone(), role_etag, role_tx);
     let (route_tx, mut route_rx) = mpsc::channel(4);

@@ -9,6 +9,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -168,7 +170,9 @@ fn replace_key(lines: &mut Vec<String>, line: &str) {
 
 /// Prepares an agent's directory and environment before starting it.
 pub struct AgentBuilder {
-    dir: tempfile::TempDir,
+    /// Shared with the agents started from it (and their successors), so a restarted agent
+    /// finds its predecessor's state and runtime directories.
+    dir: Arc<tempfile::TempDir>,
     env: Vec<(String, String)>,
 }
 
@@ -181,10 +185,12 @@ impl Default for AgentBuilder {
 impl AgentBuilder {
     pub fn new() -> AgentBuilder {
         AgentBuilder {
-            dir: tempfile::Builder::new()
-                .prefix("tunnel-agent-test-")
-                .tempdir()
-                .expect("create temp dir"),
+            dir: Arc::new(
+                tempfile::Builder::new()
+                    .prefix("tunnel-agent-test-")
+                    .tempdir()
+                    .expect("create temp dir"),
+            ),
             env: Vec::new(),
         }
     }
@@ -243,6 +249,7 @@ impl AgentBuilder {
         Agent {
             child,
             dir: self.dir,
+            env: self.env,
             config_path,
             log,
             proxy_addr: None,
@@ -256,7 +263,8 @@ impl AgentBuilder {
 /// the test is failing, so a failure shows what the agent said.
 pub struct Agent {
     child: Child,
-    dir: tempfile::TempDir,
+    dir: Arc<tempfile::TempDir>,
+    env: Vec<(String, String)>,
     config_path: PathBuf,
     log: Arc<Mutex<Vec<String>>>,
     proxy_addr: Option<SocketAddr>,
@@ -315,6 +323,34 @@ impl Agent {
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// A builder for the next agent on this host: the same directory (config, state and runtime
+    /// dirs) and environment, as after `systemctl restart`.
+    pub fn successor(&self) -> AgentBuilder {
+        AgentBuilder {
+            dir: self.dir.clone(),
+            env: self.env.clone(),
+        }
+    }
+
+    /// Runs `tunnel-agent COMMAND -c CONFIG` (`promote`, `demote`, `status`) as an operator
+    /// would, timing it from just before the process is spawned.
+    pub async fn control(&self, command: &str) -> ControlRun {
+        control_command(self.control_args(command)).await
+    }
+
+    /// The arguments of [`Agent::control`], for running it in a task of its own.
+    pub fn control_args(&self, command: &str) -> Vec<String> {
+        vec![
+            command.to_owned(),
+            "-c".to_owned(),
+            self.config_path.display().to_string(),
+        ]
     }
 
     pub fn pid(&self) -> Pid {
@@ -412,6 +448,56 @@ impl Drop for Agent {
         if std::thread::panicking() {
             eprintln!("---- agent log ----\n{}\n-------------------", self.logs().join("\n"));
         }
+    }
+}
+
+/// One finished `tunnel-agent promote|demote|status` run.
+#[derive(Debug)]
+pub struct ControlRun {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    /// From just before spawning the command to its exit.
+    pub took: Duration,
+    pub issued_at: Instant,
+}
+
+impl ControlRun {
+    pub fn ok(&self) -> bool {
+        self.status.success()
+    }
+
+    /// stdout and stderr together, for "the message says ..." assertions.
+    pub fn output(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+/// Runs the binary with `args` and a cleared environment, failing the test after `DEADLINE`.
+pub async fn control_command(args: Vec<String>) -> ControlRun {
+    run_command(env!("CARGO_BIN_EXE_tunnel-agent").to_owned(), args).await
+}
+
+/// Runs `program args` with a cleared environment (PATH kept, for `runuser`/`setpriv` wrappers),
+/// failing the test after `DEADLINE`.
+pub async fn run_command(program: String, args: Vec<String>) -> ControlRun {
+    let issued_at = Instant::now();
+    let mut cmd = tokio::process::Command::new(&program);
+    cmd.args(&args)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(DEADLINE, cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("{program} {args:?} did not finish within {DEADLINE:?}"))
+        .unwrap_or_else(|e| panic!("run {program}: {e}"));
+    ControlRun {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        took: issued_at.elapsed(),
+        issued_at,
     }
 }
 

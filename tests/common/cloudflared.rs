@@ -96,6 +96,22 @@ impl FakeCloudflared {
             .collect()
     }
 
+    /// SIGTERMs the process `pid` received.
+    pub fn sigterms(&self, pid: u32) -> usize {
+        self.events()
+            .iter()
+            .filter(|e| e.kind == "sigterm" && e.pid == pid)
+            .count()
+    }
+
+    /// The exit code `pid` recorded, once it exited by itself (not when it was SIGKILLed).
+    pub fn exit_code(&self, pid: u32) -> Option<i32> {
+        self.events()
+            .iter()
+            .find(|e| e.kind == "exit" && e.pid == pid)
+            .and_then(|e| e.rest.trim().parse().ok())
+    }
+
     /// Waits until at least `n` starts were recorded; returns their pids.
     pub async fn wait_starts(&self, n: usize, within: Duration) -> Vec<u32> {
         super::eventually(within, &format!("{n} cloudflared starts"), || async {

@@ -1,0 +1,521 @@
+//! Active / standby: only the active node runs cloudflared. The real binary, the fake cloudflared
+//! (tests/fakes/cloudflared), `tunnel-agent promote|demote|status` run as an operator would, and
+//! a fake metadata server for the watched role attribute.
+
+mod common;
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::agent::{control_command, run_command, ControlRun};
+use common::client::{self, get};
+use common::{
+    eventually, Agent, AgentBuilder, ConfigText, FakeCloudflared, FakeMetadata, FakeUpstream, Wire, DEADLINE,
+};
+use http::StatusCode;
+use http_body_util::BodyExt;
+use hyper_util::rt::TokioIo;
+use nix::sys::signal::Signal;
+use tokio::time::Instant;
+
+/// The connector token the fake cloudflared receives (through the agent, never argv).
+const TUNNEL_TOKEN: &str = "eyJhIjoiZmFrZS1hY2NvdW50IiwidCI6ImZha2UtdHVubmVsIn0";
+
+const ROLE_ATTRIBUTE: &str = "project/attributes/tunnel-active-host";
+
+/// A builder whose environment carries the tunnel token and the fake cloudflared's control dir.
+fn node() -> (AgentBuilder, FakeCloudflared) {
+    let builder = AgentBuilder::new();
+    let cf = FakeCloudflared::new(builder.dir());
+    let (key, value) = cf.env();
+    let builder = builder.env(key, &value).env("TA_TUNNEL_TOKEN", TUNNEL_TOKEN);
+    (builder, cf)
+}
+
+/// One route to `up`, cloudflared supervised, and the config file's `role`.
+fn node_config(cf: &FakeCloudflared, up: &FakeUpstream, role: &str) -> ConfigText {
+    ConfigText::new()
+        .top(&format!("role = \"{role}\""))
+        .env_secret("tunnel_token", "TA_TUNNEL_TOKEN")
+        .host("app.test", &up.url())
+        .raw(&cf.section(&[]))
+}
+
+async fn health(agent: &Agent, path: &str) -> StatusCode {
+    get(agent.health_addr(), "localhost", path, &[]).await.status
+}
+
+async fn status(agent: &Agent) -> serde_json::Value {
+    get(agent.health_addr(), "localhost", "/status", &[]).await.json()
+}
+
+/// Polls `path` on the health listener until it answers `want`.
+async fn wait_health(agent: &Agent, path: &str, want: StatusCode) {
+    eventually(DEADLINE, &format!("{path} to answer {want}"), || async {
+        (health(agent, path).await == want).then_some(())
+    })
+    .await;
+}
+
+/// Polls `/status` until it reports `role` from `source`. A change driven by the watched
+/// attribute is published once cloudflared was started or stopped, so it shows a moment after
+/// the fake's events and `/active` do.
+async fn wait_role(agent: &Agent, role: &str, source: &str) {
+    let mut last = serde_json::Value::Null;
+    let reached = tokio::time::timeout(DEADLINE, async {
+        loop {
+            last = status(agent).await;
+            if last["role"] == role && last["role_source"] == source {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(reached.is_ok(), "role never became {role} ({source}): {last}");
+}
+
+async fn assert_proxy_serves(agent: &Agent) {
+    let r = get(agent.proxy_addr(), "app.test", "/still-serving", &[]).await;
+    assert_eq!(r.echoed().uri, "/still-serving");
+}
+
+/// What one measured promotion took.
+struct Promotion {
+    pid: u32,
+    /// Command issued → the fake cloudflared recorded its start.
+    to_spawned: Duration,
+    /// Command issued → `/active` answered 200.
+    to_active: Duration,
+    run: ControlRun,
+}
+
+/// Runs `tunnel-agent promote` and times it against what the fake and `/active` report.
+async fn promote_measured(agent: &Agent, cf: &FakeCloudflared) -> Promotion {
+    let before = cf.started_pids().len();
+    let issued = Instant::now();
+    let command = tokio::spawn(control_command(agent.control_args("promote")));
+    let pids = cf.wait_starts(before + 1, DEADLINE).await;
+    let to_spawned = issued.elapsed();
+    wait_health(agent, "/active", StatusCode::OK).await;
+    let to_active = issued.elapsed();
+    let run = command.await.expect("promote task");
+    assert!(run.ok(), "promote failed: {run:?}");
+    assert!(run.stdout.contains("promoted to active"), "{run:?}");
+    Promotion {
+        pid: pids[before],
+        to_spawned,
+        to_active,
+        run,
+    }
+}
+
+/// Runs `tunnel-agent demote` and checks that `pid` got exactly one SIGTERM and exited by itself.
+async fn demote_checked(agent: &Agent, cf: &FakeCloudflared, pid: u32) -> ControlRun {
+    let run = agent.control("demote").await;
+    assert!(run.ok(), "demote failed: {run:?}");
+    assert!(run.stdout.contains("demoted to standby"), "{run:?}");
+    // `demote` answers once cloudflared was reaped, so the fake's record is complete.
+    assert_eq!(cf.exit_code(pid), Some(0), "cloudflared {pid} exit: {:?}", cf.events());
+    assert_eq!(cf.sigterms(pid), 1, "exactly one SIGTERM for {pid}: {:?}", cf.events());
+    assert_eq!(health(agent, "/active").await, StatusCode::SERVICE_UNAVAILABLE);
+    run
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standby_boot_serves_but_never_starts_cloudflared() {
+    let up = FakeUpstream::start(Wire::Http1).await;
+    let (builder, cf) = node();
+    let agent = builder.start(&node_config(&cf, &up, "standby")).await;
+
+    assert_proxy_serves(&agent).await;
+    let ready = get(agent.health_addr(), "localhost", "/ready", &[]).await;
+    assert_eq!(ready.status, StatusCode::OK, "{}", ready.text());
+    assert_eq!(ready.json()["role"], "standby");
+    assert_eq!(ready.json()["components"]["cloudflared"], "standby (not running)");
+    let active = get(agent.health_addr(), "localhost", "/active", &[]).await;
+    assert_eq!(active.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(active.json()["active"], false);
+
+    let s = status(&agent).await;
+    assert_eq!(s["role"], "standby", "{s}");
+    assert_eq!(s["role_source"], "config", "{s}");
+    assert_eq!(s["cloudflared"]["wanted"], false, "{s}");
+    assert_eq!(s["cloudflared"]["pid"], serde_json::Value::Null, "{s}");
+    // An active node spawns cloudflared before it logs `ready`: by now a start would show.
+    assert!(
+        !agent.logs().iter().any(|l| l.contains("cloudflared started")),
+        "{:#?}",
+        agent.logs()
+    );
+    assert!(cf.events().is_empty(), "the fake was run: {:?}", cf.events());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promote_and_demote_through_the_cli() {
+    let up = FakeUpstream::start(Wire::Http1).await;
+    let (builder, cf) = node();
+    let agent = builder.start(&node_config(&cf, &up, "standby")).await;
+    assert_eq!(health(&agent, "/active").await, StatusCode::SERVICE_UNAVAILABLE);
+
+    let p = promote_measured(&agent, &cf).await;
+    println!(
+        "promotion: command -> cloudflared spawned {:.0} ms, command -> /active 200 {:.0} ms, command exit {:.0} ms (agent says: {})",
+        p.to_spawned.as_secs_f64() * 1000.0,
+        p.to_active.as_secs_f64() * 1000.0,
+        p.run.took.as_secs_f64() * 1000.0,
+        p.run.stdout.lines().next().unwrap_or("")
+    );
+    let s = status(&agent).await;
+    assert_eq!(s["role"], "active", "{s}");
+    assert_eq!(s["role_source"], "cli", "{s}");
+    assert_eq!(s["cloudflared"]["pid"], p.pid, "{s}");
+    assert_eq!(health(&agent, "/ready").await, StatusCode::OK);
+    // The token reached cloudflared outside argv.
+    let start = cf
+        .events()
+        .into_iter()
+        .find(|e| e.kind == "start")
+        .expect("start event");
+    assert!(!start.rest.contains(TUNNEL_TOKEN), "token in argv: {}", start.rest);
+    assert_eq!(cf.count("token"), 1);
+    assert_proxy_serves(&agent).await;
+
+    let again = agent.control("promote").await;
+    assert!(again.ok(), "a second promote is not an error: {again:?}");
+    assert!(again.output().contains("already"), "{again:?}");
+    assert_eq!(
+        cf.started_pids(),
+        vec![p.pid],
+        "a second promote must not restart cloudflared"
+    );
+    assert_eq!(cf.count("sigterm"), 0);
+
+    let d = demote_checked(&agent, &cf, p.pid).await;
+    println!(
+        "demotion: command -> cloudflared stopped and reaped {:.0} ms (agent says: {})",
+        d.took.as_secs_f64() * 1000.0,
+        d.stdout.lines().next().unwrap_or("")
+    );
+    assert_proxy_serves(&agent).await;
+    let s = status(&agent).await;
+    assert_eq!(s["role"], "standby", "{s}");
+    assert_eq!(s["role_source"], "cli", "{s}");
+    assert_eq!(health(&agent, "/ready").await, StatusCode::OK);
+
+    let again = agent.control("demote").await;
+    assert!(again.ok() && again.output().contains("already"), "{again:?}");
+
+    let st = agent.control("status").await;
+    assert!(st.ok(), "{st:?}");
+    assert!(st.stdout.contains("standby (cli)"), "{st:?}");
+}
+
+/// Counts of a request load's outcome.
+#[derive(Default)]
+struct LoadCounts {
+    ok: AtomicU64,
+    failed: AtomicU64,
+    errors: Mutex<Vec<String>>,
+}
+
+impl LoadCounts {
+    fn fail(&self, why: String) {
+        self.failed.fetch_add(1, Ordering::SeqCst);
+        self.errors.lock().unwrap().push(why);
+    }
+}
+
+/// One client: a keep-alive HTTP/1.1 connection (as cloudflared keeps to its origin), a request
+/// every few milliseconds; a failed request is counted and the connection replaced.
+async fn client_loop(addr: std::net::SocketAddr, counts: Arc<LoadCounts>, stop: Arc<AtomicBool>) {
+    let mut pace = tokio::time::interval(Duration::from_millis(5));
+    while !stop.load(Ordering::SeqCst) {
+        let stream = match tokio::net::TcpStream::connect(addr).await {
+            Ok(s) => s,
+            Err(e) => {
+                counts.fail(format!("connect: {e}"));
+                pace.tick().await;
+                continue;
+            }
+        };
+        let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
+            Ok(pair) => pair,
+            Err(e) => {
+                counts.fail(format!("handshake: {e}"));
+                continue;
+            }
+        };
+        tokio::spawn(conn);
+        while !stop.load(Ordering::SeqCst) {
+            pace.tick().await;
+            let req = client::request(http::Method::GET, "app.test", "/load")
+                .body(common::body::empty())
+                .expect("request");
+            let outcome = tokio::time::timeout(DEADLINE, async {
+                sender.ready().await.map_err(|e| client::chain(&e))?;
+                let resp = sender.send_request(req).await.map_err(|e| client::chain(&e))?;
+                let status = resp.status();
+                resp.into_body().collect().await.map_err(|e| client::chain(&e))?;
+                Ok::<_, String>(status)
+            })
+            .await
+            .unwrap_or_else(|_| Err(format!("no response within {DEADLINE:?}")));
+            match outcome {
+                Ok(StatusCode::OK) => {
+                    counts.ok.fetch_add(1, Ordering::SeqCst);
+                }
+                Ok(other) => counts.fail(format!("status {other}")),
+                Err(e) => {
+                    counts.fail(e);
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promotions_under_load_drop_no_proxy_requests() {
+    const CLIENTS: usize = 4;
+    const CYCLES: usize = 5;
+    let up = FakeUpstream::start(Wire::Http1).await;
+    let (builder, cf) = node();
+    let agent = builder.start(&node_config(&cf, &up, "standby")).await;
+
+    let counts = Arc::new(LoadCounts::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| tokio::spawn(client_loop(agent.proxy_addr(), counts.clone(), stop.clone())))
+        .collect();
+    eventually(DEADLINE, "the load to get going", || async {
+        (counts.ok.load(Ordering::SeqCst) >= 20).then_some(())
+    })
+    .await;
+
+    let mut promotions = Vec::new();
+    let mut demotions = Vec::new();
+    for _ in 0..CYCLES {
+        let served_before = counts.ok.load(Ordering::SeqCst);
+        let p = promote_measured(&agent, &cf).await;
+        let d = demote_checked(&agent, &cf, p.pid).await;
+        promotions.push((p.to_spawned, p.to_active));
+        demotions.push(d.took);
+        // Requests kept flowing across the cycle, not just before and after.
+        eventually(DEADLINE, "requests served during the cycle", || async {
+            (counts.ok.load(Ordering::SeqCst) > served_before).then_some(())
+        })
+        .await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        c.await.expect("client task");
+    }
+
+    let ok = counts.ok.load(Ordering::SeqCst);
+    let failed = counts.failed.load(Ordering::SeqCst);
+    let ms = |d: &Duration| format!("{:.0}", d.as_secs_f64() * 1000.0);
+    println!(
+        "{CYCLES} promote/demote cycles under load: {ok} proxy requests ok, {failed} failed; \
+         command -> spawned ms {:?}; command -> /active ms {:?}; demote ms {:?}",
+        promotions.iter().map(|p| ms(&p.0)).collect::<Vec<_>>(),
+        promotions.iter().map(|p| ms(&p.1)).collect::<Vec<_>>(),
+        demotions.iter().map(ms).collect::<Vec<_>>(),
+    );
+    assert_eq!(failed, 0, "failed requests: {:?}", counts.errors.lock().unwrap());
+    assert!(ok > 100, "only {ok} requests in {CYCLES} cycles");
+    assert_eq!(cf.started_pids().len(), CYCLES);
+    assert_eq!(cf.count("sigterm"), CYCLES, "{:?}", cf.events());
+    // No retry hid a failure: the upstream saw each request exactly once.
+    assert_eq!(up.requests(), ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promotion_survives_a_restart() {
+    let up = FakeUpstream::start(Wire::Http1).await;
+    let (builder, cf) = node();
+    let config = node_config(&cf, &up, "standby");
+    let mut first = builder.start(&config).await;
+    let p = promote_measured(&first, &cf).await;
+
+    first.signal(Signal::SIGTERM);
+    let exit = first.wait_exit(DEADLINE).await;
+    assert_eq!(exit.code(), Some(0), "{exit}");
+    assert_eq!(cf.sigterms(p.pid), 1, "shutdown stops cloudflared: {:?}", cf.events());
+    assert_eq!(cf.exit_code(p.pid), Some(0), "{:?}", cf.events());
+
+    let mut second = first.successor().start(&config).await;
+    let s = status(&second).await;
+    assert_eq!(s["role"], "active", "{s}");
+    assert_eq!(s["role_source"], "persisted", "{s}");
+    let pids = cf.wait_starts(2, DEADLINE).await;
+    assert_ne!(pids[1], p.pid);
+    wait_health(&second, "/active", StatusCode::OK).await;
+
+    // The file's role changing since the promotion wins over the persisted one.
+    second.signal(Signal::SIGTERM);
+    assert_eq!(second.wait_exit(DEADLINE).await.code(), Some(0));
+    let edited = node_config(&cf, &up, "active");
+    let third = second.successor().start(&edited).await;
+    let s = status(&third).await;
+    assert_eq!(
+        (s["role"].as_str(), s["role_source"].as_str()),
+        (Some("active"), Some("config")),
+        "{s}"
+    );
+}
+
+fn watched_config(cf: &FakeCloudflared, up: &FakeUpstream, meta: &FakeMetadata) -> ConfigText {
+    node_config(cf, up, "standby")
+        .gcp(&format!("metadata_url = {:?}", meta.url()))
+        .raw(
+            "[role_watch]\nattribute = \"tunnel-active-host\"\nattribute_scope = \"project\"\nhost_name = \"node-a\"\n",
+        )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watched_attribute_decides_the_role() {
+    let up = FakeUpstream::start(Wire::Http1).await;
+    let meta = FakeMetadata::start().await;
+    meta.set_attribute(ROLE_ATTRIBUTE, "node-a");
+    let (builder, cf) = node();
+    // The file says standby; the attribute names this host, and it is authoritative.
+    let agent = builder.start(&watched_config(&cf, &up, &meta)).await;
+    let first = cf.wait_starts(1, DEADLINE).await[0];
+    wait_health(&agent, "/active", StatusCode::OK).await;
+    wait_role(&agent, "active", "watched-attribute").await;
+
+    meta.set_attribute(ROLE_ATTRIBUTE, "node-b");
+    eventually(DEADLINE, "cloudflared to stop after the attribute moved", || async {
+        cf.exit_code(first).map(|_| ())
+    })
+    .await;
+    assert_eq!(cf.sigterms(first), 1, "{:?}", cf.events());
+    assert_eq!(cf.exit_code(first), Some(0));
+    wait_health(&agent, "/active", StatusCode::SERVICE_UNAVAILABLE).await;
+    wait_role(&agent, "standby", "watched-attribute").await;
+    assert_proxy_serves(&agent).await;
+    assert_eq!(health(&agent, "/ready").await, StatusCode::OK);
+
+    // A manual promote would fight the attribute: refused, naming it.
+    for command in ["promote", "demote"] {
+        let run = agent.control(command).await;
+        assert!(!run.ok(), "{command} must be refused: {run:?}");
+        assert!(run.stderr.contains("tunnel-active-host"), "{command}: {run:?}");
+    }
+    assert_eq!(cf.started_pids().len(), 1, "a refused promote started cloudflared");
+
+    meta.set_attribute(ROLE_ATTRIBUTE, "node-a");
+    let pids = cf.wait_starts(2, DEADLINE).await;
+    assert_ne!(pids[1], first);
+    wait_health(&agent, "/active", StatusCode::OK).await;
+    wait_role(&agent, "active", "watched-attribute").await;
+}
+
+/// How to run a command as another user, if this machine has a way.
+fn as_user_wrapper(user: &str) -> Option<Vec<String>> {
+    let exists = |p: &str| std::path::Path::new(p).exists();
+    if let Some(runuser) = ["/usr/sbin/runuser", "/sbin/runuser", "/usr/bin/runuser"]
+        .into_iter()
+        .find(|p| exists(p))
+    {
+        return Some(vec![runuser.into(), "-u".into(), user.into(), "--".into()]);
+    }
+    let setpriv = ["/usr/bin/setpriv", "/bin/setpriv"].into_iter().find(|p| exists(p))?;
+    let u = nix::unistd::User::from_name(user).ok()??;
+    Some(vec![
+        setpriv.into(),
+        format!("--reuid={}", u.uid),
+        format!("--regid={}", u.gid),
+        "--clear-groups".into(),
+    ])
+}
+
+async fn run_as(wrapper: &[String], args: &[&str]) -> ControlRun {
+    let mut argv: Vec<String> = wrapper[1..].to_vec();
+    argv.push(env!("CARGO_BIN_EXE_tunnel-agent").to_owned());
+    argv.extend(args.iter().map(|a| (*a).to_owned()));
+    run_command(wrapper[0].clone(), argv).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_socket_is_owner_only() {
+    let agent = AgentBuilder::new().start(&ConfigText::new()).await;
+    let socket = agent.dir().join("run/control.sock");
+    let meta = std::fs::metadata(&socket).expect("control socket exists once ready");
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{socket:?}");
+    let own = agent.control("status").await;
+    assert!(own.ok(), "the agent's own user may: {own:?}");
+
+    if !nix::unistd::geteuid().is_root() {
+        println!("SKIPPED the other-user half: not root, so cannot run a command as another user");
+        return;
+    }
+    let Some(nobody) = nix::unistd::User::from_name("nobody").ok().flatten() else {
+        println!("SKIPPED the other-user half: no user \"nobody\" on this machine");
+        return;
+    };
+    let Some(wrapper) = as_user_wrapper("nobody") else {
+        println!("SKIPPED the other-user half: neither runuser nor setpriv is installed");
+        return;
+    };
+    // Only the socket's own mode may stop `nobody`: the directories on the way are searchable.
+    for dir in [agent.dir(), &agent.dir().join("run")] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
+    }
+    let version = run_as(&wrapper, &["--version"]).await;
+    if !version.ok() {
+        println!("SKIPPED the other-user half: nobody cannot run the binary here: {version:?}");
+        return;
+    }
+    let socket_arg = socket.display().to_string();
+
+    let denied = run_as(&wrapper, &["status", "--socket", &socket_arg]).await;
+    assert!(!denied.ok(), "nobody got through a 0600 socket: {denied:?}");
+    assert!(denied.stderr.contains("permission denied"), "{denied:?}");
+    assert!(
+        !agent.logs().iter().any(|l| l.contains("refused a caller")),
+        "the file mode alone should have stopped it"
+    );
+
+    // Widened by accident (a umask, a bind mount): the peer-credential check still refuses.
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).expect("chmod socket");
+    let refused = run_as(&wrapper, &["status", "--socket", &socket_arg]).await;
+    assert!(!refused.ok(), "nobody controlled the agent: {refused:?}");
+    assert!(refused.stderr.contains("permission denied"), "{refused:?}");
+    assert!(
+        refused.stderr.contains("may not control this agent"),
+        "the agent itself must answer the refusal: {refused:?}"
+    );
+    let line = agent.wait_for_log(&["refused a caller"], DEADLINE).await;
+    assert!(line.contains(&format!("uid={}", nobody.uid)), "{line}");
+    let promote = run_as(&wrapper, &["promote", "--socket", &socket_arg]).await;
+    assert!(
+        !promote.ok() && promote.stderr.contains("permission denied"),
+        "{promote:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_without_a_running_agent_says_not_running() {
+    let builder = AgentBuilder::new();
+    let config = builder.file("agent.toml", &ConfigText::new().render(builder.dir()));
+    let run = control_command(vec!["status".into(), "-c".into(), config.display().to_string()]).await;
+    assert!(!run.ok(), "{run:?}");
+    assert!(run.stderr.contains("not running"), "{run:?}");
+
+    // A crashed agent leaves its socket file behind; nobody listens on it.
+    let mut agent = builder.start(&ConfigText::new()).await;
+    agent.signal(Signal::SIGKILL);
+    agent.wait_exit(DEADLINE).await;
+    assert!(
+        agent.dir().join("run/control.sock").exists(),
+        "SIGKILL leaves the socket file"
+    );
+    let run = agent.control("status").await;
+    assert!(!run.ok(), "{run:?}");
+    assert!(run.stderr.contains("not running"), "{run:?}");
+}
