@@ -484,10 +484,11 @@ impl Agent {
         if let Err(e) = roles::persist(&self.config.agent.state_dir, &persisted) {
             tracing::warn!(error = %e, "cannot persist the role; a restart will fall back to the config's");
         }
+        // The decision is published first; cloudflared follows it.
+        self.publish_role();
         let routes = self.proxy.live.load().routes.clone();
         let spec = tunnel_spec(&self.config, &self.secrets, self.proxy_addr, &routes, role);
         self.tunnel.apply(spec).await;
-        self.publish_role();
         let took_ms = started.elapsed().as_secs_f64() * 1000.0;
         let message = match role {
             Role::Active if self.config.cloudflared.enabled => {
