@@ -91,21 +91,7 @@ impl FakeMetadata {
             attribute_changed: tokio::sync::Notify::new(),
             attributes_down: std::sync::atomic::AtomicBool::new(false),
         });
-        let shared = state.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let state = shared.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| handle(state.clone(), req));
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
+        let task = super::serve_fake(listener, state.clone(), handle);
         FakeMetadata { addr, state, task }
     }
 

@@ -51,3 +51,32 @@ where
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// Serves `handle(state, request)` on every connection `listener` accepts (HTTP/1.1 or h2c),
+/// until the returned task is aborted. The accept loop the in-process fakes share.
+pub fn serve_fake<S, F, Fut, E>(
+    listener: tokio::net::TcpListener,
+    state: std::sync::Arc<S>,
+    handle: F,
+) -> tokio::task::JoinHandle<()>
+where
+    S: Send + Sync + 'static,
+    F: Fn(std::sync::Arc<S>, http::Request<hyper::body::Incoming>) -> Fut + Copy + Send + Sync + 'static,
+    Fut: Future<Output = Result<http::Response<http_body_util::Full<bytes::Bytes>>, E>> + Send + 'static,
+    E: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let state = state.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| handle(state.clone(), req));
+                let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    })
+}
