@@ -39,6 +39,9 @@ pub struct Config {
     pub gcp: GcpSection,
     #[serde(default)]
     pub health: HealthSection,
+    /// The listener the controller pushes route tables to (`routes.source = "config-api"`).
+    #[serde(default)]
+    pub config_api: Option<ConfigApiSection>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -174,6 +177,8 @@ pub enum RouteSourceKind {
     Inline,
     /// A JSON file in the seed's `routes.json` format.
     File,
+    /// Pushed by a controller to the config API (`PUT /config`, the L7 peer's wire format).
+    ConfigApi,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -250,6 +255,15 @@ pub struct RouteSpec {
     /// Overrides `proxy.upstream_timeout` for this route.
     #[serde(default, with = "humantime_serde")]
     pub timeout: Option<Duration>,
+    /// Gateway API `HTTPRouteMatch`es, ORed; none means `PathPrefix /` (docs/routing.md).
+    #[serde(default)]
+    pub matches: Vec<crate::l7::MatchSpec>,
+    /// Gateway API `HTTPRouteFilter`s for every request of this route.
+    #[serde(default)]
+    pub filters: Vec<crate::l7::FilterSpec>,
+    /// Gateway API `HTTPRouteTimeouts` (`request`, `backend_request`).
+    #[serde(default)]
+    pub timeouts: Option<crate::l7::TimeoutsSpec>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -261,6 +275,9 @@ pub struct BackendSpec {
     pub upstream_auth: Option<UpstreamAuthKind>,
     pub auth_header: Option<AuthHeaderKind>,
     pub protocol: Option<UpstreamProtocol>,
+    /// Filters applied only when this backend is chosen.
+    #[serde(default)]
+    pub filters: Vec<crate::l7::FilterSpec>,
 }
 
 fn default_weight() -> u32 {
@@ -302,6 +319,29 @@ impl GcpSection {
             },
         };
         url.trim_end_matches('/').to_owned()
+    }
+}
+
+/// The config API listener (`PUT /config`, `GET /config`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConfigApiSection {
+    /// Loopback by default: only a local controller or an SSH tunnel can reach it.
+    pub listen: SocketAddr,
+    /// Secret holding the bearer token a `PUT /config` must present. Required.
+    pub auth_secret: Option<String>,
+    /// Write each applied table to `agent.state_dir` and serve it again after a restart, until
+    /// the controller pushes a newer one.
+    pub persist: bool,
+}
+
+impl Default for ConfigApiSection {
+    fn default() -> Self {
+        ConfigApiSection {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            auth_secret: None,
+            persist: true,
+        }
     }
 }
 
@@ -476,6 +516,45 @@ impl Config {
                     bad("routes.hosts".into(), "only used with source = \"inline\"".into());
                 }
             }
+            RouteSourceKind::ConfigApi => {
+                for (key, given) in [
+                    ("routes.file", self.routes.file.is_some()),
+                    ("routes.hosts", !self.routes.hosts.is_empty()),
+                    ("route", !self.route.is_empty()),
+                ] {
+                    if given {
+                        bad(
+                            key.into(),
+                            "not used with source = \"config-api\" (the controller pushes every route)".into(),
+                        );
+                    }
+                }
+                match self.config_api.as_ref().and_then(|a| a.auth_secret.as_ref()) {
+                    None => bad(
+                        "config_api.auth_secret".into(),
+                        "required for routes.source = \"config-api\"".into(),
+                    ),
+                    Some(secret) if !self.secrets.contains_key(secret) => bad(
+                        "config_api.auth_secret".into(),
+                        format!("no secret named {secret:?} in [secrets]"),
+                    ),
+                    Some(_) => {}
+                }
+            }
+        }
+        if let Some(api) = &self.config_api {
+            if self.routes.source != RouteSourceKind::ConfigApi {
+                bad(
+                    "config_api".into(),
+                    "only used with routes.source = \"config-api\"".into(),
+                );
+            }
+            if api.listen == self.proxy.listen || api.listen == self.health.listen {
+                bad(
+                    "config_api.listen".into(),
+                    format!("{} is already used by proxy.listen or health.listen", api.listen),
+                );
+            }
         }
         // Route contents (URLs, hostnames, duplicates) are checked by the same code that builds
         // the live table, so `check` and a running agent can never disagree.
@@ -519,6 +598,9 @@ impl Config {
         }
         if self.health.listen != new.health.listen {
             out.push("health.listen");
+        }
+        if self.config_api.as_ref().map(|a| a.listen) != new.config_api.as_ref().map(|a| a.listen) {
+            out.push("config_api.listen");
         }
         if self.agent.runtime_dir != new.agent.runtime_dir {
             out.push("agent.runtime_dir");

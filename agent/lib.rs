@@ -9,6 +9,7 @@ pub mod backoff;
 pub mod config;
 pub mod gcp;
 pub mod health;
+pub mod l7;
 pub mod proxy;
 pub mod routes;
 pub mod secrets;
@@ -109,7 +110,7 @@ pub fn load_secrets(config: &Config, metrics: &Metrics) -> Result<SecretValues, 
 pub fn load_routes(config: &Config, metrics: &Metrics) -> anyhow::Result<RouteTable> {
     let file_map;
     let host_map = match config.routes.source {
-        RouteSourceKind::Inline => &config.routes.hosts,
+        RouteSourceKind::Inline | RouteSourceKind::ConfigApi => &config.routes.hosts,
         RouteSourceKind::File => {
             let path = config.routes.file.as_deref().unwrap_or(Path::new(""));
             file_map = routes::read_host_map(path).map_err(anyhow::Error::msg)?;
@@ -122,6 +123,7 @@ pub fn load_routes(config: &Config, metrics: &Metrics) -> anyhow::Result<RouteTa
 fn route_source_name(config: &Config) -> String {
     match config.routes.source {
         RouteSourceKind::Inline => "inline".to_owned(),
+        RouteSourceKind::ConfigApi => "config-api".to_owned(),
         RouteSourceKind::File => format!(
             "file {}",
             config.routes.file.as_deref().unwrap_or(Path::new("")).display()

@@ -14,6 +14,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
@@ -26,7 +27,9 @@ use tokio::time::Instant;
 
 use crate::config::{AuthHeaderKind, ProxySection, UpstreamAuthKind, UpstreamProtocol};
 use crate::gcp::IdTokenCache;
-use crate::routes::{host_without_port, Backend, RouteTable, Rule};
+use crate::l7::filters::{client_scheme, request_host};
+use crate::l7::RequestHead;
+use crate::routes::{host_without_port, Backend, RouteTable, Routed, Rule};
 use crate::secrets::Secret;
 use crate::telemetry::{Metrics, UpstreamErrorKind};
 
@@ -172,31 +175,74 @@ impl Proxy {
                     .map(host_without_port)
             })
             .unwrap_or("");
-        let Some(rule) = live.routes.find(host) else {
+        let Some(routed) = live.routes.route(host, &RequestHead::of(&req)) else {
             self.metrics.unrouted.observe(404, start.elapsed());
             return error(
                 StatusCode::NOT_FOUND,
                 "no_route",
-                &format!("no route for host {host:?}"),
+                &format!("no route for host {host:?} and path {:?}", req.uri().path()),
             );
         };
-        let resp = self.forward(rule, &live, peer, req).await;
+        let rule = routed.rule;
+        let forwarded = self.forward(routed, &live, peer, req);
+        let mut resp = match rule.request_timeout {
+            None => forwarded.await,
+            // Until the response head: a response that has started streaming is never cut off.
+            Some(limit) => match tokio::time::timeout_at(start + limit, forwarded).await {
+                Ok(resp) => resp,
+                Err(_) => {
+                    rule.stats.upstream_error(UpstreamErrorKind::Timeout);
+                    tracing::warn!(route = %rule.route, timeout_s = limit.as_secs_f64(), "request timeout reached before a response; answering 504");
+                    error(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "request_timeout",
+                        "no response within the route's request timeout",
+                    )
+                }
+            },
+        };
+        if let Some(m) = &rule.filters.response_headers {
+            m.apply(resp.headers_mut());
+        }
         rule.stats.observe(resp.status().as_u16(), start.elapsed());
         resp
     }
 
     async fn forward(
         &self,
-        rule: &Rule,
+        routed: Routed<'_>,
         live: &LiveSettings,
         peer: SocketAddr,
         mut req: Request<Incoming>,
     ) -> Response<ProxyBody> {
+        let rule = routed.rule;
+        if let Some(redirect) = &rule.filters.redirect {
+            let location = redirect.location(
+                client_scheme(req.headers()),
+                request_host(&req),
+                req.uri().path(),
+                req.uri().query(),
+                routed.matched.prefix(),
+            );
+            return match HeaderValue::try_from(location) {
+                Ok(location) => {
+                    let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
+                    *resp.status_mut() = redirect.status;
+                    resp.headers_mut().insert(header::LOCATION, location);
+                    resp
+                }
+                Err(_) => error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "bad_redirect",
+                    "the redirect target is not a valid Location",
+                ),
+            };
+        }
         let Some(backend) = rule.pick_backend() else {
             return error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "no_backend",
-                "every backend of this route has weight 0",
+                "this route has no backend with a weight above 0",
             );
         };
         if let (Some(limit), Some(len)) = (live.max_body_bytes, content_length(req.headers())) {
@@ -232,6 +278,37 @@ impl Proxy {
         if !headers.contains_key(X_FORWARDED_PROTO) {
             headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
         }
+        // Rule filters, then the chosen backend's (Gateway API: backend filters apply only
+        // when that backend is chosen).
+        for filters in [&rule.filters, &backend.filters] {
+            if let Some(m) = &filters.request_headers {
+                m.apply(headers);
+            }
+        }
+        let rewrite = backend.filters.rewrite.as_ref().or(rule.filters.rewrite.as_ref());
+        if let Some(host) = rewrite.and_then(|r| r.hostname.as_ref()) {
+            headers.insert(header::HOST, host.clone());
+        }
+        let rewritten = match rewrite.and_then(|r| r.path.as_ref()) {
+            None => None,
+            Some(m) => {
+                let mut pq = m.apply(parts.uri.path(), routed.matched.prefix());
+                if let Some(q) = parts.uri.query() {
+                    pq.push('?');
+                    pq.push_str(q);
+                }
+                match PathAndQuery::try_from(pq) {
+                    Ok(pq) => Some(pq),
+                    Err(e) => {
+                        return error(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "bad_rewrite",
+                            &format!("rewritten path is invalid: {e}"),
+                        )
+                    }
+                }
+            }
+        };
         if backend.auth == UpstreamAuthKind::GcpIdToken {
             match self.tokens.header(&backend.upstream.url).await {
                 Ok(v) => {
@@ -248,7 +325,10 @@ impl Proxy {
                 }
             }
         }
-        parts.uri = match backend.upstream.uri_for(parts.uri.path_and_query()) {
+        parts.uri = match backend
+            .upstream
+            .uri_for(rewritten.as_ref().or(parts.uri.path_and_query()))
+        {
             Ok(uri) => uri,
             Err(e) => {
                 return error(
@@ -273,15 +353,19 @@ impl Proxy {
         );
 
         let sent = match backend.protocol {
-            UpstreamProtocol::Auto => tokio::time::timeout(rule.timeout, self.client.request(up)).await,
-            UpstreamProtocol::H2c => tokio::time::timeout(rule.timeout, self.h2c.request(up)).await,
+            UpstreamProtocol::Auto => self.client.request(up),
+            UpstreamProtocol::H2c => self.h2c.request(up),
+        };
+        let sent = match rule.backend_timeout {
+            Some(limit) => tokio::time::timeout(limit, sent).await,
+            None => Ok(sent.await),
         };
         let mut resp = match sent {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) => return self.upstream_failure(rule, backend, &e),
             Err(_) => {
                 rule.stats.upstream_error(UpstreamErrorKind::Timeout);
-                tracing::warn!(route = %rule.route, upstream = %backend.upstream.url, timeout_s = rule.timeout.as_secs_f64(), "upstream did not answer in time; answering 504");
+                tracing::warn!(route = %rule.route, upstream = %backend.upstream.url, timeout_s = rule.backend_timeout.unwrap_or_default().as_secs_f64(), "upstream did not answer in time; answering 504");
                 return error(
                     StatusCode::GATEWAY_TIMEOUT,
                     "upstream_timeout",
@@ -310,6 +394,9 @@ impl Proxy {
             }
         }
         strip_hop_by_hop(resp.headers_mut());
+        if let Some(m) = &backend.filters.response_headers {
+            m.apply(resp.headers_mut());
+        }
         resp.map(Either::Left)
     }
 
