@@ -495,7 +495,8 @@ impl Config {
                 bad(format!("proxy.{k}"), "must be greater than 0".into());
             }
         }
-        if p.listen == self.health.listen {
+        // Port 0 asks the kernel for a free port, so two `:0` listeners never collide.
+        if p.listen == self.health.listen && p.listen.port() != 0 {
             bad(
                 "health.listen".into(),
                 format!("same address as proxy.listen ({})", p.listen),
@@ -549,7 +550,7 @@ impl Config {
                     "only used with routes.source = \"config-api\"".into(),
                 );
             }
-            if api.listen == self.proxy.listen || api.listen == self.health.listen {
+            if api.listen.port() != 0 && (api.listen == self.proxy.listen || api.listen == self.health.listen) {
                 bad(
                     "config_api.listen".into(),
                     format!("{} is already used by proxy.listen or health.listen", api.listen),

@@ -7,6 +7,7 @@
 
 pub mod backoff;
 pub mod config;
+pub mod config_api;
 pub mod gcp;
 pub mod health;
 pub mod l7;
@@ -108,6 +109,9 @@ pub fn load_secrets(config: &Config, metrics: &Metrics) -> Result<SecretValues, 
 
 /// Reads the configured route source and builds the table.
 pub fn load_routes(config: &Config, metrics: &Metrics) -> anyhow::Result<RouteTable> {
+    if config.routes.source == RouteSourceKind::ConfigApi {
+        return Ok(config_api::load_persisted(config, metrics));
+    }
     let file_map;
     let host_map = match config.routes.source {
         RouteSourceKind::Inline | RouteSourceKind::ConfigApi => &config.routes.hosts,
@@ -192,7 +196,16 @@ impl Agent {
         }
         let summary = routes.summary.clone();
         let live = live_settings(&new, &secrets, routes)?;
-        self.proxy.live.store(Arc::new(live));
+        if new.routes.source == RouteSourceKind::ConfigApi {
+            // Pushed routes are not in the file: keep serving them; auth and limits reload.
+            self.proxy.live.rcu(|cur| live.with_routes(cur.routes.clone()));
+        } else {
+            self.proxy.live.store(Arc::new(live));
+        }
+        let summary = match new.routes.source {
+            RouteSourceKind::ConfigApi => self.proxy.live.load().routes.summary.clone(),
+            _ => summary,
+        };
         self.metrics.route_reloads.inc();
         self.health.update_status(|s| {
             s.routes = summary;
@@ -242,7 +255,9 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
         s.route_source = route_source_name(&config);
         s.secrets = secrets.keys().cloned().collect();
     });
-    health.routes_loaded.store(true, Ordering::Release);
+    // A config-API agent is ready once it has a pushed table (now, from the state dir, or later).
+    let routes_ready = config.routes.source != RouteSourceKind::ConfigApi || routes.version.is_some();
+    health.routes_loaded.store(routes_ready, Ordering::Release);
     tracing::info!(routes = routes.len(), source = %route_source_name(&config), "routes loaded");
 
     let limits = server::Limits {
@@ -273,7 +288,9 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     let proxy_listener = server::bind(config.proxy.listen, "proxy.listen").await?;
     let proxy_server = {
         let proxy = proxy.clone();
-        server::serve(proxy_listener, limits, move |peer, req| proxy.clone().handle(peer, req))?
+        server::serve(proxy_listener, limits.clone(), move |peer, req| {
+            proxy.clone().handle(peer, req)
+        })?
     };
     let proxy_addr = proxy_server.local_addr;
     // Wait for the proxy to answer before declaring it (and, later, starting cloudflared).
@@ -288,6 +305,29 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     health.proxy_answering.store(true, Ordering::Release);
     let proxy_probe = health.watch_proxy(proxy_addr, Duration::from_secs(1));
     tracing::info!(listen = %proxy_addr, "proxy up");
+
+    // --- L7 config API (routes.source = "config-api"): the controller pushes route tables. ---
+    let config_api_server = match (&config.config_api, config.routes.source) {
+        (Some(section), RouteSourceKind::ConfigApi) => {
+            let name = section.auth_secret.as_deref().unwrap_or_default();
+            let token = secrets
+                .get(name)
+                .cloned()
+                .context("config_api.auth_secret has no value")?;
+            let api = config_api::start(
+                section,
+                &config,
+                token,
+                proxy.clone(),
+                health.clone(),
+                metrics.clone(),
+                limits,
+            );
+            Some(api.await?)
+        }
+        _ => None,
+    };
+    // --- end L7 config API ---
 
     // 7. Ready.
     systemd::ready("serving");
@@ -326,6 +366,9 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     health.draining.store(true, Ordering::Release);
     let grace = agent.config.agent.shutdown_grace;
     proxy_probe.abort();
+    if let Some(api) = config_api_server {
+        api.shutdown(Duration::from_secs(1)).await;
+    }
     let drained = proxy_server.shutdown(grace).await;
     tracing::info!(drained, "proxy stopped");
     health_server.shutdown(Duration::from_secs(1)).await;

@@ -17,7 +17,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{Either, Full};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -27,7 +27,8 @@ use tokio::time::Instant;
 
 use crate::config::{AuthHeaderKind, ProxySection, UpstreamAuthKind, UpstreamProtocol};
 use crate::gcp::IdTokenCache;
-use crate::l7::filters::{client_scheme, request_host};
+use crate::l7::filters::{client_scheme, request_host, Mirror};
+use crate::l7::mirror::{MirrorTee, MIRROR_MAX_IN_FLIGHT};
 use crate::l7::RequestHead;
 use crate::routes::{host_without_port, Backend, RouteTable, Routed, Rule};
 use crate::secrets::Secret;
@@ -91,6 +92,17 @@ pub struct LiveSettings {
     pub max_body_bytes: Option<u64>,
 }
 
+impl LiveSettings {
+    /// The same settings serving another route table.
+    pub fn with_routes(&self, routes: Arc<RouteTable>) -> LiveSettings {
+        LiveSettings {
+            routes,
+            auth: self.auth.clone(),
+            max_body_bytes: self.max_body_bytes,
+        }
+    }
+}
+
 type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
 
 pub struct Proxy {
@@ -101,6 +113,12 @@ pub struct Proxy {
     h2c: Client<HttpConnector, CappedBody>,
     tokens: Arc<IdTokenCache>,
     metrics: Arc<Metrics>,
+    /// `RequestMirror` copies go through their own pools, so a slow mirror backend cannot
+    /// take connections from real traffic.
+    mirror_client: Client<HttpsConnector, Full<Bytes>>,
+    mirror_h2c: Client<HttpConnector, Full<Bytes>>,
+    /// Bounds mirror copies buffered or in flight (see `l7::mirror`).
+    mirror_slots: Arc<tokio::sync::Semaphore>,
 }
 
 fn http_connector(settings: &ProxySection) -> HttpConnector {
@@ -132,14 +150,19 @@ impl Proxy {
             .timer(TokioTimer::new())
             .pool_idle_timeout(settings.pool_idle_timeout)
             .pool_max_idle_per_host(settings.pool_max_idle_per_host);
-        let client = builder.build(https);
+        let client = builder.build(https.clone());
         let h2c = builder.clone().http2_only(true).build(http_connector(settings));
+        let mirror_client = builder.build(https);
+        let mirror_h2c = builder.clone().http2_only(true).build(http_connector(settings));
         Ok(Arc::new(Proxy {
             live: ArcSwap::from_pointee(live),
             client,
             h2c,
             tokens,
             metrics,
+            mirror_client,
+            mirror_h2c,
+            mirror_slots: Arc::new(tokio::sync::Semaphore::new(MIRROR_MAX_IN_FLIGHT)),
         }))
     }
 
@@ -309,6 +332,15 @@ impl Proxy {
                 }
             }
         };
+        // Mirrors see the request as the backend will (filters applied), without credentials.
+        let has_mirrors = !rule.filters.mirrors.is_empty() || !backend.filters.mirrors.is_empty();
+        let tee = if has_mirrors && upgrade.is_none() {
+            let pq = rewritten.as_ref().or(parts.uri.path_and_query()).cloned();
+            let mirrors = rule.filters.mirrors.iter().chain(&backend.filters.mirrors);
+            self.start_mirrors(rule, mirrors, &parts.method, pq, headers, body.is_end_stream())
+        } else {
+            None
+        };
         if backend.auth == UpstreamAuthKind::GcpIdToken {
             match self.tokens.header(&backend.upstream.url).await {
                 Ok(v) => {
@@ -349,6 +381,7 @@ impl Proxy {
             CappedBody {
                 inner: body,
                 remaining: live.max_body_bytes.unwrap_or(u64::MAX),
+                tee,
             },
         );
 
@@ -398,6 +431,62 @@ impl Proxy {
             m.apply(resp.headers_mut());
         }
         resp.map(Either::Left)
+    }
+
+    /// Starts a task per sampled mirror, each waiting for the body copy. Returns the tee that
+    /// feeds them, or `None` when nothing is mirrored or the body was empty (sent already).
+    fn start_mirrors<'m>(
+        &self,
+        rule: &Rule,
+        mirrors: impl Iterator<Item = &'m Mirror>,
+        method: &http::Method,
+        path_and_query: Option<PathAndQuery>,
+        headers: &HeaderMap,
+        body_is_empty: bool,
+    ) -> Option<MirrorTee> {
+        let mut waiting = Vec::new();
+        for mirror in mirrors.filter(|m| m.sampled()) {
+            let Ok(slot) = self.mirror_slots.clone().try_acquire_owned() else {
+                tracing::debug!(route = %rule.route, mirror = %mirror.upstream.url, "mirror skipped: too many mirrored requests in flight");
+                continue;
+            };
+            let (tx, rx) = tokio::sync::oneshot::channel::<Bytes>();
+            waiting.push(tx);
+            let mut req = Request::new(());
+            *req.method_mut() = method.clone();
+            *req.headers_mut() = headers.clone();
+            req.headers_mut().remove(header::HOST);
+            let task = MirrorTask {
+                upstream: mirror.upstream.clone(),
+                protocol: mirror.protocol,
+                auth: mirror.auth,
+                auth_header: mirror.auth_header,
+                path_and_query: path_and_query.clone(),
+                head: req,
+                client: self.mirror_client.clone(),
+                h2c: self.mirror_h2c.clone(),
+                tokens: self.tokens.clone(),
+                timeout: rule.backend_timeout.unwrap_or(Duration::from_secs(30)),
+                route: rule.route.clone(),
+            };
+            tokio::spawn(async move {
+                let _slot = slot;
+                // The sender is dropped without sending when the body is too large or the
+                // real request ends early: then there is nothing whole to mirror.
+                if let Ok(body) = rx.await {
+                    task.send(body).await;
+                }
+            });
+        }
+        if waiting.is_empty() {
+            return None;
+        }
+        let tee = MirrorTee::new(waiting);
+        if body_is_empty {
+            tee.finish();
+            return None;
+        }
+        Some(tee)
     }
 
     fn upstream_failure(
@@ -519,11 +608,79 @@ fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
     }
 }
 
+/// One mirrored request, sent once its body copy is complete.
+struct MirrorTask {
+    upstream: crate::routes::Upstream,
+    protocol: UpstreamProtocol,
+    auth: UpstreamAuthKind,
+    auth_header: AuthHeaderKind,
+    path_and_query: Option<PathAndQuery>,
+    /// Method and headers of the copy.
+    head: Request<()>,
+    client: Client<HttpsConnector, Full<Bytes>>,
+    h2c: Client<HttpConnector, Full<Bytes>>,
+    tokens: Arc<IdTokenCache>,
+    timeout: Duration,
+    route: Arc<str>,
+}
+
+impl MirrorTask {
+    async fn send(self, body: Bytes) {
+        let url = &self.upstream.url;
+        let (mut parts, ()) = self.head.into_parts();
+        parts.uri = match self.upstream.uri_for(self.path_and_query.as_ref()) {
+            Ok(uri) => uri,
+            Err(e) => {
+                tracing::debug!(route = %self.route, mirror = %url, error = %e, "mirror skipped");
+                return;
+            }
+        };
+        if self.auth == UpstreamAuthKind::GcpIdToken {
+            match self.tokens.header(url).await {
+                Ok(v) => {
+                    let name = match self.auth_header {
+                        AuthHeaderKind::Authorization => header::AUTHORIZATION,
+                        AuthHeaderKind::XServerlessAuthorization => X_SERVERLESS_AUTHORIZATION,
+                    };
+                    parts.headers.insert(name, v);
+                }
+                Err(e) => {
+                    tracing::debug!(route = %self.route, mirror = %url, error = %e, "mirror skipped: no identity token");
+                    return;
+                }
+            }
+        }
+        parts.version = match self.protocol {
+            UpstreamProtocol::H2c => Version::HTTP_2,
+            UpstreamProtocol::Auto => Version::HTTP_11,
+        };
+        let req = Request::from_parts(parts, Full::new(body));
+        let sent = match self.protocol {
+            UpstreamProtocol::Auto => self.client.request(req),
+            UpstreamProtocol::H2c => self.h2c.request(req),
+        };
+        let outcome = tokio::time::timeout(self.timeout, async {
+            let resp = sent.await.map_err(|e| crate::gcp::error_chain(&e))?;
+            let status = resp.status();
+            // Read the answer to its end so the connection can be reused.
+            resp.into_body().collect().await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(status)
+        })
+        .await;
+        match outcome {
+            Ok(Ok(status)) => tracing::debug!(route = %self.route, mirror = %url, %status, "mirrored"),
+            Ok(Err(e)) => tracing::debug!(route = %self.route, mirror = %url, error = %e, "mirror failed"),
+            Err(_) => tracing::debug!(route = %self.route, mirror = %url, "mirror timed out"),
+        }
+    }
+}
+
 /// The request body passed upstream, with the configured size limit enforced as it streams
-/// (a chunked body has no `Content-Length` to check up front).
+/// (a chunked body has no `Content-Length` to check up front), and a copy kept for mirrors.
 pub struct CappedBody {
     inner: Incoming,
     remaining: u64,
+    tee: Option<MirrorTee>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -541,14 +698,34 @@ impl Body for CappedBody {
                 if let Some(data) = frame.data_ref() {
                     let n = data.len() as u64;
                     if n > self.remaining {
+                        self.tee = None;
                         return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
                     }
                     self.remaining -= n;
+                    if let Some(tee) = &mut self.tee {
+                        if !tee.observe(data) {
+                            self.tee = None;
+                        }
+                    }
+                }
+                // hyper may stop polling once `is_end_stream` says so, without a final `None`.
+                if self.inner.is_end_stream() {
+                    if let Some(tee) = self.tee.take() {
+                        tee.finish();
+                    }
                 }
                 Some(Ok(frame))
             }
-            Some(Err(e)) => Some(Err(Box::new(e))),
-            None => None,
+            Some(Err(e)) => {
+                self.tee = None;
+                Some(Err(Box::new(e)))
+            }
+            None => {
+                if let Some(tee) = self.tee.take() {
+                    tee.finish();
+                }
+                None
+            }
         })
     }
 

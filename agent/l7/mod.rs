@@ -6,6 +6,7 @@
 
 pub mod filters;
 pub mod matching;
+pub mod mirror;
 pub mod spec;
 
 pub use filters::{FilterLevel, Filters, PathModifier};
