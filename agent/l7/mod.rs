@@ -15,3 +15,6 @@ pub use spec::{FilterSpec, MatchSpec, TimeoutsSpec};
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod randomized;
