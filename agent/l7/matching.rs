@@ -21,7 +21,7 @@ use std::cmp::Reverse;
 use std::collections::HashMap;
 
 use http::{HeaderMap, HeaderName, Method};
-use regex::bytes::{Regex, RegexBuilder};
+use regex::bytes::{Regex, RegexBuilder, RegexSet, RegexSetBuilder};
 
 use super::spec::{MatchSpec, PathMatchKind, ValueMatchKind, ValueMatchSpec};
 use crate::config::Problem;
@@ -149,23 +149,52 @@ struct HeaderCondition {
 }
 
 impl HeaderCondition {
-    fn holds(&self, headers: &HeaderMap) -> bool {
-        let mut values = headers.get_all(&self.name).iter();
-        let Some(first) = values.next() else {
-            return false;
-        };
-        match values.next() {
-            None => self.value.matches(first.as_bytes()),
-            Some(second) => {
-                // A repeated header is one field whose value is the lines joined by commas
-                // (RFC 9110 §5.3), which is what the Gateway API spec defers to.
-                let mut joined = first.as_bytes().to_vec();
-                for v in std::iter::once(second).chain(values) {
-                    joined.push(b',');
-                    joined.extend_from_slice(v.as_bytes());
-                }
-                self.value.matches(&joined)
+    fn holds<'t>(&'t self, seen: &mut HeaderLookups<'t, '_>) -> bool {
+        seen.value(&self.name).is_some_and(|v| self.value.matches(v))
+    }
+}
+
+/// The request's header values, looked up once per request and shared by every condition on
+/// the same name: a table that routes tenants by header tests one name many times.
+pub struct HeaderLookups<'t, 'r> {
+    headers: &'r HeaderMap,
+    values: Vec<(&'t HeaderName, Option<Cow<'r, [u8]>>)>,
+}
+
+impl<'t, 'r> HeaderLookups<'t, 'r> {
+    pub fn new(headers: &'r HeaderMap) -> Self {
+        HeaderLookups {
+            headers,
+            values: Vec::new(),
+        }
+    }
+
+    fn value(&mut self, name: &'t HeaderName) -> Option<&[u8]> {
+        let i = match self.values.iter().position(|(n, _)| *n == name) {
+            Some(i) => i,
+            None => {
+                self.values.push((name, field_value(self.headers, name)));
+                self.values.len() - 1
             }
+        };
+        self.values[i].1.as_deref()
+    }
+}
+
+/// A header's value; a repeated header is one field whose value is its lines joined by commas
+/// (RFC 9110 §5.3), which is what the Gateway API spec defers to.
+fn field_value<'r>(headers: &'r HeaderMap, name: &HeaderName) -> Option<Cow<'r, [u8]>> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next()?;
+    match values.next() {
+        None => Some(Cow::Borrowed(first.as_bytes())),
+        Some(second) => {
+            let mut joined = first.as_bytes().to_vec();
+            for v in std::iter::once(second).chain(values) {
+                joined.push(b',');
+                joined.extend_from_slice(v.as_bytes());
+            }
+            Some(Cow::Owned(joined))
         }
     }
 }
@@ -372,9 +401,17 @@ impl RouteMatch {
     }
 
     pub fn matches(&self, req: &RequestHead<'_>) -> bool {
-        self.path.matches(req.path)
-            && self.method.as_ref().is_none_or(|m| m == req.method)
-            && self.headers.iter().all(|h| h.holds(req.headers))
+        self.matches_with(req, &mut HeaderLookups::new(req.headers))
+    }
+
+    fn matches_with<'t>(&'t self, req: &RequestHead<'_>, seen: &mut HeaderLookups<'t, '_>) -> bool {
+        self.path.matches(req.path) && self.conditions_hold(req, seen)
+    }
+
+    /// Method, header and query conditions (everything but the path).
+    fn conditions_hold<'t>(&'t self, req: &RequestHead<'_>, seen: &mut HeaderLookups<'t, '_>) -> bool {
+        self.method.as_ref().is_none_or(|m| m == req.method)
+            && self.headers.iter().all(|h| h.holds(seen))
             && self.query.iter().all(|q| q.holds(req.query))
     }
 
@@ -410,46 +447,107 @@ fn check_path_value(v: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The matches that apply to one hostname (or to any host), in precedence order.
+/// The matches that apply to one hostname (or to any host), in precedence order. The path
+/// kinds are kept apart because their ranks never interleave: every `Exact` outranks every
+/// `RegularExpression`, which outranks every `PathPrefix`.
 #[derive(Debug, Default)]
 pub struct MatchList {
-    /// `Exact` path matches by path. Exact outranks every other kind, so they are tried first.
+    /// `Exact` path matches by path, each list by precedence.
     exact: HashMap<Box<str>, Vec<usize>>,
-    /// Every other match, sorted by precedence.
-    ordered: Vec<usize>,
+    /// `RegularExpression` path matches by precedence.
+    regex: Vec<usize>,
+    /// The paths of `regex` as one set, so a request runs one automaton over its path instead
+    /// of one per pattern. `None` below two patterns, or if the set would be too large.
+    regex_set: Option<RegexSet>,
+    /// `PathPrefix` matches other than `/`, by the first segment of their prefix, each list by
+    /// precedence: a prefix can only match paths with the same first segment.
+    prefix_by_segment: HashMap<Box<str>, Vec<usize>>,
+    /// `PathPrefix /` matches by precedence. Every other prefix is longer, so outranks these.
+    prefix_root: Vec<usize>,
+}
+
+/// The first segment of a path or prefix (`/a/b` → `a`); `None` without a leading `/`.
+fn first_segment(path: &str) -> Option<&str> {
+    path.strip_prefix('/')
+        .map(|rest| rest.split('/').next().unwrap_or(rest))
 }
 
 impl MatchList {
     pub fn push(&mut self, index: usize, m: &RouteMatch) {
         match &m.path {
             PathMatcher::Exact(p) => self.exact.entry(p.clone()).or_default().push(index),
-            _ => self.ordered.push(index),
+            PathMatcher::Regex(_) => self.regex.push(index),
+            PathMatcher::Prefix(p) => match first_segment(p) {
+                Some(segment) => self.prefix_by_segment.entry(segment.into()).or_default().push(index),
+                None => self.prefix_root.push(index),
+            },
         }
     }
 
-    /// Sorts once, at build time.
+    /// Sorts and builds the regex set once, at build time.
     pub fn finish(&mut self, all: &[RouteMatch]) {
         let key = |&i: &usize| all[i].sort_key();
-        self.ordered.sort_by_key(key);
-        self.ordered.dedup();
-        for list in self.exact.values_mut() {
+        let lists = self.exact.values_mut().chain(self.prefix_by_segment.values_mut());
+        for list in lists.chain([&mut self.regex, &mut self.prefix_root]) {
             list.sort_by_key(key);
             list.dedup();
+        }
+        self.regex_set = None;
+        if self.regex.len() >= 2 {
+            let patterns = self.regex.iter().filter_map(|&i| match &all[i].path {
+                PathMatcher::Regex(re) => Some(re.as_str()),
+                _ => None,
+            });
+            self.regex_set = RegexSetBuilder::new(patterns)
+                .unicode(false)
+                .size_limit(16 * REGEX_SIZE_LIMIT)
+                .dfa_size_limit(16 * REGEX_SIZE_LIMIT)
+                .build()
+                .ok();
         }
     }
 
     pub fn find<'t>(&self, all: &'t [RouteMatch], req: &RequestHead<'_>) -> Option<&'t RouteMatch> {
+        let seen = &mut HeaderLookups::new(req.headers);
         if !self.exact.is_empty() {
             if let Some(list) = self.exact.get(req.path) {
-                if let Some(m) = list.iter().map(|&i| &all[i]).find(|m| m.matches(req)) {
+                if let Some(m) = list.iter().map(|&i| &all[i]).find(|m| m.matches_with(req, seen)) {
                     return Some(m);
                 }
             }
         }
-        self.ordered.iter().map(|&i| &all[i]).find(|m| m.matches(req))
+        if !self.regex.is_empty() {
+            let found = match &self.regex_set {
+                // `is_match` first: it does not allocate, and most paths match no pattern.
+                Some(set) if !set.is_match(req.path.as_bytes()) => None,
+                // Set indices ascend in the order the patterns were given: precedence order.
+                Some(set) => set
+                    .matches(req.path.as_bytes())
+                    .iter()
+                    .map(|k| &all[self.regex[k]])
+                    .find(|m| m.conditions_hold(req, seen)),
+                None => self.regex.iter().map(|&i| &all[i]).find(|m| m.matches_with(req, seen)),
+            };
+            if found.is_some() {
+                return found;
+            }
+        }
+        if !self.prefix_by_segment.is_empty() {
+            let list = first_segment(req.path).and_then(|segment| self.prefix_by_segment.get(segment));
+            if let Some(m) = list.and_then(|l| l.iter().map(|&i| &all[i]).find(|m| m.matches_with(req, seen))) {
+                return Some(m);
+            }
+        }
+        self.prefix_root
+            .iter()
+            .map(|&i| &all[i])
+            .find(|m| m.matches_with(req, seen))
     }
 
     pub fn is_empty(&self) -> bool {
-        self.exact.is_empty() && self.ordered.is_empty()
+        self.exact.is_empty()
+            && self.regex.is_empty()
+            && self.prefix_by_segment.is_empty()
+            && self.prefix_root.is_empty()
     }
 }

@@ -628,3 +628,48 @@ fn same_hostname_is_fine_unless_two_catch_alls_claim_it() {
     .unwrap_err();
     assert!(err.to_string().contains("already routed"), "{err}");
 }
+
+/// The worked example in docs/routing.md (seed 003's `advanced-routing`), in both forms, must
+/// parse and route as the document says.
+#[test]
+fn docs_worked_example_builds_and_routes() {
+    let doc = include_str!("../../docs/routing.md");
+    let block = |fence: &str, starts: &str| -> String {
+        doc.split(fence)
+            .skip(1)
+            .map(|b| b.split("```").next().unwrap_or(""))
+            .find(|b| b.trim_start().starts_with(starts))
+            .unwrap_or_else(|| panic!("no {fence} block starting with {starts}"))
+            .to_owned()
+    };
+    let toml_table = table(&block("```toml\n", "[[route]]\nname = \"advanced-routing\"")).unwrap();
+    let pushed = crate::config_api::PushedConfig::parse(block("```json\n", "{\"version\": 1").as_bytes()).unwrap();
+    let json_table = pushed
+        .compile(&Config::default(), &crate::telemetry::Metrics::default())
+        .unwrap();
+    for t in [&toml_table, &json_table] {
+        let hit = req("app.example.com", "/api/v2/health").header("x-api-version", "2");
+        let head = RequestHead {
+            method: &hit.method,
+            path: "/api/v2/health",
+            query: None,
+            headers: &hit.headers,
+        };
+        let rule = t.route("app.example.com", &head).expect("routed").rule;
+        let weights: Vec<u32> = rule.backends.iter().map(|b| b.weight).collect();
+        assert_eq!(weights, [80, 20]);
+        let mut headers = HeaderMap::new();
+        rule.filters
+            .response_headers
+            .as_ref()
+            .expect("response modifier")
+            .apply(&mut headers);
+        assert_eq!(headers["x-proxy"], "cloudflare-tunnel-gateway");
+        assert_eq!(
+            route_of(t, &req("app.example.com", "/api/v2/health")),
+            "404",
+            "header required"
+        );
+        assert_eq!(route_of(t, &req("app.example.com", "/other")), "404", "no catch-all");
+    }
+}
