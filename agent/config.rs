@@ -47,6 +47,9 @@ pub struct Config {
     pub health: HealthSection,
     #[serde(default)]
     pub cloudflared: CloudflaredSection,
+    /// The listener the controller pushes route tables to (`routes.source = "config-api"`).
+    #[serde(default)]
+    pub config_api: Option<ConfigApiSection>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -196,6 +199,8 @@ pub enum RouteSourceKind {
     File,
     /// A GCE metadata attribute holding that JSON, watched for changes.
     GcpMetadata,
+    /// Pushed by a controller to the config API (`PUT /config`, the L7 peer's wire format).
+    ConfigApi,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -295,6 +300,15 @@ pub struct RouteSpec {
     /// Overrides `proxy.upstream_timeout` for this route.
     #[serde(default, with = "humantime_serde")]
     pub timeout: Option<Duration>,
+    /// Gateway API `HTTPRouteMatch`es, ORed; none means `PathPrefix /` (docs/routing.md).
+    #[serde(default)]
+    pub matches: Vec<crate::l7::MatchSpec>,
+    /// Gateway API `HTTPRouteFilter`s for every request of this route.
+    #[serde(default)]
+    pub filters: Vec<crate::l7::FilterSpec>,
+    /// Gateway API `HTTPRouteTimeouts` (`request`, `backend_request`).
+    #[serde(default)]
+    pub timeouts: Option<crate::l7::TimeoutsSpec>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -306,6 +320,9 @@ pub struct BackendSpec {
     pub upstream_auth: Option<UpstreamAuthKind>,
     pub auth_header: Option<AuthHeaderKind>,
     pub protocol: Option<UpstreamProtocol>,
+    /// Filters applied only when this backend is chosen.
+    #[serde(default)]
+    pub filters: Vec<crate::l7::FilterSpec>,
 }
 
 fn default_weight() -> u32 {
@@ -438,6 +455,29 @@ impl Default for CloudflaredSection {
             poll_interval: Duration::from_secs(1),
             disconnected_restart_after: Duration::from_secs(120),
             ready_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The config API listener (`PUT /config`, `GET /config`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConfigApiSection {
+    /// Loopback by default: only a local controller or an SSH tunnel can reach it.
+    pub listen: SocketAddr,
+    /// Secret holding the bearer token a `PUT /config` must present. Required.
+    pub auth_secret: Option<String>,
+    /// Write each applied table to `agent.state_dir` and serve it again after a restart, until
+    /// the controller pushes a newer one.
+    pub persist: bool,
+}
+
+impl Default for ConfigApiSection {
+    fn default() -> Self {
+        ConfigApiSection {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            auth_secret: None,
+            persist: true,
         }
     }
 }
@@ -644,6 +684,39 @@ impl Config {
                 "only used with source = \"gcp-metadata\"".into(),
             );
         }
+        if r.source == RouteSourceKind::ConfigApi {
+            if !self.route.is_empty() {
+                bad(
+                    "route".into(),
+                    "not used with source = \"config-api\" (the controller pushes every route)".into(),
+                );
+            }
+            match self.config_api.as_ref().and_then(|a| a.auth_secret.as_ref()) {
+                None => bad(
+                    "config_api.auth_secret".into(),
+                    "required for routes.source = \"config-api\"".into(),
+                ),
+                Some(secret) if !self.secrets.contains_key(secret) => bad(
+                    "config_api.auth_secret".into(),
+                    format!("no secret named {secret:?} in [secrets]"),
+                ),
+                Some(_) => {}
+            }
+        }
+        if let Some(api) = &self.config_api {
+            if self.routes.source != RouteSourceKind::ConfigApi {
+                bad(
+                    "config_api".into(),
+                    "only used with routes.source = \"config-api\"".into(),
+                );
+            }
+            if api.listen.port() != 0 && (api.listen == self.proxy.listen || api.listen == self.health.listen) {
+                bad(
+                    "config_api.listen".into(),
+                    format!("{} is already used by proxy.listen or health.listen", api.listen),
+                );
+            }
+        }
         // Route contents (URLs, hostnames, duplicates) are checked by the same code that builds
         // the live table, so `check` and a running agent can never disagree. Remote sources are
         // checked when fetched.
@@ -757,6 +830,9 @@ impl Config {
         if self.health.listen != new.health.listen {
             out.push("health.listen");
         }
+        if self.config_api.as_ref().map(|a| a.listen) != new.config_api.as_ref().map(|a| a.listen) {
+            out.push("config_api.listen");
+        }
         if self.agent.runtime_dir != new.agent.runtime_dir {
             out.push("agent.runtime_dir");
         }
@@ -796,6 +872,14 @@ impl Config {
             || self.role_watch.host_name != new.role_watch.host_name
         {
             out.push("role_watch");
+        }
+        let api = |c: &Config| {
+            c.config_api
+                .as_ref()
+                .map(|a| (a.listen, a.auth_secret.clone(), a.persist))
+        };
+        if api(self) != api(new) {
+            out.push("config_api");
         }
         if self.gcp.metadata_url != new.gcp.metadata_url || self.gcp.metadata_timeout != new.gcp.metadata_timeout {
             out.push("gcp.metadata_url/metadata_timeout");
@@ -843,6 +927,8 @@ impl Config {
         self.routes.attribute = running.routes.attribute.clone();
         self.routes.attribute_scope = running.routes.attribute_scope;
         self.role_watch = running.role_watch.clone();
+        // The config API's listener and token are read once, at start.
+        self.config_api = running.config_api.clone();
         self.gcp.metadata_url = running.gcp.metadata_url.clone();
         self.gcp.metadata_timeout = running.gcp.metadata_timeout;
         self.gcp.id_token_refresh_margin = running.gcp.id_token_refresh_margin;

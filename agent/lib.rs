@@ -7,10 +7,12 @@
 
 pub mod backoff;
 pub mod config;
+pub mod config_api;
 pub mod control;
 pub mod files;
 pub mod gcp;
 pub mod health;
+pub mod l7;
 pub mod proxy;
 pub mod roles;
 pub mod route_source;
@@ -35,7 +37,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use config::{Config, SecretSpec};
+use config::{Config, RouteSourceKind, SecretSpec};
 use gcp::{MetadataClient, SecretManager, SecretManagerError};
 use health::Health;
 use proxy::{AcceptedToken, InboundAuth, LiveSettings, Proxy};
@@ -181,12 +183,13 @@ pub fn build_routes(config: &Config, map: &HostMap, metrics: &Metrics) -> anyhow
 /// Reads the configured local route source and builds the table (what `check` uses).
 pub fn load_routes(config: &Config, metrics: &Metrics) -> anyhow::Result<RouteTable> {
     let map = match config.routes.source {
-        config::RouteSourceKind::Inline => config.routes.hosts.clone(),
-        config::RouteSourceKind::File => {
+        RouteSourceKind::Inline => config.routes.hosts.clone(),
+        RouteSourceKind::File => {
             routes::read_host_map(config.routes.file.as_deref().unwrap_or(std::path::Path::new("")))
                 .map_err(anyhow::Error::msg)?
         }
-        config::RouteSourceKind::GcpMetadata => HostMap::new(),
+        RouteSourceKind::GcpMetadata => HostMap::new(),
+        RouteSourceKind::ConfigApi => return Ok(config_api::load_persisted(config, metrics)),
     };
     build_routes(config, &map, metrics)
 }
@@ -313,15 +316,23 @@ struct Agent {
 
 impl Agent {
     /// Swaps in new live proxy settings.
-    fn apply_live(&self, routes: Arc<RouteTable>, config: &Config, secrets: &SecretValues) -> anyhow::Result<()> {
+    /// `routes: None` keeps the table in use (a config-API push may land at any time, so the
+    /// swap is read-copy-update rather than a blind store).
+    fn apply_live(
+        &self,
+        routes: Option<Arc<RouteTable>>,
+        config: &Config,
+        secrets: &SecretValues,
+    ) -> anyhow::Result<()> {
         let previous = self.proxy.live.load();
         let auth = inbound_auth(config, secrets, previous.auth.as_ref())?;
-        self.proxy.live.store(Arc::new(LiveSettings {
-            routes,
-            auth,
-            auth_header: HeaderName::from_bytes(config.proxy.auth_header.as_bytes()).context("proxy.auth_header")?,
+        let auth_header = HeaderName::from_bytes(config.proxy.auth_header.as_bytes()).context("proxy.auth_header")?;
+        self.proxy.live.rcu(|cur| LiveSettings {
+            routes: routes.clone().unwrap_or_else(|| cur.routes.clone()),
+            auth: auth.clone(),
+            auth_header: auth_header.clone(),
             max_body_bytes: config.proxy.max_body_bytes,
-        }));
+        });
         Ok(())
     }
 
@@ -367,10 +378,15 @@ impl Agent {
         let secrets = resolve_secrets(&new, &self.secret_manager, &self.metrics, deadline)
             .await
             .map_err(|e| anyhow::anyhow!(join_errors(&e)))?;
-        let (map, _) = route_source::fetch(&new, &self.metadata)
-            .await
-            .map_err(anyhow::Error::msg)?;
-        let table = build_routes(&new, &map, &self.metrics)?;
+        let table = if new.routes.source == RouteSourceKind::ConfigApi {
+            None
+        } else {
+            let (map, _) = route_source::fetch(&new, &self.metadata)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            let table = build_routes(&new, &map, &self.metrics)?;
+            Some((map, table))
+        };
         if !pending.is_empty() {
             tracing::warn!(settings = ?pending, "changed settings take effect only after a restart");
         }
@@ -384,9 +400,17 @@ impl Agent {
             self.role_source = RoleSource::Config;
             let _ = std::fs::remove_file(roles::state_path(&new.agent.state_dir));
         }
-        let spec = tunnel_spec(&new, &secrets, self.proxy_addr, &table, self.role);
-        self.routes_applied(&new, &map, &table);
-        self.apply_live(Arc::new(table), &new, &secrets)?;
+        let routes = match table {
+            // Pushed routes are not in the file: keep serving them; auth and limits reload.
+            None => None,
+            Some((map, table)) => {
+                self.routes_applied(&new, &map, &table);
+                Some(Arc::new(table))
+            }
+        };
+        let current = routes.clone().unwrap_or_else(|| self.proxy.live.load().routes.clone());
+        let spec = tunnel_spec(&new, &secrets, self.proxy_addr, &current, self.role);
+        self.apply_live(routes, &new, &secrets)?;
         self.tunnel.apply(spec).await;
         self.health.update_status(|s| {
             s.secrets = secrets.keys().cloned().collect();
@@ -418,7 +442,7 @@ impl Agent {
                 tracing::info!(routes = table.len(), "routes updated from the watched source");
                 let spec = tunnel_spec(&self.config, &self.secrets, self.proxy_addr, &table, self.role);
                 self.routes_applied(&self.config, &map, &table);
-                if let Err(e) = self.apply_live(Arc::new(table), &self.config, &self.secrets) {
+                if let Err(e) = self.apply_live(Some(Arc::new(table)), &self.config, &self.secrets) {
                     tracing::error!(error = %format!("{e:#}"), "cannot apply routes");
                 }
                 self.tunnel.apply(spec).await;
@@ -436,8 +460,7 @@ impl Agent {
         tracing::info!(secret = %name, "secret changed; applying");
         self.secrets.insert(name.clone(), value);
         if self.config.proxy.auth_secret.as_ref() == Some(&name) {
-            let routes = self.proxy.live.load().routes.clone();
-            if let Err(e) = self.apply_live(routes, &self.config, &self.secrets) {
+            if let Err(e) = self.apply_live(None, &self.config, &self.secrets) {
                 tracing::error!(error = %format!("{e:#}"), "cannot apply the rotated token");
             }
         }
@@ -552,6 +575,11 @@ async fn boot_routes(
     metadata: &MetadataClient,
     metrics: &Metrics,
 ) -> anyhow::Result<(HostMap, RouteTable, Option<String>, Option<String>)> {
+    if config.routes.source == RouteSourceKind::ConfigApi {
+        // The controller's last push, persisted in the state dir (or an empty table until the
+        // first push; /ready waits for one).
+        return Ok((HostMap::new(), config_api::load_persisted(config, metrics), None, None));
+    }
     // A remote source's value that builds no valid table is as unusable as an unreachable one.
     let fetched = route_source::fetch(config, metadata).await.and_then(|(map, etag)| {
         let table = build_routes(config, &map, metrics).map_err(|e| format!("{e:#}"))?;
@@ -559,7 +587,7 @@ async fn boot_routes(
     });
     match fetched {
         Ok((map, table, etag)) => Ok((map, table, etag, None)),
-        Err(source_error) if config.routes.source == config::RouteSourceKind::Inline => {
+        Err(source_error) if config.routes.source == RouteSourceKind::Inline => {
             anyhow::bail!("{source_error}")
         }
         Err(source_error) => {
@@ -611,12 +639,15 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     systemd::status("loading routes");
     let (host_map, routes, etag, fallback) = boot_routes(&config, &metadata, &metrics).await?;
     tracing::info!(routes = routes.len(), source = %route_source::describe(&config), "routes loaded");
+    // A config-API agent is ready once it has a pushed table (now, from the state dir, or later).
+    let routes_ready = config.routes.source != RouteSourceKind::ConfigApi || routes.version.is_some();
 
     let limits = server::Limits {
         header_read_timeout: config.proxy.header_read_timeout,
         idle_timeout: config.proxy.idle_timeout,
         max_header_bytes: config.proxy.max_header_bytes,
     };
+    let api_limits = limits.clone();
 
     // 4. Health listener.
     let health_listener = server::bind(config.health.listen, "health.listen").await?;
@@ -640,7 +671,9 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     let proxy_listener = server::bind(config.proxy.listen, "proxy.listen").await?;
     let proxy_server = {
         let proxy = proxy.clone();
-        server::serve(proxy_listener, limits, move |peer, req| proxy.clone().handle(peer, req))?
+        server::serve(proxy_listener, limits.clone(), move |peer, req| {
+            proxy.clone().handle(peer, req)
+        })?
     };
     let proxy_addr = proxy_server.local_addr;
     let (role, role_source, role_etag) = roles::boot_role(&config, &metadata).await;
@@ -675,10 +708,12 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
         role_source,
     };
     agent.publish_role();
-    agent.routes_applied(&agent.config, &host_map, &routes);
+    if agent.config.routes.source != RouteSourceKind::ConfigApi {
+        agent.routes_applied(&agent.config, &host_map, &routes);
+    }
     health.update_status(|s| s.routes_fallback = fallback);
-    agent.apply_live(Arc::new(routes), &agent.config, &agent.secrets)?;
-    health.routes_loaded.store(true, Ordering::Release);
+    agent.apply_live(Some(Arc::new(routes)), &agent.config, &agent.secrets)?;
+    health.routes_loaded.store(routes_ready, Ordering::Release);
     // Wait for the proxy to answer before declaring it, and before cloudflared may send traffic.
     let deadline = Instant::now() + Duration::from_secs(5);
     while !health::probe(proxy_addr, Duration::from_secs(1)).await {
@@ -711,6 +746,29 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
         systemd::status("starting cloudflared");
     }
     agent.tunnel.apply(spec).await;
+
+    // L7 config API (routes.source = "config-api"): the controller pushes route tables.
+    let config_api_server = match (&agent.config.config_api, agent.config.routes.source) {
+        (Some(section), RouteSourceKind::ConfigApi) => {
+            let name = section.auth_secret.as_deref().unwrap_or_default();
+            let token = agent
+                .secrets
+                .get(name)
+                .cloned()
+                .context("config_api.auth_secret has no value")?;
+            let api = config_api::start(
+                section,
+                &agent.config,
+                token,
+                agent.proxy.clone(),
+                health.clone(),
+                agent.metrics.clone(),
+                api_limits,
+            );
+            Some(api.await?)
+        }
+        _ => None,
+    };
 
     // 7. Ready: every local component serves; the tunnel's edge connection is /ready's business.
     systemd::ready("serving");
@@ -765,6 +823,9 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     }
     agent.tunnel.shutdown().await;
     proxy_probe.abort();
+    if let Some(api) = config_api_server {
+        api.shutdown(Duration::from_secs(1)).await;
+    }
     let drained = proxy_server.shutdown(agent.config.agent.shutdown_grace).await;
     tracing::info!(drained, "proxy stopped");
     health_server.shutdown(Duration::from_secs(1)).await;

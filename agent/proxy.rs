@@ -15,9 +15,10 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{Either, Full};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -27,7 +28,10 @@ use tokio::time::Instant;
 
 use crate::config::{AuthHeaderKind, ProxySection, UpstreamAuthKind, UpstreamProtocol};
 use crate::gcp::IdTokenCache;
-use crate::routes::{host_without_port, Backend, RouteTable, Rule};
+use crate::l7::filters::{client_scheme, request_host, Mirror};
+use crate::l7::mirror::{MirrorTee, MIRROR_MAX_IN_FLIGHT};
+use crate::l7::RequestHead;
+use crate::routes::{host_without_port, Backend, RouteTable, Routed, Rule};
 use crate::secrets::Secret;
 use crate::telemetry::{Metrics, UpstreamErrorKind};
 
@@ -92,6 +96,18 @@ pub struct LiveSettings {
     pub max_body_bytes: Option<u64>,
 }
 
+impl LiveSettings {
+    /// The same settings serving another route table.
+    pub fn with_routes(&self, routes: Arc<RouteTable>) -> LiveSettings {
+        LiveSettings {
+            routes,
+            auth: self.auth.clone(),
+            auth_header: self.auth_header.clone(),
+            max_body_bytes: self.max_body_bytes,
+        }
+    }
+}
+
 type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
 
 pub struct Proxy {
@@ -102,6 +118,12 @@ pub struct Proxy {
     h2c: Client<HttpConnector, CappedBody>,
     tokens: Arc<IdTokenCache>,
     metrics: Arc<Metrics>,
+    /// `RequestMirror` copies go through their own pools, so a slow mirror backend cannot
+    /// take connections from real traffic.
+    mirror_client: Client<HttpsConnector, Full<Bytes>>,
+    mirror_h2c: Client<HttpConnector, Full<Bytes>>,
+    /// Bounds mirror copies buffered or in flight (see `l7::mirror`).
+    mirror_slots: Arc<tokio::sync::Semaphore>,
 }
 
 fn http_connector(settings: &ProxySection) -> HttpConnector {
@@ -133,14 +155,19 @@ impl Proxy {
             .timer(TokioTimer::new())
             .pool_idle_timeout(settings.pool_idle_timeout)
             .pool_max_idle_per_host(settings.pool_max_idle_per_host);
-        let client = builder.build(https);
+        let client = builder.build(https.clone());
         let h2c = builder.clone().http2_only(true).build(http_connector(settings));
+        let mirror_client = builder.build(https);
+        let mirror_h2c = builder.clone().http2_only(true).build(http_connector(settings));
         Ok(Arc::new(Proxy {
             live: ArcSwap::from_pointee(live),
             client,
             h2c,
             tokens,
             metrics,
+            mirror_client,
+            mirror_h2c,
+            mirror_slots: Arc::new(tokio::sync::Semaphore::new(MIRROR_MAX_IN_FLIGHT)),
         }))
     }
 
@@ -176,31 +203,74 @@ impl Proxy {
                     .map(host_without_port)
             })
             .unwrap_or("");
-        let Some(rule) = live.routes.find(host) else {
+        let Some(routed) = live.routes.route(host, &RequestHead::of(&req)) else {
             self.metrics.unrouted.observe(404, start.elapsed());
             return error(
                 StatusCode::NOT_FOUND,
                 "no_route",
-                &format!("no route for host {host:?}"),
+                &format!("no route for host {host:?} and path {:?}", req.uri().path()),
             );
         };
-        let resp = self.forward(rule, &live, peer, req).await;
+        let rule = routed.rule;
+        let forwarded = self.forward(routed, &live, peer, req);
+        let mut resp = match rule.request_timeout {
+            None => forwarded.await,
+            // Until the response head: a response that has started streaming is never cut off.
+            Some(limit) => match tokio::time::timeout_at(start + limit, forwarded).await {
+                Ok(resp) => resp,
+                Err(_) => {
+                    rule.stats.upstream_error(UpstreamErrorKind::Timeout);
+                    tracing::warn!(route = %rule.route, timeout_s = limit.as_secs_f64(), "request timeout reached before a response; answering 504");
+                    error(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "request_timeout",
+                        "no response within the route's request timeout",
+                    )
+                }
+            },
+        };
+        if let Some(m) = &rule.filters.response_headers {
+            m.apply(resp.headers_mut());
+        }
         rule.stats.observe(resp.status().as_u16(), start.elapsed());
         resp
     }
 
     async fn forward(
         &self,
-        rule: &Rule,
+        routed: Routed<'_>,
         live: &LiveSettings,
         peer: SocketAddr,
         mut req: Request<Incoming>,
     ) -> Response<ProxyBody> {
+        let rule = routed.rule;
+        if let Some(redirect) = &rule.filters.redirect {
+            let location = redirect.location(
+                client_scheme(req.headers()),
+                request_host(&req),
+                req.uri().path(),
+                req.uri().query(),
+                routed.matched.prefix(),
+            );
+            return match HeaderValue::try_from(location) {
+                Ok(location) => {
+                    let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
+                    *resp.status_mut() = redirect.status;
+                    resp.headers_mut().insert(header::LOCATION, location);
+                    resp
+                }
+                Err(_) => error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "bad_redirect",
+                    "the redirect target is not a valid Location",
+                ),
+            };
+        }
         let Some(backend) = rule.pick_backend() else {
             return error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "no_backend",
-                "every backend of this route has weight 0",
+                "this route has no backend with a weight above 0",
             );
         };
         if let (Some(limit), Some(len)) = (live.max_body_bytes, content_length(req.headers())) {
@@ -234,6 +304,46 @@ impl Proxy {
         if !headers.contains_key(X_FORWARDED_PROTO) {
             headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
         }
+        // Rule filters, then the chosen backend's (Gateway API: backend filters apply only
+        // when that backend is chosen).
+        for filters in [&rule.filters, &backend.filters] {
+            if let Some(m) = &filters.request_headers {
+                m.apply(headers);
+            }
+        }
+        let rewrite = backend.filters.rewrite.as_ref().or(rule.filters.rewrite.as_ref());
+        if let Some(host) = rewrite.and_then(|r| r.hostname.as_ref()) {
+            headers.insert(header::HOST, host.clone());
+        }
+        let rewritten = match rewrite.and_then(|r| r.path.as_ref()) {
+            None => None,
+            Some(m) => {
+                let mut pq = m.apply(parts.uri.path(), routed.matched.prefix());
+                if let Some(q) = parts.uri.query() {
+                    pq.push('?');
+                    pq.push_str(q);
+                }
+                match PathAndQuery::try_from(pq) {
+                    Ok(pq) => Some(pq),
+                    Err(e) => {
+                        return error(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "bad_rewrite",
+                            &format!("rewritten path is invalid: {e}"),
+                        )
+                    }
+                }
+            }
+        };
+        // Mirrors see the request as the backend will (filters applied), without credentials.
+        let has_mirrors = !rule.filters.mirrors.is_empty() || !backend.filters.mirrors.is_empty();
+        let tee = if has_mirrors && upgrade.is_none() {
+            let pq = rewritten.as_ref().or(parts.uri.path_and_query()).cloned();
+            let mirrors = rule.filters.mirrors.iter().chain(&backend.filters.mirrors);
+            self.start_mirrors(rule, mirrors, &parts.method, pq, headers, body.is_end_stream())
+        } else {
+            None
+        };
         if backend.auth == UpstreamAuthKind::GcpIdToken {
             match self.tokens.header(&backend.upstream.url).await {
                 Ok(v) => {
@@ -250,7 +360,10 @@ impl Proxy {
                 }
             }
         }
-        parts.uri = match backend.upstream.uri_for(parts.uri.path_and_query()) {
+        parts.uri = match backend
+            .upstream
+            .uri_for(rewritten.as_ref().or(parts.uri.path_and_query()))
+        {
             Ok(uri) => uri,
             Err(e) => {
                 return error(
@@ -273,19 +386,20 @@ impl Proxy {
                 inner: body,
                 remaining: live.max_body_bytes.unwrap_or(u64::MAX),
                 progress: progress.clone(),
+                tee,
             },
         );
 
         let sent = match backend.protocol {
-            UpstreamProtocol::Auto => response_head(self.client.request(up), rule.timeout, &progress).await,
-            UpstreamProtocol::H2c => response_head(self.h2c.request(up), rule.timeout, &progress).await,
+            UpstreamProtocol::Auto => response_head(self.client.request(up), rule.backend_timeout, &progress).await,
+            UpstreamProtocol::H2c => response_head(self.h2c.request(up), rule.backend_timeout, &progress).await,
         };
         let mut resp = match sent {
             Some(Ok(resp)) => resp,
             Some(Err(e)) => return self.upstream_failure(rule, backend, &e),
             None => {
                 rule.stats.upstream_error(UpstreamErrorKind::Timeout);
-                tracing::warn!(route = %rule.route, upstream = %backend.upstream.url, timeout_s = rule.timeout.as_secs_f64(), "upstream did not answer in time; answering 504");
+                tracing::warn!(route = %rule.route, upstream = %backend.upstream.url, timeout_s = rule.backend_timeout.unwrap_or_default().as_secs_f64(), "upstream did not answer in time; answering 504");
                 return error(
                     StatusCode::GATEWAY_TIMEOUT,
                     "upstream_timeout",
@@ -314,7 +428,66 @@ impl Proxy {
             }
         }
         strip_hop_by_hop(resp.headers_mut());
+        if let Some(m) = &backend.filters.response_headers {
+            m.apply(resp.headers_mut());
+        }
         resp.map(Either::Left)
+    }
+
+    /// Starts a task per sampled mirror, each waiting for the body copy. Returns the tee that
+    /// feeds them, or `None` when nothing is mirrored or the body was empty (sent already).
+    fn start_mirrors<'m>(
+        &self,
+        rule: &Rule,
+        mirrors: impl Iterator<Item = &'m Mirror>,
+        method: &http::Method,
+        path_and_query: Option<PathAndQuery>,
+        headers: &HeaderMap,
+        body_is_empty: bool,
+    ) -> Option<MirrorTee> {
+        let mut waiting = Vec::new();
+        for mirror in mirrors.filter(|m| m.sampled()) {
+            let Ok(slot) = self.mirror_slots.clone().try_acquire_owned() else {
+                tracing::debug!(route = %rule.route, mirror = %mirror.upstream.url, "mirror skipped: too many mirrored requests in flight");
+                continue;
+            };
+            let (tx, rx) = tokio::sync::oneshot::channel::<Bytes>();
+            waiting.push(tx);
+            let mut req = Request::new(());
+            *req.method_mut() = method.clone();
+            *req.headers_mut() = headers.clone();
+            req.headers_mut().remove(header::HOST);
+            let task = MirrorTask {
+                upstream: mirror.upstream.clone(),
+                protocol: mirror.protocol,
+                auth: mirror.auth,
+                auth_header: mirror.auth_header,
+                path_and_query: path_and_query.clone(),
+                head: req,
+                client: self.mirror_client.clone(),
+                h2c: self.mirror_h2c.clone(),
+                tokens: self.tokens.clone(),
+                timeout: rule.backend_timeout.unwrap_or(Duration::from_secs(30)),
+                route: rule.route.clone(),
+            };
+            tokio::spawn(async move {
+                let _slot = slot;
+                // The sender is dropped without sending when the body is too large or the
+                // real request ends early: then there is nothing whole to mirror.
+                if let Ok(body) = rx.await {
+                    task.send(body).await;
+                }
+            });
+        }
+        if waiting.is_empty() {
+            return None;
+        }
+        let tee = MirrorTee::new(waiting);
+        if body_is_empty {
+            tee.finish();
+            return None;
+        }
+        Some(tee)
     }
 
     fn upstream_failure(
@@ -356,9 +529,12 @@ impl Proxy {
 /// upstream stopped reading, or silence after the body, is.
 async fn response_head<F: std::future::Future>(
     request: F,
-    timeout: Duration,
+    timeout: Option<Duration>,
     progress: &BodyProgress,
 ) -> Option<F::Output> {
+    let Some(timeout) = timeout else {
+        return Some(request.await);
+    };
     tokio::pin!(request);
     loop {
         let deadline = progress.last() + timeout;
@@ -490,12 +666,80 @@ fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
     }
 }
 
+/// One mirrored request, sent once its body copy is complete.
+struct MirrorTask {
+    upstream: crate::routes::Upstream,
+    protocol: UpstreamProtocol,
+    auth: UpstreamAuthKind,
+    auth_header: AuthHeaderKind,
+    path_and_query: Option<PathAndQuery>,
+    /// Method and headers of the copy.
+    head: Request<()>,
+    client: Client<HttpsConnector, Full<Bytes>>,
+    h2c: Client<HttpConnector, Full<Bytes>>,
+    tokens: Arc<IdTokenCache>,
+    timeout: Duration,
+    route: Arc<str>,
+}
+
+impl MirrorTask {
+    async fn send(self, body: Bytes) {
+        let url = &self.upstream.url;
+        let (mut parts, ()) = self.head.into_parts();
+        parts.uri = match self.upstream.uri_for(self.path_and_query.as_ref()) {
+            Ok(uri) => uri,
+            Err(e) => {
+                tracing::debug!(route = %self.route, mirror = %url, error = %e, "mirror skipped");
+                return;
+            }
+        };
+        if self.auth == UpstreamAuthKind::GcpIdToken {
+            match self.tokens.header(url).await {
+                Ok(v) => {
+                    let name = match self.auth_header {
+                        AuthHeaderKind::Authorization => header::AUTHORIZATION,
+                        AuthHeaderKind::XServerlessAuthorization => X_SERVERLESS_AUTHORIZATION,
+                    };
+                    parts.headers.insert(name, v);
+                }
+                Err(e) => {
+                    tracing::debug!(route = %self.route, mirror = %url, error = %e, "mirror skipped: no identity token");
+                    return;
+                }
+            }
+        }
+        parts.version = match self.protocol {
+            UpstreamProtocol::H2c => Version::HTTP_2,
+            UpstreamProtocol::Auto => Version::HTTP_11,
+        };
+        let req = Request::from_parts(parts, Full::new(body));
+        let sent = match self.protocol {
+            UpstreamProtocol::Auto => self.client.request(req),
+            UpstreamProtocol::H2c => self.h2c.request(req),
+        };
+        let outcome = tokio::time::timeout(self.timeout, async {
+            let resp = sent.await.map_err(|e| crate::gcp::error_chain(&e))?;
+            let status = resp.status();
+            // Read the answer to its end so the connection can be reused.
+            resp.into_body().collect().await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(status)
+        })
+        .await;
+        match outcome {
+            Ok(Ok(status)) => tracing::debug!(route = %self.route, mirror = %url, %status, "mirrored"),
+            Ok(Err(e)) => tracing::debug!(route = %self.route, mirror = %url, error = %e, "mirror failed"),
+            Err(_) => tracing::debug!(route = %self.route, mirror = %url, "mirror timed out"),
+        }
+    }
+}
+
 /// The request body passed upstream, with the configured size limit enforced as it streams
-/// (a chunked body has no `Content-Length` to check up front).
+/// (a chunked body has no `Content-Length` to check up front), and a copy kept for mirrors.
 pub struct CappedBody {
     inner: Incoming,
     remaining: u64,
     progress: Arc<BodyProgress>,
+    tee: Option<MirrorTee>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -513,15 +757,35 @@ impl Body for CappedBody {
                 if let Some(data) = frame.data_ref() {
                     let n = data.len() as u64;
                     if n > self.remaining {
+                        self.tee = None;
                         return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
                     }
                     self.remaining -= n;
                     self.progress.touch();
+                    if let Some(tee) = &mut self.tee {
+                        if !tee.observe(data) {
+                            self.tee = None;
+                        }
+                    }
+                }
+                // hyper may stop polling once `is_end_stream` says so, without a final `None`.
+                if self.inner.is_end_stream() {
+                    if let Some(tee) = self.tee.take() {
+                        tee.finish();
+                    }
                 }
                 Some(Ok(frame))
             }
-            Some(Err(e)) => Some(Err(Box::new(e))),
-            None => None,
+            Some(Err(e)) => {
+                self.tee = None;
+                Some(Err(Box::new(e)))
+            }
+            None => {
+                if let Some(tee) = self.tee.take() {
+                    tee.finish();
+                }
+                None
+            }
         })
     }
 

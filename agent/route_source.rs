@@ -33,6 +33,7 @@ pub fn describe(config: &Config) -> String {
             "file {}",
             config.routes.file.as_deref().unwrap_or(Path::new("")).display()
         ),
+        RouteSourceKind::ConfigApi => "config-api".to_owned(),
         RouteSourceKind::GcpMetadata => format!(
             "gcp-metadata {}/{}",
             config.routes.attribute_scope.path(),
@@ -54,6 +55,8 @@ fn attribute_path(config: &Config) -> String {
 pub async fn fetch(config: &Config, metadata: &MetadataClient) -> Result<(HostMap, Option<String>), String> {
     match config.routes.source {
         RouteSourceKind::Inline => Ok((config.routes.hosts.clone(), None)),
+        // Pushed tables are not fetched; the config API applies them itself.
+        RouteSourceKind::ConfigApi => Ok((HostMap::new(), None)),
         RouteSourceKind::File => {
             read_host_map(config.routes.file.as_deref().unwrap_or(Path::new(""))).map(|m| (m, None))
         }
@@ -72,7 +75,10 @@ fn last_good_path(config: &Config) -> PathBuf {
 
 /// Whether the source is remote enough to need a last-good copy.
 fn keeps_last_good(config: &Config) -> bool {
-    config.routes.source != RouteSourceKind::Inline
+    matches!(
+        config.routes.source,
+        RouteSourceKind::File | RouteSourceKind::GcpMetadata
+    )
 }
 
 /// The last host map that built a valid table, if any.

@@ -15,8 +15,10 @@ use std::time::Duration;
 use http::uri::{Authority, PathAndQuery, Scheme};
 
 use crate::config::{
-    AuthHeaderKind, BackendSpec, Config, Problem, RouteSourceKind, UpstreamAuthKind, UpstreamProtocol,
+    AuthHeaderKind, BackendSpec, Config, Problem, RouteSourceKind, RoutesSection, UpstreamAuthKind, UpstreamProtocol,
 };
+use crate::l7::spec::FilterKind;
+use crate::l7::{FilterLevel, FilterSpec, Filters, MatchList, MatchSpec, RequestHead, RouteMatch, TimeoutsSpec};
 use crate::telemetry::{Metrics, RouteStats};
 
 /// Where a request goes once it matched: the upstream and how to authenticate to it.
@@ -27,6 +29,8 @@ pub struct Backend {
     pub auth: UpstreamAuthKind,
     pub auth_header: AuthHeaderKind,
     pub protocol: UpstreamProtocol,
+    /// Filters that apply only when this backend is chosen.
+    pub filters: Filters,
 }
 
 /// A parsed upstream URL.
@@ -104,20 +108,25 @@ impl Upstream {
     }
 }
 
-/// One rule of a route: when it applies and where it sends the request.
+/// One rule: where a matching request goes and what happens to it on the way.
 #[derive(Debug)]
 pub struct Rule {
     /// The route's name, for logs and metrics.
     pub route: Arc<str>,
     pub backends: Vec<Backend>,
     total_weight: u64,
-    /// Time to the upstream's response head.
-    pub timeout: Duration,
+    pub filters: Filters,
+    /// From receiving the request to the response head (`timeouts.request`); `None`: no limit.
+    pub request_timeout: Option<Duration>,
+    /// From sending upstream to the response head (`timeouts.backend_request`, else the route's
+    /// `timeout`, else `proxy.upstream_timeout`); `None`: no limit.
+    pub backend_timeout: Option<Duration>,
     pub stats: Arc<RouteStats>,
 }
 
 impl Rule {
-    /// Picks a backend by weight. `None` when every weight is 0 (Gateway API: answer 500).
+    /// Picks a backend by weight. `None` when there is none or every weight is 0 (Gateway API:
+    /// answer 500).
     pub fn pick_backend(&self) -> Option<&Backend> {
         match self.backends.as_slice() {
             [only] if only.weight > 0 => Some(only),
@@ -148,13 +157,24 @@ pub struct RouteSummary {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     rules: Vec<Rule>,
-    /// Lower-case exact hostname → rule indices, in precedence order.
-    exact: HashMap<Box<str>, Vec<usize>>,
-    /// `*.suffix` hostnames as (".suffix", rules), longest suffix first.
-    wildcard: Vec<(Box<str>, Vec<usize>)>,
-    /// Rules of routes without hostnames: they apply to any host.
-    any_host: Vec<usize>,
+    /// Every compiled match of every rule; the lists below index into it.
+    matches: Vec<RouteMatch>,
+    /// Lower-case exact hostname → its matches in precedence order.
+    exact: HashMap<Box<str>, MatchList>,
+    /// `*.suffix` hostnames as (".suffix", matches), longest suffix first.
+    wildcard: Vec<(Box<str>, MatchList)>,
+    /// Matches of rules without hostnames: they apply to any host, after the hostname's own.
+    any_host: MatchList,
     pub summary: Vec<RouteSummary>,
+    /// The config API's version of this table; `None` for tables from the file.
+    pub version: Option<u64>,
+}
+
+/// What a request matched.
+#[derive(Debug, Clone, Copy)]
+pub struct Routed<'t> {
+    pub rule: &'t Rule,
+    pub matched: &'t RouteMatch,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -163,8 +183,33 @@ pub struct RoutesError {
     pub problems: Vec<Problem>,
 }
 
+/// One rule as configured, before compiling: what a host-map entry, a `[[route]]` and a pushed
+/// rule all reduce to.
+#[derive(Debug)]
+pub(crate) struct RuleSource {
+    pub name: String,
+    /// Where the rule came from, for error messages (`route[2]`, `rules[0]`).
+    pub key: String,
+    pub hostnames: Vec<String>,
+    pub backends: Vec<BackendSpec>,
+    /// Single upstream given as a string (host map entry or `upstream =`).
+    pub shorthand: bool,
+    /// Key to blame for a bad shorthand upstream, when not the route's own key.
+    pub upstream_key: Option<String>,
+    pub matches: Vec<MatchSpec>,
+    pub filters: Vec<FilterSpec>,
+    pub timeouts: TimeoutsSpec,
+    /// Backend timeout when `timeouts.backend_request` is not given.
+    pub default_backend_timeout: Duration,
+}
+
+/// `0s` disables a timeout (GEP-1742).
+fn timeout_or_none(d: Duration) -> Option<Duration> {
+    (!d.is_zero()).then_some(d)
+}
+
 /// Normalises a configured hostname. Accepts `*.` wildcards; rejects ports and junk.
-fn normalise_hostname(h: &str) -> Result<String, String> {
+pub(crate) fn normalise_hostname(h: &str) -> Result<String, String> {
     let lower = h.trim().to_ascii_lowercase();
     let bare = lower.strip_prefix("*.").unwrap_or(&lower);
     let valid_label = |l: &str| {
@@ -214,30 +259,14 @@ impl RouteTable {
         metrics: &Metrics,
     ) -> Result<RouteTable, RoutesError> {
         let mut problems = Vec::new();
-        let mut table = RouteTable::default();
-        let defaults = &config.routes;
-        let map_key = match defaults.source {
-            RouteSourceKind::Inline => "routes.hosts",
+        let map_key = match config.routes.source {
             RouteSourceKind::File => "routes.file",
             RouteSourceKind::GcpMetadata => "routes.attribute",
+            _ => "routes.hosts",
         };
-        // Which route claimed each hostname first, to report duplicates.
-        let mut claimed: HashMap<String, String> = HashMap::new();
-
-        struct Pending {
-            name: String,
-            key: String,
-            hostnames: Vec<String>,
-            backends: Vec<BackendSpec>,
-            /// Single upstream given as a string (host map entry or `upstream =`).
-            shorthand: bool,
-            /// Key to blame for a bad shorthand upstream, when not the route's own key.
-            upstream_key: Option<String>,
-            timeout: Duration,
-        }
-        let mut pending = Vec::new();
+        let mut sources = Vec::new();
         for (host, url) in host_map {
-            pending.push(Pending {
+            sources.push(RuleSource {
                 name: host.to_ascii_lowercase(),
                 key: format!("{map_key}.{host:?}"),
                 hostnames: vec![host.clone()],
@@ -247,15 +276,20 @@ impl RouteTable {
                     upstream_auth: None,
                     auth_header: None,
                     protocol: None,
+                    filters: Vec::new(),
                 }],
                 shorthand: true,
                 upstream_key: None,
-                timeout: config.proxy.upstream_timeout,
+                matches: Vec::new(),
+                filters: Vec::new(),
+                timeouts: TimeoutsSpec::default(),
+                default_backend_timeout: config.proxy.upstream_timeout,
             });
         }
         for (i, r) in config.route.iter().enumerate() {
             let key = format!("route[{i}]");
             let mut backends = r.backends.clone();
+            let redirects = r.filters.iter().any(|f| f.kind == FilterKind::RequestRedirect);
             match (&r.upstream, backends.is_empty()) {
                 (Some(url), true) => backends.push(BackendSpec {
                     url: url.clone(),
@@ -263,16 +297,17 @@ impl RouteTable {
                     upstream_auth: r.upstream_auth,
                     auth_header: r.auth_header,
                     protocol: r.protocol,
+                    filters: Vec::new(),
                 }),
                 (Some(_), false) => problems.push(Problem {
                     key: format!("{key}.upstream"),
                     reason: "give either upstream or backends, not both".into(),
                 }),
-                (None, true) => problems.push(Problem {
+                (None, true) if !redirects => problems.push(Problem {
                     key: format!("{key}.backends"),
-                    reason: "a route needs an upstream or at least one backend".into(),
+                    reason: "a route needs an upstream, at least one backend, or a RequestRedirect filter".into(),
                 }),
-                (None, false) => {
+                (None, _) => {
                     for b in &mut backends {
                         b.upstream_auth = b.upstream_auth.or(r.upstream_auth);
                         b.auth_header = b.auth_header.or(r.auth_header);
@@ -286,18 +321,39 @@ impl RouteTable {
                 .or_else(|| r.hostnames.first().map(|h| h.to_ascii_lowercase()))
                 .unwrap_or_else(|| key.clone());
             let shorthand = r.upstream.is_some();
-            pending.push(Pending {
+            sources.push(RuleSource {
                 name,
                 upstream_key: shorthand.then(|| format!("{key}.upstream")),
                 key,
                 shorthand,
                 hostnames: r.hostnames.clone(),
                 backends,
-                timeout: r.timeout.unwrap_or(config.proxy.upstream_timeout),
+                matches: r.matches.clone(),
+                filters: r.filters.clone(),
+                timeouts: r.timeouts.clone().unwrap_or_default(),
+                default_backend_timeout: r.timeout.unwrap_or(config.proxy.upstream_timeout),
             });
         }
+        Self::compile(sources, &config.routes, metrics, true, problems)
+    }
 
-        for p in pending {
+    /// Compiles rules into a table. With `strict_duplicates`, a hostname claimed by two rules
+    /// that both accept every request is an error (the second could never be chosen); the
+    /// config API accepts that, as Gateway API does (the earlier rule wins).
+    pub(crate) fn compile(
+        sources: Vec<RuleSource>,
+        defaults: &RoutesSection,
+        metrics: &Metrics,
+        strict_duplicates: bool,
+        mut problems: Vec<Problem>,
+    ) -> Result<RouteTable, RoutesError> {
+        let mut table = RouteTable::default();
+        // Which rule claimed each hostname with a catch-all first, to report duplicates.
+        let mut claimed: HashMap<String, String> = HashMap::new();
+        let mut wildcard: HashMap<Box<str>, MatchList> = HashMap::new();
+
+        for p in sources {
+            let idx = table.rules.len();
             let mut backends = Vec::new();
             for (bi, b) in p.backends.iter().enumerate() {
                 let bkey = if p.shorthand {
@@ -305,6 +361,13 @@ impl RouteTable {
                 } else {
                     format!("{}.backends[{bi}].url", p.key)
                 };
+                let filters = Filters::compile(
+                    &b.filters,
+                    &format!("{}.backends[{bi}].filters", p.key),
+                    FilterLevel::Backend,
+                    defaults,
+                    &mut problems,
+                );
                 match Upstream::parse(&b.url) {
                     Ok(upstream) => {
                         let protocol = b.protocol.unwrap_or(defaults.protocol);
@@ -322,24 +385,67 @@ impl RouteTable {
                             auth: b.upstream_auth.unwrap_or(defaults.upstream_auth),
                             auth_header: b.auth_header.unwrap_or(defaults.auth_header),
                             protocol,
+                            filters,
                         })
                     }
                     Err(reason) => problems.push(Problem { key: bkey, reason }),
                 }
             }
-            let mut hostnames = Vec::new();
+
+            let mut matches = Vec::new();
+            if p.matches.is_empty() {
+                matches.push(RouteMatch::catch_all(idx, idx));
+            }
+            for (mi, spec) in p.matches.iter().enumerate() {
+                match RouteMatch::compile(spec, &format!("{}.matches[{mi}]", p.key), idx, (idx, mi)) {
+                    Ok(m) => matches.push(m),
+                    Err(e) => problems.extend(e),
+                }
+            }
+            let catch_all = matches.iter().all(RouteMatch::is_catch_all);
+
+            let filters = Filters::compile(
+                &p.filters,
+                &format!("{}.filters", p.key),
+                FilterLevel::Rule,
+                defaults,
+                &mut problems,
+            );
+            let prefix_replaced = filters.replaces_prefix() || backends.iter().any(|b| b.filters.replaces_prefix());
+            if prefix_replaced && matches.iter().any(|m| m.prefix().is_none()) {
+                problems.push(Problem {
+                    key: format!("{}.filters", p.key),
+                    reason: "ReplacePrefixMatch needs every match of the rule to be a PathPrefix match".into(),
+                });
+            }
+
+            let request_timeout = p.timeouts.request.and_then(timeout_or_none);
+            let backend_timeout = timeout_or_none(p.timeouts.backend_request.unwrap_or(p.default_backend_timeout));
+            if let (Some(r), Some(b)) = (request_timeout, p.timeouts.backend_request.and_then(timeout_or_none)) {
+                if b > r {
+                    problems.push(Problem {
+                        key: format!("{}.timeouts.backend_request", p.key),
+                        reason: format!("{b:?} exceeds timeouts.request ({r:?})"),
+                    });
+                }
+            }
+
+            let mut hostnames: Vec<String> = Vec::new();
             for h in &p.hostnames {
                 match normalise_hostname(h) {
+                    Ok(h) if hostnames.contains(&h) => {}
                     Ok(h) => {
-                        if let Some(first) = claimed.get(&h) {
-                            problems.push(Problem {
-                                key: p.key.clone(),
-                                reason: format!("hostname {h:?} is already routed by {first}"),
-                            });
-                        } else {
+                        if strict_duplicates && catch_all {
+                            if let Some(first) = claimed.get(&h) {
+                                problems.push(Problem {
+                                    key: p.key.clone(),
+                                    reason: format!("hostname {h:?} is already routed by {first}"),
+                                });
+                                continue;
+                            }
                             claimed.insert(h.clone(), p.key.clone());
-                            hostnames.push(h);
                         }
+                        hostnames.push(h);
                     }
                     Err(reason) => problems.push(Problem {
                         key: p.key.clone(),
@@ -347,12 +453,26 @@ impl RouteTable {
                     }),
                 }
             }
+
+            for m in matches {
+                let mi = table.matches.len();
+                if hostnames.is_empty() {
+                    table.any_host.push(mi, &m);
+                }
+                for h in &hostnames {
+                    match h.strip_prefix('*') {
+                        Some(suffix) => wildcard.entry(suffix.into()).or_default().push(mi, &m),
+                        None => table.exact.entry(h.as_str().into()).or_default().push(mi, &m),
+                    }
+                }
+                table.matches.push(m);
+            }
+
             let total_weight = backends.iter().map(|b| u64::from(b.weight)).sum();
-            let idx = table.rules.len();
             let route: Arc<str> = Arc::from(p.name.as_str());
             table.summary.push(RouteSummary {
                 name: p.name,
-                hostnames: hostnames.clone(),
+                hostnames,
                 upstreams: backends.iter().map(|b| b.upstream.url.clone()).collect(),
             });
             table.rules.push(Rule {
@@ -360,25 +480,28 @@ impl RouteTable {
                 route,
                 backends,
                 total_weight,
-                timeout: p.timeout,
+                filters,
+                request_timeout,
+                backend_timeout,
             });
-            if hostnames.is_empty() {
-                table.any_host.push(idx);
-            }
-            for h in hostnames {
-                match h.strip_prefix('*') {
-                    Some(suffix) => table.wildcard.push((suffix.into(), vec![idx])),
-                    None => table.exact.entry(h.into_boxed_str()).or_default().push(idx),
-                }
-            }
         }
-        table.wildcard.sort_by_key(|w| std::cmp::Reverse(w.0.len()));
 
-        if problems.is_empty() {
-            Ok(table)
-        } else {
-            Err(RoutesError { problems })
+        if !problems.is_empty() {
+            return Err(RoutesError { problems });
         }
+        let all = &table.matches;
+        for list in table.exact.values_mut() {
+            list.finish(all);
+        }
+        table.any_host.finish(all);
+        let mut wildcard: Vec<(Box<str>, MatchList)> = wildcard.into_iter().collect();
+        for (_, list) in &mut wildcard {
+            list.finish(all);
+        }
+        // Gateway API: the longest matching hostname wins; ties cannot happen (one list per suffix).
+        wildcard.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
+        table.wildcard = wildcard;
+        Ok(table)
     }
 
     pub fn len(&self) -> usize {
@@ -389,9 +512,11 @@ impl RouteTable {
         self.rules.is_empty()
     }
 
-    /// The rule for a request to `host` (already without port). Exact hostnames win over
-    /// wildcards (longest suffix first), which win over host-less routes.
-    pub fn find(&self, host: &str) -> Option<&Rule> {
+    /// The match and rule for a request to `host` (already without port). Gateway API's
+    /// hostname precedence comes first: the exact hostname's matches, then each matching
+    /// wildcard's (longest suffix first), then those of rules without hostnames. Within each,
+    /// the first match in precedence order whose conditions hold wins.
+    pub fn route(&self, host: &str, req: &RequestHead<'_>) -> Option<Routed<'_>> {
         let lower;
         let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
             lower = host.to_ascii_lowercase();
@@ -400,15 +525,35 @@ impl RouteTable {
             host
         };
         let host = host.strip_suffix('.').unwrap_or(host);
-        let candidates = self.exact.get(host).map(Vec::as_slice).or_else(|| {
-            self.wildcard
-                .iter()
-                // A wildcard matches one or more labels, never the apex itself.
-                .find(|(suffix, _)| host.len() > suffix.len() && host.ends_with(&**suffix))
-                .map(|(_, rules)| rules.as_slice())
-        });
-        let rules = candidates.unwrap_or(&self.any_host);
-        rules.first().map(|&i| &self.rules[i])
+        let all = &self.matches;
+        let found = self
+            .exact
+            .get(host)
+            .and_then(|list| list.find(all, req))
+            .or_else(|| {
+                self.wildcard
+                    .iter()
+                    // A wildcard matches one or more labels, never the apex itself.
+                    .filter(|(suffix, _)| host.len() > suffix.len() && host.ends_with(&**suffix))
+                    .find_map(|(_, list)| list.find(all, req))
+            })
+            .or_else(|| self.any_host.find(all, req))?;
+        Some(Routed {
+            rule: &self.rules[found.rule],
+            matched: found,
+        })
+    }
+
+    /// The rule a plain `GET /` to `host` would get.
+    pub fn find(&self, host: &str) -> Option<&Rule> {
+        let headers = http::HeaderMap::new();
+        let head = RequestHead {
+            method: &http::Method::GET,
+            path: "/",
+            query: None,
+            headers: &headers,
+        };
+        self.route(host, &head).map(|r| r.rule)
     }
 
     /// The seed's `routes.json` format: hostname → first backend URL.

@@ -1,0 +1,486 @@
+//! Compiled `HTTPRouteFilter`s: header modifiers, redirect, URL rewrite, mirror.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::StatusCode;
+
+use super::spec::{
+    FilterKind, FilterSpec, HeaderModifierSpec, HeaderSpec, MirrorSpec, PathModifierKind, PathModifierSpec,
+};
+use crate::config::{AuthHeaderKind, Problem, RoutesSection, UpstreamAuthKind, UpstreamProtocol};
+use crate::routes::Upstream;
+
+/// Headers a modifier may not touch: they belong to the connection, not the message
+/// (RFC 9110 §7.6.1), or the proxy owns them.
+const UNMODIFIABLE: [&str; 11] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "host",
+    "content-length",
+];
+
+/// Where a filter list sits: on a rule, or on one backend of a rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FilterLevel {
+    Rule,
+    Backend,
+}
+
+#[derive(Debug, Default)]
+pub struct Filters {
+    pub request_headers: Option<HeaderModifier>,
+    pub response_headers: Option<HeaderModifier>,
+    pub redirect: Option<Redirect>,
+    pub rewrite: Option<UrlRewrite>,
+    pub mirrors: Vec<Mirror>,
+}
+
+impl Filters {
+    pub fn is_empty(&self) -> bool {
+        self.request_headers.is_none()
+            && self.response_headers.is_none()
+            && self.redirect.is_none()
+            && self.rewrite.is_none()
+            && self.mirrors.is_empty()
+    }
+
+    /// Whether any filter rewrites or redirects with `ReplacePrefixMatch`, which is only defined
+    /// for rules whose matches are all `PathPrefix`.
+    pub fn replaces_prefix(&self) -> bool {
+        let prefix = |p: &Option<PathModifier>| matches!(p, Some(PathModifier::Prefix(_)));
+        self.redirect.as_ref().is_some_and(|r| prefix(&r.path))
+            || self.rewrite.as_ref().is_some_and(|r| prefix(&r.path))
+    }
+
+    /// Compiles `specs` (found under `key`), collecting every problem.
+    pub fn compile(
+        specs: &[FilterSpec],
+        key: &str,
+        level: FilterLevel,
+        defaults: &RoutesSection,
+        problems: &mut Vec<Problem>,
+    ) -> Filters {
+        let mut out = Filters::default();
+        let mut seen: Vec<FilterKind> = Vec::new();
+        for (i, f) in specs.iter().enumerate() {
+            let k = format!("{key}[{i}]");
+            let mut bad = |reason: String| problems.push(Problem { key: k.clone(), reason });
+            let given = [
+                (FilterKind::RequestHeaderModifier, f.request_header_modifier.is_some()),
+                (FilterKind::ResponseHeaderModifier, f.response_header_modifier.is_some()),
+                (FilterKind::RequestRedirect, f.request_redirect.is_some()),
+                (FilterKind::UrlRewrite, f.url_rewrite.is_some()),
+                (FilterKind::RequestMirror, f.request_mirror.is_some()),
+            ];
+            for (kind, present) in given {
+                if kind != f.kind && present {
+                    bad(format!(
+                        "settings for {} given on a filter of type {}",
+                        kind.as_str(),
+                        f.kind.as_str()
+                    ));
+                }
+            }
+            // Gateway API: each filter type at most once per rule, except RequestMirror.
+            if f.kind != FilterKind::RequestMirror && seen.contains(&f.kind) {
+                bad(format!("{} given more than once", f.kind.as_str()));
+                continue;
+            }
+            seen.push(f.kind);
+            let missing = || format!("type {} needs its settings object", f.kind.as_str());
+            match f.kind {
+                FilterKind::RequestHeaderModifier => match &f.request_header_modifier {
+                    Some(spec) => out.request_headers = HeaderModifier::compile(spec, &k, problems),
+                    None => bad(missing()),
+                },
+                FilterKind::ResponseHeaderModifier => match &f.response_header_modifier {
+                    Some(spec) => out.response_headers = HeaderModifier::compile(spec, &k, problems),
+                    None => bad(missing()),
+                },
+                FilterKind::RequestRedirect => match (&f.request_redirect, level) {
+                    (_, FilterLevel::Backend) => {
+                        bad("a redirect answers before any backend is chosen; put it on the rule".into())
+                    }
+                    (Some(spec), FilterLevel::Rule) => match Redirect::compile(spec) {
+                        Ok(r) => out.redirect = Some(r),
+                        Err(reason) => bad(reason),
+                    },
+                    (None, _) => bad(missing()),
+                },
+                FilterKind::UrlRewrite => match &f.url_rewrite {
+                    Some(spec) => {
+                        let hostname = match spec.hostname.as_deref().map(rewrite_hostname).transpose() {
+                            Ok(h) => h,
+                            Err(reason) => {
+                                bad(reason);
+                                None
+                            }
+                        };
+                        match spec.path.as_ref().map(PathModifier::compile).transpose() {
+                            Ok(path) => out.rewrite = Some(UrlRewrite { hostname, path }),
+                            Err(reason) => bad(reason),
+                        }
+                    }
+                    None => bad(missing()),
+                },
+                FilterKind::RequestMirror => match &f.request_mirror {
+                    Some(spec) => match Mirror::compile(spec, defaults) {
+                        Ok(m) => out.mirrors.push(m),
+                        Err(reason) => bad(reason),
+                    },
+                    None => bad(missing()),
+                },
+            }
+        }
+        // "RequestRedirect and URLRewrite cannot both be set on the same rule."
+        if out.redirect.is_some() && out.rewrite.is_some() {
+            problems.push(Problem {
+                key: key.to_owned(),
+                reason: "RequestRedirect and URLRewrite cannot be combined".into(),
+            });
+        }
+        out
+    }
+}
+
+/// `HTTPHeaderFilter`, compiled: names parsed (lower-case, so they compare
+/// case-insensitively) and values validated once.
+#[derive(Debug, Default)]
+pub struct HeaderModifier {
+    set: Vec<(HeaderName, HeaderValue)>,
+    add: Vec<(HeaderName, HeaderValue)>,
+    remove: Vec<HeaderName>,
+}
+
+impl HeaderModifier {
+    fn compile(spec: &HeaderModifierSpec, key: &str, problems: &mut Vec<Problem>) -> Option<HeaderModifier> {
+        let before = problems.len();
+        let pairs = |op: &str, list: &[HeaderSpec], problems: &mut Vec<Problem>| {
+            let mut out: Vec<(HeaderName, HeaderValue)> = Vec::new();
+            for (i, h) in list.iter().enumerate() {
+                let k = format!("{key}.{op}[{i}]");
+                let Some(n) = modifiable_name(&h.name, &k, problems) else {
+                    continue;
+                };
+                match HeaderValue::from_str(&h.value) {
+                    Err(_) => problems.push(Problem {
+                        key: k,
+                        reason: format!("value of {:?} is not a valid header value", h.name),
+                    }),
+                    Ok(_) if out.iter().any(|(seen, _)| *seen == n) => problems.push(Problem {
+                        key: k,
+                        reason: format!("{:?} is listed twice", h.name),
+                    }),
+                    Ok(v) => out.push((n, v)),
+                }
+            }
+            out
+        };
+        let set = pairs("set", &spec.set, problems);
+        let add = pairs("add", &spec.add, problems);
+        let mut remove = Vec::new();
+        for (i, n) in spec.remove.iter().enumerate() {
+            if let Some(h) = modifiable_name(n, &format!("{key}.remove[{i}]"), problems) {
+                remove.push(h);
+            }
+        }
+        (problems.len() == before).then_some(HeaderModifier { set, add, remove })
+    }
+
+    /// Set, then add (appending to existing values), then remove.
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        for (n, v) in &self.set {
+            headers.insert(n.clone(), v.clone());
+        }
+        for (n, v) in &self.add {
+            headers.append(n.clone(), v.clone());
+        }
+        for n in &self.remove {
+            headers.remove(n);
+        }
+    }
+}
+
+fn modifiable_name(name: &str, key: &str, problems: &mut Vec<Problem>) -> Option<HeaderName> {
+    let reason = match HeaderName::from_bytes(name.as_bytes()) {
+        Ok(h) if !UNMODIFIABLE.contains(&h.as_str()) => return Some(h),
+        Ok(_) => format!("{name:?} belongs to the connection or the proxy and cannot be modified"),
+        Err(_) => format!("{name:?} is not a valid header name"),
+    };
+    problems.push(Problem {
+        key: key.to_owned(),
+        reason,
+    });
+    None
+}
+
+/// `HTTPPathModifier`, compiled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathModifier {
+    /// `ReplaceFullPath`.
+    Full(Box<str>),
+    /// `ReplacePrefixMatch`: the replacement for the matched `PathPrefix`.
+    Prefix(Box<str>),
+}
+
+impl PathModifier {
+    fn compile(spec: &PathModifierSpec) -> Result<PathModifier, String> {
+        let (wanted, other) = match spec.kind {
+            PathModifierKind::ReplaceFullPath => (&spec.replace_full_path, &spec.replace_prefix_match),
+            PathModifierKind::ReplacePrefixMatch => (&spec.replace_prefix_match, &spec.replace_full_path),
+        };
+        let kind = match spec.kind {
+            PathModifierKind::ReplaceFullPath => "ReplaceFullPath",
+            PathModifierKind::ReplacePrefixMatch => "ReplacePrefixMatch",
+        };
+        if other.is_some() {
+            return Err(format!("path type {kind} takes only its own value"));
+        }
+        let value = match (wanted, &spec.value) {
+            (Some(v), None) | (None, Some(v)) => v.as_str(),
+            (Some(_), Some(_)) => return Err("give the path value once (value or the type's own field)".into()),
+            (None, None) => return Err(format!("path type {kind} needs a value")),
+        };
+        // `ReplacePrefixMatch` may be empty (the spec's table strips the prefix to "/").
+        let empty_ok = spec.kind == PathModifierKind::ReplacePrefixMatch && value.is_empty();
+        if !empty_ok && !value.starts_with('/') {
+            return Err(format!("path {value:?} must start with \"/\""));
+        }
+        if value
+            .chars()
+            .any(|c| matches!(c, '?' | '#') || c.is_whitespace() || c.is_control())
+        {
+            return Err(format!(
+                "path {value:?} contains a character that cannot appear in a path"
+            ));
+        }
+        Ok(match spec.kind {
+            PathModifierKind::ReplaceFullPath => PathModifier::Full(value.into()),
+            PathModifierKind::ReplacePrefixMatch => PathModifier::Prefix(value.into()),
+        })
+    }
+
+    /// The new path for `path`, which matched `PathPrefix matched_prefix` (without its trailing
+    /// slash). Follows the Gateway API `HTTPPathModifier` table: the replacement's trailing
+    /// slash is dropped, what followed the prefix is kept, and an empty result is `/`.
+    pub fn apply(&self, path: &str, matched_prefix: Option<&str>) -> String {
+        match self {
+            PathModifier::Full(p) => p.to_string(),
+            PathModifier::Prefix(replacement) => {
+                let prefix = matched_prefix.unwrap_or("");
+                let rest = path.get(prefix.len()..).unwrap_or("");
+                let mut out = replacement.trim_end_matches('/').to_owned();
+                out.push_str(rest);
+                if out.is_empty() {
+                    out.push('/');
+                }
+                out
+            }
+        }
+    }
+}
+
+/// `HTTPRequestRedirectFilter`, compiled.
+#[derive(Debug)]
+pub struct Redirect {
+    scheme: Option<&'static str>,
+    hostname: Option<Box<str>>,
+    port: Option<u16>,
+    pub path: Option<PathModifier>,
+    pub status: StatusCode,
+}
+
+impl Redirect {
+    fn compile(spec: &super::spec::RedirectSpec) -> Result<Redirect, String> {
+        let scheme = match spec.scheme.as_deref() {
+            None => None,
+            Some("http") => Some("http"),
+            Some("https") => Some("https"),
+            Some(other) => return Err(format!("scheme {other:?} is not http or https")),
+        };
+        let hostname = spec
+            .hostname
+            .as_deref()
+            .map(|h| crate::routes::normalise_hostname(h).map(String::into_boxed_str))
+            .transpose()?;
+        if hostname.as_deref().is_some_and(|h| h.starts_with('*')) {
+            return Err("a redirect hostname cannot be a wildcard".into());
+        }
+        if spec.port == Some(0) {
+            return Err("port 0 is not a port".into());
+        }
+        // 301 and 302 are Gateway API v1's; 303, 307 and 308 were added later and are accepted
+        // so a newer controller's push is not rejected.
+        let status = match spec.status_code.unwrap_or(302) {
+            code @ (301 | 302 | 303 | 307 | 308) => StatusCode::from_u16(code).map_err(|e| e.to_string())?,
+            code => {
+                return Err(format!(
+                    "status code {code} is not a redirect (301, 302, 303, 307, 308)"
+                ))
+            }
+        };
+        Ok(Redirect {
+            scheme,
+            hostname,
+            port: spec.port,
+            path: spec.path.as_ref().map(PathModifier::compile).transpose()?,
+            status,
+        })
+    }
+
+    /// The `Location` for a request. `scheme` is how the client reached us (from
+    /// `X-Forwarded-Proto`), `host` its `Host` (possibly with a port).
+    ///
+    /// Port, per Gateway API: the configured one; else, when the redirect sets a scheme, that
+    /// scheme's well-known port; else the port the client used. It is left out when it is the
+    /// scheme's default (80 for http, 443 for https).
+    pub fn location(
+        &self,
+        scheme: &str,
+        host: &str,
+        path: &str,
+        query: Option<&str>,
+        matched_prefix: Option<&str>,
+    ) -> String {
+        let scheme = self.scheme.unwrap_or(scheme);
+        let (request_host, request_port) = split_host_port(host);
+        let host = self.hostname.as_deref().unwrap_or(request_host);
+        let port = match (self.port, self.scheme) {
+            (Some(p), _) => Some(p),
+            (None, Some(_)) => None,
+            (None, None) => request_port,
+        };
+        let port = port.filter(|&p| !matches!((scheme, p), ("http", 80) | ("https", 443)));
+        let path = match &self.path {
+            Some(m) => m.apply(path, matched_prefix),
+            None => path.to_owned(),
+        };
+        let mut out = String::with_capacity(scheme.len() + host.len() + path.len() + 16);
+        out.push_str(scheme);
+        out.push_str("://");
+        if host.contains(':') {
+            out.push('[');
+            out.push_str(host);
+            out.push(']');
+        } else {
+            out.push_str(host);
+        }
+        if let Some(p) = port {
+            out.push(':');
+            out.push_str(&p.to_string());
+        }
+        out.push_str(&path);
+        if let Some(q) = query {
+            out.push('?');
+            out.push_str(q);
+        }
+        out
+    }
+}
+
+/// `example.com:8080` → (`example.com`, 8080); `[::1]:80` → (`::1`, 80).
+fn split_host_port(host: &str) -> (&str, Option<u16>) {
+    if let Some(rest) = host.strip_prefix('[') {
+        let (h, after) = rest.split_once(']').unwrap_or((rest, ""));
+        return (h, after.strip_prefix(':').and_then(|p| p.parse().ok()));
+    }
+    match host.rsplit_once(':') {
+        Some((h, p)) => match p.parse() {
+            Ok(port) => (h, Some(port)),
+            Err(_) => (host, None),
+        },
+        None => (host, None),
+    }
+}
+
+fn rewrite_hostname(h: &str) -> Result<HeaderValue, String> {
+    let h = crate::routes::normalise_hostname(h)?;
+    if h.starts_with('*') {
+        return Err("a rewrite hostname cannot be a wildcard".into());
+    }
+    HeaderValue::try_from(h).map_err(|e| e.to_string())
+}
+
+/// `HTTPURLRewriteFilter`, compiled.
+#[derive(Debug)]
+pub struct UrlRewrite {
+    /// Sent as `Host` to the backend.
+    pub hostname: Option<HeaderValue>,
+    pub path: Option<PathModifier>,
+}
+
+/// `HTTPRequestMirrorFilter`, compiled.
+#[derive(Debug)]
+pub struct Mirror {
+    pub upstream: Upstream,
+    pub protocol: UpstreamProtocol,
+    pub auth: UpstreamAuthKind,
+    pub auth_header: AuthHeaderKind,
+    /// Mirror `numerator` of every `denominator` requests.
+    pub numerator: u32,
+    pub denominator: u32,
+}
+
+impl Mirror {
+    fn compile(spec: &MirrorSpec, defaults: &RoutesSection) -> Result<Mirror, String> {
+        let upstream = Upstream::parse(&spec.backend_url)?;
+        let protocol = spec.protocol.unwrap_or(defaults.protocol);
+        if protocol == UpstreamProtocol::H2c && upstream.scheme == http::uri::Scheme::HTTPS {
+            return Err("protocol = \"h2c\" needs an http:// mirror backend".into());
+        }
+        let (numerator, denominator) = match (spec.percent, &spec.fraction) {
+            (Some(_), Some(_)) => return Err("give percent or fraction, not both".into()),
+            (Some(p), None) if p <= 100 => (p, 100),
+            (Some(p), None) => return Err(format!("percent {p} is not within 0–100")),
+            (None, Some(f)) if f.denominator > 0 && f.numerator <= f.denominator => (f.numerator, f.denominator),
+            (None, Some(f)) => {
+                return Err(format!(
+                    "fraction {}/{} must have 0 < denominator and numerator <= denominator",
+                    f.numerator, f.denominator
+                ))
+            }
+            (None, None) => (1, 1),
+        };
+        Ok(Mirror {
+            upstream,
+            protocol,
+            auth: spec.upstream_auth.unwrap_or(defaults.upstream_auth),
+            auth_header: spec.auth_header.unwrap_or(defaults.auth_header),
+            numerator,
+            denominator,
+        })
+    }
+
+    /// Whether this request is one of the sampled ones.
+    pub fn sampled(&self) -> bool {
+        match (self.numerator, self.denominator) {
+            (0, _) => false,
+            (n, d) if n >= d => true,
+            (n, d) => crate::random_u64() % u64::from(d) < u64::from(n),
+        }
+    }
+}
+
+/// The scheme the client used, as cloudflared reports it; `http` when nobody says otherwise
+/// (the proxy listener itself is plain HTTP).
+pub fn client_scheme(headers: &HeaderMap) -> &'static str {
+    match headers.get("x-forwarded-proto").map(HeaderValue::as_bytes) {
+        Some(v) if v.eq_ignore_ascii_case(b"https") => "https",
+        _ => "http",
+    }
+}
+
+/// The `Host` the client sent (`:authority` for HTTP/2), port included.
+pub fn request_host<B>(req: &http::Request<B>) -> &str {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()))
+        .unwrap_or("")
+}

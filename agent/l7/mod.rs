@@ -1,0 +1,20 @@
+//! Layer-7 routing: Gateway API `HTTPRoute` matching, precedence and filters.
+//!
+//! [`spec`] holds the rule pieces as configured (TOML `[[route]]` or the config API's JSON),
+//! [`matching`] the compiled matches and their precedence order, [`filters`] the compiled
+//! filters. [`crate::routes::RouteTable`] puts them together once per configuration.
+
+pub mod filters;
+pub mod matching;
+pub mod mirror;
+pub mod spec;
+
+pub use filters::{FilterLevel, Filters, PathModifier};
+pub use matching::{MatchList, RequestHead, RouteMatch};
+pub use spec::{FilterSpec, MatchSpec, TimeoutsSpec};
+
+#[cfg(test)]
+mod tests;
+
+#[cfg(test)]
+mod randomized;

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# CPU instructions the agent spends per proxied request (valgrind/callgrind, so the count does
+# not depend on what else runs on the machine): one-rule table vs the 200-rule table of
+# bench/l7_routes.sh, for the catch-all (worst case) and an exact-path request.
+#
+#   bench/l7_instructions.sh [requests]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-2000}
+BIN=target/release/tunnel-agent
+WORK=$(mktemp -d /tmp/l7-ir.XXXXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+UP=127.0.0.1:18290
+cat > "$WORK/nginx.conf" <<NGINX
+worker_processes 1;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx.err;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  client_body_temp_path $WORK; proxy_temp_path $WORK; fastcgi_temp_path $WORK; uwsgi_temp_path $WORK; scgi_temp_path $WORK;
+  server { listen $UP; keepalive_requests 1000000; location / { return 200 "ok\n"; } }
+}
+NGINX
+nginx -c "$WORK/nginx.conf" -g 'daemon off;' & PIDS+=($!)
+
+config() { # $1 = name, $2 = port; routes on stdin
+  printf '[agent]\nruntime_dir = "%s/run"\nstate_dir = "%s/state"\nlog_format = "text"\nlog_level = "warn"\n[proxy]\nlisten = "127.0.0.1:%s"\n[health]\nlisten = "127.0.0.1:%s"\n' \
+    "$WORK/$1" "$WORK/$1" "$2" "$(($2 + 1))"
+  cat
+}
+printf '[routes.hosts]\n"bench.example.com" = "http://%s"\n' "$UP" | config one 18291 > "$WORK/one.toml"
+python3 - "$UP" <<'PY' | config many 18293 > "$WORK/many.toml"
+import sys
+up = sys.argv[1]
+def route(match):
+    print(f'[[route]]\nhostnames = ["bench.example.com"]\nupstream = "http://{up}"\nmatches = [{match}]\n')
+for i in range(50):
+    route(f'{{ path = {{ type = "Exact", value = "/exact/{i}" }} }}')
+    route(f'{{ path = {{ type = "RegularExpression", value = "/re/{i}/[0-9]+/item" }} }}')
+    route(f'{{ path = {{ type = "PathPrefix", value = "/prefix/{i}" }} }}')
+for i in range(49):
+    route(f'{{ path = {{ type = "PathPrefix", value = "/h" }}, headers = [{{ name = "x-tenant", value = "t{i}" }}] }}')
+route('{ path = { type = "PathPrefix", value = "/" } }')
+PY
+
+# Sends $3 keep-alive requests for $2 to port $1.
+load() {
+  python3 - "$1" "$2" "$3" <<'PY'
+import http.client, sys
+port, path, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+c = http.client.HTTPConnection("127.0.0.1", port)
+for _ in range(n):
+    c.request("GET", path, headers={"Host": "bench.example.com"})
+    r = c.getresponse(); r.read()
+    assert r.status == 200, r.status
+PY
+}
+
+# Instructions per request for $3 on agent config $1 (port $2).
+per_request() {
+  valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.$1.%p" "$BIN" run -c "$WORK/$1.toml" 2>/dev/null & local pid=$!
+  for _ in $(seq 300); do curl -s -o /dev/null "http://127.0.0.1:$2/healthz" && break; sleep 0.2; done
+  load "$2" "$3" 200
+  callgrind_control -z "$pid" >/dev/null 2>&1
+  load "$2" "$3" "$N"
+  callgrind_control -d "$pid" >/dev/null 2>&1
+  sleep 1
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+  # The dump after zeroing holds only the measured requests (plus the 1 s health self-probes).
+  local ir
+  ir=$(grep -h '^summary:' "$WORK"/cg."$1".*.[0-9] 2>/dev/null | tail -1 | awk '{print $2}')
+  rm -f "$WORK"/cg."$1".*
+  echo $((ir / N))
+}
+echo "instructions per request ($N requests each):"
+echo "  one rule:                      $(per_request one 18291 /some/other/path)"
+echo "  200 rules, catch-all (worst):  $(per_request many 18293 /some/other/path)"
+echo "  200 rules, exact hit:          $(per_request many 18293 /exact/25)"
