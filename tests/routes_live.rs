@@ -119,11 +119,17 @@ async fn attribute_changes_apply_without_restart_and_bad_values_are_rejected() {
             (reload_failures(&agent).await == failures + 1).then_some(())
         })
         .await;
-        let rejected: Vec<String> = agent
-            .logs()
-            .into_iter()
-            .filter(|l| l.contains("route update rejected"))
-            .collect();
+        // The counter moves just before the log line is written, and stderr is collected on
+        // another thread: wait for the line rather than assume it is there.
+        let rejected: Vec<String> = eventually(DEADLINE, "the rejection to be logged", || async {
+            let lines: Vec<String> = agent
+                .logs()
+                .into_iter()
+                .filter(|l| l.contains("route update rejected"))
+                .collect();
+            (lines.len() > i).then_some(lines)
+        })
+        .await;
         assert_eq!(rejected.len(), i + 1, "{rejected:#?}");
         for reason in *reasons {
             assert!(

@@ -240,11 +240,14 @@ impl AgentBuilder {
         let stderr = child.stderr.take().expect("stderr is piped");
         let log = Arc::new(Mutex::new(Vec::new()));
         let sink = log.clone();
+        let log_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = log_done.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
             }
+            done.store(true, std::sync::atomic::Ordering::Release);
         });
         Agent {
             child,
@@ -252,6 +255,7 @@ impl AgentBuilder {
             env: self.env,
             config_path,
             log,
+            log_done,
             proxy_addr: None,
             health_addr: None,
             exit: None,
@@ -267,6 +271,8 @@ pub struct Agent {
     env: Vec<(String, String)>,
     config_path: PathBuf,
     log: Arc<Mutex<Vec<String>>>,
+    /// Set when stderr reached EOF: every line the agent wrote is in `log`.
+    log_done: Arc<std::sync::atomic::AtomicBool>,
     proxy_addr: Option<SocketAddr>,
     health_addr: Option<SocketAddr>,
     exit: Option<ExitStatus>,
@@ -368,9 +374,14 @@ impl Agent {
         }
         let deadline = tokio::time::Instant::now() + within;
         loop {
+            // Exited, and its last log lines collected (stderr is read on another thread).
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 self.exit = Some(status);
-                return status;
+            }
+            if let Some(status) = self.exit {
+                if self.log_done.load(std::sync::atomic::Ordering::Acquire) {
+                    return status;
+                }
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
