@@ -1,0 +1,414 @@
+#!/usr/bin/env bash
+# Proxy benchmark: tunnel-agent against nginx doing the same job, and both against the backend
+# reached directly. One run measures all three on the same loopback backend, interleaved, so the
+# ratios come from the same machine state.
+#
+#   bench/run.sh                      # 32, 1 and 128 connections, 3 repeats of 10 s each
+#   CONNS=32 REPEATS=5 bench/run.sh   # knobs: CONNS DURATION WARMUP REPEATS WRK_THREADS
+#                                     #        WRK_CPUS SERVER_CPUS (taskset lists) SKIP_BUILD=1
+#   HOLD=1 bench/run.sh               # set everything up, print ports and PIDs, wait (profiling)
+#   PERF_OUT=FILE bench/run.sh        # also `perf record` the agent's measured runs into FILE
+#   AGENT_B=path/to/other/tunnel-agent bench/run.sh
+#                                     # A/B: a second agent build (target "agent_b") in the same
+#                                     # run; AGENT_B_ENV="K=V ..." sets its environment
+#
+# Targets:
+#   direct  wrk → backend
+#   nginx   wrk → nginx (internal-token check, Host map, static bearer, keepalive pool) → backend
+#   agent   wrk → tunnel-agent (same, identity token from a fake metadata server, cache warm)
+#           → backend
+# The backend is a separate nginx instance answering a small static 200.
+#
+# Prints a Markdown report on stdout (progress on stderr). Leaves nothing running.
+
+set -euo pipefail
+
+CONNS=${CONNS:-"32 1 128"}
+DURATION=${DURATION:-10}
+WARMUP=${WARMUP:-3}
+REPEATS=${REPEATS:-3}
+WRK_THREADS=${WRK_THREADS:-1}
+WRK_CPUS=${WRK_CPUS:-}
+SERVER_CPUS=${SERVER_CPUS:-}
+WORKERS=$(nproc)
+HOST=bench.example.com
+TOKEN=bench-internal-token-0123456789abcdef
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+log() { echo "bench: $*" >&2; }
+
+# --- Tools ---------------------------------------------------------------------------------------
+missing=()
+command -v wrk >/dev/null || missing+=(wrk)
+command -v nginx >/dev/null || missing+=(nginx-light)
+command -v curl >/dev/null || missing+=(curl)
+command -v python3 >/dev/null || missing+=(python3)
+if ((${#missing[@]})); then
+    log "installing ${missing[*]}"
+    apt-get install -y --no-install-recommends "${missing[@]}" >&2
+fi
+
+if [[ -z ${SKIP_BUILD:-} ]]; then
+    log "building tunnel-agent (release)"
+    (cd "$repo" && cargo build --release --quiet)
+fi
+AGENT=${AGENT:-$repo/target/release/tunnel-agent}
+
+# taskset prefixes (empty: no pinning). A prefix, not a wrapper function, so that `$!` is the
+# server's own PID (taskset execs its command) and the script can measure and stop it.
+server_pin=()
+wrk_pin=()
+[[ -n $SERVER_CPUS ]] && server_pin=(taskset -c "$SERVER_CPUS")
+[[ -n $WRK_CPUS ]] && wrk_pin=(taskset -c "$WRK_CPUS")
+
+# --- Scratch dir and cleanup ----------------------------------------------------------------------
+work=$(mktemp -d /tmp/tunnel-agent-bench.XXXXXX)
+pids=()
+cleanup() {
+    local status=$? pid log
+    if ((status != 0)); then
+        for log in "$work"/agent*/log; do
+            [[ -s $log ]] && { log "last lines of $log:"; tail -n 20 "$log" >&2; }
+        done
+    fi
+    for pid in "${pids[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${pids[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_ports() { # free_ports N: N currently free loopback ports
+    python3 -c '
+import socket, sys
+socks = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(*[s.getsockname()[1] for s in socks])' "$1"
+}
+read -r BACKEND_PORT NGINX_PORT METADATA_PORT < <(free_ports 3)
+
+wait_http() { # wait_http URL [curl args...]: poll until URL answers 200, 10 s at most
+    local url=$1
+    shift
+    for _ in $(seq 100); do
+        if [[ $(curl -s -o /dev/null -w '%{http_code}' "$@" "$url" || true) == 200 ]]; then return 0; fi
+        sleep 0.1
+    done
+    log "no 200 from $url"
+    return 1
+}
+
+# nginx_conf NAME WORKERS SERVER-BLOCK: a self-contained nginx.conf in $work/NAME
+nginx_conf() {
+    local dir=$work/$1
+    mkdir -p "$dir/tmp"
+    cat >"$dir/nginx.conf" <<EOF
+$([[ $(id -u) == 0 ]] && echo "user root;")
+worker_processes $2;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $dir/tmp/body;
+    proxy_temp_path $dir/tmp/proxy;
+    fastcgi_temp_path $dir/tmp/fastcgi;
+    uwsgi_temp_path $dir/tmp/uwsgi;
+    scgi_temp_path $dir/tmp/scgi;
+    # nginx closes a client connection after 1000 requests by default; the agent never does.
+    keepalive_requests 10000000;
+    keepalive_timeout 120s;
+$3
+}
+EOF
+}
+
+# --- Backend: a small static 200 ------------------------------------------------------------------
+nginx_conf backend 1 "
+    server {
+        listen 127.0.0.1:$BACKEND_PORT;
+        default_type text/plain;
+        location / { return 200 \"hello from the backend\\n\"; }
+    }"
+"${server_pin[@]}" nginx -p "$work/backend" -c "$work/backend/nginx.conf" -g 'daemon off;' &
+pids+=($!)
+backend_pid=$!
+
+# --- Fake metadata server ---------------------------------------------------------------------------
+python3 "$repo/bench/fake_metadata.py" "$METADATA_PORT" &
+pids+=($!)
+
+# --- nginx doing the agent's job ---------------------------------------------------------------------
+# A fixed JWT stands in for the identity token (the agent's comes from its cache).
+STATIC_JWT=$(python3 -c '
+import base64, json, time
+e = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+print(e(b"{\"alg\":\"RS256\"}") + "." + e(json.dumps({"aud": "http://upstream", "exp": int(time.time()) + 86400 * 3650}).encode()) + "." + e(b"sig"))')
+nginx_conf proxy "$WORKERS" "
+    map \$http_host \$route_upstream {
+        hostnames;
+        default \"\";
+        $HOST backend;
+    }
+    upstream backend {
+        server 127.0.0.1:$BACKEND_PORT;
+        keepalive 64;
+        keepalive_requests 10000000;
+    }
+    server {
+        listen 127.0.0.1:$NGINX_PORT;
+        location / {
+            if (\$http_x_internal_auth_token != \"$TOKEN\") { return 401; }
+            if (\$route_upstream = \"\") { return 404; }
+            proxy_pass http://\$route_upstream;
+            proxy_http_version 1.1;
+            proxy_set_header Authorization \"Bearer $STATIC_JWT\";
+            proxy_set_header X-Internal-Auth-Token \"\";
+            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto http;
+            # Hop-by-hop (RFC 9110 7.6.1); an empty value removes the header.
+            proxy_set_header Connection \"\";
+            proxy_set_header Keep-Alive \"\";
+            proxy_set_header Proxy-Connection \"\";
+            proxy_set_header TE \"\";
+            proxy_set_header Upgrade \"\";
+            proxy_set_header Proxy-Authorization \"\";
+        }
+    }"
+"${server_pin[@]}" nginx -p "$work/proxy" -c "$work/proxy/nginx.conf" -g 'daemon off;' &
+pids+=($!)
+nginx_pid=$!
+
+# --- tunnel-agent ------------------------------------------------------------------------------------
+declare -A agent_port agent_health agent_pid
+start_agent() { # start_agent NAME BINARY [ENV...]
+    local name=$1 binary=$2 dir=$work/$1 port health
+    shift 2
+    read -r port health < <(free_ports 2)
+    mkdir -p "$dir"
+    cat >"$dir/agent.toml" <<EOF
+[agent]
+runtime_dir = "$dir/run"
+state_dir = "$dir/state"
+log_format = "text"
+log_level = "warn"
+
+[secrets.internal_token]
+source = "env"
+var = "BENCH_INTERNAL_TOKEN"
+
+[proxy]
+listen = "127.0.0.1:$port"
+auth_secret = "internal_token"
+# nginx keeps 64 idle upstream connections per worker (keepalive 64), 128 in all: the same here,
+# or more than 64 concurrent requests would close and reopen upstream connections.
+pool_max_idle_per_host = 128
+
+[health]
+listen = "127.0.0.1:$health"
+
+[gcp]
+metadata_url = "http://127.0.0.1:$METADATA_PORT"
+
+[[route]]
+hostnames = ["$HOST"]
+upstream = "http://127.0.0.1:$BACKEND_PORT"
+upstream_auth = "gcp-id-token"
+EOF
+    env "$@" BENCH_INTERNAL_TOKEN=$TOKEN "${server_pin[@]}" "$binary" run -c "$dir/agent.toml" 2>"$dir/log" &
+    pids+=($!)
+    agent_pid[$name]=$!
+    agent_port[$name]=$port
+    agent_health[$name]=$health
+}
+agents=(agent)
+start_agent agent "$AGENT"
+if [[ -n ${AGENT_B:-} ]]; then
+    agents+=(agent_b)
+    # shellcheck disable=SC2086 # AGENT_B_ENV is a list of K=V words
+    start_agent agent_b "$AGENT_B" ${AGENT_B_ENV:-}
+fi
+
+wait_http "http://127.0.0.1:$BACKEND_PORT/"
+wait_http "http://127.0.0.1:$METADATA_PORT/issued" -H 'Metadata-Flavor: Google'
+auth=(-H "Host: $HOST" -H "X-Internal-Auth-Token: $TOKEN")
+wait_http "http://127.0.0.1:$NGINX_PORT/" "${auth[@]}"
+for a in "${agents[@]}"; do
+    wait_http "http://127.0.0.1:${agent_health[$a]}/ready"
+    # The first proxied request fetches the identity token; every later one hits the cache.
+    wait_http "http://127.0.0.1:${agent_port[$a]}/" "${auth[@]}"
+    [[ $(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:${agent_port[$a]}/" -H "Host: $HOST") == 401 ]] ||
+        { log "$a accepted a request without the internal token"; exit 1; }
+done
+[[ $(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$NGINX_PORT/" -H "Host: $HOST") == 401 ]] ||
+    { log "nginx accepted a request without the internal token"; exit 1; }
+
+if [[ -n ${HOLD:-} ]]; then
+    log "holding: backend :$BACKEND_PORT (pid $backend_pid), nginx :$NGINX_PORT (pid $nginx_pid)," \
+        "agent :${agent_port[agent]} health :${agent_health[agent]} (pid ${agent_pid[agent]}), metadata :$METADATA_PORT; Host: $HOST," \
+        "X-Internal-Auth-Token: $TOKEN. Stop with SIGTERM or Ctrl-C."
+    for a in "${agents[@]}"; do echo "$a ${agent_port[$a]} ${agent_pid[$a]}"; done >"${HOLD_AGENTS:-/dev/null}"
+    while sleep 1; do :; done
+fi
+
+# --- Measurement helpers --------------------------------------------------------------------------------
+status_kb() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
+# PIDs of an nginx instance: master and workers.
+nginx_pids() { echo "$1" $(cat "/proc/$1/task/$1/children"); }
+rss_kb() { local t=0 p; for p in "$@"; do t=$((t + $(status_kb "$p" VmRSS))); done; echo $t; }
+pss_kb() { local t=0 p; for p in "$@"; do t=$((t + $(awk '$1 == "Pss:" { print $2 }' "/proc/$p/smaps_rollup"))); done; echo $t; }
+cpu_ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{ print $14 + $15 }' "/proc/$p/stat"))); done; echo $t; }
+CLK_TCK=$(getconf CLK_TCK)
+
+sleep 1
+agent_idle_rss=$(status_kb "${agent_pid[agent]}" VmRSS)
+agent_idle_pss=$(pss_kb "${agent_pid[agent]}")
+nginx_idle_rss=$(rss_kb $(nginx_pids "$nginx_pid"))
+nginx_idle_pss=$(pss_kb $(nginx_pids "$nginx_pid"))
+
+declare -A url=(
+    [direct]="http://127.0.0.1:$BACKEND_PORT/"
+    [nginx]="http://127.0.0.1:$NGINX_PORT/"
+)
+declare -A server_pids=(
+    [direct]="$(nginx_pids "$backend_pid")"
+    [nginx]="$(nginx_pids "$nginx_pid")"
+)
+for a in "${agents[@]}"; do
+    url[$a]="http://127.0.0.1:${agent_port[$a]}/"
+    server_pids[$a]=${agent_pid[$a]}
+done
+targets=(direct nginx "${agents[@]}")
+
+to_ms() { # wrk's "123.45us" / "1.20ms" / "1.01s" → milliseconds
+    awk -v v="$1" 'BEGIN {
+        n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
+        if (u == "us") n /= 1000; else if (u == "s") n *= 1000; else if (u == "m") n *= 60000
+        printf "%.3f", n }'
+}
+
+# measure TARGET CONNS: one warm-up run, one measured run; appends "rps p50 p99 cpu_us rss_kb"
+measure() {
+    local target=$1 conns=$2 threads=$WRK_THREADS out pids before after rss_max=0 sampler
+    ((threads > conns)) && threads=$conns
+    pids=${server_pids[$target]}
+    local wrk=(wrk -t"$threads" -c"$conns" --latency -H "Host: $HOST" -H "X-Internal-Auth-Token: $TOKEN")
+    "${wrk_pin[@]}" "${wrk[@]}" -d"${WARMUP}s" "${url[$target]}" >/dev/null || {
+        log "$target c=$conns: warm-up failed; server processes alive: $(for p in $pids; do kill -0 "$p" 2>/dev/null && echo -n "$p "; done)"
+        exit 1
+    }
+    before=$(cpu_ticks $pids)
+    # RSS under load: sample every 0.5 s while wrk runs.
+    (
+        m=0
+        while sleep 0.5; do r=$(rss_kb $pids); ((r > m)) && m=$r && echo $m >"$work/rss_max"; done
+    ) &
+    sampler=$!
+    local perf=()
+    if [[ -n ${PERF_OUT:-} && $target == agent ]]; then
+        perf record -F 1999 -g -o "$PERF_OUT" -p "${agent_pid[agent]}" -- sleep "$DURATION" 2>/dev/null &
+        perf=($!)
+    fi
+    out=$("${wrk_pin[@]}" "${wrk[@]}" -d"${DURATION}s" "${url[$target]}") || {
+        log "$target c=$conns: wrk failed; server processes alive: $(for p in $pids; do kill -0 "$p" 2>/dev/null && echo -n "$p "; done)"
+        exit 1
+    }
+    ((${#perf[@]})) && wait "${perf[0]}"
+    kill $sampler 2>/dev/null
+    wait $sampler 2>/dev/null || true
+    after=$(cpu_ticks $pids)
+    rss_max=$(cat "$work/rss_max" 2>/dev/null || echo 0)
+    rm -f "$work/rss_max"
+    if grep -qE 'Non-2xx|Socket errors' <<<"$out"; then
+        log "$target c=$conns: errors during the run:"
+        echo "$out" >&2
+        exit 1
+    fi
+    local rps p50 p99 requests cpu_us
+    rps=$(awk '/^Requests\/sec:/ { print $2 }' <<<"$out")
+    p50=$(to_ms "$(awk '$1 == "50%" { print $2 }' <<<"$out")")
+    p99=$(to_ms "$(awk '$1 == "99%" { print $2 }' <<<"$out")")
+    requests=$(awk '/requests in/ { print $1 }' <<<"$out")
+    cpu_us=$(awk -v t=$((after - before)) -v hz="$CLK_TCK" -v n="$requests" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
+    echo "$rps $p50 $p99 $cpu_us $rss_max" >>"$work/results.$target.$conns"
+    log "$(printf '%-6s c=%-3s rps=%-9s p50=%-7s p99=%-7s cpu/req=%sus rss=%skB' \
+        "$target" "$conns" "$rps" "$p50" "$p99" "$cpu_us" "$rss_max")"
+}
+
+median() { # median FILE COLUMN
+    sort -g -k"$2,$2" "$1" | awk -v c="$2" '{ v[NR] = $c } END { print v[int((NR + 1) / 2)] }'
+}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) print "-"; else printf "%.2f", a / b }'; }
+
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+log "load average before: $load_before"
+for conns in $CONNS; do
+    for rep in $(seq "$REPEATS"); do
+        for target in "${targets[@]}"; do
+            measure "$target" "$conns"
+        done
+    done
+done
+load_after=$(cut -d' ' -f1-3 /proc/loadavg)
+
+agent_hwm=$(status_kb "${agent_pid[agent]}" VmHWM)
+agent_after_rss=$(status_kb "${agent_pid[agent]}" VmRSS)
+tokens_issued=$(curl -s -H 'Metadata-Flavor: Google' "http://127.0.0.1:$METADATA_PORT/issued")
+token_fetches=$(curl -s "http://127.0.0.1:${agent_health[agent]}/metrics" | awk '/^tunnel_agent_id_token_fetches_total/ { print $2 }')
+
+# --- Report -----------------------------------------------------------------------------------------
+cat <<EOF
+### Run of $(date -u '+%Y-%m-%d %H:%M UTC'), $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?')
+
+\`CONNS="$CONNS" DURATION=$DURATION WARMUP=$WARMUP REPEATS=$REPEATS WRK_THREADS=$WRK_THREADS WRK_CPUS="$WRK_CPUS" SERVER_CPUS="$SERVER_CPUS" bench/run.sh\`
+
+Machine: $(nproc) CPUs ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)), $(uname -r);
+nginx $(nginx -v 2>&1 | sed 's/.*nginx\///') with $WORKERS workers; tunnel-agent with $WORKERS runtime workers.
+Load average before: $load_before; after: $load_after.
+Identity tokens issued by the fake metadata server during the whole run: $tokens_issued (agent's token_fetches_total: ${token_fetches:-?}).
+
+Medians of $REPEATS runs of ${DURATION} s (after ${WARMUP} s of warm-up each). cpu/req is user + system CPU time of the
+server processes (nginx master + workers; the agent) per request.
+
+| conns | target | req/s | p50 ms | p99 ms | cpu/req µs | RSS under load kB |
+|---:|---|---:|---:|---:|---:|---:|
+EOF
+for conns in $CONNS; do
+    for target in "${targets[@]}"; do
+        f=$work/results.$target.$conns
+        printf '| %s | %s | %.0f | %s | %s | %s | %s |\n' "$conns" "$target" \
+            "$(median "$f" 1)" "$(median "$f" 2)" "$(median "$f" 3)" "$(median "$f" 4)" "$(median "$f" 5)"
+    done
+done
+cat <<EOF
+
+Agent / nginx (> 1 is better for req/s; < 1 is better for latency, CPU and memory):
+
+| conns | req/s | p50 | p99 | cpu/req |
+|---:|---:|---:|---:|---:|
+EOF
+for conns in $CONNS; do
+    n=$work/results.nginx.$conns
+    for a in "${agents[@]}"; do
+        r=$work/results.$a.$conns
+        label=$conns
+        ((${#agents[@]} > 1)) && label="$conns ($a)"
+        echo "| $label | $(ratio "$(median "$r" 1)" "$(median "$n" 1)") | $(ratio "$(median "$r" 2)" "$(median "$n" 2)") |" \
+            "$(ratio "$(median "$r" 3)" "$(median "$n" 3)") | $(ratio "$(median "$r" 4)" "$(median "$n" 4)") |"
+    done
+done
+cat <<EOF
+
+Memory (kB; nginx = master + $WORKERS workers):
+
+| | agent | nginx | agent / nginx |
+|---|---:|---:|---:|
+| RSS idle | $agent_idle_rss | $nginx_idle_rss | $(ratio "$agent_idle_rss" "$nginx_idle_rss") |
+| PSS idle | $agent_idle_pss | $nginx_idle_pss | $(ratio "$agent_idle_pss" "$nginx_idle_pss") |
+| agent VmHWM (peak) / RSS after the run | $agent_hwm / $agent_after_rss | | |
+EOF
