@@ -269,15 +269,17 @@ fn spawn_refreshers(
     sm: &Arc<SecretManager>,
     current: &SecretValues,
     tx: &mpsc::Sender<Event>,
+    metrics: &Arc<Metrics>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = Vec::new();
     for (name, spec) in &config.secrets {
         let Some(every) = spec.refresh else { continue };
-        let (name, spec, sm, tx) = (name.clone(), spec.clone(), sm.clone(), tx.clone());
+        let (name, spec, sm, tx, metrics) = (name.clone(), spec.clone(), sm.clone(), tx.clone(), metrics.clone());
         let mut last = current.get(&name).cloned();
         tasks.push(tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
+                metrics.secret_fetches.inc();
                 match fetch_secret(&name, &spec, &sm).await {
                     Ok(v) if last.as_ref() != Some(&v) => {
                         last = Some(v.clone());
@@ -287,6 +289,7 @@ fn spawn_refreshers(
                     }
                     Ok(_) => {}
                     Err((e, _)) => {
+                        metrics.secret_fetch_failures.inc();
                         tracing::warn!(secret = %name, error = %e, "secret refresh failed; keeping the current value")
                     }
                 }
@@ -396,6 +399,10 @@ impl Agent {
                 to = new.role.as_str(),
                 "role changed in the config file"
             );
+            match new.role {
+                Role::Active => self.metrics.promotions.inc(),
+                Role::Standby => self.metrics.demotions.inc(),
+            }
             self.role = new.role;
             self.role_source = RoleSource::Config;
             let _ = std::fs::remove_file(roles::state_path(&new.agent.state_dir));
@@ -423,7 +430,7 @@ impl Agent {
         for t in self.refreshers.drain(..) {
             t.abort();
         }
-        self.refreshers = spawn_refreshers(&new, &self.secret_manager, &secrets, &self.events);
+        self.refreshers = spawn_refreshers(&new, &self.secret_manager, &secrets, &self.events, &self.metrics);
         self.secrets = secrets;
         tracing::info!(routes = self.proxy.live.load().routes.len(), "configuration reloaded");
         self.config = new;
@@ -779,7 +786,13 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     let role_watch = roles::watch(&agent.config, agent.metadata.clone(), role_etag, role_tx);
     let (route_tx, mut route_rx) = mpsc::channel(4);
     let route_watch = route_source::watch(&agent.config, metadata, etag, route_tx);
-    agent.refreshers = spawn_refreshers(&agent.config, &agent.secret_manager, &agent.secrets, &events);
+    agent.refreshers = spawn_refreshers(
+        &agent.config,
+        &agent.secret_manager,
+        &agent.secrets,
+        &events,
+        &agent.metrics,
+    );
     let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
     let failure = loop {
         let tick = async {

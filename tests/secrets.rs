@@ -250,6 +250,22 @@ async fn rotation_accepts_the_new_token_at_once_and_the_old_one_during_the_overl
     assert_eq!(status_with(&agent, TOKEN_V2).await, 200);
     assert!(agent.logs().iter().any(|l| l.contains("secret changed")));
     assert_never_logged(&agent.logs());
+    // Periodic refreshes are counted like the boot fetch.
+    let metrics = reqwest::get(agent.health_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let fetches: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tunnel_agent_secret_fetches_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("secret fetch counter exported");
+    assert!(
+        fetches >= 3,
+        "boot fetch + at least two refreshes counted, got {fetches}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
