@@ -111,16 +111,8 @@ async fn collect(resp: http::Response<hyper::body::Incoming>) -> Result<Reply, S
     })
 }
 
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
-}
+/// An error with its whole cause chain, as the agent itself formats them.
+pub use tunnel_agent::gcp::error_chain as chain;
 
 /// A response read off a raw socket.
 #[derive(Debug)]
