@@ -453,6 +453,16 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         if self.exit.is_none() {
+            // Stop it as an operator would, so it stops its cloudflared (a SIGKILLed agent leaves
+            // its children running, holding their ports, until the next test run trips on them).
+            // SIGKILL only if it does not exit within cloudflared's test grace and some slack.
+            let _ = kill(self.pid(), Signal::SIGTERM);
+            for _ in 0..800 {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
