@@ -8,25 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-8}
 BIN=target/release/tunnel-agent
-WORK=$(mktemp -d /tmp/l7-bench.XXXXXX)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
-
-# Upstream: nginx answering a tiny body.
+. bench/lib.sh
+bench_setup l7-bench
 UP=127.0.0.1:18190
-cat > "$WORK/nginx.conf" <<NGINX
-worker_processes 1;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx.err;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  client_body_temp_path $WORK; proxy_temp_path $WORK; fastcgi_temp_path $WORK; uwsgi_temp_path $WORK; scgi_temp_path $WORK;
-  server { listen $UP; keepalive_requests 1000000; location / { return 200 "ok\n"; } }
-}
-NGINX
-nginx -c "$WORK/nginx.conf" -g 'daemon off;' & PIDS+=($!)
+start_backend "$UP"
 
 base() { # $1 = name, $2 = proxy port, $3 = health port
   cat <<TOML
