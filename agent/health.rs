@@ -19,7 +19,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
-use crate::routes::RouteSummary;
+use crate::routing::table::RouteSummary;
 use crate::telemetry::Metrics;
 use crate::tunnel::TunnelState;
 

@@ -7,16 +7,13 @@
 
 pub mod backoff;
 pub mod config;
-pub mod config_api;
 pub mod control;
 pub mod files;
 pub mod gcp;
 pub mod health;
-pub mod l7;
 pub mod proxy;
 pub mod roles;
-pub mod route_source;
-pub mod routes;
+pub mod routing;
 pub mod secrets;
 pub mod server;
 pub mod systemd;
@@ -42,8 +39,8 @@ use gcp::{MetadataClient, SecretManager, SecretManagerError};
 use health::Health;
 use proxy::{AcceptedToken, InboundAuth, LiveSettings, Proxy};
 use roles::{PersistedRole, Role, RoleSource};
-use route_source::HostMap;
-use routes::RouteTable;
+use routing::source::HostMap;
+use routing::table::RouteTable;
 use secrets::{Secret, SecretError, SecretValues, SecretVersionName};
 use telemetry::Metrics;
 use tunnel::{RestartPolicy, TunnelSpec, TunnelSupervisor};
@@ -185,11 +182,11 @@ pub fn load_routes(config: &Config, metrics: &Metrics) -> anyhow::Result<RouteTa
     let map = match config.routes.source {
         RouteSourceKind::Inline => config.routes.hosts.clone(),
         RouteSourceKind::File => {
-            routes::read_host_map(config.routes.file.as_deref().unwrap_or(std::path::Path::new("")))
+            routing::table::read_host_map(config.routes.file.as_deref().unwrap_or(std::path::Path::new("")))
                 .map_err(anyhow::Error::msg)?
         }
         RouteSourceKind::GcpMetadata => HostMap::new(),
-        RouteSourceKind::ConfigApi => return Ok(config_api::load_persisted(config, metrics)),
+        RouteSourceKind::ConfigApi => return Ok(routing::config_api::load_persisted(config, metrics)),
     };
     build_routes(config, &map, metrics)
 }
@@ -342,13 +339,13 @@ impl Agent {
     /// Records a newly applied table: status, metrics, files.
     fn routes_applied(&self, config: &Config, map: &HostMap, table: &RouteTable) {
         self.metrics.route_reloads.inc();
-        if let Err(e) = route_source::persist(config, map, table) {
+        if let Err(e) = routing::source::persist(config, map, table) {
             tracing::warn!(error = %e, "cannot write routes.json to the runtime or state directory");
         }
         self.health.update_status(|s| {
             s.routes = table.summary.clone();
             s.routes_version += 1;
-            s.route_source = route_source::describe(config);
+            s.route_source = routing::source::describe(config);
             s.routes_fallback = None;
         });
     }
@@ -384,7 +381,7 @@ impl Agent {
         let table = if new.routes.source == RouteSourceKind::ConfigApi {
             None
         } else {
-            let (map, _) = route_source::fetch(&new, &self.metadata)
+            let (map, _) = routing::source::fetch(&new, &self.metadata)
                 .await
                 .map_err(anyhow::Error::msg)?;
             let table = build_routes(&new, &map, &self.metrics)?;
@@ -438,7 +435,7 @@ impl Agent {
     }
 
     /// A new value from the watched route source.
-    async fn routes_changed(&mut self, update: route_source::Update) {
+    async fn routes_changed(&mut self, update: routing::source::Update) {
         let built = update.and_then(|map| {
             build_routes(&self.config, &map, &self.metrics)
                 .map(|t| (map, t))
@@ -585,10 +582,15 @@ async fn boot_routes(
     if config.routes.source == RouteSourceKind::ConfigApi {
         // The controller's last push, persisted in the state dir (or an empty table until the
         // first push; /ready waits for one).
-        return Ok((HostMap::new(), config_api::load_persisted(config, metrics), None, None));
+        return Ok((
+            HostMap::new(),
+            routing::config_api::load_persisted(config, metrics),
+            None,
+            None,
+        ));
     }
     // A remote source's value that builds no valid table is as unusable as an unreachable one.
-    let fetched = route_source::fetch(config, metadata).await.and_then(|(map, etag)| {
+    let fetched = routing::source::fetch(config, metadata).await.and_then(|(map, etag)| {
         let table = build_routes(config, &map, metrics).map_err(|e| format!("{e:#}"))?;
         Ok((map, table, etag))
     });
@@ -598,14 +600,14 @@ async fn boot_routes(
             anyhow::bail!("{source_error}")
         }
         Err(source_error) => {
-            let map = route_source::load_last_good(config).map_err(|e| {
+            let map = routing::source::load_last_good(config).map_err(|e| {
                 anyhow::anyhow!(
                     "cannot read routes from {}: {source_error}; no last good table either ({e})",
-                    route_source::describe(config)
+                    routing::source::describe(config)
                 )
             })?;
             let table = build_routes(config, &map, metrics)?;
-            tracing::warn!(source = %route_source::describe(config), error = %source_error, "route source unreachable; serving the last good table");
+            tracing::warn!(source = %routing::source::describe(config), error = %source_error, "route source unreachable; serving the last good table");
             Ok((
                 map,
                 table,
@@ -645,7 +647,7 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     // 3. Routes.
     systemd::status("loading routes");
     let (host_map, routes, etag, fallback) = boot_routes(&config, &metadata, &metrics).await?;
-    tracing::info!(routes = routes.len(), source = %route_source::describe(&config), "routes loaded");
+    tracing::info!(routes = routes.len(), source = %routing::source::describe(&config), "routes loaded");
     // A config-API agent is ready once it has a pushed table (now, from the state dir, or later).
     let routes_ready = config.routes.source != RouteSourceKind::ConfigApi || routes.version.is_some();
 
@@ -763,7 +765,7 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
                 .get(name)
                 .cloned()
                 .context("config_api.auth_secret has no value")?;
-            let api = config_api::start(
+            let api = routing::config_api::start(
                 section,
                 &agent.config,
                 token,
@@ -785,7 +787,7 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     let (role_tx, mut role_rx) = mpsc::channel(4);
     let role_watch = roles::watch(&agent.config, agent.metadata.clone(), role_etag, role_tx);
     let (route_tx, mut route_rx) = mpsc::channel(4);
-    let route_watch = route_source::watch(&agent.config, metadata, etag, route_tx);
+    let route_watch = routing::source::watch(&agent.config, metadata, etag, route_tx);
     agent.refreshers = spawn_refreshers(
         &agent.config,
         &agent.secret_manager,

@@ -10,8 +10,8 @@ use std::path::Path;
 use http::{HeaderMap, HeaderValue, Method};
 use tokio::time::Instant;
 use tunnel_agent::config::Config;
-use tunnel_agent::l7::RequestHead;
-use tunnel_agent::routes::RouteTable;
+use tunnel_agent::routing::table::RouteTable;
+use tunnel_agent::routing::RequestHead;
 
 fn table(toml: &str) -> RouteTable {
     let config = Config::parse(Path::new("bench.toml"), toml).expect("valid");

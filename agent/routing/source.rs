@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 use crate::config::{Config, RouteSourceKind};
 use crate::gcp::{MetadataClient, MetadataError};
-use crate::routes::{parse_host_map, read_host_map, RouteTable};
+use crate::routing::table::{parse_host_map, read_host_map, RouteTable};
 
 pub type HostMap = BTreeMap<String, String>;
 

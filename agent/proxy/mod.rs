@@ -28,10 +28,10 @@ use tokio::time::Instant;
 
 use crate::config::{AuthHeaderKind, ProxySection, UpstreamAuthKind, UpstreamProtocol};
 use crate::gcp::IdTokenCache;
-use crate::l7::filters::{client_scheme, request_host, Mirror};
-use crate::l7::mirror::{MirrorTee, MIRROR_MAX_IN_FLIGHT};
-use crate::l7::RequestHead;
-use crate::routes::{host_without_port, Backend, RouteTable, Routed, Rule};
+use crate::routing::filters::{client_scheme, request_host, Mirror};
+use crate::routing::mirror::{MirrorTee, MIRROR_MAX_IN_FLIGHT};
+use crate::routing::table::{host_without_port, Backend, RouteTable, Routed, Rule};
+use crate::routing::RequestHead;
 use crate::secrets::Secret;
 use crate::telemetry::{Metrics, UpstreamErrorKind};
 
@@ -122,7 +122,7 @@ pub struct Proxy {
     /// take connections from real traffic.
     mirror_client: Client<HttpsConnector, Full<Bytes>>,
     mirror_h2c: Client<HttpConnector, Full<Bytes>>,
-    /// Bounds mirror copies buffered or in flight (see `l7::mirror`).
+    /// Bounds mirror copies buffered or in flight (see `routing::mirror`).
     mirror_slots: Arc<tokio::sync::Semaphore>,
 }
 
@@ -668,7 +668,7 @@ fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
 
 /// One mirrored request, sent once its body copy is complete.
 struct MirrorTask {
-    upstream: crate::routes::Upstream,
+    upstream: crate::routing::table::Upstream,
     protocol: UpstreamProtocol,
     auth: UpstreamAuthKind,
     auth_header: AuthHeaderKind,

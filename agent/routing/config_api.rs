@@ -32,9 +32,9 @@ use crate::config::{
     AuthHeaderKind, BackendSpec, Config, ConfigApiSection, Problem, UpstreamAuthKind, UpstreamProtocol,
 };
 use crate::health::Health;
-use crate::l7::{FilterSpec, MatchSpec, TimeoutsSpec};
 use crate::proxy::Proxy;
-use crate::routes::{RouteTable, RoutesError, RuleSource};
+use crate::routing::table::{RouteTable, RoutesError, RuleSource};
+use crate::routing::{FilterSpec, MatchSpec, TimeoutsSpec};
 use crate::secrets::Secret;
 use crate::server::{self, Limits, ServerHandle};
 use crate::telemetry::Metrics;

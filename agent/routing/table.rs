@@ -17,8 +17,8 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use crate::config::{
     AuthHeaderKind, BackendSpec, Config, Problem, RouteSourceKind, RoutesSection, UpstreamAuthKind, UpstreamProtocol,
 };
-use crate::l7::spec::FilterKind;
-use crate::l7::{FilterLevel, FilterSpec, Filters, MatchList, MatchSpec, RequestHead, RouteMatch, TimeoutsSpec};
+use crate::routing::spec::FilterKind;
+use crate::routing::{FilterLevel, FilterSpec, Filters, MatchList, MatchSpec, RequestHead, RouteMatch, TimeoutsSpec};
 use crate::telemetry::{Metrics, RouteStats};
 
 /// Where a request goes once it matched: the upstream and how to authenticate to it.

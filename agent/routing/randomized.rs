@@ -11,8 +11,8 @@ use serde_json::{json, Value};
 
 use super::matching::{RequestHead, RouteMatch};
 use crate::config::Config;
-use crate::config_api::PushedConfig;
-use crate::routes::normalise_hostname;
+use crate::routing::config_api::PushedConfig;
+use crate::routing::table::normalise_hostname;
 use crate::telemetry::Metrics;
 
 struct Rng(u64);

@@ -7,7 +7,7 @@ use super::spec::{
     FilterKind, FilterSpec, HeaderModifierSpec, HeaderSpec, MirrorSpec, PathModifierKind, PathModifierSpec,
 };
 use crate::config::{AuthHeaderKind, Problem, RoutesSection, UpstreamAuthKind, UpstreamProtocol};
-use crate::routes::Upstream;
+use crate::routing::table::Upstream;
 
 /// Headers a modifier may not touch: they belong to the connection, not the message
 /// (RFC 9110 §7.6.1), or the proxy owns them.
@@ -307,7 +307,7 @@ impl Redirect {
         let hostname = spec
             .hostname
             .as_deref()
-            .map(|h| crate::routes::normalise_hostname(h).map(String::into_boxed_str))
+            .map(|h| crate::routing::table::normalise_hostname(h).map(String::into_boxed_str))
             .transpose()?;
         if hostname.as_deref().is_some_and(|h| h.starts_with('*')) {
             return Err("a redirect hostname cannot be a wildcard".into());
@@ -400,7 +400,7 @@ fn split_host_port(host: &str) -> (&str, Option<u16>) {
 }
 
 fn rewrite_hostname(h: &str) -> Result<HeaderValue, String> {
-    let h = crate::routes::normalise_hostname(h)?;
+    let h = crate::routing::table::normalise_hostname(h)?;
     if h.starts_with('*') {
         return Err("a rewrite hostname cannot be a wildcard".into());
     }

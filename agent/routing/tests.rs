@@ -9,7 +9,7 @@ use super::filters::PathModifier;
 use super::matching::{compile_anchored, first_query_value, PathMatcher};
 use super::RequestHead;
 use crate::config::Config;
-use crate::routes::{RouteTable, RoutesError};
+use crate::routing::table::{RouteTable, RoutesError};
 
 fn table(toml: &str) -> Result<RouteTable, RoutesError> {
     let config = Config::parse(Path::new("t.toml"), toml).map_err(|e| RoutesError { problems: e.problems })?;
@@ -643,7 +643,8 @@ fn docs_worked_example_builds_and_routes() {
             .to_owned()
     };
     let toml_table = table(&block("```toml\n", "[[route]]\nname = \"advanced-routing\"")).unwrap();
-    let pushed = crate::config_api::PushedConfig::parse(block("```json\n", "{\"version\": 1").as_bytes()).unwrap();
+    let pushed =
+        crate::routing::config_api::PushedConfig::parse(block("```json\n", "{\"version\": 1").as_bytes()).unwrap();
     let json_table = pushed
         .compile(&Config::default(), &crate::telemetry::Metrics::default())
         .unwrap();

@@ -302,13 +302,13 @@ pub struct RouteSpec {
     pub timeout: Option<Duration>,
     /// Gateway API `HTTPRouteMatch`es, ORed; none means `PathPrefix /` (docs/routing.md).
     #[serde(default)]
-    pub matches: Vec<crate::l7::MatchSpec>,
+    pub matches: Vec<crate::routing::MatchSpec>,
     /// Gateway API `HTTPRouteFilter`s for every request of this route.
     #[serde(default)]
-    pub filters: Vec<crate::l7::FilterSpec>,
+    pub filters: Vec<crate::routing::FilterSpec>,
     /// Gateway API `HTTPRouteTimeouts` (`request`, `backend_request`).
     #[serde(default)]
-    pub timeouts: Option<crate::l7::TimeoutsSpec>,
+    pub timeouts: Option<crate::routing::TimeoutsSpec>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -322,7 +322,7 @@ pub struct BackendSpec {
     pub protocol: Option<UpstreamProtocol>,
     /// Filters applied only when this backend is chosen.
     #[serde(default)]
-    pub filters: Vec<crate::l7::FilterSpec>,
+    pub filters: Vec<crate::routing::FilterSpec>,
 }
 
 fn default_weight() -> u32 {
@@ -725,7 +725,7 @@ impl Config {
             RouteSourceKind::Inline => &self.routes.hosts,
             _ => &empty,
         };
-        if let Err(e) = crate::routes::RouteTable::build(self, hosts) {
+        if let Err(e) = crate::routing::table::RouteTable::build(self, hosts) {
             for p in e.problems {
                 bad(p.key, p.reason);
             }
