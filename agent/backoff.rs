@@ -29,7 +29,11 @@ impl Backoff {
         self.attempt = self.attempt.saturating_add(1);
         let floor = (self.base / 2).min(ceiling);
         let span = ceiling.saturating_sub(floor).as_nanos() as u64;
-        let jitter = if span == 0 { 0 } else { crate::random_u64() % (span + 1) };
+        let jitter = if span == 0 {
+            0
+        } else {
+            crate::random::random_u64() % (span + 1)
+        };
         floor + Duration::from_nanos(jitter)
     }
 

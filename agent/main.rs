@@ -4,7 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tunnel_agent::config::{self, Config};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+use tunnel_agent::node::Signal;
+use tunnel_agent::{config, routing};
 
 #[derive(Parser)]
 #[command(
@@ -66,7 +69,7 @@ fn main() -> ExitCode {
 fn control(args: ControlArgs, command: tunnel_agent::control::Command) -> ExitCode {
     let socket = match args.socket {
         Some(s) => s,
-        None => match Config::load(&args.config) {
+        None => match routing::load_config(&args.config) {
             Ok(c) => tunnel_agent::control::socket_path(&c.agent.runtime_dir),
             Err(e) => {
                 eprintln!("{e}");
@@ -139,7 +142,7 @@ fn print_summary(reply: &tunnel_agent::control::Reply) {
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
-    let config = match Config::load(path) {
+    let config = match routing::load_config(path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
@@ -148,13 +151,13 @@ fn check(path: &std::path::Path) -> ExitCode {
     };
     let metrics = tunnel_agent::telemetry::Metrics::default();
     let mut failed = false;
-    if let Err(errors) = tunnel_agent::load_local_secrets(&config, &metrics) {
+    if let Err(errors) = tunnel_agent::secrets::resolve::load_local(&config, &metrics) {
         for e in errors {
             eprintln!("{}: {e}", path.display());
         }
         failed = true;
     }
-    match tunnel_agent::load_routes(&config, &metrics) {
+    match routing::source::load_local(&config, &metrics) {
         Ok(table) => {
             if !failed {
                 println!("{}: ok ({} routes)", path.display(), table.len());
@@ -173,7 +176,7 @@ fn check(path: &std::path::Path) -> ExitCode {
 }
 
 fn run(path: PathBuf) -> ExitCode {
-    let config = match Config::load(&path) {
+    let config = match routing::load_config(&path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
@@ -195,7 +198,11 @@ fn run(path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(tunnel_agent::run(path, config)) {
+    let agent = async {
+        let signals = forward_signals()?;
+        tunnel_agent::boot::run(path, config, signals).await
+    };
+    match runtime.block_on(agent) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "tunnel-agent failed");
@@ -203,4 +210,26 @@ fn run(path: PathBuf) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// SIGTERM and SIGINT stop the agent, SIGHUP reloads it: installed here, so the library takes
+/// its shutdown and reload requests as a stream (a test passes its own).
+fn forward_signals() -> anyhow::Result<mpsc::Receiver<Signal>> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        loop {
+            let sig = tokio::select! {
+                _ = term.recv() => Signal::Shutdown,
+                _ = int.recv() => Signal::Shutdown,
+                _ = hup.recv() => Signal::Reload,
+            };
+            if tx.send(sig).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
 }

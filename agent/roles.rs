@@ -19,22 +19,8 @@ use tokio::sync::mpsc;
 use crate::config::Config;
 use crate::gcp::{MetadataClient, MetadataError};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    #[default]
-    Active,
-    Standby,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Active => "active",
-            Role::Standby => "standby",
-        }
-    }
-}
+/// The role itself is part of the config schema (`role = "active"`).
+pub use crate::config::Role;
 
 /// Why the node has its role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -9,12 +9,11 @@ use std::path::Path;
 
 use http::{HeaderMap, HeaderValue, Method};
 use tokio::time::Instant;
-use tunnel_agent::config::Config;
 use tunnel_agent::routing::table::RouteTable;
 use tunnel_agent::routing::RequestHead;
 
 fn table(toml: &str) -> RouteTable {
-    let config = Config::parse(Path::new("bench.toml"), toml).expect("valid");
+    let config = tunnel_agent::routing::parse_config(Path::new("bench.toml"), toml).expect("valid");
     RouteTable::build(&config, &config.routes.hosts).expect("builds")
 }
 

@@ -5,16 +5,56 @@
 //! typed values (those errors carry line and column). [`Config::validate`] then checks what types
 //! cannot express (cross-references between sections, URLs, ranges) and collects *every* problem,
 //! so an operator fixes a file in one round trip instead of one error per `check` run.
+//!
+//! This module is a leaf: it imports nothing of the crate, everything else reads it. Route
+//! contents are checked by the code that builds the live table, which the caller passes in (see
+//! [`RouteCheck`]; `crate::routing::load_config` is the usual entry point).
+//!
+//! - this file: the schema (every section and its defaults) and the error types;
+//! - [`route_spec`]: the route rule pieces shared by `[[route]]` and the config API's JSON;
+//! - `parse`: reading the file and locating every parser error;
+//! - `validate`: the checks types cannot express;
+//! - `reload`: which settings a reload cannot change (they need a restart).
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
 
+mod parse;
+mod reload;
+pub mod route_spec;
+mod secret_name;
+mod validate;
+
+pub use route_spec::{FilterSpec, MatchSpec, TimeoutsSpec};
+pub use secret_name::SecretVersionName;
+pub use validate::RouteCheck;
+
 pub const DEFAULT_PATH: &str = "/etc/tunnel-agent/agent.toml";
+
+/// A node's role (seed 002): only the active node runs cloudflared; a standby keeps secrets,
+/// routes and the proxy warm. Part of the schema (`role = "standby"`); [`crate::roles`] decides
+/// which one is in effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    #[default]
+    Active,
+    Standby,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Active => "active",
+            Role::Standby => "standby",
+        }
+    }
+}
 
 /// The whole file. Every section has working defaults, so an empty file is a valid (if useless)
 /// configuration: no routes, no auth, proxy on loopback, health on `:2000`.
@@ -24,7 +64,7 @@ pub struct Config {
     /// `active` runs cloudflared; `standby` keeps everything else warm for promotion. A top-level
     /// key, so it must come before the first `[section]`.
     #[serde(default)]
-    pub role: crate::roles::Role,
+    pub role: Role,
     #[serde(default)]
     pub role_watch: RoleWatchSection,
     #[serde(default)]
@@ -302,13 +342,13 @@ pub struct RouteSpec {
     pub timeout: Option<Duration>,
     /// Gateway API `HTTPRouteMatch`es, ORed; none means `PathPrefix /` (docs/routing.md).
     #[serde(default)]
-    pub matches: Vec<crate::routing::MatchSpec>,
+    pub matches: Vec<MatchSpec>,
     /// Gateway API `HTTPRouteFilter`s for every request of this route.
     #[serde(default)]
-    pub filters: Vec<crate::routing::FilterSpec>,
+    pub filters: Vec<FilterSpec>,
     /// Gateway API `HTTPRouteTimeouts` (`request`, `backend_request`).
     #[serde(default)]
-    pub timeouts: Option<crate::routing::TimeoutsSpec>,
+    pub timeouts: Option<TimeoutsSpec>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -322,7 +362,7 @@ pub struct BackendSpec {
     pub protocol: Option<UpstreamProtocol>,
     /// Filters applied only when this backend is chosen.
     #[serde(default)]
-    pub filters: Vec<crate::routing::FilterSpec>,
+    pub filters: Vec<FilterSpec>,
 }
 
 fn default_weight() -> u32 {
@@ -557,597 +597,17 @@ impl fmt::Display for ConfigError {
     }
 }
 
-impl Config {
-    /// Reads, parses and validates `path`.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: path.to_owned(),
-            problems: vec![Problem {
-                key: "(file)".to_owned(),
-                reason: format!("cannot read: {e}"),
-            }],
-            parse: Vec::new(),
-        })?;
-        Self::parse(path, &text)
-    }
-
-    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let config = parse_all(text).map_err(|parse| ConfigError {
-            file: path.to_owned(),
-            parse,
-            problems: Vec::new(),
-        })?;
-        let problems = config.validate();
-        if problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigError {
-                file: path.to_owned(),
-                problems,
-                parse: Vec::new(),
-            })
-        }
-    }
-
-    /// Checks everything the types cannot. Returns all problems found.
-    pub fn validate(&self) -> Vec<Problem> {
-        let mut out = Vec::new();
-        let mut bad = |key: String, reason: String| out.push(Problem { key, reason });
-
-        if self.agent.shutdown_grace.is_zero() {
-            bad("agent.shutdown_grace".into(), "must be greater than 0".into());
-        }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.agent.log_level) {
-            bad("agent.log_level".into(), format!("invalid filter: {e}"));
-        }
-
-        for (name, spec) in &self.secrets {
-            let key = |k: &str| format!("secrets.{name}.{k}");
-            let want = match spec.source {
-                SecretSourceKind::File => "path",
-                SecretSourceKind::Env => "var",
-                SecretSourceKind::GcpSecretManager => "name",
-            };
-            let given = [
-                ("path", spec.path.is_some()),
-                ("var", spec.var.as_deref().is_some_and(|v| !v.is_empty())),
-                ("name", spec.name.is_some()),
-            ];
-            for (k, present) in given {
-                if k == want && !present {
-                    bad(key(k), format!("required for source = \"{}\"", spec.source));
-                } else if k != want && present {
-                    bad(key(k), format!("not used by source = \"{}\"", spec.source));
-                }
-            }
-            if let (SecretSourceKind::GcpSecretManager, Some(n)) = (spec.source, &spec.name) {
-                if let Err(reason) = crate::secrets::SecretVersionName::parse(n) {
-                    bad(key("name"), reason);
-                }
-            }
-            if spec.refresh.is_some_and(|r| r < Duration::from_secs(1)) {
-                bad(key("refresh"), "must be at least 1s".into());
-            }
-        }
-
-        let p = &self.proxy;
-        if let Some(secret) = &p.auth_secret {
-            if !self.secrets.contains_key(secret) {
-                bad(
-                    "proxy.auth_secret".into(),
-                    format!("no secret named {secret:?} in [secrets]"),
-                );
-            }
-        }
-        if http::HeaderName::from_bytes(p.auth_header.as_bytes()).is_err() {
-            bad(
-                "proxy.auth_header".into(),
-                format!("{:?} is not a valid header name", p.auth_header),
-            );
-        }
-        if p.max_header_bytes < 8192 {
-            bad("proxy.max_header_bytes".into(), "must be at least 8192".into());
-        }
-        for (k, v) in [
-            ("header_read_timeout", p.header_read_timeout),
-            ("idle_timeout", p.idle_timeout),
-            ("connect_timeout", p.connect_timeout),
-            ("upstream_timeout", p.upstream_timeout),
-            ("pool_idle_timeout", p.pool_idle_timeout),
-        ] {
-            if v.is_zero() {
-                bad(format!("proxy.{k}"), "must be greater than 0".into());
-            }
-        }
-        // Port 0 asks the kernel for a free port, so two `:0` listeners never collide (tests
-        // and ad-hoc runs bind both that way).
-        if p.listen == self.health.listen && p.listen.port() != 0 {
-            bad(
-                "health.listen".into(),
-                format!("same address as proxy.listen ({})", p.listen),
-            );
-        }
-
-        let r = &self.routes;
-        if r.source != RouteSourceKind::File && r.file.is_some() {
-            bad("routes.file".into(), "only used with source = \"file\"".into());
-        }
-        if r.source == RouteSourceKind::File && r.file.is_none() {
-            bad("routes.file".into(), "required for source = \"file\"".into());
-        }
-        if r.source != RouteSourceKind::Inline && !r.hosts.is_empty() {
-            bad("routes.hosts".into(), "only used with source = \"inline\"".into());
-        }
-        if r.source != RouteSourceKind::GcpMetadata && r.attribute.is_some() {
-            bad(
-                "routes.attribute".into(),
-                "only used with source = \"gcp-metadata\"".into(),
-            );
-        }
-        if r.source == RouteSourceKind::ConfigApi {
-            if !self.route.is_empty() {
-                bad(
-                    "route".into(),
-                    "not used with source = \"config-api\" (the controller pushes every route)".into(),
-                );
-            }
-            match self.config_api.as_ref().and_then(|a| a.auth_secret.as_ref()) {
-                None => bad(
-                    "config_api.auth_secret".into(),
-                    "required for routes.source = \"config-api\"".into(),
-                ),
-                Some(secret) if !self.secrets.contains_key(secret) => bad(
-                    "config_api.auth_secret".into(),
-                    format!("no secret named {secret:?} in [secrets]"),
-                ),
-                Some(_) => {}
-            }
-        }
-        if let Some(api) = &self.config_api {
-            if self.routes.source != RouteSourceKind::ConfigApi {
-                bad(
-                    "config_api".into(),
-                    "only used with routes.source = \"config-api\"".into(),
-                );
-            }
-            if api.listen.port() != 0 && (api.listen == self.proxy.listen || api.listen == self.health.listen) {
-                bad(
-                    "config_api.listen".into(),
-                    format!("{} is already used by proxy.listen or health.listen", api.listen),
-                );
-            }
-        }
-        // Route contents (URLs, hostnames, duplicates) are checked by the same code that builds
-        // the live table, so `check` and a running agent can never disagree. Remote sources are
-        // checked when fetched.
-        let empty = BTreeMap::new();
-        let hosts = match self.routes.source {
-            RouteSourceKind::Inline => &self.routes.hosts,
-            _ => &empty,
-        };
-        if let Err(e) = crate::routing::table::RouteTable::build(self, hosts) {
-            for p in e.problems {
-                bad(p.key, p.reason);
-            }
-        }
-
-        let cf = &self.cloudflared;
-        if cf.enabled {
-            match (&cf.token_secret, &cf.credentials_file) {
-                (None, None) => bad(
-                    "cloudflared.token_secret".into(),
-                    "set token_secret (remotely-managed tunnel) or credentials_file + tunnel (locally-managed)".into(),
-                ),
-                (Some(_), Some(_)) => bad(
-                    "cloudflared.credentials_file".into(),
-                    "give either token_secret or credentials_file, not both".into(),
-                ),
-                (Some(name), None) if !self.secrets.contains_key(name) => bad(
-                    "cloudflared.token_secret".into(),
-                    format!("no secret named {name:?} in [secrets]"),
-                ),
-                (None, Some(_)) if cf.tunnel.is_none() => bad(
-                    "cloudflared.tunnel".into(),
-                    "required with credentials_file (the tunnel's name or UUID)".into(),
-                ),
-                _ => {}
-            }
-            if cf.metrics == self.health.listen || cf.metrics == self.proxy.listen {
-                bad(
-                    "cloudflared.metrics".into(),
-                    format!("{} is already used by the agent", cf.metrics),
-                );
-            }
-            if cf.crash_loop_exits == 0 {
-                bad("cloudflared.crash_loop_exits".into(), "must be at least 1".into());
-            }
-            if cf.poll_interval.is_zero() {
-                bad("cloudflared.poll_interval".into(), "must be greater than 0".into());
-            }
-            for a in &cf.extra_args {
-                if a == "run" || a.starts_with("--token") || a.starts_with("--metrics") {
-                    bad(
-                        "cloudflared.extra_args".into(),
-                        format!("{a:?} is managed by the agent; remove it (and never put a token in argv)"),
-                    );
-                }
-            }
-        }
-        if let Some(a) = &self.role_watch.attribute {
-            if a.is_empty() || !a.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-                bad(
-                    "role_watch.attribute".into(),
-                    format!("{a:?} is not a metadata attribute name"),
-                );
-            }
-        }
-        if self.routes.source == RouteSourceKind::GcpMetadata {
-            match &self.routes.attribute {
-                None => bad(
-                    "routes.attribute".into(),
-                    "required for source = \"gcp-metadata\"".into(),
-                ),
-                Some(a) if a.is_empty() || !a.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') => {
-                    bad(
-                        "routes.attribute".into(),
-                        format!("{a:?} is not a metadata attribute name"),
-                    )
-                }
-                _ => {}
-            }
-        }
-        if let Some(url) = &self.gcp.secret_manager_endpoint {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                bad(
-                    "gcp.secret_manager_endpoint".into(),
-                    "must be an http:// or https:// URL".into(),
-                );
-            }
-        }
-        if let Some(url) = &self.gcp.metadata_url {
-            match reqwest::Url::parse(url) {
-                Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
-                Ok(_) => out.push(Problem {
-                    key: "gcp.metadata_url".into(),
-                    reason: "must be an http:// or https:// URL".into(),
-                }),
-                Err(e) => out.push(Problem {
-                    key: "gcp.metadata_url".into(),
-                    reason: format!("invalid URL: {e}"),
-                }),
-            }
-        }
-        out
-    }
-
-    /// Settings that only take effect on restart (listeners, directories). Reload reports a
-    /// change to any of these instead of half-applying it.
-    pub fn restart_only_differences(&self, new: &Config) -> Vec<&'static str> {
-        let mut out = Vec::new();
-        if self.proxy.listen != new.proxy.listen {
-            out.push("proxy.listen");
-        }
-        if self.health.listen != new.health.listen {
-            out.push("health.listen");
-        }
-        if self.config_api.as_ref().map(|a| a.listen) != new.config_api.as_ref().map(|a| a.listen) {
-            out.push("config_api.listen");
-        }
-        if self.agent.runtime_dir != new.agent.runtime_dir {
-            out.push("agent.runtime_dir");
-        }
-        if self.agent.state_dir != new.agent.state_dir {
-            out.push("agent.state_dir");
-        }
-        if self.agent.log_format != new.agent.log_format {
-            out.push("agent.log_format");
-        }
-        // The global subscriber is installed once, with the level read at start.
-        if self.agent.log_level != new.agent.log_level {
-            out.push("agent.log_level");
-        }
-        if self.proxy.max_header_bytes != new.proxy.max_header_bytes {
-            out.push("proxy.max_header_bytes");
-        }
-        if self.proxy.header_read_timeout != new.proxy.header_read_timeout {
-            out.push("proxy.header_read_timeout");
-        }
-        if self.proxy.idle_timeout != new.proxy.idle_timeout {
-            out.push("proxy.idle_timeout");
-        }
-        if self.proxy.connect_timeout != new.proxy.connect_timeout
-            || self.proxy.pool_idle_timeout != new.proxy.pool_idle_timeout
-            || self.proxy.pool_max_idle_per_host != new.proxy.pool_max_idle_per_host
-        {
-            out.push("proxy.connect_timeout/pool_*");
-        }
-        if self.routes.source != new.routes.source
-            || self.routes.attribute != new.routes.attribute
-            || self.routes.attribute_scope != new.routes.attribute_scope
-        {
-            out.push("routes.source/attribute");
-        }
-        if self.role_watch.attribute != new.role_watch.attribute
-            || self.role_watch.attribute_scope != new.role_watch.attribute_scope
-            || self.role_watch.host_name != new.role_watch.host_name
-        {
-            out.push("role_watch");
-        }
-        let api = |c: &Config| {
-            c.config_api
-                .as_ref()
-                .map(|a| (a.listen, a.auth_secret.clone(), a.persist))
-        };
-        if api(self) != api(new) {
-            out.push("config_api");
-        }
-        if self.gcp.metadata_url != new.gcp.metadata_url || self.gcp.metadata_timeout != new.gcp.metadata_timeout {
-            out.push("gcp.metadata_url/metadata_timeout");
-        }
-        // The identity-token cache is built once at start and keeps its margin.
-        if self.gcp.id_token_refresh_margin != new.gcp.id_token_refresh_margin {
-            out.push("gcp.id_token_refresh_margin");
-        }
-        // The Secret Manager client is built once at start, with its endpoint.
-        if self.gcp.secret_manager_endpoint != new.gcp.secret_manager_endpoint {
-            out.push("gcp.secret_manager_endpoint");
-        }
-        // The supervisor takes its restart policy at start; a reload only changes the command.
-        if restart_policy(&self.cloudflared) != restart_policy(&new.cloudflared) {
-            out.push(
-                "cloudflared.restart_backoff/restart_backoff_max/stable_after/crash_loop_*/give_up_after_exits/poll_interval/disconnected_restart_after",
-            );
-        }
-        out
-    }
-
-    /// Overwrites the settings [`Config::restart_only_differences`] covers with `running`'s, so
-    /// a reloaded configuration describes what is really in effect: the next reload diffs
-    /// against it, and nothing half-applies a value that needs a restart (cloudflared's token
-    /// file in a new `runtime_dir`, one read of a new route source).
-    pub fn keep_restart_only(&mut self, running: &Config) {
-        self.proxy.listen = running.proxy.listen;
-        self.health.listen = running.health.listen;
-        self.agent.runtime_dir = running.agent.runtime_dir.clone();
-        self.agent.state_dir = running.agent.state_dir.clone();
-        self.agent.log_format = running.agent.log_format;
-        self.agent.log_level = running.agent.log_level.clone();
-        self.proxy.max_header_bytes = running.proxy.max_header_bytes;
-        self.proxy.header_read_timeout = running.proxy.header_read_timeout;
-        self.proxy.idle_timeout = running.proxy.idle_timeout;
-        self.proxy.connect_timeout = running.proxy.connect_timeout;
-        self.proxy.pool_idle_timeout = running.proxy.pool_idle_timeout;
-        self.proxy.pool_max_idle_per_host = running.proxy.pool_max_idle_per_host;
-        if self.routes.source != running.routes.source {
-            // The source's own keys go with it; within one source, `file` and `hosts` are live.
-            self.routes.source = running.routes.source;
-            self.routes.file = running.routes.file.clone();
-            self.routes.hosts = running.routes.hosts.clone();
-        }
-        self.routes.attribute = running.routes.attribute.clone();
-        self.routes.attribute_scope = running.routes.attribute_scope;
-        self.role_watch = running.role_watch.clone();
-        // The config API's listener and token are read once, at start.
-        self.config_api = running.config_api.clone();
-        self.gcp.metadata_url = running.gcp.metadata_url.clone();
-        self.gcp.metadata_timeout = running.gcp.metadata_timeout;
-        self.gcp.id_token_refresh_margin = running.gcp.id_token_refresh_margin;
-        self.gcp.secret_manager_endpoint = running.gcp.secret_manager_endpoint.clone();
-        let cf = &running.cloudflared;
-        self.cloudflared.restart_backoff = cf.restart_backoff;
-        self.cloudflared.restart_backoff_max = cf.restart_backoff_max;
-        self.cloudflared.stable_after = cf.stable_after;
-        self.cloudflared.crash_loop_exits = cf.crash_loop_exits;
-        self.cloudflared.crash_loop_window = cf.crash_loop_window;
-        self.cloudflared.give_up_after_exits = cf.give_up_after_exits;
-        self.cloudflared.poll_interval = cf.poll_interval;
-        self.cloudflared.disconnected_restart_after = cf.disconnected_restart_after;
-    }
-}
-
-/// The `[cloudflared]` keys the supervisor reads once, at start.
-fn restart_policy(cf: &CloudflaredSection) -> (Duration, Duration, Duration, u32, Duration, u32, Duration, Duration) {
-    (
-        cf.restart_backoff,
-        cf.restart_backoff_max,
-        cf.stable_after,
-        cf.crash_loop_exits,
-        cf.crash_loop_window,
-        cf.give_up_after_exits,
-        cf.poll_interval,
-        cf.disconnected_restart_after,
-    )
-}
-
-/// Parser errors reported per `check` run, at most. A file with more is not worth listing.
-const MAX_PARSE_PROBLEMS: usize = 50;
-
-/// Deserializes `text`, collecting every parser error rather than the first.
-///
-/// serde stops at the first error, so after each one the offending statement (a `key = value`
-/// line or a `[table]`) is blanked with spaces and the text parsed again. Blanking keeps every
-/// byte offset, so later positions are still those of the original file. The loop stops at the
-/// first error it cannot attribute to a statement, or when blanking left text that is no longer
-/// TOML (that error would be ours, not the file's).
-fn parse_all(text: &str) -> Result<Config, Vec<ParseProblem>> {
-    let mut scratch = text.to_owned();
-    let mut problems: Vec<ParseProblem> = Vec::new();
-    let mut blanked: Vec<String> = Vec::new();
-    loop {
-        let e = match toml::from_str::<Config>(&scratch) {
-            Ok(config) if problems.is_empty() => return Ok(config),
-            Ok(_) => return Err(problems),
-            Err(e) => e,
-        };
-        let doc = toml_edit::ImDocument::parse(scratch.as_str()).ok();
-        if doc.is_none() && !problems.is_empty() {
-            return Err(problems);
-        }
-        let located = match (&doc, e.span()) {
-            (Some(doc), Some(span)) => locate(doc.as_table(), span.start),
-            _ => None,
-        };
-        // Syntax errors come as several lines ("invalid table header\nexpected ..."): keep one.
-        let reason = e.message().trim().replace('\n', "; ");
-        // `[secrets.x]` with a bad `source` line blanked now lacks `source`: that is our doing.
-        let consequence = match (&located, reason.strip_prefix("missing field `")) {
-            (Some(l), Some(rest)) => {
-                let field = rest.trim_end_matches('`');
-                blanked.contains(&join_key(&l.key, field))
-            }
-            _ => false,
-        };
-        if !consequence {
-            problems.push(ParseProblem {
-                key: located.as_ref().map(|l| l.key.clone()),
-                position: e.span().map(|s| line_column(text, s.start)),
-                reason,
-            });
-        }
-        let Some(Located {
-            key,
-            statement: Some(statement),
-        }) = located
-        else {
-            return Err(problems);
-        };
-        if problems.len() >= MAX_PARSE_PROBLEMS || !blank(&mut scratch, statement) {
-            return Err(problems);
-        }
-        blanked.push(key);
-    }
-}
-
-/// 1-based line and column (in characters) of byte `offset` in `text`.
-fn line_column(text: &str, offset: usize) -> (usize, usize) {
-    let before = text.get(..offset).unwrap_or(text);
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    let line = before.matches('\n').count() + 1;
-    (line, before[line_start..].chars().count() + 1)
-}
-
-/// Replaces `range` of `text` with spaces, keeping line breaks. False if nothing changed.
-fn blank(text: &mut String, range: std::ops::Range<usize>) -> bool {
-    let mut bytes = std::mem::take(text).into_bytes();
-    let mut changed = false;
-    for b in bytes.get_mut(range).into_iter().flatten() {
-        if !matches!(*b, b'\n' | b'\r' | b' ') {
-            *b = b' ';
-            changed = true;
-        }
-    }
-    // Spans start and end on character boundaries, so this only fails on a parser bug.
-    match String::from_utf8(bytes) {
-        Ok(s) => *text = s,
-        Err(_) => changed = false,
-    }
-    changed
-}
-
-/// `prefix.key`, quoting keys that are not bare TOML keys (`routes.hosts."a.example.com"`).
-fn join_key(prefix: &str, key: &str) -> String {
-    let bare = !key.is_empty() && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    match (prefix.is_empty(), bare) {
-        (true, true) => key.to_owned(),
-        (true, false) => format!("{key:?}"),
-        (false, true) => format!("{prefix}.{key}"),
-        (false, false) => format!("{prefix}.{key:?}"),
-    }
-}
-
-/// Where a parser error falls: the innermost key, and the statement to blank to get past it.
-#[derive(Debug)]
-struct Located {
-    key: String,
-    /// `None` where blanking would change the meaning of what follows (an `[[array]]` element
-    /// renumbers the ones after it; a dotted key leaves its prefix behind).
-    statement: Option<std::ops::Range<usize>>,
-}
-
-fn contains(span: &Option<std::ops::Range<usize>>, pos: usize) -> bool {
-    span.as_ref().is_some_and(|s| s.contains(&pos) || s.start == pos)
-}
-
-/// Walks every entry of `table`; deeper matches overwrite shallower ones.
-fn locate(table: &toml_edit::Table, pos: usize) -> Option<Located> {
-    let mut found = None;
-    locate_in(table, "", None, true, pos, &mut found);
-    found
-}
-
-fn locate_in(
-    table: &dyn toml_edit::TableLike,
-    prefix: &str,
-    statement: Option<&std::ops::Range<usize>>,
-    lines: bool,
-    pos: usize,
-    found: &mut Option<Located>,
-) {
-    use toml_edit::{Item, Value};
-    for (name, _) in table.iter() {
-        let Some((key, item)) = table.get_key_value(name) else {
-            continue;
-        };
-        let path = join_key(prefix, name);
-        let entry = match (key.span(), item.span()) {
-            (Some(k), Some(v)) if v.end > k.start => Some(k.start..v.end),
-            (k, _) => k,
-        };
-        let own = match item {
-            // In a [table] (or at the top), `key = value` is a line of its own.
-            Item::Value(_) if lines => entry.clone(),
-            Item::Value(_) => statement.cloned(),
-            // A [table]'s span runs from its header to its last value. Implicit parents
-            // (`[secrets]` of `[secrets.x]`) and dotted tables have none.
-            Item::Table(t) if !t.is_dotted() => t.span(),
-            Item::Table(_) | Item::ArrayOfTables(_) | Item::None => None,
-        };
-        if contains(&entry, pos) || (matches!(item, Item::Table(_)) && contains(&own, pos)) {
-            *found = Some(Located {
-                key: path.clone(),
-                statement: own.clone(),
-            });
-        }
-        match item {
-            Item::Table(t) => locate_in(t, &path, own.as_ref(), !t.is_dotted(), pos, found),
-            Item::ArrayOfTables(tables) => {
-                for (i, t) in tables.iter().enumerate() {
-                    let path = format!("{path}[{i}]");
-                    if contains(&t.span(), pos) {
-                        *found = Some(Located {
-                            key: path.clone(),
-                            statement: None,
-                        });
-                    }
-                    locate_in(t, &path, None, true, pos, found);
-                }
-            }
-            Item::Value(Value::InlineTable(t)) => locate_in(t, &path, own.as_ref(), false, pos, found),
-            Item::Value(Value::Array(values)) => {
-                for (i, v) in values.iter().enumerate() {
-                    let path = format!("{path}[{i}]");
-                    if contains(&v.span(), pos) {
-                        *found = Some(Located {
-                            key: path.clone(),
-                            statement: own.clone(),
-                        });
-                    }
-                    if let Value::InlineTable(t) = v {
-                        locate_in(t, &path, own.as_ref(), false, pos, found);
-                    }
-                }
-            }
-            Item::Value(_) | Item::None => {}
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
+    use super::parse::line_column;
     use super::*;
 
+    /// Parses without the route-content check (that one lives in `crate::routing`, with its
+    /// tests); the schema's own checks all run.
     fn parse(text: &str) -> Result<Config, ConfigError> {
-        Config::parse(Path::new("/etc/t/agent.toml"), text)
+        Config::parse(Path::new("/etc/t/agent.toml"), text, &|_| Vec::new())
     }
 
     #[test]
@@ -1215,33 +675,6 @@ mod tests {
     fn line_column_counts_characters() {
         assert_eq!(line_column("a\nbé = 1", 5), (2, 3));
         assert_eq!(line_column("", 0), (1, 1));
-    }
-
-    #[test]
-    fn all_semantic_problems_reported_together() {
-        let err = parse(
-            r#"
-            [secrets.tok]
-            source = "file"
-            var = "X"
-            [proxy]
-            auth_secret = "missing"
-            max_header_bytes = 10
-            [routes.hosts]
-            "a.example.com" = "ftp://nope"
-            "#,
-        )
-        .unwrap_err();
-        let keys: Vec<_> = err.problems.iter().map(|p| p.key.as_str()).collect();
-        for want in [
-            "secrets.tok.path",
-            "secrets.tok.var",
-            "proxy.auth_secret",
-            "proxy.max_header_bytes",
-            "routes.hosts.\"a.example.com\"",
-        ] {
-            assert!(keys.contains(&want), "missing {want} in {keys:?}");
-        }
     }
 
     #[test]

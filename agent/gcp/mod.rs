@@ -17,7 +17,8 @@ use base64::Engine as _;
 use http::HeaderValue;
 use tokio::time::Instant;
 
-use crate::secrets::{Secret, SecretVersionName};
+use crate::config::SecretVersionName;
+use crate::secret::Secret;
 use crate::telemetry::Metrics;
 
 /// A metadata server failure. Messages never include a token.

@@ -23,8 +23,11 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use subtle::ConstantTimeEq;
 use tokio::time::Instant;
+
+mod auth;
+
+pub use auth::{AcceptedToken, InboundAuth};
 
 use crate::config::{AuthHeaderKind, ProxySection, UpstreamAuthKind, UpstreamProtocol};
 use crate::gcp::IdTokenCache;
@@ -32,7 +35,6 @@ use crate::routing::filters::{client_scheme, request_host, Mirror};
 use crate::routing::mirror::{MirrorTee, MIRROR_MAX_IN_FLIGHT};
 use crate::routing::table::{host_without_port, Backend, RouteTable, Routed, Rule};
 use crate::routing::RequestHead;
-use crate::secrets::Secret;
 use crate::telemetry::{Metrics, UpstreamErrorKind};
 
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
@@ -55,35 +57,6 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 const X_SERVERLESS_AUTHORIZATION: HeaderName = HeaderName::from_static("x-serverless-authorization");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-
-/// One accepted internal token. During rotation the previous value stays accepted until
-/// `until`.
-#[derive(Debug, Clone)]
-pub struct AcceptedToken {
-    pub value: Secret,
-    pub until: Option<Instant>,
-}
-
-#[derive(Debug, Clone)]
-pub struct InboundAuth {
-    pub header: HeaderName,
-    pub accepted: Vec<AcceptedToken>,
-}
-
-impl InboundAuth {
-    /// Constant-time comparison against every accepted token (no early exit on the first
-    /// match, so timing does not tell which one matched).
-    fn accepts(&self, presented: &[u8]) -> bool {
-        let now = Instant::now();
-        let mut ok = subtle::Choice::from(0);
-        for t in &self.accepted {
-            if t.until.is_none_or(|u| now < u) {
-                ok |= t.value.expose().as_bytes().ct_eq(presented);
-            }
-        }
-        ok.into()
-    }
-}
 
 /// What a reload can change without a restart.
 #[derive(Debug)]
@@ -801,6 +774,7 @@ impl Body for CappedBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::secret::Secret;
 
     #[test]
     fn strips_headers_named_on_every_connection_line() {

@@ -6,9 +6,11 @@
 //!   (every problem listed), 409 version older than the one applied, 200 applied.
 //! - `GET /config` → `{"version": N, "ready": bool}`; `GET /healthz`, `GET /readyz` as the peer.
 //!
-//! A push is validated and compiled outside any lock, then version-checked, persisted and
-//! swapped in under one lock, so concurrent pushes apply in some order and a request sees
-//! either the old table or the new one, never a mix.
+//! A push is validated and compiled here, in the request's task, then handed to the node as a
+//! [`Push`]: the node version-checks, persists and applies it on the path every route table takes
+//! (proxy, status, runtime `routes.json`, cloudflared's ingress for a locally-managed tunnel).
+//! The node handles one event at a time, so concurrent pushes apply in some order, and a request
+//! sees either the old table or the new one, never a mix.
 //!
 //! With `persist = true` (the default) every applied push is also written to
 //! `agent.state_dir/config-api.json` (temp file, fsync, rename) and read back at boot: the
@@ -16,8 +18,7 @@
 //! answer 404 until the next HTTPRoute edit. The stored version keeps ordering across the
 //! restart (an older push is still refused).
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -26,16 +27,14 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::json;
-use subtle::ConstantTimeEq;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{
     AuthHeaderKind, BackendSpec, Config, ConfigApiSection, Problem, UpstreamAuthKind, UpstreamProtocol,
 };
-use crate::health::Health;
-use crate::proxy::Proxy;
+use crate::config::{FilterSpec, MatchSpec, TimeoutsSpec};
 use crate::routing::table::{RouteTable, RoutesError, RuleSource};
-use crate::routing::{FilterSpec, MatchSpec, TimeoutsSpec};
-use crate::secrets::Secret;
+use crate::secret::Secret;
 use crate::server::{self, Limits, ServerHandle};
 use crate::telemetry::Metrics;
 
@@ -182,30 +181,51 @@ pub fn load_persisted(config: &Config, metrics: &Metrics) -> RouteTable {
     }
 }
 
-/// Writes `body` to `path` so that a crash leaves either the old file or the new one.
-fn write_atomically(path: &Path, body: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".{STATE_FILE}.tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(body)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
+/// Writes an accepted push's body where [`load_persisted`] reads it back. Called by the node
+/// before it applies the push: a push that cannot be persisted is not applied.
+pub async fn persist(config: &Config, body: Bytes) -> Result<(), String> {
+    let Some(path) = state_path(config) else {
+        return Ok(());
+    };
+    tokio::task::spawn_blocking(move || crate::files::write_atomic(&path, &body, 0o600))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+}
+
+/// A validated, compiled push on its way to the node.
+#[derive(Debug)]
+pub struct Push {
+    pub version: u64,
+    /// Carries `version`.
+    pub table: RouteTable,
+    /// The request body as received, for the state file.
+    pub body: Bytes,
+    pub reply: oneshot::Sender<PushOutcome>,
+}
+
+/// What the node did with a [`Push`].
+#[derive(Debug)]
+pub enum PushOutcome {
+    Applied {
+        rules: usize,
+    },
+    /// Older than the table in use.
+    Stale {
+        current: u64,
+    },
+    PersistFailed(String),
 }
 
 pub struct ConfigApi {
-    proxy: Arc<Proxy>,
-    health: Arc<Health>,
     metrics: Arc<Metrics>,
     /// Defaults for compiling pushes (`[routes]`, `proxy.upstream_timeout`).
     config: Config,
     token: Secret,
-    state_file: Option<PathBuf>,
-    /// Serialises version check, persist and swap.
-    apply: tokio::sync::Mutex<()>,
+    /// To the node, which applies pushes.
+    pushes: mpsc::Sender<Push>,
+    /// The version of the table in use (`None` before the first push), published by the node.
+    applied: watch::Receiver<Option<u64>>,
 }
 
 /// Starts the listener. `config.config_api` and its secret were validated with the config.
@@ -213,19 +233,17 @@ pub async fn start(
     section: &ConfigApiSection,
     config: &Config,
     token: Secret,
-    proxy: Arc<Proxy>,
-    health: Arc<Health>,
+    pushes: mpsc::Sender<Push>,
+    applied: watch::Receiver<Option<u64>>,
     metrics: Arc<Metrics>,
     limits: Limits,
 ) -> anyhow::Result<ServerHandle> {
     let api = Arc::new(ConfigApi {
-        proxy,
-        health,
         metrics,
         config: config.clone(),
         token,
-        state_file: state_path(config),
-        apply: tokio::sync::Mutex::new(()),
+        pushes,
+        applied,
     });
     let listener = server::bind(section.listen, "config_api.listen").await?;
     let handle = server::serve(listener, limits, move |_, req| api.clone().handle(req))?;
@@ -253,7 +271,7 @@ fn problems_reply(status: StatusCode, code: &str, problems: &[Problem]) -> Respo
 
 impl ConfigApi {
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
-        let loaded = self.proxy.live.load().routes.version;
+        let loaded = *self.applied.borrow();
         match (req.method(), req.uri().path()) {
             (&Method::PUT, "/config") => self.put(req).await,
             (&Method::GET, "/config") => reply(
@@ -291,7 +309,7 @@ impl ConfigApi {
         let Some((scheme, token)) = value.split_at_checked(7) else {
             return false;
         };
-        scheme.eq_ignore_ascii_case(b"bearer ") && bool::from(token.ct_eq(self.token.expose().as_bytes()))
+        scheme.eq_ignore_ascii_case(b"bearer ") && self.token.matches(token)
     }
 
     async fn put(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -349,7 +367,7 @@ impl ConfigApi {
             }
         };
         let table = match pushed.compile(&self.config, &self.metrics) {
-            Ok(t) => Arc::new(t),
+            Ok(t) => t,
             Err(e) => {
                 self.metrics.route_reload_failures.inc();
                 tracing::warn!(version = pushed.version, error = %e, "pushed config rejected");
@@ -357,42 +375,34 @@ impl ConfigApi {
             }
         };
 
-        let _applying = self.apply.lock().await;
-        let current = self.proxy.live.load().routes.version;
-        if let Some(current) = current.filter(|&c| pushed.version < c) {
-            return reply(
+        let (reply_tx, outcome) = oneshot::channel();
+        let push = Push {
+            version: pushed.version,
+            table,
+            body,
+            reply: reply_tx,
+        };
+        let outcome = match self.pushes.send(push).await {
+            Ok(()) => outcome.await.ok(),
+            Err(_) => None,
+        };
+        match outcome {
+            Some(PushOutcome::Applied { rules }) => {
+                reply(StatusCode::OK, json!({ "version": pushed.version, "rules": rules }))
+            }
+            Some(PushOutcome::Stale { current }) => reply(
                 StatusCode::CONFLICT,
                 json!({ "error": "stale_version", "version": pushed.version, "current": current }),
-            );
+            ),
+            Some(PushOutcome::PersistFailed(e)) => reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({ "error": "persist_failed", "message": format!("cannot write the state file: {e}") }),
+            ),
+            // The node is shutting down.
+            None => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({ "error": "shutting_down", "message": "the agent is stopping" }),
+            ),
         }
-        if let Some(path) = self.state_file.clone() {
-            let written = tokio::task::spawn_blocking(move || write_atomically(&path, &body)).await;
-            let failure = match written {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(e.to_string()),
-                Err(e) => Some(e.to_string()),
-            };
-            if let Some(e) = failure {
-                tracing::error!(error = %e, "cannot persist the pushed config; not applied");
-                return reply(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    json!({ "error": "persist_failed", "message": format!("cannot write the state file: {e}") }),
-                );
-            }
-        }
-        let rules = table.len();
-        let summary = table.summary.clone();
-        self.proxy.live.rcu(|live| live.with_routes(table.clone()));
-        drop(_applying);
-
-        self.metrics.route_reloads.inc();
-        self.health.routes_loaded.store(true, Ordering::Release);
-        self.health.update_status(|s| {
-            s.routes = summary;
-            s.routes_version = pushed.version;
-            s.route_source = "config-api".to_owned();
-        });
-        tracing::info!(version = pushed.version, rules, "pushed config applied");
-        reply(StatusCode::OK, json!({ "version": pushed.version, "rules": rules }))
     }
 }

@@ -3,7 +3,7 @@
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
 
-use super::spec::{
+use crate::config::route_spec::{
     FilterKind, FilterSpec, HeaderModifierSpec, HeaderSpec, MirrorSpec, PathModifierKind, PathModifierSpec,
 };
 use crate::config::{AuthHeaderKind, Problem, RoutesSection, UpstreamAuthKind, UpstreamProtocol};
@@ -297,7 +297,7 @@ pub struct Redirect {
 }
 
 impl Redirect {
-    fn compile(spec: &super::spec::RedirectSpec) -> Result<Redirect, String> {
+    fn compile(spec: &crate::config::route_spec::RedirectSpec) -> Result<Redirect, String> {
         let scheme = match spec.scheme.as_deref() {
             None => None,
             Some("http") => Some("http"),
@@ -462,7 +462,7 @@ impl Mirror {
         match (self.numerator, self.denominator) {
             (0, _) => false,
             (n, d) if n >= d => true,
-            (n, d) => crate::random_u64() % u64::from(d) < u64::from(n),
+            (n, d) => crate::random::random_u64() % u64::from(d) < u64::from(n),
         }
     }
 }

@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use http::{HeaderMap, HeaderName, Method};
 use regex::bytes::{Regex, RegexBuilder, RegexSet, RegexSetBuilder};
 
-use super::spec::{MatchSpec, PathMatchKind, ValueMatchKind, ValueMatchSpec};
+use crate::config::route_spec::{MatchSpec, PathMatchKind, ValueMatchKind, ValueMatchSpec};
 use crate::config::Problem;
 
 /// Longest path, header or query value accepted in a match (Gateway API's own limit).

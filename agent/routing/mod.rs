@@ -1,20 +1,26 @@
-//! Layer-7 routing: Gateway API `HTTPRoute` matching, precedence and filters.
+//! Routing: where a route table comes from, how it is compiled, and how a request finds its
+//! backend (Gateway API `HTTPRoute` matching, precedence and filters).
 //!
-//! [`spec`] holds the rule pieces as configured (TOML `[[route]]` or the config API's JSON),
-//! [`matching`] the compiled matches and their precedence order, [`filters`] the compiled
-//! filters. [`crate::routing::table::RouteTable`] puts them together once per configuration.
+//! [`crate::config::route_spec`] holds the rule pieces as configured (TOML `[[route]]` or the
+//! config API's JSON), [`matching`] the compiled matches and their precedence order, [`filters`]
+//! the compiled filters. [`table::RouteTable`] puts them together once per configuration;
+//! [`validate`] runs that compile step over a config file so `check` and the running agent never
+//! disagree. The table's sources: the config file or a host map ([`source`], watched or read
+//! once) and the controller's pushes ([`config_api`]); every table, whatever its source, is
+//! applied by `crate::node`.
 
 pub mod config_api;
 pub mod filters;
 pub mod matching;
 pub mod mirror;
 pub mod source;
-pub mod spec;
 pub mod table;
 
 pub use filters::{FilterLevel, Filters, PathModifier};
 pub use matching::{MatchList, RequestHead, RouteMatch};
-pub use spec::{FilterSpec, MatchSpec, TimeoutsSpec};
+pub mod validate;
+
+pub use validate::{load_config, parse_config};
 
 #[cfg(test)]
 mod tests;

@@ -216,7 +216,7 @@ fn random_configs_never_panic_and_route_like_the_reference() {
     let seed = std::env::var("L7_FUZZ_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| crate::random_u64() | 1);
+        .unwrap_or_else(|| crate::random::random_u64() | 1);
     eprintln!("L7_FUZZ_SEED={seed}");
     let mut rng = Rng(seed);
     let config = Config::default();

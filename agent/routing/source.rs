@@ -18,7 +18,9 @@ use tokio::sync::mpsc;
 
 use crate::config::{Config, RouteSourceKind};
 use crate::gcp::{MetadataClient, MetadataError};
+use crate::routing::config_api;
 use crate::routing::table::{parse_host_map, read_host_map, RouteTable};
+use crate::telemetry::Metrics;
 
 pub type HostMap = BTreeMap<String, String>;
 
@@ -96,6 +98,81 @@ pub fn persist(config: &Config, map: &HostMap, table: &RouteTable) -> std::io::R
         crate::files::write_atomic(&last_good_path(config), &raw, 0o600)?;
     }
     Ok(())
+}
+
+/// Builds the route table from a host map (the source's) plus the config's `[[route]]`s.
+pub fn build(config: &Config, map: &HostMap, metrics: &Metrics) -> anyhow::Result<RouteTable> {
+    RouteTable::build_with(config, map, metrics).map_err(|e| anyhow::anyhow!("invalid routes: {e}"))
+}
+
+/// Reads the configured local route source and builds the table (what `check` uses).
+pub fn load_local(config: &Config, metrics: &Metrics) -> anyhow::Result<RouteTable> {
+    let map = match config.routes.source {
+        RouteSourceKind::Inline => config.routes.hosts.clone(),
+        RouteSourceKind::File => {
+            read_host_map(config.routes.file.as_deref().unwrap_or(Path::new(""))).map_err(anyhow::Error::msg)?
+        }
+        RouteSourceKind::GcpMetadata => HostMap::new(),
+        RouteSourceKind::ConfigApi => return Ok(config_api::load_persisted(config, metrics)),
+    };
+    build(config, &map, metrics)
+}
+
+/// The routes a node boots with.
+pub struct BootRoutes {
+    /// The source's host map (empty for the config API).
+    pub map: HostMap,
+    pub table: RouteTable,
+    /// The metadata attribute's ETag, where the watch starts.
+    pub etag: Option<String>,
+    /// Why the last good table is served instead of the source's.
+    pub fallback: Option<String>,
+}
+
+/// Routes at boot: the source's, or the last good table when the source cannot be read.
+pub async fn boot(config: &Config, metadata: &MetadataClient, metrics: &Metrics) -> anyhow::Result<BootRoutes> {
+    if config.routes.source == RouteSourceKind::ConfigApi {
+        // The controller's last push, persisted in the state dir (or an empty table until the
+        // first push; /ready waits for one).
+        return Ok(BootRoutes {
+            map: HostMap::new(),
+            table: config_api::load_persisted(config, metrics),
+            etag: None,
+            fallback: None,
+        });
+    }
+    // A remote source's value that builds no valid table is as unusable as an unreachable one.
+    let fetched = fetch(config, metadata).await.and_then(|(map, etag)| {
+        let table = build(config, &map, metrics).map_err(|e| format!("{e:#}"))?;
+        Ok((map, table, etag))
+    });
+    match fetched {
+        Ok((map, table, etag)) => Ok(BootRoutes {
+            map,
+            table,
+            etag,
+            fallback: None,
+        }),
+        Err(source_error) if config.routes.source == RouteSourceKind::Inline => {
+            anyhow::bail!("{source_error}")
+        }
+        Err(source_error) => {
+            let map = load_last_good(config).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot read routes from {}: {source_error}; no last good table either ({e})",
+                    describe(config)
+                )
+            })?;
+            let table = build(config, &map, metrics)?;
+            tracing::warn!(source = %describe(config), error = %source_error, "route source unreachable; serving the last good table");
+            Ok(BootRoutes {
+                map,
+                table,
+                etag: None,
+                fallback: Some(format!("source unreachable at boot: {source_error}")),
+            })
+        }
+    }
 }
 
 /// A new value of the watched attribute: the parsed map, or why it is unusable.

@@ -14,11 +14,12 @@ use std::time::Duration;
 
 use http::uri::{Authority, PathAndQuery, Scheme};
 
+use crate::config::route_spec::FilterKind;
 use crate::config::{
     AuthHeaderKind, BackendSpec, Config, Problem, RouteSourceKind, RoutesSection, UpstreamAuthKind, UpstreamProtocol,
 };
-use crate::routing::spec::FilterKind;
-use crate::routing::{FilterLevel, FilterSpec, Filters, MatchList, MatchSpec, RequestHead, RouteMatch, TimeoutsSpec};
+use crate::config::{FilterSpec, MatchSpec, TimeoutsSpec};
+use crate::routing::{FilterLevel, Filters, MatchList, RequestHead, RouteMatch};
 use crate::telemetry::{Metrics, RouteStats};
 
 /// Where a request goes once it matched: the upstream and how to authenticate to it.
@@ -132,7 +133,7 @@ impl Rule {
             [only] if only.weight > 0 => Some(only),
             _ if self.total_weight == 0 => None,
             backends => {
-                let mut n = crate::random_u64() % self.total_weight;
+                let mut n = crate::random::random_u64() % self.total_weight;
                 for b in backends {
                     if n < u64::from(b.weight) {
                         return Some(b);
@@ -587,7 +588,8 @@ mod tests {
     use super::*;
 
     fn table(toml: &str) -> Result<RouteTable, RoutesError> {
-        let config = Config::parse(Path::new("t.toml"), toml).map_err(|e| RoutesError { problems: e.problems })?;
+        let config = crate::routing::parse_config(Path::new("t.toml"), toml)
+            .map_err(|e| RoutesError { problems: e.problems })?;
         RouteTable::build(&config, &config.routes.hosts)
     }
 

@@ -12,7 +12,8 @@ use crate::config::Config;
 use crate::routing::table::{RouteTable, RoutesError};
 
 fn table(toml: &str) -> Result<RouteTable, RoutesError> {
-    let config = Config::parse(Path::new("t.toml"), toml).map_err(|e| RoutesError { problems: e.problems })?;
+    let config =
+        crate::routing::parse_config(Path::new("t.toml"), toml).map_err(|e| RoutesError { problems: e.problems })?;
     RouteTable::build(&config, &config.routes.hosts)
 }
 
@@ -423,7 +424,7 @@ fn redirect(spec: &str) -> super::filters::Redirect {
         matches = [{{ path = {{ type = "PathPrefix", value = "/old" }} }}]
         "#
     );
-    let config = Config::parse(Path::new("t.toml"), &toml).unwrap_or_else(|e| panic!("{e}"));
+    let config = crate::routing::parse_config(Path::new("t.toml"), &toml).unwrap_or_else(|e| panic!("{e}"));
     let mut problems = Vec::new();
     let f = super::Filters::compile(
         &config.route[0].filters,

@@ -1,36 +1,20 @@
 //! Named secrets and where they come from.
 //!
-//! A [`Secret`] never prints its value: `Debug` says `[redacted]` and there is no `Display`, so a
-//! stray `{:?}` in a log line or a panic message cannot leak it. Errors name the secret and its
-//! source, never its value.
+//! A value is a [`Secret`] (see `crate::secret`: redacted `Debug`, constant-time equality).
+//! Errors name the secret and its source, never its value.
+//!
+//! - this file: local sources (`file`, `env`) and the error type;
+//! - [`resolve`]: every configured secret at boot and on reload, retrying transient failures;
+//! - [`refresh`]: re-reading secrets that have a `refresh` interval.
+
+pub mod refresh;
+pub mod resolve;
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use crate::config::{SecretSourceKind, SecretSpec};
-
-/// A secret value. Cheap to clone (shared), compared by value in constant time.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(Arc<str>);
-
-impl Secret {
-    pub fn new(value: impl Into<Arc<str>>) -> Secret {
-        Secret(value.into())
-    }
-
-    /// The value, for the few places that must hand it on (a header, a child's environment).
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
+pub use crate::secret::Secret;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
@@ -49,63 +33,6 @@ pub enum SecretError {
     NotUtf8 { name: String, origin: String },
     #[error("secret {name:?}: {message}")]
     Remote { name: String, message: String },
-}
-
-/// A Secret Manager version resource name, global or regional.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SecretVersionName {
-    pub project: String,
-    pub location: Option<String>,
-    pub secret: String,
-    pub version: String,
-}
-
-impl SecretVersionName {
-    /// Parses `projects/P/secrets/S/versions/V` or `projects/P/locations/L/secrets/S/versions/V`.
-    pub fn parse(name: &str) -> Result<SecretVersionName, String> {
-        let parts: Vec<&str> = name.split('/').collect();
-        let shape = "expected projects/P/secrets/S/versions/V or projects/P/locations/L/secrets/S/versions/V";
-        let ok = |s: &str| {
-            !s.is_empty()
-                && s.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-        };
-        let parsed = match parts.as_slice() {
-            ["projects", p, "secrets", s, "versions", v] => SecretVersionName {
-                project: (*p).to_owned(),
-                location: None,
-                secret: (*s).to_owned(),
-                version: (*v).to_owned(),
-            },
-            ["projects", p, "locations", l, "secrets", s, "versions", v] => SecretVersionName {
-                project: (*p).to_owned(),
-                location: Some((*l).to_owned()),
-                secret: (*s).to_owned(),
-                version: (*v).to_owned(),
-            },
-            _ => return Err(format!("{name:?}: {shape}")),
-        };
-        let all = [&parsed.project, &parsed.secret, &parsed.version];
-        if all.iter().any(|s| !ok(s)) || parsed.location.as_deref().is_some_and(|l| !ok(l)) {
-            return Err(format!(
-                "{name:?}: {shape} (segments may hold letters, digits, '-', '_', '.')"
-            ));
-        }
-        Ok(parsed)
-    }
-
-    pub fn resource(&self) -> String {
-        match &self.location {
-            Some(l) => format!(
-                "projects/{}/locations/{l}/secrets/{}/versions/{}",
-                self.project, self.secret, self.version
-            ),
-            None => format!(
-                "projects/{}/secrets/{}/versions/{}",
-                self.project, self.secret, self.version
-            ),
-        }
-    }
 }
 
 /// Where a file secret is read from: an absolute path as given; a relative one from
@@ -194,28 +121,6 @@ mod tests {
         assert_eq!(format!("{s:?}"), "[redacted]");
         let map: SecretValues = [("tok".to_owned(), s)].into();
         assert!(!format!("{map:?}").contains("hunter2"));
-    }
-
-    #[test]
-    fn parses_global_and_regional_names() {
-        let g = SecretVersionName::parse("projects/p1/secrets/tok/versions/latest").unwrap();
-        assert_eq!(g.location, None);
-        assert_eq!(g.resource(), "projects/p1/secrets/tok/versions/latest");
-        let r = SecretVersionName::parse("projects/p1/locations/europe-west1/secrets/tok/versions/3").unwrap();
-        assert_eq!(r.location.as_deref(), Some("europe-west1"));
-        assert_eq!(
-            r.resource(),
-            "projects/p1/locations/europe-west1/secrets/tok/versions/3"
-        );
-        for bad in [
-            "",
-            "projects/p/secrets/s",
-            "projects//secrets/s/versions/1",
-            "projects/p/secrets/s/versions/1/x",
-            "projects/p/secrets/s?x/versions/1",
-        ] {
-            assert!(SecretVersionName::parse(bad).is_err(), "{bad}");
-        }
     }
 
     #[test]

@@ -31,7 +31,7 @@ use tokio::time::Instant;
 
 use crate::backoff::Backoff;
 use crate::config::CloudflaredSection;
-use crate::secrets::Secret;
+use crate::secret::Secret;
 
 /// Everything that determines the cloudflared command. A reload restarts cloudflared only when
 /// this changes.

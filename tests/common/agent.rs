@@ -444,6 +444,16 @@ impl Agent {
         }
     }
 
+    /// The config API's address (`routes.source = "config-api"`), from its log line.
+    pub fn config_api_addr(&self) -> SocketAddr {
+        let lines = self.logs();
+        let line = lines
+            .iter()
+            .find(|l| l.contains("config api up"))
+            .unwrap_or_else(|| panic!("no config api in the log: {lines:#?}"));
+        listen_field(line)
+    }
+
     /// `http://ADDR/PATH` on the health listener.
     pub fn health_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.health_addr())

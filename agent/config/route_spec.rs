@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::config::{AuthHeaderKind, UpstreamAuthKind, UpstreamProtocol};
+use super::{AuthHeaderKind, UpstreamAuthKind, UpstreamProtocol};
 
 /// One `HTTPRouteMatch`: every condition given must hold.
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -1,0 +1,221 @@
+//! Reading a config file: every parser error with its key and position, not only the first.
+
+use std::path::Path;
+
+use super::{Config, ConfigError, ParseProblem, Problem, RouteCheck};
+
+impl Config {
+    /// Reads, parses and validates `path`; `route_check` checks the route contents.
+    pub fn load(path: &Path, route_check: RouteCheck) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            problems: vec![Problem {
+                key: "(file)".to_owned(),
+                reason: format!("cannot read: {e}"),
+            }],
+            parse: Vec::new(),
+        })?;
+        Self::parse(path, &text, route_check)
+    }
+
+    pub fn parse(path: &Path, text: &str, route_check: RouteCheck) -> Result<Config, ConfigError> {
+        let config = parse_all(text).map_err(|parse| ConfigError {
+            file: path.to_owned(),
+            parse,
+            problems: Vec::new(),
+        })?;
+        let problems = config.validate(route_check);
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError {
+                file: path.to_owned(),
+                problems,
+                parse: Vec::new(),
+            })
+        }
+    }
+}
+
+/// Parser errors reported per `check` run, at most. A file with more is not worth listing.
+const MAX_PARSE_PROBLEMS: usize = 50;
+
+/// Deserializes `text`, collecting every parser error rather than the first.
+///
+/// serde stops at the first error, so after each one the offending statement (a `key = value`
+/// line or a `[table]`) is blanked with spaces and the text parsed again. Blanking keeps every
+/// byte offset, so later positions are still those of the original file. The loop stops at the
+/// first error it cannot attribute to a statement, or when blanking left text that is no longer
+/// TOML (that error would be ours, not the file's).
+fn parse_all(text: &str) -> Result<Config, Vec<ParseProblem>> {
+    let mut scratch = text.to_owned();
+    let mut problems: Vec<ParseProblem> = Vec::new();
+    let mut blanked: Vec<String> = Vec::new();
+    loop {
+        let e = match toml::from_str::<Config>(&scratch) {
+            Ok(config) if problems.is_empty() => return Ok(config),
+            Ok(_) => return Err(problems),
+            Err(e) => e,
+        };
+        let doc = toml_edit::ImDocument::parse(scratch.as_str()).ok();
+        if doc.is_none() && !problems.is_empty() {
+            return Err(problems);
+        }
+        let located = match (&doc, e.span()) {
+            (Some(doc), Some(span)) => locate(doc.as_table(), span.start),
+            _ => None,
+        };
+        // Syntax errors come as several lines ("invalid table header\nexpected ..."): keep one.
+        let reason = e.message().trim().replace('\n', "; ");
+        // `[secrets.x]` with a bad `source` line blanked now lacks `source`: that is our doing.
+        let consequence = match (&located, reason.strip_prefix("missing field `")) {
+            (Some(l), Some(rest)) => {
+                let field = rest.trim_end_matches('`');
+                blanked.contains(&join_key(&l.key, field))
+            }
+            _ => false,
+        };
+        if !consequence {
+            problems.push(ParseProblem {
+                key: located.as_ref().map(|l| l.key.clone()),
+                position: e.span().map(|s| line_column(text, s.start)),
+                reason,
+            });
+        }
+        let Some(Located {
+            key,
+            statement: Some(statement),
+        }) = located
+        else {
+            return Err(problems);
+        };
+        if problems.len() >= MAX_PARSE_PROBLEMS || !blank(&mut scratch, statement) {
+            return Err(problems);
+        }
+        blanked.push(key);
+    }
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+pub(super) fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = before.matches('\n').count() + 1;
+    (line, before[line_start..].chars().count() + 1)
+}
+
+/// Replaces `range` of `text` with spaces, keeping line breaks. False if nothing changed.
+fn blank(text: &mut String, range: std::ops::Range<usize>) -> bool {
+    let mut bytes = std::mem::take(text).into_bytes();
+    let mut changed = false;
+    for b in bytes.get_mut(range).into_iter().flatten() {
+        if !matches!(*b, b'\n' | b'\r' | b' ') {
+            *b = b' ';
+            changed = true;
+        }
+    }
+    // Spans start and end on character boundaries, so this only fails on a parser bug.
+    match String::from_utf8(bytes) {
+        Ok(s) => *text = s,
+        Err(_) => changed = false,
+    }
+    changed
+}
+
+/// `prefix.key`, quoting keys that are not bare TOML keys (`routes.hosts."a.example.com"`).
+fn join_key(prefix: &str, key: &str) -> String {
+    let bare = !key.is_empty() && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    match (prefix.is_empty(), bare) {
+        (true, true) => key.to_owned(),
+        (true, false) => format!("{key:?}"),
+        (false, true) => format!("{prefix}.{key}"),
+        (false, false) => format!("{prefix}.{key:?}"),
+    }
+}
+
+/// Where a parser error falls: the innermost key, and the statement to blank to get past it.
+#[derive(Debug)]
+struct Located {
+    key: String,
+    /// `None` where blanking would change the meaning of what follows (an `[[array]]` element
+    /// renumbers the ones after it; a dotted key leaves its prefix behind).
+    statement: Option<std::ops::Range<usize>>,
+}
+
+fn contains(span: &Option<std::ops::Range<usize>>, pos: usize) -> bool {
+    span.as_ref().is_some_and(|s| s.contains(&pos) || s.start == pos)
+}
+
+/// Walks every entry of `table`; deeper matches overwrite shallower ones.
+fn locate(table: &toml_edit::Table, pos: usize) -> Option<Located> {
+    let mut found = None;
+    locate_in(table, "", None, true, pos, &mut found);
+    found
+}
+
+fn locate_in(
+    table: &dyn toml_edit::TableLike,
+    prefix: &str,
+    statement: Option<&std::ops::Range<usize>>,
+    lines: bool,
+    pos: usize,
+    found: &mut Option<Located>,
+) {
+    use toml_edit::{Item, Value};
+    for (name, _) in table.iter() {
+        let Some((key, item)) = table.get_key_value(name) else {
+            continue;
+        };
+        let path = join_key(prefix, name);
+        let entry = match (key.span(), item.span()) {
+            (Some(k), Some(v)) if v.end > k.start => Some(k.start..v.end),
+            (k, _) => k,
+        };
+        let own = match item {
+            // In a [table] (or at the top), `key = value` is a line of its own.
+            Item::Value(_) if lines => entry.clone(),
+            Item::Value(_) => statement.cloned(),
+            // A [table]'s span runs from its header to its last value. Implicit parents
+            // (`[secrets]` of `[secrets.x]`) and dotted tables have none.
+            Item::Table(t) if !t.is_dotted() => t.span(),
+            Item::Table(_) | Item::ArrayOfTables(_) | Item::None => None,
+        };
+        if contains(&entry, pos) || (matches!(item, Item::Table(_)) && contains(&own, pos)) {
+            *found = Some(Located {
+                key: path.clone(),
+                statement: own.clone(),
+            });
+        }
+        match item {
+            Item::Table(t) => locate_in(t, &path, own.as_ref(), !t.is_dotted(), pos, found),
+            Item::ArrayOfTables(tables) => {
+                for (i, t) in tables.iter().enumerate() {
+                    let path = format!("{path}[{i}]");
+                    if contains(&t.span(), pos) {
+                        *found = Some(Located {
+                            key: path.clone(),
+                            statement: None,
+                        });
+                    }
+                    locate_in(t, &path, None, true, pos, found);
+                }
+            }
+            Item::Value(Value::InlineTable(t)) => locate_in(t, &path, own.as_ref(), false, pos, found),
+            Item::Value(Value::Array(values)) => {
+                for (i, v) in values.iter().enumerate() {
+                    let path = format!("{path}[{i}]");
+                    if contains(&v.span(), pos) {
+                        *found = Some(Located {
+                            key: path.clone(),
+                            statement: own.clone(),
+                        });
+                    }
+                    if let Value::InlineTable(t) = v {
+                        locate_in(t, &path, own.as_ref(), false, pos, found);
+                    }
+                }
+            }
+            Item::Value(_) | Item::None => {}
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! The checks a file's types cannot express: cross-references between sections, URLs, ranges.
+
+use std::time::Duration;
+
+use super::{Config, Problem, RouteSourceKind, SecretSourceKind, SecretVersionName};
+
+/// Checks the route contents of a parsed config: the route table's own compile step, which lives
+/// in `crate::routing` (this module is a leaf). `crate::routing::load_config` passes it.
+pub type RouteCheck<'a> = &'a dyn Fn(&Config) -> Vec<Problem>;
+
+impl Config {
+    /// Checks everything the types cannot. Returns all problems found. `route_check` checks the
+    /// route contents; its problems are listed where the route section's are.
+    pub fn validate(&self, route_check: RouteCheck) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let mut bad = |key: String, reason: String| out.push(Problem { key, reason });
+
+        if self.agent.shutdown_grace.is_zero() {
+            bad("agent.shutdown_grace".into(), "must be greater than 0".into());
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.agent.log_level) {
+            bad("agent.log_level".into(), format!("invalid filter: {e}"));
+        }
+
+        for (name, spec) in &self.secrets {
+            let key = |k: &str| format!("secrets.{name}.{k}");
+            let want = match spec.source {
+                SecretSourceKind::File => "path",
+                SecretSourceKind::Env => "var",
+                SecretSourceKind::GcpSecretManager => "name",
+            };
+            let given = [
+                ("path", spec.path.is_some()),
+                ("var", spec.var.as_deref().is_some_and(|v| !v.is_empty())),
+                ("name", spec.name.is_some()),
+            ];
+            for (k, present) in given {
+                if k == want && !present {
+                    bad(key(k), format!("required for source = \"{}\"", spec.source));
+                } else if k != want && present {
+                    bad(key(k), format!("not used by source = \"{}\"", spec.source));
+                }
+            }
+            if let (SecretSourceKind::GcpSecretManager, Some(n)) = (spec.source, &spec.name) {
+                if let Err(reason) = SecretVersionName::parse(n) {
+                    bad(key("name"), reason);
+                }
+            }
+            if spec.refresh.is_some_and(|r| r < Duration::from_secs(1)) {
+                bad(key("refresh"), "must be at least 1s".into());
+            }
+        }
+
+        let p = &self.proxy;
+        if let Some(secret) = &p.auth_secret {
+            if !self.secrets.contains_key(secret) {
+                bad(
+                    "proxy.auth_secret".into(),
+                    format!("no secret named {secret:?} in [secrets]"),
+                );
+            }
+        }
+        if http::HeaderName::from_bytes(p.auth_header.as_bytes()).is_err() {
+            bad(
+                "proxy.auth_header".into(),
+                format!("{:?} is not a valid header name", p.auth_header),
+            );
+        }
+        if p.max_header_bytes < 8192 {
+            bad("proxy.max_header_bytes".into(), "must be at least 8192".into());
+        }
+        for (k, v) in [
+            ("header_read_timeout", p.header_read_timeout),
+            ("idle_timeout", p.idle_timeout),
+            ("connect_timeout", p.connect_timeout),
+            ("upstream_timeout", p.upstream_timeout),
+            ("pool_idle_timeout", p.pool_idle_timeout),
+        ] {
+            if v.is_zero() {
+                bad(format!("proxy.{k}"), "must be greater than 0".into());
+            }
+        }
+        // Port 0 asks the kernel for a free port, so two `:0` listeners never collide (tests
+        // and ad-hoc runs bind both that way).
+        if p.listen == self.health.listen && p.listen.port() != 0 {
+            bad(
+                "health.listen".into(),
+                format!("same address as proxy.listen ({})", p.listen),
+            );
+        }
+
+        let r = &self.routes;
+        if r.source != RouteSourceKind::File && r.file.is_some() {
+            bad("routes.file".into(), "only used with source = \"file\"".into());
+        }
+        if r.source == RouteSourceKind::File && r.file.is_none() {
+            bad("routes.file".into(), "required for source = \"file\"".into());
+        }
+        if r.source != RouteSourceKind::Inline && !r.hosts.is_empty() {
+            bad("routes.hosts".into(), "only used with source = \"inline\"".into());
+        }
+        if r.source != RouteSourceKind::GcpMetadata && r.attribute.is_some() {
+            bad(
+                "routes.attribute".into(),
+                "only used with source = \"gcp-metadata\"".into(),
+            );
+        }
+        if r.source == RouteSourceKind::ConfigApi {
+            if !self.route.is_empty() {
+                bad(
+                    "route".into(),
+                    "not used with source = \"config-api\" (the controller pushes every route)".into(),
+                );
+            }
+            match self.config_api.as_ref().and_then(|a| a.auth_secret.as_ref()) {
+                None => bad(
+                    "config_api.auth_secret".into(),
+                    "required for routes.source = \"config-api\"".into(),
+                ),
+                Some(secret) if !self.secrets.contains_key(secret) => bad(
+                    "config_api.auth_secret".into(),
+                    format!("no secret named {secret:?} in [secrets]"),
+                ),
+                Some(_) => {}
+            }
+        }
+        if let Some(api) = &self.config_api {
+            if self.routes.source != RouteSourceKind::ConfigApi {
+                bad(
+                    "config_api".into(),
+                    "only used with routes.source = \"config-api\"".into(),
+                );
+            }
+            if api.listen.port() != 0 && (api.listen == self.proxy.listen || api.listen == self.health.listen) {
+                bad(
+                    "config_api.listen".into(),
+                    format!("{} is already used by proxy.listen or health.listen", api.listen),
+                );
+            }
+        }
+        // Route contents (URLs, hostnames, duplicates) are checked by the same code that builds
+        // the live table, so `check` and a running agent can never disagree. Remote sources are
+        // checked when fetched.
+        for p in route_check(self) {
+            bad(p.key, p.reason);
+        }
+
+        let cf = &self.cloudflared;
+        if cf.enabled {
+            match (&cf.token_secret, &cf.credentials_file) {
+                (None, None) => bad(
+                    "cloudflared.token_secret".into(),
+                    "set token_secret (remotely-managed tunnel) or credentials_file + tunnel (locally-managed)".into(),
+                ),
+                (Some(_), Some(_)) => bad(
+                    "cloudflared.credentials_file".into(),
+                    "give either token_secret or credentials_file, not both".into(),
+                ),
+                (Some(name), None) if !self.secrets.contains_key(name) => bad(
+                    "cloudflared.token_secret".into(),
+                    format!("no secret named {name:?} in [secrets]"),
+                ),
+                (None, Some(_)) if cf.tunnel.is_none() => bad(
+                    "cloudflared.tunnel".into(),
+                    "required with credentials_file (the tunnel's name or UUID)".into(),
+                ),
+                _ => {}
+            }
+            if cf.metrics == self.health.listen || cf.metrics == self.proxy.listen {
+                bad(
+                    "cloudflared.metrics".into(),
+                    format!("{} is already used by the agent", cf.metrics),
+                );
+            }
+            if cf.crash_loop_exits == 0 {
+                bad("cloudflared.crash_loop_exits".into(), "must be at least 1".into());
+            }
+            if cf.poll_interval.is_zero() {
+                bad("cloudflared.poll_interval".into(), "must be greater than 0".into());
+            }
+            for a in &cf.extra_args {
+                if a == "run" || a.starts_with("--token") || a.starts_with("--metrics") {
+                    bad(
+                        "cloudflared.extra_args".into(),
+                        format!("{a:?} is managed by the agent; remove it (and never put a token in argv)"),
+                    );
+                }
+            }
+        }
+        if let Some(a) = &self.role_watch.attribute {
+            if a.is_empty() || !a.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+                bad(
+                    "role_watch.attribute".into(),
+                    format!("{a:?} is not a metadata attribute name"),
+                );
+            }
+        }
+        if self.routes.source == RouteSourceKind::GcpMetadata {
+            match &self.routes.attribute {
+                None => bad(
+                    "routes.attribute".into(),
+                    "required for source = \"gcp-metadata\"".into(),
+                ),
+                Some(a) if a.is_empty() || !a.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') => {
+                    bad(
+                        "routes.attribute".into(),
+                        format!("{a:?} is not a metadata attribute name"),
+                    )
+                }
+                _ => {}
+            }
+        }
+        if let Some(url) = &self.gcp.secret_manager_endpoint {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                bad(
+                    "gcp.secret_manager_endpoint".into(),
+                    "must be an http:// or https:// URL".into(),
+                );
+            }
+        }
+        if let Some(url) = &self.gcp.metadata_url {
+            match reqwest::Url::parse(url) {
+                Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
+                Ok(_) => out.push(Problem {
+                    key: "gcp.metadata_url".into(),
+                    reason: "must be an http:// or https:// URL".into(),
+                }),
+                Err(e) => out.push(Problem {
+                    key: "gcp.metadata_url".into(),
+                    reason: format!("invalid URL: {e}"),
+                }),
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,481 @@
+//! The running node: what happens after boot, one change at a time.
+//!
+//! Every kind of change arrives as one [`Event`] variant and has one handler on [`Node`]:
+//!
+//! | event | from | handler |
+//! | --- | --- | --- |
+//! | [`Event::Signal`] | `main.rs` (SIGTERM/SIGINT, SIGHUP) or a test | [`Node::reload`], or stop |
+//! | [`Event::RouteUpdate`] | the watched metadata attribute | [`Node::routes_changed`] |
+//! | [`Event::Push`] | the config API | [`Node::pushed`] |
+//! | [`Event::SecretChanged`] | secret refreshers | [`Node::secret_changed`] |
+//! | [`Event::Control`] | the control socket | [`Node::control`] |
+//! | [`Event::RoleChanged`] | the watched role attribute | [`Node::set_role`] |
+//! | [`Event::TunnelFailed`] | the cloudflared supervisor | stop, with its error |
+//!
+//! A new kind of change (another role source, another route source) is one more sender into
+//! [`Sources`], one more variant and one more handler. Every route table, whatever its source,
+//! is applied by [`Node::install_routes`] and then reaches cloudflared through
+//! [`Node::follow_tunnel`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use http::HeaderName;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, Interval};
+
+use crate::config::{Config, RouteSourceKind, SecretSourceKind};
+use crate::control;
+use crate::gcp::{MetadataClient, SecretManager};
+use crate::health::Health;
+use crate::proxy::{InboundAuth, LiveSettings, Proxy};
+use crate::roles::{self, PersistedRole, Role, RoleSource};
+use crate::routing::config_api::{self, Push, PushOutcome};
+use crate::routing::source::{self as route_source, HostMap};
+use crate::routing::table::RouteTable;
+use crate::secrets::refresh::{self, SecretChange};
+use crate::secrets::resolve::{join_errors, resolve_all};
+use crate::secrets::SecretValues;
+use crate::systemd;
+use crate::telemetry::Metrics;
+use crate::tunnel::{TunnelSpec, TunnelSupervisor};
+
+/// Signals, as the agent understands them. `main.rs` turns SIGTERM/SIGINT and SIGHUP into these;
+/// a test sends them itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Shutdown,
+    Reload,
+}
+
+/// Something the running node reacts to.
+#[derive(Debug)]
+pub enum Event {
+    Signal(Signal),
+    /// A new value of the watched route source (or why it is unusable).
+    RouteUpdate(route_source::Update),
+    /// A table pushed to the config API (boxed: a compiled table is large).
+    Push(Box<Push>),
+    SecretChanged(SecretChange),
+    Control(control::Incoming),
+    /// The watched role attribute names this host (active) or another (standby).
+    RoleChanged(Role),
+    /// The cloudflared supervisor gave up.
+    TunnelFailed(anyhow::Error),
+    /// Time to tell systemd's watchdog the loop is alive.
+    WatchdogTick,
+}
+
+/// Where events come from: one receiver per kind, filled by the tasks boot started.
+pub struct Sources {
+    pub signals: mpsc::Receiver<Signal>,
+    pub routes: mpsc::Receiver<route_source::Update>,
+    pub pushes: mpsc::Receiver<Push>,
+    pub secrets: mpsc::Receiver<SecretChange>,
+    pub control: mpsc::Receiver<control::Incoming>,
+    pub roles: mpsc::Receiver<Role>,
+    pub watchdog: Option<Interval>,
+}
+
+/// The running node's state, owned by its event loop.
+pub struct Node {
+    pub config_path: PathBuf,
+    pub config: Config,
+    pub health: Arc<Health>,
+    pub metrics: Arc<Metrics>,
+    pub proxy: Arc<Proxy>,
+    pub proxy_addr: SocketAddr,
+    pub metadata: MetadataClient,
+    pub secret_manager: Arc<SecretManager>,
+    pub secrets: SecretValues,
+    pub tunnel: TunnelSupervisor,
+    /// Where refreshers report changed secrets (the node's own [`Sources::secrets`]).
+    pub secret_changes: mpsc::Sender<SecretChange>,
+    pub refreshers: Vec<JoinHandle<()>>,
+    pub role: Role,
+    pub role_source: RoleSource,
+    /// The applied table's pushed version, for the config API's `GET /config` and `/readyz`.
+    pub routes_version: watch::Sender<Option<u64>>,
+}
+
+/// What the loop does after an event.
+enum Flow {
+    Continue,
+    /// Stop the node; `Some` when it stops because something failed.
+    Stop(Option<anyhow::Error>),
+}
+
+/// The cloudflared command for `config`, or `None` when it should not run here (disabled, or
+/// this node is standby).
+pub fn tunnel_spec(
+    config: &Config,
+    secrets: &SecretValues,
+    origin: SocketAddr,
+    table: &RouteTable,
+    role: Role,
+) -> Option<TunnelSpec> {
+    let cf = &config.cloudflared;
+    if !cf.enabled || role == Role::Standby {
+        return None;
+    }
+    let token = cf.token_secret.as_ref().and_then(|n| secrets.get(n)).cloned();
+    let hostnames: Vec<String> = table.summary.iter().flat_map(|r| r.hostnames.iter().cloned()).collect();
+    let mut spec = TunnelSpec::new(cf, token, &config.agent.runtime_dir, origin, &hostnames);
+    spec.scrub_env = config
+        .secrets
+        .values()
+        .filter(|s| s.source == SecretSourceKind::Env)
+        .filter_map(|s| s.var.clone())
+        .collect();
+    Some(spec)
+}
+
+impl Node {
+    /// Handles events until a shutdown signal or a failure. Returns the failure, if any.
+    pub async fn run(&mut self, mut sources: Sources) -> Option<anyhow::Error> {
+        loop {
+            let event = self.next_event(&mut sources).await;
+            if let Flow::Stop(failure) = self.handle(event).await {
+                return failure;
+            }
+        }
+    }
+
+    async fn next_event(&mut self, sources: &mut Sources) -> Event {
+        let tick = async {
+            match sources.watchdog.as_mut() {
+                Some(w) => {
+                    w.tick().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            // A closed signal stream means whoever drives the node is gone: stop.
+            sig = sources.signals.recv() => Event::Signal(sig.unwrap_or(Signal::Shutdown)),
+            Some(update) = sources.routes.recv() => Event::RouteUpdate(update),
+            Some(push) = sources.pushes.recv() => Event::Push(Box::new(push)),
+            Some(change) = sources.secrets.recv() => Event::SecretChanged(change),
+            Some(incoming) = sources.control.recv() => Event::Control(incoming),
+            Some(role) = sources.roles.recv() => Event::RoleChanged(role),
+            e = self.tunnel.failed() => Event::TunnelFailed(e),
+            _ = tick => Event::WatchdogTick,
+        }
+    }
+
+    async fn handle(&mut self, event: Event) -> Flow {
+        match event {
+            Event::Signal(Signal::Shutdown) => return Flow::Stop(None),
+            Event::Signal(Signal::Reload) => self.reload().await,
+            Event::RouteUpdate(update) => self.routes_changed(update).await,
+            Event::Push(push) => self.pushed(*push).await,
+            Event::SecretChanged(change) => self.secret_changed(change).await,
+            Event::Control((command, reply)) => {
+                let answer = self.control(command).await;
+                let _ = reply.send(answer);
+            }
+            Event::RoleChanged(role) => {
+                self.set_role(role, RoleSource::WatchedAttribute).await;
+            }
+            Event::TunnelFailed(e) => return Flow::Stop(Some(e)),
+            Event::WatchdogTick => systemd::watchdog(),
+        }
+        Flow::Continue
+    }
+
+    /// Stops what the node owns: secret refreshers, then cloudflared (one SIGTERM, grace,
+    /// SIGKILL, reap).
+    pub async fn stop(mut self) {
+        for t in self.refreshers.drain(..) {
+            t.abort();
+        }
+        self.tunnel.shutdown().await;
+    }
+
+    /// Swaps in new live proxy settings from `config` and `secrets` (auth, limits); the route
+    /// table in use stays. Read-copy-update, so a table installed meanwhile is kept.
+    pub fn apply_settings(&self, config: &Config, secrets: &SecretValues) -> anyhow::Result<()> {
+        let previous = self.proxy.live.load();
+        let auth = InboundAuth::for_config(config, secrets, previous.auth.as_ref())?;
+        let auth_header = HeaderName::from_bytes(config.proxy.auth_header.as_bytes()).context("proxy.auth_header")?;
+        self.proxy.live.rcu(|cur| LiveSettings {
+            routes: cur.routes.clone(),
+            auth: auth.clone(),
+            auth_header: auth_header.clone(),
+            max_body_bytes: config.proxy.max_body_bytes,
+        });
+        Ok(())
+    }
+
+    /// The one path every route table takes, whatever its source (config file, host map file,
+    /// metadata attribute, config API push, boot): the proxy serves it, the runtime
+    /// `routes.json` (and the last good copy) records it, /status and the metrics count it.
+    /// cloudflared follows with [`Node::follow_tunnel`].
+    pub fn install_routes(&self, map: &HostMap, table: Arc<RouteTable>) {
+        let config = &self.config;
+        self.metrics.route_reloads.inc();
+        if let Err(e) = route_source::persist(config, map, &table) {
+            tracing::warn!(error = %e, "cannot write routes.json to the runtime or state directory");
+        }
+        let summary = table.summary.clone();
+        let version = table.version;
+        self.proxy.live.rcu(|live| live.with_routes(table.clone()));
+        self.routes_version.send_replace(version);
+        // A config-API node is ready once it has a pushed table (from the state dir or a push).
+        let loaded = config.routes.source != RouteSourceKind::ConfigApi || version.is_some();
+        self.health.routes_loaded.store(loaded, Ordering::Release);
+        self.health.update_status(|s| {
+            s.routes = summary;
+            // A pushed table carries the controller's version; other sources count tables.
+            s.routes_version = version.unwrap_or(s.routes_version + 1);
+            s.route_source = route_source::describe(config);
+            s.routes_fallback = None;
+        });
+    }
+
+    /// Brings cloudflared in line with the node's config, secrets, role and the table in use
+    /// (a locally-managed tunnel's ingress lists the table's hostnames).
+    pub async fn follow_tunnel(&self) {
+        let routes = self.proxy.live.load().routes.clone();
+        let spec = tunnel_spec(&self.config, &self.secrets, self.proxy_addr, &routes, self.role);
+        self.tunnel.apply(spec).await;
+    }
+
+    /// SIGHUP: re-read config, secrets and routes; apply all or nothing.
+    async fn reload(&mut self) {
+        systemd::reloading();
+        match self.try_reload().await {
+            Ok(()) => {
+                self.health.update_status(|s| s.last_reload_error = None);
+                systemd::ready("serving (reloaded)");
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                tracing::error!(error = %msg, "reload rejected; the previous configuration keeps serving");
+                self.metrics.route_reload_failures.inc();
+                self.health.update_status(|s| s.last_reload_error = Some(msg.clone()));
+                systemd::ready(&format!("serving previous configuration; reload failed: {msg}"));
+            }
+        }
+    }
+
+    async fn try_reload(&mut self) -> anyhow::Result<()> {
+        let mut new = crate::routing::load_config(&self.config_path)?;
+        let pending = self.config.restart_only_differences(&new);
+        // From here on `new` holds the running values of restart-only settings, so nothing
+        // below acts on one of them (a new runtime_dir, a new route source) before a restart.
+        new.keep_restart_only(&self.config);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let secrets = resolve_all(&new, &self.secret_manager, &self.metrics, deadline)
+            .await
+            .map_err(|e| anyhow::anyhow!(join_errors(&e)))?;
+        // Pushed routes are not in the file: keep serving them; auth and limits reload.
+        let table = if new.routes.source == RouteSourceKind::ConfigApi {
+            None
+        } else {
+            let (map, _) = route_source::fetch(&new, &self.metadata)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            let table = route_source::build(&new, &map, &self.metrics)?;
+            Some((map, table))
+        };
+        // Checked before anything changes, so a bad auth setting rejects the whole reload.
+        InboundAuth::for_config(&new, &secrets, self.proxy.live.load().auth.as_ref())?;
+        if !pending.is_empty() {
+            tracing::warn!(settings = ?pending, "changed settings take effect only after a restart");
+        }
+        if new.role != self.config.role && self.config.role_watch.attribute.is_none() {
+            tracing::info!(
+                from = self.config.role.as_str(),
+                to = new.role.as_str(),
+                "role changed in the config file"
+            );
+            match new.role {
+                Role::Active => self.metrics.promotions.inc(),
+                Role::Standby => self.metrics.demotions.inc(),
+            }
+            self.role = new.role;
+            self.role_source = RoleSource::Config;
+            let _ = std::fs::remove_file(roles::state_path(&new.agent.state_dir));
+        }
+        self.apply_settings(&new, &secrets)?;
+        self.config = new;
+        self.secrets = secrets;
+        if let Some((map, table)) = table {
+            self.install_routes(&map, Arc::new(table));
+        }
+        self.follow_tunnel().await;
+        let new = &self.config;
+        self.health.update_status(|s| {
+            s.secrets = self.secrets.keys().cloned().collect();
+            s.pending_restart = pending.iter().map(|p| (*p).to_owned()).collect();
+            s.cloudflared_metrics = new.cloudflared.enabled.then_some(new.cloudflared.metrics);
+            s.tunnel_ready_grace = new.cloudflared.ready_grace;
+            s.role = self.role.as_str().to_owned();
+            s.role_source = self.role_source.as_str().to_owned();
+        });
+        self.restart_refreshers();
+        tracing::info!(routes = self.proxy.live.load().routes.len(), "configuration reloaded");
+        Ok(())
+    }
+
+    /// (Re)starts the secret refreshers for the current config and values.
+    pub fn restart_refreshers(&mut self) {
+        for t in self.refreshers.drain(..) {
+            t.abort();
+        }
+        self.refreshers = refresh::spawn(
+            &self.config,
+            &self.secret_manager,
+            &self.secrets,
+            &self.secret_changes,
+            &self.metrics,
+        );
+    }
+
+    /// A new value from the watched route source.
+    async fn routes_changed(&mut self, update: route_source::Update) {
+        let built = update.and_then(|map| {
+            route_source::build(&self.config, &map, &self.metrics)
+                .map(|t| (map, t))
+                .map_err(|e| format!("{e:#}"))
+        });
+        match built {
+            Ok((map, table)) => {
+                tracing::info!(routes = table.len(), "routes updated from the watched source");
+                self.install_routes(&map, Arc::new(table));
+                self.follow_tunnel().await;
+            }
+            Err(e) => {
+                self.metrics.route_reload_failures.inc();
+                tracing::error!(error = %e, "route update rejected; the current table keeps serving");
+                self.health.update_status(|s| s.last_reload_error = Some(e.clone()));
+            }
+        }
+    }
+
+    /// A table pushed to the config API: version-checked, persisted, then applied like every
+    /// other table. The controller gets its answer once the proxy serves the table; cloudflared
+    /// follows after.
+    async fn pushed(&mut self, push: Push) {
+        let current = self.proxy.live.load().routes.version;
+        if let Some(current) = current.filter(|&c| push.version < c) {
+            let _ = push.reply.send(PushOutcome::Stale { current });
+            return;
+        }
+        if let Err(e) = config_api::persist(&self.config, push.body).await {
+            tracing::error!(error = %e, "cannot persist the pushed config; not applied");
+            let _ = push.reply.send(PushOutcome::PersistFailed(e));
+            return;
+        }
+        let rules = push.table.len();
+        self.install_routes(&HostMap::new(), Arc::new(push.table));
+        tracing::info!(version = push.version, rules, "pushed config applied");
+        let _ = push.reply.send(PushOutcome::Applied { rules });
+        self.follow_tunnel().await;
+    }
+
+    /// A refreshed secret changed value.
+    async fn secret_changed(&mut self, change: SecretChange) {
+        let SecretChange { name, value } = change;
+        tracing::info!(secret = %name, "secret changed; applying");
+        self.secrets.insert(name.clone(), value);
+        if self.config.proxy.auth_secret.as_ref() == Some(&name) {
+            if let Err(e) = self.apply_settings(&self.config, &self.secrets) {
+                tracing::error!(error = %format!("{e:#}"), "cannot apply the rotated token");
+            }
+        }
+        if self.config.cloudflared.token_secret.as_ref() == Some(&name) {
+            self.follow_tunnel().await;
+        }
+    }
+
+    /// Moves to `role`. Promotion spawns cloudflared before returning; demotion stops it like
+    /// shutdown does (one SIGTERM, grace, SIGKILL) while the proxy keeps serving.
+    pub async fn set_role(&mut self, role: Role, source: RoleSource) -> (bool, String) {
+        if role == self.role {
+            if source == RoleSource::WatchedAttribute {
+                self.role_source = source;
+                self.publish_role();
+            }
+            return (false, format!("already {}; nothing to do", role.as_str()));
+        }
+        let started = Instant::now();
+        self.role = role;
+        self.role_source = source;
+        match role {
+            Role::Active => self.metrics.promotions.inc(),
+            Role::Standby => self.metrics.demotions.inc(),
+        }
+        let persisted = PersistedRole {
+            role,
+            source,
+            config_role: self.config.role,
+        };
+        if let Err(e) = roles::persist(&self.config.agent.state_dir, &persisted) {
+            tracing::warn!(error = %e, "cannot persist the role; a restart will fall back to the config's");
+        }
+        // The decision is published first; cloudflared follows it.
+        self.publish_role();
+        self.follow_tunnel().await;
+        let took_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let message = match role {
+            Role::Active if self.config.cloudflared.enabled => {
+                format!("promoted to active; cloudflared started in {took_ms:.1} ms")
+            }
+            Role::Active => "promoted to active (cloudflared is disabled in the config)".to_owned(),
+            Role::Standby => {
+                format!("demoted to standby; cloudflared stopped in {took_ms:.1} ms, the proxy keeps serving")
+            }
+        };
+        tracing::info!(role = role.as_str(), source = source.as_str(), took_ms, "{message}");
+        (true, message)
+    }
+
+    pub fn publish_role(&self) {
+        let (role, source) = (self.role.as_str().to_owned(), self.role_source.as_str().to_owned());
+        self.health.update_status(|s| {
+            s.role = role.clone();
+            s.role_source = source.clone();
+        });
+        systemd::status(&format!("serving as {role} ({source})"));
+    }
+
+    /// A command from the control socket.
+    async fn control(&mut self, command: control::Command) -> control::Reply {
+        let (ok, changed, message) = match command {
+            control::Command::Status => (
+                true,
+                false,
+                format!("{} ({})", self.role.as_str(), self.role_source.as_str()),
+            ),
+            control::Command::Promote | control::Command::Demote if self.config.role_watch.attribute.is_some() => (
+                false,
+                false,
+                format!(
+                    "the role is decided by the metadata attribute {:?}; change it there",
+                    self.config.role_watch.attribute.as_deref().unwrap_or("")
+                ),
+            ),
+            control::Command::Promote => {
+                let (changed, message) = self.set_role(Role::Active, RoleSource::Cli).await;
+                (true, changed, message)
+            }
+            control::Command::Demote => {
+                let (changed, message) = self.set_role(Role::Standby, RoleSource::Cli).await;
+                (true, changed, message)
+            }
+        };
+        control::Reply {
+            ok,
+            changed,
+            message,
+            status: self.health.status_json(),
+        }
+    }
+}
