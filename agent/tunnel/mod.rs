@@ -15,7 +15,8 @@
 //!
 //! The child runs in its own process group, so signals reach any helper it forks.
 
-use std::collections::VecDeque;
+pub mod supervisor;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
@@ -29,7 +30,6 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::backoff::Backoff;
 use crate::config::CloudflaredSection;
 use crate::secret::Secret;
 
@@ -224,7 +224,7 @@ impl TunnelSupervisor {
     /// Starts supervising; spawns cloudflared at once when `spec` is set.
     pub fn start(spec: Option<TunnelSpec>, policy: RestartPolicy, state: Arc<TunnelState>) -> TunnelSupervisor {
         let (tx, rx) = mpsc::channel(8);
-        let task = tokio::spawn(supervise(spec, policy, state.clone(), rx));
+        let task = tokio::spawn(supervisor::supervise(spec, policy, state.clone(), rx));
         TunnelSupervisor { tx, task, state }
     }
 
@@ -257,11 +257,6 @@ impl TunnelSupervisor {
 struct Running {
     pid: u32,
     exit: oneshot::Receiver<std::io::Result<ExitStatus>>,
-    started: Instant,
-    /// Connected at least once since it started.
-    connected_once: bool,
-    /// Since when it has had no connection (after having had one).
-    zero_since: Option<Instant>,
 }
 
 fn describe(status: &std::io::Result<ExitStatus>) -> String {
@@ -329,13 +324,7 @@ fn spawn(spec: &TunnelSpec, state: &TunnelState) -> anyhow::Result<Running> {
         d.last_connected = None;
     });
     tracing::info!(pid, program = %spec.program.display(), args = ?spec.args, "cloudflared started");
-    Ok(Running {
-        pid,
-        exit,
-        started: Instant::now(),
-        connected_once: false,
-        zero_since: None,
-    })
+    Ok(Running { pid, exit })
 }
 
 /// One SIGTERM to the group, wait grace + margin, then SIGKILL; always reaps.
@@ -377,178 +366,6 @@ async fn poll_ready(http: &reqwest::Client, metrics: SocketAddr) -> Option<(u32,
     let resp = http.get(format!("http://{metrics}/ready")).send().await.ok()?;
     let ready: Ready = resp.json().await.ok()?;
     Some((ready.ready_connections, ready.connector_id))
-}
-
-async fn supervise(
-    mut spec: Option<TunnelSpec>,
-    policy: RestartPolicy,
-    state: Arc<TunnelState>,
-    mut rx: mpsc::Receiver<Control>,
-) -> anyhow::Result<()> {
-    let http = reqwest::Client::builder()
-        .timeout(policy.poll_interval.max(Duration::from_millis(500)))
-        .no_proxy()
-        .build()?;
-    let mut backoff = Backoff::new(policy.backoff, policy.backoff_max);
-    let mut exits: VecDeque<Instant> = VecDeque::new();
-    let mut unstable_exits = 0u32;
-    let mut running: Option<Running> = None;
-    let mut next_start: Option<Instant> = None;
-    state.wanted.store(spec.is_some(), Ordering::Release);
-    if let Some(s) = &spec {
-        running = Some(spawn(s, &state)?);
-    }
-    let mut poll = tokio::time::interval(policy.poll_interval);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-
-    loop {
-        let has_child = running.is_some();
-        let exited = async {
-            match running.as_mut() {
-                Some(r) => (&mut r.exit)
-                    .await
-                    .unwrap_or_else(|_| Err(std::io::Error::other("waiter task ended"))),
-                None => std::future::pending().await,
-            }
-        };
-        let start_due = async {
-            match next_start {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            status = exited => {
-                let run = running.take();
-                let uptime = run.as_ref().map(|r| r.started.elapsed()).unwrap_or_default();
-                let what = describe(&status);
-                state.pid.store(0, Ordering::Release);
-                state.connections.store(0, Ordering::Release);
-                state.with_detail(|d| d.last_exit = Some(what.clone()));
-                let now = Instant::now();
-                exits.push_back(now);
-                while exits.front().is_some_and(|t| now.duration_since(*t) > policy.crash_loop_window) {
-                    exits.pop_front();
-                }
-                unstable_exits += 1;
-                let delay = backoff.next_delay();
-                tracing::warn!(result = %what, uptime_s = uptime.as_secs_f64(), restart_in_ms = delay.as_millis() as u64, "cloudflared exited unexpectedly");
-                if exits.len() >= policy.crash_loop_exits as usize {
-                    if !state.crash_loop.swap(true, Ordering::AcqRel) {
-                        tracing::error!(exits = exits.len(), window_s = policy.crash_loop_window.as_secs(), "cloudflared is crash-looping");
-                    }
-                    crate::systemd::status(&format!(
-                        "cloudflared crash loop: {} exits in {}s, last {what}",
-                        exits.len(),
-                        policy.crash_loop_window.as_secs()
-                    ));
-                }
-                if policy.give_up_after_exits > 0 && unstable_exits >= policy.give_up_after_exits {
-                    anyhow::bail!(
-                        "cloudflared exited {unstable_exits} times without staying up (last: {what}); giving up so systemd's restart policy takes over"
-                    );
-                }
-                next_start = Some(now + delay);
-            }
-            _ = start_due => {
-                next_start = None;
-                if let Some(s) = &spec {
-                    state.restarts.fetch_add(1, Ordering::AcqRel);
-                    match spawn(s, &state) {
-                        Ok(r) => running = Some(r),
-                        Err(e) => {
-                            tracing::error!(error = %format!("{e:#}"), "cannot restart cloudflared");
-                            unstable_exits += 1;
-                            next_start = Some(Instant::now() + backoff.next_delay());
-                        }
-                    }
-                }
-            }
-            msg = rx.recv() => {
-                let Some(Control::Apply(new, ack)) = msg else {
-                    if let (Some(r), Some(s)) = (running.take(), &spec) {
-                        stop(r, s, &state).await;
-                    }
-                    return Ok(());
-                };
-                if new != spec || (new.is_some() && running.is_none() && next_start.is_none()) {
-                    if let (Some(r), Some(s)) = (running.take(), &spec) {
-                        stop(r, s, &state).await;
-                    }
-                    spec = new;
-                    state.wanted.store(spec.is_some(), Ordering::Release);
-                    backoff.reset();
-                    unstable_exits = 0;
-                    exits.clear();
-                    state.crash_loop.store(false, Ordering::Release);
-                    next_start = None;
-                    if let Some(s) = &spec {
-                        match spawn(s, &state) {
-                            Ok(r) => running = Some(r),
-                            Err(e) => {
-                                tracing::error!(error = %format!("{e:#}"), "cannot start cloudflared");
-                                next_start = Some(Instant::now() + backoff.next_delay());
-                            }
-                        }
-                    }
-                }
-                let _ = ack.send(());
-            }
-            _ = poll.tick(), if has_child => {
-                let Some(s) = &spec else { continue };
-                let polled = poll_ready(&http, s.metrics).await;
-                let Some(r) = running.as_mut() else { continue };
-                let (conns, connector) = polled.unwrap_or((0, None));
-                let was = state.connections.swap(conns, Ordering::AcqRel);
-                let now = Instant::now();
-                if conns > 0 {
-                    r.connected_once = true;
-                    r.zero_since = None;
-                    state.with_detail(|d| {
-                        d.last_connected = Some(now);
-                        if connector.is_some() {
-                            d.connector_id = connector;
-                        }
-                    });
-                    if was == 0 {
-                        tracing::info!(connections = conns, "tunnel connected");
-                        crate::systemd::status(&format!("serving; tunnel connected ({conns} connections)"));
-                    }
-                    if r.started.elapsed() >= policy.stable_after && (unstable_exits > 0 || backoff.attempts() > 0) {
-                        backoff.reset();
-                        unstable_exits = 0;
-                        exits.clear();
-                        if state.crash_loop.swap(false, Ordering::AcqRel) {
-                            tracing::info!("cloudflared is stable again");
-                        }
-                    }
-                } else if r.connected_once {
-                    let since = *r.zero_since.get_or_insert(now);
-                    if was > 0 {
-                        tracing::warn!("tunnel lost its last connection");
-                        crate::systemd::status("serving; tunnel disconnected");
-                    }
-                    if now.duration_since(since) >= policy.disconnected_restart_after {
-                        tracing::warn!(
-                            disconnected_s = now.duration_since(since).as_secs(),
-                            "tunnel stayed disconnected; restarting cloudflared"
-                        );
-                        if let Some(r) = running.take() {
-                            stop(r, s, &state).await;
-                        }
-                        state.restarts.fetch_add(1, Ordering::AcqRel);
-                        match spawn(s, &state) {
-                            Ok(r) => running = Some(r),
-                            Err(e) => {
-                                tracing::error!(error = %format!("{e:#}"), "cannot restart cloudflared");
-                                next_start = Some(Instant::now() + backoff.next_delay());
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
 }
 
 /// Longest cloudflared log line kept; the rest of a longer line is dropped.

@@ -1,0 +1,631 @@
+//! The cloudflared supervisor: explicit states and a pure transition function, [`next`], driven
+//! by [`supervise`], the loop that turns process exits, timers, polls and applied specs into
+//! [`Event`]s and carries out the [`Output`]s.
+//!
+//! ```text
+//!            Applied(wanted)                Spawned
+//!   Idle ───────────────────▶ Starting ─────────────▶ Running ──┐ Polled (connections,
+//!    ▲                          │  ▲                    │   ▲   │ stable, stuck → Starting)
+//!    │ Applied(not wanted)      │  │ StartDue           │   └───┘
+//!    │ from any state           │  │                    │ Exited (unrequested)
+//!    │                SpawnFailed  │                    ▼
+//!    │                          └─▶ Backoff { at } ◀────┘ ── too many unstable exits ─▶ GaveUp
+//! ```
+//!
+//! `next` does no I/O and reads no clock (`now` is passed in), so its table is unit-tested with
+//! paused tokio time below; the backoff delays come from [`Backoff`] (jittered).
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::{describe, poll_ready, spawn, stop, Control, RestartPolicy, Running, TunnelSpec, TunnelState};
+use crate::backoff::Backoff;
+
+/// Why a start was asked for; a failed start is counted differently for each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// A new spec was applied (promotion, reload, new routes).
+    Applied,
+    /// The retry after an exit or a failed start.
+    Retry,
+    /// The restart of a tunnel that stayed disconnected.
+    Stuck,
+}
+
+/// A running cloudflared, as the machine sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Run {
+    pub started: Instant,
+    /// `readyConnections` at the last poll.
+    pub connections: u32,
+    /// Connected at least once since it started.
+    pub connected_once: bool,
+    /// Since when it has had no connection (after having had one).
+    pub zero_since: Option<Instant>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    /// Nothing should run here (disabled, or standby).
+    Idle,
+    /// A start was asked for; its result arrives as `Spawned` or `SpawnFailed`.
+    Starting(Start),
+    Running(Run),
+    /// The last one exited or could not start; the next start is due at `at`.
+    Backoff {
+        at: Instant,
+    },
+    /// Too many exits without staying up: the supervisor ends and systemd takes over.
+    GaveUp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// A spec was applied: `changed` when it differs from the current one, `wanted` when it
+    /// asks for a cloudflared at all.
+    Applied {
+        changed: bool,
+        wanted: bool,
+    },
+    Spawned,
+    SpawnFailed,
+    /// The running cloudflared exited without being asked to.
+    Exited,
+    /// The backoff delay passed.
+    StartDue,
+    /// A poll of cloudflared's `/ready` (0 when it did not answer).
+    Polled {
+        connections: u32,
+    },
+}
+
+/// What the supervisor must do (or say), in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Stop the running cloudflared (one SIGTERM, grace, SIGKILL, reap).
+    Stop,
+    /// Start cloudflared with the current spec; `restart` counts it as a restart.
+    Spawn { restart: bool },
+    /// An unrequested exit, after `uptime`; the next start in `delay`.
+    Exited { uptime: Duration, delay: Duration },
+    /// `exits` exits within the crash-loop window; `newly` when this one made it a loop.
+    CrashLoop { exits: usize, newly: bool },
+    /// Give up after `unstable_exits` exits without staying up.
+    GiveUp { unstable_exits: u32 },
+    /// The tunnel has connections again (`connections`) after none.
+    Connected { connections: u32 },
+    /// The tunnel lost its last connection.
+    Disconnected,
+    /// Disconnected for `after`: restarting.
+    StuckRestart { after: Duration },
+    /// Stable for `stable_after` after a crash loop.
+    Stable,
+}
+
+/// The state plus what spans states: backoff, recent exits, crash-loop flag.
+#[derive(Debug, Clone)]
+pub struct Machine {
+    pub state: State,
+    pub policy: RestartPolicy,
+    pub backoff: Backoff,
+    /// Exits within `crash_loop_window`.
+    pub exits: VecDeque<Instant>,
+    /// Exits (and failed retries) since cloudflared last stayed up for `stable_after`.
+    pub unstable_exits: u32,
+    pub crash_loop: bool,
+}
+
+impl Machine {
+    pub fn new(policy: RestartPolicy) -> Machine {
+        Machine {
+            state: State::Idle,
+            backoff: Backoff::new(policy.backoff, policy.backoff_max),
+            policy,
+            exits: VecDeque::new(),
+            unstable_exits: 0,
+            crash_loop: false,
+        }
+    }
+
+    /// When the next start is due, in `Backoff`.
+    pub fn start_due(&self) -> Option<Instant> {
+        match self.state {
+            State::Backoff { at } => Some(at),
+            _ => None,
+        }
+    }
+
+    fn forget_failures(&mut self) {
+        self.backoff.reset();
+        self.unstable_exits = 0;
+        self.exits.clear();
+        self.crash_loop = false;
+    }
+
+    fn retry_later(&mut self, now: Instant) {
+        self.state = State::Backoff {
+            at: now + self.backoff.next_delay(),
+        };
+    }
+}
+
+/// The transition function: `event` in `m.state` at `now`.
+pub fn next(m: &mut Machine, event: Event, now: Instant) -> Vec<Output> {
+    let mut out = Vec::new();
+    match (m.state.clone(), event) {
+        // The same spec again changes nothing, unless nothing runs or waits to run.
+        (_, Event::Applied { changed, wanted }) if changed || (wanted && m.state == State::Idle) => {
+            if matches!(m.state, State::Running(_)) {
+                out.push(Output::Stop);
+            }
+            m.forget_failures();
+            if wanted {
+                out.push(Output::Spawn { restart: false });
+                m.state = State::Starting(Start::Applied);
+            } else {
+                m.state = State::Idle;
+            }
+        }
+        (State::Starting(_), Event::Spawned) => {
+            m.state = State::Running(Run {
+                started: now,
+                connections: 0,
+                connected_once: false,
+                zero_since: None,
+            });
+        }
+        (State::Starting(why), Event::SpawnFailed) => {
+            if why == Start::Retry {
+                m.unstable_exits += 1;
+            }
+            m.retry_later(now);
+        }
+        (State::Running(run), Event::Exited) => {
+            m.exits.push_back(now);
+            let window = m.policy.crash_loop_window;
+            while m.exits.front().is_some_and(|t| now.duration_since(*t) > window) {
+                m.exits.pop_front();
+            }
+            m.unstable_exits += 1;
+            let delay = m.backoff.next_delay();
+            out.push(Output::Exited {
+                uptime: now.duration_since(run.started),
+                delay,
+            });
+            if m.exits.len() >= m.policy.crash_loop_exits as usize {
+                out.push(Output::CrashLoop {
+                    exits: m.exits.len(),
+                    newly: !m.crash_loop,
+                });
+                m.crash_loop = true;
+            }
+            if m.policy.give_up_after_exits > 0 && m.unstable_exits >= m.policy.give_up_after_exits {
+                out.push(Output::GiveUp {
+                    unstable_exits: m.unstable_exits,
+                });
+                m.state = State::GaveUp;
+            } else {
+                m.state = State::Backoff { at: now + delay };
+            }
+        }
+        (State::Backoff { at }, Event::StartDue) if now >= at => {
+            out.push(Output::Spawn { restart: true });
+            m.state = State::Starting(Start::Retry);
+        }
+        (State::Running(mut run), Event::Polled { connections }) => {
+            let was = run.connections;
+            run.connections = connections;
+            if connections > 0 {
+                run.connected_once = true;
+                run.zero_since = None;
+                if was == 0 {
+                    out.push(Output::Connected { connections });
+                }
+                let unstable = m.unstable_exits > 0 || m.backoff.attempts() > 0;
+                if now.duration_since(run.started) >= m.policy.stable_after && unstable {
+                    let was_looping = m.crash_loop;
+                    m.forget_failures();
+                    if was_looping {
+                        out.push(Output::Stable);
+                    }
+                }
+            } else if run.connected_once {
+                let since = *run.zero_since.get_or_insert(now);
+                if was > 0 {
+                    out.push(Output::Disconnected);
+                }
+                let after = now.duration_since(since);
+                if after >= m.policy.disconnected_restart_after {
+                    out.extend([
+                        Output::StuckRestart { after },
+                        Output::Stop,
+                        Output::Spawn { restart: true },
+                    ]);
+                    m.state = State::Starting(Start::Stuck);
+                    return out;
+                }
+            }
+            m.state = State::Running(run);
+        }
+        // Anything else (a late timer, a poll after an exit) changes nothing.
+        _ => {}
+    }
+    out
+}
+
+/// The supervisor's loop: runs until the control channel closes (stopping cloudflared) or the
+/// machine gives up (the error says why).
+pub(super) async fn supervise(
+    initial: Option<TunnelSpec>,
+    policy: RestartPolicy,
+    state: Arc<TunnelState>,
+    mut rx: mpsc::Receiver<Control>,
+) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder()
+        .timeout(policy.poll_interval.max(Duration::from_millis(500)))
+        .no_proxy()
+        .build()?;
+    let mut poll = tokio::time::interval(policy.poll_interval);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut machine = Machine::new(policy);
+    let mut spec: Option<TunnelSpec> = None;
+    // The running child with the spec it was started from (what stopping it needs).
+    let mut child: Option<(Running, TunnelSpec)> = None;
+    let mut last_exit = String::new();
+    let mut pending: Option<(Option<TunnelSpec>, Option<tokio::sync::oneshot::Sender<()>>)> =
+        initial.map(|s| (Some(s), None));
+
+    loop {
+        let event = if let Some((new, ack)) = pending.take() {
+            let event = Event::Applied {
+                changed: new != spec,
+                wanted: new.is_some(),
+            };
+            spec = new;
+            state.wanted.store(spec.is_some(), Ordering::Release);
+            let outputs = next(&mut machine, event, Instant::now());
+            run_outputs(outputs, &mut machine, &spec, &mut child, &state, &last_exit, false).await?;
+            if let Some(ack) = ack {
+                let _ = ack.send(());
+            }
+            continue;
+        } else {
+            let has_child = child.is_some();
+            let exited = async {
+                match child.as_mut() {
+                    Some((r, _)) => (&mut r.exit)
+                        .await
+                        .unwrap_or_else(|_| Err(std::io::Error::other("waiter task ended"))),
+                    None => std::future::pending().await,
+                }
+            };
+            let start_due = async {
+                match machine.start_due() {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                status = exited => {
+                    child = None;
+                    last_exit = describe(&status);
+                    state.pid.store(0, Ordering::Release);
+                    state.connections.store(0, Ordering::Release);
+                    state.with_detail(|d| d.last_exit = Some(last_exit.clone()));
+                    Event::Exited
+                }
+                _ = start_due => Event::StartDue,
+                msg = rx.recv() => {
+                    let Some(Control::Apply(new, ack)) = msg else {
+                        if let Some((r, s)) = child.take() {
+                            stop(r, &s, &state).await;
+                        }
+                        return Ok(());
+                    };
+                    pending = Some((new, Some(ack)));
+                    continue;
+                }
+                _ = poll.tick(), if has_child => {
+                    let Some(metrics) = spec.as_ref().map(|s| s.metrics) else { continue };
+                    let (connections, connector) = poll_ready(&http, metrics).await.unwrap_or((0, None));
+                    if child.is_none() {
+                        continue;
+                    }
+                    state.connections.store(connections, Ordering::Release);
+                    if connections > 0 {
+                        state.with_detail(|d| {
+                            d.last_connected = Some(Instant::now());
+                            if connector.is_some() {
+                                d.connector_id = connector;
+                            }
+                        });
+                    }
+                    Event::Polled { connections }
+                }
+            }
+        };
+        let outputs = next(&mut machine, event, Instant::now());
+        let retry = event == Event::StartDue;
+        run_outputs(outputs, &mut machine, &spec, &mut child, &state, &last_exit, retry).await?;
+    }
+}
+
+/// Carries out `outputs`; spawn results go back into the machine. `retry`: the spawn is the
+/// retry of an earlier failure (its error says "restart").
+async fn run_outputs(
+    outputs: Vec<Output>,
+    machine: &mut Machine,
+    spec: &Option<TunnelSpec>,
+    child: &mut Option<(Running, TunnelSpec)>,
+    state: &TunnelState,
+    last_exit: &str,
+    retry: bool,
+) -> anyhow::Result<()> {
+    for output in outputs {
+        match output {
+            Output::Stop => {
+                if let Some((r, s)) = child.take() {
+                    stop(r, &s, state).await;
+                }
+            }
+            Output::Spawn { restart } => {
+                if restart {
+                    state.restarts.fetch_add(1, Ordering::AcqRel);
+                }
+                let Some(s) = spec else { continue };
+                let event = match spawn(s, state) {
+                    Ok(r) => {
+                        *child = Some((r, s.clone()));
+                        Event::Spawned
+                    }
+                    Err(e) => {
+                        let what = if restart || retry {
+                            "cannot restart cloudflared"
+                        } else {
+                            "cannot start cloudflared"
+                        };
+                        tracing::error!(error = %format!("{e:#}"), "{what}");
+                        Event::SpawnFailed
+                    }
+                };
+                next(machine, event, Instant::now());
+            }
+            Output::Exited { uptime, delay } => {
+                tracing::warn!(result = %last_exit, uptime_s = uptime.as_secs_f64(), restart_in_ms = delay.as_millis() as u64, "cloudflared exited unexpectedly");
+            }
+            Output::CrashLoop { exits, newly } => {
+                let window = machine.policy.crash_loop_window.as_secs();
+                if newly {
+                    tracing::error!(exits, window_s = window, "cloudflared is crash-looping");
+                }
+                crate::systemd::status(&format!(
+                    "cloudflared crash loop: {exits} exits in {window}s, last {last_exit}"
+                ));
+            }
+            Output::GiveUp { unstable_exits } => {
+                anyhow::bail!(
+                    "cloudflared exited {unstable_exits} times without staying up (last: {last_exit}); giving up so systemd's restart policy takes over"
+                );
+            }
+            Output::Connected { connections } => {
+                tracing::info!(connections, "tunnel connected");
+                crate::systemd::status(&format!("serving; tunnel connected ({connections} connections)"));
+            }
+            Output::Disconnected => {
+                tracing::warn!("tunnel lost its last connection");
+                crate::systemd::status("serving; tunnel disconnected");
+            }
+            Output::StuckRestart { after } => {
+                tracing::warn!(
+                    disconnected_s = after.as_secs(),
+                    "tunnel stayed disconnected; restarting cloudflared"
+                );
+            }
+            Output::Stable => tracing::info!("cloudflared is stable again"),
+        }
+        state.crash_loop.store(machine.crash_loop, Ordering::Release);
+    }
+    state.crash_loop.store(machine.crash_loop, Ordering::Release);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> RestartPolicy {
+        RestartPolicy {
+            backoff: Duration::from_millis(100),
+            backoff_max: Duration::from_millis(400),
+            stable_after: Duration::from_secs(10),
+            crash_loop_exits: 3,
+            crash_loop_window: Duration::from_secs(60),
+            give_up_after_exits: 5,
+            poll_interval: Duration::from_millis(100),
+            disconnected_restart_after: Duration::from_secs(30),
+        }
+    }
+
+    const WANT: Event = Event::Applied {
+        changed: true,
+        wanted: true,
+    };
+
+    /// A machine with a cloudflared running since now.
+    fn running() -> Machine {
+        let mut m = Machine::new(policy());
+        assert_eq!(next(&mut m, WANT, Instant::now()), [Output::Spawn { restart: false }]);
+        assert_eq!(m.state, State::Starting(Start::Applied));
+        assert!(next(&mut m, Event::Spawned, Instant::now()).is_empty());
+        assert!(matches!(m.state, State::Running(_)));
+        m
+    }
+
+    /// Lets the backoff pass and starts again.
+    async fn restart_after_backoff(m: &mut Machine) -> Duration {
+        let at = m.start_due().expect("waiting to restart");
+        let delay = at - Instant::now();
+        // Early: nothing happens.
+        assert!(next(m, Event::StartDue, Instant::now()).is_empty());
+        tokio::time::sleep_until(at).await;
+        assert_eq!(
+            next(m, Event::StartDue, Instant::now()),
+            [Output::Spawn { restart: true }]
+        );
+        assert_eq!(m.state, State::Starting(Start::Retry));
+        next(m, Event::Spawned, Instant::now());
+        delay
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn apply_starts_stops_and_replaces() {
+        let mut m = running();
+        let same = Event::Applied {
+            changed: false,
+            wanted: true,
+        };
+        assert!(next(&mut m, same, Instant::now()).is_empty(), "same spec: no restart");
+        assert_eq!(
+            next(&mut m, WANT, Instant::now()),
+            [Output::Stop, Output::Spawn { restart: false }],
+            "a new spec replaces the running one"
+        );
+        next(&mut m, Event::Spawned, Instant::now());
+        let off = Event::Applied {
+            changed: true,
+            wanted: false,
+        };
+        assert_eq!(next(&mut m, off, Instant::now()), [Output::Stop]);
+        assert_eq!(m.state, State::Idle);
+        // Idle and the same (absent) spec again: still nothing.
+        let off_again = Event::Applied {
+            changed: false,
+            wanted: false,
+        };
+        assert!(next(&mut m, off_again, Instant::now()).is_empty());
+        // Idle, and the spec that was applied before (unchanged): start it.
+        assert_eq!(next(&mut m, same, Instant::now()), [Output::Spawn { restart: false }]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn exits_back_off_exponentially_then_loop_then_give_up() {
+        let mut m = running();
+        let p = policy();
+        let mut delays = Vec::new();
+        for n in 1..=4u32 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            let out = next(&mut m, Event::Exited, Instant::now());
+            let Output::Exited { uptime, delay } = out[0] else {
+                panic!("{out:?}")
+            };
+            assert_eq!(uptime, Duration::from_secs(1));
+            let ceiling = (p.backoff * 2u32.pow(n - 1)).min(p.backoff_max);
+            assert!(delay >= p.backoff / 2 && delay <= ceiling, "exit {n}: {delay:?}");
+            let looping = out.iter().find(|o| matches!(o, Output::CrashLoop { .. }));
+            match n {
+                1 | 2 => assert!(looping.is_none(), "{out:?}"),
+                3 => assert_eq!(looping, Some(&Output::CrashLoop { exits: 3, newly: true })),
+                _ => assert_eq!(looping, Some(&Output::CrashLoop { exits: 4, newly: false })),
+            }
+            assert!(m.crash_loop == (n >= 3));
+            delays.push(restart_after_backoff(&mut m).await);
+        }
+        assert_eq!(delays.len(), 4);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let out = next(&mut m, Event::Exited, Instant::now());
+        assert_eq!(out.last(), Some(&Output::GiveUp { unstable_exits: 5 }));
+        assert_eq!(m.state, State::GaveUp);
+        assert!(
+            next(&mut m, Event::StartDue, Instant::now()).is_empty(),
+            "gave up for good"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn exits_outside_the_window_do_not_make_a_loop() {
+        let mut m = running();
+        for _ in 0..4 {
+            tokio::time::advance(Duration::from_secs(61)).await;
+            let out = next(&mut m, Event::Exited, Instant::now());
+            assert!(!out.iter().any(|o| matches!(o, Output::CrashLoop { .. })), "{out:?}");
+            restart_after_backoff(&mut m).await;
+        }
+        assert_eq!(m.exits.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn staying_connected_for_stable_after_forgets_the_failures() {
+        let mut m = running();
+        for _ in 0..3 {
+            next(&mut m, Event::Exited, Instant::now());
+            restart_after_backoff(&mut m).await;
+        }
+        assert!(m.crash_loop);
+        assert_eq!(
+            next(&mut m, Event::Polled { connections: 4 }, Instant::now()),
+            [Output::Connected { connections: 4 }]
+        );
+        assert_eq!(m.unstable_exits, 3, "not stable yet");
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(
+            next(&mut m, Event::Polled { connections: 4 }, Instant::now()),
+            [Output::Stable]
+        );
+        assert_eq!((m.unstable_exits, m.backoff.attempts(), m.crash_loop), (0, 0, false));
+        // The next exit starts the backoff from the beginning.
+        let out = next(&mut m, Event::Exited, Instant::now());
+        assert!(matches!(out[0], Output::Exited { delay, .. } if delay <= Duration::from_millis(100)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tunnel_that_stays_disconnected_is_restarted() {
+        let mut m = running();
+        // Never connected yet: no verdict.
+        assert!(next(&mut m, Event::Polled { connections: 0 }, Instant::now()).is_empty());
+        next(&mut m, Event::Polled { connections: 2 }, Instant::now());
+        assert_eq!(
+            next(&mut m, Event::Polled { connections: 0 }, Instant::now()),
+            [Output::Disconnected]
+        );
+        tokio::time::advance(Duration::from_secs(29)).await;
+        assert!(next(&mut m, Event::Polled { connections: 0 }, Instant::now()).is_empty());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(
+            next(&mut m, Event::Polled { connections: 0 }, Instant::now()),
+            [
+                Output::StuckRestart {
+                    after: Duration::from_secs(30)
+                },
+                Output::Stop,
+                Output::Spawn { restart: true }
+            ]
+        );
+        assert_eq!(m.state, State::Starting(Start::Stuck));
+        // A failed restart waits out a backoff without counting as an unstable exit.
+        next(&mut m, Event::SpawnFailed, Instant::now());
+        assert!(m.start_due().is_some());
+        assert_eq!(m.unstable_exits, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_retry_counts_towards_giving_up() {
+        let mut m = running();
+        next(&mut m, Event::Exited, Instant::now());
+        let at = m.start_due().unwrap();
+        tokio::time::sleep_until(at).await;
+        next(&mut m, Event::StartDue, Instant::now());
+        next(&mut m, Event::SpawnFailed, Instant::now());
+        assert_eq!(m.unstable_exits, 2);
+        assert!(m.start_due().unwrap() > at);
+        // A failed start of a newly applied spec does not count.
+        next(&mut m, WANT, Instant::now());
+        next(&mut m, Event::SpawnFailed, Instant::now());
+        assert_eq!(m.unstable_exits, 0);
+        assert!(m.start_due().is_some());
+    }
+}
