@@ -31,6 +31,8 @@ pub struct StatusInfo {
     pub routes: Vec<RouteSummary>,
     /// Bumped on every applied route table.
     pub routes_version: u64,
+    /// The pushed table carries GRPCRoute rules (the controller's `hasGrpcRoute`).
+    pub grpc_routes: bool,
     pub last_reload_error: Option<String>,
     /// Settings changed in the file that need a restart to apply.
     pub pending_restart: Vec<String>,
@@ -157,8 +159,9 @@ impl Health {
                 "source": s.route_source,
                 "version": s.routes_version,
                 "count": s.routes.len(),
+                "grpc": s.grpc_routes,
                 "table": s.routes.iter().map(|r| json!({
-                    "name": r.name, "hostnames": r.hostnames, "upstreams": r.upstreams,
+                    "name": r.name, "hostnames": r.hostnames, "upstreams": r.upstreams, "host_headers": r.host_headers,
                 })).collect::<Vec<_>>(),
             },
             "routes_fallback": s.routes_fallback,

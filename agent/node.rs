@@ -224,6 +224,7 @@ impl Node {
         }
         let summary = table.summary.clone();
         let version = table.version;
+        let grpc = table.grpc;
         self.proxy.live.rcu(|live| live.with_routes(table.clone()));
         self.routes_version.send_replace(version);
         // A config-API node is ready once it has a pushed table (from the state dir or a push).
@@ -231,6 +232,7 @@ impl Node {
         self.health.routes_loaded.store(loaded, Ordering::Release);
         self.health.update_status(|s| {
             s.routes = summary;
+            s.grpc_routes = grpc;
             // A pushed table carries the controller's version; other sources count tables.
             s.routes_version = version.unwrap_or(s.routes_version + 1);
             s.route_source = route_source::describe(config);

@@ -656,10 +656,16 @@ async fn config_api_auth_media_type_size_validation_versions_and_readiness() {
         assert!(keys.iter().any(|k| k == want), "{want} missing from {keys:?}");
     }
     let r = agent
-        .push(&json!({ "version": 9, "rules": [{ "backends": [{ "url": "http://x", "tls": {} }] }] }))
+        .push(&json!({ "version": 9, "rules": [{ "backends": [{ "url": "http://x", "retries": {} }] }] }))
         .await;
     assert_eq!(r.status, 400);
-    assert!(r.body.contains("unknown field `tls`"), "{}", r.body);
+    assert_eq!(
+        r.json()["problems"][0]["key"],
+        "rules[0].backends[0].retries",
+        "{}",
+        r.body
+    );
+    assert!(r.body.contains("unknown field `retries`"), "{}", r.body);
     let r = agent.put_config(Some(API_TOKEN), "application/json", "{not json").await;
     assert_eq!(
         (r.status, r.json()["problems"][0]["key"].as_str()),
@@ -950,4 +956,151 @@ filters = [
             started.elapsed()
         );
     }
+}
+
+/// The controller's push as its Go encoder writes it (`null` for nil slices), with the fields
+/// it sends today, and what each must do to a request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_push_fields_take_effect_over_http() {
+    let (a, b) = (echo("a").await, echo("b").await);
+    let dir = TempDir::new();
+    let agent = Agent::start(&dir.0, "", true);
+    let push = json!({ "version": 3, "hasGrpcRoute": true, "rules": [
+        { "hostnames": ["old.example.com"], "matches": null, "backends": null, "filters": [
+            { "type": "RequestRedirect", "requestRedirect": { "scheme": "https", "statusCode": 301 } }] },
+        { "hostnames": ["broken.example.com"], "backends": [], "unavailableStatus": 500 },
+        { "hostnames": ["gone.example.com"], "backends": [
+            { "url": format!("http://{}", a.addr), "weight": 1, "unavailableStatus": 503 }] },
+        { "hostnames": ["split.example.com"], "backends": [
+            { "url": format!("http://{}", a.addr), "weight": 1, "filters": [
+                { "type": "RequestRedirect", "requestRedirect": { "hostname": "moved.example.com", "statusCode": 302 } }] }] },
+        { "hostnames": ["cors.example.com"], "filters": [
+            { "type": "CORS", "cors": { "allowOrigins": ["https://*.example.org"], "allowMethods": ["GET", "PUT"],
+              "allowHeaders": null, "exposeHeaders": ["x-total"], "allowCredentials": true, "maxAge": 600 } }],
+          "backends": [{ "url": format!("http://{}", b.addr), "weight": 1, "websocket": true, "protocol": "" }] },
+        { "hostnames": ["app.example.com"], "backends": [{ "url": format!("http://{}", b.addr), "weight": 1 }] },
+        { "hostnames": ["rw.example.com"], "filters": [
+            { "type": "URLRewrite", "urlRewrite": { "hostname": "internal.example.com" } }],
+          "backends": [{ "url": format!("http://{}", b.addr), "weight": 1 }] },
+    ]});
+    let r = agent.push(&push).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    let r = agent.get("old.example.com", "/p?q=1", &[]).await;
+    assert_eq!(
+        (r.status, r.header("location")),
+        (301, Some("https://old.example.com/p?q=1"))
+    );
+    assert_eq!(agent.get("broken.example.com", "/", &[]).await.status, 500);
+    assert_eq!(agent.get("gone.example.com", "/", &[]).await.status, 503);
+    assert!(
+        a.seen.lock().unwrap().is_empty(),
+        "fail-closed backends are never contacted"
+    );
+    let r = agent.get("split.example.com", "/x", &[]).await;
+    assert_eq!(
+        (r.status, r.header("location")),
+        (302, Some("http://moved.example.com/x"))
+    );
+
+    // CORS: a preflight is answered here, a simple request is decorated.
+    let before = b.seen.lock().unwrap().len();
+    let r = Reply::read(
+        agent
+            .client
+            .request(reqwest::Method::OPTIONS, format!("http://{}/items", agent.proxy))
+            .header("host", "cors.example.com")
+            .header("origin", "https://shop.example.org")
+            .header("access-control-request-method", "PUT")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 204);
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://shop.example.org")
+    );
+    assert_eq!(r.header("access-control-allow-methods"), Some("GET, PUT"));
+    assert_eq!(r.header("access-control-max-age"), Some("600"));
+    assert_eq!(r.header("access-control-allow-credentials"), Some("true"));
+    assert_eq!(
+        b.seen.lock().unwrap().len(),
+        before,
+        "a preflight never reaches the backend"
+    );
+    let r = agent
+        .get("cors.example.com", "/items", &[("origin", "https://shop.example.org")])
+        .await;
+    assert_eq!((r.status, r.upstream()), (200, "b"));
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://shop.example.org")
+    );
+    assert_eq!(r.header("access-control-expose-headers"), Some("x-total"));
+    let r = agent
+        .get("cors.example.com", "/items", &[("origin", "https://evil.example.net")])
+        .await;
+    assert_eq!((r.status, r.header("access-control-allow-origin")), (200, None));
+
+    // The Host rule for pushed tables: the client's Host, port included, unless rewritten.
+    let seen = agent.get("app.example.com:8443", "/", &[]).await.json();
+    assert_eq!(seen["headers"]["host"], json!(["app.example.com:8443"]));
+    let seen = agent.get("rw.example.com", "/", &[]).await.json();
+    assert_eq!(seen["headers"]["host"], json!(["internal.example.com"]));
+    let status = agent.get_url(format!("http://{}/status", agent.health)).await.json();
+    let table = status["routes"]["table"].as_array().unwrap().clone();
+    assert_eq!(status["routes"]["grpc"], json!(true), "{status}");
+    assert!(
+        agent.log().contains("--protocol http2"),
+        "hasGrpcRoute warns without HTTP/2 to the edge"
+    );
+    let hosts: Vec<&Value> = table.iter().map(|r| &r["host_headers"]).collect();
+    assert!(hosts.contains(&&json!(["client"])), "{status}");
+    assert!(hosts.contains(&&json!(["rewrite:internal.example.com"])), "{status}");
+}
+
+/// Host maps send the upstream's own Host (Cloud Run routes on it); `[[route]]` the client's,
+/// or the upstream's when it says `host_header = "upstream"`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_header_is_a_per_route_choice() {
+    let a = echo("a").await;
+    let dir = TempDir::new();
+    let agent = Agent::start(
+        &dir.0,
+        &format!(
+            r#"
+[routes.hosts]
+"map.example.com" = "http://{a}"
+
+[[route]]
+hostnames = ["gw.example.com"]
+upstream = "http://{a}"
+
+[[route]]
+hostnames = ["own.example.com"]
+host_header = "upstream"
+backends = [{{ url = "http://{a}" }}, {{ url = "http://{a}", weight = 0, host_header = "client" }}]
+"#,
+            a = a.addr
+        ),
+        false,
+    );
+    let upstream_host = a.addr.to_string();
+    let seen = agent.get("map.example.com", "/", &[]).await.json();
+    assert_eq!(seen["headers"]["host"], json!([upstream_host]));
+    let seen = agent.get("gw.example.com", "/", &[]).await.json();
+    assert_eq!(seen["headers"]["host"], json!(["gw.example.com"]));
+    let seen = agent.get("own.example.com", "/", &[]).await.json();
+    assert_eq!(seen["headers"]["host"], json!([upstream_host]));
+    let status = agent.get_url(format!("http://{}/status", agent.health)).await.json();
+    let own = status["routes"]["table"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "own.example.com")
+        .cloned()
+        .unwrap();
+    assert_eq!(own["host_headers"], json!(["upstream", "client"]), "{status}");
 }

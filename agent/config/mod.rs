@@ -81,6 +81,10 @@ pub struct Config {
     /// shorthand for one such route per hostname.
     #[serde(default, rename = "route")]
     pub route: Vec<RouteSpec>,
+    /// Listener scopes (`[[listener]]`): optional; with them, a request is served only by the
+    /// rules of the most specific listener matching its host (docs/routing.md).
+    #[serde(default)]
+    pub listener: Vec<ListenerSpec>,
     #[serde(default)]
     pub gcp: GcpSection,
     #[serde(default)]
@@ -176,6 +180,9 @@ pub struct SecretSpec {
 #[serde(deny_unknown_fields, default)]
 pub struct ProxySection {
     pub listen: SocketAddr,
+    /// PEM CA bundle that anchors every `https://` upstream instead of the built-in webpki
+    /// (Mozilla) roots; a backend's own `tls` CA takes precedence for that backend.
+    pub ca_file: Option<PathBuf>,
     /// Header cloudflared's ingress adds with the shared internal token.
     pub auth_header: String,
     /// Name of the secret holding the internal token. Unset: no auth on this listener (seed 002,
@@ -214,6 +221,7 @@ impl Default for ProxySection {
     fn default() -> Self {
         ProxySection {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            ca_file: None,
             auth_header: "X-Internal-Auth-Token".to_owned(),
             auth_secret: None,
             auth_overlap: Duration::from_secs(600),
@@ -337,6 +345,11 @@ pub struct RouteSpec {
     pub upstream_auth: Option<UpstreamAuthKind>,
     pub auth_header: Option<AuthHeaderKind>,
     pub protocol: Option<UpstreamProtocol>,
+    /// The `Host` this route's backends see: `client` (default, Gateway API) or `upstream`.
+    pub host_header: Option<HostHeader>,
+    /// Names of the `[[listener]]`s this route is attached to; none: all of them.
+    #[serde(default)]
+    pub listeners: Vec<String>,
     /// Overrides `proxy.upstream_timeout` for this route.
     #[serde(default, with = "humantime_serde")]
     pub timeout: Option<Duration>,
@@ -357,16 +370,97 @@ pub struct BackendSpec {
     pub url: String,
     #[serde(default = "default_weight")]
     pub weight: u32,
+    #[serde(default, alias = "upstreamAuth")]
     pub upstream_auth: Option<UpstreamAuthKind>,
+    #[serde(default, alias = "authHeader")]
     pub auth_header: Option<AuthHeaderKind>,
+    #[serde(default, deserialize_with = "protocol_or_empty")]
     pub protocol: Option<UpstreamProtocol>,
     /// Filters applied only when this backend is chosen.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "route_spec::null_as_empty")]
     pub filters: Vec<FilterSpec>,
+    /// TLS towards this backend (CA, SNI, SANs, client certificate); docs/routing.md.
+    #[serde(default)]
+    pub tls: Option<route_spec::BackendTlsSpec>,
+    /// Upgrade (WebSocket) handshakes to this backend are exempt from the rule's timeouts.
+    #[serde(default)]
+    pub websocket: bool,
+    /// Answer this status instead of forwarding, whenever this backend is picked (the
+    /// controller marks an unresolvable backendRef so its share of traffic fails closed).
+    #[serde(default, alias = "unavailableStatus")]
+    pub unavailable_status: Option<u16>,
+    /// `client` or `upstream`; unset: the route's, else `client`.
+    #[serde(default, alias = "hostHeader")]
+    pub host_header: Option<HostHeader>,
 }
 
 fn default_weight() -> u32 {
     1
+}
+
+impl BackendSpec {
+    /// One backend with weight 1 and every other setting left to the defaults.
+    pub fn new(url: &str) -> BackendSpec {
+        BackendSpec {
+            url: url.to_owned(),
+            weight: 1,
+            upstream_auth: None,
+            auth_header: None,
+            protocol: None,
+            filters: Vec::new(),
+            tls: None,
+            websocket: false,
+            unavailable_status: None,
+            host_header: None,
+        }
+    }
+}
+
+/// A Gateway listener, as a scope of rules: its name and hostname (exact, `*.suffix`, or none
+/// for a listener that accepts any host).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerSpec {
+    pub name: String,
+    #[serde(default)]
+    pub hostname: Option<String>,
+}
+
+/// Which `Host` the upstream sees (docs/routing.md, "The Host rule").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HostHeader {
+    /// The client's `Host` (Gateway API): the default for `[[route]]` and pushed tables.
+    Client,
+    /// The upstream URL's own host: the default for host-map entries (Cloud Run routes on it).
+    Upstream,
+}
+
+impl HostHeader {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostHeader::Client => "client",
+            HostHeader::Upstream => "upstream",
+        }
+    }
+}
+
+/// A backend `protocol`: the controller's `""` (plain HTTP, its `BackendProtocolHTTP`) is `auto`.
+pub(crate) fn protocol_or_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<UpstreamProtocol>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Given {
+        Known(UpstreamProtocol),
+        Empty(String),
+    }
+    match Option::<Given>::deserialize(d)? {
+        None => Ok(None),
+        Some(Given::Known(p)) => Ok(Some(p)),
+        Some(Given::Empty(s)) if s.is_empty() => Ok(Some(UpstreamProtocol::Auto)),
+        Some(Given::Empty(s)) => Err(serde::de::Error::custom(format!(
+            "unknown protocol {s:?}, expected \"auto\", \"h2c\" or \"\""
+        ))),
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

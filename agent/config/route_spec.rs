@@ -5,12 +5,25 @@
 //! spelling that Gateway API and the peer's wire format use (`queryParams`,
 //! `requestHeaderModifier`, `replacePrefixMatch`, …). Enum values keep Gateway API's spelling
 //! (`PathPrefix`, `RequestRedirect`, `ReplaceFullPath`).
+//!
+//! Every list also accepts `null`: the controller is written in Go, whose `encoding/json`
+//! encodes an empty (nil) slice as `null`, so a redirect-only rule arrives as `"backends": null`.
 
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 
 use super::{AuthHeaderKind, UpstreamAuthKind, UpstreamProtocol};
+
+/// Deserializes a list that may be `null` (Go's encoding of a nil slice) as an empty list.
+/// Use with `#[serde(default, deserialize_with = "null_as_empty")]`.
+pub fn null_as_empty<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
+}
 
 /// One `HTTPRouteMatch`: every condition given must hold.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -19,9 +32,9 @@ pub struct MatchSpec {
     /// Absent: `PathPrefix /`.
     #[serde(default)]
     pub path: Option<PathMatchSpec>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub headers: Vec<ValueMatchSpec>,
-    #[serde(default, alias = "queryParams")]
+    #[serde(default, alias = "queryParams", deserialize_with = "null_as_empty")]
     pub query_params: Vec<ValueMatchSpec>,
     /// An HTTP method; empty means any (the peer sends `""` for none).
     #[serde(default)]
@@ -82,6 +95,8 @@ pub struct FilterSpec {
     pub url_rewrite: Option<UrlRewriteSpec>,
     #[serde(default, alias = "requestMirror")]
     pub request_mirror: Option<MirrorSpec>,
+    #[serde(default)]
+    pub cors: Option<CorsSpec>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -92,6 +107,8 @@ pub enum FilterKind {
     #[serde(rename = "URLRewrite")]
     UrlRewrite,
     RequestMirror,
+    #[serde(rename = "CORS")]
+    Cors,
 }
 
 impl FilterKind {
@@ -102,6 +119,7 @@ impl FilterKind {
             FilterKind::RequestRedirect => "RequestRedirect",
             FilterKind::UrlRewrite => "URLRewrite",
             FilterKind::RequestMirror => "RequestMirror",
+            FilterKind::Cors => "CORS",
         }
     }
 }
@@ -110,11 +128,11 @@ impl FilterKind {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HeaderModifierSpec {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub set: Vec<HeaderSpec>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub add: Vec<HeaderSpec>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub remove: Vec<String>,
 }
 
@@ -183,12 +201,15 @@ pub struct MirrorSpec {
     pub percent: Option<u32>,
     #[serde(default)]
     pub fraction: Option<FractionSpec>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::config::protocol_or_empty")]
     pub protocol: Option<UpstreamProtocol>,
     #[serde(default, alias = "upstreamAuth")]
     pub upstream_auth: Option<UpstreamAuthKind>,
     #[serde(default, alias = "authHeader")]
     pub auth_header: Option<AuthHeaderKind>,
+    /// TLS towards the mirror backend (a BackendTLSPolicy on the mirrored Service).
+    #[serde(default)]
+    pub tls: Option<BackendTlsSpec>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -214,4 +235,70 @@ pub struct TimeoutsSpec {
     /// From sending the request upstream to receiving the response head.
     #[serde(default, with = "humantime_serde", alias = "backend", alias = "backendRequest")]
     pub backend_request: Option<Duration>,
+}
+
+/// `HTTPCORSFilter` (Gateway API v1.2+), as the controller sends it.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorsSpec {
+    /// `*`, `scheme://host[:port]`, or `scheme://*.suffix[:port]`.
+    #[serde(default, alias = "allowOrigins", deserialize_with = "null_as_empty")]
+    pub allow_origins: Vec<String>,
+    #[serde(default, alias = "allowCredentials")]
+    pub allow_credentials: bool,
+    #[serde(default, alias = "allowMethods", deserialize_with = "null_as_empty")]
+    pub allow_methods: Vec<String>,
+    #[serde(default, alias = "allowHeaders", deserialize_with = "null_as_empty")]
+    pub allow_headers: Vec<String>,
+    #[serde(default, alias = "exposeHeaders", deserialize_with = "null_as_empty")]
+    pub expose_headers: Vec<String>,
+    /// Seconds a preflight answer may be cached; 0 or absent: 5 (the spec's default).
+    #[serde(default, alias = "maxAge")]
+    pub max_age: i64,
+}
+
+/// TLS towards one backend: the controller's rendering of a `BackendTLSPolicy` (plus the
+/// Gateway's backend client certificate), or the same keys written by hand in TOML.
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendTlsSpec {
+    /// PEM CA certificates that anchor the backend's chain, inline (the controller's
+    /// `caBundle`). Absent, with no `ca_file`: the agent's trust store.
+    #[serde(default, alias = "caBundle")]
+    pub ca_bundle: Option<String>,
+    /// The same as a file path (TOML only; a pushed table cannot name local files).
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// SNI, and the name the certificate must carry when no SANs are listed.
+    #[serde(default, alias = "serverName")]
+    pub server_name: Option<String>,
+    /// DNS names of which the certificate must carry at least one (then `server_name` is only
+    /// the SNI, as Gateway API says).
+    #[serde(default, alias = "subjectAltNames", deserialize_with = "null_as_empty")]
+    pub subject_alt_names: Vec<String>,
+    /// URI SANs (e.g. SPIFFE IDs), compared exactly; any one listed DNS or URI SAN suffices.
+    #[serde(default, alias = "subjectAltNameUris", deserialize_with = "null_as_empty")]
+    pub subject_alt_name_uris: Vec<String>,
+    /// PEM client certificate chain for mTLS. On the wire Go encodes `[]byte` as base64, so a
+    /// pushed value is base64 of the PEM; a value that already starts with `-----BEGIN` is
+    /// taken as PEM.
+    #[serde(default, alias = "clientCertPem")]
+    pub client_cert_pem: Option<String>,
+    /// PEM private key for `client_cert_pem` (base64 on the wire, like it).
+    #[serde(default, alias = "clientKeyPem")]
+    pub client_key_pem: Option<String>,
+}
+
+impl std::fmt::Debug for BackendTlsSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendTlsSpec")
+            .field("ca_bundle", &self.ca_bundle.as_ref().map(|_| "[pem]"))
+            .field("ca_file", &self.ca_file)
+            .field("server_name", &self.server_name)
+            .field("subject_alt_names", &self.subject_alt_names)
+            .field("subject_alt_name_uris", &self.subject_alt_name_uris)
+            .field("client_cert_pem", &self.client_cert_pem.as_ref().map(|_| "[pem]"))
+            .field("client_key_pem", &self.client_key_pem.as_ref().map(|_| "[redacted]"))
+            .finish()
+    }
 }

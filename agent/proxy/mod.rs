@@ -29,13 +29,16 @@ mod auth;
 
 pub use auth::{AcceptedToken, InboundAuth};
 
-use crate::config::{AuthHeaderKind, ProxySection, UpstreamAuthKind, UpstreamProtocol};
+use crate::config::{AuthHeaderKind, HostHeader, ProxySection, UpstreamAuthKind, UpstreamProtocol};
 use crate::gcp::IdTokenCache;
+use crate::routing::cors::CorsVerdict;
 use crate::routing::filters::{client_scheme, request_host, Mirror};
 use crate::routing::mirror::{MirrorTee, MIRROR_MAX_IN_FLIGHT};
 use crate::routing::table::{host_without_port, Backend, RouteTable, Routed, Rule};
-use crate::routing::RequestHead;
+use crate::routing::{Filters, RequestHead};
 use crate::telemetry::{Metrics, UpstreamErrorKind};
+
+pub mod tls;
 
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -83,6 +86,9 @@ impl LiveSettings {
 
 type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
 
+/// The pool of a backend with its own TLS settings.
+pub type TlsClient = Client<HttpsConnector, CappedBody>;
+
 pub struct Proxy {
     pub live: ArcSwap<LiveSettings>,
     /// HTTP/1.1 to `http://`, HTTP/1.1 or HTTP/2 (ALPN) to `https://`.
@@ -97,6 +103,9 @@ pub struct Proxy {
     mirror_h2c: Client<HttpConnector, Full<Bytes>>,
     /// Bounds mirror copies buffered or in flight (see `routing::mirror`).
     mirror_slots: Arc<tokio::sync::Semaphore>,
+    /// For backends with their own TLS settings: pool settings and connector.
+    builder: hyper_util::client::legacy::Builder,
+    settings: ProxySection,
 }
 
 fn http_connector(settings: &ProxySection) -> HttpConnector {
@@ -116,8 +125,16 @@ impl Proxy {
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Arc<Proxy>> {
         // ring is the only rustls provider compiled in (no C toolchain or cmake needed).
+        let ca = match &settings.ca_file {
+            None => None,
+            Some(path) => Some(
+                std::fs::read(path)
+                    .map_err(|e| anyhow::anyhow!("proxy.ca_file: cannot read {}: {e}", path.display()))?,
+            ),
+        };
+        let roots = tls::roots(ca.as_deref()).map_err(|e| anyhow::anyhow!("proxy.ca_file: {e}"))?;
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())?
+            .with_tls_config(tls::client_config(roots).map_err(|e| anyhow::anyhow!(e))?)
             .https_or_http()
             .enable_http1()
             .enable_http2()
@@ -141,7 +158,32 @@ impl Proxy {
             mirror_client,
             mirror_h2c,
             mirror_slots: Arc::new(tokio::sync::Semaphore::new(MIRROR_MAX_IN_FLIGHT)),
+            builder,
+            settings: settings.clone(),
         }))
+    }
+
+    /// The pool for a backend with its own TLS settings, built on first use. It lives as long
+    /// as the table that holds the backend.
+    fn tls_client<'t>(&self, t: &'t tls::UpstreamTls) -> &'t TlsClient {
+        t.client.get_or_init(|| {
+            let b = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(t.config.clone())
+                .https_only();
+            let b = match &t.server_name {
+                Some(name) => match rustls::pki_types::ServerName::try_from(name.clone()) {
+                    Ok(n) => b.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(n)),
+                    // Checked when the table was compiled.
+                    Err(_) => b,
+                },
+                None => b,
+            };
+            self.builder.build(
+                b.enable_http1()
+                    .enable_http2()
+                    .wrap_connector(http_connector(&self.settings)),
+            )
+        })
     }
 
     /// Handles one downstream request. Never fails: every error becomes a response.
@@ -185,11 +227,61 @@ impl Proxy {
             );
         };
         let rule = routed.rule;
-        let forwarded = self.forward(routed, &live, peer, req);
-        let mut resp = match rule.request_timeout {
-            None => forwarded.await,
+        let origin = rule
+            .filters
+            .cors
+            .as_ref()
+            .and(req.headers().get(header::ORIGIN).cloned());
+        let mut resp = self.forward(routed, &live, peer, req, start).await;
+        if let Some(cors) = &rule.filters.cors {
+            cors.decorate(origin.as_ref(), resp.headers_mut());
+        }
+        if let Some(m) = &rule.filters.response_headers {
+            m.apply(resp.headers_mut());
+        }
+        rule.stats.observe(resp.status().as_u16(), start.elapsed());
+        resp
+    }
+
+    /// Decides what answers: a fail-closed rule, a redirect or a CORS preflight answer here
+    /// (the rule's first, then the picked backend's); otherwise the backend does, within the
+    /// rule's request timeout.
+    async fn forward(
+        &self,
+        routed: Routed<'_>,
+        live: &LiveSettings,
+        peer: SocketAddr,
+        req: Request<Incoming>,
+        start: Instant,
+    ) -> Response<ProxyBody> {
+        let rule = routed.rule;
+        if let Some(status) = rule.unavailable {
+            return unavailable(rule, status);
+        }
+        if let Some(answer) = answer_here(&rule.filters, routed, &req) {
+            return answer;
+        }
+        let Some(backend) = rule.pick_backend() else {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "no_backend",
+                "this route has no backend with a weight above 0",
+            );
+        };
+        if let Some(status) = backend.unavailable {
+            return unavailable(rule, status);
+        }
+        if let Some(answer) = answer_here(&backend.filters, routed, &req) {
+            return answer;
+        }
+        // The controller's `websocket` backends: an upgrade handshake is exempt from the rule's
+        // timeouts (a WebSocket server may take its time to accept).
+        let exempt = backend.websocket && upgrade_protocol(req.headers()).is_some();
+        let sent = self.send(routed, backend, live, peer, req, exempt);
+        match rule.request_timeout.filter(|_| !exempt) {
+            None => sent.await,
             // Until the response head: a response that has started streaming is never cut off.
-            Some(limit) => match tokio::time::timeout_at(start + limit, forwarded).await {
+            Some(limit) => match tokio::time::timeout_at(start + limit, sent).await {
                 Ok(resp) => resp,
                 Err(_) => {
                     rule.stats.upstream_error(UpstreamErrorKind::Timeout);
@@ -201,51 +293,26 @@ impl Proxy {
                     )
                 }
             },
-        };
-        if let Some(m) = &rule.filters.response_headers {
-            m.apply(resp.headers_mut());
         }
-        rule.stats.observe(resp.status().as_u16(), start.elapsed());
-        resp
     }
 
-    async fn forward(
+    /// Sends the request to `backend` and streams its answer back.
+    async fn send(
         &self,
         routed: Routed<'_>,
+        backend: &Backend,
         live: &LiveSettings,
         peer: SocketAddr,
         mut req: Request<Incoming>,
+        timeout_exempt: bool,
     ) -> Response<ProxyBody> {
         let rule = routed.rule;
-        if let Some(redirect) = &rule.filters.redirect {
-            let location = redirect.location(
-                client_scheme(req.headers()),
-                request_host(&req),
-                req.uri().path(),
-                req.uri().query(),
-                routed.matched.prefix(),
-            );
-            return match HeaderValue::try_from(location) {
-                Ok(location) => {
-                    let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
-                    *resp.status_mut() = redirect.status;
-                    resp.headers_mut().insert(header::LOCATION, location);
-                    resp
-                }
-                Err(_) => error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "bad_redirect",
-                    "the redirect target is not a valid Location",
-                ),
-            };
-        }
-        let Some(backend) = rule.pick_backend() else {
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "no_backend",
-                "this route has no backend with a weight above 0",
-            );
-        };
+        let backend_timeout = rule.backend_timeout.filter(|_| !timeout_exempt);
+        let origin = backend
+            .filters
+            .cors
+            .as_ref()
+            .and(req.headers().get(header::ORIGIN).cloned());
         if let (Some(limit), Some(len)) = (live.max_body_bytes, content_length(req.headers())) {
             if len > limit {
                 return error(
@@ -255,6 +322,12 @@ impl Proxy {
                 );
             }
         }
+        // The Host rule (docs/routing.md): the client's, unless this backend wants its own
+        // (then hyper writes the upstream URI's authority) or a URLRewrite names one.
+        let client_host = match backend.host_header {
+            HostHeader::Client => HeaderValue::from_str(request_host(&req)).ok(),
+            HostHeader::Upstream => None,
+        };
         let upgrade = upgrade_protocol(req.headers());
         let downstream_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
@@ -262,6 +335,9 @@ impl Proxy {
         let wants_trailers = te_has_trailers(headers);
         strip_hop_by_hop(headers);
         headers.remove(header::HOST);
+        if let Some(host) = client_host {
+            headers.insert(header::HOST, host);
+        }
         headers.remove(header::AUTHORIZATION);
         headers.remove(X_SERVERLESS_AUTHORIZATION);
         headers.remove(&live.auth_header);
@@ -364,15 +440,18 @@ impl Proxy {
         );
 
         let sent = match backend.protocol {
-            UpstreamProtocol::Auto => response_head(self.client.request(up), rule.backend_timeout, &progress).await,
-            UpstreamProtocol::H2c => response_head(self.h2c.request(up), rule.backend_timeout, &progress).await,
+            UpstreamProtocol::Auto => {
+                let client = backend.tls.as_deref().map_or(&self.client, |t| self.tls_client(t));
+                response_head(client.request(up), backend_timeout, &progress).await
+            }
+            UpstreamProtocol::H2c => response_head(self.h2c.request(up), backend_timeout, &progress).await,
         };
         let mut resp = match sent {
             Some(Ok(resp)) => resp,
             Some(Err(e)) => return self.upstream_failure(rule, backend, &e),
             None => {
                 rule.stats.upstream_error(UpstreamErrorKind::Timeout);
-                tracing::warn!(route = %rule.route, upstream = %backend.upstream.url, timeout_s = rule.backend_timeout.unwrap_or_default().as_secs_f64(), "upstream did not answer in time; answering 504");
+                tracing::warn!(route = %rule.route, upstream = %backend.upstream.url, timeout_s = backend_timeout.unwrap_or_default().as_secs_f64(), "upstream did not answer in time; answering 504");
                 return error(
                     StatusCode::GATEWAY_TIMEOUT,
                     "upstream_timeout",
@@ -403,6 +482,9 @@ impl Proxy {
         strip_hop_by_hop(resp.headers_mut());
         if let Some(m) = &backend.filters.response_headers {
             m.apply(resp.headers_mut());
+        }
+        if let Some(cors) = &backend.filters.cors {
+            cors.decorate(origin.as_ref(), resp.headers_mut());
         }
         resp.map(Either::Left)
     }
@@ -493,6 +575,47 @@ impl Proxy {
         rule.stats.upstream_error(kind);
         tracing::warn!(route = %rule.route, upstream = %backend.upstream.url, error = %cause, "upstream request failed; answering 502");
         error(StatusCode::BAD_GATEWAY, code, message)
+    }
+}
+
+/// The answer of a fail-closed rule or backend (`unavailableStatus`).
+fn unavailable(rule: &Rule, status: StatusCode) -> Response<ProxyBody> {
+    tracing::debug!(route = %rule.route, status = status.as_u16(), "route marked unavailable by its table");
+    error(status, "unavailable", "this route cannot be served as configured")
+}
+
+/// A redirect or a CORS preflight answer from `filters`, when they give one for this request.
+fn answer_here(filters: &Filters, routed: Routed<'_>, req: &Request<Incoming>) -> Option<Response<ProxyBody>> {
+    if let Some(redirect) = &filters.redirect {
+        let location = redirect.location(
+            client_scheme(req.headers()),
+            request_host(req),
+            req.uri().path(),
+            req.uri().query(),
+            routed.matched.prefix(),
+        );
+        return Some(match HeaderValue::try_from(location) {
+            Ok(location) => {
+                let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
+                *resp.status_mut() = redirect.status;
+                resp.headers_mut().insert(header::LOCATION, location);
+                resp
+            }
+            Err(_) => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "bad_redirect",
+                "the redirect target is not a valid Location",
+            ),
+        });
+    }
+    match filters.cors.as_ref()?.on_request(req.method(), req.headers()) {
+        CorsVerdict::Forward => None,
+        CorsVerdict::Preflight(headers) => {
+            let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
+            *resp.status_mut() = StatusCode::NO_CONTENT;
+            *resp.headers_mut() = headers;
+            Some(resp)
+        }
     }
 }
 

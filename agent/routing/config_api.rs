@@ -29,9 +29,8 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::config::{
-    AuthHeaderKind, BackendSpec, Config, ConfigApiSection, Problem, UpstreamAuthKind, UpstreamProtocol,
-};
+use crate::config::route_spec::null_as_empty;
+use crate::config::{BackendSpec, Config, ConfigApiSection, HostHeader, ListenerSpec, Problem};
 use crate::config::{FilterSpec, MatchSpec, TimeoutsSpec};
 use crate::routing::table::{RouteTable, RoutesError, RuleSource};
 use crate::secret::Secret;
@@ -44,58 +43,50 @@ pub const MAX_BODY_BYTES: usize = 1 << 20;
 /// File in the state dir holding the last applied push.
 const STATE_FILE: &str = "config-api.json";
 
-/// A pushed configuration (the peer's `Config`).
+/// A pushed configuration (the controller's `Config`, `internal/proxy/config.go`).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PushedConfig {
     pub version: u64,
-    #[serde(default)]
+    /// `null` when the controller has no rules (Go's nil slice).
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub rules: Vec<PushedRule>,
+    /// Set by the controller when a GRPCRoute contributed rules. gRPC needs trailers end to
+    /// end, which cloudflared loses over QUIC: the agent warns when its tunnel is not on
+    /// HTTP/2 and shows the flag in `/status`.
+    #[serde(default, alias = "hasGrpcRoute")]
+    pub has_grpc_route: bool,
+    /// Optional listener scopes (our extension, docs/routing.md): `[{name, hostname}]`.
+    #[serde(default, deserialize_with = "null_as_empty")]
+    pub listeners: Vec<ListenerSpec>,
 }
 
-/// The peer's `RouteRule`: one HTTPRoute rule with its route's hostnames.
+/// The controller's `RouteRule`: one HTTPRoute rule with its route's hostnames.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PushedRule {
     /// For metrics and logs; defaults to the first hostname.
     #[serde(default)]
     pub name: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub hostnames: Vec<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub matches: Vec<MatchSpec>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub filters: Vec<FilterSpec>,
-    #[serde(default)]
-    pub backends: Vec<PushedBackend>,
+    /// The controller's `BackendRef`s (`url`, `weight`, `protocol`, `tls`, `filters`,
+    /// `websocket`, `unavailableStatus`), plus our `upstreamAuth` and `authHeader`.
+    #[serde(default, deserialize_with = "null_as_empty")]
+    pub backends: Vec<BackendSpec>,
     #[serde(default)]
     pub timeouts: Option<TimeoutsSpec>,
-}
-
-/// The peer's `BackendRef`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PushedBackend {
-    pub url: String,
-    #[serde(default = "one")]
-    pub weight: u32,
-    #[serde(default)]
-    pub protocol: Option<UpstreamProtocol>,
-    #[serde(default, alias = "upstreamAuth")]
-    pub upstream_auth: Option<UpstreamAuthKind>,
-    #[serde(default, alias = "authHeader")]
-    pub auth_header: Option<AuthHeaderKind>,
-    #[serde(default)]
-    pub filters: Vec<FilterSpec>,
-    /// The peer marks WebSocket backends so its timeouts skip upgrades; here upgrades always
-    /// pass and timeouts end at the response head, so the flag changes nothing.
-    #[serde(default)]
-    #[allow(dead_code)]
-    websocket: bool,
-}
-
-fn one() -> u32 {
-    1
+    /// Every request this rule matches is answered with this status, before filters and
+    /// backends: the controller's way to fail a rule closed that it cannot serve as written.
+    #[serde(default, alias = "unavailableStatus")]
+    pub unavailable_status: Option<u16>,
+    /// Names of the `listeners` this rule is attached to; absent, null or empty: all.
+    #[serde(default, deserialize_with = "null_as_empty")]
+    pub listeners: Vec<String>,
 }
 
 impl PushedConfig {
@@ -113,18 +104,10 @@ impl PushedConfig {
                     .unwrap_or_else(|| "(any host)".to_owned()),
                 key: format!("rules[{i}]"),
                 hostnames: r.hostnames.clone(),
-                backends: r
-                    .backends
-                    .iter()
-                    .map(|b| BackendSpec {
-                        url: b.url.clone(),
-                        weight: b.weight,
-                        upstream_auth: b.upstream_auth,
-                        auth_header: b.auth_header,
-                        protocol: b.protocol,
-                        filters: b.filters.clone(),
-                    })
-                    .collect(),
+                backends: r.backends.clone(),
+                unavailable_status: r.unavailable_status,
+                host_header: HostHeader::Client,
+                listeners: r.listeners.clone(),
                 shorthand: false,
                 upstream_key: None,
                 matches: r.matches.clone(),
@@ -134,17 +117,34 @@ impl PushedConfig {
             })
             .collect();
         // Rules without backends are allowed, as in Gateway API: their requests get 500.
-        let mut table = RouteTable::compile(sources, &config.routes, metrics, false, Vec::new())?;
+        let mut table = RouteTable::compile(sources, &self.listeners, config, metrics, false, Vec::new())?;
         table.version = Some(self.version);
+        table.grpc = self.has_grpc_route;
         Ok(table)
     }
 
+    /// Parses a push. A problem names where it is (`rules[3].backends[0].tls.caBundle`) as
+    /// well as serde's line and column.
     pub fn parse(body: &[u8]) -> Result<PushedConfig, Problem> {
-        serde_json::from_slice(body).map_err(|e| Problem {
-            key: "(body)".into(),
-            reason: e.to_string(),
+        let de = &mut serde_json::Deserializer::from_slice(body);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            Problem {
+                key: if matches!(path.as_str(), "." | "?" | "") {
+                    "(body)".into()
+                } else {
+                    path
+                },
+                reason: e.into_inner().to_string(),
+            }
         })
     }
+}
+
+/// Whether cloudflared is told to use HTTP/2 towards the edge (`--protocol http2`).
+fn tunnel_is_http2(config: &Config) -> bool {
+    let args = &config.cloudflared.extra_args;
+    args.windows(2).any(|w| w[0] == "--protocol" && w[1] == "http2") || args.iter().any(|a| a == "--protocol=http2")
 }
 
 fn state_path(config: &Config) -> Option<PathBuf> {
@@ -388,6 +388,11 @@ impl ConfigApi {
         };
         match outcome {
             Some(PushOutcome::Applied { rules }) => {
+                if pushed.has_grpc_route && !tunnel_is_http2(&self.config) {
+                    // The controller sets hasGrpcRoute because cloudflared drops HTTP trailers
+                    // over QUIC, and gRPC carries its status in them.
+                    tracing::warn!("the table has gRPC routes but cloudflared is not run with --protocol http2 (cloudflared.extra_args); gRPC status trailers may be lost over QUIC");
+                }
                 reply(StatusCode::OK, json!({ "version": pushed.version, "rules": rules }))
             }
             Some(PushOutcome::Stale { current }) => reply(
@@ -404,5 +409,182 @@ impl ConfigApi {
                 json!({ "error": "shutting_down", "message": "the agent is stopping" }),
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        crate::routing::parse_config(std::path::Path::new("t.toml"), "").expect("empty config is valid")
+    }
+
+    fn compile(body: &str) -> Result<RouteTable, Vec<Problem>> {
+        let pushed = PushedConfig::parse(body.as_bytes()).map_err(|p| vec![p])?;
+        pushed.compile(&config(), &Metrics::default()).map_err(|e| e.problems)
+    }
+
+    /// What the controller's Go `encoding/json` writes for a table using every field it knows
+    /// (internal/proxy/config.go): nil slices as `null`, `[]byte` as base64, Go durations.
+    const CONTROLLER_PUSH: &str = r#"{"version": 7, "hasGrpcRoute": true, "rules": [
+      {"hostnames": ["old.example.com"], "backends": null, "filters": [
+         {"type": "RequestRedirect", "requestRedirect": {"scheme": "https", "statusCode": 301,
+          "path": {"type": "ReplaceFullPath", "value": "/new"}}}]},
+      {"hostnames": ["app.example.com"], "matches": [
+         {"path": {"type": "PathPrefix", "value": "/api"}, "headers": null, "queryParams": null}],
+       "filters": [
+         {"type": "RequestHeaderModifier", "requestHeaderModifier": {"set": null, "add": [{"name": "x-a", "value": "1"}], "remove": null}},
+         {"type": "CORS", "cors": {"allowOrigins": ["https://*.example.com"], "allowCredentials": true,
+          "allowMethods": ["GET"], "allowHeaders": null, "exposeHeaders": ["x-b"], "maxAge": 60}},
+         {"type": "RequestMirror", "requestMirror": {"backendUrl": "http://mirror:8080", "percent": 25, "protocol": ""}}],
+       "backends": [
+         {"url": "http://api:8080", "weight": 3, "protocol": "h2c", "websocket": true, "filters": null},
+         {"url": "http://gone:8080", "weight": 1, "unavailableStatus": 503},
+         {"url": "https://secure:8443", "weight": 1, "tls": {"caBundle": "-----BEGIN CERTIFICATE-----\n",
+          "serverName": "secure.internal", "subjectAltNames": ["secure.internal"], "subjectAltNameUris": null}},
+         {"url": "http://redirecting:8080", "weight": 1, "filters": [
+           {"type": "RequestRedirect", "requestRedirect": {"hostname": "elsewhere.example.com"}}]}],
+       "timeouts": {"request": "10s", "backend": "1.5s"}},
+      {"hostnames": ["broken.example.com"], "backends": [], "unavailableStatus": 500}
+    ]}"#;
+
+    #[test]
+    fn the_controllers_push_parses_with_every_field_it_sends() {
+        let pushed = PushedConfig::parse(CONTROLLER_PUSH.as_bytes()).expect("parses");
+        assert!(pushed.has_grpc_route);
+        assert_eq!(pushed.rules.len(), 3);
+        assert!(pushed.rules[0].backends.is_empty(), "null backends are an empty list");
+        assert_eq!(pushed.rules[1].backends[1].unavailable_status, Some(503));
+        assert!(pushed.rules[1].backends[0].websocket);
+        assert_eq!(
+            pushed.rules[1].backends[0].protocol,
+            Some(crate::config::UpstreamProtocol::H2c)
+        );
+        let tls = pushed.rules[1].backends[2].tls.as_ref().expect("tls kept");
+        assert_eq!(tls.server_name.as_deref(), Some("secure.internal"));
+        assert_eq!(pushed.rules[2].unavailable_status, Some(500));
+    }
+
+    #[test]
+    fn rules_without_anything_and_null_rules_are_accepted() {
+        let t = compile(r#"{"version": 1, "rules": null}"#).expect("null rules");
+        assert!(t.is_empty());
+        let t = compile(
+            r#"{"version": 1, "rules": [{"hostnames": null, "matches": null, "filters": null, "backends": null}]}"#,
+        )
+        .expect("all null");
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn unknown_fields_fail_closed_naming_the_rule_and_field() {
+        let err = compile(
+            r#"{"version": 1, "rules": [{"backends": []}, {"backends": [{"url": "http://a", "retries": 3}]}]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(err[0].key, "rules[1].backends[0].retries", "{err:?}");
+        assert!(err[0].reason.contains("unknown field `retries`"), "{err:?}");
+        let err = compile(r#"{"version": 1, "rules": [{"filters": [{"type": "CORS", "cors": {"allowOrigin": []}}]}]}"#)
+            .unwrap_err();
+        assert_eq!(err[0].key, "rules[0].filters[0].cors.allowOrigin", "{err:?}");
+        let err =
+            compile(r#"{"version": 1, "rules": [{"backends": [{"url": "http://a", "protocol": "h3"}]}]}"#).unwrap_err();
+        assert_eq!(err[0].key, "rules[0].backends[0].protocol", "{err:?}");
+        let err =
+            compile(r#"{"version": 1, "rules": [{"backends": [{"url": "http://a", "unavailableStatus": 200}]}]}"#)
+                .unwrap_err();
+        assert_eq!(err[0].key, "rules[0].backends[0].unavailableStatus", "{err:?}");
+        let err = compile(r#"{"version": 1, "rules": [{"unavailableStatus": 302}]}"#).unwrap_err();
+        assert_eq!(err[0].key, "rules[0].unavailableStatus", "{err:?}");
+    }
+}
+
+#[cfg(test)]
+mod listener_tests {
+    use super::tests_support::*;
+
+    /// Gateway API listener isolation: the most specific listener matching the host owns the
+    /// request, and only its rules serve it.
+    #[test]
+    fn the_most_specific_listener_owns_the_request() {
+        let t = compile(
+            r#"{"version": 1,
+             "listeners": [{"name": "empty"}, {"name": "wild", "hostname": "*.example.com"},
+                           {"name": "foo", "hostname": "foo.example.com"}],
+             "rules": [
+               {"name": "any", "listeners": ["empty"], "backends": [{"url": "http://any"}]},
+               {"name": "wild", "listeners": ["wild"], "hostnames": ["*.example.com"], "matches": [{"path": {"type": "PathPrefix", "value": "/wild"}}],
+                "backends": [{"url": "http://wild"}]},
+               {"name": "foo", "listeners": ["foo"], "backends": [{"url": "http://foo"}]},
+               {"name": "everywhere", "hostnames": ["shared.example.com"], "matches": [{"path": {"type": "Exact", "value": "/shared"}}],
+                "backends": [{"url": "http://shared"}]}
+             ]}"#,
+        )
+        .expect("compiles");
+        let at = |host: &str, path: &str| route(&t, host, path);
+        assert_eq!(at("foo.example.com", "/"), "foo");
+        assert_eq!(at("bar.example.com", "/wild/x"), "wild");
+        assert_eq!(at("bar.example.com", "/"), "404", "the *.example.com listener owns bar");
+        assert_eq!(at("example.org", "/"), "any");
+        assert_eq!(
+            at("shared.example.com", "/shared"),
+            "everywhere",
+            "a rule without listeners is on all"
+        );
+        let err = compile(r#"{"version": 1, "listeners": [{"name": "a"}, {"name": "a", "hostname": "x:1"}], "rules": [{"listeners": ["b"]}]}"#)
+            .unwrap_err();
+        let keys: Vec<&str> = err.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["listeners[1].hostname", "listeners[1].name", "rules[0].listeners[0]"],
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn toml_listeners_scope_routes_too() {
+        let config = crate::routing::parse_config(
+            std::path::Path::new("t.toml"),
+            r#"
+            [[listener]]
+            name = "wild"
+            hostname = "*.example.com"
+            [[listener]]
+            name = "empty"
+            [[route]]
+            name = "fallback"
+            listeners = ["empty"]
+            upstream = "http://fallback"
+            "#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let t = RouteTable::build(&config, &config.routes.hosts).expect("builds");
+        assert_eq!(route(&t, "bar.example.com", "/"), "404");
+        assert_eq!(route(&t, "example.org", "/"), "fallback");
+    }
+}
+
+#[cfg(test)]
+mod tests_support {
+    pub use super::*;
+
+    pub fn compile(body: &str) -> Result<RouteTable, Vec<Problem>> {
+        let config = crate::routing::parse_config(std::path::Path::new("t.toml"), "").expect("empty config is valid");
+        let pushed = PushedConfig::parse(body.as_bytes()).map_err(|p| vec![p])?;
+        pushed.compile(&config, &Metrics::default()).map_err(|e| e.problems)
+    }
+
+    /// The name of the rule a `GET path` to `host` lands on, or "404".
+    pub fn route(t: &RouteTable, host: &str, path: &str) -> String {
+        let headers = http::HeaderMap::new();
+        let head = crate::routing::RequestHead {
+            method: &http::Method::GET,
+            path,
+            query: None,
+            headers: &headers,
+        };
+        t.route(host, &head)
+            .map_or("404".to_owned(), |r| r.rule.route.to_string())
     }
 }

@@ -3,6 +3,7 @@
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
 
+use super::cors::Cors;
 use crate::config::route_spec::{
     FilterKind, FilterSpec, HeaderModifierSpec, HeaderSpec, MirrorSpec, PathModifierKind, PathModifierSpec,
 };
@@ -25,13 +26,6 @@ const UNMODIFIABLE: [&str; 11] = [
     "content-length",
 ];
 
-/// Where a filter list sits: on a rule, or on one backend of a rule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FilterLevel {
-    Rule,
-    Backend,
-}
-
 #[derive(Debug, Default)]
 pub struct Filters {
     pub request_headers: Option<HeaderModifier>,
@@ -39,6 +33,7 @@ pub struct Filters {
     pub redirect: Option<Redirect>,
     pub rewrite: Option<UrlRewrite>,
     pub mirrors: Vec<Mirror>,
+    pub cors: Option<Cors>,
 }
 
 impl Filters {
@@ -48,6 +43,7 @@ impl Filters {
             && self.redirect.is_none()
             && self.rewrite.is_none()
             && self.mirrors.is_empty()
+            && self.cors.is_none()
     }
 
     /// Whether any filter rewrites or redirects with `ReplacePrefixMatch`, which is only defined
@@ -59,13 +55,7 @@ impl Filters {
     }
 
     /// Compiles `specs` (found under `key`), collecting every problem.
-    pub fn compile(
-        specs: &[FilterSpec],
-        key: &str,
-        level: FilterLevel,
-        defaults: &RoutesSection,
-        problems: &mut Vec<Problem>,
-    ) -> Filters {
+    pub fn compile(specs: &[FilterSpec], key: &str, defaults: &RoutesSection, problems: &mut Vec<Problem>) -> Filters {
         let mut out = Filters::default();
         let mut seen: Vec<FilterKind> = Vec::new();
         for (i, f) in specs.iter().enumerate() {
@@ -77,6 +67,7 @@ impl Filters {
                 (FilterKind::RequestRedirect, f.request_redirect.is_some()),
                 (FilterKind::UrlRewrite, f.url_rewrite.is_some()),
                 (FilterKind::RequestMirror, f.request_mirror.is_some()),
+                (FilterKind::Cors, f.cors.is_some()),
             ];
             for (kind, present) in given {
                 if kind != f.kind && present {
@@ -103,15 +94,21 @@ impl Filters {
                     Some(spec) => out.response_headers = HeaderModifier::compile(spec, &k, problems),
                     None => bad(missing()),
                 },
-                FilterKind::RequestRedirect => match (&f.request_redirect, level) {
-                    (_, FilterLevel::Backend) => {
-                        bad("a redirect answers before any backend is chosen; put it on the rule".into())
-                    }
-                    (Some(spec), FilterLevel::Rule) => match Redirect::compile(spec) {
+                // On a backend (valid Gateway API) it answers for the share of requests that
+                // picked that backend, after the rule's filters.
+                FilterKind::RequestRedirect => match &f.request_redirect {
+                    Some(spec) => match Redirect::compile(spec) {
                         Ok(r) => out.redirect = Some(r),
                         Err(reason) => bad(reason),
                     },
-                    (None, _) => bad(missing()),
+                    None => bad(missing()),
+                },
+                FilterKind::Cors => match &f.cors {
+                    Some(spec) => match Cors::compile(spec) {
+                        Ok(c) => out.cors = Some(c),
+                        Err(reason) => bad(reason),
+                    },
+                    None => bad(missing()),
                 },
                 FilterKind::UrlRewrite => match &f.url_rewrite {
                     Some(spec) => {
@@ -429,6 +426,10 @@ pub struct Mirror {
 
 impl Mirror {
     fn compile(spec: &MirrorSpec, defaults: &RoutesSection) -> Result<Mirror, String> {
+        if spec.tls.is_some() {
+            // Fail closed until upstream TLS settings are implemented (see routes.rs).
+            return Err("per-backend TLS settings (tls) are not supported yet".into());
+        }
         let upstream = Upstream::parse(&spec.backend_url)?;
         let protocol = spec.protocol.unwrap_or(defaults.protocol);
         if protocol == UpstreamProtocol::H2c && upstream.scheme == http::uri::Scheme::HTTPS {

@@ -10,13 +10,14 @@
 //! applied by `crate::node`.
 
 pub mod config_api;
+pub mod cors;
 pub mod filters;
 pub mod matching;
 pub mod mirror;
 pub mod source;
 pub mod table;
 
-pub use filters::{FilterLevel, Filters, PathModifier};
+pub use filters::{Filters, PathModifier};
 pub use matching::{MatchList, RequestHead, RouteMatch};
 pub mod validate;
 

@@ -13,13 +13,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::uri::{Authority, PathAndQuery, Scheme};
+use http::StatusCode;
 
 use crate::config::route_spec::FilterKind;
 use crate::config::{
-    AuthHeaderKind, BackendSpec, Config, Problem, RouteSourceKind, RoutesSection, UpstreamAuthKind, UpstreamProtocol,
+    AuthHeaderKind, BackendSpec, Config, HostHeader, ListenerSpec, Problem, RouteSourceKind, UpstreamAuthKind,
+    UpstreamProtocol,
 };
 use crate::config::{FilterSpec, MatchSpec, TimeoutsSpec};
-use crate::routing::{FilterLevel, Filters, MatchList, RequestHead, RouteMatch};
+use crate::proxy::tls::UpstreamTls;
+use crate::routing::{Filters, MatchList, RequestHead, RouteMatch};
 use crate::telemetry::{Metrics, RouteStats};
 
 /// Where a request goes once it matched: the upstream and how to authenticate to it.
@@ -32,6 +35,16 @@ pub struct Backend {
     pub protocol: UpstreamProtocol,
     /// Filters that apply only when this backend is chosen.
     pub filters: Filters,
+    /// Answer this instead of forwarding when this backend is picked (the controller's
+    /// `unavailableStatus`: the backend keeps its share of traffic, which fails closed).
+    pub unavailable: Option<StatusCode>,
+    /// Upgrade handshakes to this backend are exempt from the rule's timeouts (the
+    /// controller's `websocket`, from `appProtocol: kubernetes.io/ws`).
+    pub websocket: bool,
+    /// Which `Host` the upstream sees; a URLRewrite `hostname` overrides either.
+    pub host_header: HostHeader,
+    /// Own TLS settings (CA, SNI, SANs, client certificate); `None`: the proxy's.
+    pub tls: Option<Arc<UpstreamTls>>,
 }
 
 /// A parsed upstream URL.
@@ -114,6 +127,9 @@ impl Upstream {
 pub struct Rule {
     /// The route's name, for logs and metrics.
     pub route: Arc<str>,
+    /// Every matching request is answered with this status (the controller's rule-level
+    /// `unavailableStatus`: a rule it cannot serve as written fails closed).
+    pub unavailable: Option<StatusCode>,
     pub backends: Vec<Backend>,
     total_weight: u64,
     pub filters: Filters,
@@ -152,23 +168,104 @@ pub struct RouteSummary {
     pub name: String,
     pub hostnames: Vec<String>,
     pub upstreams: Vec<String>,
+    /// Per upstream, the `Host` it is sent: `client`, `upstream`, or the rewrite's hostname.
+    pub host_headers: Vec<String>,
+}
+
+/// Hostname → matches, for the rules of one scope (the whole table, or one listener).
+#[derive(Debug, Default)]
+struct HostIndex {
+    /// Lower-case exact hostname → its matches in precedence order.
+    exact: HashMap<Box<str>, MatchList>,
+    /// `*.suffix` hostnames as (".suffix", matches), longest suffix first.
+    wildcard: Vec<(Box<str>, MatchList)>,
+    /// While building: the wildcard lists by suffix.
+    wildcard_building: HashMap<Box<str>, MatchList>,
+    /// Matches of rules without hostnames: they apply to any host, after the hostname's own.
+    any_host: MatchList,
+}
+
+impl HostIndex {
+    fn push(&mut self, mi: usize, m: &RouteMatch, hostnames: &[String]) {
+        if hostnames.is_empty() {
+            self.any_host.push(mi, m);
+        }
+        for h in hostnames {
+            match h.strip_prefix('*') {
+                Some(suffix) => self.wildcard_building.entry(suffix.into()).or_default().push(mi, m),
+                None => self.exact.entry(h.as_str().into()).or_default().push(mi, m),
+            }
+        }
+    }
+
+    fn finish(&mut self, all: &[RouteMatch]) {
+        for list in self.exact.values_mut() {
+            list.finish(all);
+        }
+        self.any_host.finish(all);
+        let mut wildcard: Vec<(Box<str>, MatchList)> = self.wildcard_building.drain().collect();
+        for (_, list) in &mut wildcard {
+            list.finish(all);
+        }
+        // Gateway API: the longest matching hostname wins; ties cannot happen (one list per suffix).
+        wildcard.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
+        self.wildcard = wildcard;
+    }
+
+    fn find<'t>(&self, all: &'t [RouteMatch], host: &str, req: &RequestHead<'_>) -> Option<&'t RouteMatch> {
+        self.exact
+            .get(host)
+            .and_then(|list| list.find(all, req))
+            .or_else(|| {
+                self.wildcard
+                    .iter()
+                    // A wildcard matches one or more labels, never the apex itself.
+                    .filter(|(suffix, _)| host.len() > suffix.len() && host.ends_with(&**suffix))
+                    .find_map(|(_, list)| list.find(all, req))
+            })
+            .or_else(|| self.any_host.find(all, req))
+    }
+}
+
+/// A Gateway listener as a scope of rules (docs/routing.md, "Listener scopes").
+#[derive(Debug)]
+struct Listener {
+    name: Box<str>,
+    /// Lower-case exact name, `*.suffix`, or `None` for a listener without a hostname.
+    hostname: Option<Box<str>>,
+    index: HostIndex,
+}
+
+impl Listener {
+    /// How specifically this listener matches `host`: exact above any wildcard, a longer
+    /// wildcard above a shorter one, a hostname-less listener last. `None`: no match.
+    fn specificity(&self, host: &str) -> Option<(u8, usize)> {
+        match self.hostname.as_deref() {
+            None => Some((0, 0)),
+            Some(h) => match h.strip_prefix('*') {
+                Some(suffix) => (host.len() > suffix.len() && host.ends_with(suffix)).then_some((1, suffix.len())),
+                None => (h == host).then_some((2, h.len())),
+            },
+        }
+    }
 }
 
 /// The compiled, immutable table.
 #[derive(Debug, Default)]
 pub struct RouteTable {
     rules: Vec<Rule>,
-    /// Every compiled match of every rule; the lists below index into it.
+    /// Every compiled match of every rule; the indexes below point into it.
     matches: Vec<RouteMatch>,
-    /// Lower-case exact hostname → its matches in precedence order.
-    exact: HashMap<Box<str>, MatchList>,
-    /// `*.suffix` hostnames as (".suffix", matches), longest suffix first.
-    wildcard: Vec<(Box<str>, MatchList)>,
-    /// Matches of rules without hostnames: they apply to any host, after the hostname's own.
-    any_host: MatchList,
+    /// Every rule, for tables without listeners.
+    index: HostIndex,
+    /// With listeners, a request is served only by the rules of the most specific listener
+    /// that matches its host (Gateway API listener isolation); none matches: 404.
+    listeners: Vec<Listener>,
     pub summary: Vec<RouteSummary>,
     /// The config API's version of this table; `None` for tables from the file.
     pub version: Option<u64>,
+    /// The push carries GRPCRoute rules (the controller's `hasGrpcRoute`).
+    pub grpc: bool,
 }
 
 /// What a request matched.
@@ -202,6 +299,21 @@ pub(crate) struct RuleSource {
     pub timeouts: TimeoutsSpec,
     /// Backend timeout when `timeouts.backend_request` is not given.
     pub default_backend_timeout: Duration,
+    /// The controller's rule-level `unavailableStatus`.
+    pub unavailable_status: Option<u16>,
+    /// `Host` towards backends that do not choose their own.
+    pub host_header: HostHeader,
+    /// Names of the listeners this rule is attached to; empty: all of them.
+    pub listeners: Vec<String>,
+}
+
+/// A fail-closed status (`unavailableStatus`) must be an error status: anything else would
+/// answer a request the controller could not route as if it had been served.
+fn fail_closed_status(code: u16) -> Result<StatusCode, String> {
+    match StatusCode::from_u16(code) {
+        Ok(s) if s.is_client_error() || s.is_server_error() => Ok(s),
+        _ => Err(format!("{code} is not an error status (400–599)")),
+    }
 }
 
 /// `0s` disables a timeout (GEP-1742).
@@ -271,20 +383,17 @@ impl RouteTable {
                 name: host.to_ascii_lowercase(),
                 key: format!("{map_key}.{host:?}"),
                 hostnames: vec![host.clone()],
-                backends: vec![BackendSpec {
-                    url: url.clone(),
-                    weight: 1,
-                    upstream_auth: None,
-                    auth_header: None,
-                    protocol: None,
-                    filters: Vec::new(),
-                }],
+                backends: vec![BackendSpec::new(url)],
                 shorthand: true,
                 upstream_key: None,
                 matches: Vec::new(),
                 filters: Vec::new(),
                 timeouts: TimeoutsSpec::default(),
                 default_backend_timeout: config.proxy.upstream_timeout,
+                unavailable_status: None,
+                // The seed's host maps point at Cloud Run, which routes on its own hostname.
+                host_header: HostHeader::Upstream,
+                listeners: Vec::new(),
             });
         }
         for (i, r) in config.route.iter().enumerate() {
@@ -293,12 +402,10 @@ impl RouteTable {
             let redirects = r.filters.iter().any(|f| f.kind == FilterKind::RequestRedirect);
             match (&r.upstream, backends.is_empty()) {
                 (Some(url), true) => backends.push(BackendSpec {
-                    url: url.clone(),
-                    weight: 1,
                     upstream_auth: r.upstream_auth,
                     auth_header: r.auth_header,
                     protocol: r.protocol,
-                    filters: Vec::new(),
+                    ..BackendSpec::new(url)
                 }),
                 (Some(_), false) => problems.push(Problem {
                     key: format!("{key}.upstream"),
@@ -333,9 +440,12 @@ impl RouteTable {
                 filters: r.filters.clone(),
                 timeouts: r.timeouts.clone().unwrap_or_default(),
                 default_backend_timeout: r.timeout.unwrap_or(config.proxy.upstream_timeout),
+                unavailable_status: None,
+                host_header: r.host_header.unwrap_or(HostHeader::Client),
+                listeners: r.listeners.clone(),
             });
         }
-        Self::compile(sources, &config.routes, metrics, true, problems)
+        Self::compile(sources, &config.listener, config, metrics, true, problems)
     }
 
     /// Compiles rules into a table. With `strict_duplicates`, a hostname claimed by two rules
@@ -343,15 +453,53 @@ impl RouteTable {
     /// config API accepts that, as Gateway API does (the earlier rule wins).
     pub(crate) fn compile(
         sources: Vec<RuleSource>,
-        defaults: &RoutesSection,
+        listeners: &[ListenerSpec],
+        config: &Config,
         metrics: &Metrics,
         strict_duplicates: bool,
         mut problems: Vec<Problem>,
     ) -> Result<RouteTable, RoutesError> {
+        let defaults = &config.routes;
         let mut table = RouteTable::default();
+        let default_ca = match &config.proxy.ca_file {
+            None => None,
+            Some(path) => match std::fs::read(path) {
+                Ok(pem) => Some(pem),
+                Err(e) => {
+                    problems.push(Problem {
+                        key: "proxy.ca_file".into(),
+                        reason: format!("cannot read {}: {e}", path.display()),
+                    });
+                    None
+                }
+            },
+        };
         // Which rule claimed each hostname with a catch-all first, to report duplicates.
         let mut claimed: HashMap<String, String> = HashMap::new();
-        let mut wildcard: HashMap<Box<str>, MatchList> = HashMap::new();
+        for (i, l) in listeners.iter().enumerate() {
+            let key = format!("listeners[{i}]");
+            let hostname = match l.hostname.as_deref().map(normalise_hostname).transpose() {
+                Ok(h) => h.map(String::into_boxed_str),
+                Err(reason) => {
+                    problems.push(Problem {
+                        key: format!("{key}.hostname"),
+                        reason,
+                    });
+                    None
+                }
+            };
+            if l.name.is_empty() || table.listeners.iter().any(|seen| *seen.name == *l.name) {
+                problems.push(Problem {
+                    key: format!("{key}.name"),
+                    reason: format!("listener name {:?} is empty or given twice", l.name),
+                });
+            }
+            table.listeners.push(Listener {
+                name: l.name.as_str().into(),
+                hostname,
+                index: HostIndex::default(),
+            });
+        }
 
         for p in sources {
             let idx = table.rules.len();
@@ -365,13 +513,40 @@ impl RouteTable {
                 let filters = Filters::compile(
                     &b.filters,
                     &format!("{}.backends[{bi}].filters", p.key),
-                    FilterLevel::Backend,
                     defaults,
                     &mut problems,
                 );
+                let unavailable = match b.unavailable_status.map(fail_closed_status).transpose() {
+                    Ok(u) => u,
+                    Err(reason) => {
+                        problems.push(Problem {
+                            key: format!("{}.backends[{bi}].unavailableStatus", p.key),
+                            reason,
+                        });
+                        None
+                    }
+                };
+                let tls = match b.tls.as_ref().map(|t| UpstreamTls::compile(t, default_ca.as_deref())) {
+                    None => None,
+                    Some(Ok(t)) => Some(Arc::new(t)),
+                    Some(Err((field, reason))) => {
+                        problems.push(Problem {
+                            key: format!("{}.backends[{bi}].tls.{field}", p.key),
+                            reason,
+                        });
+                        None
+                    }
+                };
                 match Upstream::parse(&b.url) {
                     Ok(upstream) => {
                         let protocol = b.protocol.unwrap_or(defaults.protocol);
+                        if tls.is_some() && upstream.scheme != Scheme::HTTPS {
+                            problems.push(Problem {
+                                key: format!("{}.backends[{bi}].tls", p.key),
+                                reason: "TLS settings need an https:// upstream".into(),
+                            });
+                            continue;
+                        }
                         if protocol == UpstreamProtocol::H2c && upstream.scheme == Scheme::HTTPS {
                             problems.push(Problem {
                                 key: bkey,
@@ -387,6 +562,10 @@ impl RouteTable {
                             auth_header: b.auth_header.unwrap_or(defaults.auth_header),
                             protocol,
                             filters,
+                            unavailable,
+                            websocket: b.websocket,
+                            host_header: b.host_header.unwrap_or(p.host_header),
+                            tls,
                         })
                     }
                     Err(reason) => problems.push(Problem { key: bkey, reason }),
@@ -405,13 +584,7 @@ impl RouteTable {
             }
             let catch_all = matches.iter().all(RouteMatch::is_catch_all);
 
-            let filters = Filters::compile(
-                &p.filters,
-                &format!("{}.filters", p.key),
-                FilterLevel::Rule,
-                defaults,
-                &mut problems,
-            );
+            let filters = Filters::compile(&p.filters, &format!("{}.filters", p.key), defaults, &mut problems);
             let prefix_replaced = filters.replaces_prefix() || backends.iter().any(|b| b.filters.replaces_prefix());
             if prefix_replaced && matches.iter().any(|m| m.prefix().is_none()) {
                 problems.push(Problem {
@@ -455,30 +628,61 @@ impl RouteTable {
                 }
             }
 
+            // A rule without listeners is attached to every listener, as an HTTPRoute whose
+            // parentRef names no sectionName.
+            let mut scopes: Vec<usize> = Vec::new();
+            for (li, name) in p.listeners.iter().enumerate() {
+                match table.listeners.iter().position(|l| *l.name == **name) {
+                    Some(i) => scopes.push(i),
+                    None => problems.push(Problem {
+                        key: format!("{}.listeners[{li}]", p.key),
+                        reason: format!("no listener named {name:?} in this table"),
+                    }),
+                }
+            }
+            if scopes.is_empty() {
+                scopes = (0..table.listeners.len()).collect();
+            }
             for m in matches {
                 let mi = table.matches.len();
-                if hostnames.is_empty() {
-                    table.any_host.push(mi, &m);
-                }
-                for h in &hostnames {
-                    match h.strip_prefix('*') {
-                        Some(suffix) => wildcard.entry(suffix.into()).or_default().push(mi, &m),
-                        None => table.exact.entry(h.as_str().into()).or_default().push(mi, &m),
-                    }
+                table.index.push(mi, &m, &hostnames);
+                for &li in &scopes {
+                    table.listeners[li].index.push(mi, &m, &hostnames);
                 }
                 table.matches.push(m);
             }
 
+            let unavailable = match p.unavailable_status.map(fail_closed_status).transpose() {
+                Ok(u) => u,
+                Err(reason) => {
+                    problems.push(Problem {
+                        key: format!("{}.unavailableStatus", p.key),
+                        reason,
+                    });
+                    None
+                }
+            };
             let total_weight = backends.iter().map(|b| u64::from(b.weight)).sum();
             let route: Arc<str> = Arc::from(p.name.as_str());
             table.summary.push(RouteSummary {
                 name: p.name,
                 hostnames,
                 upstreams: backends.iter().map(|b| b.upstream.url.clone()).collect(),
+                host_headers: backends
+                    .iter()
+                    .map(|b| {
+                        let rewrite = b.filters.rewrite.as_ref().or(filters.rewrite.as_ref());
+                        match rewrite.and_then(|r| r.hostname.as_ref()).and_then(|h| h.to_str().ok()) {
+                            Some(h) => format!("rewrite:{h}"),
+                            None => b.host_header.as_str().to_owned(),
+                        }
+                    })
+                    .collect(),
             });
             table.rules.push(Rule {
                 stats: metrics.route(&route),
                 route,
+                unavailable,
                 backends,
                 total_weight,
                 filters,
@@ -491,17 +695,10 @@ impl RouteTable {
             return Err(RoutesError { problems });
         }
         let all = &table.matches;
-        for list in table.exact.values_mut() {
-            list.finish(all);
+        table.index.finish(all);
+        for l in &mut table.listeners {
+            l.index.finish(all);
         }
-        table.any_host.finish(all);
-        let mut wildcard: Vec<(Box<str>, MatchList)> = wildcard.into_iter().collect();
-        for (_, list) in &mut wildcard {
-            list.finish(all);
-        }
-        // Gateway API: the longest matching hostname wins; ties cannot happen (one list per suffix).
-        wildcard.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
-        table.wildcard = wildcard;
         Ok(table)
     }
 
@@ -526,19 +723,17 @@ impl RouteTable {
             host
         };
         let host = host.strip_suffix('.').unwrap_or(host);
-        let all = &self.matches;
-        let found = self
-            .exact
-            .get(host)
-            .and_then(|list| list.find(all, req))
-            .or_else(|| {
-                self.wildcard
-                    .iter()
-                    // A wildcard matches one or more labels, never the apex itself.
-                    .filter(|(suffix, _)| host.len() > suffix.len() && host.ends_with(&**suffix))
-                    .find_map(|(_, list)| list.find(all, req))
-            })
-            .or_else(|| self.any_host.find(all, req))?;
+        let index = if self.listeners.is_empty() {
+            &self.index
+        } else {
+            let owner = self
+                .listeners
+                .iter()
+                .filter_map(|l| l.specificity(host).map(|s| (s, l)))
+                .max_by_key(|(s, _)| *s)?;
+            &owner.1.index
+        };
+        let found = index.find(&self.matches, host, req)?;
         Some(Routed {
             rule: &self.rules[found.rule],
             matched: found,

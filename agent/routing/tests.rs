@@ -429,7 +429,6 @@ fn redirect(spec: &str) -> super::filters::Redirect {
     let f = super::Filters::compile(
         &config.route[0].filters,
         "route[0].filters",
-        super::FilterLevel::Rule,
         &config.routes,
         &mut problems,
     );

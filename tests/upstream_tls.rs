@@ -1,0 +1,236 @@
+//! Upstream TLS against a real local TLS server with a throwaway CA made by the openssl CLI
+//! for each run: CA bundles (global and per backend), SNI, SAN lists, ALPN h2, and client
+//! certificates for mTLS.
+
+mod common;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use common::agent::toml_str;
+use common::client::get;
+use common::{AgentBuilder, ConfigText};
+use http_body_util::Full;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl CLI (Debian package openssl)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA, a server certificate for `secure.internal` and 127.0.0.1, and a client certificate.
+struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    fn new(dir: &Path) -> Pki {
+        let dir = dir.join("pki");
+        std::fs::create_dir_all(&dir).unwrap();
+        openssl(
+            &dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=test CA",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
+        );
+        for (name, ext) in [
+            ("server", "subjectAltName=DNS:secure.internal,IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE"),
+            ("client", "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE"),
+        ] {
+            std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
+            openssl(&dir, &["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                "-keyout", &format!("{name}.key"), "-out", &format!("{name}.csr"), "-subj", &format!("/CN={name}")]);
+            openssl(&dir, &["x509", "-req", "-in", &format!("{name}.csr"), "-CA", "ca.pem", "-CAkey", "ca.key",
+                "-CAcreateserial", "-days", "2", "-extfile", &format!("{name}.ext"), "-out", &format!("{name}.pem")]);
+        }
+        Pki { dir }
+    }
+
+    fn path(&self, f: &str) -> String {
+        self.dir.join(f).display().to_string()
+    }
+
+    fn read(&self, f: &str) -> Vec<u8> {
+        std::fs::read(self.dir.join(f)).unwrap()
+    }
+}
+
+/// A TLS upstream answering `sni=…;alpn=…;client_cert=…;host=…`.
+async fn tls_upstream(pki: &Pki, require_client_cert: bool) -> SocketAddr {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pki.read("server.pem"))
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(&pki.read("server.key")).unwrap();
+    let builder = rustls::ServerConfig::builder();
+    let builder = if require_client_cert {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(&pki.read("ca.pem")) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        builder.with_client_cert_verifier(
+            rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+                .build()
+                .unwrap(),
+        )
+    } else {
+        builder.with_no_client_auth()
+    };
+    let mut config = builder.with_single_cert(certs, key).unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let (_, conn) = tls.get_ref();
+                let described = format!(
+                    "sni={};alpn={};client_cert={}",
+                    conn.server_name().unwrap_or("-"),
+                    conn.alpn_protocol()
+                        .map_or("-".into(), |p| String::from_utf8_lossy(p).into_owned()),
+                    conn.peer_certificates().is_some_and(|c| !c.is_empty()),
+                );
+                let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let host = req
+                        .headers()
+                        .get("host")
+                        .and_then(|h| h.to_str().ok())
+                        .or(req.uri().authority().map(|a| a.as_str()))
+                        .unwrap_or("-")
+                        .to_owned();
+                    let body = format!("{described};host={host}");
+                    async move { Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(body)))) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_tls_settings_anchor_name_and_authenticate_the_upstream() {
+    let scratch = tempfile::tempdir().unwrap();
+    let pki = Pki::new(scratch.path());
+    let one_way = tls_upstream(&pki, false).await;
+    let mutual = tls_upstream(&pki, true).await;
+    let ca = toml_str(&pki.path("ca.pem"));
+    let cert = toml_str(&String::from_utf8(pki.read("client.pem")).unwrap());
+    let key = toml_str(&String::from_utf8(pki.read("client.key")).unwrap());
+    let config = ConfigText::new().raw(&format!(
+        r#"
+[[route]]
+hostnames = ["trusted.test"]
+backends = [{{ url = "https://{one_way}", tls = {{ ca_file = {ca}, server_name = "secure.internal" }} }}]
+
+[[route]]
+hostnames = ["default-trust.test"]
+upstream = "https://{one_way}"
+
+[[route]]
+hostnames = ["san-ok.test"]
+backends = [{{ url = "https://{one_way}", tls = {{ ca_file = {ca}, server_name = "wrong.internal", subject_alt_names = ["other.internal", "secure.internal"] }} }}]
+
+[[route]]
+hostnames = ["san-bad.test"]
+backends = [{{ url = "https://{one_way}", tls = {{ ca_file = {ca}, server_name = "secure.internal", subject_alt_names = ["other.internal"] }} }}]
+
+[[route]]
+hostnames = ["mtls.test"]
+backends = [{{ url = "https://{mutual}", tls = {{ ca_file = {ca}, server_name = "secure.internal", client_cert_pem = {cert}, client_key_pem = {key} }} }}]
+
+[[route]]
+hostnames = ["no-client-cert.test"]
+backends = [{{ url = "https://{mutual}", tls = {{ ca_file = {ca}, server_name = "secure.internal" }} }}]
+"#
+    ));
+    let agent = AgentBuilder::new().start(&config).await;
+    let addr = agent.proxy_addr();
+
+    let r = get(addr, "trusted.test", "/", &[]).await;
+    assert_eq!(r.status.as_u16(), 200, "{}", r.text());
+    assert_eq!(
+        r.text(),
+        "sni=secure.internal;alpn=h2;client_cert=false;host=trusted.test"
+    );
+    let r = get(addr, "default-trust.test", "/", &[]).await;
+    assert_eq!(
+        r.status.as_u16(),
+        502,
+        "a private CA is not in the default trust: {}",
+        r.text()
+    );
+    let r = get(addr, "san-ok.test", "/", &[]).await;
+    assert_eq!(
+        (r.status.as_u16(), r.text().starts_with("sni=wrong.internal;")),
+        (200, true),
+        "{}",
+        r.text()
+    );
+    assert_eq!(get(addr, "san-bad.test", "/", &[]).await.status.as_u16(), 502);
+    let r = get(addr, "mtls.test", "/", &[]).await;
+    assert_eq!(
+        (r.status.as_u16(), r.text().contains("client_cert=true")),
+        (200, true),
+        "{}",
+        r.text()
+    );
+    assert_eq!(get(addr, "no-client-cert.test", "/", &[]).await.status.as_u16(), 502);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_global_ca_bundle_anchors_every_https_upstream() {
+    let scratch = tempfile::tempdir().unwrap();
+    let pki = Pki::new(scratch.path());
+    let up = tls_upstream(&pki, false).await;
+    let config = ConfigText::new()
+        .proxy(&format!("ca_file = {}", toml_str(&pki.path("ca.pem"))))
+        .host("map.test", &format!("https://{up}"));
+    let agent = AgentBuilder::new().start(&config).await;
+    let r = get(agent.proxy_addr(), "map.test", "/", &[]).await;
+    assert_eq!(r.status.as_u16(), 200, "{}", r.text());
+    // A host map keeps the upstream's own Host; the IP SAN is what was verified.
+    assert_eq!(r.text(), format!("sni=-;alpn=h2;client_cert=false;host={up}"));
+}
