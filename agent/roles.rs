@@ -11,13 +11,12 @@
 //!    changed since it was persisted: the operator's newer edit wins.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::config::Config;
-use crate::gcp::{MetadataClient, MetadataError};
+use crate::gcp::{MetadataClient, MetadataError, Watched};
 
 /// The role itself is part of the config schema (`role = "active"`).
 pub use crate::config::Role;
@@ -138,51 +137,23 @@ pub fn watch(
 ) -> Option<tokio::task::JoinHandle<()>> {
     let path = attribute_path(config)?;
     let me = host_name(config);
+    let mut watch = metadata.watch_attribute(path, etag, "role watch failed; keeping the current role");
     Some(tokio::spawn(async move {
-        let mut etag = etag;
-        let mut backoff = crate::backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
         loop {
-            let tag = etag.clone().unwrap_or_default();
-            let query: Vec<(&str, &str)> = if etag.is_some() {
-                vec![
-                    ("wait_for_change", "true"),
-                    ("timeout_sec", "300"),
-                    ("last_etag", tag.as_str()),
-                ]
-            } else {
-                Vec::new()
-            };
-            match metadata
-                .get_with_timeout(&path, &query, Some(Duration::from_secs(310)))
-                .await
-            {
-                Ok((value, new_etag)) => {
-                    backoff.reset();
-                    if new_etag.is_some() && new_etag == etag {
-                        continue;
-                    }
-                    etag = new_etag;
+            let role = match watch.next().await {
+                Watched::Changed(value) => {
                     let role = role_for(&value, &me);
-                    tracing::info!(attribute = %path, value = %value.trim(), host = %me, role = role.as_str(), "role attribute read");
-                    if tx.send(role).await.is_err() {
-                        return;
-                    }
+                    tracing::info!(attribute = %watch.path(), value = %value.trim(), host = %me, role = role.as_str(), "role attribute read");
+                    role
                 }
-                Err(MetadataError::Status { status: 404, .. }) => {
-                    // No attribute: nobody is named active.
-                    if etag.take().is_some() || backoff.attempts() == 0 {
-                        tracing::warn!(attribute = %path, "role attribute missing; this host is standby");
-                        if tx.send(Role::Standby).await.is_err() {
-                            return;
-                        }
-                    }
-                    tokio::time::sleep(backoff.next_delay()).await;
+                // No attribute: nobody is named active.
+                Watched::Missing { .. } => {
+                    tracing::warn!(attribute = %watch.path(), "role attribute missing; this host is standby");
+                    Role::Standby
                 }
-                Err(e) => {
-                    let delay = backoff.next_delay();
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "role watch failed; keeping the current role");
-                    tokio::time::sleep(delay).await;
-                }
+            };
+            if tx.send(role).await.is_err() {
+                return;
             }
         }
     }))

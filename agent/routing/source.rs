@@ -7,25 +7,20 @@
 //!   a metadata outage still serves.
 //!
 //! The metadata attribute is watched with the metadata server's long poll
-//! (`?wait_for_change=true&last_etag=E&timeout_sec=N`): it answers as soon as the value changes,
-//! or with the same value and ETag when the timeout passes.
+//! ([`crate::gcp::AttributeWatch`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use tokio::sync::mpsc;
 
 use crate::config::{Config, RouteSourceKind};
-use crate::gcp::{MetadataClient, MetadataError};
+use crate::gcp::{MetadataClient, Watched};
 use crate::routing::config_api;
 use crate::routing::table::{parse_host_map, read_host_map, RouteTable};
 use crate::telemetry::Metrics;
 
 pub type HostMap = BTreeMap<String, String>;
-
-/// How long one long poll asks the metadata server to wait.
-const WATCH_TIMEOUT_SEC: u64 = 300;
 
 /// A human name for the configured source.
 pub fn describe(config: &Config) -> String {
@@ -182,63 +177,28 @@ pub type Update = Result<HostMap, String>;
 pub fn watch(
     config: &Config,
     metadata: MetadataClient,
-    mut etag: Option<String>,
+    etag: Option<String>,
     tx: mpsc::Sender<Update>,
 ) -> Option<tokio::task::JoinHandle<()>> {
     if config.routes.source != RouteSourceKind::GcpMetadata {
         return None;
     }
-    let path = attribute_path(config);
+    let mut watch = metadata.watch_attribute(attribute_path(config), etag, "routes watch failed");
     Some(tokio::spawn(async move {
-        let mut backoff = crate::backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
-        let timeout = WATCH_TIMEOUT_SEC.to_string();
         loop {
-            // Without an ETag (boot fell back to the last good table, or the attribute was
-            // missing), read the current value at once; with one, wait for a change.
-            let tag = etag.clone().unwrap_or_default();
-            let query: Vec<(&str, &str)> = if etag.is_some() {
-                vec![
-                    ("wait_for_change", "true"),
-                    ("timeout_sec", timeout.as_str()),
-                    ("last_etag", tag.as_str()),
-                ]
-            } else {
-                Vec::new()
+            let path = watch.path().to_owned();
+            let update = match watch.next().await {
+                Watched::Changed(body) => {
+                    parse_host_map(body.as_bytes()).map_err(|e| format!("metadata attribute {path}: {e}"))
+                }
+                // Deleted attribute: keep serving the current table, say so once per change.
+                Watched::Missing { was_present: true } => Err(format!(
+                    "metadata attribute {path} was deleted; keeping the current routes"
+                )),
+                Watched::Missing { was_present: false } => continue,
             };
-            let result = metadata
-                .get_with_timeout(&path, &query, Some(Duration::from_secs(WATCH_TIMEOUT_SEC + 10)))
-                .await;
-            match result {
-                Ok((body, new_etag)) => {
-                    backoff.reset();
-                    if new_etag.is_some() && new_etag == etag {
-                        continue; // timed out without a change
-                    }
-                    etag = new_etag;
-                    let update = parse_host_map(body.as_bytes()).map_err(|e| format!("metadata attribute {path}: {e}"));
-                    if tx.send(update).await.is_err() {
-                        return;
-                    }
-                }
-                Err(MetadataError::Status { status: 404, .. }) => {
-                    // Deleted attribute: keep serving the current table, say so once per change.
-                    if etag.take().is_some()
-                        && tx
-                            .send(Err(format!(
-                                "metadata attribute {path} was deleted; keeping the current routes"
-                            )))
-                            .await
-                            .is_err()
-                    {
-                        return;
-                    }
-                    tokio::time::sleep(backoff.next_delay()).await;
-                }
-                Err(e) => {
-                    let delay = backoff.next_delay();
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "routes watch failed");
-                    tokio::time::sleep(delay).await;
-                }
+            if tx.send(update).await.is_err() {
+                return;
             }
         }
     }))
