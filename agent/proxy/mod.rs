@@ -26,8 +26,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
 
 mod auth;
+mod error;
 
 pub use auth::{AcceptedToken, InboundAuth};
+pub use error::ProxyError;
 
 use crate::config::{AuthHeaderKind, HostHeader, ProxySection, UpstreamAuthKind, UpstreamProtocol};
 use crate::gcp::IdTokenCache;
@@ -36,7 +38,7 @@ use crate::routing::filters::{client_scheme, request_host, Mirror};
 use crate::routing::mirror::{MirrorTee, MIRROR_MAX_IN_FLIGHT};
 use crate::routing::table::{host_without_port, Backend, RouteTable, Routed, Rule};
 use crate::routing::{Filters, RequestHead};
-use crate::telemetry::{Metrics, UpstreamErrorKind};
+use crate::telemetry::Metrics;
 
 pub mod tls;
 
@@ -200,11 +202,8 @@ impl Proxy {
                 .is_some_and(|v| auth.accepts(v.as_bytes()));
             if !ok {
                 self.metrics.unrouted.observe(401, start.elapsed());
-                return error(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthorized",
-                    &format!("missing or wrong {}", auth.header),
-                );
+                let header = auth.header.clone();
+                return ProxyError::Unauthorized { header }.response();
             }
         }
         // HTTP/2 requests carry the host in `:authority`; HTTP/1.1 in `Host`.
@@ -220,11 +219,8 @@ impl Proxy {
             .unwrap_or("");
         let Some(routed) = live.routes.route(host, &RequestHead::of(&req)) else {
             self.metrics.unrouted.observe(404, start.elapsed());
-            return error(
-                StatusCode::NOT_FOUND,
-                "no_route",
-                &format!("no route for host {host:?} and path {:?}", req.uri().path()),
-            );
+            let (host, path) = (host.to_owned(), req.uri().path().to_owned());
+            return ProxyError::NoRoute { host, path }.response();
         };
         let rule = routed.rule;
         let origin = rule
@@ -232,7 +228,10 @@ impl Proxy {
             .cors
             .as_ref()
             .and(req.headers().get(header::ORIGIN).cloned());
-        let mut resp = self.forward(routed, &live, peer, req, start).await;
+        let mut resp = match self.forward(routed, &live, peer, req, start).await {
+            Ok(resp) => resp,
+            Err(e) => self.failed(rule, e),
+        };
         if let Some(cors) = &rule.filters.cors {
             cors.decorate(origin.as_ref(), resp.headers_mut());
         }
@@ -253,23 +252,17 @@ impl Proxy {
         peer: SocketAddr,
         req: Request<Incoming>,
         start: Instant,
-    ) -> Response<ProxyBody> {
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let rule = routed.rule;
         if let Some(status) = rule.unavailable {
-            return unavailable(rule, status);
+            return Err(ProxyError::Unavailable { status });
         }
         if let Some(answer) = answer_here(&rule.filters, routed, &req) {
             return answer;
         }
-        let Some(backend) = rule.pick_backend() else {
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "no_backend",
-                "this route has no backend with a weight above 0",
-            );
-        };
+        let backend = rule.pick_backend().ok_or(ProxyError::NoBackend)?;
         if let Some(status) = backend.unavailable {
-            return unavailable(rule, status);
+            return Err(ProxyError::Unavailable { status });
         }
         if let Some(answer) = answer_here(&backend.filters, routed, &req) {
             return answer;
@@ -283,15 +276,7 @@ impl Proxy {
             // Until the response head: a response that has started streaming is never cut off.
             Some(limit) => match tokio::time::timeout_at(start + limit, sent).await {
                 Ok(resp) => resp,
-                Err(_) => {
-                    rule.stats.upstream_error(UpstreamErrorKind::Timeout);
-                    tracing::warn!(route = %rule.route, timeout_s = limit.as_secs_f64(), "request timeout reached before a response; answering 504");
-                    error(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "request_timeout",
-                        "no response within the route's request timeout",
-                    )
-                }
+                Err(_) => Err(ProxyError::RequestTimeout { limit }),
             },
         }
     }
@@ -305,7 +290,7 @@ impl Proxy {
         peer: SocketAddr,
         mut req: Request<Incoming>,
         timeout_exempt: bool,
-    ) -> Response<ProxyBody> {
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let rule = routed.rule;
         let backend_timeout = rule.backend_timeout.filter(|_| !timeout_exempt);
         let origin = backend
@@ -315,11 +300,7 @@ impl Proxy {
             .and(req.headers().get(header::ORIGIN).cloned());
         if let (Some(limit), Some(len)) = (live.max_body_bytes, content_length(req.headers())) {
             if len > limit {
-                return error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_too_large",
-                    &format!("request body of {len} bytes exceeds the limit of {limit}"),
-                );
+                return Err(ProxyError::DeclaredBodyTooLarge { len, limit });
             }
         }
         // The Host rule (docs/routing.md): the client's, unless this backend wants its own
@@ -372,16 +353,7 @@ impl Proxy {
                     pq.push('?');
                     pq.push_str(q);
                 }
-                match PathAndQuery::try_from(pq) {
-                    Ok(pq) => Some(pq),
-                    Err(e) => {
-                        return error(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            "bad_rewrite",
-                            &format!("rewritten path is invalid: {e}"),
-                        )
-                    }
-                }
+                Some(PathAndQuery::try_from(pq).map_err(|e| ProxyError::BadRewrite(e.to_string()))?)
             }
         };
         // Mirrors see the request as the backend will (filters applied), without credentials.
@@ -394,34 +366,24 @@ impl Proxy {
             None
         };
         if backend.auth == UpstreamAuthKind::GcpIdToken {
-            match self.tokens.header(&backend.upstream.url).await {
-                Ok(v) => {
-                    let name = match backend.auth_header {
-                        AuthHeaderKind::Authorization => header::AUTHORIZATION,
-                        AuthHeaderKind::XServerlessAuthorization => X_SERVERLESS_AUTHORIZATION,
-                    };
-                    headers.insert(name, v);
-                }
-                Err(e) => {
-                    rule.stats.upstream_error(UpstreamErrorKind::Token);
-                    tracing::warn!(route = %rule.route, upstream = %backend.upstream.url, error = %e, "no identity token; answering 503");
-                    return error(StatusCode::SERVICE_UNAVAILABLE, "token_unavailable", &e.to_string());
-                }
-            }
+            let token = self
+                .tokens
+                .header(&backend.upstream.url)
+                .await
+                .map_err(|e| ProxyError::TokenUnavailable {
+                    upstream: backend.upstream.url.to_string(),
+                    reason: e.to_string(),
+                })?;
+            let name = match backend.auth_header {
+                AuthHeaderKind::Authorization => header::AUTHORIZATION,
+                AuthHeaderKind::XServerlessAuthorization => X_SERVERLESS_AUTHORIZATION,
+            };
+            headers.insert(name, token);
         }
-        parts.uri = match backend
+        parts.uri = backend
             .upstream
             .uri_for(rewritten.as_ref().or(parts.uri.path_and_query()))
-        {
-            Ok(uri) => uri,
-            Err(e) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    &format!("cannot build upstream URI: {e}"),
-                )
-            }
-        };
+            .map_err(|e| ProxyError::BadUpstreamUri(e.to_string()))?;
         parts.version = match backend.protocol {
             UpstreamProtocol::H2c => Version::HTTP_2,
             UpstreamProtocol::Auto => Version::HTTP_11,
@@ -448,15 +410,12 @@ impl Proxy {
         };
         let mut resp = match sent {
             Some(Ok(resp)) => resp,
-            Some(Err(e)) => return self.upstream_failure(rule, backend, &e),
+            Some(Err(e)) => return Err(upstream_failure(backend, &e)),
             None => {
-                rule.stats.upstream_error(UpstreamErrorKind::Timeout);
-                tracing::warn!(route = %rule.route, upstream = %backend.upstream.url, timeout_s = backend_timeout.unwrap_or_default().as_secs_f64(), "upstream did not answer in time; answering 504");
-                return error(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream_timeout",
-                    "the upstream did not answer in time",
-                );
+                return Err(ProxyError::UpstreamTimeout {
+                    upstream: backend.upstream.url.to_string(),
+                    timeout: backend_timeout.unwrap_or_default(),
+                })
             }
         };
 
@@ -476,7 +435,7 @@ impl Proxy {
                     }
                 });
                 // Keep Connection/Upgrade: they are the 101's point.
-                return resp.map(Either::Left);
+                return Ok(resp.map(Either::Left));
             }
         }
         strip_hop_by_hop(resp.headers_mut());
@@ -486,7 +445,7 @@ impl Proxy {
         if let Some(cors) = &backend.filters.cors {
             cors.decorate(origin.as_ref(), resp.headers_mut());
         }
-        resp.map(Either::Left)
+        Ok(resp.map(Either::Left))
     }
 
     /// Starts a task per sampled mirror, each waiting for the body copy. Returns the tee that
@@ -545,47 +504,53 @@ impl Proxy {
         Some(tee)
     }
 
-    fn upstream_failure(
-        &self,
-        rule: &Rule,
-        backend: &Backend,
-        e: &hyper_util::client::legacy::Error,
-    ) -> Response<ProxyBody> {
-        if find_cause::<BodyTooLarge>(e).is_some() {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                "request body exceeds the configured limit",
-            );
+    /// The answer for a request the proxy could not forward: the upstream-error metric and the
+    /// log line where the failure is the upstream's, then the JSON error.
+    fn failed(&self, rule: &Rule, e: ProxyError) -> Response<ProxyBody> {
+        if let Some(kind) = e.upstream_kind() {
+            rule.stats.upstream_error(kind);
         }
-        let cause = crate::gcp::error_chain(e);
-        let (kind, code, message) = if e.is_connect() {
-            (
-                UpstreamErrorKind::Connect,
-                "upstream_unreachable",
-                "cannot connect to the upstream",
-            )
-        } else {
-            (
-                UpstreamErrorKind::Other,
-                "upstream_error",
-                "the upstream connection failed",
-            )
-        };
-        rule.stats.upstream_error(kind);
-        tracing::warn!(route = %rule.route, upstream = %backend.upstream.url, error = %cause, "upstream request failed; answering 502");
-        error(StatusCode::BAD_GATEWAY, code, message)
+        let route = &rule.route;
+        match &e {
+            ProxyError::Unavailable { status } => {
+                tracing::debug!(%route, status = status.as_u16(), "route marked unavailable by its table")
+            }
+            ProxyError::RequestTimeout { limit } => {
+                tracing::warn!(%route, timeout_s = limit.as_secs_f64(), "request timeout reached before a response; answering 504")
+            }
+            ProxyError::TokenUnavailable { upstream, .. } => {
+                tracing::warn!(%route, %upstream, error = %e, "no identity token; answering 503")
+            }
+            ProxyError::UpstreamTimeout { upstream, timeout } => {
+                tracing::warn!(%route, %upstream, timeout_s = timeout.as_secs_f64(), "upstream did not answer in time; answering 504")
+            }
+            ProxyError::Upstream { upstream, cause, .. } => {
+                tracing::warn!(%route, %upstream, error = %cause, "upstream request failed; answering 502")
+            }
+            _ => {}
+        }
+        e.response()
     }
 }
 
-/// The answer of a fail-closed rule or backend (`unavailableStatus`).
-fn unavailable(rule: &Rule, status: StatusCode) -> Response<ProxyBody> {
-    tracing::debug!(route = %rule.route, status = status.as_u16(), "route marked unavailable by its table");
-    error(status, "unavailable", "this route cannot be served as configured")
+/// What a failed upstream request means for the client.
+fn upstream_failure(backend: &Backend, e: &hyper_util::client::legacy::Error) -> ProxyError {
+    if find_cause::<BodyTooLarge>(e).is_some() {
+        return ProxyError::BodyTooLarge;
+    }
+    ProxyError::Upstream {
+        upstream: backend.upstream.url.to_string(),
+        cause: crate::gcp::error_chain(e),
+        connect: e.is_connect(),
+    }
 }
 
 /// A redirect or a CORS preflight answer from `filters`, when they give one for this request.
-fn answer_here(filters: &Filters, routed: Routed<'_>, req: &Request<Incoming>) -> Option<Response<ProxyBody>> {
+fn answer_here(
+    filters: &Filters,
+    routed: Routed<'_>,
+    req: &Request<Incoming>,
+) -> Option<Result<Response<ProxyBody>, ProxyError>> {
     if let Some(redirect) = &filters.redirect {
         let location = redirect.location(
             client_scheme(req.headers()),
@@ -594,19 +559,16 @@ fn answer_here(filters: &Filters, routed: Routed<'_>, req: &Request<Incoming>) -
             req.uri().query(),
             routed.matched.prefix(),
         );
-        return Some(match HeaderValue::try_from(location) {
-            Ok(location) => {
-                let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
-                *resp.status_mut() = redirect.status;
-                resp.headers_mut().insert(header::LOCATION, location);
-                resp
-            }
-            Err(_) => error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "bad_redirect",
-                "the redirect target is not a valid Location",
-            ),
-        });
+        return Some(
+            HeaderValue::try_from(location)
+                .map_err(|_| ProxyError::BadRedirect)
+                .map(|location| {
+                    let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
+                    *resp.status_mut() = redirect.status;
+                    resp.headers_mut().insert(header::LOCATION, location);
+                    resp
+                }),
+        );
     }
     match filters.cors.as_ref()?.on_request(req.method(), req.headers()) {
         CorsVerdict::Forward => None,
@@ -614,7 +576,7 @@ fn answer_here(filters: &Filters, routed: Routed<'_>, req: &Request<Incoming>) -
             let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
             *resp.status_mut() = StatusCode::NO_CONTENT;
             *resp.headers_mut() = headers;
-            Some(resp)
+            Some(Ok(resp))
         }
     }
 }
