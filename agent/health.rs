@@ -148,7 +148,9 @@ impl Health {
         let s = self.status.load();
         let (ready, readiness) = self.readiness();
         json!({
-            "version": env!("CARGO_PKG_VERSION"),
+            "version": crate::build_info::VERSION,
+            "commit": crate::build_info::COMMIT,
+            "build_date": crate::build_info::BUILD_DATE,
             "role": s.role,
             "role_source": s.role_source,
             "uptime_s": self.started.elapsed().as_secs(),
@@ -194,6 +196,7 @@ impl Health {
     async fn render_metrics(&self) -> String {
         let mut out = String::with_capacity(16 * 1024);
         self.metrics.render(&mut out);
+        crate::process_stats::ProcessStats::read().render(&mut out);
         let t = &self.tunnel;
         let gauges = [
             (

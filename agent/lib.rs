@@ -8,12 +8,14 @@
 
 pub mod backoff;
 pub mod boot;
+pub mod build_info;
 pub mod config;
 pub mod control;
 pub mod files;
 pub mod gcp;
 pub mod health;
 pub mod node;
+pub mod process_stats;
 pub mod proxy;
 pub mod random;
 pub mod roles;

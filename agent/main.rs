@@ -12,7 +12,7 @@ use tunnel_agent::{config, routing};
 #[derive(Parser)]
 #[command(
     name = "tunnel-agent",
-    version,
+    version = tunnel_agent::build_info::LONG_VERSION,
     about = "Keeps a Cloudflare Tunnel origin host alive"
 )]
 struct Cli {
@@ -56,6 +56,7 @@ struct ControlArgs {
 }
 
 fn main() -> ExitCode {
+    tunnel_agent::process_stats::mark_start();
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => check(&config),
@@ -187,6 +188,19 @@ fn run(path: PathBuf) -> ExitCode {
         eprintln!("cannot set up logging: {e:#}");
         return ExitCode::FAILURE;
     }
+    // The first line of every start says what runs, from which file, in which role, so one
+    // `journalctl -u tunnel-agent` excerpt identifies the build without a shell on the host.
+    tracing::info!(
+        version = tunnel_agent::build_info::VERSION,
+        commit = tunnel_agent::build_info::COMMIT,
+        build_date = tunnel_agent::build_info::BUILD_DATE,
+        config_file = %path.display(),
+        configured_role = config.role.as_str(),
+        "tunnel-agent {} starting with {} (configured role {})",
+        tunnel_agent::build_info::LONG_VERSION,
+        path.display(),
+        config.role.as_str()
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("tunnel-agent")

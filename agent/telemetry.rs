@@ -105,6 +105,13 @@ impl Metrics {
 
     /// Prometheus text exposition format 0.0.4.
     pub fn render(&self, out: &mut String) {
+        let b = crate::build_info::VERSION;
+        let _ = writeln!(
+            out,
+            "# HELP tunnel_agent_build_info The agent's version and git commit (always 1).\n# TYPE tunnel_agent_build_info gauge\ntunnel_agent_build_info{{version=\"{}\",commit=\"{}\"}} 1",
+            escape(b),
+            escape(crate::build_info::COMMIT)
+        );
         let routes: Vec<(Arc<str>, Arc<RouteStats>)> = {
             let map = self.routes.lock().unwrap_or_else(|e| e.into_inner());
             map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
@@ -326,6 +333,18 @@ mod tests {
         m.render(&mut out);
         assert!(out.contains("\ntunnel_agent_promotions_total 1\n"), "{out}");
         assert!(out.contains("\ntunnel_agent_demotions_total 0\n"), "{out}");
+    }
+
+    #[test]
+    fn build_info_names_version_and_commit() {
+        let mut out = String::new();
+        Metrics::default().render(&mut out);
+        let line = format!(
+            "\ntunnel_agent_build_info{{version=\"{}\",commit=\"{}\"}} 1\n",
+            crate::build_info::VERSION,
+            crate::build_info::COMMIT
+        );
+        assert!(out.contains(&line), "{line} missing in {out}");
     }
 
     #[test]

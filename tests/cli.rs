@@ -53,13 +53,34 @@ fn replace_once(haystack: &str, from: &str, to: &str) -> String {
 }
 
 #[test]
-fn version_names_the_binary_and_crate_version() {
+fn version_names_the_crate_version_commit_and_build_date() {
     let out = agent().arg("--version").output().unwrap();
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(
-        text(&out.stdout).trim(),
-        format!("tunnel-agent {}", env!("CARGO_PKG_VERSION"))
+    let line = text(&out.stdout).trim().to_owned();
+    let rest = line
+        .strip_prefix(&format!("tunnel-agent {} (commit ", env!("CARGO_PKG_VERSION")))
+        .unwrap_or_else(|| panic!("unexpected --version: {line:?}"));
+    let (commit, date) = rest
+        .strip_suffix(')')
+        .and_then(|r| r.split_once(", built "))
+        .unwrap_or_else(|| panic!("unexpected --version: {line:?}"));
+    let d: Vec<&str> = date.split('-').collect();
+    assert!(
+        d.len() == 3 && d[0].len() == 4 && d.iter().all(|p| p.bytes().all(|b| b.is_ascii_digit())),
+        "build date {date:?} is not YYYY-MM-DD"
     );
+    // In a checkout the commit is the one built; build.rs reruns when HEAD moves.
+    match Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+    {
+        Ok(git) if git.status.success() => assert_eq!(commit, text(&git.stdout).trim(), "{line}"),
+        _ => {
+            eprintln!("no git checkout here: only checking the commit's shape");
+            assert_eq!(commit, "unknown", "{line}");
+        }
+    }
 }
 
 #[test]

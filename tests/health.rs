@@ -23,6 +23,50 @@ async fn ready_lists_every_component() {
     }
 }
 
+/// What runs, from which file, in which role: in the first log line, `/status` and `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn build_facts_are_in_the_first_log_line_status_and_metrics() {
+    let agent = AgentBuilder::new()
+        .start(&ConfigText::new().top("role = \"standby\""))
+        .await;
+    let version = env!("CARGO_PKG_VERSION");
+    let config_file = agent.config_path().display().to_string();
+    let first = agent.logs().into_iter().next().unwrap_or_default();
+    assert!(
+        first.contains(&format!("tunnel-agent {version} (commit "))
+            && first.contains(&config_file)
+            && first.contains("configured role standby"),
+        "first log line: {first}"
+    );
+
+    let status = get(agent.health_addr(), "localhost", "/status", &[]).await.json();
+    assert_eq!(status["version"], version, "{status}");
+    assert_eq!(status["config_file"], config_file.as_str(), "{status}");
+    assert_eq!(status["role"], "standby", "{status}");
+    let commit = status["commit"].as_str().unwrap_or_default().to_owned();
+    assert!(!commit.is_empty() && first.contains(&commit), "{status} vs {first}");
+    assert!(status["build_date"].as_str().is_some_and(|d| d.len() == 10), "{status}");
+
+    let text = get(agent.health_addr(), "localhost", "/metrics", &[]).await.text();
+    let m = parse_metrics(&text);
+    let series = format!(r#"tunnel_agent_build_info{{version="{version}",commit="{commit}"}}"#);
+    assert_eq!(m.get(&series), Some(&1.0), "{series} in:\n{text}");
+    // The agent's own process, under names cloudflared's re-exported `process_*` cannot take.
+    let rss = m["tunnel_agent_process_resident_memory_bytes"];
+    // It is this process's RSS (as the harness reads it from /proc/PID), not some other's.
+    let seen = agent.memory().rss_kib as f64 * 1024.0;
+    assert!(rss > seen / 2.0 && rss < seen * 2.0, "{rss} bytes exported, {seen} seen");
+    assert!(m["tunnel_agent_process_open_fds"] >= 3.0, "{text}");
+    assert!(m.contains_key("tunnel_agent_process_cpu_seconds_total"), "{text}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let start = m["tunnel_agent_process_start_time_seconds"];
+    assert!(start <= now + 1.0 && start > now - 600.0, "start {start}, now {now}");
+    assert!(!m.keys().any(|k| k.starts_with("process_")), "{text}");
+}
+
 /// `/metrics` as `series → value`, where a series is the name with its label set.
 fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
     text.lines()
