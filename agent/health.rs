@@ -23,6 +23,35 @@ use crate::routing::table::RouteSummary;
 use crate::telemetry::Metrics;
 use crate::tunnel::TunnelState;
 
+/// What the health listener answers. The handler dispatches through [`Endpoint::parse`], which
+/// only knows [`Endpoint::ALL`], so this list is the whole surface (the man page test reads it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Healthz,
+    Ready,
+    Active,
+    Metrics,
+    Status,
+}
+
+impl Endpoint {
+    pub const ALL: [Endpoint; 5] = [Self::Healthz, Self::Ready, Self::Active, Self::Metrics, Self::Status];
+
+    pub fn path(self) -> &'static str {
+        match self {
+            Self::Healthz => "/healthz",
+            Self::Ready => "/ready",
+            Self::Active => "/active",
+            Self::Metrics => "/metrics",
+            Self::Status => "/status",
+        }
+    }
+
+    pub fn parse(path: &str) -> Option<Endpoint> {
+        Self::ALL.into_iter().find(|e| e.path() == path)
+    }
+}
+
 /// Facts for `/status`, replaced whole on each change.
 #[derive(Debug, Clone, Default)]
 pub struct StatusInfo {
@@ -259,9 +288,16 @@ impl Health {
                 r#"{"error":"method not allowed"}"#.into(),
             );
         }
-        match req.uri().path() {
-            "/healthz" => reply(StatusCode::OK, "application/json", r#"{"status":"ok"}"#.into()),
-            "/ready" => {
+        let Some(endpoint) = Endpoint::parse(req.uri().path()) else {
+            return reply(
+                StatusCode::NOT_FOUND,
+                "application/json",
+                r#"{"error":"not found"}"#.into(),
+            );
+        };
+        match endpoint {
+            Endpoint::Healthz => reply(StatusCode::OK, "application/json", r#"{"status":"ok"}"#.into()),
+            Endpoint::Ready => {
                 let (ready, body) = self.readiness();
                 let status = if ready {
                     StatusCode::OK
@@ -270,7 +306,7 @@ impl Health {
                 };
                 reply(status, "application/json", body.to_string())
             }
-            "/active" => {
+            Endpoint::Active => {
                 if self.active() {
                     reply(StatusCode::OK, "application/json", r#"{"active":true}"#.into())
                 } else {
@@ -281,13 +317,8 @@ impl Health {
                     )
                 }
             }
-            "/metrics" => reply(StatusCode::OK, "text/plain; version=0.0.4", self.render_metrics().await),
-            "/status" => reply(StatusCode::OK, "application/json", self.status_json().to_string()),
-            _ => reply(
-                StatusCode::NOT_FOUND,
-                "application/json",
-                r#"{"error":"not found"}"#.into(),
-            ),
+            Endpoint::Metrics => reply(StatusCode::OK, "text/plain; version=0.0.4", self.render_metrics().await),
+            Endpoint::Status => reply(StatusCode::OK, "application/json", self.status_json().to_string()),
         }
     }
 

@@ -41,7 +41,12 @@ impl ProcessStats {
             .map(|t| t as f64);
         let stat = std::fs::read_to_string("/proc/self/stat").ok();
         let fields = stat.as_deref().and_then(stat_fields);
-        let field = |i: usize| fields.as_ref().and_then(|f| f.get(i)).and_then(|v| v.parse::<u64>().ok());
+        let field = |i: usize| {
+            fields
+                .as_ref()
+                .and_then(|f| f.get(i))
+                .and_then(|v| v.parse::<u64>().ok())
+        };
         // proc(5): after `(comm)`, field 3 is index 0, so utime (14) is 11, stime (15) is 12
         // and starttime (22, clock ticks after boot) is 19.
         let cpu_seconds = match (field(11), field(12), ticks) {
@@ -139,13 +144,16 @@ mod tests {
         let s = ProcessStats::read();
         let rss = s.resident_bytes.expect("VmRSS in /proc/self/status");
         assert!(rss > 1024 * 1024, "a test binary uses more than 1 MiB: {rss}");
-        assert!(s.open_fds.expect("/proc/self/fd") >= 3, "stdin, stdout, stderr at least");
+        assert!(
+            s.open_fds.expect("/proc/self/fd") >= 3,
+            "stdin, stdout, stderr at least"
+        );
         let start = s.start_time_seconds.expect("start time");
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs_f64();
-        assert!(start <= now + 1.0 && start > now - 86_400.0, "started {start}, now {now}");
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64();
+        assert!(
+            start <= now + 1.0 && start > now - 86_400.0,
+            "started {start}, now {now}"
+        );
         assert!(s.cpu_seconds.is_some());
         let mut out = String::new();
         s.render(&mut out);

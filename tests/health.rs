@@ -55,7 +55,10 @@ async fn build_facts_are_in_the_first_log_line_status_and_metrics() {
     let rss = m["tunnel_agent_process_resident_memory_bytes"];
     // It is this process's RSS (as the harness reads it from /proc/PID), not some other's.
     let seen = agent.memory().rss_kib as f64 * 1024.0;
-    assert!(rss > seen / 2.0 && rss < seen * 2.0, "{rss} bytes exported, {seen} seen");
+    assert!(
+        rss > seen / 2.0 && rss < seen * 2.0,
+        "{rss} bytes exported, {seen} seen"
+    );
     assert!(m["tunnel_agent_process_open_fds"] >= 3.0, "{text}");
     assert!(m.contains_key("tunnel_agent_process_cpu_seconds_total"), "{text}");
     let now = std::time::SystemTime::now()
