@@ -666,6 +666,15 @@ async fn config_api_auth_media_type_size_validation_versions_and_readiness() {
         r.body
     );
     assert!(r.body.contains("unknown field `retries`"), "{}", r.body);
+    let r = agent
+        .push(&json!({ "version": 9, "rules": [{ "backends": [{ "url": "http://x", "weight": "heavy" }] }] }))
+        .await;
+    assert_eq!(
+        r.json()["problems"][0]["key"],
+        "rules[0].backends[0].weight",
+        "{}",
+        r.body
+    );
     let r = agent.put_config(Some(API_TOKEN), "application/json", "{not json").await;
     assert_eq!(
         (r.status, r.json()["problems"][0]["key"].as_str()),

@@ -123,21 +123,30 @@ impl PushedConfig {
         Ok(table)
     }
 
-    /// Parses a push. A problem names where it is (`rules[3].backends[0].tls.caBundle`) as
-    /// well as serde's line and column.
+    /// Parses a push. A type error or unknown field names its key path (`rules[0].backends[1].
+    /// weight`), as `check` does for TOML; only a syntax error is located by line and column.
     pub fn parse(body: &[u8]) -> Result<PushedConfig, Problem> {
-        let de = &mut serde_json::Deserializer::from_slice(body);
-        serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            Problem {
-                key: if matches!(path.as_str(), "." | "?" | "") {
-                    "(body)".into()
-                } else {
-                    path
-                },
-                reason: e.into_inner().to_string(),
-            }
-        })
+        let problem = |key: String, reason: String| Problem {
+            key: if key.is_empty() || key == "." {
+                "(body)".to_owned()
+            } else {
+                key
+            },
+            reason,
+        };
+        let mut de = serde_json::Deserializer::from_slice(body);
+        let pushed: PushedConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            // Broken JSON has no key to name (the path would be `?`); its line and column are in
+            // the reason.
+            let key = match e.inner().classify() {
+                serde_json::error::Category::Data => e.path().to_string(),
+                _ => String::new(),
+            };
+            problem(key, e.into_inner().to_string())
+        })?;
+        // Trailing bytes after the object (what `from_slice` checks).
+        de.end().map_err(|e| problem(String::new(), e.to_string()))?;
+        Ok(pushed)
     }
 }
 
