@@ -766,6 +766,13 @@ mod tests {
     }
 
     #[test]
+    fn a_syntax_error_without_words_still_gets_a_reason() {
+        let e = parse("\r").unwrap_err();
+        assert_eq!(e.parse.len(), 1, "{e}");
+        assert_eq!(e.to_string(), "/etc/t/agent.toml:1:1: invalid TOML syntax here");
+    }
+
+    #[test]
     fn line_column_counts_characters() {
         assert_eq!(line_column("a\nbé = 1", 5), (2, 3));
         assert_eq!(line_column("", 0), (1, 1));

@@ -66,7 +66,11 @@ fn parse_all(text: &str) -> Result<Config, Vec<ParseProblem>> {
             _ => None,
         };
         // Syntax errors come as several lines ("invalid table header\nexpected ..."): keep one.
-        let reason = e.message().trim().replace('\n', "; ");
+        let mut reason = e.message().trim().replace('\n', "; ");
+        if reason.is_empty() {
+            // toml's parser has no words for some inputs (a lone carriage return).
+            reason = "invalid TOML syntax here".to_owned();
+        }
         // `[secrets.x]` with a bad `source` line blanked now lacks `source`: that is our doing.
         let consequence = match (&located, reason.strip_prefix("missing field `")) {
             (Some(l), Some(rest)) => {

@@ -1,0 +1,533 @@
+//! Hostile input beyond what the other tests enumerate, with proptest: random TOML at the config
+//! loader, at `check` and at a running agent's reload; random JSON at a running agent's
+//! `PUT /config`. Never a panic; every rejection names a key (or, for broken syntax, a line and
+//! column); a rejected change leaves what was serving exactly as it was.
+//!
+//! proptest (a dev-dependency only) rather than another hand-rolled generator like
+//! `agent/l7/randomized.rs`: these inputs are deep trees (TOML documents, JSON tables), and
+//! proptest shrinks a failing one to a minimal case, which a seed-and-replay loop cannot.
+//! `PROPTEST_CASES=N` runs more cases than the defaults chosen here for a shared 2-core machine.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use common::{AgentBuilder, ConfigText, FakeUpstream, Wire, DEADLINE};
+use nix::sys::signal::Signal;
+use proptest::prelude::*;
+use proptest::test_runner::{Config as RunnerConfig, TestRunner};
+use serde_json::{json, Value};
+use tunnel_agent::telemetry::Metrics;
+
+/// A sentinel no error about `cloudflared.extra_args` may echo: it stands for a token given
+/// as `--token=…` there. (Elsewhere, e.g. as a secret's *name*, echoing it is right.)
+const SENTINEL: &str = "SENTINEL-tok-3f9c";
+
+fn leaks_token(text: &str) -> bool {
+    text.lines().any(|l| l.contains("extra_args") && l.contains(SENTINEL))
+}
+
+fn runner_config(default_cases: u32) -> RunnerConfig {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default_cases);
+    RunnerConfig {
+        cases,
+        // Failures print the shrunk input; no regression files written into the source tree.
+        failure_persistence: None,
+        ..RunnerConfig::default()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Random TOML documents, built from the real schema's sections and keys (so most lines reach
+// validation, not only the parser) mixed with unknown keys, wrong types and plain garbage.
+
+const SECTIONS: &[&str] = &[
+    "",
+    "[agent]",
+    "[proxy]",
+    "[health]",
+    "[routes]",
+    "[routes.hosts]",
+    "[gcp]",
+    "[cloudflared]",
+    "[config_api]",
+    "[role_watch]",
+    "[secrets.tok]",
+    "[secrets.\"bad name\"]",
+    "[[route]]",
+    "[bogus]",
+];
+
+const KEYS: &[&str] = &[
+    "role",
+    "runtime_dir",
+    "state_dir",
+    "shutdown_grace",
+    "log_format",
+    "log_level",
+    "boot_timeout",
+    "listen",
+    "auth_secret",
+    "auth_header",
+    "max_header_bytes",
+    "max_body_bytes",
+    "header_read_timeout",
+    "upstream_timeout",
+    "source",
+    "file",
+    "attribute",
+    "\"a.example.com\"",
+    "\"bad host\"",
+    "metadata_url",
+    "secret_manager_endpoint",
+    "enabled",
+    "token_secret",
+    "extra_args",
+    "metrics",
+    "crash_loop_exits",
+    "token_delivery",
+    "var",
+    "path",
+    "name",
+    "refresh",
+    "hostnames",
+    "upstream",
+    "unknown_key",
+];
+
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}
+
+fn toml_value() -> impl Strategy<Value = String> {
+    let word = prop::sample::select(vec![
+        "30s",
+        "0s",
+        "1ms",
+        "-5s",
+        "forever",
+        "",
+        "127.0.0.1:0",
+        "0.0.0.0:2000",
+        "[::1]:0",
+        "1.2.3.4:99999",
+        "http://127.0.0.1:1",
+        "https://svc.example.run.app",
+        "ftp://x",
+        "not a url",
+        "inline",
+        "file",
+        "env",
+        "gcp-secret-manager",
+        "config-api",
+        "gcp-metadata",
+        "active",
+        "standby",
+        "json",
+        "text",
+        "tok",
+        "info,hyper=warn",
+        "projects/p/secrets/s/versions/latest",
+        "X-Internal-Auth-Token",
+        "bad header",
+        "--token=SENTINEL-tok-3f9c",
+        "--metrics",
+    ])
+    .prop_map(toml_string);
+    prop_oneof![
+        4 => word.clone(),
+        1 => any::<String>().prop_map(|s| toml_string(&s)),
+        1 => any::<i64>().prop_map(|i| i.to_string()),
+        1 => (0u32..70_000).prop_map(|i| i.to_string()),
+        1 => any::<bool>().prop_map(|b| b.to_string()),
+        1 => prop::collection::vec(word.clone(), 0..3).prop_map(|v| format!("[{}]", v.join(", "))),
+        1 => (word.clone(), word).prop_map(|(a, b)| format!("{{ url = {a}, weight = {b} }}")),
+    ]
+}
+
+/// One line of a document: a table header, a `key = value`, or noise.
+fn toml_line() -> impl Strategy<Value = String> {
+    prop_oneof![
+        2 => prop::sample::select(SECTIONS).prop_map(str::to_owned),
+        6 => (prop::sample::select(KEYS), toml_value()).prop_map(|(k, v)| format!("{k} = {v}")),
+        1 => "[^\n]{0,24}",
+    ]
+}
+
+fn toml_document() -> impl Strategy<Value = String> {
+    prop::collection::vec(toml_line(), 0..24).prop_map(|lines| lines.join("\n"))
+}
+
+/// Every way a config error can be unhelpful: empty, a line without a key or position, a
+/// reason that is blank, a line not led by the file's name, an echoed token.
+fn assert_error_is_located(path: &Path, e: &tunnel_agent::config::ConfigError) -> Result<(), TestCaseError> {
+    prop_assert!(
+        !e.parse.is_empty() || !e.problems.is_empty(),
+        "an error with nothing in it"
+    );
+    for p in &e.parse {
+        prop_assert!(
+            p.key.is_some() || p.position.is_some(),
+            "parse problem without key or position: {p:?}"
+        );
+        prop_assert!(!p.reason.trim().is_empty(), "{p:?}");
+    }
+    for p in &e.problems {
+        prop_assert!(!p.key.trim().is_empty() && !p.reason.trim().is_empty(), "{p:?}");
+    }
+    let text = e.to_string();
+    let prefix = format!("{}:", path.display());
+    for line in text.lines() {
+        prop_assert!(line.starts_with(&prefix), "a line without the file: {line:?}");
+    }
+    prop_assert!(!leaks_token(&text), "a token in an error:\n{text}");
+    Ok(())
+}
+
+#[test]
+fn random_toml_never_panics_and_every_error_names_a_key_or_position() {
+    let path = Path::new("/etc/tunnel-agent/agent.toml");
+    let metrics = Metrics::default();
+    let mut runner = TestRunner::new(runner_config(512));
+    runner
+        .run(&toml_document(), |text| {
+            match tunnel_agent::routing::parse_config(path, &text) {
+                Ok(config) => {
+                    prop_assert!(config
+                        .validate(&tunnel_agent::routing::validate::route_problems)
+                        .is_empty());
+                    // What `check` does next must not panic either.
+                    let _ = tunnel_agent::secrets::resolve::load_local(&config, &metrics);
+                    let _ = tunnel_agent::routing::source::load_local(&config, &metrics);
+                }
+                Err(e) => assert_error_is_located(path, &e)?,
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+#[test]
+fn check_on_random_toml_exits_0_or_78_with_located_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    let mut runner = TestRunner::new(runner_config(48));
+    runner
+        .run(&toml_document(), |text| {
+            std::fs::write(&path, &text).unwrap();
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_tunnel-agent"))
+                .args(["check", "-c"])
+                .arg(&path)
+                .env_remove("GCE_METADATA_HOST")
+                .env_remove("CREDENTIALS_DIRECTORY")
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            prop_assert!(matches!(out.status.code(), Some(0 | 78)), "{:?}:\n{stderr}", out.status);
+            prop_assert!(!stderr.contains("panicked"), "{stderr}");
+            prop_assert!(!leaks_token(&stderr), "{stderr}");
+            let prefix = format!("{}:", path.display());
+            for line in stderr.lines() {
+                prop_assert!(line.starts_with(&prefix), "{line:?} in:\n{stderr}");
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reload: restart-only settings never half-apply.
+
+/// Valid configurations that differ in both restart-only and live settings.
+fn valid_config() -> impl Strategy<Value = String> {
+    (
+        prop::sample::select(vec!["127.0.0.1:0", "127.0.0.1:8080", "127.0.0.1:8081"]),
+        prop::sample::select(vec!["127.0.0.1:2000", "127.0.0.1:2001"]),
+        prop::sample::select(vec!["/run/a", "/run/b"]),
+        prop::sample::select(vec!["info", "debug"]),
+        prop::sample::select(vec!["10s", "30s"]),
+        prop::sample::select(vec!["1s", "5s"]),
+        1024u64..1_000_000,
+        prop::sample::select(vec!["X-Internal-Auth-Token", "X-Other"]),
+        prop::sample::select(vec!["http://127.0.0.1:1", "https://svc.example.run.app"]),
+        prop::sample::select(vec!["2s", "9s"]),
+    )
+        .prop_map(
+            |(listen, health, run, level, upstream, restart, body, header, url, backoff)| {
+                format!(
+                    "[agent]\nruntime_dir = \"{run}\"\nlog_level = \"{level}\"\n\
+                 [proxy]\nlisten = \"{listen}\"\nupstream_timeout = \"{upstream}\"\n\
+                 header_read_timeout = \"{restart}\"\nmax_body_bytes = {body}\nauth_header = \"{header}\"\n\
+                 [health]\nlisten = \"{health}\"\n\
+                 [cloudflared]\nrestart_backoff = \"{backoff}\"\n\
+                 [routes.hosts]\n\"a.example.com\" = \"{url}\"\n"
+                )
+            },
+        )
+}
+
+#[test]
+fn a_reloaded_config_keeps_every_restart_only_setting_and_takes_every_live_one() {
+    let path = Path::new("agent.toml");
+    let mut runner = TestRunner::new(runner_config(256));
+    runner
+        .run(&(valid_config(), valid_config()), |(running, edited)| {
+            let running = tunnel_agent::routing::parse_config(path, &running).unwrap();
+            let edited = tunnel_agent::routing::parse_config(path, &edited).unwrap();
+            let mut reloaded = edited.clone();
+            reloaded.keep_restart_only(&running);
+            prop_assert_eq!(running.restart_only_differences(&reloaded), Vec::<&str>::new());
+            // Live settings come from the edited file.
+            prop_assert_eq!(reloaded.proxy.upstream_timeout, edited.proxy.upstream_timeout);
+            prop_assert_eq!(reloaded.proxy.max_body_bytes, edited.proxy.max_body_bytes);
+            prop_assert_eq!(&reloaded.proxy.auth_header, &edited.proxy.auth_header);
+            prop_assert_eq!(&reloaded.routes.hosts, &edited.routes.hosts);
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// The upstream `a.example.com` reaches now, by which fake counted the request.
+async fn which_upstream(agent: &common::Agent, host: &str, a: &FakeUpstream, b: &FakeUpstream) -> &'static str {
+    let (before_a, before_b) = (a.requests(), b.requests());
+    let r = common::client::get(agent.proxy_addr(), host, "/probe", &[]).await;
+    match (a.requests() - before_a, b.requests() - before_b, r.status.as_u16()) {
+        (1, 0, 200) => "a",
+        (0, 1, 200) => "b",
+        (_, _, status) => panic!("{host}: status {status}, body {}", r.text()),
+    }
+}
+
+fn reload_outcomes(agent: &common::Agent) -> Vec<String> {
+    agent
+        .logs()
+        .into_iter()
+        .filter(|l| l.contains("configuration reloaded") || l.contains("reload rejected"))
+        .collect()
+}
+
+/// Sends SIGHUP and waits for the reload's outcome line.
+async fn reload(agent: &common::Agent) -> String {
+    let seen = reload_outcomes(agent).len();
+    agent.signal(Signal::SIGHUP);
+    common::eventually(DEADLINE, "a reload outcome", || async {
+        reload_outcomes(agent).get(seen).cloned()
+    })
+    .await
+}
+
+async fn status(agent: &common::Agent) -> Value {
+    common::client::get(agent.health_addr(), "localhost", "/status", &[])
+        .await
+        .json()
+}
+
+/// A running agent gets random files on SIGHUP: a rejected one leaves routes, status and the
+/// proxy as they were; the agent keeps serving throughout.
+#[test]
+fn random_toml_on_reload_is_applied_whole_or_not_at_all() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (a, b) = rt.block_on(async {
+        (
+            FakeUpstream::start(Wire::Http1).await,
+            FakeUpstream::start(Wire::Http1).await,
+        )
+    });
+    let base = ConfigText::new().host("a.example.com", &a.url());
+    let agent = rt.block_on(AgentBuilder::new().start(&base));
+    // What serves; replaced when a random file was valid and the base was put back.
+    let before = std::cell::RefCell::new(rt.block_on(status(&agent)));
+    let mut runner = TestRunner::new(runner_config(12));
+    runner
+        .run(&toml_document(), |text| {
+            rt.block_on(async {
+                std::fs::write(agent.config_path(), &text).unwrap();
+                let outcome = reload(&agent).await;
+                let now = status(&agent).await;
+                let before_routes = before.borrow()["routes"].clone();
+                if outcome.contains("reload rejected") {
+                    prop_assert_eq!(&now["routes"], &before_routes, "{}", text);
+                    prop_assert!(now["last_reload_error"].is_string(), "{now}");
+                    prop_assert!(!leaks_token(&outcome), "{outcome}");
+                    prop_assert_eq!(which_upstream(&agent, "a.example.com", &a, &b).await, "a");
+                } else {
+                    // Accepted (rare: the text was a valid config). Put the base back.
+                    std::fs::write(agent.config_path(), base.render(agent.dir())).unwrap();
+                    let back = reload(&agent).await;
+                    prop_assert!(back.contains("configuration reloaded"), "{back}");
+                    let restored = status(&agent).await;
+                    prop_assert_eq!(&restored["routes"]["table"], &before_routes["table"]);
+                    *before.borrow_mut() = restored;
+                }
+                Ok(())
+            })
+        })
+        .unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Random JSON at `PUT /config`.
+
+const API_TOKEN: &str = "properties-config-api-token";
+
+/// Pushed tables shaped like the controller's (so most reach the compiler) with random values,
+/// unknown fields, `null`s and wrong types.
+fn json_leaf() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        (0u64..200).prop_map(Value::from),
+        any::<String>().prop_map(Value::from),
+        prop::sample::select(vec![
+            "push.example.com",
+            "*.example.com",
+            "bad host",
+            "/",
+            "/x",
+            "/(",
+            "Exact",
+            "PathPrefix",
+            "RegularExpression",
+            "GET",
+            "FETCH",
+            "RequestHeaderModifier",
+            "URLRewrite",
+            "ftp://x",
+            "http://",
+        ])
+        .prop_map(Value::from),
+    ]
+}
+
+fn json_tree() -> impl Strategy<Value = Value> {
+    json_leaf().prop_recursive(3, 24, 4, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+            prop::collection::btree_map(
+                prop::sample::select(vec![
+                    "path", "type", "value", "headers", "name", "method", "url", "weight", "filters", "bogus"
+                ])
+                .prop_map(str::to_owned),
+                inner,
+                0..4
+            )
+            .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+fn pushed_body(a: String, b: String) -> impl Strategy<Value = Value> {
+    let url = prop_oneof![Just(Value::from(a)), Just(Value::from(b)), json_leaf()];
+    let backend =
+        (url, prop_oneof![Just(Value::from(1)), json_leaf()], json_tree()).prop_map(|(url, weight, extra)| {
+            let mut b = json!({ "url": url, "weight": weight });
+            if let Value::Object(extra) = extra {
+                b.as_object_mut().unwrap().extend(extra);
+            }
+            b
+        });
+    let rule = (
+        prop_oneof![Just(json!(["push.example.com"])), json_tree()],
+        prop_oneof![Just(json!([])), json_tree()],
+        prop::collection::vec(backend, 0..3),
+    )
+        .prop_map(|(hostnames, matches, backends)| json!({ "hostnames": hostnames, "matches": matches, "backends": backends }));
+    prop_oneof![
+        8 => (0u64..30, prop::collection::vec(rule, 0..3)).prop_map(|(v, rules)| json!({ "version": v, "rules": rules })),
+        1 => json_tree(),
+    ]
+}
+
+#[test]
+fn random_json_on_put_config_is_applied_whole_or_not_at_all() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (a, b) = rt.block_on(async {
+        (
+            FakeUpstream::start(Wire::Http1).await,
+            FakeUpstream::start(Wire::Http1).await,
+        )
+    });
+    let config = ConfigText::new()
+        .env_secret("config_token", "PROPERTIES_CONFIG_TOKEN")
+        .routes("source = \"config-api\"")
+        .raw("[config_api]\nlisten = \"127.0.0.1:0\"\nauth_secret = \"config_token\"");
+    let agent = rt.block_on(
+        AgentBuilder::new()
+            .env("PROPERTIES_CONFIG_TOKEN", API_TOKEN)
+            .start(&config),
+    );
+    let api: std::net::SocketAddr = agent
+        .logs()
+        .iter()
+        .find(|l| l.contains("config api up"))
+        .and_then(|l| l.split("listen=").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .expect("the config api's address in the log");
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let put = |body: String| {
+        let client = client.clone();
+        async move {
+            let r = client
+                .put(format!("http://{api}/config"))
+                .bearer_auth(API_TOKEN)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .expect("config api answers");
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let baseline = |version: u64| {
+        json!({ "version": version, "rules": [{ "hostnames": ["push.example.com"], "backends": [{ "url": a.url() }] }] })
+            .to_string()
+    };
+    let version = Arc::new(std::sync::atomic::AtomicU64::new(10));
+    assert_eq!(rt.block_on(put(baseline(10))).0, 200);
+
+    let mut runner = TestRunner::new(runner_config(64));
+    runner
+        .run(&pushed_body(a.url(), b.url()), |body| {
+            rt.block_on(async {
+                let current = version.load(std::sync::atomic::Ordering::SeqCst);
+                let (status, reply) = put(body.to_string()).await;
+                match status {
+                    200 => {
+                        let pushed = body["version"].as_u64().unwrap();
+                        prop_assert!(pushed >= current, "{body}");
+                        // Back to the baseline, at the version just applied (an equal one is re-applied).
+                        version.store(pushed, std::sync::atomic::Ordering::SeqCst);
+                        prop_assert_eq!(put(baseline(pushed)).await.0, 200);
+                    }
+                    400 => {
+                        let problems = reply["problems"].as_array().cloned().unwrap_or_default();
+                        prop_assert!(!problems.is_empty(), "{reply}");
+                        for p in &problems {
+                            let key = p["key"].as_str().unwrap_or_default();
+                            let reason = p["reason"].as_str().unwrap_or_default();
+                            prop_assert!(!key.is_empty() && !reason.is_empty(), "{p} for {body}");
+                        }
+                    }
+                    409 => prop_assert!(body["version"].as_u64().is_some_and(|v| v < current), "{body}"),
+                    other => prop_assert!(false, "status {other}: {reply} for {body}"),
+                }
+                // Whatever happened, the baseline serves at the recorded version: nothing half-applied.
+                let now = version.load(std::sync::atomic::Ordering::SeqCst);
+                let got = client.get(format!("http://{api}/config")).send().await.unwrap();
+                prop_assert_eq!(
+                    got.json::<Value>().await.unwrap(),
+                    json!({ "version": now, "ready": true })
+                );
+                prop_assert_eq!(which_upstream(&agent, "push.example.com", &a, &b).await, "a");
+                Ok(())
+            })
+        })
+        .unwrap();
+}
