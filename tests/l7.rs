@@ -675,6 +675,12 @@ async fn config_api_auth_media_type_size_validation_versions_and_readiness() {
         "{}",
         r.body
     );
+    // An array is not a table, though serde's derive would read `[version, rules]` from one.
+    let r = agent.put_config(Some(API_TOKEN), "application/json", "[99, []]").await;
+    assert_eq!(
+        (r.status, r.json()["problems"][0]["key"].as_str()),
+        (400, Some("(body)"))
+    );
     let r = agent.put_config(Some(API_TOKEN), "application/json", "{not json").await;
     assert_eq!(
         (r.status, r.json()["problems"][0]["key"].as_str()),

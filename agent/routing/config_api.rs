@@ -134,6 +134,14 @@ impl PushedConfig {
             },
             reason,
         };
+        // serde's derived struct also accepts a JSON array (`[version, rules]`), which would
+        // apply `[99999, []]` as version 99999: the wire format is an object, so only that is.
+        if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(problem(
+                String::new(),
+                "expected a JSON object {\"version\": N, \"rules\": [...]}".to_owned(),
+            ));
+        }
         let mut de = serde_json::Deserializer::from_slice(body);
         let pushed: PushedConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             // Broken JSON has no key to name (the path would be `?`); its line and column are in
