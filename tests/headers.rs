@@ -74,6 +74,27 @@ async fn fixed_hop_by_hop_request_headers_are_not_forwarded() {
     assert_eq!(echo.header("x-kept"), Some("yes"));
 }
 
+/// h2c smuggling: an HTTP/1.1 upgrade to cleartext HTTP/2 (removed by RFC 9113) must reach the
+/// upstream as a plain request, with nothing a lenient upstream could switch protocols on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_upgrade_requests_are_forwarded_without_the_upgrade() {
+    let (_up, agent) = echo_agent().await;
+    let request = b"GET /smuggle HTTP/1.1\r\n\
+        Host: app.test\r\n\
+        Upgrade: h2c\r\n\
+        HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\
+        Connection: Upgrade, HTTP2-Settings\r\n\
+        \r\n";
+    let reply = raw_exchange(agent.proxy_addr(), request).await;
+    let echo = echo_of(&reply);
+    for name in ["upgrade", "http2-settings"] {
+        assert!(!echo.has(name), "{name} forwarded: {:?}", echo.headers);
+    }
+    if let Some(c) = echo.header("connection") {
+        assert!(!c.to_ascii_lowercase().contains("upgrade"), "connection: {c}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hop_by_hop_response_headers_are_not_returned() {
     let (_up, agent) = echo_agent().await;
