@@ -12,6 +12,7 @@ pub mod build_info;
 pub mod config;
 pub mod control;
 pub mod files;
+pub mod framing;
 pub mod gcp;
 pub mod health;
 pub mod node;

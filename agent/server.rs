@@ -8,6 +8,8 @@
 //! request racing that close fails at the edge. So hyper's timer is set to the idle timeout
 //! (> 90 s), and [`HeadTimeoutIo`] enforces the short header deadline from the first byte of a
 //! request head until hyper hands the parsed request to the service.
+//! The same wrapper refuses request heads with bare-LF line ends before hyper parses them
+//! ([`crate::framing`]).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -31,6 +33,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, Sleep};
+
+use crate::framing::{BareLfGuard, BARE_LF_RESPONSE};
 
 /// Client-side limits for one listener.
 #[derive(Debug, Clone)]
@@ -64,14 +68,21 @@ struct HeadTimeoutIo<S> {
     sleep: Option<Pin<Box<Sleep>>>,
     first_read: bool,
     disabled: bool,
+    /// Refuses request heads with bare-LF line ends (see [`crate::framing`]).
+    bare_lf: BareLfGuard,
+    /// Bytes of [`BARE_LF_RESPONSE`] written, once a bare LF was found.
+    rejecting: Option<usize>,
     /// Held for as long as the connection's socket exists, including after an upgrade, when
     /// hyper no longer tracks it: shutdown waits for every one to be dropped.
     _alive: watch::Receiver<()>,
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for HeadTimeoutIo<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeadTimeoutIo<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if this.rejecting.is_some() {
+            return this.poll_reject(cx);
+        }
         if this.disabled || this.phase.upgraded.load(Ordering::Acquire) {
             return Pin::new(&mut this.inner).poll_read(cx, buf);
         }
@@ -89,6 +100,17 @@ impl<S: AsyncRead + Unpin> AsyncRead for HeadTimeoutIo<S> {
                         this.disabled = true;
                         return Poll::Ready(Ok(()));
                     }
+                }
+                if this.bare_lf.active() && this.bare_lf.feed(fresh).is_err() {
+                    // hyper never sees the bad head; with no response of ours in flight the
+                    // socket is free for the 400 (a pipelined one mid-response just closes).
+                    buf.set_filled(before);
+                    tracing::debug!("request head with a bare LF line end; answering 400 and closing");
+                    if this.phase.in_flight.load(Ordering::Acquire) > 0 {
+                        return Poll::Ready(Err(bare_lf_error()));
+                    }
+                    this.rejecting = Some(0);
+                    return this.poll_reject(cx);
                 }
                 if !fresh.is_empty() && this.head.is_none() && this.phase.in_flight.load(Ordering::Acquire) == 0 {
                     this.head = Some((Instant::now(), started));
@@ -116,6 +138,31 @@ impl<S: AsyncRead + Unpin> AsyncRead for HeadTimeoutIo<S> {
             other => other,
         }
     }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> HeadTimeoutIo<S> {
+    /// Writes the 400 for a bare-LF head, then fails the read so hyper closes the connection.
+    fn poll_reject(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some(written) = self.rejecting.filter(|w| *w < BARE_LF_RESPONSE.len()) {
+            match Pin::new(&mut self.inner).poll_write(cx, &BARE_LF_RESPONSE[written..]) {
+                Poll::Ready(Ok(0)) => break,
+                Poll::Ready(Ok(n)) => self.rejecting = Some(written + n),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        match Pin::new(&mut self.inner).poll_flush(cx) {
+            Poll::Pending => Poll::Pending,
+            _ => Poll::Ready(Err(bare_lf_error())),
+        }
+    }
+}
+
+fn bare_lf_error() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        "request head with a bare LF line end (answered 400)",
+    )
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for HeadTimeoutIo<S> {
@@ -239,6 +286,8 @@ where
                         sleep: None,
                         first_read: true,
                         disabled: false,
+                        bare_lf: BareLfGuard::default(),
+                        rejecting: None,
                         _alive: alive_token.clone(),
                     };
                     let handler = handler.clone();

@@ -95,6 +95,52 @@ async fn h2c_upgrade_requests_are_forwarded_without_the_upgrade() {
     }
 }
 
+/// A request line or header ended by a bare LF: 400 and a closed connection, never a request
+/// the upstream sees (a CRLF-only front would frame it differently, RFC 9112 §2.2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heads_with_bare_lf_line_ends_get_400_and_never_reach_the_upstream() {
+    let (up, agent) = echo_agent().await;
+    for request in [
+        &b"GET /lf HTTP/1.1\nHost: app.test\r\n\r\n"[..],
+        b"GET /lf HTTP/1.1\r\nHost: app.test\nX-Smuggled: 1\r\n\r\n",
+        b"GET /lf HTTP/1.1\r\nHost: app.test\r\n\n",
+    ] {
+        let reply = raw_exchange(agent.proxy_addr(), request).await;
+        assert_eq!(
+            reply.status,
+            400,
+            "{:?}: {}",
+            String::from_utf8_lossy(request),
+            reply.text()
+        );
+        assert!(reply.text().contains("bare LF"), "{}", reply.text());
+    }
+    assert_eq!(up.requests(), 0, "a bare-LF request reached the upstream");
+
+    // CRLF requests on one keep-alive connection, the first with a body full of bare LFs:
+    // bodies are not heads, and the second request is still checked and served.
+    let body = "a\nb\n\nc";
+    let two = format!(
+        "POST /body HTTP/1.1\r\nHost: app.test\r\nContent-Length: {}\r\n\r\n{body}\
+         GET /second HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let mut s = tokio::net::TcpStream::connect(agent.proxy_addr()).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut s, two.as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    for path in ["/body", "/second"] {
+        let r = client::read_response(&mut s, &mut buf)
+            .await
+            .unwrap()
+            .expect("a response");
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        assert!(r.text().contains(path), "{path}: {}", r.text());
+    }
+    assert_eq!(up.requests(), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hop_by_hop_response_headers_are_not_returned() {
     let (_up, agent) = echo_agent().await;
