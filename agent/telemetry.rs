@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -79,6 +79,22 @@ impl Counter {
     }
 }
 
+/// A value that goes up and down.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicI64);
+
+impl Gauge {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Relaxed);
+    }
+    pub fn dec(&self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+    pub fn get(&self) -> i64 {
+        self.0.load(Relaxed)
+    }
+}
+
 /// Every metric the agent exports.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -94,6 +110,8 @@ pub struct Metrics {
     pub secret_fetch_failures: Counter,
     pub promotions: Counter,
     pub demotions: Counter,
+    /// Mirrored copies waiting for their body or being sent (at most `MIRROR_MAX_IN_FLIGHT`).
+    pub mirrors_in_flight: Gauge,
 }
 
 impl Metrics {
@@ -227,6 +245,12 @@ impl Metrics {
             "tunnel_agent_demotions_total",
             "Changes of this node's role to standby.",
             &self.demotions,
+        );
+        let name = "tunnel_agent_mirrors_in_flight";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Mirrored requests waiting for their body or being sent.\n# TYPE {name} gauge\n{name} {}",
+            self.mirrors_in_flight.get()
         );
     }
 }

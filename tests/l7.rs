@@ -1,17 +1,17 @@
 //! L7 routing against the real binary: matching and precedence, filters, weights, timeouts,
 //! mirroring and the config API, through real HTTP to echo upstreams that report what they saw.
 //!
-//! The harness is local to this file on purpose (a shared one lives in tests/common).
+//! The agent runs under the shared harness (tests/common: its process, directory and log); the
+//! echo upstreams and the request helpers below are this file's own.
+
+mod common;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -26,48 +26,30 @@ use tokio::time::Instant;
 
 const API_TOKEN: &str = "test-config-token";
 
-/// A scratch directory removed on drop.
-struct TempDir(PathBuf);
+/// An agent's directory (config, state and runtime dirs), kept across a restart.
+struct TempDir(common::AgentBuilder);
 
 impl TempDir {
     fn new() -> TempDir {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "tunnel-agent-l7-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        TempDir(common::AgentBuilder::new())
     }
 }
 
 /// The agent binary, running with a generated config.
 struct Agent {
-    child: Child,
+    process: common::Agent,
     proxy: SocketAddr,
     health: SocketAddr,
     api: Option<SocketAddr>,
-    log: Arc<Mutex<String>>,
     client: reqwest::Client,
-}
-
-fn listen_addr(line: &str) -> Option<SocketAddr> {
-    let rest = &line[line.find("listen=")? + "listen=".len()..];
-    rest.split_whitespace().next()?.parse().ok()
 }
 
 impl Agent {
     /// Starts the agent with `routes_toml` appended to a config that listens on ephemeral
     /// loopback ports and keeps its files in `dir`. With `api`, routes come from the config API.
-    fn start(dir: &Path, routes_toml: &str, api: bool) -> Agent {
+    async fn start(dir: &TempDir, routes_toml: &str, api: bool) -> Agent {
+        let builder = dir.0.clone();
+        let dir = builder.dir().to_owned();
         let mut toml = format!(
             r#"
 [agent]
@@ -103,57 +85,13 @@ auth_secret = "config_token"
             );
         }
         toml.push_str(routes_toml);
-        let path = dir.join("agent.toml");
-        std::fs::write(&path, toml).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tunnel-agent"))
-            .arg("run")
-            .arg("-c")
-            .arg(&path)
-            .env("L7_TEST_CONFIG_TOKEN", API_TOKEN)
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("JOURNAL_STREAM")
-            .env_remove("WATCHDOG_USEC")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn tunnel-agent");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = mpsc::channel::<String>();
-        {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines() {
-                    let Ok(line) = line else { break };
-                    log.lock().unwrap().push_str(&line);
-                    log.lock().unwrap().push('\n');
-                    let _ = tx.send(line);
-                }
-            });
-        }
-        let (mut proxy, mut health, mut api_addr) = (None, None, None);
-        let deadline = std::time::Duration::from_secs(20);
-        let started = std::time::SystemTime::now();
-        while proxy.is_none() || health.is_none() || (api && api_addr.is_none()) {
-            let left = deadline.saturating_sub(started.elapsed().unwrap_or_default());
-            match rx.recv_timeout(left) {
-                Ok(line) if line.contains("health listener up") => health = listen_addr(&line),
-                Ok(line) if line.contains("config api up") => api_addr = listen_addr(&line),
-                Ok(line) if line.contains("proxy up") => proxy = listen_addr(&line),
-                Ok(_) => {}
-                Err(_) => {
-                    let _ = child.kill();
-                    panic!("agent did not come up; log:\n{}", log.lock().unwrap());
-                }
-            }
-        }
+        let mut process = builder.env("L7_TEST_CONFIG_TOKEN", API_TOKEN).spawn(&toml);
+        process.wait_ready().await;
         Agent {
-            child,
-            proxy: proxy.unwrap(),
-            health: health.unwrap(),
-            api: api_addr,
-            log,
+            proxy: process.proxy_addr(),
+            health: process.health_addr(),
+            api: api.then(|| process.config_api_addr()),
+            process,
             client: reqwest::Client::builder()
                 .no_proxy()
                 .redirect(reqwest::redirect::Policy::none())
@@ -205,23 +143,22 @@ auth_secret = "config_token"
         Reply::read(self.client.get(url).send().await.expect("answers")).await
     }
 
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        for _ in 0..100 {
-            if let Ok(Some(_)) = self.child.try_wait() {
+    /// Waits until no mirrored copy is waiting or being sent (`tunnel_agent_mirrors_in_flight`).
+    async fn mirrors_settled(&self) {
+        let url = format!("http://{}/metrics", self.health);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let metrics = self.get_url(url.clone()).await.body;
+            if metrics.lines().any(|l| l == "tunnel_agent_mirrors_in_flight 0") {
                 return;
             }
-            std::thread::sleep(std::time::Duration::from_millis(50));
+            assert!(Instant::now() < deadline, "mirrors still in flight:\n{metrics}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    }
+
+    fn log(&self) -> String {
+        self.process.logs().join("\n")
     }
 }
 
@@ -378,8 +315,7 @@ async fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
 async fn matching_precedence_and_filters_over_http() {
     let (a, b) = (echo("a").await, echo("b").await);
     let dir = TempDir::new();
-    let agent = Agent::start(
-        &dir.0,
+    let agent = Agent::start(&dir,
         &format!(
             r#"
 [[route]]
@@ -430,7 +366,7 @@ matches = [{{ path = {{ type = "RegularExpression", value = "/items/[0-9]+" }}, 
             b = b.addr
         ),
         false,
-    );
+    ).await;
     let app = "app.example.com";
     // Per-match precedence: PathPrefix /bar beats rule a's PathPrefix /, Exact /foo beats both.
     assert_eq!(agent.get(app, "/bar/x", &[]).await.upstream(), "b");
@@ -487,8 +423,7 @@ matches = [{{ path = {{ type = "RegularExpression", value = "/items/[0-9]+" }}, 
 async fn weighted_backends_split_traffic_within_tolerance() {
     let (a, b, c) = (echo("a").await, echo("b").await, echo("c").await);
     let dir = TempDir::new();
-    let agent = Agent::start(
-        &dir.0,
+    let agent = Agent::start(&dir,
         &format!(
             r#"
 [[route]]
@@ -508,7 +443,7 @@ backends = [{{ url = "http://{a}", weight = 0 }}, {{ url = "http://{b}", weight 
             c = c.addr
         ),
         false,
-    );
+    ).await;
     const N: usize = 1000;
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     for _ in 0..N {
@@ -537,7 +472,7 @@ async fn timeouts_answer_504_but_never_cut_a_streaming_response() {
     let a = echo("a").await;
     let dir = TempDir::new();
     let agent = Agent::start(
-        &dir.0,
+        &dir,
         &format!(
             r#"
 [[route]]
@@ -553,7 +488,8 @@ timeouts = {{ request = "300ms" }}
             a = a.addr
         ),
         false,
-    );
+    )
+    .await;
     for host in ["backend.example.com", "request.example.com"] {
         let started = Instant::now();
         let r = agent.get(host, "/slow?ms=3000", &[]).await;
@@ -600,7 +536,7 @@ fn parity_table(version: u64, upstream: SocketAddr) -> Value {
 async fn config_api_auth_media_type_size_validation_versions_and_readiness() {
     let a = echo("a").await;
     let dir = TempDir::new();
-    let agent = Agent::start(&dir.0, "", true);
+    let agent = Agent::start(&dir, "", true).await;
     let api = agent.api.unwrap();
     let ready = format!("http://{}/ready", agent.health);
 
@@ -780,10 +716,10 @@ async fn pushed_config_survives_a_restart_with_its_version() {
     let a = echo("a").await;
     let dir = TempDir::new();
     {
-        let agent = Agent::start(&dir.0, "", true);
+        let agent = Agent::start(&dir, "", true).await;
         assert_eq!(agent.push(&parity_table(8, a.addr)).await.status, 200);
     }
-    let agent = Agent::start(&dir.0, "", true);
+    let agent = Agent::start(&dir, "", true).await;
     let api = agent.api.unwrap();
     assert_eq!(
         agent.get_url(format!("http://{api}/config")).await.json(),
@@ -804,7 +740,7 @@ async fn pushed_config_survives_a_restart_with_its_version() {
 async fn concurrent_puts_leave_the_highest_version_whole() {
     let a = echo("a").await;
     let dir = TempDir::new();
-    let agent = Arc::new(Agent::start(&dir.0, "", true));
+    let agent = Arc::new(Agent::start(&dir, "", true).await);
     let mut tasks = Vec::new();
     for version in (1..=20u64).rev() {
         let agent = agent.clone();
@@ -828,7 +764,7 @@ async fn concurrent_puts_leave_the_highest_version_whole() {
 async fn requests_during_100_rapid_puts_see_only_whole_tables() {
     let a = echo("a").await;
     let dir = TempDir::new();
-    let agent = Arc::new(Agent::start(&dir.0, "", true));
+    let agent = Arc::new(Agent::start(&dir, "", true).await);
     assert_eq!(agent.push(&parity_table(1, a.addr)).await.status, 200);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut readers = Vec::new();
@@ -880,8 +816,7 @@ async fn mirror_copies_requests_without_delaying_or_failing_them() {
     // A port nobody listens on.
     let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
     let dir = TempDir::new();
-    let agent = Agent::start(
-        &dir.0,
+    let agent = Agent::start(&dir,
         &format!(
             r#"
 [[route]]
@@ -910,7 +845,7 @@ filters = [
             m = m.addr,
         ),
         false,
-    );
+    ).await;
     // A body and a GET are both copied, filters applied, credentials not.
     let r = agent.post("m.example.com", "/submit?x=1", b"payload".to_vec()).await;
     assert_eq!((r.status, r.upstream()), (200, "a"));
@@ -945,7 +880,7 @@ filters = [
             .any(|s| s.target == "/after-big"))
         .await
     );
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    agent.mirrors_settled().await;
     assert!(
         m.seen.lock().unwrap().iter().all(|s| s.target != "/big"),
         "oversized body was mirrored"
@@ -956,7 +891,9 @@ filters = [
     for _ in 0..200 {
         assert_eq!(agent.get("half.example.com", "/h", &[]).await.status, 200);
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Every sampled copy took its slot before its request was answered: once none is in
+    // flight, every copy has reached the mirror (or failed).
+    agent.mirrors_settled().await;
     let mirrored = m.seen.lock().unwrap().iter().filter(|s| s.target == "/h").count();
     assert!((58..=142).contains(&mirrored), "{mirrored} of 200 mirrored");
 
@@ -965,8 +902,10 @@ filters = [
         let started = Instant::now();
         let r = agent.post("dead.example.com", "/d", b"x".to_vec()).await;
         assert_eq!((r.status, r.upstream()), (200, "a"));
+        // The mirrors' timeout is 5 s: a request that waited for the blackhole would take at
+        // least that long. The bound leaves a loaded machine room below it.
         assert!(
-            started.elapsed() < Duration::from_secs(1),
+            started.elapsed() < Duration::from_secs(4),
             "took {:?}",
             started.elapsed()
         );
@@ -979,7 +918,7 @@ filters = [
 async fn controller_push_fields_take_effect_over_http() {
     let (a, b) = (echo("a").await, echo("b").await);
     let dir = TempDir::new();
-    let agent = Agent::start(&dir.0, "", true);
+    let agent = Agent::start(&dir, "", true).await;
     let push = json!({ "version": 3, "hasGrpcRoute": true, "rules": [
         { "hostnames": ["old.example.com"], "matches": null, "backends": null, "filters": [
             { "type": "RequestRedirect", "requestRedirect": { "scheme": "https", "statusCode": 301 } }] },
@@ -1083,7 +1022,7 @@ async fn host_header_is_a_per_route_choice() {
     let a = echo("a").await;
     let dir = TempDir::new();
     let agent = Agent::start(
-        &dir.0,
+        &dir,
         &format!(
             r#"
 [routes.hosts]
@@ -1101,7 +1040,8 @@ backends = [{{ url = "http://{a}" }}, {{ url = "http://{a}", weight = 0, host_he
             a = a.addr
         ),
         false,
-    );
+    )
+    .await;
     let upstream_host = a.addr.to_string();
     let seen = agent.get("map.example.com", "/", &[]).await.json();
     assert_eq!(seen["headers"]["host"], json!([upstream_host]));

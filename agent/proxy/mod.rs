@@ -463,10 +463,11 @@ impl Proxy {
     ) -> Option<MirrorTee> {
         let mut waiting = Vec::new();
         for mirror in mirrors.filter(|m| m.sampled()) {
-            let Ok(slot) = self.mirror_slots.clone().try_acquire_owned() else {
+            let Ok(permit) = self.mirror_slots.clone().try_acquire_owned() else {
                 tracing::debug!(route = %rule.route, mirror = %mirror.upstream.url, "mirror skipped: too many mirrored requests in flight");
                 continue;
             };
+            let slot = MirrorSlot::new(permit, self.metrics.clone());
             let (tx, rx) = tokio::sync::oneshot::channel::<Bytes>();
             waiting.push(tx);
             let mut req = Request::new(());
@@ -744,6 +745,29 @@ fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
 }
 
 /// One mirrored request, sent once its body copy is complete.
+/// A mirror's place among the `MIRROR_MAX_IN_FLIGHT`, counted in `mirrors_in_flight` while
+/// its task holds it.
+struct MirrorSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+}
+
+impl MirrorSlot {
+    fn new(permit: tokio::sync::OwnedSemaphorePermit, metrics: Arc<Metrics>) -> MirrorSlot {
+        metrics.mirrors_in_flight.inc();
+        MirrorSlot {
+            _permit: permit,
+            metrics,
+        }
+    }
+}
+
+impl Drop for MirrorSlot {
+    fn drop(&mut self) {
+        self.metrics.mirrors_in_flight.dec();
+    }
+}
+
 struct MirrorTask {
     upstream: crate::routing::table::Upstream,
     protocol: UpstreamProtocol,

@@ -168,7 +168,9 @@ fn replace_key(lines: &mut Vec<String>, line: &str) {
     lines.push(line.to_owned());
 }
 
-/// Prepares an agent's directory and environment before starting it.
+/// Prepares an agent's directory and environment before starting it. A clone shares the
+/// directory: the agent it starts finds its predecessor's state and runtime directories.
+#[derive(Clone)]
 pub struct AgentBuilder {
     /// Shared with the agents started from it (and their successors), so a restarted agent
     /// finds its predecessor's state and runtime directories.
