@@ -367,29 +367,14 @@ impl Proxy {
         } else {
             None
         };
-        if backend.auth == UpstreamAuthKind::GcpIdToken {
-            let token = self
-                .tokens
-                .header(&backend.upstream.url)
-                .await
-                .map_err(|e| ProxyError::TokenUnavailable {
-                    upstream: backend.upstream.url.to_string(),
-                    reason: e.to_string(),
-                })?;
-            let name = match backend.auth_header {
-                AuthHeaderKind::Authorization => header::AUTHORIZATION,
-                AuthHeaderKind::XServerlessAuthorization => X_SERVERLESS_AUTHORIZATION,
-            };
-            headers.insert(name, token);
-        }
-        parts.uri = backend
-            .upstream
-            .uri_for(rewritten.as_ref().or(parts.uri.path_and_query()))
-            .map_err(|e| ProxyError::BadUpstreamUri(e.to_string()))?;
-        parts.version = match backend.protocol {
-            UpstreamProtocol::H2c => Version::HTTP_2,
-            UpstreamProtocol::Auto => Version::HTTP_11,
+        let pq = rewritten.or_else(|| parts.uri.path_and_query().cloned());
+        let target = UpstreamTarget {
+            upstream: &backend.upstream,
+            protocol: backend.protocol,
+            auth: backend.auth,
+            auth_header: backend.auth_header,
         };
+        target.address(&self.tokens, &mut parts, pq.as_ref()).await?;
         // Extensions are per hop (hyper's connection info, upgrade handles): start clean.
         parts.extensions = http::Extensions::new();
         let progress = Arc::new(BodyProgress::new());
@@ -745,6 +730,47 @@ fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
 }
 
 /// One mirrored request, sent once its body copy is complete.
+/// One upstream as a request is sent to it: the request itself and each of its mirror copies.
+struct UpstreamTarget<'a> {
+    upstream: &'a crate::routing::table::Upstream,
+    protocol: UpstreamProtocol,
+    auth: UpstreamAuthKind,
+    auth_header: AuthHeaderKind,
+}
+
+impl UpstreamTarget<'_> {
+    /// Points `parts` at the upstream: its URI for `path_and_query`, an identity token when the
+    /// upstream wants one (`upstream_auth = "gcp-id-token"`), the HTTP version of its protocol.
+    async fn address(
+        &self,
+        tokens: &Arc<IdTokenCache>,
+        parts: &mut http::request::Parts,
+        path_and_query: Option<&PathAndQuery>,
+    ) -> Result<(), ProxyError> {
+        let url = &self.upstream.url;
+        if self.auth == UpstreamAuthKind::GcpIdToken {
+            let token = tokens.header(url).await.map_err(|e| ProxyError::TokenUnavailable {
+                upstream: url.to_string(),
+                reason: e.to_string(),
+            })?;
+            let name = match self.auth_header {
+                AuthHeaderKind::Authorization => header::AUTHORIZATION,
+                AuthHeaderKind::XServerlessAuthorization => X_SERVERLESS_AUTHORIZATION,
+            };
+            parts.headers.insert(name, token);
+        }
+        parts.uri = self
+            .upstream
+            .uri_for(path_and_query)
+            .map_err(|e| ProxyError::BadUpstreamUri(e.to_string()))?;
+        parts.version = match self.protocol {
+            UpstreamProtocol::H2c => Version::HTTP_2,
+            UpstreamProtocol::Auto => Version::HTTP_11,
+        };
+        Ok(())
+    }
+}
+
 /// A mirror's place among the `MIRROR_MAX_IN_FLIGHT`, counted in `mirrors_in_flight` while
 /// its task holds it.
 struct MirrorSlot {
@@ -787,32 +813,19 @@ impl MirrorTask {
     async fn send(self, body: Bytes) {
         let url = &self.upstream.url;
         let (mut parts, ()) = self.head.into_parts();
-        parts.uri = match self.upstream.uri_for(self.path_and_query.as_ref()) {
-            Ok(uri) => uri,
-            Err(e) => {
-                tracing::debug!(route = %self.route, mirror = %url, error = %e, "mirror skipped");
-                return;
-            }
+        let target = UpstreamTarget {
+            upstream: &self.upstream,
+            protocol: self.protocol,
+            auth: self.auth,
+            auth_header: self.auth_header,
         };
-        if self.auth == UpstreamAuthKind::GcpIdToken {
-            match self.tokens.header(url).await {
-                Ok(v) => {
-                    let name = match self.auth_header {
-                        AuthHeaderKind::Authorization => header::AUTHORIZATION,
-                        AuthHeaderKind::XServerlessAuthorization => X_SERVERLESS_AUTHORIZATION,
-                    };
-                    parts.headers.insert(name, v);
-                }
-                Err(e) => {
-                    tracing::debug!(route = %self.route, mirror = %url, error = %e, "mirror skipped: no identity token");
-                    return;
-                }
-            }
+        if let Err(e) = target
+            .address(&self.tokens, &mut parts, self.path_and_query.as_ref())
+            .await
+        {
+            tracing::debug!(route = %self.route, mirror = %url, error = %e, "mirror skipped");
+            return;
         }
-        parts.version = match self.protocol {
-            UpstreamProtocol::H2c => Version::HTTP_2,
-            UpstreamProtocol::Auto => Version::HTTP_11,
-        };
         let req = Request::from_parts(parts, Full::new(body));
         let sent = match self.protocol {
             UpstreamProtocol::Auto => self.client.request(req),
