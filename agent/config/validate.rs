@@ -9,19 +9,34 @@ use super::{Config, Problem, RouteSourceKind, SecretSourceKind, SecretVersionNam
 pub type RouteCheck<'a> = &'a dyn Fn(&Config) -> Vec<Problem>;
 
 impl Config {
-    /// Checks everything the types cannot. Returns all problems found. `route_check` checks the
-    /// route contents; its problems are listed where the route section's are.
+    /// Checks everything the types cannot, section by section. Returns all problems found.
+    /// `route_check` checks the route contents; its problems are listed where the route
+    /// section's are.
     pub fn validate(&self, route_check: RouteCheck) -> Vec<Problem> {
         let mut out = Vec::new();
         let mut bad = |key: String, reason: String| out.push(Problem { key, reason });
+        self.validate_agent(&mut bad);
+        self.validate_secrets(&mut bad);
+        self.validate_proxy(&mut bad);
+        self.validate_routes(route_check, &mut bad);
+        self.validate_cloudflared(&mut bad);
+        self.validate_metadata_attributes(&mut bad);
+        self.validate_gcp(&mut bad);
+        out
+    }
 
+    /// `[agent]`.
+    fn validate_agent(&self, bad: &mut dyn FnMut(String, String)) {
         if self.agent.shutdown_grace.is_zero() {
             bad("agent.shutdown_grace".into(), "must be greater than 0".into());
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.agent.log_level) {
             bad("agent.log_level".into(), format!("invalid filter: {e}"));
         }
+    }
 
+    /// `[secrets.*]`: each source's own key, and only it.
+    fn validate_secrets(&self, bad: &mut dyn FnMut(String, String)) {
         for (name, spec) in &self.secrets {
             let key = |k: &str| format!("secrets.{name}.{k}");
             let want = match spec.source {
@@ -50,7 +65,10 @@ impl Config {
                 bad(key("refresh"), "must be at least 1s".into());
             }
         }
+    }
 
+    /// `[proxy]`, and the listeners' addresses.
+    fn validate_proxy(&self, bad: &mut dyn FnMut(String, String)) {
         let p = &self.proxy;
         if let Some(secret) = &p.auth_secret {
             if !self.secrets.contains_key(secret) {
@@ -88,7 +106,10 @@ impl Config {
                 format!("same address as proxy.listen ({})", p.listen),
             );
         }
+    }
 
+    /// `[routes]`, `[[route]]` and `[config_api]`; the route contents through `route_check`.
+    fn validate_routes(&self, route_check: RouteCheck, bad: &mut dyn FnMut(String, String)) {
         let r = &self.routes;
         if r.source != RouteSourceKind::File && r.file.is_some() {
             bad("routes.file".into(), "only used with source = \"file\"".into());
@@ -144,7 +165,10 @@ impl Config {
         for p in route_check(self) {
             bad(p.key, p.reason);
         }
+    }
 
+    /// `[cloudflared]`.
+    fn validate_cloudflared(&self, bad: &mut dyn FnMut(String, String)) {
         let cf = &self.cloudflared;
         if cf.enabled {
             match (&cf.token_secret, &cf.credentials_file) {
@@ -187,8 +211,12 @@ impl Config {
                 }
             }
         }
+    }
+
+    /// The metadata attributes watched for the role and the routes.
+    fn validate_metadata_attributes(&self, bad: &mut dyn FnMut(String, String)) {
         if let Some(a) = &self.role_watch.attribute {
-            if a.is_empty() || !a.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+            if !is_attribute_name(a) {
                 bad(
                     "role_watch.attribute".into(),
                     format!("{a:?} is not a metadata attribute name"),
@@ -201,15 +229,17 @@ impl Config {
                     "routes.attribute".into(),
                     "required for source = \"gcp-metadata\"".into(),
                 ),
-                Some(a) if a.is_empty() || !a.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') => {
-                    bad(
-                        "routes.attribute".into(),
-                        format!("{a:?} is not a metadata attribute name"),
-                    )
-                }
+                Some(a) if !is_attribute_name(a) => bad(
+                    "routes.attribute".into(),
+                    format!("{a:?} is not a metadata attribute name"),
+                ),
                 _ => {}
             }
         }
+    }
+
+    /// `[gcp]`.
+    fn validate_gcp(&self, bad: &mut dyn FnMut(String, String)) {
         if let Some(url) = &self.gcp.secret_manager_endpoint {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 bad(
@@ -221,16 +251,14 @@ impl Config {
         if let Some(url) = &self.gcp.metadata_url {
             match reqwest::Url::parse(url) {
                 Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
-                Ok(_) => out.push(Problem {
-                    key: "gcp.metadata_url".into(),
-                    reason: "must be an http:// or https:// URL".into(),
-                }),
-                Err(e) => out.push(Problem {
-                    key: "gcp.metadata_url".into(),
-                    reason: format!("invalid URL: {e}"),
-                }),
+                Ok(_) => bad("gcp.metadata_url".into(), "must be an http:// or https:// URL".into()),
+                Err(e) => bad("gcp.metadata_url".into(), format!("invalid URL: {e}")),
             }
         }
-        out
     }
+}
+
+/// A GCE metadata attribute name: letters, digits, `-` and `_`.
+fn is_attribute_name(a: &str) -> bool {
+    !a.is_empty() && a.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
