@@ -109,9 +109,10 @@ async fn start(
         config.gcp.metadata_timeout.max(Duration::from_secs(10)),
     )?);
 
-    // 1. Config (loaded and validated by the caller).
+    // 1. Config (loaded and validated by the caller), and what the cloudflared it names can do.
     health.config_loaded.store(true, Ordering::Release);
     health.update_status(|s| s.config_file = config_path.display().to_string());
+    let cloudflared_version = detect_cloudflared(&config, &health).await?;
 
     // 2. Secrets.
     systemd::status("fetching secrets");
@@ -193,6 +194,7 @@ async fn start(
         role,
         role_source,
         routes_version: watch::Sender::new(None),
+        cloudflared_version,
     });
     stack.push(Stop::Node);
     node.publish_role();
@@ -284,4 +286,35 @@ async fn start(
         roles: role_rx,
         watchdog: systemd::watchdog_interval().map(tokio::time::interval),
     })
+}
+
+/// Asks the configured cloudflared its version, once: logged, shown in `/status` and the
+/// metrics, and checked against the token delivery. A cloudflared that cannot be asked is only
+/// warned about here (starting it will say what is wrong, and a standby may never start it).
+async fn detect_cloudflared(
+    config: &Config,
+    health: &Health,
+) -> anyhow::Result<Option<crate::tunnel_version::CloudflaredVersion>> {
+    let cf = &config.cloudflared;
+    if !cf.enabled {
+        return Ok(None);
+    }
+    match crate::tunnel_version::detect(&cf.path, Duration::from_secs(10)).await {
+        Ok(version) => {
+            tracing::info!(
+                program = %cf.path.display(),
+                version = %version.version,
+                "cloudflared version {} ({})",
+                version.version,
+                cf.path.display()
+            );
+            health.tunnel.set_version(version.version.clone());
+            crate::tunnel_version::check_delivery(&cf.path, &version, cf.token_delivery)?;
+            Ok(Some(version))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot tell cloudflared's version: {e}");
+            Ok(None)
+        }
+    }
 }

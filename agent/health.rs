@@ -210,6 +210,7 @@ impl Health {
         let pid = t.pid.load(Ordering::Acquire);
         json!({
             "wanted": t.wanted.load(Ordering::Acquire),
+            "version": d.version,
             "pid": (pid != 0).then_some(pid),
             "connections": t.connections.load(Ordering::Acquire),
             "connector_id": d.connector_id,
@@ -251,6 +252,12 @@ impl Health {
         ];
         for (name, help, v) in gauges {
             out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"));
+        }
+        if let Some(version) = t.detail().version {
+            // Validated by tunnel_version::parse: no quote or backslash to escape.
+            out.push_str(&format!(
+                "# HELP tunnel_agent_cloudflared_info The cloudflared version the agent detected at boot.\n# TYPE tunnel_agent_cloudflared_info gauge\ntunnel_agent_cloudflared_info{{version=\"{version}\"}} 1\n"
+            ));
         }
         let restarts = t.restarts.load(Ordering::Acquire);
         out.push_str(&format!(

@@ -221,7 +221,12 @@ fn run(path: PathBuf) -> ExitCode {
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "tunnel-agent failed");
             eprintln!("tunnel-agent: {e:#}");
-            ExitCode::FAILURE
+            // A cloudflared too old for the configuration: restarting cannot fix it.
+            if e.downcast_ref::<tunnel_agent::tunnel_version::Unsupported>().is_some() {
+                ExitCode::from(tunnel_agent::EXIT_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

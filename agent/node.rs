@@ -101,6 +101,8 @@ pub struct Node {
     pub role_source: RoleSource,
     /// The applied table's pushed version, for the config API's `GET /config` and `/readyz`.
     pub routes_version: watch::Sender<Option<u64>>,
+    /// `cloudflared --version` at boot, when cloudflared is enabled and answered.
+    pub cloudflared_version: Option<crate::tunnel_version::CloudflaredVersion>,
 }
 
 /// What the loop does after an event.
@@ -268,6 +270,11 @@ impl Node {
 
     async fn try_reload(&mut self) -> anyhow::Result<()> {
         let mut new = crate::routing::load_config(&self.config_path)?;
+        if let (Some(version), true) = (&self.cloudflared_version, new.cloudflared.enabled) {
+            if new.cloudflared.path == self.config.cloudflared.path {
+                crate::tunnel_version::check_delivery(&new.cloudflared.path, version, new.cloudflared.token_delivery)?;
+            }
+        }
         let pending = self.config.restart_only_differences(&new);
         // From here on `new` holds the running values of restart-only settings, so nothing
         // below acts on one of them (a new runtime_dir, a new route source) before a restart.

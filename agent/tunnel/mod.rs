@@ -184,11 +184,18 @@ pub struct TunnelDetail {
     /// When a poll last saw at least one connection.
     pub last_connected: Option<Instant>,
     pub started_at: Option<Instant>,
+    /// What `cloudflared --version` said at boot.
+    pub version: Option<String>,
 }
 
 impl TunnelState {
     pub fn detail(&self) -> TunnelDetail {
         self.detail.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Records the version detected at boot.
+    pub fn set_version(&self, version: String) {
+        self.with_detail(|d| d.version = Some(version));
     }
 
     fn with_detail(&self, f: impl FnOnce(&mut TunnelDetail)) {
