@@ -128,6 +128,7 @@ pub fn tunnel_spec(
     let token = cf.token_secret.as_ref().and_then(|n| secrets.get(n)).cloned();
     let hostnames: Vec<String> = table.summary.iter().flat_map(|r| r.hostnames.iter().cloned()).collect();
     let mut spec = TunnelSpec::new(cf, token, &config.agent.runtime_dir, origin, &hostnames);
+    spec.home = Some(config.agent.state_dir.clone());
     spec.scrub_env = config
         .secrets
         .values()

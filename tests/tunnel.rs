@@ -66,17 +66,24 @@ async fn starts_after_the_proxy_with_the_token_only_in_its_environment() {
     let notify = NotifySocket::bind(builder.dir());
     let cf = FakeCloudflared::new(builder.dir());
     let (k, v) = cf.env();
+    // The fake exits 3 if the proxy did not accept connections when it started. A remotely
+    // managed tunnel's ingress lives at Cloudflare, so the test tells the fake where the proxy
+    // is (FAKE_CF_ORIGIN, inherited through the agent); the agent itself sets no such variable.
+    let proxy_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
     let agent = builder
         .env(k, &v)
         .env("TUNNEL_TOKEN_FOR_TEST", TOKEN)
         .env("NOTIFY_SOCKET", &notify.path.display().to_string())
         .env("WATCHDOG_USEC", "30000000")
-        .start(&config(&cf, &[]))
+        .env("FAKE_CF_ORIGIN", &format!("http://127.0.0.1:{proxy_port}"))
+        .start(&config(&cf, &[]).proxy(&format!("listen = \"127.0.0.1:{proxy_port}\"")))
         .await;
     let ready = wait_ready(&agent).await;
     assert_eq!(ready["components"]["cloudflared"], "connected (4)", "{ready}");
 
-    // The fake exits 3 if the proxy did not accept connections when it started.
     assert_eq!(cf.count("origin-down"), 0, "{:?}", cf.events());
     let pids = cf.started_pids();
     assert_eq!(pids.len(), 1, "{:?}", cf.events());
@@ -102,6 +109,15 @@ async fn starts_after_the_proxy_with_the_token_only_in_its_environment() {
         !env.contains("TUNNEL_TOKEN_FOR_TEST="),
         "the source variable is scrubbed: {env}"
     );
+    assert!(
+        !env.contains("TUNNEL_AGENT_"),
+        "no test hook in the production cloudflared's environment: {env}"
+    );
+    let home = format!("HOME={}", agent.dir().join("state").display());
+    assert!(
+        env.lines().any(|l| l == home),
+        "cloudflared's HOME is the state dir: {env}"
+    );
 
     // Never in argv: not cloudflared's, not the agent's.
     let argv = cmdline(pid);
@@ -116,6 +132,16 @@ async fn starts_after_the_proxy_with_the_token_only_in_its_environment() {
     let (code, status) = get_json(&agent, "/status").await;
     assert_eq!(code, 200);
     assert_eq!(status["cloudflared"]["pid"], pid);
+    assert_eq!(status["cloudflared"]["version"], "2026.8.2", "{status}");
+    assert_eq!(status["cloudflared"]["connector_id"], format!("fake-{pid}"), "{status}");
+    assert!(
+        agent
+            .logs()
+            .iter()
+            .any(|l| l.contains("INFO") && l.contains("is 2026.8.2")),
+        "the boot log names cloudflared's version: {:#?}",
+        agent.logs()
+    );
     assert!(!status.to_string().contains(TOKEN));
     let (code, _) = get_json(&agent, "/active").await;
     assert_eq!(code, 200);
@@ -126,6 +152,10 @@ async fn starts_after_the_proxy_with_the_token_only_in_its_environment() {
         .await
         .unwrap();
     assert!(metrics.contains("tunnel_agent_cloudflared_connections 4"), "{metrics}");
+    assert!(
+        metrics.contains("tunnel_agent_cloudflared_info{version=\"2026.8.2\"} 1"),
+        "{metrics}"
+    );
     assert!(
         metrics.contains("cloudflared_tunnel_ha_connections 4"),
         "cloudflared's own metrics re-exported"
@@ -434,4 +464,136 @@ async fn systemd_hears_ready_status_watchdog_reloading_and_stopping_in_order() {
     assert!(first("RELOADING=1") < last("READY=1"));
     assert!(last("READY=1") < first("STOPPING=1"));
     assert!(lines.iter().all(|l| !l.contains(TOKEN)));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cloudflared_without_token_file_support_is_refused_at_boot() {
+    // cloudflared before 2025.4 has no --token-file: it would print usage and exit 0 at every
+    // start. The agent says so and exits EX_CONFIG (78), which the unit does not restart.
+    let builder = AgentBuilder::new();
+    let cf = FakeCloudflared::new(builder.dir());
+    let (k, v) = cf.env();
+    let text = config(&cf, &["token_delivery = \"file\""]).render(builder.dir());
+    let mut agent = builder
+        .env(k, &v)
+        .env("TUNNEL_TOKEN_FOR_TEST", TOKEN)
+        .env("FAKE_CF_VERSION", "2024.12.1")
+        .spawn(&text);
+    let status = agent.wait_exit(DEADLINE).await;
+    assert_eq!(status.code(), Some(78), "{:#?}", agent.logs());
+    let logs = agent.logs().join("\n");
+    assert!(
+        logs.contains("token_delivery = \"file\" needs cloudflared 2025.4 or later") && logs.contains("is 2024.12.1"),
+        "{logs}"
+    );
+    assert_eq!(cf.count("start"), 0, "never started: {:?}", cf.events());
+    assert!(!logs.contains(TOKEN));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_old_cloudflared_still_runs_with_the_token_in_its_environment() {
+    let (agent, cf) = start_with(&[], |b| b.env("FAKE_CF_VERSION", "2024.12.1")).await;
+    wait_ready(&agent).await;
+    let (_, status) = get_json(&agent, "/status").await;
+    assert_eq!(status["cloudflared"]["version"], "2024.12.1", "{status}");
+    assert!(cf.events().iter().any(|e| e.kind == "token" && e.rest == "env"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_shows_the_connector_id_before_any_connection() {
+    // cloudflared reports its connector id on /ready from the start, 503 included.
+    let builder = AgentBuilder::new();
+    let cf = FakeCloudflared::new(builder.dir());
+    cf.set_mode("disconnected");
+    let (k, v) = cf.env();
+    let agent = builder
+        .env(k, &v)
+        .env("TUNNEL_TOKEN_FOR_TEST", TOKEN)
+        .start(&config(&cf, &[]))
+        .await;
+    let pid = cf.wait_starts(1, DEADLINE).await[0];
+    let status = eventually(DEADLINE, "connector_id in /status", || async {
+        let (_, s) = get_json(&agent, "/status").await;
+        (!s["cloudflared"]["connector_id"].is_null()).then_some(s)
+    })
+    .await;
+    assert_eq!(status["cloudflared"]["connector_id"], format!("fake-{pid}"), "{status}");
+    assert_eq!(status["cloudflared"]["connections"], 0, "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flooding_cloudflared_cannot_drown_the_agents_own_lines() {
+    // 40000 lines at once, half one repeated message: what reaches the agent's log is capped
+    // by the rate limit (tunnel_log: burst 200, then 50/s), the rest counted and summarised.
+    let flood = 40_000;
+    let builder = AgentBuilder::new();
+    let cf = FakeCloudflared::new(builder.dir());
+    cf.set_mode("flood");
+    let (k, v) = cf.env();
+    let started = tokio::time::Instant::now();
+    let mut agent = builder
+        .env(k, &v)
+        .env("TUNNEL_TOKEN_FOR_TEST", TOKEN)
+        .env("FAKE_CF_FLOOD", &flood.to_string())
+        .start(&config(&cf, &[]))
+        .await;
+    wait_ready(&agent).await;
+    eventually(DEADLINE, "the flood written", || async {
+        (cf.count("flooded") == 1).then_some(())
+    })
+    .await;
+    // The summaries come at the end of the limiter's 10 s window.
+    agent.wait_for_log(&["cloudflared repeated a line"], DEADLINE).await;
+    agent
+        .wait_for_log(&["lines in the last 10s were dropped"], DEADLINE)
+        .await;
+    // The agent's own lines still come through after the flood.
+    agent.signal(Signal::SIGTERM);
+    assert!(agent.wait_exit(DEADLINE).await.success());
+    let elapsed = started.elapsed().as_secs() + 1;
+    let logs = agent.logs();
+    let from_cf = logs.iter().filter(|l| l.contains(" cloudflared:")).count() as u64;
+    let cap = 200 + 50 * elapsed + 20;
+    assert!(
+        from_cf <= cap,
+        "{from_cf} cloudflared lines reached the log in {elapsed} s (cap {cap})"
+    );
+    let dropped: u64 = logs
+        .iter()
+        .filter(|l| l.contains("lines in the last 10s were dropped"))
+        .filter_map(|l| {
+            l.split(" dropped=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    let repeated: u64 = logs
+        .iter()
+        .filter(|l| l.contains("cloudflared repeated a line"))
+        .filter_map(|l| {
+            l.split(" repeated=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    assert_eq!(
+        repeated,
+        flood / 2 - 1,
+        "the repeated message is written once, then counted"
+    );
+    assert!(dropped > 0, "distinct lines past the limit are counted: {logs:#?}");
+    assert!(
+        from_cf + dropped + repeated >= flood,
+        "every flood line is written or counted: {from_cf} + {dropped} + {repeated}"
+    );
+    for own in ["ready", "shutting down", "cloudflared stopped", "proxy stopped"] {
+        assert!(logs.iter().any(|l| l.contains(own)), "agent line {own:?} missing");
+    }
+    println!("flood of {flood}: {from_cf} cloudflared lines written, {repeated} repeats and {dropped} drops counted");
 }

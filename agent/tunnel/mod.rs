@@ -12,6 +12,10 @@
 //!   ask for is a failure.
 //! - It sends `READY=1` itself when it sees `NOTIFY_SOCKET`, which would confuse systemd about
 //!   *our* readiness: `NOTIFY_SOCKET` and `WATCHDOG_*` are removed from its environment.
+//! - Without `HOME` (a `DynamicUser=` service has none) it looks its user up in passwd over a
+//!   hundred times before its first line (~155 ms, ~40 ms with `HOME`): `HOME` is the agent's
+//!   state directory, so a promotion is not slowed.
+//! - It logs every retry of an unreachable edge; `tunnel_log` rate-limits what reaches our log.
 //!
 //! The child runs in its own process group, so signals reach any helper it forks.
 
@@ -48,8 +52,10 @@ pub struct TunnelSpec {
     pub metrics: SocketAddr,
     pub grace: Duration,
     pub stop_margin: Duration,
-    /// The embedded proxy, for cloudflared's ingress (and the test fake's dependency check).
+    /// The embedded proxy, for cloudflared's ingress.
     pub origin: SocketAddr,
+    /// cloudflared's `HOME`: the agent's state directory.
+    pub home: Option<PathBuf>,
     /// Environment variables that hold the agent's own secrets (`source = "env"`): cloudflared
     /// would otherwise inherit them.
     pub scrub_env: Vec<String>,
@@ -111,6 +117,7 @@ impl TunnelSpec {
             grace: section.grace_period,
             stop_margin: section.stop_margin,
             origin,
+            home: None,
             scrub_env: Vec::new(),
         }
     }
@@ -299,8 +306,10 @@ fn spawn(spec: &TunnelSpec, state: &TunnelState) -> anyhow::Result<Running> {
         .env_remove("NOTIFY_SOCKET")
         .env_remove("WATCHDOG_USEC")
         .env_remove("WATCHDOG_PID")
-        .env_remove("TUNNEL_TOKEN")
-        .env("TUNNEL_AGENT_ORIGIN", format!("http://{}", spec.origin));
+        .env_remove("TUNNEL_TOKEN");
+    if let Some(home) = &spec.home {
+        cmd.env("HOME", home);
+    }
     for var in &spec.scrub_env {
         cmd.env_remove(var);
     }
@@ -311,12 +320,14 @@ fn spawn(spec: &TunnelSpec, state: &TunnelState) -> anyhow::Result<Running> {
         .spawn()
         .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", spec.program.display()))?;
     let pid = child.id().unwrap_or(0);
+    let (lines_tx, lines) = mpsc::channel(256);
     if let Some(out) = child.stdout.take() {
-        tokio::spawn(pump_logs(out, pid));
+        tokio::spawn(read_lines(out, lines_tx.clone()));
     }
     if let Some(err) = child.stderr.take() {
-        tokio::spawn(pump_logs(err, pid));
+        tokio::spawn(read_lines(err, lines_tx));
     }
+    tokio::spawn(emit_logs(lines, pid));
     let (tx, exit) = oneshot::channel();
     tokio::spawn(async move {
         let _ = tx.send(child.wait().await);
@@ -403,17 +414,72 @@ async fn read_line_capped<R: AsyncRead + Unpin>(r: &mut BufReader<R>, out: &mut 
     }
 }
 
-async fn pump_logs<R: AsyncRead + Unpin>(reader: R, pid: u32) {
+/// Sends each line `reader` yields to `lines` until EOF.
+async fn read_lines<R: AsyncRead + Unpin>(reader: R, lines: mpsc::Sender<Vec<u8>>) {
     let mut r = BufReader::new(reader);
     let mut line = Vec::with_capacity(256);
     while let Ok(true) = read_line_capped(&mut r, &mut line).await {
-        let text = String::from_utf8_lossy(&line);
-        let (level, message) = parse_log_line(text.trim_end_matches('\r'));
-        match level {
-            LogLevel::Debug => tracing::debug!(target: "cloudflared", pid, "{message}"),
-            LogLevel::Info => tracing::info!(target: "cloudflared", pid, "{message}"),
-            LogLevel::Warn => tracing::warn!(target: "cloudflared", pid, "{message}"),
-            LogLevel::Error => tracing::error!(target: "cloudflared", pid, "{message}"),
+        if lines.send(std::mem::take(&mut line)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Re-emits cloudflared's lines (stdout and stderr) into the agent's log at their own level,
+/// through the rate limit of `tunnel_log`, until both streams end.
+async fn emit_logs(mut lines: mpsc::Receiver<Vec<u8>>, pid: u32) {
+    use crate::tunnel_log::{Emit, LogLimiter};
+    let mut limiter = LogLimiter::new(Instant::now());
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let mut closed = false;
+        let (emits, line) = tokio::select! {
+            line = lines.recv() => match line {
+                Some(line) => {
+                    let text = String::from_utf8_lossy(&line).into_owned();
+                    let (level, message) = parse_log_line(text.trim_end_matches('\r'));
+                    (limiter.offer(&message, Instant::now()), Some((level, message)))
+                }
+                // Both streams closed: whatever the last window counted is said now.
+                None => {
+                    closed = true;
+                    (limiter.flush(Instant::now() + crate::tunnel_log::WINDOW), None)
+                }
+            },
+            _ = tick.tick() => (limiter.flush(Instant::now()), None),
+        };
+        for e in emits {
+            match e {
+                Emit::Line => {
+                    if let Some((level, message)) = &line {
+                        match level {
+                            LogLevel::Debug => tracing::debug!(target: "cloudflared", pid, "{message}"),
+                            LogLevel::Info => tracing::info!(target: "cloudflared", pid, "{message}"),
+                            LogLevel::Warn => tracing::warn!(target: "cloudflared", pid, "{message}"),
+                            LogLevel::Error => tracing::error!(target: "cloudflared", pid, "{message}"),
+                        }
+                    }
+                }
+                Emit::Repeated { message, count } => tracing::info!(
+                    pid,
+                    repeated = count,
+                    window_s = crate::tunnel_log::WINDOW.as_secs(),
+                    "cloudflared repeated a line {count} more times in {}s: {message}",
+                    crate::tunnel_log::WINDOW.as_secs()
+                ),
+                Emit::Dropped { count } => tracing::warn!(
+                    pid,
+                    dropped = count,
+                    window_s = crate::tunnel_log::WINDOW.as_secs(),
+                    "cloudflared logged faster than {} lines/s; {count} of its lines in the last {}s were dropped",
+                    crate::tunnel_log::PER_SEC,
+                    crate::tunnel_log::WINDOW.as_secs()
+                ),
+            }
+        }
+        if closed {
+            return;
         }
     }
 }

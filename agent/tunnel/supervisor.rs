@@ -337,13 +337,13 @@ pub(super) async fn supervise(
                         continue;
                     }
                     state.connections.store(connections, Ordering::Release);
+                    if connector.is_some() {
+                        // cloudflared has its connector id before any connection (its /ready
+                        // says so with a 503 too).
+                        state.with_detail(|d| d.connector_id = connector);
+                    }
                     if connections > 0 {
-                        state.with_detail(|d| {
-                            d.last_connected = Some(Instant::now());
-                            if connector.is_some() {
-                                d.connector_id = connector;
-                            }
-                        });
+                        state.with_detail(|d| d.last_connected = Some(Instant::now()));
                     }
                     Event::Polled { connections }
                 }

@@ -130,7 +130,14 @@ impl ConfigText {
             let _ = writeln!(out, "{l}");
         }
         let _ = writeln!(out, "\n{}", self.secrets);
-        let _ = writeln!(out, "[proxy]\nlisten = \"127.0.0.1:0\"");
+        let _ = writeln!(out, "[proxy]");
+        if !self
+            .proxy
+            .iter()
+            .any(|l| l.split('=').next().unwrap_or("").trim() == "listen")
+        {
+            let _ = writeln!(out, "listen = \"127.0.0.1:0\"");
+        }
         for l in &self.proxy {
             let _ = writeln!(out, "{l}");
         }
