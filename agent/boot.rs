@@ -294,12 +294,12 @@ async fn start(
 async fn detect_cloudflared(
     config: &Config,
     health: &Health,
-) -> anyhow::Result<Option<crate::tunnel_version::CloudflaredVersion>> {
+) -> anyhow::Result<Option<crate::tunnel::version::CloudflaredVersion>> {
     let cf = &config.cloudflared;
     if !cf.enabled {
         return Ok(None);
     }
-    match crate::tunnel_version::detect(&cf.path, Duration::from_secs(10)).await {
+    match crate::tunnel::version::detect(&cf.path, Duration::from_secs(10)).await {
         Ok(version) => {
             tracing::info!(
                 program = %cf.path.display(),
@@ -309,7 +309,7 @@ async fn detect_cloudflared(
                 cf.path.display()
             );
             health.tunnel.set_version(version.version.clone());
-            crate::tunnel_version::check_delivery(&cf.path, &version, cf.token_delivery)?;
+            crate::tunnel::version::check_delivery(&cf.path, &version, cf.token_delivery)?;
             Ok(Some(version))
         }
         Err(e) => {

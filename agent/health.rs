@@ -254,7 +254,7 @@ impl Health {
             out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"));
         }
         if let Some(version) = t.detail().version {
-            // Validated by tunnel_version::parse: no quote or backslash to escape.
+            // Validated by tunnel::version::parse: no quote or backslash to escape.
             out.push_str(&format!(
                 "# HELP tunnel_agent_cloudflared_info The cloudflared version the agent detected at boot.\n# TYPE tunnel_agent_cloudflared_info gauge\ntunnel_agent_cloudflared_info{{version=\"{version}\"}} 1\n"
             ));

@@ -27,8 +27,6 @@ pub mod server;
 pub mod systemd;
 pub mod telemetry;
 pub mod tunnel;
-pub mod tunnel_log;
-pub mod tunnel_version;
 
 /// Exit code for an invalid configuration (`EX_CONFIG` from sysexits.h). The unit lists it in
 /// `RestartPreventExitStatus=` so a bad file does not become a restart loop.

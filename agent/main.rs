@@ -222,7 +222,7 @@ fn run(path: PathBuf) -> ExitCode {
             tracing::error!(error = %format!("{e:#}"), "tunnel-agent failed");
             eprintln!("tunnel-agent: {e:#}");
             // A cloudflared too old for the configuration: restarting cannot fix it.
-            if e.downcast_ref::<tunnel_agent::tunnel_version::Unsupported>().is_some() {
+            if e.downcast_ref::<tunnel_agent::tunnel::version::Unsupported>().is_some() {
                 ExitCode::from(tunnel_agent::EXIT_CONFIG)
             } else {
                 ExitCode::FAILURE

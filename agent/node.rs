@@ -102,7 +102,7 @@ pub struct Node {
     /// The applied table's pushed version, for the config API's `GET /config` and `/readyz`.
     pub routes_version: watch::Sender<Option<u64>>,
     /// `cloudflared --version` at boot, when cloudflared is enabled and answered.
-    pub cloudflared_version: Option<crate::tunnel_version::CloudflaredVersion>,
+    pub cloudflared_version: Option<crate::tunnel::version::CloudflaredVersion>,
 }
 
 /// What the loop does after an event.
@@ -273,7 +273,7 @@ impl Node {
         let mut new = crate::routing::load_config(&self.config_path)?;
         if let (Some(version), true) = (&self.cloudflared_version, new.cloudflared.enabled) {
             if new.cloudflared.path == self.config.cloudflared.path {
-                crate::tunnel_version::check_delivery(&new.cloudflared.path, version, new.cloudflared.token_delivery)?;
+                crate::tunnel::version::check_delivery(&new.cloudflared.path, version, new.cloudflared.token_delivery)?;
             }
         }
         let pending = self.config.restart_only_differences(&new);

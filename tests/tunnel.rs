@@ -524,7 +524,7 @@ async fn status_shows_the_connector_id_before_any_connection() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_flooding_cloudflared_cannot_drown_the_agents_own_lines() {
     // 40000 lines at once, half one repeated message: what reaches the agent's log is capped
-    // by the rate limit (tunnel_log: burst 200, then 50/s), the rest counted and summarised.
+    // by the rate limit (tunnel::log_limit: burst 200, then 50/s), the rest counted and summarised.
     let flood = 40_000;
     let builder = AgentBuilder::new();
     let cf = FakeCloudflared::new(builder.dir());

@@ -15,11 +15,13 @@
 //! - Without `HOME` (a `DynamicUser=` service has none) it looks its user up in passwd over a
 //!   hundred times before its first line (~155 ms, ~40 ms with `HOME`): `HOME` is the agent's
 //!   state directory, so a promotion is not slowed.
-//! - It logs every retry of an unreachable edge; `tunnel_log` rate-limits what reaches our log.
+//! - It logs every retry of an unreachable edge; `log_limit` rate-limits what reaches our log.
 //!
 //! The child runs in its own process group, so signals reach any helper it forks.
 
+pub mod log_limit;
 pub mod supervisor;
+pub mod version;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -426,9 +428,9 @@ async fn read_lines<R: AsyncRead + Unpin>(reader: R, lines: mpsc::Sender<Vec<u8>
 }
 
 /// Re-emits cloudflared's lines (stdout and stderr) into the agent's log at their own level,
-/// through the rate limit of `tunnel_log`, until both streams end.
+/// through the rate limit of `log_limit`, until both streams end.
 async fn emit_logs(mut lines: mpsc::Receiver<Vec<u8>>, pid: u32) {
-    use crate::tunnel_log::{Emit, LogLimiter};
+    use crate::tunnel::log_limit::{Emit, LogLimiter};
     let mut limiter = LogLimiter::new(Instant::now());
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -444,7 +446,7 @@ async fn emit_logs(mut lines: mpsc::Receiver<Vec<u8>>, pid: u32) {
                 // Both streams closed: whatever the last window counted is said now.
                 None => {
                     closed = true;
-                    (limiter.flush(Instant::now() + crate::tunnel_log::WINDOW), None)
+                    (limiter.flush(Instant::now() + crate::tunnel::log_limit::WINDOW), None)
                 }
             },
             _ = tick.tick() => (limiter.flush(Instant::now()), None),
@@ -464,17 +466,17 @@ async fn emit_logs(mut lines: mpsc::Receiver<Vec<u8>>, pid: u32) {
                 Emit::Repeated { message, count } => tracing::info!(
                     pid,
                     repeated = count,
-                    window_s = crate::tunnel_log::WINDOW.as_secs(),
+                    window_s = crate::tunnel::log_limit::WINDOW.as_secs(),
                     "cloudflared repeated a line {count} more times in {}s: {message}",
-                    crate::tunnel_log::WINDOW.as_secs()
+                    crate::tunnel::log_limit::WINDOW.as_secs()
                 ),
                 Emit::Dropped { count } => tracing::warn!(
                     pid,
                     dropped = count,
-                    window_s = crate::tunnel_log::WINDOW.as_secs(),
+                    window_s = crate::tunnel::log_limit::WINDOW.as_secs(),
                     "cloudflared logged faster than {} lines/s; {count} of its lines in the last {}s were dropped",
-                    crate::tunnel_log::PER_SEC,
-                    crate::tunnel_log::WINDOW.as_secs()
+                    crate::tunnel::log_limit::PER_SEC,
+                    crate::tunnel::log_limit::WINDOW.as_secs()
                 ),
             }
         }
