@@ -585,7 +585,10 @@ impl Default for CloudflaredSection {
             stable_after: Duration::from_secs(60),
             crash_loop_exits: 5,
             crash_loop_window: Duration::from_secs(120),
-            give_up_after_exits: 20,
+            // With a cloudflared that fails within seconds of starting, 10 exits take 45-90 s (the
+            // backoff's jitter), so 5 agent runs fit in the unit's StartLimitIntervalSec=10min and
+            // the unit ends `failed` (tunnel/restart_story.rs checks the sum).
+            give_up_after_exits: 10,
             poll_interval: Duration::from_secs(1),
             disconnected_restart_after: Duration::from_secs(120),
             ready_grace: Duration::from_secs(10),

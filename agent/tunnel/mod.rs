@@ -20,6 +20,8 @@
 //! The child runs in its own process group, so signals reach any helper it forks.
 
 pub mod log_limit;
+#[cfg(test)]
+mod restart_story;
 pub mod supervisor;
 pub mod version;
 
