@@ -121,3 +121,77 @@ impl FakeCloudflared {
         .await
     }
 }
+
+/// The real cloudflared from the shared folder next to the clone (`../shared/cloudflared/*.xz`,
+/// see its README), unpacked once into `target/cloudflared-real/`. `Err` says why it is not
+/// available, for the test to print when it skips.
+pub fn real_cloudflared() -> Result<PathBuf, String> {
+    // Once per test binary (its tests run in parallel threads).
+    static UNPACKED: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    UNPACKED.get_or_init(unpack_real_cloudflared).clone()
+}
+
+fn unpack_real_cloudflared() -> Result<PathBuf, String> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let shared = repo.join("../shared/cloudflared");
+    let xz = std::fs::read_dir(&shared)
+        .map_err(|e| format!("no real cloudflared: cannot read {}: {e}", shared.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            name.starts_with("cloudflared-") && name.ends_with("-linux-amd64.xz")
+        })
+        .ok_or_else(|| {
+            format!(
+                "no real cloudflared: no cloudflared-*-linux-amd64.xz in {}",
+                shared.display()
+            )
+        })?;
+    let dir = repo.join("target/cloudflared-real");
+    let bin = dir.join("cloudflared");
+    let stamp = dir.join("unpacked-from");
+    let source = xz.display().to_string();
+    if bin.exists() && std::fs::read_to_string(&stamp).is_ok_and(|s| s == source) {
+        return Ok(bin);
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    // Test binaries run in parallel: each unpacks to its own file, then renames into place.
+    let tmp = dir.join(format!(".cloudflared.{}", std::process::id()));
+    let out = std::fs::File::create(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+    let status = std::process::Command::new("xz")
+        .arg("-dc")
+        .arg(&xz)
+        .stdout(out)
+        .status()
+        .map_err(|e| format!("no real cloudflared: cannot run xz (xz-utils): {e}"))?;
+    if !status.success() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(format!("xz -dc {source} failed: {status}"));
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+    std::fs::rename(&tmp, &bin).map_err(|e| e.to_string())?;
+    std::fs::write(&stamp, &source).map_err(|e| e.to_string())?;
+    Ok(bin)
+}
+
+/// A connector token of the shape cloudflared accepts (base64 of `{"a","t","s"}`), for a tunnel
+/// that does not exist: the real binary parses it and then tries to reach the edge.
+pub fn valid_shaped_token() -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let json = serde_json::json!({
+        "a": "0123456789abcdef0123456789abcdef",
+        "t": "6ff42ae2-765d-4adf-8112-31c55c1551ef",
+        "s": b64.encode([7u8; 32]),
+    });
+    b64.encode(json.to_string())
+}
+
+/// A loopback port where nothing listens: cloudflared's `--edge` there keeps it retrying.
+pub fn closed_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
