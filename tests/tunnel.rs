@@ -138,7 +138,7 @@ async fn starts_after_the_proxy_with_the_token_only_in_its_environment() {
         agent
             .logs()
             .iter()
-            .any(|l| l.contains("INFO") && l.contains("is 2026.8.2")),
+            .any(|l| l.contains("INFO") && l.contains("cloudflared version 2026.8.2 (")),
         "the boot log names cloudflared's version: {:#?}",
         agent.logs()
     );
