@@ -160,7 +160,6 @@ async fn the_real_cloudflared_runs_with_the_token_in_its_environment() {
         "tunnel_agent_cloudflared_up 1",
         "tunnel_agent_cloudflared_connections 0",
         "\ncloudflared_",
-        "\nquic_",
         "\nbuild_info{",
     ] {
         assert!(metrics.contains(series), "{series} missing from /metrics");
