@@ -2,19 +2,28 @@
 # System test under real systemd.
 #
 #  1. builds the .deb (cargo-deb, release build) plus a "-2" revision for the upgrade check, and
-#     checks it on the host: lintian, systemd-analyze verify on the unpacked package;
+#     checks it on the host: lintian, systemd-analyze verify on the unpacked package; packages
+#     cloudflared twice (the real one from ../shared/cloudflared, unpacked here, and
+#     tests/fakes/cloudflared as 0.0.0+systemtest) and builds a signed apt repository of all
+#     four with apt-ftparchive and a throwaway gpg key, the way a fleet's repository is built;
 #  2. creates, once, a minimal Debian bookworm rootfs with debootstrap (minbase + systemd,
 #     systemd-sysv, dbus, curl; then cloud-init --no-install-recommends) from the Debian mirror
 #     this machine's apt uses, cached in tests/system/cache/;
-#  3. boots a copy of it twice with `systemd-nspawn -b --register=no --keep-unit
-#     --private-network`: the "main" scenario installs the package with dpkg and drives the unit
-#     (container/check-main.sh); the "cloud-init" scenario seeds NoCloud with the shipped
-#     cloud-init example and checks the service came up from cloud-init alone
-#     (container/check-cloud-init.sh). The checks record to a bind-mounted folder and power the
-#     container off; an outer timeout bounds each boot;
+#  3. boots a copy of it three times with `systemd-nspawn -b --register=no --keep-unit
+#     --private-network`, the repository at file:/srv/systemtest/apt (the container has no
+#     network, so its own Debian mirror is removed from its sources): the "main" scenario
+#     installs the package with apt and drives the unit (container/check-main.sh); the
+#     "cloud-init" scenario seeds NoCloud with the shipped cloud-init example (apt source, pinned
+#     packages, Secret Manager served by tests/system/fakes/fake-gcp) and checks the service came
+#     up from cloud-init alone (container/check-cloud-init.sh); the "real-cloudflared" scenario
+#     supervises the real cloudflared under the packaged unit (container/check-real.sh). The
+#     checks record to a bind-mounted folder and power the container off; an outer timeout
+#     bounds each boot;
 #  4. prints every result, the journal of any failed scenario, and `N passed, N failed`.
 #
-# Needs root, systemd-nspawn (systemd-container), debootstrap, lintian and cargo-deb. When it
+# Needs root, systemd-nspawn (systemd-container), debootstrap, lintian, cargo-deb, apt-ftparchive
+# (apt-utils), gpg (gnupg), xz (xz-utils) and python3. Without ../shared/cloudflared the
+# real-cloudflared scenario is skipped with the reason (SKIP in the results). When it
 # cannot run it says why and fails, unless TUNNEL_AGENT_SKIP_SYSTEM_TEST=1 opts out explicitly.
 #
 # Environment:
@@ -33,7 +42,7 @@ say() { echo "[system-test] $*"; }
 # --- preflight ------------------------------------------------------------------------------
 problems=()
 [ "$(id -u)" = 0 ] || problems+=("not root (systemd-nspawn and debootstrap need root)")
-for tool in systemd-nspawn debootstrap lintian dpkg-deb systemd-analyze; do
+for tool in systemd-nspawn debootstrap lintian dpkg-deb systemd-analyze apt-ftparchive gpg xz python3; do
   command -v "$tool" >/dev/null || problems+=("$tool not found")
 done
 cargo deb --version >/dev/null 2>&1 || problems+=("cargo-deb not installed (cargo install --locked cargo-deb)")
@@ -66,6 +75,67 @@ cargo deb --locked --quiet --no-build --deb-revision 2 --output "$work/debs/" >/
 deb1=$(ls "$work"/debs/tunnel-agent_*-1_*.deb)
 deb2=$(ls "$work"/debs/tunnel-agent_*-2_*.deb)
 say "built $(basename "$deb1") and $(basename "$deb2") in $(($(date +%s) - t0)) s"
+
+# cloudflared as packages, the way the fleet's repository holds them next to tunnel-agent.
+# cf_deb NAME VERSION ARCH BINARY DEPENDS DESCRIPTION
+cf_deb() {
+  local root=$work/cf-$1
+  mkdir -p "$root/DEBIAN" "$root/usr/bin"
+  install -m 0755 "$4" "$root/usr/bin/cloudflared"
+  {
+    echo "Package: cloudflared"
+    echo "Version: $2"
+    echo "Architecture: $3"
+    echo "Maintainer: tunnel-agent system test <tunnel-agent@example.invalid>"
+    [ -z "$5" ] || echo "Depends: $5"
+    echo "Description: $6"
+    echo " Packaged by tests/system/run.sh for the system test's apt repository."
+  } >"$root/DEBIAN/control"
+  dpkg-deb --root-owner-group --build "$root" "$work/debs/cloudflared_$2_$3.deb" >/dev/null
+  rm -rf "$root"
+}
+cf_deb fake 0.0.0+systemtest all tests/fakes/cloudflared python3 \
+  "fake cloudflared (tests/fakes/cloudflared: its CLI shape, /ready and SIGTERM semantics)"
+real_cf_xz=$(ls "$repo"/../shared/cloudflared/cloudflared-*-linux-amd64.xz 2>/dev/null | head -n1 || true)
+real_cf_version=
+real_cf_skip=
+if [ -n "$real_cf_xz" ]; then
+  xz -dc "$real_cf_xz" >"$work/cloudflared-real"
+  chmod 0755 "$work/cloudflared-real"
+  real_cf_version=$("$work/cloudflared-real" --version | awk '{ print $3; exit }')
+  cf_deb real "$real_cf_version" amd64 "$work/cloudflared-real" "" "cloudflared $real_cf_version (the real binary)"
+  say "packaged the real cloudflared $real_cf_version from $real_cf_xz"
+else
+  real_cf_skip="no ../shared/cloudflared/cloudflared-*-linux-amd64.xz next to the clone"
+  say "real cloudflared: $real_cf_skip"
+fi
+
+# The signed apt repository: pool/, dists/stable/main/binary-amd64/Packages, a Release with
+# every index's checksums, signed (InRelease, Release.gpg) by a throwaway key made here.
+apt_repo=$work/apt
+export GNUPGHOME=$work/gnupg
+install -d -m 0700 "$GNUPGHOME"
+printf 'quiet\ntrust-model always\n' >"$GNUPGHOME/gpg.conf"
+gpg --batch --quiet --passphrase '' --quick-gen-key 'tunnel-agent system test <systemtest@example.invalid>' \
+  ed25519 sign 1d 2>/dev/null
+install -d "$apt_repo/pool/main" "$apt_repo/dists/stable/main/binary-amd64"
+cp "$work"/debs/*.deb "$apt_repo/pool/main/"
+(
+  cd "$apt_repo"
+  apt-ftparchive packages pool >dists/stable/main/binary-amd64/Packages
+  gzip -9nk dists/stable/main/binary-amd64/Packages
+  apt-ftparchive -o APT::FTPArchive::Release::Origin=tunnel-agent-systemtest \
+    -o APT::FTPArchive::Release::Suite=stable -o APT::FTPArchive::Release::Codename=stable \
+    -o APT::FTPArchive::Release::Architectures=amd64 -o APT::FTPArchive::Release::Components=main \
+    release dists/stable >"$work/Release"
+  mv "$work/Release" dists/stable/Release
+  gpg --batch --yes --clearsign -o dists/stable/InRelease dists/stable/Release
+  gpg --batch --yes -abs -o dists/stable/Release.gpg dists/stable/Release
+)
+gpg --batch --armor --export >"$work/repo-key.asc"
+gpg --batch --export >"$work/repo-key.gpg"
+chmod -R a+rX "$apt_repo" "$work/repo-key.asc" "$work/repo-key.gpg"
+say "apt repository: $(grep -c '^Package:' "$apt_repo/dists/stable/main/binary-amd64/Packages") packages, signed by $(gpg --batch --with-colons --list-keys | awk -F: '$1 == "fpr" { print $10; exit }')"
 
 if lintian --fail-on error,warning --display-info --tag-display-limit 0 "$deb1" >"$work/lintian.txt" 2>&1; then
   host_pass lintian
@@ -150,32 +220,30 @@ else
 fi
 
 # --- 3. the scenarios -----------------------------------------------------------------------
-# A fake cloudflared packaged as a .deb, so the cloud-init example installs it like the real one.
-fake_cf=$work/cloudflared-fake
-mkdir -p "$fake_cf/DEBIAN" "$fake_cf/usr/bin"
-install -m 0755 tests/fakes/cloudflared "$fake_cf/usr/bin/cloudflared"
-cat >"$fake_cf/DEBIAN/control" <<EOF
-Package: cloudflared
-Version: 0.0.0+systemtest
-Architecture: all
-Maintainer: tunnel-agent system test <tunnel-agent@example.invalid>
-Depends: python3
-Description: fake cloudflared for tunnel-agent's system test
- tests/fakes/cloudflared: cloudflared's CLI shape, /ready and SIGTERM semantics.
-EOF
-dpkg-deb --root-owner-group --build "$fake_cf" "$work/cloudflared-fake.deb" >/dev/null
-
-# prepare_root SCENARIO CHECK_SCRIPT: a fresh copy of the cached rootfs with the checks installed.
+# prepare_root SCENARIO CHECK_SCRIPT: a fresh copy of the cached rootfs with the checks and the
+# apt repository installed. The container has no network: its Debian mirror is removed from the
+# apt sources, so `apt-get update` reads the test's repository only.
 prepare_root() {
   local root=$cache/run-$1
   rm -rf "$root"
   cp -a --reflink=auto "$rootfs" "$root"
-  install -d "$root/srv/systemtest/debs"
+  install -d -m 0755 "$root/srv/systemtest"
   install -m 0644 tests/system/container/lib.sh "$root/srv/systemtest/lib.sh"
   install -m 0755 "tests/system/container/$2" "$root/srv/systemtest/check.sh"
+  install -m 0755 tests/system/fakes/fake-gcp "$root/srv/systemtest/fake-gcp"
   install -m 0644 tests/system/container/systemtest.service "$root/etc/systemd/system/systemtest.service"
   ln -sf /etc/systemd/system/systemtest.service "$root/etc/systemd/system/multi-user.target.wants/systemtest.service"
+  cp -a "$apt_repo" "$root/srv/systemtest/apt"
+  rm -f "$root/etc/apt/sources.list" "$root"/etc/apt/sources.list.d/*
   echo "$root"
+}
+
+# add_apt_source ROOT: the repository as an operator adds it by hand (key in /etc/apt/keyrings,
+# signed-by in the source), for the scenarios that do not go through cloud-init.
+add_apt_source() {
+  install -D -m 0644 "$work/repo-key.gpg" "$1/etc/apt/keyrings/tunnel-agent.gpg"
+  echo "deb [signed-by=/etc/apt/keyrings/tunnel-agent.gpg] file:/srv/systemtest/apt stable main" \
+    >"$1/etc/apt/sources.list.d/tunnel-agent.list"
 }
 
 # boot SCENARIO ROOT: boots the container until the checks power it off (or the timeout).
@@ -193,24 +261,56 @@ boot() {
   [ "${SYSTEM_TEST_KEEP:-}" = 1 ] || rm -rf "$2"
 }
 
+pkg_version=$(dpkg-deb -f "$deb1" Version)
+pkg_version2=$(dpkg-deb -f "$deb2" Version)
+
 root=$(prepare_root main check-main.sh)
-install -m 0644 "$deb1" "$deb2" "$root/srv/systemtest/debs/"
-install -m 0755 tests/system/fakes/fake-gcp "$root/srv/systemtest/fake-gcp"
-install -m 0755 tests/fakes/cloudflared "$root/srv/systemtest/cloudflared"
+add_apt_source "$root"
+printf 'OLD_VERSION=%s\nNEW_VERSION=%s\n' "$pkg_version" "$pkg_version2" >"$root/srv/systemtest/versions.env"
 boot main "$root"
 
 root=$(prepare_root cloud-init check-cloud-init.sh)
-install -m 0644 "$deb1" "$root/srv/systemtest/tunnel-agent.deb"
-install -m 0644 "$work/cloudflared-fake.deb" "$root/srv/systemtest/cloudflared-fake.deb"
 internal_token=system-test-internal-token-c1d0
 tunnel_token=system-test-tunnel-token-77e3
-printf 'INTERNAL_TOKEN=%s\nTUNNEL_TOKEN=%s\n' "$internal_token" "$tunnel_token" >"$root/srv/systemtest/cloud-init.env"
+printf 'INTERNAL_TOKEN=%s\nTUNNEL_TOKEN=%s\nPKG_VERSION=%s\n' "$internal_token" "$tunnel_token" "$pkg_version" \
+  >"$root/srv/systemtest/cloud-init.env"
+# Secret Manager (and the metadata server's access token) for the example's two secrets, from
+# boot on: the agent, started by the package install, reads them at once.
+install -d "$root/srv/systemtest/gcp/secrets"
+printf '%s' "$internal_token" >"$root/srv/systemtest/gcp/secrets/internal-token"
+printf '%s' "$tunnel_token" >"$root/srv/systemtest/gcp/secrets/tunnel-token"
+{
+  echo "[Unit]"
+  echo "Description=fake GCE metadata server and Secret Manager (tests/system/fakes/fake-gcp)"
+  echo "Before=cloud-config.service"
+  echo "[Service]"
+  echo "ExecStart=/srv/systemtest/fake-gcp --listen 127.0.0.1:8930 --control /srv/systemtest/gcp"
+  echo "[Install]"
+  echo "WantedBy=multi-user.target"
+} >"$root/etc/systemd/system/fake-gcp.service"
+ln -sf /etc/systemd/system/fake-gcp.service "$root/etc/systemd/system/multi-user.target.wants/fake-gcp.service"
+printf '[gcp]\nmetadata_url = "http://127.0.0.1:8930"\nsecret_manager_endpoint = "http://127.0.0.1:8930"\n\n' \
+  >"$work/gcp.toml"
 install -d "$root/var/lib/cloud/seed/nocloud"
-# The shipped example, only its template variables filled in.
-sed -e "s|\${internal_token}|$internal_token|g" -e "s|\${tunnel_token}|$tunnel_token|g" \
-  -e "s|\${cloudflared_deb_url}|file:///srv/systemtest/cloudflared-fake.deb|g" \
-  -e "s|\${tunnel_agent_deb_url}|file:///srv/systemtest/tunnel-agent.deb|g" \
-  packaging/examples/cloud-init.yaml >"$root/var/lib/cloud/seed/nocloud/user-data"
+# The shipped example, only its template variables filled in, and the agent pointed at the fake
+# metadata server (the one addition to the example).
+tests/system/render-user-data packaging/examples/cloud-init.yaml "$root/var/lib/cloud/seed/nocloud/user-data" \
+  apt_repo_url=file:/srv/systemtest/apt apt_suite=stable apt_repo_key=@"$work/repo-key.asc" \
+  cloudflared_version=0.0.0+systemtest tunnel_agent_version="$pkg_version" \
+  internal_token_secret=projects/system-test/secrets/internal-token/versions/latest \
+  tunnel_token_secret=projects/system-test/secrets/tunnel-token/versions/latest \
+  --prepend /etc/tunnel-agent/agent.toml=@"$work/gcp.toml"
+# The inline-secret variant, rendered with tokens full of YAML's special characters; the
+# container checks it against cloud-init's schema and that each file decodes to the exact token.
+nasty_internal='a: b # c "d" '"'"'e'"'"' {f} [g] & *h | >i %j @k `l'
+nasty_tunnel='- --- ? !tag %YAML: ${x}'
+printf '%s' "$nasty_internal" >"$root/srv/systemtest/inline-internal-token"
+printf '%s' "$nasty_tunnel" >"$root/srv/systemtest/inline-tunnel-token"
+tests/system/render-user-data packaging/examples/cloud-init-inline-secrets.yaml "$root/srv/systemtest/inline-user-data" \
+  apt_repo_url=file:/srv/systemtest/apt apt_suite=stable apt_repo_key=@"$work/repo-key.asc" \
+  cloudflared_version=0.0.0+systemtest tunnel_agent_version="$pkg_version" \
+  internal_token_b64="$(printf '%s' "$nasty_internal" | base64 -w0)" \
+  tunnel_token_b64="$(printf '%s' "$nasty_tunnel" | base64 -w0)"
 printf 'instance-id: tunnel-agent-systemtest-%s\nlocal-hostname: systemtest\n' "$(date +%s)" \
   >"$root/var/lib/cloud/seed/nocloud/meta-data"
 cat >"$root/etc/cloud/cloud.cfg.d/99-systemtest.cfg" <<'EOF'
@@ -222,12 +322,22 @@ locale: false
 EOF
 boot cloud-init "$root"
 
+if [ -n "$real_cf_version" ]; then
+  root=$(prepare_root real-cloudflared check-real.sh)
+  add_apt_source "$root"
+  printf 'CF_VERSION=%s\n' "$real_cf_version" >"$root/srv/systemtest/versions.env"
+  boot real-cloudflared "$root"
+else
+  mkdir -p "$work/real-cloudflared"
+  echo "SKIP real-cloudflared: $real_cf_skip" >"$work/real-cloudflared/results.txt"
+fi
+
 # --- 4. results -----------------------------------------------------------------------------
 passed=0
 failed=0
 skipped=0
 echo
-for f in "$host_results" "$work"/main/results.txt "$work"/cloud-init/results.txt; do
+for f in "$host_results" "$work"/main/results.txt "$work"/cloud-init/results.txt "$work"/real-cloudflared/results.txt; do
   scenario=$(basename "$(dirname "$f")")
   [ "$f" = "$host_results" ] && scenario=host
   [ -f "$f" ] || {

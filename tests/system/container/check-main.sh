@@ -1,13 +1,14 @@
 #!/bin/bash
 # The system test's main scenario, run by systemtest.service inside a booted Debian container:
-# install the package, then drive tunnel-agent.service through start, reload, watchdog, upgrade,
-# stop and purge with real systemd, recording one result line per check.
+# install the package from the signed apt repository, then drive tunnel-agent.service through
+# start, reload, watchdog, upgrade (through apt), stop and purge with real systemd, recording one
+# result line per check.
 set -uo pipefail
 . /srv/systemtest/lib.sh
 : >"$RESULTS"
 
-DEB1=$(ls $ST/debs/tunnel-agent_*-1_*.deb)
-DEB2=$(ls $ST/debs/tunnel-agent_*-2_*.deb)
+. $ST/versions.env # OLD_VERSION, NEW_VERSION: tunnel-agent's two versions in the repository
+FAKE_CF_VERSION=0.0.0+systemtest
 CONFIG=/etc/tunnel-agent/agent.toml
 ROUTES=/etc/tunnel-agent/routes.json
 GCP=/run/systemtest/gcp
@@ -75,7 +76,6 @@ printf '%s' "$INTERNAL_TOKEN" >"$GCP/secrets/internal-token"
 systemd-run -q --unit=upstream-blue python3 -m http.server --bind 127.0.0.1 --directory /run/systemtest/www/blue 9001
 systemd-run -q --unit=upstream-green python3 -m http.server --bind 127.0.0.1 --directory /run/systemtest/www/green 9002
 systemd-run -q --unit=fake-gcp $ST/fake-gcp --listen 127.0.0.1:8930 --control "$GCP"
-install -m 0755 $ST/cloudflared /usr/local/bin/cloudflared
 if ! wait_for 20 answers http://127.0.0.1:9001/color 200 || ! wait_for 20 answers http://127.0.0.1:9002/color 200 ||
   ! wait_for 20 answers http://127.0.0.1:8930/ 404; then
   fail fixtures "the upstreams or the fake Secret Manager did not come up"
@@ -83,14 +83,61 @@ if ! wait_for 20 answers http://127.0.0.1:9001/color 200 || ! wait_for 20 answer
   exit 0
 fi
 
+# --- 0. the repository: signed, checked ---------------------------------------------------------
+# apt with only the given source list, and lists and archives of its own in DIR, for the
+# negative checks.
+apt_with() { # DIR SOURCE_LINE APT-GET-ARGS...
+  local dir=$1
+  mkdir -p "$dir/lists/partial" "$dir/archives/partial"
+  echo "$2" >"$dir/sources.list"
+  shift 2
+  apt-get -o Dir::Etc::SourceList="$dir/sources.list" -o Dir::Etc::SourceParts=/nonexistent \
+    -o Dir::State::Lists="$dir/lists" -o Dir::Cache::Archives="$dir/archives" "$@"
+}
+
+check_repository_is_verified() {
+  local name=apt-repository-signature-and-checksums out
+  if ! out=$(apt-get update 2>&1); then
+    fail $name "apt-get update failed: $out"
+    return
+  fi
+  echo "$out" >"$OUT/apt-update.txt"
+  # The same repository with a key it was not signed with: apt refuses it.
+  : >/tmp/empty-keyring.gpg
+  if out=$(apt_with /tmp/apt-wrong-key "deb [signed-by=/tmp/empty-keyring.gpg] file:$ST/apt stable main" update 2>&1) ||
+    [[ $out != *NO_PUBKEY* && $out != *"not signed"* ]]; then
+    fail $name "apt accepted the repository with the wrong key: $out"
+    return
+  fi
+  # A package that differs from the checksum in the signed index: apt refuses to fetch it.
+  cp -a $ST/apt /tmp/tampered
+  local deb
+  deb=$(ls /tmp/tampered/pool/main/tunnel-agent_"$OLD_VERSION"_*.deb)
+  printf 'x' >>"$deb"
+  (
+    cd /tmp
+    apt_with /tmp/apt-tampered "deb [signed-by=/etc/apt/keyrings/tunnel-agent.gpg] file:/tmp/tampered stable main" \
+      update &&
+      apt_with /tmp/apt-tampered "deb [signed-by=/etc/apt/keyrings/tunnel-agent.gpg] file:/tmp/tampered stable main" \
+        install -y --download-only "tunnel-agent=$OLD_VERSION" </dev/null
+  ) >"$OUT/apt-tampered.txt" 2>&1
+  local rc=$?
+  if [ $rc -eq 0 ] || ! grep -q -i -e 'Hash Sum mismatch' -e 'unexpected size' "$OUT/apt-tampered.txt"; then
+    fail $name "apt fetched a package that differs from the signed index (rc=$rc, see apt-tampered.txt)"
+  else
+    pass $name
+  fi
+}
+
 # --- 1. install without a config: enabled, inactive by condition, not failed -------------------
 check_install_without_config() {
   local name=package-install-without-config out
-  if ! out=$(dpkg -i "$DEB1" </dev/null 2>&1); then
-    fail $name "dpkg -i failed: $out"
+  # As a fleet pins it: exact versions from the repository.
+  if ! out=$(apt-get install -y "tunnel-agent=$OLD_VERSION" "cloudflared=$FAKE_CF_VERSION" </dev/null 2>&1); then
+    fail $name "apt-get install failed: $out"
     return
   fi
-  echo "$out" >"$OUT/dpkg-install.txt"
+  echo "$out" >"$OUT/apt-install.txt"
   if [ "$(systemctl is-enabled $UNIT)" != enabled ]; then
     fail $name "unit is $(systemctl is-enabled $UNIT), want enabled"
   elif [ "$(prop ActiveState)" != inactive ] || [ "$(prop ConditionResult)" != no ]; then
@@ -309,7 +356,7 @@ check_watchdog() {
 
 # --- 7. upgrade: config and state kept, service restarted on the new version --------------------
 check_upgrade() {
-  local name=package-upgrade-keeps-config-and-state sum pid out
+  local name=apt-upgrade-keeps-config-credentials-and-state sum pid out
   sum=$(sha256sum "$CONFIG")
   pid=$(prop MainPID)
   # The last good route table, which the agent keeps for a reboot during a source outage.
@@ -317,14 +364,20 @@ check_upgrade() {
     fail $name "no state (/var/lib/tunnel-agent/routes.json) before the upgrade"
     return
   fi
-  if ! out=$(dpkg -i "$DEB2" </dev/null 2>&1); then
-    fail $name "dpkg -i (upgrade) failed: $out"
+  local creds
+  creds=$(ls -la /etc/tunnel-agent/credentials | sha256sum)
+  if ! out=$(apt-get install -y "tunnel-agent=$NEW_VERSION" </dev/null 2>&1); then
+    fail $name "apt-get install (upgrade) failed: $out"
     return
   fi
-  echo "$out" >"$OUT/dpkg-upgrade.txt"
+  echo "$out" >"$OUT/apt-upgrade.txt"
   if [ "$(sha256sum "$CONFIG")" != "$sum" ]; then
     fail $name "the upgrade changed $CONFIG"
-  elif [[ $(dpkg-query -W -f '${Version}' tunnel-agent) != *-2 ]]; then
+  elif [ "$(ls -la /etc/tunnel-agent/credentials | sha256sum)" != "$creds" ]; then
+    fail $name "the upgrade changed /etc/tunnel-agent/credentials"
+  elif grep -q -i conffile "$OUT/apt-upgrade.txt"; then
+    fail $name "the upgrade asked about a conffile (see apt-upgrade.txt)"
+  elif [ "$(dpkg-query -W -f '${Version}' tunnel-agent)" != "$NEW_VERSION" ]; then
     fail $name "installed version is $(dpkg-query -W -f '${Version}' tunnel-agent)"
   elif ! wait_for 60 restarted_from "$pid"; then
     fail $name "not restarted on the new version: $(prop ActiveState), MainPID $pid -> $(prop MainPID)"
@@ -376,8 +429,8 @@ EOF
 # --- 9. purge: state removed, the operator's config left alone ---------------------------------
 check_purge() {
   local name=package-purge-removes-state out
-  if ! out=$(dpkg --purge tunnel-agent </dev/null 2>&1); then
-    fail $name "dpkg --purge failed: $out"
+  if ! out=$(apt-get purge -y tunnel-agent </dev/null 2>&1); then
+    fail $name "apt-get purge failed: $out"
   elif [ -e /var/lib/tunnel-agent ] || [ -e /var/lib/private/tunnel-agent ]; then
     fail $name "state left after purge: $(ls -d /var/lib/tunnel-agent /var/lib/private/tunnel-agent 2>/dev/null)"
   elif [ -e /usr/lib/systemd/system/$UNIT ] || systemctl cat $UNIT >/dev/null 2>&1; then
@@ -389,6 +442,7 @@ check_purge() {
   fi
 }
 
+check_repository_is_verified
 check_install_without_config
 check_unit_verifies
 check_start_waits_for_ready
