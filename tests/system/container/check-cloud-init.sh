@@ -1,13 +1,15 @@
 #!/bin/bash
 # The system test's cloud-init scenario, run by systemtest.service inside a booted container
 # whose only instructions were the shipped cloud-init example (rendered with test values) in
-# the NoCloud seed: did the service come up from cloud-init alone?
+# the NoCloud seed: did cloud-init add the signed repository, install the pinned packages from
+# it, and did the service come up with both tokens from (fake) Secret Manager?
 set -uo pipefail
 . /srv/systemtest/lib.sh
 : >"$RESULTS"
 
 CONFIG=/etc/tunnel-agent/agent.toml
-. $ST/cloud-init.env # INTERNAL_TOKEN, TUNNEL_TOKEN: the values rendered into the user-data
+. $ST/cloud-init.env # INTERNAL_TOKEN, TUNNEL_TOKEN (in fake Secret Manager), PKG_VERSION (pinned)
+GCP=$ST/gcp
 
 check_cloud_init_finished() {
   local name=cloud-init-ran-cleanly rc
@@ -20,6 +22,26 @@ check_cloud_init_finished() {
   elif ! grep -q 'status: done' "$OUT/cloud-init-status.txt"; then
     fail $name "$(tr '\n' ' ' <"$OUT/cloud-init-status.txt")"
   else
+    pass $name
+  fi
+}
+
+check_installed_from_the_repository() {
+  local name=apt-source-and-pinned-packages-from-cloud-init list
+  list=$(grep -l 'file:/srv/systemtest/apt' /etc/apt/sources.list.d/*.list 2>/dev/null | head -n1)
+  if [ -z "$list" ]; then
+    fail $name "cloud-init wrote no apt source for the repository: $(ls /etc/apt/sources.list.d/)"
+  elif ! grep -q 'signed-by=/' "$list"; then
+    fail $name "the source is not bound to its key (signed-by): $(cat "$list")"
+  elif [ "$(dpkg-query -W -f '${Version}' tunnel-agent 2>/dev/null)" != "$PKG_VERSION" ]; then
+    fail $name "tunnel-agent $(dpkg-query -W -f '${Version}' tunnel-agent 2>/dev/null), want the pinned $PKG_VERSION"
+  elif [ "$(dpkg-query -W -f '${Version}' cloudflared 2>/dev/null)" != 0.0.0+systemtest ]; then
+    # The repository also holds a newer cloudflared: the pin decides.
+    fail $name "cloudflared $(dpkg-query -W -f '${Version}' cloudflared 2>/dev/null), want the pinned 0.0.0+systemtest"
+  elif ! apt-cache policy tunnel-agent | grep -q 'file:/srv/systemtest/apt'; then
+    fail $name "apt does not know tunnel-agent from the repository: $(apt-cache policy tunnel-agent | tr '\n' ' ')"
+  else
+    cp "$list" "$OUT/apt-source.list"
     pass $name
   fi
 }
@@ -65,14 +87,47 @@ check_config_in_effect() {
   if [ "$with" != 502 ] || [ "$without" != 401 ]; then
     fail $name "with the token: $with (want 502), without: $without (want 401)"
   elif ! wait_for 20 journal_has_cloudflared_line 'Registered tunnel connection'; then
-    fail $name "cloudflared (started with the credential-file token) never connected"
+    fail $name "cloudflared never connected"
+  elif ! grep -q 'secrets/internal-token/versions/latest:access 200' "$GCP/requests" ||
+    ! grep -q 'secrets/tunnel-token/versions/latest:access 200' "$GCP/requests"; then
+    fail $name "the tokens did not come from Secret Manager: $(tr '\n' ' ' <"$GCP/requests")"
+  elif [ -e /etc/tunnel-agent/credentials ] && [ -n "$(ls -A /etc/tunnel-agent/credentials)" ]; then
+    fail $name "secret files on disk: $(ls -A /etc/tunnel-agent/credentials)"
+  else
+    cp "$GCP/requests" "$OUT/gcp-requests.txt"
+    pass $name
+  fi
+}
+
+# The inline-secret variant, rendered on the host with tokens full of YAML's special
+# characters: valid for cloud-init's schema, and each secret file decodes to the exact token.
+check_inline_variant() {
+  local name=inline-secret-example-survives-yaml-special-characters out
+  if ! cloud-init schema --config-file $ST/inline-user-data >"$OUT/inline-schema.txt" 2>&1; then
+    fail $name "cloud-init schema: $(tr '\n' ' ' <"$OUT/inline-schema.txt")"
+  elif ! cloud-init schema --config-file /var/lib/cloud/seed/nocloud/user-data >"$OUT/schema.txt" 2>&1; then
+    fail $name "the shipped example fails cloud-init schema: $(tr '\n' ' ' <"$OUT/schema.txt")"
+  elif ! out=$(python3 - <<'EOF' 2>&1); then
+import base64, yaml
+seed = yaml.safe_load(open("/srv/systemtest/inline-user-data"))
+files = {f["path"]: f for f in seed["write_files"]}
+for path, want in [("/etc/tunnel-agent/credentials/internal-token", "/srv/systemtest/inline-internal-token"),
+                   ("/etc/tunnel-agent/credentials/tunnel-token", "/srv/systemtest/inline-tunnel-token")]:
+    f = files[path]
+    assert f.get("encoding") == "b64", f"{path}: encoding {f.get('encoding')!r}"
+    got = base64.b64decode(f["content"])
+    assert got == open(want, "rb").read(), f"{path}: decodes to {got!r}"
+EOF
+    fail $name "$out"
   else
     pass $name
   fi
 }
 
 check_cloud_init_finished
+check_installed_from_the_repository
 check_installed_by_cloud_init
 check_service_up
 check_config_in_effect
+check_inline_variant
 finish
