@@ -5,10 +5,11 @@
 //! streamed to the upstream through a pooled client; errors mapped to 502/503/504 with a short
 //! JSON body and a log line naming the route.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -21,7 +22,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
 
@@ -37,10 +38,9 @@ use crate::routing::cors::CorsVerdict;
 use crate::routing::filters::{client_scheme, request_host, Mirror};
 use crate::routing::mirror::{MirrorTee, MIRROR_MAX_IN_FLIGHT};
 use crate::routing::table::{host_without_port, Backend, RouteTable, Routed, Rule};
+use crate::routing::tls::{self, UpstreamTls};
 use crate::routing::{Filters, RequestHead};
 use crate::telemetry::Metrics;
-
-pub mod tls;
 
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -91,7 +91,19 @@ impl LiveSettings {
 type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
 
 /// The pool of a backend with its own TLS settings.
-pub type TlsClient = Client<HttpsConnector, CappedBody>;
+type TlsClient = Client<HttpsConnector, CappedBody>;
+
+/// A table's compiled TLS settings, by address. The pool's entry also holds a `Weak` to them,
+/// which keeps the allocation, so the address cannot be reused by other settings while the
+/// entry exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct TlsPoolKey(usize);
+
+impl TlsPoolKey {
+    fn of(t: &Arc<UpstreamTls>) -> TlsPoolKey {
+        TlsPoolKey(Arc::as_ptr(t) as usize)
+    }
+}
 
 pub struct Proxy {
     pub live: ArcSwap<LiveSettings>,
@@ -109,6 +121,9 @@ pub struct Proxy {
     mirror_slots: Arc<tokio::sync::Semaphore>,
     /// For backends with their own TLS settings: pool settings and connector.
     builder: hyper_util::client::legacy::Builder,
+    /// Their pools, one per compiled [`UpstreamTls`] of a table in use.
+    tls_pools: ArcSwap<HashMap<TlsPoolKey, (Weak<UpstreamTls>, TlsClient)>>,
+    tls_pools_insert: Mutex<()>,
     settings: ProxySection,
 }
 
@@ -163,31 +178,54 @@ impl Proxy {
             mirror_h2c,
             mirror_slots: Arc::new(tokio::sync::Semaphore::new(MIRROR_MAX_IN_FLIGHT)),
             builder,
+            tls_pools: ArcSwap::default(),
+            tls_pools_insert: Mutex::new(()),
             settings: settings.clone(),
         }))
     }
 
-    /// The pool for a backend with its own TLS settings, built on first use. It lives as long
-    /// as the table that holds the backend.
-    fn tls_client<'t>(&self, t: &'t tls::UpstreamTls) -> &'t TlsClient {
-        t.client.get_or_init(|| {
-            let b = hyper_rustls::HttpsConnectorBuilder::new()
-                .with_tls_config(t.config.clone())
-                .https_only();
-            let b = match &t.server_name {
-                Some(name) => match rustls::pki_types::ServerName::try_from(name.clone()) {
-                    Ok(n) => b.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(n)),
-                    // Checked when the table was compiled.
-                    Err(_) => b,
-                },
-                None => b,
-            };
-            self.builder.build(
-                b.enable_http1()
-                    .enable_http2()
-                    .wrap_connector(http_connector(&self.settings)),
-            )
-        })
+    /// Sends through the pool of a backend with its own TLS settings. Finding the pool is one
+    /// lock-free load and a hash of the settings' address.
+    fn tls_request(&self, t: &Arc<UpstreamTls>, up: Request<CappedBody>) -> ResponseFuture {
+        let key = TlsPoolKey::of(t);
+        if let Some((_, client)) = self.tls_pools.load().get(&key) {
+            return client.request(up);
+        }
+        self.add_tls_pool(t, key).request(up)
+    }
+
+    /// Builds the pool for `t` on its first request; pools of settings whose table is gone are
+    /// dropped then.
+    fn add_tls_pool(&self, t: &Arc<UpstreamTls>, key: TlsPoolKey) -> TlsClient {
+        let _guard = self.tls_pools_insert.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.tls_pools.load_full();
+        if let Some((_, client)) = current.get(&key) {
+            return client.clone();
+        }
+        let b = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(t.config.clone())
+            .https_only();
+        let b = match &t.server_name {
+            Some(name) => match rustls::pki_types::ServerName::try_from(name.clone()) {
+                Ok(n) => b.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(n)),
+                // Checked when the table was compiled.
+                Err(_) => b,
+            },
+            None => b,
+        };
+        let client = self.builder.build(
+            b.enable_http1()
+                .enable_http2()
+                .wrap_connector(http_connector(&self.settings)),
+        );
+        let mut next: HashMap<TlsPoolKey, (Weak<UpstreamTls>, TlsClient)> = current
+            .iter()
+            .filter(|(_, (settings, _))| settings.strong_count() > 0)
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
+        next.insert(key, (Arc::downgrade(t), client.clone()));
+        self.tls_pools.store(Arc::new(next));
+        client
     }
 
     /// Handles one downstream request. Never fails: every error becomes a response.
@@ -390,8 +428,11 @@ impl Proxy {
 
         let sent = match backend.protocol {
             UpstreamProtocol::Auto => {
-                let client = backend.tls.as_deref().map_or(&self.client, |t| self.tls_client(t));
-                response_head(client.request(up), backend_timeout, &progress).await
+                let sent = match &backend.tls {
+                    None => self.client.request(up),
+                    Some(t) => self.tls_request(t, up),
+                };
+                response_head(sent, backend_timeout, &progress).await
             }
             UpstreamProtocol::H2c => response_head(self.h2c.request(up), backend_timeout, &progress).await,
         };

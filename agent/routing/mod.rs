@@ -16,6 +16,7 @@ pub mod matching;
 pub mod mirror;
 pub mod source;
 pub mod table;
+pub mod tls;
 
 pub use filters::{Filters, PathModifier};
 pub use matching::{MatchList, RequestHead, RouteMatch};

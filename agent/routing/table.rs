@@ -21,7 +21,7 @@ use crate::config::{
     UpstreamProtocol,
 };
 use crate::config::{FilterSpec, MatchSpec, TimeoutsSpec};
-use crate::proxy::tls::UpstreamTls;
+use crate::routing::tls::UpstreamTls;
 use crate::routing::{Filters, MatchList, RequestHead, RouteMatch};
 use crate::telemetry::{Metrics, RouteStats};
 

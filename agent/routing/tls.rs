@@ -1,9 +1,10 @@
 //! TLS towards upstreams: whom to trust (the webpki roots, or a configured CA bundle, globally
 //! or per backend), which name to send as SNI and to verify, and a client certificate for mTLS.
-//! A backend with its own settings (a `BackendTLSPolicy` pushed by the controller, or `tls` in
-//! TOML) gets its own connection pool, built on first use.
+//! A backend's own settings (a `BackendTLSPolicy` pushed by the controller, or `tls` in TOML)
+//! are compiled with the route table into an [`UpstreamTls`]: data only. The proxy keeps the
+//! connection pool for each of them (`crate::proxy`), so routing never depends on the proxy.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
@@ -46,13 +47,12 @@ pub fn client_config(roots: RootCertStore) -> Result<ClientConfig, String> {
         .with_no_client_auth())
 }
 
-/// One backend's compiled TLS settings and, once used, its connection pool.
+/// One backend's compiled TLS settings. The table holds each in an `Arc`, which is also the
+/// proxy's key for the backend's connection pool.
 pub struct UpstreamTls {
     pub config: ClientConfig,
     /// SNI (and the verified name when no SANs are listed); `None`: the URL's host.
     pub server_name: Option<String>,
-    /// Built by the proxy on first use, with its own timeouts and pool settings.
-    pub client: OnceLock<super::TlsClient>,
 }
 
 impl std::fmt::Debug for UpstreamTls {
@@ -141,7 +141,6 @@ impl UpstreamTls {
         Ok(UpstreamTls {
             config,
             server_name: spec.server_name.clone(),
-            client: OnceLock::new(),
         })
     }
 }
