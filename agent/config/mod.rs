@@ -340,8 +340,11 @@ pub struct RouteSpec {
     pub hostnames: Vec<String>,
     /// Shorthand for a single backend.
     pub upstream: Option<String>,
+    /// Weighted backends. An explicit empty list is a rule whose requests get 500 (Gateway
+    /// API's answer for a rule without backendRefs); leaving both this and `upstream` out is
+    /// an error, since that is almost always a mistake.
     #[serde(default)]
-    pub backends: Vec<BackendSpec>,
+    pub backends: Option<Vec<BackendSpec>>,
     pub upstream_auth: Option<UpstreamAuthKind>,
     pub auth_header: Option<AuthHeaderKind>,
     pub protocol: Option<UpstreamProtocol>,

@@ -398,8 +398,9 @@ impl RouteTable {
         }
         for (i, r) in config.route.iter().enumerate() {
             let key = format!("route[{i}]");
-            let mut backends = r.backends.clone();
+            let mut backends = r.backends.clone().unwrap_or_default();
             let redirects = r.filters.iter().any(|f| f.kind == FilterKind::RequestRedirect);
+            let explicitly_none = r.backends.as_ref().is_some_and(Vec::is_empty);
             match (&r.upstream, backends.is_empty()) {
                 (Some(url), true) => backends.push(BackendSpec {
                     upstream_auth: r.upstream_auth,
@@ -411,7 +412,7 @@ impl RouteTable {
                     key: format!("{key}.upstream"),
                     reason: "give either upstream or backends, not both".into(),
                 }),
-                (None, true) if !redirects => problems.push(Problem {
+                (None, true) if !redirects && !explicitly_none => problems.push(Problem {
                     key: format!("{key}.backends"),
                     reason: "a route needs an upstream, at least one backend, or a RequestRedirect filter".into(),
                 }),
