@@ -138,3 +138,57 @@ async fn grpc_web_over_http1_is_byte_exact() {
         "gRPC-Web carries trailers in the body, not in HTTP"
     );
 }
+
+/// What the gateway controller pushes for a GRPCRoute: `hasGrpcRoute`, an `Exact` path per
+/// gRPC method (`/package.Service/Method`), a header match, and an h2c backend (appProtocol
+/// `kubernetes.io/h2c`). The gRPC status must still arrive in HTTP/2 trailers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_route_pushed_by_the_controller_keeps_trailers_end_to_end() {
+    let up = FakeUpstream::start(Wire::H2c).await;
+    let cfg = ConfigText::new()
+        .env_secret("config_token", "GRPC_PUSH_TOKEN")
+        .routes("source = \"config-api\"")
+        .raw("[config_api]\nlisten = \"127.0.0.1:0\"\nauth_secret = \"config_token\"\npersist = false\n");
+    let agent = AgentBuilder::new()
+        .env("GRPC_PUSH_TOKEN", "grpc-push")
+        .start(&cfg)
+        .await;
+    let push = serde_json::json!({
+        "version": 1,
+        "hasGrpcRoute": true,
+        "rules": [{
+            "hostnames": ["grpc.test"],
+            "matches": [{ "path": { "type": "Exact", "value": "/trailers" },
+                          "headers": [{ "type": "Exact", "name": "x-tenant", "value": "a" }],
+                          "queryParams": null }],
+            "filters": null,
+            "backends": [{ "url": up.url(), "weight": 1, "protocol": "h2c", "filters": null }],
+        }],
+    });
+    let r = reqwest::Client::new()
+        .put(format!("http://{}/config", agent.config_api_addr()))
+        .bearer_auth("grpc-push")
+        .json(&push)
+        .send()
+        .await
+        .expect("config api answers");
+    assert_eq!(r.status().as_u16(), 200, "{}", r.text().await.unwrap_or_default());
+
+    let grpc = |tenant: &'static str| {
+        Request::builder()
+            .method(Method::POST)
+            .uri("http://grpc.test/trailers")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("x-tenant", tenant)
+            .body(body::full(grpc_web_frame(0, b"request")))
+            .expect("request")
+    };
+    let r = send_h2(agent.proxy_addr(), grpc("a")).await;
+    assert_eq!((r.status, r.version), (StatusCode::OK, Version::HTTP_2), "{}", r.text());
+    let trailers = r.trailers.expect("trailers arrive through the pushed route");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers["grpc-message"], "ok");
+    let r = send_h2(agent.proxy_addr(), grpc("b")).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "the header match is part of the route");
+}
