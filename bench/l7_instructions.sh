@@ -3,6 +3,10 @@
 # not depend on what else runs on the machine): one-rule table vs the 200-rule table of
 # bench/l7_routes.sh, for the catch-all (worst case) and an exact-path request.
 #
+# Then the per-request cost of the L7 features added for the gateway controller, each on a
+# one-rule table: the client's Host sent upstream ([[route]], the Host rule), three listener
+# scopes, and a CORS filter answering a request with an allowed Origin.
+#
 #   bench/l7_instructions.sh [requests]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,14 +37,26 @@ for i in range(49):
 route('{ path = { type = "PathPrefix", value = "/" } }')
 PY
 
-# Sends $3 keep-alive requests for $2 to port $1.
+route_one() { # extra TOML lines for the one [[route]]
+  printf '[[route]]\nhostnames = ["bench.example.com"]\nupstream = "http://%s"\n%s\n' "$UP" "$1"
+}
+route_one '' | config client-host 18295 > "$WORK/client-host.toml"
+{ printf '[[listener]]\nname = "exact"\nhostname = "other.example.com"\n[[listener]]\nname = "wild"\nhostname = "*.example.com"\n[[listener]]\nname = "any"\n'
+  route_one 'listeners = ["wild"]'; } | config listeners 18297 > "$WORK/listeners.toml"
+route_one 'filters = [{ type = "CORS", cors = { allow_origins = ["https://*.example.org"], allow_methods = ["GET"], expose_headers = ["x-total"] } }]' \
+  | config cors 18299 > "$WORK/cors.toml"
+
+# Sends $3 keep-alive requests for $2 to port $1 (with an Origin when ORIGIN is set).
 load() {
-  python3 - "$1" "$2" "$3" <<'PY'
+  python3 - "$1" "$2" "$3" "${ORIGIN:-}" <<'PY'
 import http.client, sys
-port, path, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+port, path, n, origin = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
 c = http.client.HTTPConnection("127.0.0.1", port)
+headers = {"Host": "bench.example.com"}
+if origin:
+    headers["Origin"] = origin
 for _ in range(n):
-    c.request("GET", path, headers={"Host": "bench.example.com"})
+    c.request("GET", path, headers=headers)
     r = c.getresponse(); r.read()
     assert r.status == 200, r.status
 PY
@@ -66,3 +82,6 @@ echo "instructions per request ($N requests each):"
 echo "  one rule:                      $(per_request one 18291 /some/other/path)"
 echo "  200 rules, catch-all (worst):  $(per_request many 18293 /some/other/path)"
 echo "  200 rules, exact hit:          $(per_request many 18293 /exact/25)"
+echo "  one [[route]], client's Host:  $(per_request client-host 18295 /some/other/path)"
+echo "  + three listener scopes:       $(per_request listeners 18297 /some/other/path)"
+echo "  + CORS, allowed Origin:        $(ORIGIN=https://shop.example.org per_request cors 18299 /some/other/path)"

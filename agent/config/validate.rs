@@ -127,6 +127,12 @@ impl Config {
             );
         }
         if r.source == RouteSourceKind::ConfigApi {
+            if !self.listener.is_empty() {
+                bad(
+                    "listener".into(),
+                    "not used with source = \"config-api\" (a push carries its own listeners)".into(),
+                );
+            }
             if !self.route.is_empty() {
                 bad(
                     "route".into(),
