@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, Interval};
 
-use crate::config::{Config, RouteSourceKind, SecretSourceKind};
+use crate::config::{Config, RouteSourceKind, SecretSource};
 use crate::control;
 use crate::gcp::{MetadataClient, SecretManager};
 use crate::health::Health;
@@ -132,8 +132,10 @@ pub fn tunnel_spec(
     spec.scrub_env = config
         .secrets
         .values()
-        .filter(|s| s.source == SecretSourceKind::Env)
-        .filter_map(|s| s.var.clone())
+        .filter_map(|s| match &s.source {
+            SecretSource::Env(var) => Some(var.clone()),
+            SecretSource::File(_) | SecretSource::GcpSecretManager(_) => None,
+        })
         .collect();
     Some(spec)
 }

@@ -69,9 +69,13 @@ pub struct Config {
     pub role_watch: RoleWatchSection,
     #[serde(default)]
     pub agent: AgentSection,
+    /// Named secrets as written; validation checks them and [`Config::parse`] turns them into
+    /// [`Config::secrets`].
+    #[serde(default, rename = "secrets")]
+    secrets_as_written: BTreeMap<String, SecretSpecAsWritten>,
     /// Named secrets; other sections refer to them by name so that a value never has to appear
-    /// in this file.
-    #[serde(default)]
+    /// in this file. Filled by [`Config::parse`] once the file is valid.
+    #[serde(skip)]
     pub secrets: BTreeMap<String, SecretSpec>,
     #[serde(default)]
     pub proxy: ProxySection,
@@ -141,7 +145,7 @@ pub enum LogFormat {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum SecretSourceKind {
+enum SecretSourceKind {
     File,
     Env,
     GcpSecretManager,
@@ -157,22 +161,43 @@ impl fmt::Display for SecretSourceKind {
     }
 }
 
-/// Where one secret comes from. Flat rather than an enum so that a wrong combination gets a
-/// message naming the missing or extra key rather than serde's "data did not match any variant".
+/// One `[secrets.NAME]` table as written. Flat rather than an enum so that a wrong combination
+/// gets a message naming the missing or extra key rather than serde's "data did not match any
+/// variant"; validation turns it into a [`SecretSpec`].
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SecretSpec {
-    pub source: SecretSourceKind,
+struct SecretSpecAsWritten {
+    source: SecretSourceKind,
     /// `file`: path to read. A relative path is looked up in `$CREDENTIALS_DIRECTORY` first
     /// (systemd `LoadCredential=`).
-    pub path: Option<PathBuf>,
+    path: Option<PathBuf>,
     /// `env`: variable name.
-    pub var: Option<String>,
+    var: Option<String>,
     /// `gcp-secret-manager`: `projects/P/secrets/S/versions/V` or
     /// `projects/P/locations/L/secrets/S/versions/V`.
-    pub name: Option<String>,
+    name: Option<String>,
     /// Re-read interval; a changed value is applied without restart.
     #[serde(default, with = "humantime_serde")]
+    refresh: Option<Duration>,
+}
+
+/// Where one secret comes from: each source with what it needs, and only that.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    /// A file; a relative path is looked up in `$CREDENTIALS_DIRECTORY` first (systemd
+    /// `LoadCredential=`).
+    File(PathBuf),
+    /// An environment variable (not empty).
+    Env(String),
+    /// A Secret Manager version.
+    GcpSecretManager(SecretVersionName),
+}
+
+/// One named secret, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretSpec {
+    pub source: SecretSource,
+    /// Re-read interval (at least 1 s); a changed value is applied without restart.
     pub refresh: Option<Duration>,
 }
 
@@ -750,6 +775,43 @@ mod tests {
                 ("route[0].backends[0].wieght", Some((7, 33))),
                 ("proxy.listen", Some((10, 10))),
             ]
+        );
+    }
+
+    #[test]
+    fn each_secret_source_carries_what_it_needs() {
+        let c = parse(
+            "[secrets.f]\nsource = \"file\"\npath = \"tok\"\nrefresh = \"5s\"\n\
+             [secrets.e]\nsource = \"env\"\nvar = \"TOK\"\n\
+             [secrets.g]\nsource = \"gcp-secret-manager\"\nname = \"projects/p/secrets/s/versions/3\"\n",
+        )
+        .expect("valid");
+        assert_eq!(c.secrets["f"].source, SecretSource::File("tok".into()));
+        assert_eq!(c.secrets["f"].refresh, Some(Duration::from_secs(5)));
+        assert_eq!(c.secrets["e"].source, SecretSource::Env("TOK".into()));
+        let version = SecretVersionName::parse("projects/p/secrets/s/versions/3").expect("a version name");
+        assert_eq!(c.secrets["g"].source, SecretSource::GcpSecretManager(version));
+    }
+
+    #[test]
+    fn a_secret_without_its_sources_key_names_the_key() {
+        let err = parse(
+            "[secrets.e]\nsource = \"env\"\nvar = \"\"\n[secrets.g]\nsource = \"gcp-secret-manager\"\npath = \"/x\"\n",
+        )
+        .unwrap_err();
+        let got: Vec<_> = err
+            .problems
+            .iter()
+            .map(|p| (p.key.as_str(), p.reason.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("secrets.e.var", "required for source = \"env\""),
+                ("secrets.g.path", "not used by source = \"gcp-secret-manager\""),
+                ("secrets.g.name", "required for source = \"gcp-secret-manager\""),
+            ],
+            "{err}"
         );
     }
 

@@ -19,13 +19,14 @@ impl Config {
     }
 
     pub fn parse(path: &Path, text: &str, route_check: RouteCheck) -> Result<Config, ConfigError> {
-        let config = parse_all(text).map_err(|parse| ConfigError {
+        let mut config = parse_all(text).map_err(|parse| ConfigError {
             file: path.to_owned(),
             parse,
             problems: Vec::new(),
         })?;
         let problems = config.validate(route_check);
         if problems.is_empty() {
+            config.secrets = config.typed_secrets();
             Ok(config)
         } else {
             Err(ConfigError {

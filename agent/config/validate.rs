@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
-use super::{Config, Problem, RouteSourceKind, SecretSourceKind, SecretVersionName};
+use super::{
+    Config, Problem, RouteSourceKind, SecretSource, SecretSourceKind, SecretSpec, SecretSpecAsWritten,
+    SecretVersionName,
+};
 
 /// Checks the route contents of a parsed config: the route table's own compile step, which lives
 /// in `crate::routing` (this module is a leaf). `crate::routing::load_config` passes it.
@@ -37,28 +40,11 @@ impl Config {
 
     /// `[secrets.*]`: each source's own key, and only it.
     fn validate_secrets(&self, bad: &mut dyn FnMut(String, String)) {
-        for (name, spec) in &self.secrets {
+        for (name, spec) in &self.secrets_as_written {
             let key = |k: &str| format!("secrets.{name}.{k}");
-            let want = match spec.source {
-                SecretSourceKind::File => "path",
-                SecretSourceKind::Env => "var",
-                SecretSourceKind::GcpSecretManager => "name",
-            };
-            let given = [
-                ("path", spec.path.is_some()),
-                ("var", spec.var.as_deref().is_some_and(|v| !v.is_empty())),
-                ("name", spec.name.is_some()),
-            ];
-            for (k, present) in given {
-                if k == want && !present {
-                    bad(key(k), format!("required for source = \"{}\"", spec.source));
-                } else if k != want && present {
-                    bad(key(k), format!("not used by source = \"{}\"", spec.source));
-                }
-            }
-            if let (SecretSourceKind::GcpSecretManager, Some(n)) = (spec.source, &spec.name) {
-                if let Err(reason) = SecretVersionName::parse(n) {
-                    bad(key("name"), reason);
+            if let Err(problems) = spec.typed() {
+                for (k, reason) in problems {
+                    bad(key(k), reason);
                 }
             }
             if spec.refresh.is_some_and(|r| r < Duration::from_secs(1)) {
@@ -67,11 +53,24 @@ impl Config {
         }
     }
 
+    /// The secrets in their typed form. Only called once validation found no problem, so
+    /// none is left out.
+    pub(super) fn typed_secrets(&self) -> std::collections::BTreeMap<String, SecretSpec> {
+        self.secrets_as_written
+            .iter()
+            .filter_map(|(name, spec)| Some((name.clone(), spec.typed().ok()?)))
+            .collect()
+    }
+
+    fn has_secret(&self, name: &str) -> bool {
+        self.secrets_as_written.contains_key(name)
+    }
+
     /// `[proxy]`, and the listeners' addresses.
     fn validate_proxy(&self, bad: &mut dyn FnMut(String, String)) {
         let p = &self.proxy;
         if let Some(secret) = &p.auth_secret {
-            if !self.secrets.contains_key(secret) {
+            if !self.has_secret(secret) {
                 bad(
                     "proxy.auth_secret".into(),
                     format!("no secret named {secret:?} in [secrets]"),
@@ -144,7 +143,7 @@ impl Config {
                     "config_api.auth_secret".into(),
                     "required for routes.source = \"config-api\"".into(),
                 ),
-                Some(secret) if !self.secrets.contains_key(secret) => bad(
+                Some(secret) if !self.has_secret(secret) => bad(
                     "config_api.auth_secret".into(),
                     format!("no secret named {secret:?} in [secrets]"),
                 ),
@@ -186,7 +185,7 @@ impl Config {
                     "cloudflared.credentials_file".into(),
                     "give either token_secret or credentials_file, not both".into(),
                 ),
-                (Some(name), None) if !self.secrets.contains_key(name) => bad(
+                (Some(name), None) if !self.has_secret(name) => bad(
                     "cloudflared.token_secret".into(),
                     format!("no secret named {name:?} in [secrets]"),
                 ),
@@ -267,4 +266,48 @@ impl Config {
 /// A GCE metadata attribute name: letters, digits, `-` and `_`.
 fn is_attribute_name(a: &str) -> bool {
     !a.is_empty() && a.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl SecretSpecAsWritten {
+    /// The source with what it needs, or each problem as the key (within the secret's table)
+    /// and the reason: the source's own key missing, another source's key given, a bad name.
+    fn typed(&self) -> Result<SecretSpec, Vec<(&'static str, String)>> {
+        let want = match self.source {
+            SecretSourceKind::File => "path",
+            SecretSourceKind::Env => "var",
+            SecretSourceKind::GcpSecretManager => "name",
+        };
+        let given = [
+            ("path", self.path.is_some()),
+            ("var", self.var.as_deref().is_some_and(|v| !v.is_empty())),
+            ("name", self.name.is_some()),
+        ];
+        let mut problems = Vec::new();
+        for (k, present) in given {
+            if k == want && !present {
+                problems.push((k, format!("required for source = \"{}\"", self.source)));
+            } else if k != want && present {
+                problems.push((k, format!("not used by source = \"{}\"", self.source)));
+            }
+        }
+        let source = match self.source {
+            SecretSourceKind::File => self.path.clone().map(SecretSource::File),
+            SecretSourceKind::Env => self.var.clone().filter(|v| !v.is_empty()).map(SecretSource::Env),
+            SecretSourceKind::GcpSecretManager => match self.name.as_deref().map(SecretVersionName::parse) {
+                Some(Ok(version)) => Some(SecretSource::GcpSecretManager(version)),
+                Some(Err(reason)) => {
+                    problems.push(("name", reason));
+                    None
+                }
+                None => None,
+            },
+        };
+        match source {
+            Some(source) if problems.is_empty() => Ok(SecretSpec {
+                source,
+                refresh: self.refresh,
+            }),
+            _ => Err(problems),
+        }
+    }
 }

@@ -13,7 +13,7 @@ pub mod resolve;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::config::{SecretSourceKind, SecretSpec};
+use crate::config::SecretSource;
 pub use crate::secret::Secret;
 
 #[derive(Debug, thiserror::Error)]
@@ -59,37 +59,36 @@ fn trim_newline(mut s: String) -> String {
 
 /// Reads one secret from a local source (`file`, `env`). Remote sources are fetched by
 /// [`crate::gcp`]; this returns `None` for them.
-pub fn read_local(name: &str, spec: &SecretSpec) -> Option<Result<Secret, SecretError>> {
-    let (raw, origin) = match spec.source {
-        SecretSourceKind::File => {
-            let path = file_path(spec.path.as_deref().unwrap_or(Path::new("")));
-            let bytes = match std::fs::read(&path) {
-                Ok(b) => b,
-                Err(source) => {
-                    return Some(Err(SecretError::File {
-                        name: name.to_owned(),
-                        path,
-                        source,
-                    }))
-                }
-            };
-            (bytes, format!("file {}", path.display()))
-        }
-        SecretSourceKind::Env => {
-            let var = spec.var.clone().unwrap_or_default();
-            match std::env::var_os(&var) {
-                Some(v) => (v.into_encoded_bytes(), format!("environment variable {var}")),
-                None => {
-                    return Some(Err(SecretError::EnvMissing {
-                        name: name.to_owned(),
-                        var,
-                    }))
-                }
-            }
-        }
-        SecretSourceKind::GcpSecretManager => return None,
-    };
-    Some(from_bytes(name, raw, &origin))
+pub fn read_local(name: &str, source: &SecretSource) -> Option<Result<Secret, SecretError>> {
+    match source {
+        SecretSource::File(path) => Some(read_file(name, path)),
+        SecretSource::Env(var) => Some(read_env(name, var)),
+        SecretSource::GcpSecretManager(_) => None,
+    }
+}
+
+/// A `file` secret; a relative path is looked up in `$CREDENTIALS_DIRECTORY` first.
+pub fn read_file(name: &str, path: &Path) -> Result<Secret, SecretError> {
+    let path = file_path(path);
+    match std::fs::read(&path) {
+        Ok(bytes) => from_bytes(name, bytes, &format!("file {}", path.display())),
+        Err(source) => Err(SecretError::File {
+            name: name.to_owned(),
+            path,
+            source,
+        }),
+    }
+}
+
+/// An `env` secret.
+pub fn read_env(name: &str, var: &str) -> Result<Secret, SecretError> {
+    match std::env::var_os(var) {
+        Some(v) => from_bytes(name, v.into_encoded_bytes(), &format!("environment variable {var}")),
+        None => Err(SecretError::EnvMissing {
+            name: name.to_owned(),
+            var: var.to_owned(),
+        }),
+    }
 }
 
 /// Turns fetched bytes into a secret: UTF-8, one trailing newline trimmed, not empty.
@@ -140,14 +139,8 @@ mod tests {
 
     #[test]
     fn file_errors_name_secret_and_path_not_value() {
-        let spec = SecretSpec {
-            source: SecretSourceKind::File,
-            path: Some("/nonexistent/tok".into()),
-            var: None,
-            name: None,
-            refresh: None,
-        };
-        let err = read_local("internal", &spec).unwrap().unwrap_err().to_string();
+        let source = SecretSource::File("/nonexistent/tok".into());
+        let err = read_local("internal", &source).unwrap().unwrap_err().to_string();
         assert!(
             err.contains("\"internal\"") && err.contains("/nonexistent/tok"),
             "{err}"

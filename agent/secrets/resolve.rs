@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::backoff::Backoff;
-use crate::config::{Config, SecretSpec, SecretVersionName};
+use crate::config::{Config, SecretSource, SecretSpec};
 use crate::gcp::{SecretManager, SecretManagerError};
 use crate::secrets::{self, Secret, SecretError, SecretValues};
 use crate::systemd;
@@ -38,7 +38,7 @@ pub fn load_local(config: &Config, metrics: &Metrics) -> Result<SecretValues, Ve
     let mut values = BTreeMap::new();
     let mut errors = Vec::new();
     for (name, spec) in &config.secrets {
-        match secrets::read_local(name, spec) {
+        match secrets::read_local(name, &spec.source) {
             Some(Ok(v)) => {
                 metrics.secret_fetches.inc();
                 values.insert(name.clone(), v);
@@ -59,17 +59,16 @@ pub fn load_local(config: &Config, metrics: &Metrics) -> Result<SecretValues, Ve
 
 /// One attempt at one secret.
 pub async fn fetch(name: &str, spec: &SecretSpec, sm: &SecretManager) -> Result<Secret, FetchError> {
-    if let Some(local) = secrets::read_local(name, spec) {
-        return local.map_err(FetchError::Permanent);
-    }
+    let version = match &spec.source {
+        SecretSource::File(path) => return secrets::read_file(name, path).map_err(FetchError::Permanent),
+        SecretSource::Env(var) => return secrets::read_env(name, var).map_err(FetchError::Permanent),
+        SecretSource::GcpSecretManager(version) => version,
+    };
     let remote = |message: String| SecretError::Remote {
         name: name.to_owned(),
         message,
     };
-    // Validation checked the name; a missing one here is a permanent error, not a panic.
-    let version =
-        SecretVersionName::parse(spec.name.as_deref().unwrap_or("")).map_err(|e| FetchError::Permanent(remote(e)))?;
-    match sm.access(&version).await {
+    match sm.access(version).await {
         Ok(bytes) => secrets::from_bytes(name, bytes, &version.resource()).map_err(FetchError::Permanent),
         Err(SecretManagerError::Transient(m)) => Err(FetchError::Transient(remote(m))),
         Err(SecretManagerError::Permanent(m)) => Err(FetchError::Permanent(remote(m))),
