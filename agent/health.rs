@@ -52,6 +52,9 @@ impl Endpoint {
     }
 }
 
+/// What `/active` and `/ready` say while a demoted node's cloudflared finishes in-flight requests.
+pub const DRAINING_AFTER_DEMOTION: &str = "draining after demotion";
+
 /// Facts for `/status`, replaced whole on each change.
 #[derive(Debug, Clone, Default)]
 pub struct StatusInfo {
@@ -85,6 +88,11 @@ pub struct Health {
     pub proxy_answering: AtomicBool,
     /// Set first thing on shutdown, so probes fail before anything stops.
     pub draining: AtomicBool,
+    /// Set the moment this node decides to leave `active` (demote, a watched attribute naming
+    /// another host, a lost election), before cloudflared is told to stop, and cleared when it
+    /// becomes active again: `/active` must fail from the decision on, not from the end of
+    /// cloudflared's drain, or a failover check sees two active nodes for a whole grace period.
+    pub leaving_active: AtomicBool,
     pub status: ArcSwap<StatusInfo>,
     pub metrics: Arc<Metrics>,
     pub tunnel: Arc<TunnelState>,
@@ -99,6 +107,7 @@ impl Health {
             routes_loaded: AtomicBool::new(false),
             proxy_answering: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            leaving_active: AtomicBool::new(false),
             status: ArcSwap::default(),
             metrics,
             tunnel: Arc::default(),
@@ -142,6 +151,10 @@ impl Health {
     /// connected (with the configured grace), and not crash-looping.
     fn tunnel_verdict(&self) -> (bool, String) {
         let t = &self.tunnel;
+        // A demoted node that is still draining serves its (new) standby role: ready.
+        if self.leaving_active.load(Ordering::Acquire) && t.wanted.load(Ordering::Acquire) {
+            return (true, DRAINING_AFTER_DEMOTION.to_owned());
+        }
         if !t.wanted.load(Ordering::Acquire) {
             let why = if self.status.load().role == "standby" {
                 "standby (not running)"
@@ -166,9 +179,11 @@ impl Health {
         (false, "no connections".to_owned())
     }
 
-    /// `/active`: this node runs the tunnel and it is connected.
+    /// `/active`: this node runs the tunnel, it is connected, and the node has not decided to
+    /// leave `active`.
     pub fn active(&self) -> bool {
         self.tunnel.wanted.load(Ordering::Acquire)
+            && !self.leaving_active.load(Ordering::Acquire)
             && !self.draining.load(Ordering::Acquire)
             && self.tunnel.connected(self.status.load().tunnel_ready_grace)
     }
@@ -316,6 +331,9 @@ impl Health {
             Endpoint::Active => {
                 if self.active() {
                     reply(StatusCode::OK, "application/json", r#"{"active":true}"#.into())
+                } else if self.leaving_active.load(Ordering::Acquire) && self.tunnel.wanted.load(Ordering::Acquire) {
+                    let body = json!({"active": false, "reason": DRAINING_AFTER_DEMOTION});
+                    reply(StatusCode::SERVICE_UNAVAILABLE, "application/json", body.to_string())
                 } else {
                     reply(
                         StatusCode::SERVICE_UNAVAILABLE,

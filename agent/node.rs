@@ -311,6 +311,7 @@ impl Node {
                 Role::Active => self.metrics.promotions.inc(),
                 Role::Standby => self.metrics.demotions.inc(),
             }
+            self.decide(new.role);
             self.role = new.role;
             self.role_source = RoleSource::Config;
             let _ = std::fs::remove_file(roles::state_path(&new.agent.state_dir));
@@ -418,6 +419,7 @@ impl Node {
             return (false, format!("already {}; nothing to do", role.as_str()));
         }
         let started = Instant::now();
+        self.decide(role);
         self.role = role;
         self.role_source = source;
         match role {
@@ -447,6 +449,22 @@ impl Node {
         };
         tracing::info!(role = role.as_str(), source = source.as_str(), took_ms, "{message}");
         (true, message)
+    }
+
+    /// The moment of decision for a role change, before anything slow: leaving `active` fails
+    /// `/active` and sends cloudflared its one SIGTERM at once (no new tunnel requests from
+    /// here on; the drain of in-flight ones follows); entering it lifts that fence.
+    pub fn decide(&self, role: Role) {
+        match role {
+            Role::Standby => {
+                self.health.leaving_active.store(true, Ordering::Release);
+                self.tunnel.state.fence();
+            }
+            Role::Active => {
+                self.tunnel.state.release();
+                self.health.leaving_active.store(false, Ordering::Release);
+            }
+        }
     }
 
     pub fn publish_role(&self) {

@@ -36,11 +36,16 @@ fn node() -> (AgentBuilder, FakeCloudflared) {
 
 /// One route to `up`, cloudflared supervised, and the config file's `role`.
 fn node_config(cf: &FakeCloudflared, up: &FakeUpstream, role: &str) -> ConfigText {
+    node_config_with(cf, up, role, &[])
+}
+
+/// [`node_config`] with `cloudflared` keys added or overridden.
+fn node_config_with(cf: &FakeCloudflared, up: &FakeUpstream, role: &str, cloudflared: &[&str]) -> ConfigText {
     ConfigText::new()
         .top(&format!("role = \"{role}\""))
         .env_secret("tunnel_token", "TA_TUNNEL_TOKEN")
         .host("app.test", &up.url())
-        .raw(&cf.section(&[]))
+        .raw(&cf.section(cloudflared))
 }
 
 async fn health(agent: &Agent, path: &str) -> StatusCode {
@@ -368,7 +373,11 @@ async fn a_promotion_survives_a_restart() {
 }
 
 fn watched_config(cf: &FakeCloudflared, up: &FakeUpstream, meta: &FakeMetadata) -> ConfigText {
-    node_config(cf, up, "standby")
+    watched_config_with(cf, up, meta, &[])
+}
+
+fn watched_config_with(cf: &FakeCloudflared, up: &FakeUpstream, meta: &FakeMetadata, cloudflared: &[&str]) -> ConfigText {
+    node_config_with(cf, up, "standby", cloudflared)
         .gcp(&format!("metadata_url = {:?}", meta.url()))
         .raw(
             "[role_watch]\nattribute = \"tunnel-active-host\"\nattribute_scope = \"project\"\nhost_name = \"node-a\"\n",
@@ -518,4 +527,78 @@ async fn status_without_a_running_agent_says_not_running() {
     let run = agent.control("status").await;
     assert!(!run.ok(), "{run:?}");
     assert!(run.stderr.contains("not running"), "{run:?}");
+}
+
+/// A node whose fake cloudflared drains for `drain_ms` after its SIGTERM (grace 10 s).
+fn draining_node(drain_ms: u64) -> (AgentBuilder, FakeCloudflared) {
+    let (builder, cf) = node();
+    (builder.env("FAKE_CF_DRAIN_MS", &drain_ms.to_string()), cf)
+}
+
+/// Polls `/active` until it fails, then checks that it failed *while* `pid` still drains (it
+/// has had its SIGTERM and not exited), with the reason in the body, and that `/ready` holds.
+async fn assert_inactive_while_draining(agent: &Agent, cf: &FakeCloudflared, pid: u32) {
+    let reply = eventually(DEADLINE, "/active to fail after the demotion", || async {
+        let r = get(agent.health_addr(), "localhost", "/active", &[]).await;
+        (r.status == StatusCode::SERVICE_UNAVAILABLE).then_some(r)
+    })
+    .await;
+    assert_eq!(
+        reply.json()["reason"],
+        "draining after demotion",
+        "{}",
+        reply.text()
+    );
+    let ready = get(agent.health_addr(), "localhost", "/ready", &[]).await;
+    assert_eq!(ready.status, StatusCode::OK, "{}", ready.text());
+    assert_eq!(ready.json()["components"]["cloudflared"], "draining after demotion");
+    assert_eq!(cf.sigterms(pid), 1, "{:?}", cf.events());
+    assert_eq!(
+        cf.exit_code(pid),
+        None,
+        "cloudflared finished its drain before /active failed: {:?}",
+        cf.events()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_fails_the_moment_demote_is_decided() {
+    let up = FakeUpstream::start(Wire::Http1).await;
+    let (builder, cf) = draining_node(4000);
+    let config = node_config_with(&cf, &up, "active", &["grace_period = \"10s\""]);
+    let agent = builder.start(&config).await;
+    let pid = cf.wait_starts(1, DEADLINE).await[0];
+    wait_health(&agent, "/active", StatusCode::OK).await;
+
+    // `demote` answers only after the drain; /active must not wait for it.
+    let demote = tokio::spawn(control_command(agent.control_args("demote")));
+    assert_inactive_while_draining(&agent, &cf, pid).await;
+    let run = demote.await.expect("demote task");
+    assert!(run.ok(), "{run:?}");
+    assert_eq!(cf.exit_code(pid), Some(0), "{:?}", cf.events());
+    assert_eq!(cf.sigterms(pid), 1, "one SIGTERM in all: {:?}", cf.events());
+    let active = get(agent.health_addr(), "localhost", "/active", &[]).await;
+    assert_eq!(active.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(health(&agent, "/ready").await, StatusCode::OK);
+
+    // Promoted again, /active follows the new tunnel.
+    let _ = promote_measured(&agent, &cf).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_fails_the_moment_the_watched_attribute_moves() {
+    let up = FakeUpstream::start(Wire::Http1).await;
+    let meta = FakeMetadata::start().await;
+    meta.set_attribute(ROLE_ATTRIBUTE, "node-a");
+    let (builder, cf) = draining_node(4000);
+    let config = watched_config_with(&cf, &up, &meta, &["grace_period = \"10s\""]);
+    let agent = builder.start(&config).await;
+    let pid = cf.wait_starts(1, DEADLINE).await[0];
+    wait_health(&agent, "/active", StatusCode::OK).await;
+
+    meta.set_attribute(ROLE_ATTRIBUTE, "node-b");
+    assert_inactive_while_draining(&agent, &cf, pid).await;
+    eventually(DEADLINE, "the drain to end", || async { cf.exit_code(pid) }).await;
+    wait_role(&agent, "standby", "watched-attribute").await;
+    assert_eq!(health(&agent, "/active").await, StatusCode::SERVICE_UNAVAILABLE);
 }

@@ -186,6 +186,19 @@ pub struct TunnelState {
     pub restarts: AtomicU64,
     pub crash_loop: AtomicBool,
     detail: Mutex<TunnelDetail>,
+    signalling: Mutex<Signalling>,
+}
+
+/// The running process as far as stopping it goes. Shared so that whoever stops cloudflared
+/// first (the supervisor, or an election fence that must not wait for the supervisor's loop)
+/// sends the one SIGTERM, and no restart slips in while a fence holds.
+#[derive(Debug, Default)]
+struct Signalling {
+    /// 0 when not running.
+    pid: u32,
+    sigterm_sent: bool,
+    /// Set by [`TunnelState::fence`]: no cloudflared may start until [`TunnelState::release`].
+    hold: bool,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -207,6 +220,30 @@ impl TunnelState {
     /// Records the version detected at boot.
     pub fn set_version(&self, version: String) {
         self.with_detail(|d| d.version = Some(version));
+    }
+
+    fn signalling(&self) -> std::sync::MutexGuard<'_, Signalling> {
+        self.signalling.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stops new tunnel traffic now: one SIGTERM to the running cloudflared's group (unless it
+    /// already had its one) and no start or restart until [`TunnelState::release`]. Synchronous,
+    /// so a lease fence does not depend on the supervisor's loop being free; the supervisor still
+    /// waits out the drain and reaps. Returns whether a SIGTERM was sent now.
+    pub fn fence(&self) -> bool {
+        let mut s = self.signalling();
+        s.hold = true;
+        terminate_locked(&mut s)
+    }
+
+    /// Lifts a [`TunnelState::fence`]: this node may run cloudflared again.
+    pub fn release(&self) {
+        self.signalling().hold = false;
+    }
+
+    /// Whether a fence holds.
+    pub fn held(&self) -> bool {
+        self.signalling().hold
     }
 
     fn with_detail(&self, f: impl FnOnce(&mut TunnelDetail)) {
@@ -271,6 +308,31 @@ impl TunnelSupervisor {
     }
 }
 
+/// The one SIGTERM for the running process group, if it has not had it.
+fn terminate_locked(s: &mut Signalling) -> bool {
+    if s.pid == 0 || s.sigterm_sent {
+        return false;
+    }
+    s.sigterm_sent = true;
+    let group = Pid::from_raw(i32::try_from(s.pid).unwrap_or(0));
+    if let Err(e) = killpg(group, Signal::SIGTERM) {
+        tracing::warn!(pid = s.pid, error = %e, "cannot send SIGTERM to cloudflared");
+    }
+    true
+}
+
+/// Records that the process `pid` is gone.
+fn record_exit(state: &TunnelState, pid: u32) {
+    let mut s = state.signalling();
+    if s.pid == pid {
+        s.pid = 0;
+        s.sigterm_sent = false;
+    }
+    drop(s);
+    state.pid.store(0, Ordering::Release);
+    state.connections.store(0, Ordering::Release);
+}
+
 /// A cloudflared we started.
 struct Running {
     pid: u32,
@@ -320,10 +382,17 @@ fn spawn(spec: &TunnelSpec, state: &TunnelState) -> anyhow::Result<Running> {
     if let (Some(token), None) = (&spec.token, &spec.token_file) {
         cmd.env("TUNNEL_TOKEN", token.expose());
     }
+    let mut signalling = state.signalling();
+    if signalling.hold {
+        anyhow::bail!("not starting cloudflared: this node is fenced (it left the active role)");
+    }
     let mut child = cmd
         .spawn()
         .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", spec.program.display()))?;
     let pid = child.id().unwrap_or(0);
+    signalling.pid = pid;
+    signalling.sigterm_sent = false;
+    drop(signalling);
     let (lines_tx, lines) = mpsc::channel(256);
     if let Some(out) = child.stdout.take() {
         tokio::spawn(read_lines(out, lines_tx.clone()));
@@ -357,8 +426,11 @@ async fn stop(mut run: Running, spec: &TunnelSpec, state: &TunnelState) {
         grace_s = spec.grace.as_secs_f64(),
         "stopping cloudflared (SIGTERM)"
     );
-    if run.pid != 0 {
-        let _ = killpg(group, Signal::SIGTERM);
+    {
+        let mut s = state.signalling();
+        if s.pid == run.pid {
+            terminate_locked(&mut s);
+        }
     }
     let status = match tokio::time::timeout(spec.grace + spec.stop_margin, &mut run.exit).await {
         Ok(status) => status,
@@ -373,8 +445,7 @@ async fn stop(mut run: Running, spec: &TunnelSpec, state: &TunnelState) {
     };
     let status = status.unwrap_or_else(|_| Err(std::io::Error::other("waiter task ended")));
     tracing::info!(pid = run.pid, result = %describe(&status), "cloudflared stopped");
-    state.pid.store(0, Ordering::Release);
-    state.connections.store(0, Ordering::Release);
+    record_exit(state, run.pid);
 }
 
 /// Reads cloudflared's `/ready`.

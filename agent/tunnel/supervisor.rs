@@ -23,7 +23,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::{describe, poll_ready, spawn, stop, Control, RestartPolicy, Running, TunnelSpec, TunnelState};
+use super::{describe, poll_ready, record_exit, spawn, stop, Control, RestartPolicy, Running, TunnelSpec, TunnelState};
 use crate::backoff::Backoff;
 
 /// Why a start was asked for; a failed start is counted differently for each.
@@ -312,11 +312,16 @@ pub(super) async fn supervise(
             };
             tokio::select! {
                 status = exited => {
-                    child = None;
+                    let pid = child.take().map_or(0, |(r, _)| r.pid);
                     last_exit = describe(&status);
-                    state.pid.store(0, Ordering::Release);
-                    state.connections.store(0, Ordering::Release);
+                    record_exit(&state, pid);
                     state.with_detail(|d| d.last_exit = Some(last_exit.clone()));
+                    if state.held() {
+                        // The fence's SIGTERM did this; the node is leaving active and will
+                        // apply `None`: no restart, and no failure counted.
+                        tracing::info!(result = %last_exit, "cloudflared stopped after the fence's SIGTERM");
+                        continue;
+                    }
                     Event::Exited
                 }
                 _ = start_due => Event::StartDue,
