@@ -22,7 +22,7 @@ use crate::gcp::{self, MetadataClient, SecretManager};
 use crate::health::{self, Health};
 use crate::node::{tunnel_spec, Node, Signal, Sources};
 use crate::proxy::{InboundAuth, LiveSettings, Proxy};
-use crate::roles::{self, PersistedRole, RoleSource};
+use crate::roles;
 use crate::routing::table::RouteTable;
 use crate::routing::{self, config_api};
 use crate::secrets::resolve::{join_errors, resolve_all};
@@ -165,17 +165,6 @@ async fn start(
 
     // The role, and the node that will hold everything that can change from here on.
     let (role, role_source, role_etag) = roles::boot_role(&config, &metadata).await;
-    if role_source == RoleSource::WatchedAttribute {
-        // Remembered so a reboot during a metadata outage comes back in the last watched role.
-        let persisted = PersistedRole {
-            role,
-            source: role_source,
-            config_role: config.role,
-        };
-        if let Err(e) = roles::persist(&config.agent.state_dir, &persisted) {
-            tracing::warn!(error = %e, "cannot persist the role");
-        }
-    }
     let (secret_tx, secret_rx) = mpsc::channel(16);
     let policy = RestartPolicy::from(&config.cloudflared);
     let node = node_slot.insert(Node {

@@ -426,13 +426,18 @@ impl Node {
             Role::Active => self.metrics.promotions.inc(),
             Role::Standby => self.metrics.demotions.inc(),
         }
-        let persisted = PersistedRole {
-            role,
-            source,
-            config_role: self.config.role,
-        };
-        if let Err(e) = roles::persist(&self.config.agent.state_dir, &persisted) {
-            tracing::warn!(error = %e, "cannot persist the role; a restart will fall back to the config's");
+        // Only an operator's promote/demote is kept for the next start. A role another source
+        // gave (the watched attribute, the election) may be stale by then: that source is asked
+        // again at start, and while it cannot answer the node is standby.
+        if source == RoleSource::Cli {
+            let persisted = PersistedRole {
+                role,
+                source,
+                config_role: self.config.role,
+            };
+            if let Err(e) = roles::persist(&self.config.agent.state_dir, &persisted) {
+                tracing::warn!(error = %e, "cannot persist the role; a restart will fall back to the config's");
+            }
         }
         // The decision is published first; cloudflared follows it.
         self.publish_role();

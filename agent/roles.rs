@@ -76,7 +76,9 @@ pub fn persist(state_dir: &Path, p: &PersistedRole) -> std::io::Result<()> {
 /// The role at boot, before any watched attribute answered.
 pub fn initial(config: &Config) -> (Role, RoleSource) {
     match load_persisted(&config.agent.state_dir) {
-        Some(p) if p.config_role == config.role && p.source != RoleSource::Config => (p.role, RoleSource::Persisted),
+        // Only promote/demote is persisted; a file from an older version may hold another
+        // source's role, which is not trusted after a restart.
+        Some(p) if p.config_role == config.role && p.source == RoleSource::Cli => (p.role, RoleSource::Persisted),
         _ => (config.role, RoleSource::Config),
     }
 }
@@ -108,8 +110,10 @@ fn attribute_path(config: &Config) -> Option<String> {
 }
 
 /// The role at boot. With a watched attribute, it is read first (so a node never starts
-/// cloudflared on a stale belief); when the metadata server cannot answer, the last watched
-/// value persisted, else standby: never two actives. Returns the attribute's ETag for the watch.
+/// cloudflared on a stale belief); when the metadata server cannot answer, standby: whatever the
+/// attribute said before this start may have moved to another host since, and never two
+/// actives beats availability. The watch follows the attribute once it answers. Returns the
+/// attribute's ETag for the watch.
 pub async fn boot_role(config: &Config, metadata: &MetadataClient) -> (Role, RoleSource, Option<String>) {
     let Some(path) = attribute_path(config) else {
         let (role, source) = initial(config);
@@ -119,11 +123,8 @@ pub async fn boot_role(config: &Config, metadata: &MetadataClient) -> (Role, Rol
         Ok((value, etag)) => (role_for(&value, &host_name(config)), RoleSource::WatchedAttribute, etag),
         Err(MetadataError::Status { status: 404, .. }) => (Role::Standby, RoleSource::WatchedAttribute, None),
         Err(e) => {
-            let persisted =
-                load_persisted(&config.agent.state_dir).filter(|p| p.source == RoleSource::WatchedAttribute);
-            let role = persisted.map_or(Role::Standby, |p| p.role);
-            tracing::warn!(error = %e, role = role.as_str(), "cannot read the role attribute at boot; using the last watched value (or standby)");
-            (role, RoleSource::Persisted, None)
+            tracing::warn!(error = %e, attribute = %path, "cannot read the role attribute at boot; standby until it answers");
+            (Role::Standby, RoleSource::WatchedAttribute, None)
         }
     }
 }
@@ -192,6 +193,18 @@ mod tests {
         assert_eq!(initial(&config), (Role::Active, RoleSource::Persisted));
         config.role = Role::Active;
         assert_eq!(initial(&config), (Role::Active, RoleSource::Config));
+        // Another source's role (an older version wrote the watched attribute's) is not trusted.
+        config.role = Role::Standby;
+        persist(
+            &dir,
+            &PersistedRole {
+                role: Role::Active,
+                source: RoleSource::WatchedAttribute,
+                config_role: Role::Standby,
+            },
+        )
+        .unwrap();
+        assert_eq!(initial(&config), (Role::Standby, RoleSource::Config));
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -602,3 +602,36 @@ async fn active_fails_the_moment_the_watched_attribute_moves() {
     wait_role(&agent, "standby", "watched-attribute").await;
     assert_eq!(health(&agent, "/active").await, StatusCode::SERVICE_UNAVAILABLE);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_during_a_metadata_outage_comes_back_standby() {
+    let up = FakeUpstream::start(Wire::Http1).await;
+    let meta = FakeMetadata::start().await;
+    meta.set_attribute(ROLE_ATTRIBUTE, "node-a");
+    let (builder, cf) = node();
+    let config = watched_config(&cf, &up, &meta);
+    // Active from the attribute at boot, then moved away and back while running: neither role
+    // may outlive this run.
+    let mut first = builder.start(&config).await;
+    let pid = cf.wait_starts(1, DEADLINE).await[0];
+    wait_role(&first, "active", "watched-attribute").await;
+    meta.set_attribute(ROLE_ATTRIBUTE, "node-b");
+    eventually(DEADLINE, "the first cloudflared to stop", || async { cf.exit_code(pid) }).await;
+    meta.set_attribute(ROLE_ATTRIBUTE, "node-a");
+    cf.wait_starts(2, DEADLINE).await;
+    wait_role(&first, "active", "watched-attribute").await;
+    first.signal(Signal::SIGTERM);
+    assert_eq!(first.wait_exit(DEADLINE).await.code(), Some(0));
+
+    meta.set_attributes_down(true);
+    let second = first.successor().start(&config).await;
+    let s = status(&second).await;
+    assert_eq!(s["role"], "standby", "a metadata outage at boot must mean standby: {s}");
+    assert_eq!(health(&second, "/active").await, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(cf.started_pids().len(), 2, "cloudflared started during the outage: {:?}", cf.events());
+
+    // Once the attribute answers again, the node follows it.
+    meta.set_attributes_down(false);
+    cf.wait_starts(3, DEADLINE).await;
+    wait_role(&second, "active", "watched-attribute").await;
+}
