@@ -55,6 +55,26 @@ struct ControlArgs {
     json: bool,
 }
 
+/// Writes `text` to stdout. A closed stdout (`tunnel-agent status | head -1`) is not an error
+/// for a CLI: the reader has what it wanted, so a broken pipe ends the output quietly (println!
+/// would panic on it).
+fn out(text: &str) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        Err(e) => err(&format!("tunnel-agent: cannot write to stdout: {e}\n")),
+    }
+}
+
+/// Writes `text` to stderr, ignoring a closed stderr (there is nowhere left to report it).
+fn err(text: &str) {
+    use std::io::Write as _;
+    let mut stderr = std::io::stderr().lock();
+    let _ = stderr.write_all(text.as_bytes()).and_then(|()| stderr.flush());
+}
+
 fn main() -> ExitCode {
     tunnel_agent::process_stats::mark_start();
     let cli = Cli::parse();
@@ -73,7 +93,7 @@ fn control(args: ControlArgs, command: tunnel_agent::control::Command) -> ExitCo
         None => match routing::load_config(&args.config) {
             Ok(c) => tunnel_agent::control::socket_path(&c.agent.runtime_dir),
             Err(e) => {
-                eprintln!("{e}");
+                err(&format!("{e}\n"));
                 return ExitCode::from(tunnel_agent::EXIT_CONFIG);
             }
         },
@@ -81,18 +101,18 @@ fn control(args: ControlArgs, command: tunnel_agent::control::Command) -> ExitCo
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("cannot start the async runtime: {e}");
+            err(&format!("cannot start the async runtime: {e}\n"));
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(tunnel_agent::control::call(&socket, command)) {
         Err(e) => {
-            eprintln!("tunnel-agent: {e}");
+            err(&format!("tunnel-agent: {e}\n"));
             ExitCode::FAILURE
         }
         Ok(reply) => {
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&reply).unwrap_or_default());
+                out(&format!("{}\n", serde_json::to_string_pretty(&reply).unwrap_or_default()));
             } else {
                 print_summary(&reply);
             }
@@ -107,46 +127,46 @@ fn control(args: ControlArgs, command: tunnel_agent::control::Command) -> ExitCo
 
 fn print_summary(reply: &tunnel_agent::control::Reply) {
     if !reply.ok {
-        eprintln!("tunnel-agent: {}", reply.message);
+        err(&format!("tunnel-agent: {}\n", reply.message));
         return;
     }
-    println!("{}", reply.message);
+    out(&format!("{}\n", reply.message));
     let s = &reply.status;
     if s.is_null() {
         return;
     }
     let cf = &s["cloudflared"];
-    println!(
-        "role:         {} (from {})",
+    out(&format!(
+        "role:         {} (from {})\n",
         s["role"].as_str().unwrap_or("?"),
         s["role_source"].as_str().unwrap_or("?")
-    );
-    println!("ready:        {}", s["ready"]);
+    ));
+    out(&format!("ready:        {}\n", s["ready"]));
     let or_none = |v: &serde_json::Value| match v {
         serde_json::Value::Null => "none".to_owned(),
         serde_json::Value::String(s) => s.clone(),
         other => other.to_string(),
     };
-    println!(
-        "tunnel:       {} connections, pid {}, {} restarts, last exit {}",
+    out(&format!(
+        "tunnel:       {} connections, pid {}, {} restarts, last exit {}\n",
         cf["connections"],
         or_none(&cf["pid"]),
         cf["restarts"],
         or_none(&cf["last_exit"])
-    );
-    println!(
-        "routes:       {} from {} (version {})",
+    ));
+    out(&format!(
+        "routes:       {} from {} (version {})\n",
         s["routes"]["count"],
         s["routes"]["source"].as_str().unwrap_or("?"),
         s["routes"]["version"]
-    );
+    ));
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
     let config = match routing::load_config(path) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("{e}");
+            err(&format!("{e}\n"));
             return ExitCode::from(tunnel_agent::EXIT_CONFIG);
         }
     };
@@ -154,18 +174,18 @@ fn check(path: &std::path::Path) -> ExitCode {
     let mut failed = false;
     if let Err(errors) = tunnel_agent::secrets::resolve::load_local(&config, &metrics) {
         for e in errors {
-            eprintln!("{}: {e}", path.display());
+            err(&format!("{}: {e}\n", path.display()));
         }
         failed = true;
     }
     match routing::source::load_local(&config, &metrics) {
         Ok(table) => {
             if !failed {
-                println!("{}: ok ({} routes)", path.display(), table.len());
+                out(&format!("{}: ok ({} routes)\n", path.display(), table.len()));
             }
         }
         Err(e) => {
-            eprintln!("{}: {e:#}", path.display());
+            err(&format!("{}: {e:#}\n", path.display()));
             failed = true;
         }
     }
@@ -180,12 +200,12 @@ fn run(path: PathBuf) -> ExitCode {
     let config = match routing::load_config(&path) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("{e}");
+            err(&format!("{e}\n"));
             return ExitCode::from(tunnel_agent::EXIT_CONFIG);
         }
     };
     if let Err(e) = tunnel_agent::telemetry::init_logging(config.agent.log_format, &config.agent.log_level) {
-        eprintln!("cannot set up logging: {e:#}");
+        err(&format!("cannot set up logging: {e:#}\n"));
         return ExitCode::FAILURE;
     }
     // The first line of every start says what runs, from which file, in which role, so one
@@ -208,7 +228,7 @@ fn run(path: PathBuf) -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("cannot start the async runtime: {e}");
+            err(&format!("cannot start the async runtime: {e}\n"));
             return ExitCode::FAILURE;
         }
     };
@@ -220,7 +240,7 @@ fn run(path: PathBuf) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "tunnel-agent failed");
-            eprintln!("tunnel-agent: {e:#}");
+            err(&format!("tunnel-agent: {e:#}\n"));
             // A cloudflared too old for the configuration: restarting cannot fix it.
             if e.downcast_ref::<tunnel_agent::tunnel::version::Unsupported>().is_some() {
                 ExitCode::from(tunnel_agent::EXIT_CONFIG)

@@ -390,3 +390,22 @@ fn check_never_prints_a_secret_value() {
         assert!(!all.contains(secret), "leaked: {all}");
     }
 }
+
+/// `check` and `--version` into a pipe nobody reads any more (`| head -1` after `head` exited):
+/// a quiet exit with the usual code, no panic (101/134) and nothing on stderr.
+#[test]
+fn output_into_a_closed_pipe_exits_quietly() {
+    for args in [vec!["check", "-c", "packaging/examples/standalone.toml"], vec!["--version"]] {
+        let (read, write) = nix::unistd::pipe().expect("pipe");
+        drop(read);
+        let out = agent()
+            .args(&args)
+            .env("INTERNAL_AUTH_TOKEN", "dev-token")
+            .stdout(Stdio::from(write))
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {:?} {}", out.status, text(&out.stderr));
+        assert_eq!(text(&out.stderr), "", "{args:?}");
+    }
+}

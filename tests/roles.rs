@@ -635,3 +635,34 @@ async fn a_restart_during_a_metadata_outage_comes_back_standby() {
     cf.wait_starts(3, DEADLINE).await;
     wait_role(&second, "active", "watched-attribute").await;
 }
+
+/// Runs the binary with `args` and its stdout a pipe whose reading end is already closed, as
+/// `tunnel-agent status | head -1` leaves it once `head` has exited.
+fn run_with_closed_stdout(args: &[String]) -> std::process::Output {
+    let (read, write) = nix::unistd::pipe().expect("pipe");
+    drop(read);
+    std::process::Command::new(env!("CARGO_BIN_EXE_tunnel-agent"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::from(write))
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("run tunnel-agent")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_into_a_closed_pipe_exits_quietly() {
+    let up = FakeUpstream::start(Wire::Http1).await;
+    let (builder, cf) = node();
+    let agent = builder.start(&node_config(&cf, &up, "standby")).await;
+    for extra in [None, Some("--json")] {
+        let mut args = agent.control_args("status");
+        args.extend(extra.map(str::to_owned));
+        let out = tokio::task::spawn_blocking(move || run_with_closed_stdout(&args))
+            .await
+            .expect("status task");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "status {extra:?}: {:?} {stderr}", out.status);
+        assert!(stderr.is_empty(), "status {extra:?} wrote to stderr: {stderr}");
+    }
+}
