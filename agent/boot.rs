@@ -22,7 +22,9 @@ use crate::gcp::{self, MetadataClient, SecretManager};
 use crate::health::{self, Health};
 use crate::node::{tunnel_spec, Node, Signal, Sources};
 use crate::proxy::{InboundAuth, LiveSettings, Proxy};
-use crate::roles;
+use crate::config::Role;
+use crate::handover;
+use crate::roles::{self, RoleSource};
 use crate::routing::table::RouteTable;
 use crate::routing::{self, config_api};
 use crate::secrets::resolve::{join_errors, resolve_all};
@@ -164,7 +166,11 @@ async fn start(
     stack.push(Stop::Proxy(proxy_server));
 
     // The role, and the node that will hold everything that can change from here on.
-    let (role, role_source, role_etag) = roles::boot_role(&config, &metadata).await;
+    let (role, role_source, role_etag) = match &config.role_election {
+        // Standby until elected, whatever the file or a persisted promote says.
+        Some(_) => (Role::Standby, RoleSource::Election, None),
+        None => roles::boot_role(&config, &metadata).await,
+    };
     let (secret_tx, secret_rx) = mpsc::channel(16);
     let policy = RestartPolicy::from(&config.cloudflared);
     let node = node_slot.insert(Node {
@@ -184,6 +190,9 @@ async fn start(
         role_source,
         routes_version: watch::Sender::new(None),
         cloudflared_version,
+        election: None,
+        role_tasks: Vec::new(),
+        role_detail_published: String::new(),
     });
     stack.push(Stop::Node);
     node.publish_role();
@@ -261,6 +270,20 @@ async fn start(
     if let Some(w) = roles::watch(&node.config, metadata.clone(), role_etag, role_tx) {
         stack.push(Stop::Watch(w));
     }
+    // The election campaigns from here (READY=1 is sent: a standby is ready). Its task is the
+    // node's, so that shutdown can resign before stopping it.
+    let (outcome_tx, outcome_rx) = mpsc::channel(16);
+    if let Some((election, task)) = handover::start(
+        &node.config,
+        &node.secrets,
+        &health,
+        &node.tunnel.state,
+        outcome_tx,
+        false,
+    )? {
+        node.election = Some(election);
+        node.role_tasks.push(task);
+    }
     let (route_tx, route_rx) = mpsc::channel(4);
     if let Some(w) = routing::source::watch(&node.config, metadata, routes.etag, route_tx) {
         stack.push(Stop::Watch(w));
@@ -273,6 +296,12 @@ async fn start(
         secrets: secret_rx,
         control: control_rx,
         roles: role_rx,
+        election: outcome_rx,
+        // Under an election, STATUS= follows its state (unreachable, follower of X, leader).
+        status_tick: node
+            .election
+            .is_some()
+            .then(|| tokio::time::interval(Duration::from_secs(1))),
         watchdog: systemd::watchdog_interval().map(tokio::time::interval),
     })
 }

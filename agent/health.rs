@@ -96,6 +96,9 @@ pub struct Health {
     pub status: ArcSwap<StatusInfo>,
     pub metrics: Arc<Metrics>,
     pub tunnel: Arc<TunnelState>,
+    /// The leader election, when `[role_election]` is configured (read live for `/status`:
+    /// the lease's remaining time changes between two requests).
+    election: std::sync::OnceLock<crate::election::Election>,
     started: Instant,
 }
 
@@ -111,8 +114,17 @@ impl Health {
             status: ArcSwap::default(),
             metrics,
             tunnel: Arc::default(),
+            election: std::sync::OnceLock::new(),
             started: Instant::now(),
         })
+    }
+
+    pub fn set_election(&self, election: crate::election::Election) {
+        let _ = self.election.set(election);
+    }
+
+    pub fn election(&self) -> Option<&crate::election::Election> {
+        self.election.get()
     }
 
     pub fn update_status(&self, f: impl FnOnce(&mut StatusInfo)) {
@@ -216,6 +228,7 @@ impl Health {
             "pending_restart": s.pending_restart,
             // Names only: values never leave the process.
             "secrets": s.secrets,
+            "election": self.election().map(|e| e.status_json()),
         })
     }
 
@@ -284,6 +297,9 @@ impl Health {
         );
         for r in ["active", "standby"] {
             out.push_str(&format!("tunnel_agent_role{{role=\"{r}\"}} {}\n", u8::from(role == r)));
+        }
+        if let Some(e) = self.election() {
+            e.render_metrics(&mut out);
         }
         let (ready, _) = self.readiness();
         out.push_str(&format!(

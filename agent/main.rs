@@ -112,7 +112,10 @@ fn control(args: ControlArgs, command: tunnel_agent::control::Command) -> ExitCo
         }
         Ok(reply) => {
             if args.json {
-                out(&format!("{}\n", serde_json::to_string_pretty(&reply).unwrap_or_default()));
+                out(&format!(
+                    "{}\n",
+                    serde_json::to_string_pretty(&reply).unwrap_or_default()
+                ));
             } else {
                 print_summary(&reply);
             }
@@ -154,6 +157,22 @@ fn print_summary(reply: &tunnel_agent::control::Reply) {
         cf["restarts"],
         or_none(&cf["last_exit"])
     ));
+    let e = &s["election"];
+    if e.is_object() {
+        let lease = match (&e["lease_id"], e["lease_remaining_s"].as_f64()) {
+            (serde_json::Value::String(id), Some(left)) => format!("lease {id}, {left:.1} s left"),
+            _ => "no lease".to_owned(),
+        };
+        out(&format!(
+            "election:     etcd key {} is {}; leader {}; {lease}; won {}, lost {}, renew failures {}\n",
+            or_none(&e["key"]),
+            or_none(&e["state"]),
+            or_none(&e["leader"]),
+            e["elections_won"],
+            e["elections_lost"],
+            e["renew_failures"]
+        ));
+    }
     out(&format!(
         "routes:       {} from {} (version {})\n",
         s["routes"]["count"],

@@ -10,6 +10,8 @@
 //! | [`Event::SecretChanged`] | secret refreshers | [`Node::secret_changed`] |
 //! | [`Event::Control`] | the control socket | [`Node::control`] |
 //! | [`Event::RoleChanged`] | the watched role attribute | [`Node::set_role`] |
+//! | [`Event::Election`] | the etcd election (`election`) | [`Node::election_outcome`] |
+//! | [`Event::StatusTick`] | a 1 s timer, under an election | [`Node::publish_role`] when it changed |
 //! | [`Event::TunnelFailed`] | the cloudflared supervisor | stop, with its error |
 //!
 //! A new kind of change (another role source, another route source) is one more sender into
@@ -31,6 +33,7 @@ use tokio::time::{Instant, Interval};
 
 use crate::config::{Config, RouteSourceKind, SecretSource};
 use crate::control;
+use crate::election::{Election, Outcome};
 use crate::gcp::{MetadataClient, SecretManager};
 use crate::health::Health;
 use crate::proxy::{InboundAuth, LiveSettings, Proxy};
@@ -65,6 +68,10 @@ pub enum Event {
     Control(control::Incoming),
     /// The watched role attribute names this host (active) or another (standby).
     RoleChanged(Role),
+    /// The election won or lost this node the key (already fenced when lost).
+    Election(Outcome),
+    /// Time to refresh `STATUS=` with the election's state.
+    StatusTick,
     /// The cloudflared supervisor gave up.
     TunnelFailed(anyhow::Error),
     /// Time to tell systemd's watchdog the loop is alive.
@@ -79,6 +86,8 @@ pub struct Sources {
     pub secrets: mpsc::Receiver<SecretChange>,
     pub control: mpsc::Receiver<control::Incoming>,
     pub roles: mpsc::Receiver<Role>,
+    pub election: mpsc::Receiver<Outcome>,
+    pub status_tick: Option<Interval>,
     pub watchdog: Option<Interval>,
 }
 
@@ -103,6 +112,12 @@ pub struct Node {
     pub routes_version: watch::Sender<Option<u64>>,
     /// `cloudflared --version` at boot, when cloudflared is enabled and answered.
     pub cloudflared_version: Option<crate::tunnel::version::CloudflaredVersion>,
+    /// The leader election, when `[role_election]` decides the role.
+    pub election: Option<Election>,
+    /// The election's task, stopped after the node resigned on shutdown.
+    pub role_tasks: Vec<JoinHandle<()>>,
+    /// The last `STATUS=` role detail published.
+    pub role_detail_published: String,
 }
 
 /// What the loop does after an event.
@@ -140,6 +155,16 @@ pub fn tunnel_spec(
     Some(spec)
 }
 
+/// The next tick of an optional timer (never, without one).
+async fn tick_of(timer: &mut Option<Interval>) {
+    match timer.as_mut() {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 impl Node {
     /// Handles events until a shutdown signal or a failure. Returns the failure, if any.
     pub async fn run(&mut self, mut sources: Sources) -> Option<anyhow::Error> {
@@ -168,6 +193,8 @@ impl Node {
             Some(change) = sources.secrets.recv() => Event::SecretChanged(change),
             Some(incoming) = sources.control.recv() => Event::Control(incoming),
             Some(role) = sources.roles.recv() => Event::RoleChanged(role),
+            Some(outcome) = sources.election.recv() => Event::Election(outcome),
+            _ = tick_of(&mut sources.status_tick) => Event::StatusTick,
             e = self.tunnel.failed() => Event::TunnelFailed(e),
             _ = tick => Event::WatchdogTick,
         }
@@ -187,6 +214,12 @@ impl Node {
             Event::RoleChanged(role) => {
                 self.set_role(role, RoleSource::WatchedAttribute).await;
             }
+            Event::Election(outcome) => self.election_outcome(outcome).await,
+            Event::StatusTick => {
+                if self.role_detail() != self.role_detail_published {
+                    self.publish_role();
+                }
+            }
             Event::TunnelFailed(e) => return Flow::Stop(Some(e)),
             Event::WatchdogTick => systemd::watchdog(),
         }
@@ -197,6 +230,11 @@ impl Node {
     /// SIGKILL, reap).
     pub async fn stop(mut self) {
         for t in self.refreshers.drain(..) {
+            t.abort();
+        }
+        // The elected leader resigns: cloudflared's SIGTERM, then the lease revoked at once.
+        self.resign_for_shutdown().await;
+        for t in self.role_tasks.drain(..) {
             t.abort();
         }
         self.tunnel.shutdown().await;
@@ -301,7 +339,8 @@ impl Node {
         if !pending.is_empty() {
             tracing::warn!(settings = ?pending, "changed settings take effect only after a restart");
         }
-        if new.role != self.config.role && self.config.role_watch.attribute.is_none() {
+        let role_decided_elsewhere = self.config.role_watch.attribute.is_some() || self.election.is_some();
+        if new.role != self.config.role && !role_decided_elsewhere {
             tracing::info!(
                 from = self.config.role.as_str(),
                 to = new.role.as_str(),
@@ -419,7 +458,17 @@ impl Node {
             return (false, format!("already {}; nothing to do", role.as_str()));
         }
         let started = Instant::now();
-        self.decide(role);
+        match (role, &self.election) {
+            // Entering active on the election's word happens under its lock, so that a fence
+            // racing with this promotion always wins (see Election::promote_if_leader).
+            (Role::Active, Some(election)) => {
+                let election = election.clone();
+                if !election.promote_if_leader(|| self.decide(Role::Active)) {
+                    return (false, "not promoted: this node no longer holds the election key".to_owned());
+                }
+            }
+            _ => self.decide(role),
+        }
         self.role = role;
         self.role_source = source;
         match role {
@@ -472,24 +521,46 @@ impl Node {
         }
     }
 
-    pub fn publish_role(&self) {
+    pub fn publish_role(&mut self) {
         let (role, source) = (self.role.as_str().to_owned(), self.role_source.as_str().to_owned());
         self.health.update_status(|s| {
             s.role = role.clone();
             s.role_source = source.clone();
         });
-        systemd::status(&format!("serving as {role} ({source})"));
+        let detail = self.role_detail();
+        systemd::status(&format!("serving as {role} ({detail})"));
+        self.role_detail_published = detail;
+    }
+
+    /// Where the role comes from, for `STATUS=`: the source, and under an election its state
+    /// (e.g. `election on KEY: unreachable: …` while etcd cannot be reached).
+    fn role_detail(&self) -> String {
+        match &self.election {
+            Some(e) => {
+                let s = e.state();
+                let mut out = format!("election on {}: {}", s.key, s.phase);
+                if let Some(l) = s.leader.as_deref().filter(|_| !s.is_leader) {
+                    out.push_str(&format!(", leader {l}"));
+                }
+                if let Some(err) = s.last_error.as_deref().filter(|_| s.phase == "unreachable") {
+                    out.push_str(&format!(": {err}"));
+                }
+                out
+            }
+            None => self.role_source.as_str().to_owned(),
+        }
     }
 
     /// A command from the control socket.
     async fn control(&mut self, command: control::Command) -> control::Reply {
-        let (ok, changed, message) = match command {
-            control::Command::Status => (
+        use control::Command::{Demote, Promote, Status};
+        let (ok, changed, message) = match (command, self.election.clone()) {
+            (Status, _) => (
                 true,
                 false,
                 format!("{} ({})", self.role.as_str(), self.role_source.as_str()),
             ),
-            control::Command::Promote | control::Command::Demote if self.config.role_watch.attribute.is_some() => (
+            (Promote | Demote, _) if self.config.role_watch.attribute.is_some() => (
                 false,
                 false,
                 format!(
@@ -497,11 +568,12 @@ impl Node {
                     self.config.role_watch.attribute.as_deref().unwrap_or("")
                 ),
             ),
-            control::Command::Promote => {
+            (Promote | Demote, Some(election)) => self.handover(election, command == Promote).await,
+            (Promote, None) => {
                 let (changed, message) = self.set_role(Role::Active, RoleSource::Cli).await;
                 (true, changed, message)
             }
-            control::Command::Demote => {
+            (Demote, None) => {
                 let (changed, message) = self.set_role(Role::Standby, RoleSource::Cli).await;
                 (true, changed, message)
             }

@@ -5,9 +5,12 @@
 //! 1. a watched GCE metadata attribute naming the active host (`[role_watch]`), when configured.
 //!    It is authoritative: one value names one host, so two hosts cannot both be active through
 //!    it, and manual `promote`/`demote` are refused rather than fight it;
-//! 2. `tunnel-agent promote|demote` (the control socket), persisted in the state dir so a restart
+//! 2. `[role_election]` (a leader election on etcd, see `election`) and `[role_follow]` (a local
+//!    health check), when configured; with both, the check gates the election. They cannot be
+//!    combined with 1 (`check` refuses it); `promote`/`demote` become handover requests;
+//! 3. `tunnel-agent promote|demote` (the control socket), persisted in the state dir so a restart
 //!    or crash keeps it;
-//! 3. `role` in the config file. A persisted manual role is dropped when the config's `role`
+//! 4. `role` in the config file. A persisted manual role is dropped when the config's `role`
 //!    changed since it was persisted: the operator's newer edit wins.
 
 use std::path::{Path, PathBuf};
@@ -31,6 +34,10 @@ pub enum RoleSource {
     /// `promote`/`demote` in an earlier run, read back from the state dir.
     Persisted,
     WatchedAttribute,
+    /// The leader election on etcd (`[role_election]`).
+    Election,
+    /// The local health check (`[role_follow]`) without an election.
+    Follow,
 }
 
 impl RoleSource {
@@ -40,6 +47,8 @@ impl RoleSource {
             RoleSource::Cli => "cli",
             RoleSource::Persisted => "persisted",
             RoleSource::WatchedAttribute => "watched-attribute",
+            RoleSource::Election => "election",
+            RoleSource::Follow => "follow",
         }
     }
 }

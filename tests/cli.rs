@@ -395,7 +395,10 @@ fn check_never_prints_a_secret_value() {
 /// a quiet exit with the usual code, no panic (101/134) and nothing on stderr.
 #[test]
 fn output_into_a_closed_pipe_exits_quietly() {
-    for args in [vec!["check", "-c", "packaging/examples/standalone.toml"], vec!["--version"]] {
+    for args in [
+        vec!["check", "-c", "packaging/examples/standalone.toml"],
+        vec!["--version"],
+    ] {
         let (read, write) = nix::unistd::pipe().expect("pipe");
         drop(read);
         let out = agent()
@@ -405,7 +408,13 @@ fn output_into_a_closed_pipe_exits_quietly() {
             .stderr(Stdio::piped())
             .output()
             .unwrap();
-        assert_eq!(out.status.code(), Some(0), "{args:?}: {:?} {}", out.status, text(&out.stderr));
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?}: {:?} {}",
+            out.status,
+            text(&out.stderr)
+        );
         assert_eq!(text(&out.stderr), "", "{args:?}");
     }
 }

@@ -376,7 +376,12 @@ fn watched_config(cf: &FakeCloudflared, up: &FakeUpstream, meta: &FakeMetadata) 
     watched_config_with(cf, up, meta, &[])
 }
 
-fn watched_config_with(cf: &FakeCloudflared, up: &FakeUpstream, meta: &FakeMetadata, cloudflared: &[&str]) -> ConfigText {
+fn watched_config_with(
+    cf: &FakeCloudflared,
+    up: &FakeUpstream,
+    meta: &FakeMetadata,
+    cloudflared: &[&str],
+) -> ConfigText {
     node_config_with(cf, up, "standby", cloudflared)
         .gcp(&format!("metadata_url = {:?}", meta.url()))
         .raw(
@@ -543,12 +548,7 @@ async fn assert_inactive_while_draining(agent: &Agent, cf: &FakeCloudflared, pid
         (r.status == StatusCode::SERVICE_UNAVAILABLE).then_some(r)
     })
     .await;
-    assert_eq!(
-        reply.json()["reason"],
-        "draining after demotion",
-        "{}",
-        reply.text()
-    );
+    assert_eq!(reply.json()["reason"], "draining after demotion", "{}", reply.text());
     let ready = get(agent.health_addr(), "localhost", "/ready", &[]).await;
     assert_eq!(ready.status, StatusCode::OK, "{}", ready.text());
     assert_eq!(ready.json()["components"]["cloudflared"], "draining after demotion");
@@ -616,7 +616,10 @@ async fn a_restart_during_a_metadata_outage_comes_back_standby() {
     let pid = cf.wait_starts(1, DEADLINE).await[0];
     wait_role(&first, "active", "watched-attribute").await;
     meta.set_attribute(ROLE_ATTRIBUTE, "node-b");
-    eventually(DEADLINE, "the first cloudflared to stop", || async { cf.exit_code(pid) }).await;
+    eventually(DEADLINE, "the first cloudflared to stop", || async {
+        cf.exit_code(pid)
+    })
+    .await;
     meta.set_attribute(ROLE_ATTRIBUTE, "node-a");
     cf.wait_starts(2, DEADLINE).await;
     wait_role(&first, "active", "watched-attribute").await;
@@ -628,7 +631,12 @@ async fn a_restart_during_a_metadata_outage_comes_back_standby() {
     let s = status(&second).await;
     assert_eq!(s["role"], "standby", "a metadata outage at boot must mean standby: {s}");
     assert_eq!(health(&second, "/active").await, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(cf.started_pids().len(), 2, "cloudflared started during the outage: {:?}", cf.events());
+    assert_eq!(
+        cf.started_pids().len(),
+        2,
+        "cloudflared started during the outage: {:?}",
+        cf.events()
+    );
 
     // Once the attribute answers again, the node follows it.
     meta.set_attributes_down(false);
@@ -662,7 +670,12 @@ async fn status_into_a_closed_pipe_exits_quietly() {
             .await
             .expect("status task");
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(0), "status {extra:?}: {:?} {stderr}", out.status);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "status {extra:?}: {:?} {stderr}",
+            out.status
+        );
         assert!(stderr.is_empty(), "status {extra:?} wrote to stderr: {stderr}");
     }
 }

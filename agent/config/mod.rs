@@ -16,6 +16,8 @@
 //! - `validate`: the checks types cannot express;
 //! - `reload`: which settings a reload cannot change (they need a restart).
 
+pub mod roles;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -67,6 +69,12 @@ pub struct Config {
     pub role: Role,
     #[serde(default)]
     pub role_watch: RoleWatchSection,
+    /// A leader election on etcd decides the role (see [`roles::RoleElectionSection`]).
+    #[serde(default)]
+    pub role_election: Option<roles::RoleElectionSection>,
+    /// A local health check to follow (e.g. the database primary's).
+    #[serde(default)]
+    pub role_follow: Option<roles::RoleFollowSection>,
     #[serde(default)]
     pub agent: AgentSection,
     /// Named secrets as written; validation checks them and [`Config::parse`] turns them into

@@ -69,6 +69,9 @@ pub const RESTART_ONLY: &[RestartOnly] = &[
         },
     },
     fields!("role_watch": role_watch.attribute, role_watch.attribute_scope, role_watch.host_name),
+    // The election's client and task, and the check's, are built once at start.
+    fields!("role_election": role_election),
+    fields!("role_follow": role_follow),
     // The config API's listener and token are read once, at start.
     RestartOnly {
         name: "config_api",

@@ -24,6 +24,10 @@ impl Config {
         self.validate_routes(route_check, &mut bad);
         self.validate_cloudflared(&mut bad);
         self.validate_metadata_attributes(&mut bad);
+        // `[role_election]`, `[role_follow]` and their combination with `[role_watch]`.
+        for p in super::roles::validate(self) {
+            bad(p.key, p.reason);
+        }
         self.validate_gcp(&mut bad);
         out
     }

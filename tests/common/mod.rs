@@ -12,6 +12,7 @@ pub mod agent;
 pub mod body;
 pub mod client;
 pub mod cloudflared;
+pub mod etcd;
 pub mod metadata;
 pub mod notify;
 pub mod secret_manager;

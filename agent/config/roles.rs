@@ -1,0 +1,230 @@
+//! `[role_election]` and `[role_follow]`: the role sources that decide by themselves (a leader
+//! election on etcd, a local health check to follow). docs/config.md describes every key.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::Problem;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ElectionBackend {
+    #[default]
+    Etcd,
+}
+
+/// What a leader does when it cannot renew its lease (etcd lost quorum, or this host lost
+/// etcd: the two look the same from here).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnStoreLoss {
+    /// Fence: leave `active` before the lease can expire on the server (Patroni's choice).
+    #[default]
+    Demote,
+    /// Keep the role while no member answers at all. Risk: when it is this host that is cut
+    /// off and the rest still has quorum, the lease expires there and another node becomes
+    /// active while this one still is.
+    Keep,
+}
+
+/// `[role_election]`: the node holding `key` under a live lease is active.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoleElectionSection {
+    pub backend: ElectionBackend,
+    /// Client URLs of the members (`http://…:2379` or `https://…`); tried in order, the last
+    /// one that answered first.
+    pub endpoints: Vec<String>,
+    /// One key per pair or fleet; its value is the leader's `host_name`.
+    pub key: String,
+    /// Lease TTL, whole seconds. Failover after a crash takes up to this long.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Budget from "the renewals failed" to cloudflared's SIGTERM delivered: the leader fences
+    /// this long before its lease could expire on the server.
+    #[serde(with = "humantime_serde")]
+    pub fence_margin: Duration,
+    /// How often a standby reads the key to notice it is gone.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// This host's name in the key. Unset: the kernel hostname.
+    pub host_name: Option<String>,
+    /// PEM CA bundle for `https://` endpoints (else the system roots).
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM) for etcd's `--client-cert-auth`.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// etcd user (with `password_secret`): etcd's `auth enable`.
+    pub username: Option<String>,
+    /// The name of a `[secrets.NAME]` holding the password; never the password itself.
+    pub password_secret: Option<String>,
+    pub on_store_loss: OnStoreLoss,
+}
+
+impl Default for RoleElectionSection {
+    fn default() -> Self {
+        RoleElectionSection {
+            backend: ElectionBackend::Etcd,
+            endpoints: Vec::new(),
+            key: String::new(),
+            ttl: Duration::from_secs(10),
+            fence_margin: Duration::from_secs(1),
+            poll_interval: Duration::from_millis(250),
+            host_name: None,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            username: None,
+            password_secret: None,
+            on_store_loss: OnStoreLoss::Demote,
+        }
+    }
+}
+
+impl RoleElectionSection {
+    /// A lease is renewed every ttl/3 (etcd's own clients do the same).
+    pub fn renew_interval(&self) -> Duration {
+        self.ttl / 3
+    }
+
+    /// How long one renewal may take before it counts as failed.
+    pub fn request_timeout(&self) -> Duration {
+        self.renew_interval()
+    }
+
+    pub fn validate(&self, secrets: &[&str], bad: &mut dyn FnMut(String, String)) {
+        let key = |k: &str| format!("role_election.{k}");
+        if self.endpoints.is_empty() {
+            bad(key("endpoints"), "at least one etcd client URL is required".into());
+        }
+        for e in &self.endpoints {
+            if !(e.starts_with("http://") || e.starts_with("https://")) || e.len() < "http://x".len() {
+                bad(key("endpoints"), format!("{e:?} is not an http:// or https:// URL"));
+            }
+        }
+        if self.key.trim().is_empty() {
+            bad(
+                key("key"),
+                "required: one key per pair or fleet, e.g. \"/tunnel-agent/pair-1/leader\"".into(),
+            );
+        }
+        if self.ttl.subsec_nanos() != 0 || self.ttl < Duration::from_secs(2) {
+            bad(
+                key("ttl"),
+                format!(
+                    "{} is not a whole number of seconds >= 2 (etcd grants leases in seconds and raises shorter ones)",
+                    humantime_serde::re::humantime::format_duration(self.ttl)
+                ),
+            );
+        } else if self.renew_interval() + self.request_timeout() + self.fence_margin >= self.ttl {
+            bad(
+                key("ttl"),
+                format!(
+                    "{} is too short to fence safely: a renewal every ttl/3 ({}), its timeout ({}) and fence_margin ({}) must fit within it; raise ttl to at least {}s or lower fence_margin",
+                    humantime_serde::re::humantime::format_duration(self.ttl),
+                    humantime_serde::re::humantime::format_duration(self.renew_interval()),
+                    humantime_serde::re::humantime::format_duration(self.request_timeout()),
+                    humantime_serde::re::humantime::format_duration(self.fence_margin),
+                    (self.fence_margin.as_secs_f64() * 3.0).floor() as u64 + 1
+                ),
+            );
+        }
+        if self.fence_margin.is_zero() {
+            bad(key("fence_margin"), "must be greater than 0".into());
+        }
+        if self.poll_interval.is_zero() {
+            bad(key("poll_interval"), "must be greater than 0".into());
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            bad(key("cert_file"), "cert_file and key_file go together".into());
+        }
+        match (&self.username, &self.password_secret) {
+            (Some(_), None) => bad(key("password_secret"), "required with username".into()),
+            (None, Some(_)) => bad(key("username"), "required with password_secret".into()),
+            (_, Some(name)) if !secrets.contains(&name.as_str()) => bad(
+                key("password_secret"),
+                format!("no [secrets.{name}] is defined (name a secret, never the password itself)"),
+            ),
+            _ => {}
+        }
+        if self.host_name.as_deref().is_some_and(|h| h.trim().is_empty()) {
+            bad(key("host_name"), "must not be empty".into());
+        }
+    }
+}
+
+/// `[role_follow]`: active iff `url` answers 2xx (e.g. Patroni's `GET /primary`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoleFollowSection {
+    pub url: String,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive 2xx answers before the check counts as passing.
+    pub rise: u32,
+    /// Consecutive failures (non-2xx, no answer) before it counts as failing.
+    pub fall: u32,
+}
+
+impl Default for RoleFollowSection {
+    fn default() -> Self {
+        RoleFollowSection {
+            url: String::new(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(800),
+            rise: 2,
+            fall: 2,
+        }
+    }
+}
+
+impl RoleFollowSection {
+    pub fn validate(&self, bad: &mut dyn FnMut(String, String)) {
+        let key = |k: &str| format!("role_follow.{k}");
+        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
+            bad(key("url"), format!("{:?} is not an http:// or https:// URL", self.url));
+        }
+        if self.interval.is_zero() {
+            bad(key("interval"), "must be greater than 0".into());
+        }
+        if self.timeout.is_zero() || self.timeout > self.interval {
+            bad(key("timeout"), "must be greater than 0 and at most interval".into());
+        }
+        if self.rise == 0 {
+            bad(key("rise"), "must be at least 1".into());
+        }
+        if self.fall == 0 {
+            bad(key("fall"), "must be at least 1".into());
+        }
+    }
+}
+
+/// Problems of both sections and of their combination with `[role_watch]`.
+pub fn validate(config: &super::Config) -> Vec<Problem> {
+    let mut out = Vec::new();
+    let mut bad = |key: String, reason: String| out.push(Problem { key, reason });
+    let secrets: Vec<&str> = config.secrets.keys().map(String::as_str).collect();
+    if let Some(e) = &config.role_election {
+        e.validate(&secrets, &mut bad);
+        if config.role_watch.attribute.is_some() {
+            bad(
+                "role_election".into(),
+                "cannot be combined with role_watch.attribute: one source must decide the role".into(),
+            );
+        }
+    }
+    if let Some(f) = &config.role_follow {
+        f.validate(&mut bad);
+        if config.role_watch.attribute.is_some() {
+            bad(
+                "role_follow".into(),
+                "cannot be combined with role_watch.attribute: one source must decide the role".into(),
+            );
+        }
+    }
+    out
+}

@@ -1,0 +1,407 @@
+//! A small etcd v3 client over etcd's JSON gateway (grpc-gateway, served on the client port
+//! since etcd 3.4), for the one recipe the election needs: lease grant / keepalive / revoke, a
+//! create-if-absent transaction and a read of the key.
+//!
+//! Why the gateway rather than a gRPC client crate: it runs over the reqwest + rustls stack the
+//! agent already has (no tonic/prost/protoc build dependency), and the five calls are one JSON
+//! POST each. Facts about the gateway this relies on (etcd's `Documentation/dev-guide/
+//! api_grpc_gateway.md` and observed on etcd 3.4):
+//! - 64-bit integers (lease IDs, TTLs, revisions) are JSON *strings*; fields whose value is zero
+//!   or false are omitted (a keepalive of an expired lease answers with no `TTL`; a failed
+//!   transaction has no `succeeded`).
+//! - keys and values are base64 (proto `bytes`).
+//! - an error is a non-200 answer with `{"error": "...", "code": N}` (gRPC status codes).
+//! - `/v3/lease/keepalive` is a stream; one request body yields one `{"result": {...}}` line.
+//! - with auth enabled, `/v3/auth/authenticate` returns a token that goes in the
+//!   `Authorization` header as is.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::secrets::Secret;
+
+/// How to reach and authenticate to the cluster.
+#[derive(Clone)]
+pub struct EtcdOptions {
+    pub endpoints: Vec<String>,
+    /// PEM bundle the endpoints' certificates must chain to (else the system roots).
+    pub ca_pem: Option<Vec<u8>>,
+    /// Client certificate and key, PEM, concatenated (mTLS).
+    pub identity_pem: Option<Vec<u8>>,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    /// No endpoint answered (connection refused, timeout, TLS failure).
+    #[error("no etcd endpoint answered: {0}")]
+    Unreachable(String),
+    /// An endpoint answered with an error (no leader, lease not found, auth failure…).
+    #[error("etcd {endpoint} refused: {message} (code {code})")]
+    Refused {
+        endpoint: String,
+        code: i64,
+        message: String,
+    },
+    #[error("unexpected answer from etcd {endpoint}: {message}")]
+    Protocol { endpoint: String, message: String },
+}
+
+/// Who holds the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    /// The key's value: the holder's host name.
+    pub name: String,
+    pub lease: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub id: i64,
+    /// What the server granted, which may be more than asked for (etcd raises TTLs below its
+    /// minimum, about 1.5 × its election timeout).
+    pub ttl: Duration,
+}
+
+pub struct EtcdClient {
+    http: reqwest::Client,
+    endpoints: Vec<String>,
+    /// The endpoint to try first: the last one that answered.
+    current: AtomicUsize,
+    username: Option<String>,
+    password: Option<Secret>,
+    token: Mutex<Option<String>>,
+}
+
+/// gRPC's UNAUTHENTICATED, which etcd answers for an expired or unknown auth token.
+const CODE_UNAUTHENTICATED: i64 = 16;
+/// gRPC's NOT_FOUND ("requested lease not found").
+pub const CODE_NOT_FOUND: i64 = 5;
+
+/// A 64-bit integer as the gateway writes it: a string (a bare number is accepted too).
+fn int(v: &serde_json::Value) -> Option<i64> {
+    match v {
+        serde_json::Value::String(s) => s.parse().ok(),
+        serde_json::Value::Number(n) => n.as_i64(),
+        _ => None,
+    }
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn unb64(v: &serde_json::Value) -> Option<Vec<u8>> {
+    base64::engine::general_purpose::STANDARD.decode(v.as_str()?).ok()
+}
+
+impl EtcdClient {
+    pub fn new(options: &EtcdOptions) -> Result<EtcdClient, String> {
+        let mut builder = reqwest::Client::builder()
+            .no_proxy()
+            .use_rustls_tls()
+            .connect_timeout(Duration::from_secs(2))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .tcp_nodelay(true);
+        if let Some(pem) = &options.ca_pem {
+            for cert in reqwest::Certificate::from_pem_bundle(pem).map_err(|e| format!("CA bundle: {e}"))? {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        if let Some(pem) = &options.identity_pem {
+            builder =
+                builder.identity(reqwest::Identity::from_pem(pem).map_err(|e| format!("client certificate/key: {e}"))?);
+        }
+        let http = builder.build().map_err(|e| format!("HTTP client: {e}"))?;
+        Ok(EtcdClient {
+            http,
+            endpoints: options
+                .endpoints
+                .iter()
+                .map(|e| e.trim_end_matches('/').to_owned())
+                .collect(),
+            current: AtomicUsize::new(0),
+            username: options.username.clone(),
+            password: options.password.clone(),
+            token: Mutex::new(None),
+        })
+    }
+
+    /// One JSON POST, trying the endpoints from the last good one on until one answers or the
+    /// `timeout` (for the whole call) is spent.
+    async fn call(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+        timeout: Duration,
+    ) -> Result<serde_json::Value, EtcdError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let n = self.endpoints.len().max(1);
+        let first = self.current.load(Ordering::Relaxed) % n;
+        let mut failures = Vec::new();
+        let mut reauthenticated = false;
+        let mut i = 0;
+        while i < n {
+            let index = (first + i) % n;
+            let Some(endpoint) = self.endpoints.get(index) else {
+                break;
+            };
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                failures.push(format!("{endpoint}: out of time"));
+                break;
+            }
+            if self.username.is_some() && self.token().is_none() {
+                if let Err(e) = self.authenticate(endpoint, left).await {
+                    match e {
+                        EtcdError::Unreachable(m) => {
+                            failures.push(m);
+                            i += 1;
+                            continue;
+                        }
+                        other => return Err(other),
+                    }
+                }
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let mut req = self.http.post(format!("{endpoint}{path}")).timeout(left).json(body);
+            if let Some(token) = self.token() {
+                req = req.header("Authorization", token);
+            }
+            let resp = match req.send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    failures.push(format!("{endpoint}: {}", crate::gcp::error_chain(&e)));
+                    i += 1;
+                    continue;
+                }
+            };
+            let status = resp.status();
+            let text = match resp.text().await {
+                Ok(t) => t,
+                Err(e) => {
+                    failures.push(format!("{endpoint}: {}", crate::gcp::error_chain(&e)));
+                    i += 1;
+                    continue;
+                }
+            };
+            // The keepalive stream answers one `{"result": …}` line per request.
+            let first_line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+            let value: serde_json::Value = serde_json::from_str(first_line).map_err(|e| EtcdError::Protocol {
+                endpoint: endpoint.clone(),
+                message: format!("HTTP {status}, not JSON ({e})"),
+            })?;
+            let value = match value.get("result") {
+                Some(r) => r.clone(),
+                None => value,
+            };
+            if let Some(message) = value
+                .get("error")
+                .or_else(|| value.get("message"))
+                .and_then(|m| m.as_str())
+            {
+                let code = value.get("code").and_then(int).unwrap_or(0);
+                if code == CODE_UNAUTHENTICATED && self.username.is_some() && !reauthenticated {
+                    // An expired auth token: get a new one and retry this endpoint once.
+                    reauthenticated = true;
+                    *self.token.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    continue;
+                }
+                return Err(EtcdError::Refused {
+                    endpoint: endpoint.clone(),
+                    code,
+                    message: message.to_owned(),
+                });
+            }
+            if !status.is_success() {
+                return Err(EtcdError::Protocol {
+                    endpoint: endpoint.clone(),
+                    message: format!("HTTP {status}"),
+                });
+            }
+            self.current.store(index, Ordering::Relaxed);
+            return Ok(value);
+        }
+        // The next call starts with the endpoint after the one tried first.
+        self.current.store((first + 1) % n, Ordering::Relaxed);
+        Err(EtcdError::Unreachable(failures.join("; ")))
+    }
+
+    fn token(&self) -> Option<String> {
+        self.token.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    async fn authenticate(&self, endpoint: &str, timeout: Duration) -> Result<(), EtcdError> {
+        let (Some(name), Some(password)) = (&self.username, &self.password) else {
+            return Ok(());
+        };
+        let body = json!({"name": name, "password": password.expose()});
+        let resp = self
+            .http
+            .post(format!("{endpoint}/v3/auth/authenticate"))
+            .timeout(timeout)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| EtcdError::Unreachable(format!("{endpoint}: {}", crate::gcp::error_chain(&e))))?;
+        let value: serde_json::Value = resp.json().await.map_err(|e| EtcdError::Protocol {
+            endpoint: endpoint.to_owned(),
+            message: format!("authenticate: {e}"),
+        })?;
+        match value.get("token").and_then(|t| t.as_str()) {
+            Some(token) => {
+                *self.token.lock().unwrap_or_else(|e| e.into_inner()) = Some(token.to_owned());
+                Ok(())
+            }
+            // The message names the user, never the password.
+            None => Err(EtcdError::Refused {
+                endpoint: endpoint.to_owned(),
+                code: value.get("code").and_then(int).unwrap_or(0),
+                message: format!(
+                    "authentication as {name:?} failed: {}",
+                    value
+                        .get("error")
+                        .and_then(|m| m.as_str())
+                        .unwrap_or("no token in the answer")
+                ),
+            }),
+        }
+    }
+
+    /// `LeaseGrant`: a lease of (at least) `ttl`, whole seconds.
+    pub async fn grant(&self, ttl: Duration, timeout: Duration) -> Result<Lease, EtcdError> {
+        let v = self
+            .call("/v3/lease/grant", &json!({"TTL": ttl.as_secs().to_string()}), timeout)
+            .await?;
+        #[derive(Deserialize)]
+        struct Grant {
+            #[serde(rename = "ID")]
+            id: serde_json::Value,
+            #[serde(rename = "TTL", default)]
+            ttl: serde_json::Value,
+        }
+        let g: Grant = serde_json::from_value(v).map_err(|e| self.protocol(format!("lease grant: {e}")))?;
+        let (Some(id), Some(ttl)) = (int(&g.id), int(&g.ttl)) else {
+            return Err(self.protocol("lease grant without ID or TTL".into()));
+        };
+        Ok(Lease {
+            id,
+            ttl: Duration::from_secs(u64::try_from(ttl).unwrap_or(0)),
+        })
+    }
+
+    /// `LeaseKeepAlive`: the lease's TTL from now, or `None` when the lease no longer exists.
+    pub async fn keepalive(&self, lease: i64, timeout: Duration) -> Result<Option<Duration>, EtcdError> {
+        let v = self
+            .call("/v3/lease/keepalive", &json!({"ID": lease.to_string()}), timeout)
+            .await?;
+        // An expired lease is answered with TTL 0, which the gateway omits.
+        Ok(v.get("TTL")
+            .and_then(int)
+            .filter(|t| *t > 0)
+            .map(|t| Duration::from_secs(t.unsigned_abs())))
+    }
+
+    /// `LeaseRevoke`: deletes the lease and every key attached to it. A lease that is already
+    /// gone is not an error.
+    pub async fn revoke(&self, lease: i64, timeout: Duration) -> Result<(), EtcdError> {
+        match self
+            .call("/v3/lease/revoke", &json!({"ID": lease.to_string()}), timeout)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(EtcdError::Refused {
+                code: CODE_NOT_FOUND, ..
+            }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reads `key` (linearizable, so a member without quorum cannot answer it).
+    pub async fn get(&self, key: &str, timeout: Duration) -> Result<Option<Holder>, EtcdError> {
+        let v = self
+            .call("/v3/kv/range", &json!({"key": b64(key.as_bytes())}), timeout)
+            .await?;
+        Ok(self.holder(&v))
+    }
+
+    /// The election recipe's acquire: put `key = name` attached to `lease` only if the key does
+    /// not exist (its `create_revision` is 0); otherwise read who holds it.
+    pub async fn campaign(
+        &self,
+        key: &str,
+        name: &str,
+        lease: i64,
+        timeout: Duration,
+    ) -> Result<Result<(), Option<Holder>>, EtcdError> {
+        let k = b64(key.as_bytes());
+        let body = json!({
+            "compare": [{"target": "CREATE", "key": k, "result": "EQUAL", "create_revision": "0"}],
+            "success": [{"request_put": {"key": k, "value": b64(name.as_bytes()), "lease": lease.to_string()}}],
+            "failure": [{"request_range": {"key": k}}],
+        });
+        let v = self.call("/v3/kv/txn", &body, timeout).await?;
+        if v.get("succeeded").and_then(|s| s.as_bool()).unwrap_or(false) {
+            return Ok(Ok(()));
+        }
+        let range = v
+            .get("responses")
+            .and_then(|r| r.get(0))
+            .and_then(|r| r.get("response_range"))
+            .cloned()
+            .unwrap_or_default();
+        Ok(Err(self.holder(&range)))
+    }
+
+    fn holder(&self, range: &serde_json::Value) -> Option<Holder> {
+        let kv = range.get("kvs")?.get(0)?;
+        let name = unb64(kv.get("value").unwrap_or(&serde_json::Value::Null)).unwrap_or_default();
+        Some(Holder {
+            name: String::from_utf8_lossy(&name).into_owned(),
+            lease: kv.get("lease").and_then(int).unwrap_or(0),
+        })
+    }
+
+    fn protocol(&self, message: String) -> EtcdError {
+        let i = self.current.load(Ordering::Relaxed) % self.endpoints.len().max(1);
+        EtcdError::Protocol {
+            endpoint: self.endpoints.get(i).cloned().unwrap_or_default(),
+            message,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateway_integers_are_strings_and_zero_is_omitted() {
+        assert_eq!(int(&json!("7587869497451538179")), Some(7_587_869_497_451_538_179));
+        assert_eq!(int(&json!(3)), Some(3));
+        assert_eq!(int(&serde_json::Value::Null), None);
+        let c = EtcdClient::new(&EtcdOptions {
+            endpoints: vec!["http://127.0.0.1:1".into()],
+            ca_pem: None,
+            identity_pem: None,
+            username: None,
+            password: None,
+        })
+        .unwrap();
+        let range = json!({"kvs": [{"key": b64(b"/k"), "value": b64(b"node-a"), "lease": "42"}], "count": "1"});
+        assert_eq!(
+            c.holder(&range),
+            Some(Holder {
+                name: "node-a".into(),
+                lease: 42
+            })
+        );
+        assert_eq!(c.holder(&json!({"header": {}})), None);
+    }
+}

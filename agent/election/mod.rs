@@ -1,0 +1,615 @@
+//! Leader election on etcd (`[role_election]`): the node that holds the key under a live lease
+//! is active; every other node is standby and watches the key.
+//!
+//! The recipe is etcd's own (`clientv3/concurrency`): grant a lease, then a transaction that
+//! puts `key = host_name` attached to it only if the key's `create_revision` is 0 (it does not
+//! exist). The leader renews the lease every ttl/3. A standby takes over only once the key is
+//! gone, which etcd guarantees happens only when the lease was revoked or expired *on the
+//! server*.
+//!
+//! **Fencing by time.** The leader counts its lease from when a renewal was *sent* (the server
+//! extends it on receipt, later; and a raft leader that just lost quorum can still answer a
+//! keepalive for about an election timeout, so an answer proves less than the send time). If no
+//! renewal succeeds, it fences `fence_margin` before `sent + ttl`: `/active` fails and cloudflared
+//! gets its one SIGTERM, directly from this task, so a busy supervision loop cannot delay it.
+//! Hence at no instant do two nodes accept new tunnel traffic, even under partition.
+//!
+//! The task talks to the node through [`Outcome`]s (elected / deposed) and takes
+//! [`Command`]s (resign, campaign now, gate). The node's one role path applies them.
+
+pub mod etcd;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::config::roles::{OnStoreLoss, RoleElectionSection};
+use etcd::{EtcdClient, EtcdError, Holder};
+
+/// What the election tells the node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// This node holds the key (win number `term`); see [`Election::promote_if_leader`].
+    Elected { term: u64 },
+    /// This node no longer holds the key, and was already fenced if it was active.
+    Deposed { reason: String },
+}
+
+/// What the node asks of the election.
+#[derive(Debug)]
+pub enum Command {
+    /// Give the key up now (revoke the lease). The caller has already fenced cloudflared.
+    /// `step_aside`: do not campaign again until another node has taken the key, or a
+    /// `Campaign` (a handover, not a re-election of the same node).
+    Resign {
+        step_aside: bool,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+    /// Campaign at once (`promote`); answers whether this node won.
+    Campaign {
+        done: oneshot::Sender<Result<bool, String>>,
+    },
+    /// Campaign only while `true` (the `[role_follow]` check gates the election).
+    Gate(bool),
+}
+
+/// Where the election stands, for `/status`, `/metrics` and the CLI.
+#[derive(Debug, Clone, Default)]
+pub struct ElectionState {
+    pub key: String,
+    pub me: String,
+    /// `leader`, `follower`, `stepped-aside`, `gated`, `unreachable`.
+    pub phase: &'static str,
+    pub is_leader: bool,
+    /// The current holder's name, as last read.
+    pub leader: Option<String>,
+    pub lease_id: Option<i64>,
+    pub lease_ttl: Option<Duration>,
+    /// When our lease can expire on the server at the earliest (last renewal sent + ttl).
+    pub lease_deadline: Option<Instant>,
+    pub term: u64,
+    pub won: u64,
+    pub lost: u64,
+    pub renew_failures: u64,
+    pub last_error: Option<String>,
+}
+
+/// The handle the node holds.
+#[derive(Clone)]
+pub struct Election {
+    tx: mpsc::Sender<Command>,
+    state: Arc<Mutex<ElectionState>>,
+    /// The node's fence (fail `/active`, SIGTERM cloudflared). Run under the state lock so a
+    /// promotion cannot interleave with a fence (see [`Election::promote_if_leader`]).
+    fence: Arc<dyn Fn() + Send + Sync>,
+}
+
+/// The node's fence: synchronous, idempotent.
+pub type Fence = Arc<dyn Fn() + Send + Sync>;
+
+impl Election {
+    pub fn state(&self) -> ElectionState {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Runs `promote` (the node's "enter active" step) only if this node holds the key, under
+    /// the lock the fence takes: a fence either happened before (and this returns false) or
+    /// comes after and undoes the promotion. Never both active.
+    pub fn promote_if_leader(&self, promote: impl FnOnce()) -> bool {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.is_leader {
+            promote();
+            true
+        } else {
+            false
+        }
+    }
+
+    pub async fn resign(&self, step_aside: bool) -> Result<(), String> {
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Resign { step_aside, done })
+            .await
+            .map_err(|_| "the election task stopped".to_owned())?;
+        rx.await.map_err(|_| "the election task stopped".to_owned())?
+    }
+
+    pub async fn campaign(&self) -> Result<bool, String> {
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Campaign { done })
+            .await
+            .map_err(|_| "the election task stopped".to_owned())?;
+        rx.await.map_err(|_| "the election task stopped".to_owned())?
+    }
+
+    pub async fn gate(&self, open: bool) {
+        let _ = self.tx.send(Command::Gate(open)).await;
+    }
+
+    /// The `election` object of `/status` (and `tunnel-agent status`).
+    pub fn status_json(&self) -> serde_json::Value {
+        let s = self.state();
+        let remaining = s
+            .lease_deadline
+            .filter(|_| s.is_leader)
+            .map(|d| d.saturating_duration_since(Instant::now()).as_secs_f64());
+        json!({
+            "backend": "etcd",
+            "key": s.key,
+            "host_name": s.me,
+            "state": s.phase,
+            "leader": s.leader,
+            "is_leader": s.is_leader,
+            "lease_id": s.lease_id.filter(|_| s.is_leader).map(|id| format!("{id:x}")),
+            "lease_ttl_s": s.lease_ttl.filter(|_| s.is_leader).map(|t| t.as_secs()),
+            "lease_remaining_s": remaining,
+            "elections_won": s.won,
+            "elections_lost": s.lost,
+            "renew_failures": s.renew_failures,
+            "last_error": s.last_error,
+        })
+    }
+
+    /// Prometheus lines for `/metrics`.
+    pub fn render_metrics(&self, out: &mut String) {
+        let s = self.state();
+        let remaining = s
+            .lease_deadline
+            .filter(|_| s.is_leader)
+            .map_or(0.0, |d| d.saturating_duration_since(Instant::now()).as_secs_f64());
+        let esc = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+        out.push_str(&format!(
+            "# HELP tunnel_agent_election_info The election's backend, key and current leader.\n# TYPE tunnel_agent_election_info gauge\ntunnel_agent_election_info{{backend=\"etcd\",key=\"{}\",leader=\"{}\"}} 1\n",
+            esc(&s.key),
+            esc(s.leader.as_deref().unwrap_or(""))
+        ));
+        let lines = [
+            (
+                "tunnel_agent_election_leader",
+                "gauge",
+                "1 while this node holds the election key.",
+                f64::from(u8::from(s.is_leader)),
+            ),
+            (
+                "tunnel_agent_election_lease_remaining_seconds",
+                "gauge",
+                "Time before this leader's lease could expire on the server (counted from the last renewal sent).",
+                remaining,
+            ),
+            (
+                "tunnel_agent_elections_won_total",
+                "counter",
+                "Elections this node won.",
+                s.won as f64,
+            ),
+            (
+                "tunnel_agent_elections_lost_total",
+                "counter",
+                "Times this node lost the key after holding it (fenced, resigned, deposed).",
+                s.lost as f64,
+            ),
+            (
+                "tunnel_agent_election_renew_failures_total",
+                "counter",
+                "Lease renewals that failed.",
+                s.renew_failures as f64,
+            ),
+        ];
+        for (name, kind, help, v) in lines {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
+        }
+    }
+}
+
+/// Settings the task runs with.
+#[derive(Clone)]
+pub struct Settings {
+    pub key: String,
+    pub me: String,
+    pub ttl: Duration,
+    pub renew_interval: Duration,
+    pub request_timeout: Duration,
+    pub fence_margin: Duration,
+    pub poll_interval: Duration,
+    pub on_store_loss: OnStoreLoss,
+}
+
+impl Settings {
+    pub fn from_section(section: &RoleElectionSection, me: String) -> Settings {
+        Settings {
+            key: section.key.clone(),
+            me,
+            ttl: section.ttl,
+            renew_interval: section.renew_interval(),
+            request_timeout: section.request_timeout(),
+            fence_margin: section.fence_margin,
+            poll_interval: section.poll_interval,
+            on_store_loss: section.on_store_loss,
+        }
+    }
+}
+
+/// Starts the election task. It campaigns at once (unless `gated`).
+pub fn start(
+    settings: Settings,
+    client: EtcdClient,
+    fence: Fence,
+    outcomes: mpsc::Sender<Outcome>,
+    gated: bool,
+) -> (Election, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(8);
+    let state = Arc::new(Mutex::new(ElectionState {
+        key: settings.key.clone(),
+        me: settings.me.clone(),
+        phase: if gated { "gated" } else { "follower" },
+        ..ElectionState::default()
+    }));
+    let election = Election { tx, state, fence };
+    let task = Task {
+        settings,
+        client,
+        election: election.clone(),
+        outcomes,
+        gate_open: !gated,
+        stepped_aside: false,
+        lease: None,
+    };
+    (election, tokio::spawn(task.run(rx)))
+}
+
+/// The lease this node holds the key with.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    id: i64,
+    granted: Duration,
+    /// Last renewal sent that succeeded, + its TTL: the earliest server-side expiry.
+    deadline: Instant,
+    next_renew: Instant,
+}
+
+struct Task {
+    settings: Settings,
+    client: EtcdClient,
+    election: Election,
+    outcomes: mpsc::Sender<Outcome>,
+    gate_open: bool,
+    stepped_aside: bool,
+    lease: Option<Held>,
+}
+
+impl Task {
+    fn update(&self, f: impl FnOnce(&mut ElectionState)) {
+        f(&mut self.election.state.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    fn follower_phase(&self) -> &'static str {
+        if self.stepped_aside {
+            "stepped-aside"
+        } else if !self.gate_open {
+            "gated"
+        } else {
+            "follower"
+        }
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        loop {
+            let wake = match self.lease {
+                Some(h) => h.next_renew.min(self.fence_at(&h)),
+                None => Instant::now() + self.settings.poll_interval,
+            };
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => self.command(cmd).await,
+                    // The node is gone; a lease left behind expires by itself.
+                    None => return,
+                },
+                _ = tokio::time::sleep_until(wake) => match self.lease {
+                    Some(h) => self.lead(h).await,
+                    None => self.follow().await,
+                },
+            }
+        }
+    }
+
+    fn fence_at(&self, h: &Held) -> Instant {
+        h.deadline.checked_sub(self.settings.fence_margin).unwrap_or(h.deadline)
+    }
+
+    /// A deadline for one request that ends before the fence point while leading.
+    fn request_budget(&self) -> Duration {
+        let cap = self.settings.request_timeout;
+        if self.settings.on_store_loss == OnStoreLoss::Keep {
+            return cap;
+        }
+        match self.lease {
+            Some(h) => cap.min(self.fence_at(&h).saturating_duration_since(Instant::now())),
+            None => cap,
+        }
+    }
+
+    async fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Resign { step_aside, done } => {
+                self.stepped_aside = step_aside;
+                let held = self.lease;
+                let result = match held {
+                    Some(h) => {
+                        // The node asked, and has fenced itself already: no Deposed for it.
+                        self.release_lease();
+                        // Revoke at once, so a standby takes over now rather than after ttl.
+                        self.client
+                            .revoke(h.id, self.settings.request_timeout)
+                            .await
+                            .map_err(|e| format!("could not revoke the lease (it expires within its ttl): {e}"))
+                    }
+                    None => Ok(()),
+                };
+                let phase = self.follower_phase();
+                self.update(|s| s.phase = phase);
+                let _ = done.send(result);
+            }
+            Command::Campaign { done } => {
+                self.stepped_aside = false;
+                if self.lease.is_some() {
+                    let _ = done.send(Ok(true));
+                    return;
+                }
+                let result = self.campaign().await;
+                let _ = done.send(result);
+            }
+            Command::Gate(open) => {
+                self.gate_open = open;
+                let phase = self.follower_phase();
+                if self.lease.is_none() {
+                    self.update(|s| s.phase = phase);
+                }
+            }
+        }
+    }
+
+    /// Loses the key: fences first (under the state lock), then tells the node.
+    async fn give_up(&mut self, _h: Held, reason: &str) {
+        self.release_lease();
+        tracing::warn!(key = %self.settings.key, reason, "left the election's leadership; fenced");
+        let _ = self
+            .outcomes
+            .send(Outcome::Deposed {
+                reason: reason.to_owned(),
+            })
+            .await;
+    }
+
+    /// Forgets the lease and fences, under the state lock.
+    fn release_lease(&mut self) {
+        self.lease = None;
+        {
+            let mut s = self.election.state.lock().unwrap_or_else(|e| e.into_inner());
+            if s.is_leader {
+                s.lost += 1;
+            }
+            s.is_leader = false;
+            s.phase = "follower";
+            s.lease_id = None;
+            s.lease_deadline = None;
+            (self.election.fence)();
+        }
+    }
+
+    /// Standby: read the key; campaign when it is gone.
+    async fn follow(&mut self) {
+        match self.client.get(&self.settings.key, self.settings.request_timeout).await {
+            Err(e) => {
+                self.update(|s| {
+                    s.phase = "unreachable";
+                    s.last_error = Some(e.to_string());
+                });
+            }
+            Ok(Some(Holder { name, .. })) => {
+                if self.stepped_aside && name != self.settings.me {
+                    // The handover happened: a normal candidate again.
+                    self.stepped_aside = false;
+                }
+                let phase = self.follower_phase();
+                self.update(|s| {
+                    s.phase = phase;
+                    s.leader = Some(name);
+                    s.last_error = None;
+                });
+            }
+            Ok(None) => {
+                let phase = self.follower_phase();
+                self.update(|s| {
+                    s.phase = phase;
+                    s.leader = None;
+                    s.last_error = None;
+                });
+                if self.gate_open && !self.stepped_aside {
+                    if let Err(e) = self.campaign().await {
+                        self.update(|s| s.last_error = Some(e));
+                    }
+                }
+            }
+        }
+    }
+
+    /// One attempt at the key. `Ok(true)` when won.
+    async fn campaign(&mut self) -> Result<bool, String> {
+        let timeout = self.settings.request_timeout;
+        // The lease counts from before the grant was sent.
+        let sent = Instant::now();
+        let lease = self
+            .client
+            .grant(self.settings.ttl, timeout)
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        if lease.ttl < self.settings.ttl {
+            // Never expected (etcd only raises TTLs), but the fence must use what was granted.
+            tracing::warn!(
+                asked_s = self.settings.ttl.as_secs(),
+                granted_s = lease.ttl.as_secs(),
+                "etcd granted a shorter lease than asked"
+            );
+        }
+        let held = Held {
+            id: lease.id,
+            granted: lease.ttl,
+            deadline: sent + lease.ttl,
+            next_renew: sent + lease.ttl / 3,
+        };
+        let outcome = self
+            .client
+            .campaign(&self.settings.key, &self.settings.me, lease.id, timeout)
+            .await;
+        let fence_at = held
+            .deadline
+            .checked_sub(self.settings.fence_margin)
+            .unwrap_or(held.deadline);
+        match outcome {
+            Ok(Ok(())) if Instant::now() < fence_at => {
+                let term = {
+                    let mut s = self.election.state.lock().unwrap_or_else(|e| e.into_inner());
+                    s.term += 1;
+                    s.won += 1;
+                    s.is_leader = true;
+                    s.phase = "leader";
+                    s.leader = Some(self.settings.me.clone());
+                    s.lease_id = Some(lease.id);
+                    s.lease_ttl = Some(lease.ttl);
+                    s.lease_deadline = Some(held.deadline);
+                    s.last_error = None;
+                    s.term
+                };
+                self.lease = Some(held);
+                tracing::info!(key = %self.settings.key, host = %self.settings.me, lease = format!("{:x}", lease.id), ttl_s = lease.ttl.as_secs(), "won the election");
+                let _ = self.outcomes.send(Outcome::Elected { term }).await;
+                Ok(true)
+            }
+            Ok(Ok(())) => {
+                // Won, but so late that the lease is about to be fenced anyway: give it back.
+                let _ = self.client.revoke(lease.id, timeout).await;
+                Err("won the key too late to hold it safely; revoked".to_owned())
+            }
+            Ok(Err(holder)) => {
+                let _ = self.client.revoke(lease.id, timeout).await;
+                let name = holder.map(|h| h.name);
+                self.update(|s| s.leader = name);
+                Ok(false)
+            }
+            Err(e) => {
+                // The transaction's outcome is unknown: if it did put the key, revoking the
+                // lease deletes it again. If the revoke fails too, the key expires within ttl
+                // and nobody is active meanwhile, which is the safe side.
+                let _ = self.client.revoke(lease.id, timeout).await;
+                Err(self.unreachable(e))
+            }
+        }
+    }
+
+    fn unreachable(&self, e: EtcdError) -> String {
+        let msg = e.to_string();
+        self.update(|s| {
+            s.phase = "unreachable";
+            s.last_error = Some(msg.clone());
+        });
+        msg
+    }
+
+    /// Leader: renew when due; fence when the lease could be about to expire.
+    async fn lead(&mut self, mut h: Held) {
+        let now = Instant::now();
+        if now >= self.fence_at(&h) {
+            if self.settings.on_store_loss == OnStoreLoss::Keep {
+                // Opted in: keep the role while etcd cannot be reached at all.
+                h.next_renew = now + self.retry_delay();
+                h.deadline = now + self.settings.fence_margin + self.retry_delay();
+                self.lease = Some(h);
+                if let Err(e) = self.renew(h).await {
+                    tracing::warn!(error = %e, "etcd unreachable; keeping the active role (on_store_loss = \"keep\")");
+                }
+                return;
+            }
+            self.give_up(
+                h,
+                "the lease could not be renewed in time (etcd unreachable or without quorum)",
+            )
+            .await;
+            return;
+        }
+        if now >= h.next_renew {
+            if let Err(e) = self.renew(h).await {
+                tracing::warn!(error = %e, "lease renewal failed");
+            }
+        }
+    }
+
+    fn retry_delay(&self) -> Duration {
+        (self.settings.renew_interval / 4).max(Duration::from_millis(100))
+    }
+
+    /// One keepalive plus a read of the key (somebody may have deleted it).
+    async fn renew(&mut self, mut h: Held) -> Result<(), String> {
+        let sent = Instant::now();
+        let budget = self.request_budget();
+        match self.client.keepalive(h.id, budget).await {
+            Ok(Some(ttl)) => {
+                h.deadline = sent + ttl.min(h.granted);
+                h.next_renew = sent + self.settings.renew_interval;
+                self.lease = Some(h);
+                self.update(|s| {
+                    s.lease_deadline = Some(h.deadline);
+                    s.last_error = None;
+                });
+            }
+            Ok(None) => {
+                self.give_up(h, "the lease expired on the server").await;
+                return Ok(());
+            }
+            Err(EtcdError::Refused {
+                code: etcd::CODE_NOT_FOUND,
+                message,
+                ..
+            }) => {
+                self.give_up(h, &format!("the lease is gone: {message}")).await;
+                return Ok(());
+            }
+            Err(e) => {
+                h.next_renew = Instant::now() + self.retry_delay();
+                self.lease = Some(h);
+                let msg = e.to_string();
+                self.update(|s| {
+                    s.renew_failures += 1;
+                    s.last_error = Some(msg.clone());
+                });
+                return Err(msg);
+            }
+        }
+        match self.client.get(&self.settings.key, self.request_budget()).await {
+            Ok(Some(holder)) if holder.lease == h.id => Ok(()),
+            Ok(other) => {
+                let who = other.map_or("nobody".to_owned(), |o| o.name);
+                let _ = self.client.revoke(h.id, self.settings.request_timeout).await;
+                self.give_up(h, &format!("the key is no longer ours (held by {who})"))
+                    .await;
+                if who != "nobody" {
+                    self.update(|s| s.leader = Some(who));
+                }
+                Ok(())
+            }
+            // The renewal itself succeeded; the check is repeated at the next one.
+            Err(_) => Ok(()),
+        }
+    }
+}
+
+impl std::fmt::Debug for Election {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Election")
+            .field("state", &self.state())
+            .finish_non_exhaustive()
+    }
+}
