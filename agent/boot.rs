@@ -17,13 +17,12 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::config::Role;
 use crate::config::{Config, RouteSourceKind};
 use crate::gcp::{self, MetadataClient, SecretManager};
 use crate::health::{self, Health};
 use crate::node::{tunnel_spec, Node, Signal, Sources};
 use crate::proxy::{InboundAuth, LiveSettings, Proxy};
-use crate::config::Role;
-use crate::handover;
 use crate::roles::{self, RoleSource};
 use crate::routing::table::RouteTable;
 use crate::routing::{self, config_api};
@@ -32,6 +31,7 @@ use crate::server::{self, ServerHandle};
 use crate::telemetry::Metrics;
 use crate::tunnel::{RestartPolicy, TunnelSupervisor};
 use crate::{control, systemd};
+use crate::{follow, handover};
 
 /// Something boot started, and how to stop it.
 enum Stop {
@@ -169,6 +169,8 @@ async fn start(
     let (role, role_source, role_etag) = match &config.role_election {
         // Standby until elected, whatever the file or a persisted promote says.
         Some(_) => (Role::Standby, RoleSource::Election, None),
+        // Standby until the check has passed `rise` times.
+        None if config.role_follow.is_some() => (Role::Standby, RoleSource::Follow, None),
         None => roles::boot_role(&config, &metadata).await,
     };
     let (secret_tx, secret_rx) = mpsc::channel(16);
@@ -191,6 +193,7 @@ async fn start(
         routes_version: watch::Sender::new(None),
         cloudflared_version,
         election: None,
+        follow: None,
         role_tasks: Vec::new(),
         role_detail_published: String::new(),
     });
@@ -272,6 +275,13 @@ async fn start(
     }
     // The election campaigns from here (READY=1 is sent: a standby is ready). Its task is the
     // node's, so that shutdown can resign before stopping it.
+    let (follow_tx, follow_rx) = mpsc::channel(4);
+    if let Some(section) = &node.config.role_follow {
+        let (follow, task) = follow::start(section, follow_tx)?;
+        health.set_follow(follow.clone());
+        node.follow = Some(follow);
+        node.role_tasks.push(task);
+    }
     let (outcome_tx, outcome_rx) = mpsc::channel(16);
     if let Some((election, task)) = handover::start(
         &node.config,
@@ -279,7 +289,7 @@ async fn start(
         &health,
         &node.tunnel.state,
         outcome_tx,
-        false,
+        node.follow.is_some(),
     )? {
         node.election = Some(election);
         node.role_tasks.push(task);
@@ -297,6 +307,7 @@ async fn start(
         control: control_rx,
         roles: role_rx,
         election: outcome_rx,
+        follow: follow_rx,
         // Under an election, STATUS= follows its state (unreachable, follower of X, leader).
         status_tick: node
             .election

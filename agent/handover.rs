@@ -8,10 +8,10 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::election::{self, etcd, Election, Outcome};
 use crate::health::Health;
+use crate::node::Node;
 use crate::roles::{Role, RoleSource};
 use crate::secrets::SecretValues;
 use crate::tunnel::TunnelState;
-use crate::node::Node;
 
 /// Builds the etcd client and starts the election, if `[role_election]` is configured. The
 /// node is standby until the election says otherwise (also when etcd cannot be reached).
@@ -156,6 +156,25 @@ impl Node {
                 format!("resigned the election (lease revoked, this node steps aside until another takes the key or `promote`); {message}"),
             ),
             Err(e) => (true, changed, format!("resigned; {e}; {message}")),
+        }
+    }
+
+    /// The `[role_follow]` check changed verdict. Alone it decides the role; with an election it
+    /// gates the campaign, and a failing check makes the leader resign (fenced first).
+    pub(crate) async fn follow_changed(&mut self, passing: bool) {
+        let Some(election) = self.election.clone() else {
+            let role = if passing { Role::Active } else { Role::Standby };
+            self.set_role(role, RoleSource::Follow).await;
+            return;
+        };
+        election.gate(passing).await;
+        if !passing && election.state().is_leader {
+            tracing::warn!("the role_follow check fails: resigning the election");
+            self.decide(Role::Standby);
+            if let Err(e) = election.resign(false).await {
+                tracing::warn!(error = %e, "resigning the election");
+            }
+            self.set_role(Role::Standby, RoleSource::Election).await;
         }
     }
 

@@ -99,6 +99,7 @@ pub struct Health {
     /// The leader election, when `[role_election]` is configured (read live for `/status`:
     /// the lease's remaining time changes between two requests).
     election: std::sync::OnceLock<crate::election::Election>,
+    follow: std::sync::OnceLock<crate::follow::Follow>,
     started: Instant,
 }
 
@@ -115,12 +116,17 @@ impl Health {
             metrics,
             tunnel: Arc::default(),
             election: std::sync::OnceLock::new(),
+            follow: std::sync::OnceLock::new(),
             started: Instant::now(),
         })
     }
 
     pub fn set_election(&self, election: crate::election::Election) {
         let _ = self.election.set(election);
+    }
+
+    pub fn set_follow(&self, follow: crate::follow::Follow) {
+        let _ = self.follow.set(follow);
     }
 
     pub fn election(&self) -> Option<&crate::election::Election> {
@@ -229,6 +235,7 @@ impl Health {
             // Names only: values never leave the process.
             "secrets": s.secrets,
             "election": self.election().map(|e| e.status_json()),
+            "follow": self.follow.get().map(|f| f.status_json()),
         })
     }
 
@@ -300,6 +307,9 @@ impl Health {
         }
         if let Some(e) = self.election() {
             e.render_metrics(&mut out);
+        }
+        if let Some(f) = self.follow.get() {
+            f.render_metrics(&mut out);
         }
         let (ready, _) = self.readiness();
         out.push_str(&format!(

@@ -13,6 +13,7 @@ pub mod config;
 pub mod control;
 pub mod election;
 pub mod files;
+pub mod follow;
 pub mod framing;
 pub mod gcp;
 mod handover;

@@ -11,6 +11,7 @@
 //! | [`Event::Control`] | the control socket | [`Node::control`] |
 //! | [`Event::RoleChanged`] | the watched role attribute | [`Node::set_role`] |
 //! | [`Event::Election`] | the etcd election (`election`) | [`Node::election_outcome`] |
+//! | [`Event::FollowChanged`] | the `[role_follow]` check | [`Node::follow_changed`] |
 //! | [`Event::StatusTick`] | a 1 s timer, under an election | [`Node::publish_role`] when it changed |
 //! | [`Event::TunnelFailed`] | the cloudflared supervisor | stop, with its error |
 //!
@@ -34,6 +35,7 @@ use tokio::time::{Instant, Interval};
 use crate::config::{Config, RouteSourceKind, SecretSource};
 use crate::control;
 use crate::election::{Election, Outcome};
+use crate::follow::Follow;
 use crate::gcp::{MetadataClient, SecretManager};
 use crate::health::Health;
 use crate::proxy::{InboundAuth, LiveSettings, Proxy};
@@ -70,6 +72,8 @@ pub enum Event {
     RoleChanged(Role),
     /// The election won or lost this node the key (already fenced when lost).
     Election(Outcome),
+    /// The `[role_follow]` check's verdict changed (true: passing).
+    FollowChanged(bool),
     /// Time to refresh `STATUS=` with the election's state.
     StatusTick,
     /// The cloudflared supervisor gave up.
@@ -87,6 +91,7 @@ pub struct Sources {
     pub control: mpsc::Receiver<control::Incoming>,
     pub roles: mpsc::Receiver<Role>,
     pub election: mpsc::Receiver<Outcome>,
+    pub follow: mpsc::Receiver<bool>,
     pub status_tick: Option<Interval>,
     pub watchdog: Option<Interval>,
 }
@@ -114,7 +119,9 @@ pub struct Node {
     pub cloudflared_version: Option<crate::tunnel::version::CloudflaredVersion>,
     /// The leader election, when `[role_election]` decides the role.
     pub election: Option<Election>,
-    /// The election's task, stopped after the node resigned on shutdown.
+    /// The `[role_follow]` check, when configured.
+    pub follow: Option<Follow>,
+    /// The election's and the check's tasks, stopped after the node resigned on shutdown.
     pub role_tasks: Vec<JoinHandle<()>>,
     /// The last `STATUS=` role detail published.
     pub role_detail_published: String,
@@ -194,6 +201,7 @@ impl Node {
             Some(incoming) = sources.control.recv() => Event::Control(incoming),
             Some(role) = sources.roles.recv() => Event::RoleChanged(role),
             Some(outcome) = sources.election.recv() => Event::Election(outcome),
+            Some(passing) = sources.follow.recv() => Event::FollowChanged(passing),
             _ = tick_of(&mut sources.status_tick) => Event::StatusTick,
             e = self.tunnel.failed() => Event::TunnelFailed(e),
             _ = tick => Event::WatchdogTick,
@@ -215,6 +223,7 @@ impl Node {
                 self.set_role(role, RoleSource::WatchedAttribute).await;
             }
             Event::Election(outcome) => self.election_outcome(outcome).await,
+            Event::FollowChanged(passing) => self.follow_changed(passing).await,
             Event::StatusTick => {
                 if self.role_detail() != self.role_detail_published {
                     self.publish_role();
@@ -339,7 +348,8 @@ impl Node {
         if !pending.is_empty() {
             tracing::warn!(settings = ?pending, "changed settings take effect only after a restart");
         }
-        let role_decided_elsewhere = self.config.role_watch.attribute.is_some() || self.election.is_some();
+        let role_decided_elsewhere =
+            self.config.role_watch.attribute.is_some() || self.election.is_some() || self.follow.is_some();
         if new.role != self.config.role && !role_decided_elsewhere {
             tracing::info!(
                 from = self.config.role.as_str(),
@@ -464,7 +474,10 @@ impl Node {
             (Role::Active, Some(election)) => {
                 let election = election.clone();
                 if !election.promote_if_leader(|| self.decide(Role::Active)) {
-                    return (false, "not promoted: this node no longer holds the election key".to_owned());
+                    return (
+                        false,
+                        "not promoted: this node no longer holds the election key".to_owned(),
+                    );
                 }
             }
             _ => self.decide(role),
@@ -569,6 +582,14 @@ impl Node {
                 ),
             ),
             (Promote | Demote, Some(election)) => self.handover(election, command == Promote).await,
+            (Promote | Demote, None) if self.follow.is_some() => (
+                false,
+                false,
+                format!(
+                    "the role follows the check at {}; change what it answers",
+                    self.config.role_follow.as_ref().map_or("", |f| f.url.as_str())
+                ),
+            ),
             (Promote, None) => {
                 let (changed, message) = self.set_role(Role::Active, RoleSource::Cli).await;
                 (true, changed, message)

@@ -77,6 +77,11 @@ impl Setup {
     }
 
     async fn node(&self, name: &str, cluster: &EtcdCluster) -> Node {
+        self.node_with(name, cluster, "").await
+    }
+
+    /// A node whose config has `extra` sections.
+    async fn node_with(&self, name: &str, cluster: &EtcdCluster, extra: &str) -> Node {
         let mut relays = Vec::new();
         for i in 0..cluster.len() {
             relays.push(Relay::start(cluster.client_addr(i)).await);
@@ -89,7 +94,7 @@ impl Setup {
             .env(k, &v)
             .env("TA_TUNNEL_TOKEN", TUNNEL_TOKEN)
             .env("FAKE_CF_DRAIN_MS", &self.drain_ms.to_string());
-        let config = node_config(name, &cf, &self.up, &endpoints, self.grace);
+        let config = node_config(name, &cf, &self.up, &endpoints, self.grace).raw(extra);
         let agent = builder.start(&config).await;
         Node {
             name: name.to_owned(),
@@ -573,4 +578,171 @@ fn check_refuses_a_ttl_too_short_to_fence() {
         .output()
         .expect("run check");
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A local health check whose answer the test flips (Patroni's `GET /primary` answers 200 on
+/// the primary and 503 on a replica). Counts the checks it answered.
+struct FlipCheck {
+    addr: SocketAddr,
+    status: Arc<std::sync::atomic::AtomicU16>,
+    answered: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct FlipState {
+    status: Arc<std::sync::atomic::AtomicU16>,
+    answered: Arc<AtomicU64>,
+}
+
+impl FlipCheck {
+    async fn start(status: u16) -> FlipCheck {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind check");
+        let addr = listener.local_addr().expect("addr");
+        let status = Arc::new(std::sync::atomic::AtomicU16::new(status));
+        let answered = Arc::new(AtomicU64::new(0));
+        let state = Arc::new(FlipState {
+            status: status.clone(),
+            answered: answered.clone(),
+        });
+        let task = common::serve_fake(listener, state, |state: Arc<FlipState>, _req| async move {
+            let code = state.status.load(Ordering::SeqCst);
+            state.answered.fetch_add(1, Ordering::SeqCst);
+            let mut resp = http::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")));
+            *resp.status_mut() = StatusCode::from_u16(code).expect("status");
+            Ok::<_, std::convert::Infallible>(resp)
+        });
+        FlipCheck {
+            addr,
+            status,
+            answered,
+            task,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/primary", self.addr)
+    }
+
+    fn set(&self, status: u16) {
+        self.status.store(status, Ordering::SeqCst);
+    }
+
+    fn answered(&self) -> u64 {
+        self.answered.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for FlipCheck {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn follow_section(check: &FlipCheck) -> String {
+    format!(
+        "[role_follow]\nurl = \"{}\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\nrise = 2\nfall = 3\n",
+        check.url()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_role_follows_the_check_with_its_counts() {
+    let up = FakeUpstream::start(Wire::Http1).await;
+    let check = FlipCheck::start(503).await;
+    let builder = AgentBuilder::new();
+    let cf = FakeCloudflared::new(builder.dir());
+    let (k, v) = cf.env();
+    let builder = builder.env(k, &v).env("TA_TUNNEL_TOKEN", TUNNEL_TOKEN);
+    let config = ConfigText::new()
+        .top("role = \"active\"")
+        .env_secret("tunnel_token", "TA_TUNNEL_TOKEN")
+        .host("app.test", &up.url())
+        .raw(&cf.section(&[]))
+        .raw(&follow_section(&check));
+    let agent = builder.start(&config).await;
+    let status = || async { get(agent.health_addr(), "localhost", "/status", &[]).await.json() };
+    eventually(DEADLINE, "a failing verdict", || async {
+        (status().await["follow"]["passing"] == false).then_some(())
+    })
+    .await;
+    assert_eq!(status().await["role"], "standby");
+    assert!(cf.started_pids().is_empty());
+    let run = agent.control("promote").await;
+    assert!(!run.ok() && run.stderr.contains("follows the check"), "{run:?}");
+
+    // 200 now: active after `rise` (2) passes in a row, not at the first one.
+    let flipped = check.answered();
+    check.set(200);
+    cf.wait_starts(1, DEADLINE).await;
+    let at_start = check.answered();
+    assert!(
+        at_start >= flipped + 2,
+        "promoted after {} passing checks",
+        at_start - flipped
+    );
+    eventually(DEADLINE, "/active 200", || async {
+        (get(agent.health_addr(), "localhost", "/active", &[]).await.status == StatusCode::OK).then_some(())
+    })
+    .await;
+    let s = status().await;
+    assert_eq!(
+        (s["role"].as_str(), s["role_source"].as_str()),
+        (Some("active"), Some("follow")),
+        "{s}"
+    );
+
+    // 503 again: standby after `fall` (3) failures.
+    let pid = cf.started_pids()[0];
+    let flipped = check.answered();
+    check.set(503);
+    eventually(DEADLINE, "cloudflared's SIGTERM", || async {
+        (cf.sigterms(pid) == 1).then_some(())
+    })
+    .await;
+    let at_stop = check.answered();
+    assert!(
+        at_stop >= flipped + 3,
+        "demoted after {} failing checks",
+        at_stop - flipped
+    );
+    eventually(DEADLINE, "standby", || async {
+        (status().await["role"] == "standby").then_some(())
+    })
+    .await;
+    let metrics = get(agent.health_addr(), "localhost", "/metrics", &[]).await.text();
+    assert!(metrics.contains("tunnel_agent_follow_passing 0"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_election_the_node_whose_check_passes_wins() {
+    if !etcd::available("with_an_election_the_node_whose_check_passes_wins") {
+        return;
+    }
+    let t0 = Instant::now();
+    let cluster = EtcdCluster::start(3).await;
+    let setup = Setup::new(100, "2s").await;
+    let checks = [FlipCheck::start(503).await, FlipCheck::start(200).await];
+    let mut nodes = Vec::new();
+    for (name, check) in ["node-a", "node-b"].into_iter().zip(&checks) {
+        nodes.push(setup.node_with(name, &cluster, &follow_section(check)).await);
+    }
+    let refs: Vec<&Node> = nodes.iter().collect();
+    let sampler = Sampler::start(nodes.iter().map(|n| n.agent.health_addr()).collect());
+    // Only node-b's check passes: it wins, and node-a does not even campaign.
+    assert_eq!(one_leader(&refs).await, 1);
+    sampler.wait_only(1, t0, DEADLINE).await;
+    assert_eq!(nodes[0].status().await["election"]["state"], "gated");
+
+    // The database fails over to node-a: node-b resigns, node-a takes the key.
+    let flipped = Instant::now();
+    checks[1].set(503);
+    checks[0].set(200);
+    let taken = sampler.wait_only(0, flipped, DEADLINE).await;
+    println!(
+        "follow + election: check flipped -> other node's /active 200: {:.0} ms",
+        taken.saturating_duration_since(flipped).as_secs_f64() * 1000.0
+    );
+    assert_eq!(one_leader(&refs).await, 0);
+    let (_, overlaps) = sampler.finish().await;
+    assert!(overlaps.is_empty(), "two actives at once: {overlaps:?}");
 }
