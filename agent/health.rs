@@ -170,7 +170,7 @@ impl Health {
     fn tunnel_verdict(&self) -> (bool, String) {
         let t = &self.tunnel;
         // A demoted node that is still draining serves its (new) standby role: ready.
-        if self.leaving_active.load(Ordering::Acquire) && t.wanted.load(Ordering::Acquire) {
+        if self.draining_after_demotion() {
             return (true, DRAINING_AFTER_DEMOTION.to_owned());
         }
         if !t.wanted.load(Ordering::Acquire) {
@@ -195,6 +195,11 @@ impl Health {
             return (true, "reconnecting (within grace)".to_owned());
         }
         (false, "no connections".to_owned())
+    }
+
+    /// The node left `active` and its cloudflared, already sent its SIGTERM, still runs.
+    fn draining_after_demotion(&self) -> bool {
+        self.leaving_active.load(Ordering::Acquire) && self.tunnel.pid.load(Ordering::Acquire) != 0
     }
 
     /// `/active`: this node runs the tunnel, it is connected, and the node has not decided to
@@ -357,7 +362,7 @@ impl Health {
             Endpoint::Active => {
                 if self.active() {
                     reply(StatusCode::OK, "application/json", r#"{"active":true}"#.into())
-                } else if self.leaving_active.load(Ordering::Acquire) && self.tunnel.wanted.load(Ordering::Acquire) {
+                } else if self.draining_after_demotion() {
                     let body = json!({"active": false, "reason": DRAINING_AFTER_DEMOTION});
                     reply(StatusCode::SERVICE_UNAVAILABLE, "application/json", body.to_string())
                 } else {
