@@ -45,8 +45,22 @@ pub struct EtcdCluster {
 }
 
 impl EtcdCluster {
-    /// Starts `n` members and waits until the cluster answers a linearizable read.
+    /// Starts `n` members and waits until the cluster answers a linearizable read. A free port
+    /// found by binding port 0 can be taken by another process before etcd binds it; a member
+    /// that exits at start is retried on new ports (three attempts).
     pub async fn start(n: usize) -> EtcdCluster {
+        let mut last = String::new();
+        for _ in 0..3 {
+            let cluster = Self::spawn_all(n);
+            match cluster.healthy(Duration::from_secs(30)).await {
+                Ok(()) => return cluster,
+                Err(e) => last = e,
+            }
+        }
+        panic!("the etcd cluster never became healthy: {last}");
+    }
+
+    fn spawn_all(n: usize) -> EtcdCluster {
         let dir = tempfile::Builder::new().prefix("ta-etcd-").tempdir().expect("tempdir");
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
@@ -65,7 +79,6 @@ impl EtcdCluster {
         for i in 0..n {
             cluster.spawn(i);
         }
-        cluster.wait_healthy().await;
         cluster
     }
 
@@ -128,6 +141,14 @@ impl EtcdCluster {
 
     /// Waits until a linearizable read succeeds on every running member.
     pub async fn wait_healthy(&self) {
+        if let Err(e) = self.healthy(Duration::from_secs(30)).await {
+            panic!("{e}");
+        }
+    }
+
+    /// A linearizable read succeeds on every running member within `deadline`; `Err` with the
+    /// members' logs otherwise.
+    async fn healthy(&self, deadline: Duration) -> Result<(), String> {
         let http = reqwest::Client::builder().no_proxy().build().expect("client");
         for (i, m) in self.members.iter().enumerate() {
             if m.child.is_none() {
@@ -135,7 +156,7 @@ impl EtcdCluster {
             }
             let url = format!("http://127.0.0.1:{}/v3/kv/range", m.client);
             let mut last = String::new();
-            let ok = tokio::time::timeout(Duration::from_secs(30), async {
+            let ok = tokio::time::timeout(deadline, async {
                 loop {
                     match http
                         .post(&url)
@@ -158,12 +179,11 @@ impl EtcdCluster {
                 }
             })
             .await;
-            assert!(
-                ok.is_ok(),
-                "etcd member {i} never became healthy: {last}\n{}",
-                self.logs()
-            );
+            if ok.is_err() {
+                return Err(format!("etcd member {i} never became healthy: {last}\n{}", self.logs()));
+            }
         }
+        Ok(())
     }
 
     pub fn logs(&self) -> String {
