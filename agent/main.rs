@@ -182,30 +182,52 @@ fn print_summary(reply: &tunnel_agent::control::Reply) {
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
-    let config = match routing::load_config(path) {
-        Ok(c) => c,
+    // Every problem in one run: a file that parses (even with some lines set aside) still has
+    // its secrets and routes file read, except those a problem above already names.
+    let (config, mut failed, named) = match routing::load_config(path) {
+        Ok(c) => (c, false, Vec::new()),
         Err(e) => {
             err(&format!("{e}\n"));
-            return ExitCode::from(tunnel_agent::EXIT_CONFIG);
-        }
-    };
-    let metrics = tunnel_agent::telemetry::Metrics::default();
-    let mut failed = false;
-    if let Err(errors) = tunnel_agent::secrets::resolve::load_local(&config, &metrics) {
-        for e in errors {
-            err(&format!("{}: {e}\n", path.display()));
-        }
-        failed = true;
-    }
-    match routing::source::load_local(&config, &metrics) {
-        Ok(table) => {
-            if !failed {
-                out(&format!("{}: ok ({} routes)\n", path.display(), table.len()));
+            let named: Vec<String> = (e.problems.iter().map(|p| p.key.clone()))
+                .chain(e.parse.iter().filter_map(|p| p.key.clone()))
+                .collect();
+            match e.config {
+                Some(c) => (*c, true, named),
+                None => return ExitCode::from(tunnel_agent::EXIT_CONFIG),
             }
         }
-        Err(e) => {
-            err(&format!("{}: {e:#}\n", path.display()));
-            failed = true;
+    };
+    let already = |table: &str| {
+        named
+            .iter()
+            .any(|k| k == table || k.starts_with(&format!("{table}.")) || k.starts_with(&format!("{table}[")))
+    };
+    let metrics = tunnel_agent::telemetry::Metrics::default();
+    if let Err(errors) = tunnel_agent::secrets::resolve::load_local(&config, &metrics) {
+        for e in errors {
+            let key = e.key();
+            let table = key.rsplit_once('.').map_or(key.as_str(), |(t, _)| t);
+            if !already(table) {
+                err(&format!("{}: {key}: {e}\n", path.display()));
+                failed = true;
+            }
+        }
+    }
+    if !already("routes") && !already("route") {
+        match routing::source::load_local(&config, &metrics) {
+            Ok(table) => {
+                if !failed {
+                    out(&format!("{}: ok ({} routes)\n", path.display(), table.len()));
+                }
+            }
+            Err(e) => {
+                let key = match config.routes.source {
+                    config::RouteSourceKind::File => "routes.file",
+                    _ => "routes",
+                };
+                err(&format!("{}: {key}: {e:#}\n", path.display()));
+                failed = true;
+            }
         }
     }
     if failed {

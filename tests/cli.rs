@@ -279,6 +279,70 @@ max_header_bytes = 10
     assert_eq!(err.lines().count(), 2, "{err}");
     assert!(err.contains("secret \"tok\"") && err.contains("absent-token"), "{err}");
     assert!(err.contains("gopher"), "{err}");
+    // Each with its key, as docs/config.md promises.
+    assert!(err.contains(&format!("{file}: secrets.tok.path: ")), "{err}");
+    assert!(err.contains(&format!("{file}: routes.file: ")), "{err}");
+}
+
+/// One run, every problem: a parser error does not hide a bad URL, an unreadable secret, a
+/// secret no client can send, or the cloudflared checks of a disabled cloudflared; and a token
+/// given as `--token=…` is never echoed.
+#[test]
+fn check_reports_parse_validation_and_secret_problems_in_one_pass() {
+    let dir = scratch_dir("one_pass");
+    let path = dir.join("agent.toml");
+    let doubled = dir.join("doubled-newline");
+    std::fs::write(&doubled, "tok-value\n\n").unwrap();
+    std::fs::write(
+        &path,
+        format!(
+            r#"[secrets.gone]
+source = "file"
+path = {gone:?}
+
+[secrets.doubled]
+source = "file"
+path = {doubled:?}
+
+[proxy]
+lsiten = "127.0.0.1:9"
+auth_secret = "gone"
+
+[cloudflared]
+enabled = false
+metrics = "127.0.0.1:8080"
+extra_args = ["--token=eyJ-LEAKED-TOKEN", "--protocol", "http2"]
+
+[routes.hosts]
+"a.example.com" = "ftp://a"
+"#,
+            gone = dir.join("absent").display().to_string(),
+            doubled = doubled.display().to_string(),
+        ),
+    )
+    .unwrap();
+    let out = check(&path);
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG));
+    let err = text(&out.stderr);
+    let file = path.display().to_string();
+    for want in [
+        format!("{file}:10:1: proxy.lsiten: unknown field"),
+        format!("{file}: routes.hosts.\"a.example.com\": "),
+        format!("{file}: cloudflared.metrics: 127.0.0.1:8080 is already used by the agent"),
+        format!("{file}: cloudflared.extra_args: \"--token\" is managed by the agent"),
+        format!("{file}: secrets.gone.path: secret \"gone\": cannot read file"),
+        format!("{file}: secrets.doubled.path: secret \"doubled\": value from file"),
+    ] {
+        assert!(err.lines().any(|l| l.starts_with(&want)), "missing {want:?} in:\n{err}");
+    }
+    assert!(err.contains("control character (U+000A)"), "{err}");
+    assert!(
+        !err.contains("LEAKED") && !err.contains("tok-value"),
+        "a value was echoed:\n{err}"
+    );
+    for line in err.lines() {
+        assert!(line.starts_with(&format!("{file}:")), "{line}");
+    }
 }
 
 /// Two ports held by the test: if the agent tried to listen before validating, it would fail

@@ -702,10 +702,14 @@ pub struct ParseProblem {
 #[derive(Debug, thiserror::Error)]
 pub struct ConfigError {
     pub file: PathBuf,
-    /// Errors from the TOML parser (syntax, unknown keys, wrong types). When there are any,
-    /// `problems` is empty: validation needs a file that parses.
+    /// Errors from the TOML parser (syntax, unknown keys, wrong types).
     pub parse: Vec<ParseProblem>,
+    /// Validation problems: of the whole file, or, beside parser errors, of what parsed once
+    /// the bad lines were set aside (without keys next to a set-aside line, which may be ours).
     pub problems: Vec<Problem>,
+    /// What parsed, when anything did: `check` still reads its secrets and routes file so one
+    /// run lists every problem.
+    pub config: Option<Box<Config>>,
 }
 
 impl fmt::Display for ConfigError {

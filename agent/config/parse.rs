@@ -14,17 +14,42 @@ impl Config {
                 reason: format!("cannot read: {e}"),
             }],
             parse: Vec::new(),
+            config: None,
         })?;
         Self::parse(path, &text, route_check)
     }
 
+    /// Parses and validates `text`. Every problem in one pass: when some lines do not parse,
+    /// the rest is still validated (a bad URL shows beside a misspelt key, not after it is
+    /// fixed), leaving out problems in a table that lost a line, which may be that loss's doing.
     pub fn parse(path: &Path, text: &str, route_check: RouteCheck) -> Result<Config, ConfigError> {
-        let mut config = parse_all(text).map_err(|parse| ConfigError {
-            file: path.to_owned(),
-            parse,
-            problems: Vec::new(),
-        })?;
+        let (mut config, parse) = match parse_all(text) {
+            Ok(config) => (config, Vec::new()),
+            Err(Unparsed {
+                problems,
+                rest: Some(rest),
+            }) => {
+                let (config, blanked) = *rest;
+                let mut validation = config.validate(route_check);
+                validation.retain(|p| !blanked.iter().any(|b| beside(&p.key, b)));
+                return Err(ConfigError {
+                    file: path.to_owned(),
+                    parse: problems,
+                    problems: validation,
+                    config: Some(Box::new(config)),
+                });
+            }
+            Err(Unparsed { problems, rest: None }) => {
+                return Err(ConfigError {
+                    file: path.to_owned(),
+                    parse: problems,
+                    problems: Vec::new(),
+                    config: None,
+                })
+            }
+        };
         let problems = config.validate(route_check);
+        debug_assert!(parse.is_empty());
         if problems.is_empty() {
             config.secrets = config.typed_secrets();
             Ok(config)
@@ -32,10 +57,51 @@ impl Config {
             Err(ConfigError {
                 file: path.to_owned(),
                 problems,
-                parse: Vec::new(),
+                parse,
+                config: Some(Box::new(config)),
             })
         }
     }
+}
+
+/// Whether validation problem `key` is in the table that lost the set-aside statement
+/// `blanked` (or is that statement's own key).
+fn beside(key: &str, blanked: &str) -> bool {
+    match blanked.rsplit_once('.') {
+        Some((table, _)) => {
+            key == table || key.starts_with(&format!("{table}.")) || key.starts_with(&format!("{table}["))
+        }
+        None => key == blanked || key.starts_with(&format!("{blanked}.")) || key.starts_with(&format!("{blanked}[")),
+    }
+}
+
+/// What [`parse_all`] found wrong, and what parsed once the bad statements were set aside
+/// (with their keys), when that much is still TOML.
+struct Unparsed {
+    problems: Vec<ParseProblem>,
+    rest: Option<Box<(Config, Vec<String>)>>,
+}
+
+/// `--token=VALUE` with the value replaced: the parser quotes an offending value in some
+/// errors (`invalid type: string "--token=…", expected a sequence` for `extra_args`).
+fn redact_token_args(reason: &str) -> String {
+    let mut out = String::with_capacity(reason.len());
+    let mut rest = reason;
+    while let Some(i) = rest.find("--token") {
+        let (before, after) = rest.split_at(i);
+        out.push_str(before);
+        let stop = |c: char| c == '"' || c == '`' || c == ',' || c == '\\' || c.is_whitespace();
+        let flag_end = after.find(|c: char| c == '=' || stop(c)).unwrap_or(after.len());
+        out.push_str(&after[..flag_end]);
+        let mut tail = &after[flag_end..];
+        if let Some(value) = tail.strip_prefix('=') {
+            out.push_str("=[redacted]");
+            tail = &value[value.find(stop).unwrap_or(value.len())..];
+        }
+        rest = tail;
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Parser errors reported per `check` run, at most. A file with more is not worth listing.
@@ -48,26 +114,32 @@ const MAX_PARSE_PROBLEMS: usize = 50;
 /// byte offset, so later positions are still those of the original file. The loop stops at the
 /// first error it cannot attribute to a statement, or when blanking left text that is no longer
 /// TOML (that error would be ours, not the file's).
-fn parse_all(text: &str) -> Result<Config, Vec<ParseProblem>> {
+fn parse_all(text: &str) -> Result<Config, Unparsed> {
     let mut scratch = text.to_owned();
     let mut problems: Vec<ParseProblem> = Vec::new();
     let mut blanked: Vec<String> = Vec::new();
+    let stop = |problems| Err(Unparsed { problems, rest: None });
     loop {
         let e = match toml::from_str::<Config>(&scratch) {
             Ok(config) if problems.is_empty() => return Ok(config),
-            Ok(_) => return Err(problems),
+            Ok(config) => {
+                return Err(Unparsed {
+                    problems,
+                    rest: Some(Box::new((config, blanked))),
+                })
+            }
             Err(e) => e,
         };
         let doc = toml_edit::ImDocument::parse(scratch.as_str()).ok();
         if doc.is_none() && !problems.is_empty() {
-            return Err(problems);
+            return stop(problems);
         }
         let located = match (&doc, e.span()) {
             (Some(doc), Some(span)) => locate(doc.as_table(), span.start),
             _ => None,
         };
         // Syntax errors come as several lines ("invalid table header\nexpected ..."): keep one.
-        let mut reason = e.message().trim().replace('\n', "; ");
+        let mut reason = redact_token_args(&e.message().trim().replace('\n', "; "));
         if reason.is_empty() {
             // toml's parser has no words for some inputs (a lone carriage return).
             reason = "invalid TOML syntax here".to_owned();
@@ -92,10 +164,10 @@ fn parse_all(text: &str) -> Result<Config, Vec<ParseProblem>> {
             statement: Some(statement),
         }) = located
         else {
-            return Err(problems);
+            return stop(problems);
         };
         if problems.len() >= MAX_PARSE_PROBLEMS || !blank(&mut scratch, statement) {
-            return Err(problems);
+            return stop(problems);
         }
         blanked.push(key);
     }

@@ -199,25 +199,29 @@ impl Config {
                 ),
                 _ => {}
             }
-            if cf.metrics == self.health.listen || cf.metrics == self.proxy.listen {
-                bad(
-                    "cloudflared.metrics".into(),
-                    format!("{} is already used by the agent", cf.metrics),
-                );
-            }
             if cf.crash_loop_exits == 0 {
                 bad("cloudflared.crash_loop_exits".into(), "must be at least 1".into());
             }
             if cf.poll_interval.is_zero() {
                 bad("cloudflared.poll_interval".into(), "must be greater than 0".into());
             }
-            for a in &cf.extra_args {
-                if a == "run" || a.starts_with("--token") || a.starts_with("--metrics") {
-                    bad(
-                        "cloudflared.extra_args".into(),
-                        format!("{a:?} is managed by the agent; remove it (and never put a token in argv)"),
-                    );
-                }
+        }
+        // Checked with `enabled = false` too: a reload or a promotion may enable it later, and
+        // a token in argv is a leak whether or not it is used yet.
+        if cf.metrics == self.health.listen || cf.metrics == self.proxy.listen {
+            bad(
+                "cloudflared.metrics".into(),
+                format!("{} is already used by the agent", cf.metrics),
+            );
+        }
+        for a in &cf.extra_args {
+            if a == "run" || a.starts_with("--token") || a.starts_with("--metrics") {
+                // The flag's name only: `--token=VALUE` must not put VALUE on an error line.
+                let flag = a.split_once('=').map_or(a.as_str(), |(flag, _)| flag);
+                bad(
+                    "cloudflared.extra_args".into(),
+                    format!("{flag:?} is managed by the agent; remove it (and never put a token in argv)"),
+                );
             }
         }
     }

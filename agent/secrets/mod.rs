@@ -31,8 +31,56 @@ pub enum SecretError {
     Empty { name: String, origin: String },
     #[error("secret {name:?}: value from {origin} is not valid UTF-8")]
     NotUtf8 { name: String, origin: String },
+    /// A value no client could ever send: secrets are header values and tokens, and HTTP trims
+    /// surrounding whitespace and forbids control characters (RFC 9110 §5.5).
+    #[error("secret {name:?}: value from {origin} {why}")]
+    Unsendable { name: String, origin: String, why: String },
     #[error("secret {name:?}: {message}")]
     Remote { name: String, message: String },
+}
+
+impl SecretError {
+    /// The config key the error is about (`secrets.NAME.path`, `.var` or `.name`), for
+    /// `check`'s `FILE: KEY: REASON` lines.
+    pub fn key(&self) -> String {
+        let field = |origin: &str| {
+            if origin.starts_with("file ") {
+                "path"
+            } else if origin.starts_with("environment variable ") {
+                "var"
+            } else {
+                "name"
+            }
+        };
+        let (name, field) = match self {
+            SecretError::File { name, .. } => (name, "path"),
+            SecretError::EnvMissing { name, .. } => (name, "var"),
+            SecretError::Empty { name, origin }
+            | SecretError::NotUtf8 { name, origin }
+            | SecretError::Unsendable { name, origin, .. } => (name, field(origin)),
+            SecretError::Remote { name, .. } => (name, "name"),
+        };
+        format!("secrets.{name}.{field}")
+    }
+}
+
+/// Why no HTTP client could send `value` as a header value (or `None` when one can): a control
+/// character other than HTAB, or whitespace at either end (parsers strip it, RFC 9110 §5.5).
+/// The message says where, never what the value is.
+fn unsendable(value: &str) -> Option<String> {
+    if let Some((at, c)) = value.char_indices().find(|(_, c)| c.is_control() && *c != '\t') {
+        return Some(format!(
+            "has a control character (U+{:04X}) at byte {at}; no client can send it in a header",
+            u32::from(c)
+        ));
+    }
+    if value.starts_with([' ', '\t']) || value.ends_with([' ', '\t']) {
+        return Some(
+            "starts or ends with whitespace (only one trailing newline is trimmed); HTTP strips it, so no client can send it"
+                .to_owned(),
+        );
+    }
+    None
 }
 
 /// Where a file secret is read from: an absolute path as given; a relative one from
@@ -91,7 +139,8 @@ pub fn read_env(name: &str, var: &str) -> Result<Secret, SecretError> {
     }
 }
 
-/// Turns fetched bytes into a secret: UTF-8, one trailing newline trimmed, not empty.
+/// Turns fetched bytes into a secret: UTF-8, one trailing newline trimmed, not empty, and
+/// sendable as a header value.
 pub fn from_bytes(name: &str, raw: Vec<u8>, origin: &str) -> Result<Secret, SecretError> {
     let text = String::from_utf8(raw).map_err(|_| SecretError::NotUtf8 {
         name: name.to_owned(),
@@ -102,6 +151,13 @@ pub fn from_bytes(name: &str, raw: Vec<u8>, origin: &str) -> Result<Secret, Secr
         return Err(SecretError::Empty {
             name: name.to_owned(),
             origin: origin.to_owned(),
+        });
+    }
+    if let Some(why) = unsendable(&text) {
+        return Err(SecretError::Unsendable {
+            name: name.to_owned(),
+            origin: origin.to_owned(),
+            why,
         });
     }
     Ok(Secret::new(text))
@@ -126,7 +182,6 @@ mod tests {
     fn trailing_newline_trimmed_once_and_empty_refused() {
         assert_eq!(from_bytes("t", b"abc\n".to_vec(), "x").unwrap().expose(), "abc");
         assert_eq!(from_bytes("t", b"abc\r\n".to_vec(), "x").unwrap().expose(), "abc");
-        assert_eq!(from_bytes("t", b"abc\n\n".to_vec(), "x").unwrap().expose(), "abc\n");
         assert!(matches!(
             from_bytes("t", b"\n".to_vec(), "x"),
             Err(SecretError::Empty { .. })
@@ -135,6 +190,28 @@ mod tests {
             from_bytes("t", vec![0xff], "x"),
             Err(SecretError::NotUtf8 { .. })
         ));
+    }
+
+    #[test]
+    fn values_no_client_can_send_are_refused_without_echoing_them() {
+        for raw in [
+            &b"zqv\n\n"[..],
+            b"ab\x00c",
+            b"zqv\x7f",
+            b"zq1\nzq2",
+            b" zqv",
+            b"zqv \n",
+            b"\tzqv",
+            b"zqv\r",
+        ] {
+            let e = from_bytes("tok", raw.to_vec(), "file /x").expect_err(&format!("{raw:?}"));
+            assert!(matches!(e, SecretError::Unsendable { .. }), "{raw:?}: {e}");
+            assert_eq!(e.key(), "secrets.tok.path");
+            let text = e.to_string();
+            assert!(!text.contains("zq"), "{text}");
+        }
+        // Inner spaces and tabs are legal in a header value.
+        assert_eq!(from_bytes("t", b"a b\tc\n".to_vec(), "x").unwrap().expose(), "a b\tc");
     }
 
     #[test]
