@@ -29,7 +29,9 @@ impl Config {
                 problems,
                 rest: Some(rest),
             }) => {
-                let (config, blanked) = *rest;
+                let (mut config, blanked) = *rest;
+                // `check` still reads the secrets that are well formed.
+                config.secrets = config.typed_secrets();
                 let mut validation = config.validate(route_check);
                 validation.retain(|p| !blanked.iter().any(|b| beside(&p.key, b)));
                 return Err(ConfigError {
@@ -54,6 +56,7 @@ impl Config {
             config.secrets = config.typed_secrets();
             Ok(config)
         } else {
+            config.secrets = config.typed_secrets();
             Err(ConfigError {
                 file: path.to_owned(),
                 problems,

@@ -57,8 +57,8 @@ impl Config {
         }
     }
 
-    /// The secrets in their typed form. Only called once validation found no problem, so
-    /// none is left out.
+    /// The secrets in their typed form; a secret with a problem is left out (validation reports
+    /// it), so `check` can still read the well-formed ones of an invalid file.
     pub(super) fn typed_secrets(&self) -> std::collections::BTreeMap<String, SecretSpec> {
         self.secrets_as_written
             .iter()
