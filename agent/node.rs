@@ -310,9 +310,10 @@ impl Node {
             }
             Err(e) => {
                 let msg = format!("{e:#}");
-                tracing::error!(error = %msg, "reload rejected; the previous configuration keeps serving");
+                // Status and metric first: whoever reads the log line finds them already set.
                 self.metrics.route_reload_failures.inc();
                 self.health.update_status(|s| s.last_reload_error = Some(msg.clone()));
+                tracing::error!(error = %msg, "reload rejected; the previous configuration keeps serving");
                 systemd::ready(&format!("serving previous configuration; reload failed: {msg}"));
             }
         }

@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::json;
@@ -39,6 +39,39 @@ use crate::telemetry::Metrics;
 
 /// Largest accepted `PUT /config` body (the peer's limit).
 pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// How much of a body over [`MAX_BODY_BYTES`] is still read (and dropped) before the 413, and
+/// for how long. Closing a socket with unread data makes the kernel reset the connection, which
+/// can destroy the 413 before the client has read it; a bounded read lets the answer arrive.
+const LINGER_BYTES: usize = 8 << 20;
+const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// `body` whole when it fits in `limit` bytes, `None` when it does not (after [`linger`]).
+async fn read_limited(mut body: Incoming, limit: usize) -> Result<Option<Bytes>, hyper::Error> {
+    let mut kept = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else { continue };
+        if kept.len() + data.len() > limit {
+            linger(body, kept.len() + data.len()).await;
+            return Ok(None);
+        }
+        kept.extend_from_slice(&data);
+    }
+    Ok(Some(kept.freeze()))
+}
+
+/// Reads on and drops a refused body, up to [`LINGER_BYTES`] in all or [`LINGER_TIME`].
+async fn linger(mut body: Incoming, mut seen: usize) {
+    let drain = async {
+        while seen <= LINGER_BYTES {
+            match body.frame().await {
+                Some(Ok(frame)) => seen += frame.data_ref().map_or(0, |d| d.len()),
+                _ => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER_TIME, drain).await;
+}
 
 /// File in the state dir holding the last applied push.
 const STATE_FILE: &str = "config-api.json";
@@ -362,12 +395,12 @@ impl ConfigApi {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        if declared.is_some_and(|n| n > LINGER_BYTES as u64) {
             return too_large();
         }
-        let body = match Limited::new(req.into_body(), MAX_BODY_BYTES).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
+        let body = match read_limited(req.into_body(), MAX_BODY_BYTES).await {
+            Ok(Some(b)) => b,
+            Ok(None) => return too_large(),
             Err(e) => {
                 return reply(
                     StatusCode::BAD_REQUEST,
