@@ -1,6 +1,6 @@
 //! Upstream TLS against a real local TLS server with a throwaway CA made by the openssl CLI
-//! for each run: CA bundles (global and per backend), SNI, SAN lists, ALPN h2, and client
-//! certificates for mTLS.
+//! for each run: CA bundles (global and per backend), SNI, DNS and URI SAN lists, ALPN h2, and
+//! client certificates for mTLS.
 
 mod common;
 
@@ -33,7 +33,11 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
-/// A CA, a server certificate for `secure.internal` and 127.0.0.1, and a client certificate.
+/// The URI SAN (a SPIFFE ID) of the `workload` certificate.
+const WORKLOAD_ID: &str = "spiffe://cluster.local/ns/shop/sa/api";
+
+/// A CA, a server certificate for `secure.internal` and 127.0.0.1, a `workload` server
+/// certificate for [`WORKLOAD_ID`] and `api.shop.internal`, and a client certificate.
 struct Pki {
     dir: PathBuf,
 }
@@ -68,6 +72,7 @@ impl Pki {
         );
         for (name, ext) in [
             ("server", "subjectAltName=DNS:secure.internal,IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE"),
+            ("workload", &format!("subjectAltName=URI:{WORKLOAD_ID},DNS:api.shop.internal\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE")),
             ("client", "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE"),
         ] {
             std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
@@ -88,13 +93,18 @@ impl Pki {
     }
 }
 
-/// A TLS upstream answering `sni=…;alpn=…;client_cert=…;host=…`.
+/// A TLS upstream with the `server` certificate answering `sni=…;alpn=…;client_cert=…;host=…`.
 async fn tls_upstream(pki: &Pki, require_client_cert: bool) -> SocketAddr {
+    tls_upstream_with(pki, "server", require_client_cert).await
+}
+
+/// The same with the certificate `cert` (`server` or `workload`).
+async fn tls_upstream_with(pki: &Pki, cert: &str, require_client_cert: bool) -> SocketAddr {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pki.read("server.pem"))
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pki.read(&format!("{cert}.pem")))
         .collect::<Result<_, _>>()
         .unwrap();
-    let key = PrivateKeyDer::from_pem_slice(&pki.read("server.key")).unwrap();
+    let key = PrivateKeyDer::from_pem_slice(&pki.read(&format!("{cert}.key"))).unwrap();
     let builder = rustls::ServerConfig::builder();
     let builder = if require_client_cert {
         let mut roots = rustls::RootCertStore::empty();
@@ -233,4 +243,128 @@ async fn a_global_ca_bundle_anchors_every_https_upstream() {
     assert_eq!(r.status.as_u16(), 200, "{}", r.text());
     // A host map keeps the upstream's own Host; the IP SAN is what was verified.
     assert_eq!(r.text(), format!("sni=-;alpn=h2;client_cert=false;host={up}"));
+}
+
+/// BackendTLSPolicy's URI SANs (SPIFFE IDs): the leaf must carry one listed URI exactly, or one
+/// listed DNS name; `serverName` is then SNI only; the chain is still checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uri_subject_alt_names_authenticate_a_workload_identity() {
+    let scratch = tempfile::tempdir().unwrap();
+    let pki = Pki::new(scratch.path());
+    let up = tls_upstream_with(&pki, "workload", false).await;
+    let ca = toml_str(&pki.path("ca.pem"));
+    let tls = |rest: &str| format!("{{ ca_file = {ca}, server_name = \"sni-only.invalid\", {rest} }}");
+    let route = |host: &str, tls: &str| {
+        format!("[[route]]\nhostnames = [\"{host}\"]\nbackends = [{{ url = \"https://{up}\", tls = {tls} }}]\n\n")
+    };
+    let other_id = "spiffe://cluster.local/ns/shop/sa/other";
+    let config = ConfigText::new().raw(
+        &[
+            route(
+                "uri-ok.test",
+                &tls(&format!("subject_alt_name_uris = [\"{other_id}\", \"{WORKLOAD_ID}\"]")),
+            ),
+            route(
+                "uri-bad.test",
+                &tls(&format!("subject_alt_name_uris = [\"{other_id}\"]")),
+            ),
+            // Exact comparison: a prefix of the identity is another identity.
+            route(
+                "uri-prefix.test",
+                &tls("subject_alt_name_uris = [\"spiffe://cluster.local/ns/shop\"]"),
+            ),
+            route(
+                "mix-by-uri.test",
+                &tls(&format!(
+                    "subject_alt_names = [\"nope.internal\"], subject_alt_name_uris = [\"{WORKLOAD_ID}\"]"
+                )),
+            ),
+            route(
+                "mix-by-dns.test",
+                &tls(&format!(
+                    "subject_alt_names = [\"api.shop.internal\"], subject_alt_name_uris = [\"{other_id}\"]"
+                )),
+            ),
+            // The right identity from a CA nobody configured: the default (webpki) roots refuse it.
+            route(
+                "uri-untrusted.test",
+                &format!("{{ server_name = \"sni-only.invalid\", subject_alt_name_uris = [\"{WORKLOAD_ID}\"] }}"),
+            ),
+        ]
+        .concat(),
+    );
+    let agent = AgentBuilder::new().start(&config).await;
+    let addr = agent.proxy_addr();
+    for host in ["uri-ok.test", "mix-by-uri.test", "mix-by-dns.test"] {
+        let r = get(addr, host, "/", &[]).await;
+        assert_eq!(
+            (r.status.as_u16(), r.text().starts_with("sni=sni-only.invalid;")),
+            (200, true),
+            "{host}: {}",
+            r.text()
+        );
+    }
+    for host in ["uri-bad.test", "uri-prefix.test", "uri-untrusted.test"] {
+        assert_eq!(get(addr, host, "/", &[]).await.status.as_u16(), 502, "{host}");
+    }
+    // The 502 says why: what was asked for and what the certificate presents.
+    agent
+        .wait_for_log(
+            &[
+                "uri-bad.test",
+                &format!("certificate carries none of the subjectAltNames URI:{other_id}"),
+                &format!("it presents DNS:api.shop.internal, URI:{WORKLOAD_ID}"),
+            ],
+            common::DEADLINE,
+        )
+        .await;
+    let untrusted = agent
+        .wait_for_log(&["uri-untrusted.test", "answering 502"], common::DEADLINE)
+        .await;
+    assert!(untrusted.contains("UnknownIssuer"), "{untrusted}");
+}
+
+/// The same policy in the controller's JSON (`subjectAltNameUris`, `caBundle` as PEM text),
+/// pushed to the config API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_uri_san_policy_is_enforced() {
+    const TOKEN: &str = "uri-san-push-token";
+    let scratch = tempfile::tempdir().unwrap();
+    let pki = Pki::new(scratch.path());
+    let up = tls_upstream_with(&pki, "workload", false).await;
+    let config = ConfigText::new()
+        .env_secret("config_token", "URI_SAN_PUSH_TOKEN")
+        .routes("source = \"config-api\"")
+        .raw("[config_api]\nlisten = \"127.0.0.1:0\"\nauth_secret = \"config_token\"\npersist = false\n");
+    let agent = AgentBuilder::new()
+        .env("URI_SAN_PUSH_TOKEN", TOKEN)
+        .start(&config)
+        .await;
+    let ca = String::from_utf8(pki.read("ca.pem")).unwrap();
+    let rule = |host: &str, uri: &str| {
+        serde_json::json!({
+            "hostnames": [host],
+            "matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
+            "backends": [{"url": format!("https://{up}"), "weight": 1, "tls": {
+                "caBundle": ca, "serverName": "sni-only.invalid",
+                "subjectAltNames": null, "subjectAltNameUris": [uri]}}],
+        })
+    };
+    let body = serde_json::json!({"version": 1, "rules": [
+        rule("pushed-ok.test", WORKLOAD_ID),
+        rule("pushed-bad.test", "spiffe://cluster.local/ns/shop/sa/other"),
+    ]});
+    let status = reqwest::Client::new()
+        .put(format!("http://{}/config", agent.config_api_addr()))
+        .bearer_auth(TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .expect("config api answers")
+        .status();
+    assert_eq!(status.as_u16(), 200);
+    let addr = agent.proxy_addr();
+    let r = get(addr, "pushed-ok.test", "/", &[]).await;
+    assert_eq!(r.status.as_u16(), 200, "{}", r.text());
+    assert_eq!(get(addr, "pushed-bad.test", "/", &[]).await.status.as_u16(), 502);
 }

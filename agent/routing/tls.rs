@@ -7,10 +7,12 @@
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::WebPkiServerVerifier;
+use rustls::client::{verify_server_cert_signed_by_trust_anchor, verify_server_name, WebPkiServerVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::server::ParsedCertificate;
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, OtherError, RootCertStore, SignatureScheme};
 
 use crate::config::route_spec::BackendTlsSpec;
 
@@ -92,31 +94,39 @@ impl UpstreamTls {
         };
         let field = if spec.ca_file.is_some() { "caFile" } else { "caBundle" };
         let roots = Arc::new(roots(ca).map_err(|e| err(field, e))?);
-        if !spec.subject_alt_name_uris.is_empty() {
-            // webpki verifies DNS and IP names only; accepting a URI SAN policy without checking
-            // it would trust any certificate the CA signed.
-            return Err(err(
-                "subjectAltNameUris",
-                "URI SANs cannot be verified by this build; use DNS subjectAltNames".into(),
-            ));
-        }
-        let mut sans = Vec::new();
+        let mut dns_sans = Vec::new();
         for (i, san) in spec.subject_alt_names.iter().enumerate() {
             let name = ServerName::try_from(san.clone())
                 .map_err(|_| err(&format!("subjectAltNames[{i}]"), format!("{san:?} is not a DNS name")))?;
-            sans.push(name);
+            dns_sans.push(name);
+        }
+        for (i, uri) in spec.subject_alt_name_uris.iter().enumerate() {
+            // Compared byte for byte with the certificate's URIs (the controller's semantics);
+            // only a value that can never match is refused.
+            if uri.is_empty() || !uri.contains(':') || uri.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(err(
+                    &format!("subjectAltNameUris[{i}]"),
+                    format!("{uri:?} is not an absolute URI"),
+                ));
+            }
         }
         if let Some(name) = &spec.server_name {
             ServerName::try_from(name.clone()).map_err(|_| err("serverName", format!("{name:?} is not a DNS name")))?;
         }
-        let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider())
+        let webpki = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider())
             .build()
             .map_err(|e| err(field, e.to_string()))?;
         let builder = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| err(field, e.to_string()))?
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(SanVerifier { webpki, sans }));
+            .with_custom_certificate_verifier(Arc::new(SanVerifier {
+                webpki,
+                roots,
+                algorithms: provider().signature_verification_algorithms,
+                dns_sans,
+                uri_sans: spec.subject_alt_name_uris.clone(),
+            }));
         let config = match (&spec.client_cert_pem, &spec.client_key_pem) {
             (None, None) => builder.with_no_client_auth(),
             (Some(cert), Some(key)) => {
@@ -146,11 +156,64 @@ impl UpstreamTls {
 }
 
 /// Verifies the chain with webpki; the name checked is the SNI name, or, when SANs are listed
-/// (Gateway API: then `serverName` is only the SNI), any one of them.
+/// (Gateway API: then `serverName` is only the SNI), any one of them: a DNS SAN as webpki
+/// matches a hostname (wildcards included), a URI SAN (e.g. a SPIFFE ID) by exact equality with
+/// one of the leaf's URI SANs, as the controller's own proxy compares them.
 #[derive(Debug)]
 struct SanVerifier {
+    /// For the handshake signatures, and the chain when no SANs are listed.
     webpki: Arc<WebPkiServerVerifier>,
-    sans: Vec<ServerName<'static>>,
+    roots: Arc<RootCertStore>,
+    algorithms: WebPkiSupportedAlgorithms,
+    dns_sans: Vec<ServerName<'static>>,
+    uri_sans: Vec<String>,
+}
+
+/// Why a certificate with a valid chain was refused: it carries none of the listed SANs. The
+/// proxy logs it with the 502 (names only: SANs are not secret).
+struct NoListedSan {
+    expected: String,
+    presented: String,
+}
+
+impl std::fmt::Display for NoListedSan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "certificate carries none of the subjectAltNames {}; it presents {}",
+            self.expected, self.presented
+        )
+    }
+}
+
+/// rustls shows a `CertificateError::Other` with `Debug`: keep the log line readable.
+impl std::fmt::Debug for NoListedSan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+impl std::error::Error for NoListedSan {}
+
+impl SanVerifier {
+    fn mismatch(&self, leaf: &webpki::EndEntityCert<'_>) -> rustls::Error {
+        let expected: Vec<String> = self
+            .dns_sans
+            .iter()
+            .map(|n| format!("DNS:{}", n.to_str()))
+            .chain(self.uri_sans.iter().map(|u| format!("URI:{u}")))
+            .collect();
+        let presented: Vec<String> = leaf
+            .valid_dns_names()
+            .map(|n| format!("DNS:{n}"))
+            .chain(leaf.valid_uri_names().map(|u| format!("URI:{u}")))
+            .collect();
+        let list = |v: Vec<String>| if v.is_empty() { "none".to_owned() } else { v.join(", ") };
+        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(NoListedSan {
+            expected: list(expected),
+            presented: list(presented),
+        }))))
+    }
 }
 
 impl ServerCertVerifier for SanVerifier {
@@ -162,22 +225,29 @@ impl ServerCertVerifier for SanVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if self.sans.is_empty() {
+        if self.dns_sans.is_empty() && self.uri_sans.is_empty() {
             return self
                 .webpki
                 .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now);
         }
-        let mut last = None;
-        for san in &self.sans {
-            match self
-                .webpki
-                .verify_server_cert(end_entity, intermediates, san, ocsp_response, now)
-            {
-                Ok(v) => return Ok(v),
-                Err(e) => last = Some(e),
-            }
+        // Chain, validity and serverAuth usage first: the same checks as webpki's verifier
+        // without its name check, which the SANs replace.
+        let parsed = ParsedCertificate::try_from(end_entity)?;
+        verify_server_cert_signed_by_trust_anchor(&parsed, &self.roots, intermediates, now, self.algorithms.all)?;
+        if self.dns_sans.iter().any(|san| verify_server_name(&parsed, san).is_ok()) {
+            return Ok(ServerCertVerified::assertion());
         }
-        Err(last.unwrap_or(rustls::Error::General("no subjectAltNames".into())))
+        // The leaf parsed above, so this parse cannot fail differently.
+        let leaf = webpki::EndEntityCert::try_from(end_entity)
+            .map_err(|e| rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e)))))?;
+        if !self.uri_sans.is_empty()
+            && leaf
+                .valid_uri_names()
+                .any(|presented| self.uri_sans.iter().any(|u| u == presented))
+        {
+            return Ok(ServerCertVerified::assertion());
+        }
+        Err(self.mismatch(&leaf))
     }
 
     fn verify_tls12_signature(
@@ -200,5 +270,28 @@ impl ServerCertVerifier for SanVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.webpki.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn compile_uris(uris: &[&str]) -> Result<UpstreamTls, (String, String)> {
+        let spec = BackendTlsSpec {
+            subject_alt_name_uris: uris.iter().map(|u| (*u).to_owned()).collect(),
+            ..BackendTlsSpec::default()
+        };
+        UpstreamTls::compile(&spec, None)
+    }
+
+    #[test]
+    fn uri_sans_are_accepted_and_values_that_can_never_match_are_refused() {
+        assert!(compile_uris(&["spiffe://cluster.local/ns/shop/sa/api", "urn:example:a"]).is_ok());
+        for bad in ["", "no-scheme", "spiffe://a b"] {
+            let (field, reason) = compile_uris(&["spiffe://ok/x", bad]).expect_err(bad);
+            assert_eq!(field, "subjectAltNameUris[1]", "{bad:?}");
+            assert!(reason.contains("not an absolute URI"), "{reason}");
+        }
     }
 }
