@@ -368,3 +368,87 @@ async fn a_pushed_uri_san_policy_is_enforced() {
     assert_eq!(r.status.as_u16(), 200, "{}", r.text());
     assert_eq!(get(addr, "pushed-bad.test", "/", &[]).await.status.as_u16(), 502);
 }
+
+/// `proxy.trust = "system"` anchors upstreams in the operating system's store. The store is
+/// read by rustls-native-certs, which takes it from `SSL_CERT_FILE` when that is set: a
+/// throwaway CA stands in for /etc/ssl/certs. Without `trust`, the same environment changes
+/// nothing (webpki's roots, compiled in).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_system_trust_store_anchors_upstreams_when_chosen() {
+    let scratch = tempfile::tempdir().unwrap();
+    let pki = Pki::new(scratch.path());
+    let up = tls_upstream(&pki, false).await;
+    let routes = format!(
+        r#"
+[[route]]
+hostnames = ["policy.test"]
+backends = [{{ url = "https://{up}", tls = {{ server_name = "secure.internal" }} }}]
+"#
+    );
+    let system = ConfigText::new()
+        .proxy("trust = \"system\"")
+        .host("map.test", &format!("https://{up}"))
+        .raw(&routes);
+    let agent = AgentBuilder::new()
+        .env("SSL_CERT_FILE", &pki.path("ca.pem"))
+        .start(&system)
+        .await;
+    for host in ["map.test", "policy.test"] {
+        let r = get(agent.proxy_addr(), host, "/", &[]).await;
+        assert_eq!(r.status.as_u16(), 200, "{host}: {}", r.text());
+    }
+    drop(agent);
+
+    let default = ConfigText::new()
+        .host("map.test", &format!("https://{up}"))
+        .raw(&routes);
+    let agent = AgentBuilder::new()
+        .env("SSL_CERT_FILE", &pki.path("ca.pem"))
+        .start(&default)
+        .await;
+    for host in ["map.test", "policy.test"] {
+        let r = get(agent.proxy_addr(), host, "/", &[]).await;
+        assert_eq!(r.status.as_u16(), 502, "{host}: webpki roots do not hold the test CA");
+    }
+}
+
+/// An empty or unreadable system store, or two choices of trust, is a config error naming
+/// `proxy.trust` (here through `check`, which compiles the table as boot and reload do).
+#[test]
+fn an_unusable_system_store_or_two_trust_choices_are_config_errors() {
+    let scratch = tempfile::tempdir().unwrap();
+    let empty = scratch.path().join("empty.pem");
+    std::fs::write(&empty, "").unwrap();
+    let check = |toml: &str, cert_file: &Path| {
+        let path = scratch.path().join("agent.toml");
+        std::fs::write(&path, toml).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_tunnel-agent"))
+            .args(["check", "-c"])
+            .arg(&path)
+            .env_clear()
+            .env("SSL_CERT_FILE", cert_file)
+            .output()
+            .expect("run tunnel-agent check");
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    for cert_file in [empty.clone(), scratch.path().join("absent.pem")] {
+        let (code, err) = check("[proxy]\ntrust = \"system\"\n", &cert_file);
+        assert_eq!(code, Some(78), "{err}");
+        assert!(
+            err.contains("proxy.trust: the system trust store holds no usable certificate"),
+            "{cert_file:?}: {err}"
+        );
+    }
+    let (code, err) = check("[proxy]\ntrust = \"system\"\nca_file = \"/etc/hostname\"\n", &empty);
+    assert_eq!(code, Some(78), "{err}");
+    assert!(
+        err.contains("proxy.trust: trust = \"system\" and ca_file both choose the trust anchors"),
+        "{err}"
+    );
+    let (code, err) = check("[proxy]\ntrust = \"os\"\n", &empty);
+    assert_eq!(code, Some(78), "{err}");
+    assert!(
+        err.contains("proxy.trust") && err.contains("webpki") && err.contains("system"),
+        "{err}"
+    );
+}

@@ -216,6 +216,9 @@ pub struct ProxySection {
     /// PEM CA bundle that anchors every `https://` upstream instead of the built-in webpki
     /// (Mozilla) roots; a backend's own `tls` CA takes precedence for that backend.
     pub ca_file: Option<PathBuf>,
+    /// Where the trust anchors come from when `ca_file` is not given. Unset: webpki's roots,
+    /// compiled in, so an upstream is trusted the same on every host whatever its packages.
+    pub trust: Option<TrustStore>,
     /// Header cloudflared's ingress adds with the shared internal token.
     pub auth_header: String,
     /// Name of the secret holding the internal token. Unset: no auth on this listener (seed 002,
@@ -255,6 +258,7 @@ impl Default for ProxySection {
         ProxySection {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             ca_file: None,
+            trust: None,
             auth_header: "X-Internal-Auth-Token".to_owned(),
             auth_secret: None,
             auth_overlap: Duration::from_secs(600),
@@ -319,6 +323,28 @@ pub enum AuthHeaderKind {
     Authorization,
     /// Cloud Run's `X-Serverless-Authorization`, which leaves `Authorization` to the app.
     XServerlessAuthorization,
+}
+
+/// `proxy.trust`: the trust anchors for `https://` upstreams without a CA of their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrustStore {
+    /// Mozilla's roots as packaged by webpki-roots, compiled into the binary.
+    Webpki,
+    /// The operating system's store (Debian: `/etc/ssl/certs`, from `ca-certificates`), read
+    /// at boot and at each reload; `SSL_CERT_FILE` / `SSL_CERT_DIR` override where it is read.
+    /// What a BackendTLSPolicy's `wellKnownCACertificates: System` asks for.
+    System,
+}
+
+impl TrustStore {
+    /// The spelling in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrustStore::Webpki => "webpki",
+            TrustStore::System => "system",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]

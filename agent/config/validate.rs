@@ -87,6 +87,15 @@ impl Config {
                 format!("{:?} is not a valid header name", p.auth_header),
             );
         }
+        if let (Some(_), Some(trust)) = (&p.ca_file, p.trust) {
+            bad(
+                "proxy.trust".into(),
+                format!(
+                    "trust = {:?} and ca_file both choose the trust anchors; give one of them",
+                    trust.as_str()
+                ),
+            );
+        }
         if p.max_header_bytes < 8192 {
             bad("proxy.max_header_bytes".into(), "must be at least 8192".into());
         }

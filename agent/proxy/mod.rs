@@ -144,14 +144,10 @@ impl Proxy {
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Arc<Proxy>> {
         // ring is the only rustls provider compiled in (no C toolchain or cmake needed).
-        let ca = match &settings.ca_file {
-            None => None,
-            Some(path) => Some(
-                std::fs::read(path)
-                    .map_err(|e| anyhow::anyhow!("proxy.ca_file: cannot read {}: {e}", path.display()))?,
-            ),
-        };
-        let roots = tls::roots(ca.as_deref()).map_err(|e| anyhow::anyhow!("proxy.ca_file: {e}"))?;
+        let roots = tls::DefaultRoots::new(settings)
+            .get()
+            .map_err(|(key, reason)| anyhow::anyhow!("{key}: {reason}"))?;
+        let roots = Arc::unwrap_or_clone(roots);
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls::client_config(roots).map_err(|e| anyhow::anyhow!(e))?)
             .https_or_http()

@@ -21,7 +21,7 @@ use crate::config::{
     UpstreamProtocol,
 };
 use crate::config::{FilterSpec, MatchSpec, TimeoutsSpec};
-use crate::routing::tls::UpstreamTls;
+use crate::routing::tls::{DefaultRoots, TlsError, UpstreamTls};
 use crate::routing::{Filters, MatchList, RequestHead, RouteMatch};
 use crate::telemetry::{Metrics, RouteStats};
 
@@ -462,19 +462,16 @@ impl RouteTable {
     ) -> Result<RouteTable, RoutesError> {
         let defaults = &config.routes;
         let mut table = RouteTable::default();
-        let default_ca = match &config.proxy.ca_file {
-            None => None,
-            Some(path) => match std::fs::read(path) {
-                Ok(pem) => Some(pem),
-                Err(e) => {
-                    problems.push(Problem {
-                        key: "proxy.ca_file".into(),
-                        reason: format!("cannot read {}: {e}", path.display()),
-                    });
-                    None
-                }
-            },
-        };
+        let default_roots = DefaultRoots::new(&config.proxy);
+        let mut default_roots_reported = false;
+        // A configured bundle or store is checked with every table (a reload, `check`), even
+        // before a backend needs it: the proxy reads it at boot too.
+        if config.proxy.ca_file.is_some() || config.proxy.trust.is_some() {
+            if let Err((key, reason)) = default_roots.get() {
+                problems.push(Problem { key, reason });
+                default_roots_reported = true;
+            }
+        }
         // Which rule claimed each hostname with a catch-all first, to report duplicates.
         let mut claimed: HashMap<String, String> = HashMap::new();
         for (i, l) in listeners.iter().enumerate() {
@@ -527,14 +524,21 @@ impl RouteTable {
                         None
                     }
                 };
-                let tls = match b.tls.as_ref().map(|t| UpstreamTls::compile(t, default_ca.as_deref())) {
+                let tls = match b.tls.as_ref().map(|t| UpstreamTls::compile(t, &default_roots)) {
                     None => None,
                     Some(Ok(t)) => Some(Arc::new(t)),
-                    Some(Err((field, reason))) => {
+                    Some(Err(TlsError::Field(field, reason))) => {
                         problems.push(Problem {
                             key: format!("{}.backends[{bi}].tls.{field}", p.key),
                             reason,
                         });
+                        None
+                    }
+                    // The same for every backend that needs them: said once.
+                    Some(Err(TlsError::Default(key, reason))) => {
+                        if !std::mem::replace(&mut default_roots_reported, true) {
+                            problems.push(Problem { key, reason });
+                        }
                         None
                     }
                 };

@@ -1,5 +1,5 @@
-//! TLS towards upstreams: whom to trust (the webpki roots, or a configured CA bundle, globally
-//! or per backend), which name to send as SNI and to verify, and a client certificate for mTLS.
+//! TLS towards upstreams: whom to trust (the webpki roots, the system store, or a configured CA
+//! bundle, globally or per backend), which name to send as SNI and to verify, and a client certificate for mTLS.
 //! A backend's own settings (a `BackendTLSPolicy` pushed by the controller, or `tls` in TOML)
 //! are compiled with the route table into an [`UpstreamTls`]: data only. The proxy keeps the
 //! connection pool for each of them (`crate::proxy`), so routing never depends on the proxy.
@@ -15,6 +15,7 @@ use rustls::server::ParsedCertificate;
 use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, OtherError, RootCertStore, SignatureScheme};
 
 use crate::config::route_spec::BackendTlsSpec;
+use crate::config::{ProxySection, TrustStore};
 
 /// The trust anchors: the CA bundle in `pem`, or webpki's (Mozilla's) roots.
 pub fn roots(pem: Option<&[u8]>) -> Result<RootCertStore, String> {
@@ -34,6 +35,70 @@ pub fn roots(pem: Option<&[u8]>) -> Result<RootCertStore, String> {
         }
     }
     Ok(roots)
+}
+
+/// The operating system's trust store, as rustls-native-certs finds it (on Linux the file and
+/// directory OpenSSL would use, or `SSL_CERT_FILE` / `SSL_CERT_DIR`). Certificates it cannot
+/// parse are skipped; a store that yields none is an error, since it would trust nothing.
+pub fn system_roots() -> Result<RootCertStore, String> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = RootCertStore::empty();
+    let (_, unusable) = roots.add_parsable_certificates(found.certs);
+    let errors: Vec<String> = found.errors.iter().map(|e| e.to_string()).collect();
+    if roots.is_empty() {
+        let why = if errors.is_empty() {
+            "no certificate found".to_owned()
+        } else {
+            errors.join("; ")
+        };
+        return Err(format!(
+            "the system trust store holds no usable certificate ({why}); install ca-certificates, \
+             or point SSL_CERT_FILE at a PEM bundle"
+        ));
+    }
+    if unusable > 0 || !errors.is_empty() {
+        tracing::warn!(
+            usable = roots.len(),
+            unusable,
+            errors = %errors.join("; "),
+            "parts of the system trust store could not be read; using the rest"
+        );
+    }
+    Ok(roots)
+}
+
+/// The trust anchors of every `https://` upstream without a CA of its own: `proxy.ca_file`,
+/// else `proxy.trust`. Loaded on first use and kept, so a table compile reads the file or the
+/// store once, and only when some backend needs it.
+pub struct DefaultRoots<'a> {
+    proxy: &'a ProxySection,
+    loaded: std::cell::OnceCell<Result<Arc<RootCertStore>, (String, String)>>,
+}
+
+impl<'a> DefaultRoots<'a> {
+    pub fn new(proxy: &'a ProxySection) -> DefaultRoots<'a> {
+        DefaultRoots {
+            proxy,
+            loaded: std::cell::OnceCell::new(),
+        }
+    }
+
+    /// The anchors, or the config key at fault and why.
+    pub fn get(&self) -> Result<Arc<RootCertStore>, (String, String)> {
+        self.loaded
+            .get_or_init(|| {
+                let loaded = match (&self.proxy.ca_file, self.proxy.trust) {
+                    (Some(path), _) => std::fs::read(path)
+                        .map_err(|e| format!("cannot read {}: {e}", path.display()))
+                        .and_then(|pem| roots(Some(&pem)))
+                        .map_err(|e| ("proxy.ca_file".to_owned(), e)),
+                    (None, Some(TrustStore::System)) => system_roots().map_err(|e| ("proxy.trust".to_owned(), e)),
+                    (None, Some(TrustStore::Webpki) | None) => roots(None).map_err(|e| ("proxy.trust".to_owned(), e)),
+                };
+                loaded.map(Arc::new)
+            })
+            .clone()
+    }
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -65,6 +130,15 @@ impl std::fmt::Debug for UpstreamTls {
     }
 }
 
+/// Why a backend's `tls` cannot be compiled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsError {
+    /// A field of the backend's `tls` (its name, and why).
+    Field(String, String),
+    /// The default anchors it needs (`proxy.ca_file`, `proxy.trust`) cannot be loaded.
+    Default(String, String),
+}
+
 /// The controller sends Go `[]byte` as base64; TOML writes PEM directly.
 fn pem_or_base64(value: &str, what: &str) -> Result<Vec<u8>, String> {
     use base64::Engine as _;
@@ -77,23 +151,24 @@ fn pem_or_base64(value: &str, what: &str) -> Result<Vec<u8>, String> {
 }
 
 impl UpstreamTls {
-    /// Compiles a backend's `tls`. `default_ca` is the global bundle (`proxy.ca_file`), used
-    /// when the backend names none. Errors say which field is wrong, never its content.
-    pub fn compile(spec: &BackendTlsSpec, default_ca: Option<&[u8]>) -> Result<UpstreamTls, (String, String)> {
-        let err = |field: &str, reason: String| (field.to_owned(), reason);
-        let file;
-        let ca: Option<&[u8]> = match (&spec.ca_bundle, &spec.ca_file) {
-            (Some(_), Some(_)) => return Err(err("caFile", "give caBundle or caFile, not both".into())),
-            (Some(pem), None) => Some(pem.as_bytes()),
-            (None, Some(path)) => {
-                file =
-                    std::fs::read(path).map_err(|e| err("caFile", format!("cannot read {}: {e}", path.display())))?;
-                Some(&file)
-            }
-            (None, None) => default_ca,
-        };
+    /// Compiles a backend's `tls`. `default_roots` anchor it when it names no CA. Errors say
+    /// which field is wrong (relative to the backend's `tls`, or a `proxy.` key when the
+    /// default anchors cannot be loaded), never its content.
+    pub fn compile(spec: &BackendTlsSpec, default_roots: &DefaultRoots<'_>) -> Result<UpstreamTls, TlsError> {
+        let err = |field: &str, reason: String| TlsError::Field(field.to_owned(), reason);
         let field = if spec.ca_file.is_some() { "caFile" } else { "caBundle" };
-        let roots = Arc::new(roots(ca).map_err(|e| err(field, e))?);
+        let roots = match (&spec.ca_bundle, &spec.ca_file) {
+            (Some(_), Some(_)) => return Err(err("caFile", "give caBundle or caFile, not both".into())),
+            (Some(pem), None) => Arc::new(roots(Some(pem.as_bytes())).map_err(|e| err(field, e))?),
+            (None, Some(path)) => {
+                let pem =
+                    std::fs::read(path).map_err(|e| err("caFile", format!("cannot read {}: {e}", path.display())))?;
+                Arc::new(roots(Some(&pem)).map_err(|e| err(field, e))?)
+            }
+            (None, None) => default_roots
+                .get()
+                .map_err(|(key, reason)| TlsError::Default(key, reason))?,
+        };
         let mut dns_sans = Vec::new();
         for (i, san) in spec.subject_alt_names.iter().enumerate() {
             let name = ServerName::try_from(san.clone())
@@ -277,19 +352,21 @@ impl ServerCertVerifier for SanVerifier {
 mod tests {
     use super::*;
 
-    fn compile_uris(uris: &[&str]) -> Result<UpstreamTls, (String, String)> {
+    fn compile_uris(uris: &[&str]) -> Result<UpstreamTls, TlsError> {
         let spec = BackendTlsSpec {
             subject_alt_name_uris: uris.iter().map(|u| (*u).to_owned()).collect(),
             ..BackendTlsSpec::default()
         };
-        UpstreamTls::compile(&spec, None)
+        UpstreamTls::compile(&spec, &DefaultRoots::new(&ProxySection::default()))
     }
 
     #[test]
     fn uri_sans_are_accepted_and_values_that_can_never_match_are_refused() {
         assert!(compile_uris(&["spiffe://cluster.local/ns/shop/sa/api", "urn:example:a"]).is_ok());
         for bad in ["", "no-scheme", "spiffe://a b"] {
-            let (field, reason) = compile_uris(&["spiffe://ok/x", bad]).expect_err(bad);
+            let TlsError::Field(field, reason) = compile_uris(&["spiffe://ok/x", bad]).expect_err(bad) else {
+                panic!("{bad:?}: not a field error");
+            };
             assert_eq!(field, "subjectAltNameUris[1]", "{bad:?}");
             assert!(reason.contains("not an absolute URI"), "{reason}");
         }
