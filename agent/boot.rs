@@ -82,7 +82,15 @@ pub async fn run(config_path: PathBuf, config: Config, signals: mpsc::Receiver<S
             }
             Stop::Proxy(server) => {
                 let drained = server.shutdown(grace.unwrap_or(Duration::from_secs(1))).await;
-                tracing::info!(drained, "proxy stopped");
+                tracing::info!(
+                    drained,
+                    "proxy stopped ({})",
+                    if drained {
+                        "every request finished"
+                    } else {
+                        "requests cut at the shutdown grace"
+                    }
+                );
             }
         }
     }
@@ -127,7 +135,7 @@ async fn start(
     // 3. Routes.
     systemd::status("loading routes");
     let routes = routing::source::boot(&config, &metadata, &metrics).await?;
-    tracing::info!(routes = routes.table.len(), source = %routing::source::describe(&config), "routes loaded");
+    tracing::info!(routes = routes.table.len(), source = %routing::source::describe(&config), "routes loaded: {} from {}", routes.table.len(), routing::source::describe(&config));
 
     let limits = server::Limits {
         header_read_timeout: config.proxy.header_read_timeout,
@@ -143,7 +151,7 @@ async fn start(
             health.clone().handle(req)
         })?
     };
-    tracing::info!(listen = %health_server.local_addr, "health listener up");
+    tracing::info!(listen = %health_server.local_addr, "health listener up on {}", health_server.local_addr);
     stack.push(Stop::Health(health_server));
 
     // 5. Proxy, with an empty table until the node installs the boot table.
@@ -213,7 +221,7 @@ async fn start(
     }
     health.proxy_answering.store(true, Ordering::Release);
     stack.push(Stop::ProxyProbe(health.watch_proxy(proxy_addr, Duration::from_secs(1))));
-    tracing::info!(listen = %proxy_addr, "proxy up");
+    tracing::info!(listen = %proxy_addr, "proxy up on {proxy_addr}");
 
     // The control socket, before READY=1 so `systemctl start` followed at once by `tunnel-agent
     // promote` finds it. Commands wait in the channel until the node's loop runs.

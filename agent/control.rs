@@ -88,7 +88,8 @@ async fn handle(stream: UnixStream, me: u32, tx: mpsc::Sender<Incoming>) -> std:
     let reply = if peer.uid() != 0 && peer.uid() != me {
         tracing::warn!(
             uid = peer.uid(),
-            "control socket: refused a caller that is neither root nor the agent's user"
+            "control socket: refused uid {}, neither root nor the agent's user",
+            peer.uid()
         );
         refusal(format!(
             "permission denied: uid {} may not control this agent",

@@ -392,9 +392,9 @@ impl Health {
                 let was = health.proxy_answering.swap(ok, Ordering::AcqRel);
                 if was != ok {
                     if ok {
-                        tracing::info!(%target, "proxy answers its health probe");
+                        tracing::info!(%target, "proxy answers its health probe on {target}");
                     } else {
-                        tracing::warn!(%target, "proxy stopped answering its health probe");
+                        tracing::warn!(%target, "proxy stopped answering its health probe on {target}");
                     }
                 }
             }

@@ -280,7 +280,7 @@ fn run(path: PathBuf) -> ExitCode {
     match runtime.block_on(agent) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "tunnel-agent failed");
+            tracing::error!(error = %format!("{e:#}"), "tunnel-agent failed: {e:#}");
             err(&format!("tunnel-agent: {e:#}\n"));
             // A cloudflared too old for the configuration: restarting cannot fix it.
             if e.downcast_ref::<tunnel_agent::tunnel::version::Unsupported>().is_some() {

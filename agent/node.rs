@@ -272,7 +272,7 @@ impl Node {
         let config = &self.config;
         self.metrics.route_reloads.inc();
         if let Err(e) = route_source::persist(config, map, &table) {
-            tracing::warn!(error = %e, "cannot write routes.json to the runtime or state directory");
+            tracing::warn!(error = %e, "cannot write routes.json to the runtime or state directory: {e}");
         }
         let summary = table.summary.clone();
         let version = table.version;
@@ -313,7 +313,7 @@ impl Node {
                 // Status and metric first: whoever reads the log line finds them already set.
                 self.metrics.route_reload_failures.inc();
                 self.health.update_status(|s| s.last_reload_error = Some(msg.clone()));
-                tracing::error!(error = %msg, "reload rejected; the previous configuration keeps serving");
+                tracing::error!(error = %msg, "reload rejected; the previous configuration keeps serving: {msg}");
                 systemd::ready(&format!("serving previous configuration; reload failed: {msg}"));
             }
         }
@@ -347,7 +347,7 @@ impl Node {
         // Checked before anything changes, so a bad auth setting rejects the whole reload.
         InboundAuth::for_config(&new, &secrets, self.proxy.live.load().auth.as_ref())?;
         if !pending.is_empty() {
-            tracing::warn!(settings = ?pending, "changed settings take effect only after a restart");
+            tracing::warn!(settings = ?pending, "changed settings take effect only after a restart: {}", pending.join(", "));
         }
         let role_decided_elsewhere =
             self.config.role_watch.attribute.is_some() || self.election.is_some() || self.follow.is_some();
@@ -355,7 +355,9 @@ impl Node {
             tracing::info!(
                 from = self.config.role.as_str(),
                 to = new.role.as_str(),
-                "role changed in the config file"
+                "role changed in the config file: {} -> {}",
+                self.config.role.as_str(),
+                new.role.as_str()
             );
             match new.role {
                 Role::Active => self.metrics.promotions.inc(),
@@ -383,7 +385,12 @@ impl Node {
             s.role_source = self.role_source.as_str().to_owned();
         });
         self.restart_refreshers();
-        tracing::info!(routes = self.proxy.live.load().routes.len(), "configuration reloaded");
+        let routes = self.proxy.live.load().routes.len();
+        tracing::info!(
+            routes,
+            "configuration reloaded from {} ({routes} routes)",
+            self.config_path.display()
+        );
         Ok(())
     }
 
@@ -410,13 +417,18 @@ impl Node {
         });
         match built {
             Ok((map, table)) => {
-                tracing::info!(routes = table.len(), "routes updated from the watched source");
+                tracing::info!(
+                    routes = table.len(),
+                    "routes updated from the watched source {} ({} routes)",
+                    route_source::describe(&self.config),
+                    table.len()
+                );
                 self.install_routes(&map, Arc::new(table));
                 self.follow_tunnel().await;
             }
             Err(e) => {
                 self.metrics.route_reload_failures.inc();
-                tracing::error!(error = %e, "route update rejected; the current table keeps serving");
+                tracing::error!(error = %e, "route update from {} rejected; the current table keeps serving: {e}", route_source::describe(&self.config));
                 self.health.update_status(|s| s.last_reload_error = Some(e.clone()));
             }
         }
@@ -432,13 +444,18 @@ impl Node {
             return;
         }
         if let Err(e) = config_api::persist(&self.config, push.body).await {
-            tracing::error!(error = %e, "cannot persist the pushed config; not applied");
+            tracing::error!(error = %e, version = push.version, "cannot persist the pushed config version {}; not applied: {e}", push.version);
             let _ = push.reply.send(PushOutcome::PersistFailed(e));
             return;
         }
         let rules = push.table.len();
         self.install_routes(&HostMap::new(), Arc::new(push.table));
-        tracing::info!(version = push.version, rules, "pushed config applied");
+        tracing::info!(
+            version = push.version,
+            rules,
+            "pushed config version {} applied ({rules} rules)",
+            push.version
+        );
         let _ = push.reply.send(PushOutcome::Applied { rules });
         self.follow_tunnel().await;
     }
@@ -446,11 +463,11 @@ impl Node {
     /// A refreshed secret changed value.
     async fn secret_changed(&mut self, change: SecretChange) {
         let SecretChange { name, value } = change;
-        tracing::info!(secret = %name, "secret changed; applying");
+        tracing::info!(secret = %name, "secret {name:?} changed; applying the new value");
         self.secrets.insert(name.clone(), value);
         if self.config.proxy.auth_secret.as_ref() == Some(&name) {
             if let Err(e) = self.apply_settings(&self.config, &self.secrets) {
-                tracing::error!(error = %format!("{e:#}"), "cannot apply the rotated token");
+                tracing::error!(secret = %name, error = %format!("{e:#}"), "cannot apply the rotated token from secret {name:?}: {e:#}");
             }
         }
         if self.config.cloudflared.token_secret.as_ref() == Some(&name) {
@@ -499,7 +516,7 @@ impl Node {
                 config_role: self.config.role,
             };
             if let Err(e) = roles::persist(&self.config.agent.state_dir, &persisted) {
-                tracing::warn!(error = %e, "cannot persist the role; a restart will fall back to the config's");
+                tracing::warn!(error = %e, "cannot persist the role in {}; a restart will fall back to the config's: {e}", self.config.agent.state_dir.display());
             }
         }
         // The decision is published first; cloudflared follows it.

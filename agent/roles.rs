@@ -71,7 +71,7 @@ pub fn load_persisted(state_dir: &Path) -> Option<PersistedRole> {
     match serde_json::from_slice(&bytes) {
         Ok(p) => Some(p),
         Err(e) => {
-            tracing::warn!(error = %e, path = %state_path(state_dir).display(), "ignoring unreadable persisted role");
+            tracing::warn!(error = %e, path = %state_path(state_dir).display(), "ignoring unreadable persisted role {}: {e}", state_path(state_dir).display());
             None
         }
     }
@@ -132,7 +132,7 @@ pub async fn boot_role(config: &Config, metadata: &MetadataClient) -> (Role, Rol
         Ok((value, etag)) => (role_for(&value, &host_name(config)), RoleSource::WatchedAttribute, etag),
         Err(MetadataError::Status { status: 404, .. }) => (Role::Standby, RoleSource::WatchedAttribute, None),
         Err(e) => {
-            tracing::warn!(error = %e, attribute = %path, "cannot read the role attribute at boot; standby until it answers");
+            tracing::warn!(error = %e, attribute = %path, "cannot read the role attribute {path} at boot ({e}); standby until it answers");
             (Role::Standby, RoleSource::WatchedAttribute, None)
         }
     }
@@ -153,12 +153,12 @@ pub fn watch(
             let role = match watch.next().await {
                 Watched::Changed(value) => {
                     let role = role_for(&value, &me);
-                    tracing::info!(attribute = %watch.path(), value = %value.trim(), host = %me, role = role.as_str(), "role attribute read");
+                    tracing::info!(attribute = %watch.path(), value = %value.trim(), host = %me, role = role.as_str(), "role attribute {} names {:?}; this host ({me}) is {}", watch.path(), value.trim(), role.as_str());
                     role
                 }
                 // No attribute: nobody is named active.
                 Watched::Missing { .. } => {
-                    tracing::warn!(attribute = %watch.path(), "role attribute missing; this host is standby");
+                    tracing::warn!(attribute = %watch.path(), "role attribute {} missing; this host is standby", watch.path());
                     Role::Standby
                 }
             };

@@ -271,7 +271,7 @@ where
                         Ok(a) => a,
                         Err(e) => {
                             // EMFILE and friends: back off briefly instead of spinning.
-                            tracing::warn!(listener = %local_addr, error = %e, "accept failed");
+                            tracing::warn!(listener = %local_addr, error = %e, "accept failed on {local_addr}: {e}");
                             tokio::time::sleep(Duration::from_millis(50)).await;
                             continue;
                         }
@@ -328,7 +328,7 @@ where
         };
         let drained = tokio::time::timeout(grace, drain).await.is_ok();
         if !drained {
-            tracing::warn!(listener = %local_addr, grace_s = grace.as_secs_f64(), "connections still open after the shutdown grace; closing them");
+            tracing::warn!(listener = %local_addr, grace_s = grace.as_secs_f64(), "connections to {local_addr} still open after the shutdown grace ({grace:?}); closing them");
         }
         drained
     });

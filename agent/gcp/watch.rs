@@ -96,7 +96,7 @@ impl AttributeWatch {
                 }
                 Err(e) => {
                     let delay = self.backoff.next_delay();
-                    tracing::warn!(attribute = %self.path, error = %e, retry_in_ms = delay.as_millis() as u64, "{}", self.failure);
+                    tracing::warn!(attribute = %self.path, error = %e, retry_in_ms = delay.as_millis() as u64, "{} ({}), retrying in {delay:?}: {e}", self.failure, self.path);
                     tokio::time::sleep(delay).await;
                 }
             }

@@ -54,7 +54,8 @@ impl InboundAuth {
         if accepted.len() > 1 {
             tracing::info!(
                 overlap_s = config.proxy.auth_overlap.as_secs(),
-                "internal auth token rotated; the previous one stays accepted during the overlap"
+                "internal auth token rotated; the previous one stays accepted for {:?} (proxy.auth_overlap)",
+                config.proxy.auth_overlap
             );
         }
         Ok(Some(InboundAuth { header, accepted }))

@@ -455,7 +455,7 @@ impl Proxy {
                                 tracing::debug!(%route, error = %e, "upgraded connection ended");
                             }
                         }
-                        Err(e) => tracing::warn!(%route, error = %e, "upgrade failed"),
+                        Err(e) => tracing::warn!(%route, error = %e, "route {route}: upgrade failed: {e}"),
                     }
                 });
                 // Keep Connection/Upgrade: they are the 101's point.
@@ -541,16 +541,16 @@ impl Proxy {
                 tracing::debug!(%route, status = status.as_u16(), "route marked unavailable by its table")
             }
             ProxyError::RequestTimeout { limit } => {
-                tracing::warn!(%route, timeout_s = limit.as_secs_f64(), "request timeout reached before a response; answering 504")
+                tracing::warn!(%route, timeout_s = limit.as_secs_f64(), "route {route}: request timeout ({limit:?}) reached before a response; answering 504")
             }
             ProxyError::TokenUnavailable { upstream, .. } => {
-                tracing::warn!(%route, %upstream, error = %e, "no identity token; answering 503")
+                tracing::warn!(%route, %upstream, error = %e, "route {route}: no identity token for {upstream}; answering 503: {e}")
             }
             ProxyError::UpstreamTimeout { upstream, timeout } => {
-                tracing::warn!(%route, %upstream, timeout_s = timeout.as_secs_f64(), "upstream did not answer in time; answering 504")
+                tracing::warn!(%route, %upstream, timeout_s = timeout.as_secs_f64(), "route {route}: upstream {upstream} did not answer within {timeout:?}; answering 504")
             }
             ProxyError::Upstream { upstream, cause, .. } => {
-                tracing::warn!(%route, %upstream, error = %cause, "upstream request failed; answering 502")
+                tracing::warn!(%route, %upstream, error = %cause, "route {route}: upstream request to {upstream} failed; answering 502: {cause}")
             }
             _ => {}
         }

@@ -212,7 +212,7 @@ pub fn load_persisted(config: &Config, metrics: &Metrics) -> RouteTable {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return RouteTable::default(),
         Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "cannot read the persisted config; waiting for a push");
+            tracing::warn!(path = %path.display(), error = %e, "cannot read the persisted config {}; waiting for a push: {e}", path.display());
             return RouteTable::default();
         }
     };
@@ -221,11 +221,11 @@ pub fn load_persisted(config: &Config, metrics: &Metrics) -> RouteTable {
         .and_then(|c| c.compile(config, metrics).map_err(|e| e.to_string()));
     match compiled {
         Ok(table) => {
-            tracing::info!(path = %path.display(), version = table.version, rules = table.len(), "serving the persisted config until the next push");
+            tracing::info!(path = %path.display(), version = table.version, rules = table.len(), "serving the persisted config {} (version {}, {} rules) until the next push", path.display(), table.version.unwrap_or(0), table.len());
             table
         }
         Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "persisted config is no longer valid; waiting for a push");
+            tracing::warn!(path = %path.display(), error = %e, "persisted config {} is no longer valid; waiting for a push: {e}", path.display());
             RouteTable::default()
         }
     }
@@ -297,7 +297,7 @@ pub async fn start(
     });
     let listener = server::bind(section.listen, "config_api.listen").await?;
     let handle = server::serve(listener, limits, move |_, req| api.clone().handle(req))?;
-    tracing::info!(listen = %handle.local_addr, "config api up");
+    tracing::info!(listen = %handle.local_addr, "config api up on {}", handle.local_addr);
     Ok(handle)
 }
 
@@ -420,7 +420,7 @@ impl ConfigApi {
             Ok(t) => t,
             Err(e) => {
                 self.metrics.route_reload_failures.inc();
-                tracing::warn!(version = pushed.version, error = %e, "pushed config rejected");
+                tracing::warn!(version = pushed.version, error = %e, "pushed config version {} rejected: {e}", pushed.version);
                 return problems_reply(StatusCode::BAD_REQUEST, "invalid_config", &e.problems);
             }
         };

@@ -159,7 +159,7 @@ pub async fn boot(config: &Config, metadata: &MetadataClient, metrics: &Metrics)
                 )
             })?;
             let table = build(config, &map, metrics)?;
-            tracing::warn!(source = %describe(config), error = %source_error, "route source unreachable; serving the last good table");
+            tracing::warn!(source = %describe(config), error = %source_error, "route source {} unreachable; serving the last good table: {source_error}", describe(config));
             Ok(BootRoutes {
                 map,
                 table,

@@ -414,7 +414,7 @@ fn spawn(spec: &TunnelSpec, state: &TunnelState) -> anyhow::Result<Running> {
         // connection must not count towards ready_grace.
         d.last_connected = None;
     });
-    tracing::info!(pid, program = %spec.program.display(), args = ?spec.args, "cloudflared started");
+    tracing::info!(pid, program = %spec.program.display(), args = ?spec.args, "cloudflared started: pid {pid}, {} {}", spec.program.display(), spec.args.join(" "));
     Ok(Running { pid, exit })
 }
 
@@ -424,7 +424,9 @@ async fn stop(mut run: Running, spec: &TunnelSpec, state: &TunnelState) {
     tracing::info!(
         pid = run.pid,
         grace_s = spec.grace.as_secs_f64(),
-        "stopping cloudflared (SIGTERM)"
+        "stopping cloudflared pid {} (SIGTERM, grace {:?})",
+        run.pid,
+        spec.grace
     );
     {
         let mut s = state.signalling();
@@ -437,14 +439,15 @@ async fn stop(mut run: Running, spec: &TunnelSpec, state: &TunnelState) {
         Err(_) => {
             tracing::warn!(
                 pid = run.pid,
-                "cloudflared ignored SIGTERM past its grace period; sending SIGKILL"
+                "cloudflared pid {} ignored SIGTERM past its grace period; sending SIGKILL",
+                run.pid
             );
             let _ = killpg(group, Signal::SIGKILL);
             run.exit.await
         }
     };
     let status = status.unwrap_or_else(|_| Err(std::io::Error::other("waiter task ended")));
-    tracing::info!(pid = run.pid, result = %describe(&status), "cloudflared stopped");
+    tracing::info!(pid = run.pid, result = %describe(&status), "cloudflared pid {} stopped: {}", run.pid, describe(&status));
     record_exit(state, run.pid);
 }
 

@@ -394,19 +394,23 @@ async fn run_outputs(
                         } else {
                             "cannot start cloudflared"
                         };
-                        tracing::error!(error = %format!("{e:#}"), "{what}");
+                        tracing::error!(error = %format!("{e:#}"), "{what}: {e:#}");
                         Event::SpawnFailed
                     }
                 };
                 next(machine, event, Instant::now());
             }
             Output::Exited { uptime, delay } => {
-                tracing::warn!(result = %last_exit, uptime_s = uptime.as_secs_f64(), restart_in_ms = delay.as_millis() as u64, "cloudflared exited unexpectedly");
+                tracing::warn!(result = %last_exit, uptime_s = uptime.as_secs_f64(), restart_in_ms = delay.as_millis() as u64, "cloudflared exited unexpectedly ({last_exit}) after {:.1}s; restarting in {delay:?}", uptime.as_secs_f64());
             }
             Output::CrashLoop { exits, newly } => {
                 let window = machine.policy.crash_loop_window.as_secs();
                 if newly {
-                    tracing::error!(exits, window_s = window, "cloudflared is crash-looping");
+                    tracing::error!(
+                        exits,
+                        window_s = window,
+                        "cloudflared is crash-looping: {exits} exits in {window}s, last {last_exit}"
+                    );
                 }
                 crate::systemd::status(&format!(
                     "cloudflared crash loop: {exits} exits in {window}s, last {last_exit}"
@@ -418,7 +422,7 @@ async fn run_outputs(
                 );
             }
             Output::Connected { connections } => {
-                tracing::info!(connections, "tunnel connected");
+                tracing::info!(connections, "tunnel connected ({connections} connections)");
                 crate::systemd::status(&format!("serving; tunnel connected ({connections} connections)"));
             }
             Output::Disconnected => {
@@ -428,7 +432,7 @@ async fn run_outputs(
             Output::StuckRestart { after } => {
                 tracing::warn!(
                     disconnected_s = after.as_secs(),
-                    "tunnel stayed disconnected; restarting cloudflared"
+                    "tunnel stayed disconnected for {after:?}; restarting cloudflared"
                 );
             }
             Output::Stable => tracing::info!("cloudflared is stable again"),
