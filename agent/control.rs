@@ -88,7 +88,7 @@ async fn handle(stream: UnixStream, me: u32, tx: mpsc::Sender<Incoming>) -> std:
     let reply = if peer.uid() != 0 && peer.uid() != me {
         tracing::warn!(
             uid = peer.uid(),
-            "control socket: refused uid {}, neither root nor the agent's user",
+            "control socket: refused a caller (uid {}) that is neither root nor the agent's user",
             peer.uid()
         );
         refusal(format!(

@@ -428,7 +428,7 @@ impl Node {
             }
             Err(e) => {
                 self.metrics.route_reload_failures.inc();
-                tracing::error!(error = %e, "route update from {} rejected; the current table keeps serving: {e}", route_source::describe(&self.config));
+                tracing::error!(error = %e, "route update rejected (from {}); the current table keeps serving: {e}", route_source::describe(&self.config));
                 self.health.update_status(|s| s.last_reload_error = Some(e.clone()));
             }
         }
@@ -444,7 +444,7 @@ impl Node {
             return;
         }
         if let Err(e) = config_api::persist(&self.config, push.body).await {
-            tracing::error!(error = %e, version = push.version, "cannot persist the pushed config version {}; not applied: {e}", push.version);
+            tracing::error!(error = %e, version = push.version, "cannot persist the pushed config; not applied (version {}): {e}", push.version);
             let _ = push.reply.send(PushOutcome::PersistFailed(e));
             return;
         }
@@ -453,7 +453,7 @@ impl Node {
         tracing::info!(
             version = push.version,
             rules,
-            "pushed config version {} applied ({rules} rules)",
+            "pushed config applied: version {} ({rules} rules)",
             push.version
         );
         let _ = push.reply.send(PushOutcome::Applied { rules });
@@ -463,7 +463,7 @@ impl Node {
     /// A refreshed secret changed value.
     async fn secret_changed(&mut self, change: SecretChange) {
         let SecretChange { name, value } = change;
-        tracing::info!(secret = %name, "secret {name:?} changed; applying the new value");
+        tracing::info!(secret = %name, "secret changed: {name:?}; applying the new value");
         self.secrets.insert(name.clone(), value);
         if self.config.proxy.auth_secret.as_ref() == Some(&name) {
             if let Err(e) = self.apply_settings(&self.config, &self.secrets) {

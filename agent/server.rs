@@ -328,7 +328,7 @@ where
         };
         let drained = tokio::time::timeout(grace, drain).await.is_ok();
         if !drained {
-            tracing::warn!(listener = %local_addr, grace_s = grace.as_secs_f64(), "connections to {local_addr} still open after the shutdown grace ({grace:?}); closing them");
+            tracing::warn!(listener = %local_addr, grace_s = grace.as_secs_f64(), "connections still open after the shutdown grace ({grace:?}) on {local_addr}; closing them");
         }
         drained
     });

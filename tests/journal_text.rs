@@ -74,7 +74,12 @@ async fn messages_name_the_route_upstream_secret_address_and_error() {
         &["tunnel-agent ", "(commit ", "starting with"][..],
         &["proxy up on", &proxy],
         &["routes loaded: 1 from inline"],
-        &["route down.test", &upstream, "answering 502", "Connection refused"],
+        &[
+            "route down.test: upstream request failed",
+            &upstream,
+            "answering 502",
+            "Connection refused",
+        ],
         &["reload rejected", "\"tok\"", "JOURNAL_TEST_ABSENT_VAR"],
     ] {
         assert!(find(&all, needles).is_some(), "no message with {needles:?} in:\n{text}");

@@ -157,7 +157,7 @@ impl IdTokenCache {
             Ok(_) => *slot.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = None,
             Err(e) => {
                 self.metrics.token_fetch_failures.inc();
-                tracing::warn!(audience = %slot.audience, error = %e, "identity token fetch for {} failed: {e}", slot.audience);
+                tracing::warn!(audience = %slot.audience, error = %e, "identity token fetch failed for {}: {e}", slot.audience);
                 *slot.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), e.clone()));
             }
         }

@@ -550,7 +550,7 @@ impl Proxy {
                 tracing::warn!(%route, %upstream, timeout_s = timeout.as_secs_f64(), "route {route}: upstream {upstream} did not answer within {timeout:?}; answering 504")
             }
             ProxyError::Upstream { upstream, cause, .. } => {
-                tracing::warn!(%route, %upstream, error = %cause, "route {route}: upstream request to {upstream} failed; answering 502: {cause}")
+                tracing::warn!(%route, %upstream, error = %cause, "route {route}: upstream request failed ({upstream}); answering 502: {cause}")
             }
             _ => {}
         }

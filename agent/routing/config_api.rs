@@ -420,7 +420,7 @@ impl ConfigApi {
             Ok(t) => t,
             Err(e) => {
                 self.metrics.route_reload_failures.inc();
-                tracing::warn!(version = pushed.version, error = %e, "pushed config version {} rejected: {e}", pushed.version);
+                tracing::warn!(version = pushed.version, error = %e, "pushed config rejected: version {}: {e}", pushed.version);
                 return problems_reply(StatusCode::BAD_REQUEST, "invalid_config", &e.problems);
             }
         };

@@ -51,7 +51,7 @@ pub fn spawn(
                     Ok(_) => {}
                     Err(e) => {
                         metrics.secret_fetch_failures.inc();
-                        tracing::warn!(secret = %name, error = %e, "secret {name:?} refresh failed; keeping the current value: {e}")
+                        tracing::warn!(secret = %name, error = %e, "secret refresh failed: {name:?}; keeping the current value: {e}")
                     }
                 }
             }

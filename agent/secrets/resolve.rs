@@ -105,7 +105,7 @@ pub async fn resolve_all(
                         }
                     };
                     let why = format!("waiting for secret {name:?}: {e}");
-                    tracing::warn!(secret = %name, error = %e, retry_in_ms = delay.as_millis() as u64, "secret {name:?} not available yet, retrying in {delay:?}: {e}");
+                    tracing::warn!(secret = %name, error = %e, retry_in_ms = delay.as_millis() as u64, "secret not available yet: {name:?}, retrying in {delay:?}: {e}");
                     systemd::extend_timeout(delay + Duration::from_secs(30), &why);
                     tokio::time::sleep(delay).await;
                 }

@@ -432,7 +432,7 @@ async fn run_outputs(
             Output::StuckRestart { after } => {
                 tracing::warn!(
                     disconnected_s = after.as_secs(),
-                    "tunnel stayed disconnected for {after:?}; restarting cloudflared"
+                    "tunnel stayed disconnected; restarting cloudflared (disconnected for {after:?})"
                 );
             }
             Output::Stable => tracing::info!("cloudflared is stable again"),
