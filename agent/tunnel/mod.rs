@@ -424,7 +424,7 @@ async fn stop(mut run: Running, spec: &TunnelSpec, state: &TunnelState) {
     tracing::info!(
         pid = run.pid,
         grace_s = spec.grace.as_secs_f64(),
-        "stopping cloudflared pid {} (SIGTERM, grace {:?})",
+        "stopping cloudflared (SIGTERM): pid {}, grace {:?}",
         run.pid,
         spec.grace
     );
@@ -439,7 +439,7 @@ async fn stop(mut run: Running, spec: &TunnelSpec, state: &TunnelState) {
         Err(_) => {
             tracing::warn!(
                 pid = run.pid,
-                "cloudflared pid {} ignored SIGTERM past its grace period; sending SIGKILL",
+                "cloudflared ignored SIGTERM past its grace period; sending SIGKILL to pid {}",
                 run.pid
             );
             let _ = killpg(group, Signal::SIGKILL);
@@ -447,7 +447,7 @@ async fn stop(mut run: Running, spec: &TunnelSpec, state: &TunnelState) {
         }
     };
     let status = status.unwrap_or_else(|_| Err(std::io::Error::other("waiter task ended")));
-    tracing::info!(pid = run.pid, result = %describe(&status), "cloudflared pid {} stopped: {}", run.pid, describe(&status));
+    tracing::info!(pid = run.pid, result = %describe(&status), "cloudflared stopped: pid {}, {}", run.pid, describe(&status));
     record_exit(state, run.pid);
 }
 
