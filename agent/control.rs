@@ -67,7 +67,7 @@ pub fn serve(runtime_dir: &Path, tx: mpsc::Sender<Incoming>) -> anyhow::Result<(
             let tx = tx.clone();
             tokio::spawn(async move {
                 if let Err(e) = handle(stream, me, tx).await {
-                    tracing::debug!(error = %e, "control connection failed");
+                    tracing::debug!(error = %e, "control connection failed: {e}");
                 }
             });
         }

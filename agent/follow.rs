@@ -115,7 +115,7 @@ pub fn start(
                 st.verdict.next(ok, s.rise, s.fall)
             };
             if let Some(passing) = changed {
-                tracing::info!(url = %s.url, passing, last = %last, "role_follow check changed");
+                tracing::info!(url = %s.url, passing, last = %last, "role_follow check changed: {} now {} (last: {last})", s.url, if passing { "passing" } else { "failing" });
                 if changes.send(passing).await.is_err() {
                     return;
                 }

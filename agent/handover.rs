@@ -89,11 +89,11 @@ impl Node {
     pub(crate) async fn election_outcome(&mut self, outcome: Outcome) {
         match outcome {
             Outcome::Elected { term } => {
-                tracing::info!(term, "elected: becoming active");
+                tracing::info!(term, "elected: becoming active (term {term})");
                 self.set_role(Role::Active, RoleSource::Election).await;
             }
             Outcome::Deposed { reason } => {
-                tracing::warn!(%reason, "no longer the elected leader: becoming standby");
+                tracing::warn!(%reason, "no longer the elected leader: becoming standby ({reason})");
                 self.set_role(Role::Standby, RoleSource::Election).await;
             }
         }
@@ -172,7 +172,7 @@ impl Node {
             tracing::warn!("the role_follow check fails: resigning the election");
             self.decide(Role::Standby);
             if let Err(e) = election.resign(false).await {
-                tracing::warn!(error = %e, "resigning the election");
+                tracing::warn!(error = %e, "resigning the election failed: {e}");
             }
             self.set_role(Role::Standby, RoleSource::Election).await;
         }
@@ -184,7 +184,7 @@ impl Node {
         if election.state().is_leader {
             self.decide(Role::Standby);
             if let Err(e) = election.resign(true).await {
-                tracing::warn!(error = %e, "could not resign the election on shutdown");
+                tracing::warn!(error = %e, "could not resign the election on shutdown: {e}");
             } else {
                 tracing::info!("resigned the election on shutdown (lease revoked)");
             }

@@ -310,7 +310,7 @@ where
                     let conn = graceful.watch(conn);
                     tokio::spawn(async move {
                         if let Err(e) = conn.await {
-                            tracing::debug!(%peer, error = %e, "connection closed with error");
+                            tracing::debug!(%peer, error = %e, "connection from {peer} closed with error: {e}");
                         }
                     });
                 }

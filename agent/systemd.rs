@@ -12,7 +12,7 @@ fn send(states: &[NotifyState<'_>]) {
         return;
     }
     if let Err(e) = sd_notify::notify(false, states) {
-        tracing::debug!(error = %e, "sd_notify failed");
+        tracing::debug!(error = %e, "sd_notify failed: {e}");
     }
 }
 

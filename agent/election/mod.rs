@@ -375,7 +375,7 @@ impl Task {
     /// Loses the key: fences first (under the state lock), then tells the node.
     async fn give_up(&mut self, _h: Held, reason: &str) {
         self.release_lease();
-        tracing::warn!(key = %self.settings.key, reason, "left the election's leadership; fenced");
+        tracing::warn!(key = %self.settings.key, reason, "left the election's leadership on {}; fenced: {reason}", self.settings.key);
         let _ = self
             .outcomes
             .send(Outcome::Deposed {
@@ -452,7 +452,9 @@ impl Task {
             tracing::warn!(
                 asked_s = self.settings.ttl.as_secs(),
                 granted_s = lease.ttl.as_secs(),
-                "etcd granted a shorter lease than asked"
+                "etcd granted a shorter lease than asked: {}s instead of {}s",
+                lease.ttl.as_secs(),
+                self.settings.ttl.as_secs()
             );
         }
         let held = Held {
@@ -485,7 +487,7 @@ impl Task {
                     s.term
                 };
                 self.lease = Some(held);
-                tracing::info!(key = %self.settings.key, host = %self.settings.me, lease = format!("{:x}", lease.id), ttl_s = lease.ttl.as_secs(), "won the election");
+                tracing::info!(key = %self.settings.key, host = %self.settings.me, lease = format!("{:x}", lease.id), ttl_s = lease.ttl.as_secs(), "won the election for {} as {} (lease {:x}, ttl {}s)", self.settings.key, self.settings.me, lease.id, lease.ttl.as_secs());
                 let _ = self.outcomes.send(Outcome::Elected { term }).await;
                 Ok(true)
             }
@@ -529,7 +531,7 @@ impl Task {
                 h.deadline = now + self.settings.fence_margin + self.retry_delay();
                 self.lease = Some(h);
                 if let Err(e) = self.renew(h).await {
-                    tracing::warn!(error = %e, "etcd unreachable; keeping the active role (on_store_loss = \"keep\")");
+                    tracing::warn!(error = %e, "etcd unreachable; keeping the active role (on_store_loss = \"keep\"): {e}");
                 }
                 return;
             }
@@ -542,7 +544,7 @@ impl Task {
         }
         if now >= h.next_renew {
             if let Err(e) = self.renew(h).await {
-                tracing::warn!(error = %e, "lease renewal failed");
+                tracing::warn!(error = %e, "lease renewal failed for {}: {e}", self.settings.key);
             }
         }
     }

@@ -196,7 +196,7 @@ impl IdTokenCache {
             expires_at: fetched + remaining,
             refresh_at: fetched + refresh_in,
         })));
-        tracing::debug!(audience = %slot.audience, expires_in_s = remaining.as_secs(), "identity token fetched");
+        tracing::debug!(audience = %slot.audience, expires_in_s = remaining.as_secs(), "identity token fetched for {} (expires in {}s)", slot.audience, remaining.as_secs());
         Ok(header)
     }
 

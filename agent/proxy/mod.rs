@@ -452,7 +452,7 @@ impl Proxy {
                         Ok((down, up)) => {
                             let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
                             if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
-                                tracing::debug!(%route, error = %e, "upgraded connection ended");
+                                tracing::debug!(%route, error = %e, "route {route}: upgraded connection ended: {e}");
                             }
                         }
                         Err(e) => tracing::warn!(%route, error = %e, "route {route}: upgrade failed: {e}"),
@@ -486,7 +486,7 @@ impl Proxy {
         let mut waiting = Vec::new();
         for mirror in mirrors.filter(|m| m.sampled()) {
             let Ok(permit) = self.mirror_slots.clone().try_acquire_owned() else {
-                tracing::debug!(route = %rule.route, mirror = %mirror.upstream.url, "mirror skipped: too many mirrored requests in flight");
+                tracing::debug!(route = %rule.route, mirror = %mirror.upstream.url, "route {}: mirror to {} skipped: too many mirrored requests in flight", rule.route, mirror.upstream.url);
                 continue;
             };
             let slot = MirrorSlot::new(permit, self.metrics.clone());
@@ -538,7 +538,7 @@ impl Proxy {
         let route = &rule.route;
         match &e {
             ProxyError::Unavailable { status } => {
-                tracing::debug!(%route, status = status.as_u16(), "route marked unavailable by its table")
+                tracing::debug!(%route, status = status.as_u16(), "route {route}: marked unavailable by its table; answering {}", status.as_u16())
             }
             ProxyError::RequestTimeout { limit } => {
                 tracing::warn!(%route, timeout_s = limit.as_secs_f64(), "route {route}: request timeout ({limit:?}) reached before a response; answering 504")
@@ -860,7 +860,7 @@ impl MirrorTask {
             .address(&self.tokens, &mut parts, self.path_and_query.as_ref())
             .await
         {
-            tracing::debug!(route = %self.route, mirror = %url, error = %e, "mirror skipped");
+            tracing::debug!(route = %self.route, mirror = %url, error = %e, "route {}: mirror to {url} skipped: {e}", self.route);
             return;
         }
         let req = Request::from_parts(parts, Full::new(body));
@@ -877,9 +877,15 @@ impl MirrorTask {
         })
         .await;
         match outcome {
-            Ok(Ok(status)) => tracing::debug!(route = %self.route, mirror = %url, %status, "mirrored"),
-            Ok(Err(e)) => tracing::debug!(route = %self.route, mirror = %url, error = %e, "mirror failed"),
-            Err(_) => tracing::debug!(route = %self.route, mirror = %url, "mirror timed out"),
+            Ok(Ok(status)) => {
+                tracing::debug!(route = %self.route, mirror = %url, %status, "route {}: mirrored to {url}: {status}", self.route)
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(route = %self.route, mirror = %url, error = %e, "route {}: mirror to {url} failed: {e}", self.route)
+            }
+            Err(_) => {
+                tracing::debug!(route = %self.route, mirror = %url, "route {}: mirror to {url} timed out", self.route)
+            }
         }
     }
 }

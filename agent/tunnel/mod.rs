@@ -316,7 +316,7 @@ fn terminate_locked(s: &mut Signalling) -> bool {
     s.sigterm_sent = true;
     let group = Pid::from_raw(i32::try_from(s.pid).unwrap_or(0));
     if let Err(e) = killpg(group, Signal::SIGTERM) {
-        tracing::warn!(pid = s.pid, error = %e, "cannot send SIGTERM to cloudflared");
+        tracing::warn!(pid = s.pid, error = %e, "cannot send SIGTERM to cloudflared pid {}: {e}", s.pid);
     }
     true
 }

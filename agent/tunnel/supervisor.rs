@@ -319,7 +319,7 @@ pub(super) async fn supervise(
                     if state.held() {
                         // The fence's SIGTERM did this; the node is leaving active and will
                         // apply `None`: no restart, and no failure counted.
-                        tracing::info!(result = %last_exit, "cloudflared stopped after the fence's SIGTERM");
+                        tracing::info!(result = %last_exit, "cloudflared stopped after the fence's SIGTERM: {last_exit}");
                         continue;
                     }
                     Event::Exited

@@ -222,10 +222,12 @@ check_journal_fields() {
   if python3 - "$OUT/journal-fields.json" <<'EOF'; then
 import json, sys
 entries = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-up = [e for e in entries if e.get("MESSAGE") == "proxy up"]
-assert up, "no 'proxy up' entry"
+# The message carries the address for the default output; the field keeps it for -o json.
+up = [e for e in entries if e.get("MESSAGE", "").startswith("proxy up on ")]
+assert up, "no 'proxy up on ADDR' entry"
 e = up[-1]
 assert e.get("F_LISTEN") == "127.0.0.1:8080", f"F_LISTEN={e.get('F_LISTEN')!r}"
+assert e["MESSAGE"] == "proxy up on 127.0.0.1:8080", e["MESSAGE"]
 assert e.get("SYSLOG_IDENTIFIER") == "tunnel-agent", e.get("SYSLOG_IDENTIFIER")
 assert e.get("PRIORITY") == "5", e.get("PRIORITY")
 assert e.get("TARGET", "").startswith("tunnel_agent"), e.get("TARGET")
