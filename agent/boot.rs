@@ -22,7 +22,7 @@ use crate::config::{Config, RouteSourceKind};
 use crate::gcp::{self, MetadataClient, SecretManager};
 use crate::health::{self, Health};
 use crate::node::{tunnel_spec, Node, Signal, Sources};
-use crate::proxy::{InboundAuth, LiveSettings, Proxy};
+use crate::proxy::{AccessLog, InboundAuth, LiveSettings, Proxy};
 use crate::roles::{self, RoleSource};
 use crate::routing::table::RouteTable;
 use crate::routing::{self, config_api};
@@ -161,6 +161,7 @@ async fn start(
         routes: Arc::new(RouteTable::default()),
         auth_header: HeaderName::from_bytes(config.proxy.auth_header.as_bytes()).context("proxy.auth_header")?,
         max_body_bytes: config.proxy.max_body_bytes,
+        access_log: AccessLog::from_config(&config.proxy.access_log),
     };
     let proxy = Proxy::new(&config.proxy, live, tokens, metrics.clone())?;
     let proxy_listener = server::bind(config.proxy.listen, "proxy.listen").await?;

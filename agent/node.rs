@@ -38,7 +38,7 @@ use crate::election::{Election, Outcome};
 use crate::follow::Follow;
 use crate::gcp::{MetadataClient, SecretManager};
 use crate::health::Health;
-use crate::proxy::{InboundAuth, LiveSettings, Proxy};
+use crate::proxy::{AccessLog, InboundAuth, LiveSettings, Proxy};
 use crate::roles::{self, PersistedRole, Role, RoleSource};
 use crate::routing::config_api::{self, Push, PushOutcome};
 use crate::routing::source::{self as route_source, HostMap};
@@ -260,6 +260,7 @@ impl Node {
             auth: auth.clone(),
             auth_header: auth_header.clone(),
             max_body_bytes: config.proxy.max_body_bytes,
+            access_log: AccessLog::from_config(&config.proxy.access_log),
         });
         Ok(())
     }

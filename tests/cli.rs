@@ -284,6 +284,26 @@ max_header_bytes = 10
     assert!(err.contains(&format!("{file}: routes.file: ")), "{err}");
 }
 
+#[test]
+fn check_names_the_access_log_key_and_reason() {
+    let dir = scratch_dir("access_log_errors");
+    let path = dir.join("agent.toml");
+    std::fs::write(&path, "[proxy.access_log]\nenabled = true\nsample = 1.5\n").unwrap();
+    let out = check(&path);
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG));
+    let err = text(&out.stderr);
+    let want = format!("{}: proxy.access_log.sample: must be between 0 and 1", path.display());
+    assert!(err.lines().any(|l| l.starts_with(&want)), "missing {want:?} in:\n{err}");
+
+    std::fs::write(&path, "[proxy.access_log]\nformat = \"xml\"\nheaders = true\n").unwrap();
+    let out = check(&path);
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG));
+    let err = text(&out.stderr);
+    for key in ["proxy.access_log.format", "proxy.access_log.headers"] {
+        assert!(err.contains(&format!(": {key}: ")), "missing {key} in:\n{err}");
+    }
+}
+
 /// One run, every problem: a parser error does not hide a bad URL, an unreadable secret, a
 /// secret no client can send, or the cloudflared checks of a disabled cloudflared; and a token
 /// given as `--token=…` is never echoed.

@@ -251,6 +251,42 @@ pub struct ProxySection {
     #[serde(with = "humantime_serde")]
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
+    /// One line per request, for "which requests got that 502?".
+    pub access_log: AccessLogSection,
+}
+
+/// `[proxy.access_log]`: an optional line per proxied request (target `access`), written
+/// wherever the agent's own log goes. Applied on reload.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessLogSection {
+    pub enabled: bool,
+    pub format: AccessLogFormat,
+    /// Share of requests logged, 0 to 1. Responses >= 500 and proxy errors are always logged:
+    /// they are what an operator looks for.
+    pub sample: f64,
+    /// Include the query string. Off by default: queries carry tokens and personal data.
+    pub query: bool,
+}
+
+impl Default for AccessLogSection {
+    fn default() -> Self {
+        AccessLogSection {
+            enabled: false,
+            format: AccessLogFormat::Json,
+            sample: 1.0,
+            query: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogFormat {
+    /// One JSON object per line.
+    Json,
+    /// `key=value` pairs after `METHOD PATH STATUS`.
+    Text,
 }
 
 impl Default for ProxySection {
@@ -270,6 +306,7 @@ impl Default for ProxySection {
             upstream_timeout: Duration::from_secs(60),
             pool_idle_timeout: Duration::from_secs(60),
             pool_max_idle_per_host: 64,
+            access_log: AccessLogSection::default(),
         }
     }
 }

@@ -110,6 +110,13 @@ impl Config {
                 bad(format!("proxy.{k}"), "must be greater than 0".into());
             }
         }
+        let sample = p.access_log.sample;
+        if !(0.0..=1.0).contains(&sample) {
+            bad(
+                "proxy.access_log.sample".into(),
+                format!("must be between 0 and 1 (a share of requests), not {sample}"),
+            );
+        }
         // Port 0 asks the kernel for a free port, so two `:0` listeners never collide (tests
         // and ad-hoc runs bind both that way).
         if p.listen == self.health.listen && p.listen.port() != 0 {

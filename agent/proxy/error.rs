@@ -89,6 +89,16 @@ impl ProxyError {
         }
     }
 
+    /// The upstream URL (credentials redacted) the failure is about, if any.
+    pub fn upstream(&self) -> Option<&str> {
+        match self {
+            ProxyError::TokenUnavailable { upstream, .. }
+            | ProxyError::UpstreamTimeout { upstream, .. }
+            | ProxyError::Upstream { upstream, .. } => Some(upstream),
+            _ => None,
+        }
+    }
+
     /// The upstream-error metric this counts under, if it is the upstream's failure.
     pub fn upstream_kind(&self) -> Option<UpstreamErrorKind> {
         match self {

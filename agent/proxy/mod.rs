@@ -26,9 +26,11 @@ use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
 
+pub mod access_log;
 mod auth;
 mod error;
 
+pub use access_log::AccessLog;
 pub use auth::{AcceptedToken, InboundAuth};
 pub use error::ProxyError;
 
@@ -43,6 +45,8 @@ use crate::routing::{Filters, RequestHead};
 use crate::telemetry::Metrics;
 
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+/// What the server sends: the body as it is, or wrapped to write its access-log line at the end.
+pub type Served = Either<ProxyBody, access_log::Logged<ProxyBody>>;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Hop-by-hop headers that are removed whether or not `Connection` names them
@@ -74,6 +78,8 @@ pub struct LiveSettings {
     /// token meant for this hop must never reach an upstream.
     pub auth_header: HeaderName,
     pub max_body_bytes: Option<u64>,
+    /// `[proxy.access_log]`; `None` when off.
+    pub access_log: Option<AccessLog>,
 }
 
 impl LiveSettings {
@@ -84,6 +90,7 @@ impl LiveSettings {
             auth: self.auth.clone(),
             auth_header: self.auth_header.clone(),
             max_body_bytes: self.max_body_bytes,
+            access_log: self.access_log.clone(),
         }
     }
 }
@@ -225,12 +232,31 @@ impl Proxy {
     }
 
     /// Handles one downstream request. Never fails: every error becomes a response.
-    pub async fn handle(self: Arc<Self>, peer: SocketAddr, req: Request<Incoming>) -> Response<ProxyBody> {
+    pub async fn handle(self: Arc<Self>, peer: SocketAddr, mut req: Request<Incoming>) -> Response<Served> {
         let start = Instant::now();
+        let live = self.live.load_full();
+        // With the access log off, this is all it costs.
+        let Some(log) = live.access_log.as_ref().filter(|_| req.uri().path() != "/healthz") else {
+            return self.serve(&live, peer, req, start, None).await.map(Either::Left);
+        };
+        let entry = log.begin(&req, start);
+        // For the upstream request's body (bytes in) and its response (status, address).
+        req.extensions_mut().insert(entry.exchange.clone());
+        let resp = self.serve(&live, peer, req, start, Some(&entry.exchange)).await;
+        entry.finish(resp)
+    }
+
+    async fn serve(
+        &self,
+        live: &LiveSettings,
+        peer: SocketAddr,
+        req: Request<Incoming>,
+        start: Instant,
+        exchange: Option<&access_log::Exchange>,
+    ) -> Response<ProxyBody> {
         if req.uri().path() == "/healthz" {
             return json(StatusCode::OK, r#"{"status":"ok"}"#.into());
         }
-        let live = self.live.load_full();
         if let Some(auth) = &live.auth {
             let ok = req
                 .headers()
@@ -259,14 +285,22 @@ impl Proxy {
             return ProxyError::NoRoute { host, path }.response();
         };
         let rule = routed.rule;
+        if let Some(x) = exchange {
+            x.route(&rule.route);
+        }
         let origin = rule
             .filters
             .cors
             .as_ref()
             .and(req.headers().get(header::ORIGIN).cloned());
-        let mut resp = match self.forward(routed, &live, peer, req, start).await {
+        let mut resp = match self.forward(routed, live, peer, req, start).await {
             Ok(resp) => resp,
-            Err(e) => self.failed(rule, e),
+            Err(e) => {
+                if let Some(x) = exchange {
+                    x.failed(e.code(), e.upstream(), e.upstream_kind().is_some());
+                }
+                self.failed(rule, e)
+            }
         };
         if let Some(cors) = &rule.filters.cors {
             cors.decorate(origin.as_ref(), resp.headers_mut());
@@ -409,6 +443,7 @@ impl Proxy {
             auth_header: backend.auth_header,
         };
         target.address(&self.tokens, &mut parts, pq.as_ref()).await?;
+        let exchange = parts.extensions.remove::<Arc<access_log::Exchange>>();
         // Extensions are per hop (hyper's connection info, upgrade handles): start clean.
         parts.extensions = http::Extensions::new();
         let progress = Arc::new(BodyProgress::new());
@@ -419,6 +454,7 @@ impl Proxy {
                 remaining: live.max_body_bytes.unwrap_or(u64::MAX),
                 progress: progress.clone(),
                 tee,
+                exchange: exchange.clone(),
             },
         );
 
@@ -433,7 +469,12 @@ impl Proxy {
             UpstreamProtocol::H2c => response_head(self.h2c.request(up), backend_timeout, &progress).await,
         };
         let mut resp = match sent {
-            Some(Ok(resp)) => resp,
+            Some(Ok(resp)) => {
+                if let Some(x) = &exchange {
+                    x.upstream(&backend.upstream.url, &resp);
+                }
+                resp
+            }
             Some(Err(e)) => return Err(upstream_failure(backend, &e)),
             None => {
                 return Err(ProxyError::UpstreamTimeout {
@@ -897,6 +938,8 @@ pub struct CappedBody {
     remaining: u64,
     progress: Arc<BodyProgress>,
     tee: Option<MirrorTee>,
+    /// The access log's tally of bytes in; `None` when the log is off.
+    exchange: Option<Arc<access_log::Exchange>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -919,6 +962,9 @@ impl Body for CappedBody {
                     }
                     self.remaining -= n;
                     self.progress.touch();
+                    if let Some(x) = &self.exchange {
+                        x.sent(n);
+                    }
                     if let Some(tee) = &mut self.tee {
                         if !tee.observe(data) {
                             self.tee = None;
