@@ -11,6 +11,8 @@
 #   AGENT_B=path/to/other/tunnel-agent bench/run.sh
 #                                     # A/B: a second agent build (target "agent_b") in the same
 #                                     # run; AGENT_B_ENV="K=V ..." sets its environment
+#   ACCESS_LOG=1 bench/run.sh         # also target "agent_log": the same agent with
+#                                     # [proxy.access_log] on (every request, JSON, to a file)
 #
 # Targets:
 #   direct  wrk → backend
@@ -185,8 +187,8 @@ pids+=($!)
 nginx_pid=$!
 
 # --- tunnel-agent ------------------------------------------------------------------------------------
-declare -A agent_port agent_health agent_pid
-start_agent() { # start_agent NAME BINARY [ENV...]
+declare -A agent_port agent_health agent_pid agent_extra agent_log_level
+start_agent() { # start_agent NAME BINARY [ENV...]; agent_extra[NAME]: more TOML for [proxy]
     local name=$1 binary=$2 dir=$work/$1 port health
     shift 2
     read -r port health < <(free_ports 2)
@@ -196,7 +198,7 @@ start_agent() { # start_agent NAME BINARY [ENV...]
 runtime_dir = "$dir/run"
 state_dir = "$dir/state"
 log_format = "text"
-log_level = "warn"
+log_level = "${agent_log_level[$name]:-warn}"
 
 [secrets.internal_token]
 source = "env"
@@ -208,6 +210,7 @@ auth_secret = "internal_token"
 # nginx keeps 64 idle upstream connections per worker (keepalive 64), 128 in all: the same here,
 # or more than 64 concurrent requests would close and reopen upstream connections.
 pool_max_idle_per_host = 128
+${agent_extra[$name]:-}
 
 [health]
 listen = "127.0.0.1:$health"
@@ -220,7 +223,19 @@ hostnames = ["$HOST"]
 upstream = "http://127.0.0.1:$BACKEND_PORT"
 upstream_auth = "gcp-id-token"
 EOF
-    env "$@" BENCH_INTERNAL_TOKEN=$TOKEN "${server_pin[@]}" "$binary" run -c "$dir/agent.toml" 2>"$dir/log" &
+    if [[ -n ${agent_extra[$name]:-} ]]; then
+        # An access line per request would fill the disk: keep the first 200 lines, read and
+        # discard the rest (as journald would read them).
+        env "$@" BENCH_INTERNAL_TOKEN=$TOKEN "${server_pin[@]}" "$binary" run -c "$dir/agent.toml" \
+            2> >(exec python3 -c '
+import sys
+with open(sys.argv[1], "wb", buffering=0) as f:
+    for n, line in enumerate(sys.stdin.buffer):
+        if n < 200:
+            f.write(line)' "$dir/log") &
+    else
+        env "$@" BENCH_INTERNAL_TOKEN=$TOKEN "${server_pin[@]}" "$binary" run -c "$dir/agent.toml" 2>"$dir/log" &
+    fi
     pids+=($!)
     agent_pid[$name]=$!
     agent_port[$name]=$port
@@ -228,6 +243,13 @@ EOF
 }
 agents=(agent)
 start_agent agent "$AGENT"
+if [[ -n ${ACCESS_LOG:-} ]]; then
+    agents+=(agent_log)
+    # Every request logged (sample = 1): the worst case. stderr goes to $work/agent_log/log.
+    agent_extra[agent_log]='access_log = { enabled = true, format = "json", sample = 1.0 }'
+    agent_log_level[agent_log]='warn,access=info'
+    start_agent agent_log "$AGENT"
+fi
 if [[ -n ${AGENT_B:-} ]]; then
     agents+=(agent_b)
     # shellcheck disable=SC2086 # AGENT_B_ENV is a list of K=V words
@@ -245,6 +267,14 @@ for a in "${agents[@]}"; do
     [[ $(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:${agent_port[$a]}/" -H "Host: $HOST") == 401 ]] ||
         { log "$a accepted a request without the internal token"; exit 1; }
 done
+if [[ -n ${ACCESS_LOG:-} ]]; then
+    # The warm-up requests above were logged (a line is written when its response body ends).
+    for _ in $(seq 100); do
+        grep -q '"status":200' "$work/agent_log/log" && break
+        sleep 0.1
+    done
+    grep -q '"status":200' "$work/agent_log/log" || { log "agent_log wrote no access line"; exit 1; }
+fi
 [[ $(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$NGINX_PORT/" -H "Host: $HOST") == 401 ]] ||
     { log "nginx accepted a request without the internal token"; exit 1; }
 
