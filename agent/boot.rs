@@ -326,9 +326,10 @@ async fn start(
     })
 }
 
-/// Asks the configured cloudflared its version, once: logged, shown in `/status` and the
-/// metrics, and checked against the token delivery. A cloudflared that cannot be asked is only
-/// warned about here (starting it will say what is wrong, and a standby may never start it).
+/// Asks the configured cloudflared its version at boot (a reload asks again, in
+/// `Node::reload_cloudflared_version`): logged, shown in `/status` and the metrics, and checked
+/// against the token delivery. A cloudflared that cannot be asked is only warned about here
+/// (starting it will say what is wrong, and a standby may never start it).
 async fn detect_cloudflared(
     config: &Config,
     health: &Health,

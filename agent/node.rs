@@ -115,7 +115,8 @@ pub struct Node {
     pub role_source: RoleSource,
     /// The applied table's pushed version, for the config API's `GET /config` and `/readyz`.
     pub routes_version: watch::Sender<Option<u64>>,
-    /// `cloudflared --version` at boot, when cloudflared is enabled and answered.
+    /// `cloudflared --version` of the running configuration's binary: asked at boot and again on
+    /// every reload, when cloudflared is enabled and answered.
     pub cloudflared_version: Option<crate::tunnel::version::CloudflaredVersion>,
     /// The leader election, when `[role_election]` decides the role.
     pub election: Option<Election>,
@@ -322,11 +323,7 @@ impl Node {
 
     async fn try_reload(&mut self) -> anyhow::Result<()> {
         let mut new = crate::routing::load_config(&self.config_path)?;
-        if let (Some(version), true) = (&self.cloudflared_version, new.cloudflared.enabled) {
-            if new.cloudflared.path == self.config.cloudflared.path {
-                crate::tunnel::version::check_delivery(&new.cloudflared.path, version, new.cloudflared.token_delivery)?;
-            }
-        }
+        let cloudflared_version = self.reload_cloudflared_version(&new).await?;
         let pending = self.config.restart_only_differences(&new);
         // From here on `new` holds the running values of restart-only settings, so nothing
         // below acts on one of them (a new runtime_dir, a new route source) before a restart.
@@ -370,6 +367,19 @@ impl Node {
             let _ = std::fs::remove_file(roles::state_path(&new.agent.state_dir));
         }
         self.apply_settings(&new, &secrets)?;
+        if cloudflared_version != self.cloudflared_version {
+            if let Some(v) = &cloudflared_version {
+                tracing::info!(
+                    program = %new.cloudflared.path.display(),
+                    version = %v.version,
+                    "cloudflared version {} ({})",
+                    v.version,
+                    new.cloudflared.path.display()
+                );
+                self.health.tunnel.set_version(v.version.clone());
+            }
+            self.cloudflared_version = cloudflared_version;
+        }
         self.config = new;
         self.secrets = secrets;
         if let Some((map, table)) = table {
@@ -393,6 +403,35 @@ impl Node {
             self.config_path.display()
         );
         Ok(())
+    }
+
+    /// Asks the reloaded configuration's cloudflared its version again: `cloudflared.path` may
+    /// name another binary now, or a package upgrade replaced the binary in place, and what the
+    /// agent may ask of it (`--token-file`), `/status` and the metrics follow the version that
+    /// will run. A reload is refused when the new binary cannot run `token_delivery` or, named
+    /// by a new path, cannot be asked at all: the running cloudflared keeps serving instead of
+    /// being replaced by one that would crash-loop.
+    async fn reload_cloudflared_version(
+        &self,
+        new: &crate::config::Config,
+    ) -> anyhow::Result<Option<crate::tunnel::version::CloudflaredVersion>> {
+        let cf = &new.cloudflared;
+        if !cf.enabled {
+            return Ok(self.cloudflared_version.clone());
+        }
+        match crate::tunnel::version::detect(&cf.path, Duration::from_secs(10)).await {
+            Ok(version) => {
+                crate::tunnel::version::check_delivery(&cf.path, &version, cf.token_delivery)?;
+                Ok(Some(version))
+            }
+            Err(e) if cf.path != self.config.cloudflared.path => {
+                anyhow::bail!("cloudflared.path: cannot ask {} its version: {e}", cf.path.display())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot tell cloudflared's version: {e}");
+                Ok(self.cloudflared_version.clone())
+            }
+        }
     }
 
     /// (Re)starts the secret refreshers for the current config and values.

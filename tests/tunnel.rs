@@ -597,3 +597,73 @@ async fn a_flooding_cloudflared_cannot_drown_the_agents_own_lines() {
     }
     println!("flood of {flood}: {from_cf} cloudflared lines written, {repeated} repeats and {dropped} drops counted");
 }
+
+/// A reload that points `cloudflared.path` at another binary asks that one its version: the
+/// token delivery is checked against it, and `/status` and the metrics name what runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_to_another_cloudflared_asks_its_version_again() {
+    let (agent, cf) = start(&[]).await;
+    wait_ready(&agent).await;
+    let wrapper = |name: &str, version: &str| {
+        let path = agent.write_file(
+            name,
+            &format!(
+                "#!/bin/sh\nFAKE_CF_VERSION={version} exec {} \"$@\"\n",
+                FakeCloudflared::program().display()
+            ),
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        format!("path = {:?}", path.display().to_string())
+    };
+
+    let newer = wrapper("cloudflared-newer", "2026.9.0");
+    agent.rewrite_config(&config(&cf, &[&newer]));
+    agent.signal(Signal::SIGHUP);
+    agent.wait_for_log(&["configuration reloaded"], DEADLINE).await;
+    let (_, status) = get_json(&agent, "/status").await;
+    assert_eq!(status["cloudflared"]["version"], "2026.9.0", "{status}");
+    let metrics = reqwest::get(agent.health_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tunnel_agent_cloudflared_info{version=\"2026.9.0\"} 1"),
+        "{metrics}"
+    );
+    agent
+        .wait_for_log(&["cloudflared version 2026.9.0 (", "cloudflared-newer"], DEADLINE)
+        .await;
+
+    // Too old for the token file: refused, and the running one keeps its version.
+    let old = wrapper("cloudflared-old", "2024.12.1");
+    agent.rewrite_config(&config(&cf, &[&old, "token_delivery = \"file\""]));
+    agent.signal(Signal::SIGHUP);
+    agent
+        .wait_for_log(
+            &["reload rejected", "needs cloudflared 2025.4 or later", "is 2024.12.1"],
+            DEADLINE,
+        )
+        .await;
+    // A path that names nothing: refused too, instead of a crash loop.
+    agent.rewrite_config(&config(&cf, &["path = \"/nonexistent/cloudflared\""]));
+    agent.signal(Signal::SIGHUP);
+    agent
+        .wait_for_log(
+            &[
+                "reload rejected",
+                "cloudflared.path: cannot ask /nonexistent/cloudflared",
+            ],
+            DEADLINE,
+        )
+        .await;
+    let (_, status) = get_json(&agent, "/status").await;
+    assert_eq!(status["cloudflared"]["version"], "2026.9.0", "{status}");
+    assert_eq!(
+        cf.count("start"),
+        2,
+        "started at boot and for the newer path only: {:?}",
+        cf.events()
+    );
+}

@@ -1,4 +1,4 @@
-//! cloudflared's version, asked once at boot with `cloudflared --version`.
+//! cloudflared's version, asked with `cloudflared --version` at boot and on every reload.
 //!
 //! It decides what the agent may ask of the binary: `--token-file` (and `TUNNEL_TOKEN_FILE`)
 //! exist since 2025.4. An older cloudflared given `--token-file` prints "Incorrect Usage" and
