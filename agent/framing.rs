@@ -8,11 +8,12 @@
 //! ... MAY respond with a 400").
 //!
 //! hyper has no switch for this, so [`BareLfGuard`] follows HTTP/1.1 framing on the bytes the
-//! connection reads (head; then a `Content-Length` body, skipped; then the next head) and
-//! reports the first bare LF in a head. Bodies are never inspected. After a chunked body (or a
-//! head it cannot frame, which hyper will refuse anyway) it stops for the rest of the
-//! connection: following chunk framing is more code than the remaining risk is worth, and
-//! cloudflared sends request bodies with `Content-Length` when it knows it.
+//! connection reads (head; then a `Content-Length` body, skipped, or a chunked one, followed by
+//! its chunk sizes; then the next head) and reports the first bare LF in a head. Body bytes are
+//! never inspected; a chunk-size or trailer line may end in a bare LF (hyper's chunk decoder
+//! decides those), as only the heads are where two readers would see different requests.
+//! After a head it cannot frame (conflicting lengths, a coding other than chunked: hyper
+//! refuses those and closes) it stops for the rest of the connection.
 
 /// The answer to a head with a bare LF: written straight to the socket, then the connection
 /// closes (hyper never saw the head, so it has nothing to answer).
@@ -33,7 +34,17 @@ enum State {
     Head,
     /// Skipping this many body bytes.
     Body(u64),
-    /// Not following the framing any more (chunked body, unframeable head).
+    /// In a chunk-size line (RFC 9112 §7.1): the size read so far, how many hex digits it had,
+    /// and whether the digits are over (an extension or the CR follows, ignored).
+    ChunkSize { size: u64, digits: u32, done: bool },
+    /// Skipping this many bytes of chunk data.
+    ChunkData(u64),
+    /// The CRLF after a chunk's data.
+    ChunkDataEnd,
+    /// The trailer section after the last chunk; `empty`: the current line has nothing yet, so
+    /// its LF ends the body.
+    Trailers { empty: bool },
+    /// Not following the framing any more (an unframeable head).
     Off,
 }
 
@@ -48,6 +59,8 @@ pub struct BareLfGuard {
     /// Lines of the current head so far (the request line included).
     lines: usize,
     content_length: Option<u64>,
+    /// `Transfer-Encoding` ends with `chunked`.
+    chunked: bool,
     unframeable: bool,
 }
 
@@ -60,6 +73,7 @@ impl Default for BareLfGuard {
             prev_cr: false,
             lines: 0,
             content_length: None,
+            chunked: false,
             unframeable: false,
         }
     }
@@ -77,11 +91,60 @@ impl BareLfGuard {
         while !bytes.is_empty() {
             match self.state {
                 State::Off => return Ok(()),
-                State::Body(left) => {
+                State::Body(left) | State::ChunkData(left) => {
                     let n = usize::try_from(left).unwrap_or(usize::MAX).min(bytes.len());
                     bytes = &bytes[n..];
                     let left = left - n as u64;
-                    self.state = if left == 0 { State::Head } else { State::Body(left) };
+                    self.state = match (&self.state, left) {
+                        (State::Body(_), 0) => State::Head,
+                        (State::Body(_), _) => State::Body(left),
+                        (_, 0) => State::ChunkDataEnd,
+                        (_, _) => State::ChunkData(left),
+                    };
+                }
+                State::ChunkSize { size, digits, done } => {
+                    let b = bytes[0];
+                    bytes = &bytes[1..];
+                    let hex = (b as char).to_digit(16);
+                    self.state = match (b, hex) {
+                        (b'\n', _) if digits == 0 => State::Off,
+                        (b'\n', _) if size == 0 => State::Trailers { empty: true },
+                        (b'\n', _) => State::ChunkData(size),
+                        (_, Some(d)) if !done => match size.checked_mul(16) {
+                            Some(s) => State::ChunkSize {
+                                size: s + u64::from(d),
+                                digits: digits + 1,
+                                done,
+                            },
+                            // hyper refuses a size over u64 too.
+                            None => State::Off,
+                        },
+                        _ => State::ChunkSize {
+                            size,
+                            digits,
+                            done: true,
+                        },
+                    };
+                }
+                State::ChunkDataEnd => {
+                    if bytes[0] == b'\n' {
+                        self.state = State::ChunkSize {
+                            size: 0,
+                            digits: 0,
+                            done: false,
+                        };
+                    }
+                    bytes = &bytes[1..];
+                }
+                State::Trailers { empty } => {
+                    let b = bytes[0];
+                    bytes = &bytes[1..];
+                    self.state = match b {
+                        b'\n' if empty => State::Head,
+                        b'\n' => State::Trailers { empty: true },
+                        b'\r' => State::Trailers { empty },
+                        _ => State::Trailers { empty: false },
+                    };
                 }
                 State::Head => {
                     let b = bytes[0];
@@ -128,13 +191,21 @@ impl BareLfGuard {
         // An empty line before any request line is ignorable (RFC 9112 §2.2); after one, it ends
         // the head.
         if empty && self.lines > 0 {
-            self.state = match (self.unframeable, self.content_length) {
-                (true, _) => State::Off,
-                (false, Some(n)) if n > 0 => State::Body(n),
-                (false, _) => State::Head,
+            self.state = match (self.unframeable, self.chunked, self.content_length) {
+                (true, _, _) => State::Off,
+                // Both: RFC 9112 §6.3 lets a server refuse it, and hyper does.
+                (false, true, Some(_)) => State::Off,
+                (false, true, None) => State::ChunkSize {
+                    size: 0,
+                    digits: 0,
+                    done: false,
+                },
+                (false, false, Some(n)) if n > 0 => State::Body(n),
+                (false, false, _) => State::Head,
             };
             self.lines = 0;
             self.content_length = None;
+            self.chunked = false;
             self.unframeable = false;
         }
     }
@@ -153,7 +224,14 @@ impl BareLfGuard {
         };
         let (name, value) = (&self.line[..colon], self.line[colon + 1..].trim_ascii());
         if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            self.unframeable = true;
+            // Chunked must be the last coding (RFC 9112 §6.1), and only once; anything else is
+            // a body this guard cannot frame (and hyper refuses).
+            let last = value.rsplit(|&b| b == b',').next().unwrap_or(value).trim_ascii();
+            if last.eq_ignore_ascii_case(b"chunked") && !self.chunked {
+                self.chunked = true;
+            } else {
+                self.unframeable = true;
+            }
         } else if name.eq_ignore_ascii_case(b"content-length") {
             let parsed = std::str::from_utf8(value).ok().and_then(|v| v.parse::<u64>().ok());
             match (parsed, self.content_length) {
@@ -217,12 +295,44 @@ mod tests {
     }
 
     #[test]
-    fn a_chunked_body_turns_the_guard_off() {
+    fn chunked_bodies_are_followed_and_the_next_head_is_checked_in_any_split() {
+        // Chunk data with LFs and CRLFs in it, an extension, a multi-digit size, trailers.
+        let data = b"\r\n\r\n\nGET / HTTP/1.1\nxxxxxxxxx\r\n";
+        let body = &[
+            &b"3;ext=1\r\na\nb\r\n"[..],
+            format!("{:X}\r\n", data.len()).as_bytes(),
+            data,
+            b"\r\n0\r\nX-T: 1\r\n\r\n",
+        ]
+        .concat()[..];
+        let head = b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n";
+        let good = [&head[..], body, b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n"].concat();
+        let bad = [&head[..], body, b"GET /2 HTTP/1.1\nHost: a\r\n\r\n"].concat();
+        for cut in 0..good.len() {
+            assert_eq!(feed_all(&[&good[..cut], &good[cut..]]), Ok(()), "cut at {cut}");
+            assert_eq!(feed_all(&[&bad[..cut], &bad[cut..]]), Err(()), "cut at {cut}");
+        }
         let mut g = BareLfGuard::default();
-        let req = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\na\nb\r\n0\r\n\r\n";
-        assert_eq!(g.feed(req), Ok(()));
-        assert!(!g.active());
-        assert_eq!(g.feed(b"GET / HTTP/1.1\n\n"), Ok(()), "no longer followed");
+        assert_eq!(g.feed(&good), Ok(()));
+        assert!(g.active(), "still following: {:?}", g.state);
+        // The chunked body without trailers, then a bare-LF head.
+        let req = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\na\nb\r\n0\r\n\r\nGET / HTTP/1.1\n\n";
+        assert_eq!(feed_all(&[req]), Err(()));
+    }
+
+    #[test]
+    fn chunked_framing_it_cannot_follow_turns_the_guard_off() {
+        for req in [
+            &b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n11111111111111111\r\n",
+        ] {
+            let mut g = BareLfGuard::default();
+            assert_eq!(g.feed(req), Ok(()), "{req:?}");
+            assert!(!g.active(), "{req:?}: {:?}", g.state);
+        }
     }
 
     #[test]

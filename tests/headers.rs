@@ -141,6 +141,52 @@ async fn heads_with_bare_lf_line_ends_get_400_and_never_reach_the_upstream() {
     assert_eq!(up.requests(), 2);
 }
 
+/// The check goes on after a chunked request body: a bare-LF head that follows one on the same
+/// keep-alive connection is refused too, while a CRLF one is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bare_lf_head_after_a_chunked_body_gets_400_too() {
+    let (up, agent) = echo_agent().await;
+    // Chunk data with bare LFs and a head-like line inside: data, not a head.
+    let chunked = "POST /chunked HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n\
+                   5\r\na\nb\nc\r\n12\r\nGET /x HTTP/1.1\n\n\n\r\n0\r\n\r\n";
+    for (second, status) in [
+        ("GET /second HTTP/1.1\nHost: app.test\r\nConnection: close\r\n\r\n", 400),
+        (
+            "GET /second HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n",
+            200,
+        ),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(agent.proxy_addr()).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut s, chunked.as_bytes())
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        let r = client::read_response(&mut s, &mut buf)
+            .await
+            .unwrap()
+            .expect("a response");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(r.text().contains("/chunked"), "{}", r.text());
+        // Only once the first answer is in: the agent sees the second head on its own.
+        tokio::io::AsyncWriteExt::write_all(&mut s, second.as_bytes())
+            .await
+            .unwrap();
+        let r = client::read_response(&mut s, &mut buf)
+            .await
+            .unwrap()
+            .expect("a response");
+        assert_eq!(r.status, status, "{second:?}: {}", r.text());
+        if status == 400 {
+            assert!(r.text().contains("bare LF"), "{}", r.text());
+        }
+    }
+    assert_eq!(
+        up.requests(),
+        3,
+        "the chunked POSTs and the CRLF GET, never the bare-LF one"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hop_by_hop_response_headers_are_not_returned() {
     let (_up, agent) = echo_agent().await;
