@@ -251,13 +251,18 @@ fn run(path: PathBuf) -> ExitCode {
     }
     // The first line of every start says what runs, from which file, in which role, so one
     // `journalctl -u tunnel-agent` excerpt identifies the build without a shell on the host.
+    // The role is the one this start begins in (a persisted promote, an election's standby),
+    // with the file's own next to it.
+    let (role, role_source, why) = tunnel_agent::roles::starting(&config);
     tracing::info!(
         version = tunnel_agent::build_info::VERSION,
         commit = tunnel_agent::build_info::COMMIT,
         build_date = tunnel_agent::build_info::BUILD_DATE,
         config_file = %path.display(),
+        role = role.as_str(),
+        role_source = role_source.as_str(),
         configured_role = config.role.as_str(),
-        "tunnel-agent {} starting with {} (configured role {})",
+        "tunnel-agent {} starting with {} (role {why}; configured role {})",
         tunnel_agent::build_info::LONG_VERSION,
         path.display(),
         config.role.as_str()

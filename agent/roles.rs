@@ -84,12 +84,44 @@ pub fn persist(state_dir: &Path, p: &PersistedRole) -> std::io::Result<()> {
 
 /// The role at boot, before any watched attribute answered.
 pub fn initial(config: &Config) -> (Role, RoleSource) {
-    match load_persisted(&config.agent.state_dir) {
+    initial_with(config, load_persisted(&config.agent.state_dir))
+}
+
+fn initial_with(config: &Config, persisted: Option<PersistedRole>) -> (Role, RoleSource) {
+    match persisted {
         // Only promote/demote is persisted; a file from an older version may hold another
         // source's role, which is not trusted after a restart.
         Some(p) if p.config_role == config.role && p.source == RoleSource::Cli => (p.role, RoleSource::Persisted),
         _ => (config.role, RoleSource::Config),
     }
+}
+
+/// The role this start begins in and why, for the first log line: what the boot will decide
+/// before asking anything remote (a watched attribute is read later in the boot, and is named
+/// instead). Quiet: the boot reads the persisted role again and warns about a bad file then.
+pub fn starting(config: &Config) -> (Role, RoleSource, String) {
+    if config.role_election.is_some() {
+        return (Role::Standby, RoleSource::Election, "standby until elected".to_owned());
+    }
+    if config.role_follow.is_some() {
+        let why = "standby until the role_follow check passes".to_owned();
+        return (Role::Standby, RoleSource::Follow, why);
+    }
+    if let Some(path) = attribute_path(config) {
+        let why = format!("from the metadata attribute {path}, standby until it answers");
+        return (Role::Standby, RoleSource::WatchedAttribute, why);
+    }
+    let persisted = std::fs::read(state_path(&config.agent.state_dir))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let (role, source) = initial_with(config, persisted);
+    let why = match (source, role) {
+        (RoleSource::Persisted, Role::Active) => "active, kept from an earlier promote",
+        (RoleSource::Persisted, Role::Standby) => "standby, kept from an earlier demote",
+        (_, Role::Active) => "active, as configured",
+        (_, Role::Standby) => "standby, as configured",
+    };
+    (role, source, why.to_owned())
 }
 
 /// The role the watched attribute's value gives this host.

@@ -355,6 +355,13 @@ async fn a_promotion_survives_a_restart() {
     let s = status(&second).await;
     assert_eq!(s["role"], "active", "{s}");
     assert_eq!(s["role_source"], "persisted", "{s}");
+    // The first line names the role this start is in, not only the file's.
+    let first_line = second.logs().into_iter().next().unwrap_or_default();
+    assert!(
+        first_line.contains("(role active, kept from an earlier promote; configured role standby)")
+            && first_line.contains("role_source=\"persisted\""),
+        "first log line: {first_line}"
+    );
     let pids = cf.wait_starts(2, DEADLINE).await;
     assert_ne!(pids[1], p.pid);
     wait_health(&second, "/active", StatusCode::OK).await;
@@ -369,6 +376,11 @@ async fn a_promotion_survives_a_restart() {
         (s["role"].as_str(), s["role_source"].as_str()),
         (Some("active"), Some("config")),
         "{s}"
+    );
+    let first_line = third.logs().into_iter().next().unwrap_or_default();
+    assert!(
+        first_line.contains("(role active, as configured; configured role active)"),
+        "first log line: {first_line}"
     );
 }
 
@@ -400,6 +412,12 @@ async fn the_watched_attribute_decides_the_role() {
     let first = cf.wait_starts(1, DEADLINE).await[0];
     wait_health(&agent, "/active", StatusCode::OK).await;
     wait_role(&agent, "active", "watched-attribute").await;
+    let first_line = agent.logs().into_iter().next().unwrap_or_default();
+    assert!(
+        first_line.contains("(role from the metadata attribute ")
+            && first_line.contains("tunnel-active-host, standby until it answers; configured role standby)"),
+        "first log line: {first_line}"
+    );
 
     meta.set_attribute(ROLE_ATTRIBUTE, "node-b");
     eventually(DEADLINE, "cloudflared to stop after the attribute moved", || async {
