@@ -11,8 +11,9 @@
 //! `Cf-Ray` and `Cf-Connecting-IP` (cloudflared passes both from the edge, so a line can be
 //! found in Cloudflare's logs too).
 //!
-//! Cost: with the log off, `Proxy::handle` takes one branch; the request body counts its bytes
-//! only when it was handed an [`Exchange`].
+//! Cost: with the log off, `Proxy::handle` takes one branch (no allocation, no clock read
+//! beyond the request's `start`), and the upstream request body one more per data frame (its
+//! `Option<Arc<Exchange>>` is `None`).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
