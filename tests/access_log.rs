@@ -100,6 +100,7 @@ async fn a_line_per_request_with_its_facts_and_no_secret() {
     let line = line_for(&agent, "/no-token").await;
     assert_eq!(line["status"], 401, "{line}");
     assert!(line["route"].is_null() && line["upstream"].is_null(), "{line}");
+    assert_eq!(line["error"], "unauthorized", "{line}");
 
     // The agent's own probe path is not a request anyone asked about.
     assert_eq!(get(addr, "app.test", "/healthz", &[]).await.status, 200);

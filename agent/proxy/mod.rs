@@ -264,8 +264,13 @@ impl Proxy {
                 .is_some_and(|v| auth.accepts(v.as_bytes()));
             if !ok {
                 self.metrics.unrouted.observe(401, start.elapsed());
-                let header = auth.header.clone();
-                return ProxyError::Unauthorized { header }.response();
+                let e = ProxyError::Unauthorized {
+                    header: auth.header.clone(),
+                };
+                if let Some(x) = exchange {
+                    x.failed(e.code(), None, false);
+                }
+                return e.response();
             }
         }
         // HTTP/2 requests carry the host in `:authority`; HTTP/1.1 in `Host`.
@@ -282,7 +287,11 @@ impl Proxy {
         let Some(routed) = live.routes.route(host, &RequestHead::of(&req)) else {
             self.metrics.unrouted.observe(404, start.elapsed());
             let (host, path) = (host.to_owned(), req.uri().path().to_owned());
-            return ProxyError::NoRoute { host, path }.response();
+            let e = ProxyError::NoRoute { host, path };
+            if let Some(x) = exchange {
+                x.failed(e.code(), None, false);
+            }
+            return e.response();
         };
         let rule = routed.rule;
         if let Some(x) = exchange {
