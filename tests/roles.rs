@@ -570,6 +570,12 @@ async fn assert_inactive_while_draining(agent: &Agent, cf: &FakeCloudflared, pid
     let ready = get(agent.health_addr(), "localhost", "/ready", &[]).await;
     assert_eq!(ready.status, StatusCode::OK, "{}", ready.text());
     assert_eq!(ready.json()["components"]["cloudflared"], "draining after demotion");
+    // The SIGTERM goes out with the decision; the fake records it when its handler runs, which
+    // on a loaded machine can be after /active already answers.
+    eventually(DEADLINE, "the fake to record its SIGTERM", || async {
+        (cf.sigterms(pid) > 0).then_some(())
+    })
+    .await;
     assert_eq!(cf.sigterms(pid), 1, "{:?}", cf.events());
     assert_eq!(
         cf.exit_code(pid),
