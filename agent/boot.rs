@@ -155,7 +155,12 @@ async fn start(
     stack.push(Stop::Health(health_server));
 
     // 5. Proxy, with an empty table until the node installs the boot table.
-    let tokens = gcp::IdTokenCache::new(metadata.clone(), config.gcp.id_token_refresh_margin, metrics.clone());
+    let tokens = gcp::IdTokenCache::new(
+        metadata.clone(),
+        config.gcp.id_token_refresh_margin,
+        metrics.clone(),
+        tokio::runtime::Handle::current(),
+    );
     let live = LiveSettings {
         auth: InboundAuth::for_config(&config, &secrets, None)?,
         routes: Arc::new(RouteTable::default()),
@@ -164,13 +169,13 @@ async fn start(
         access_log: AccessLog::from_config(&config.proxy.access_log),
     };
     let proxy = Proxy::new(&config.proxy, live, tokens, metrics.clone())?;
-    let proxy_listener = server::bind(config.proxy.listen, "proxy.listen").await?;
-    let proxy_server = {
-        let proxy = proxy.clone();
-        server::serve(proxy_listener, limits.clone(), move |peer, req| {
-            proxy.clone().handle(peer, req)
-        })?
-    };
+    // One thread per CPU, each with its own listening socket and upstream pools (nginx's
+    // worker model; docs/benchmarks.md has the numbers).
+    let workers = config.proxy.worker_threads();
+    let proxy_server = server::serve_workers(config.proxy.listen, "proxy.listen", workers, limits.clone(), |_| {
+        let worker = proxy.worker();
+        move |peer, req| worker.clone().handle(peer, req)
+    })?;
     let proxy_addr = proxy_server.local_addr;
     stack.push(Stop::Proxy(proxy_server));
 
@@ -222,7 +227,7 @@ async fn start(
     }
     health.proxy_answering.store(true, Ordering::Release);
     stack.push(Stop::ProxyProbe(health.watch_proxy(proxy_addr, Duration::from_secs(1))));
-    tracing::info!(listen = %proxy_addr, "proxy up on {proxy_addr}");
+    tracing::info!(listen = %proxy_addr, workers, "proxy up on {proxy_addr}");
 
     // The control socket, before READY=1 so `systemctl start` followed at once by `tunnel-agent
     // promote` finds it. Commands wait in the channel until the node's loop runs.

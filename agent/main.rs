@@ -267,11 +267,10 @@ fn run(path: PathBuf) -> ExitCode {
         path.display(),
         config.role.as_str()
     );
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("tunnel-agent")
-        .build()
-    {
+    // The control runtime (boot, supervision, health, roles, reloads) is one thread; the proxy
+    // runs on its own worker threads (`proxy.workers`), so the autohealing probe and
+    // cloudflared's supervision never queue behind proxied requests.
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             err(&format!("cannot start the async runtime: {e}\n"));

@@ -29,9 +29,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::{oneshot, watch};
 use tokio::time::{Instant, Sleep};
 
 use crate::framing::{BareLfGuard, BARE_LF_RESPONSE};
@@ -214,11 +213,13 @@ impl<B: Body<Data = Bytes> + Unpin> Body for TrackedBody<B> {
     }
 }
 
-/// A running listener. Dropping it does not stop it; call [`ServerHandle::shutdown`].
+/// A running listener (one or several accept loops on the same address). Dropping it does not
+/// stop it; call [`ServerHandle::shutdown`].
 pub struct ServerHandle {
     pub local_addr: SocketAddr,
     stop: watch::Sender<Option<Duration>>,
-    task: JoinHandle<bool>,
+    /// One per accept loop: whether its connections finished within the grace.
+    loops: Vec<oneshot::Receiver<bool>>,
 }
 
 impl ServerHandle {
@@ -226,7 +227,11 @@ impl ServerHandle {
     /// `grace`, closes idle connections. Returns whether every connection finished in time.
     pub async fn shutdown(self, grace: Duration) -> bool {
         let _ = self.stop.send(Some(grace));
-        self.task.await.unwrap_or(false)
+        let mut drained = true;
+        for done in self.loops {
+            drained &= done.await.unwrap_or(false);
+        }
+        drained
     }
 }
 
@@ -237,7 +242,7 @@ pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({what}): {e}"))
 }
 
-/// Serves `handler` on `listener` until shut down.
+/// Serves `handler` on `listener` until shut down, on the caller's runtime.
 pub fn serve<H, F, B>(listener: TcpListener, limits: Limits, handler: H) -> anyhow::Result<ServerHandle>
 where
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
@@ -246,7 +251,105 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let local_addr = listener.local_addr()?;
-    let (stop, mut stopped) = watch::channel(None);
+    let (stop, stopped) = watch::channel(None);
+    let (done, loop_done) = oneshot::channel();
+    tokio::spawn(async move {
+        let _ = done.send(accept_loop(listener, limits, handler, stopped).await);
+    });
+    Ok(ServerHandle {
+        local_addr,
+        stop,
+        loops: vec![loop_done],
+    })
+}
+
+/// Serves `addr` from `workers` threads, each with its own single-threaded runtime and its own
+/// listening socket on the same address (`SO_REUSEPORT`: the kernel spreads new connections
+/// over them). A connection, its requests and whatever `make_handler(i)` gives worker `i` (the
+/// proxy's upstream pools) stay on one thread, as in nginx's worker processes: no work
+/// stealing and no wake-ups across CPUs on the request path.
+pub fn serve_workers<M, H, F, B>(
+    addr: SocketAddr,
+    what: &str,
+    workers: usize,
+    limits: Limits,
+    make_handler: M,
+) -> anyhow::Result<ServerHandle>
+where
+    M: Fn(usize) -> H,
+    H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let (stop, _) = watch::channel(None);
+    let mut local_addr = addr;
+    let mut loops = Vec::with_capacity(workers);
+    for i in 0..workers.max(1) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| anyhow::anyhow!("cannot start proxy worker {i}: {e}"))?;
+        // The first socket picks the port when `addr` asks for port 0; the others join it.
+        let listener = {
+            let _in_runtime = runtime.enter();
+            reuse_port_listener(local_addr)
+                .map_err(|e| anyhow::anyhow!("cannot listen on {local_addr} ({what}): {e}"))?
+        };
+        local_addr = listener.local_addr()?;
+        let (done, loop_done) = oneshot::channel();
+        let handler = make_handler(i);
+        let stopped = stop.subscribe();
+        let limits = limits.clone();
+        std::thread::Builder::new()
+            .name(format!("proxy-worker-{i}"))
+            .spawn(move || {
+                let drained = runtime.block_on(accept_loop(listener, limits, handler, stopped));
+                // Connections still open after the grace are dropped with the runtime.
+                drop(runtime);
+                let _ = done.send(drained);
+            })
+            .map_err(|e| anyhow::anyhow!("cannot start proxy worker {i}: {e}"))?;
+        loops.push(loop_done);
+    }
+    Ok(ServerHandle {
+        local_addr,
+        stop,
+        loops,
+    })
+}
+
+/// A listening socket with `SO_REUSEPORT` (and `SO_REUSEADDR`, as tokio's `bind` sets), in the
+/// current runtime.
+fn reuse_port_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+/// Accepts and serves connections until `stopped` carries a grace, then drains them for up to
+/// that long. Returns whether every connection finished in time.
+async fn accept_loop<H, F, B>(
+    listener: TcpListener,
+    limits: Limits,
+    handler: H,
+    mut stopped: watch::Receiver<Option<Duration>>,
+) -> bool
+where
+    H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let local_addr = match listener.local_addr() {
+        Ok(a) => a.to_string(),
+        Err(_) => "?".to_owned(),
+    };
     let (alive, alive_token) = watch::channel(());
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -262,75 +365,72 @@ where
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
 
-    let task = tokio::spawn(async move {
-        let graceful = GracefulShutdown::new();
-        let grace = loop {
-            tokio::select! {
-                accepted = listener.accept() => {
-                    let (stream, peer) = match accepted {
-                        Ok(a) => a,
-                        Err(e) => {
-                            // EMFILE and friends: back off briefly instead of spinning.
-                            tracing::warn!(listener = %local_addr, error = %e, "accept failed on {local_addr}: {e}");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
+    let graceful = GracefulShutdown::new();
+    let grace = loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // EMFILE and friends: back off briefly instead of spinning.
+                        tracing::warn!(listener = %local_addr, error = %e, "accept failed on {local_addr}: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let phase = Arc::new(ConnPhase::default());
+                let io = HeadTimeoutIo {
+                    inner: stream,
+                    phase: phase.clone(),
+                    timeout: limits.header_read_timeout,
+                    head: None,
+                    sleep: None,
+                    first_read: true,
+                    disabled: false,
+                    bare_lf: BareLfGuard::default(),
+                    rejecting: None,
+                    _alive: alive_token.clone(),
+                };
+                let handler = handler.clone();
+                let service = hyper::service::service_fn(move |req| {
+                    phase.started.fetch_add(1, Ordering::AcqRel);
+                    phase.in_flight.fetch_add(1, Ordering::AcqRel);
+                    let phase = phase.clone();
+                    let fut = handler(peer, req);
+                    async move {
+                        let resp = fut.await;
+                        // Set before hyper writes the 101, so no upgraded byte is ever
+                        // timed as a request head.
+                        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                            phase.upgraded.store(true, Ordering::Release);
                         }
-                    };
-                    let _ = stream.set_nodelay(true);
-                    let phase = Arc::new(ConnPhase::default());
-                    let io = HeadTimeoutIo {
-                        inner: stream,
-                        phase: phase.clone(),
-                        timeout: limits.header_read_timeout,
-                        head: None,
-                        sleep: None,
-                        first_read: true,
-                        disabled: false,
-                        bare_lf: BareLfGuard::default(),
-                        rejecting: None,
-                        _alive: alive_token.clone(),
-                    };
-                    let handler = handler.clone();
-                    let service = hyper::service::service_fn(move |req| {
-                        phase.started.fetch_add(1, Ordering::AcqRel);
-                        phase.in_flight.fetch_add(1, Ordering::AcqRel);
-                        let phase = phase.clone();
-                        let fut = handler(peer, req);
-                        async move {
-                            let resp = fut.await;
-                            // Set before hyper writes the 101, so no upgraded byte is ever
-                            // timed as a request head.
-                            if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                                phase.upgraded.store(true, Ordering::Release);
-                            }
-                            Ok::<_, Infallible>(resp.map(|inner| TrackedBody { inner, phase }))
-                        }
-                    });
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
-                    let conn = graceful.watch(conn);
-                    tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            tracing::debug!(%peer, error = %e, "connection from {peer} closed with error: {e}");
-                        }
-                    });
-                }
-                _ = stopped.changed() => break stopped.borrow().unwrap_or_default(),
+                        Ok::<_, Infallible>(resp.map(|inner| TrackedBody { inner, phase }))
+                    }
+                });
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%peer, error = %e, "connection from {peer} closed with error: {e}");
+                    }
+                });
             }
-        };
-        drop(listener);
-        drop(alive_token);
-        let drain = async {
-            graceful.shutdown().await;
-            // An upgraded connection (WebSocket) left hyper's graceful watch when it switched
-            // protocols, but it is still a request in flight: wait for its tunnel to end too
-            // (cloudflared, stopped first, closes its side) rather than cut it at once.
-            alive.closed().await;
-        };
-        let drained = tokio::time::timeout(grace, drain).await.is_ok();
-        if !drained {
-            tracing::warn!(listener = %local_addr, grace_s = grace.as_secs_f64(), "connections still open after the shutdown grace ({grace:?}) on {local_addr}; closing them");
+            _ = stopped.changed() => break stopped.borrow().unwrap_or_default(),
         }
-        drained
-    });
-    Ok(ServerHandle { local_addr, stop, task })
+    };
+    drop(listener);
+    drop(alive_token);
+    let drain = async {
+        graceful.shutdown().await;
+        // An upgraded connection (WebSocket) left hyper's graceful watch when it switched
+        // protocols, but it is still a request in flight: wait for its tunnel to end too
+        // (cloudflared, stopped first, closes its side) rather than cut it at once.
+        alive.closed().await;
+    };
+    let drained = tokio::time::timeout(grace, drain).await.is_ok();
+    if !drained {
+        tracing::warn!(listener = %local_addr, grace_s = grace.as_secs_f64(), "connections still open after the shutdown grace ({grace:?}) on {local_addr}; closing them");
+    }
+    drained
 }

@@ -209,7 +209,7 @@ listen = "127.0.0.1:$port"
 auth_secret = "internal_token"
 # nginx keeps 64 idle upstream connections per worker (keepalive 64), 128 in all: the same here,
 # or more than 64 concurrent requests would close and reopen upstream connections.
-pool_max_idle_per_host = 128
+pool_max_idle_per_host = ${POOL_IDLE:-64}
 ${agent_extra[$name]:-}
 
 [health]

@@ -239,6 +239,7 @@ var = "X"
 [proxy]
 auth_secret = "missing"
 max_header_bytes = 10
+workers = 100000
 
 [routes.hosts]
 "a.example.com" = "ftp://a"
@@ -254,6 +255,7 @@ max_header_bytes = 10
         format!("{file}: secrets.tok.var: not used by source = \"file\""),
         format!("{file}: proxy.auth_secret: no secret named \"missing\""),
         format!("{file}: proxy.max_header_bytes: must be at least 8192"),
+        format!("{file}: proxy.workers: 100000 is more than 256 (0 means one per CPU)"),
         format!("{file}: routes.hosts.\"a.example.com\": "),
         format!("{file}: routes.hosts.\"b.example.com:80\": "),
     ] {

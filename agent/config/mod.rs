@@ -250,9 +250,13 @@ pub struct ProxySection {
     /// Idle pooled upstream connections are closed after this.
     #[serde(with = "humantime_serde")]
     pub pool_idle_timeout: Duration,
+    /// Idle pooled connections kept per upstream, in each worker's pool.
     pub pool_max_idle_per_host: usize,
     /// One line per request, for "which requests got that 502?".
     pub access_log: AccessLogSection,
+    /// Worker threads serving the proxy, each with its own listening socket and upstream pools.
+    /// `0`: one per CPU the agent may run on.
+    pub workers: usize,
 }
 
 /// `[proxy.access_log]`: an optional line per proxied request (target `access`), written
@@ -289,6 +293,18 @@ pub enum AccessLogFormat {
     Text,
 }
 
+impl ProxySection {
+    /// The number of proxy worker threads to start: `workers`, or one per CPU the process may
+    /// run on (its affinity mask and cgroup quota, as `std::thread::available_parallelism` reads
+    /// them).
+    pub fn worker_threads(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
 impl Default for ProxySection {
     fn default() -> Self {
         ProxySection {
@@ -307,6 +323,7 @@ impl Default for ProxySection {
             pool_idle_timeout: Duration::from_secs(60),
             pool_max_idle_per_host: 64,
             access_log: AccessLogSection::default(),
+            workers: 0,
         }
     }
 }

@@ -49,6 +49,7 @@ pub const RESTART_ONLY: &[RestartOnly] = &[
     fields!("proxy.header_read_timeout": proxy.header_read_timeout),
     fields!("proxy.idle_timeout": proxy.idle_timeout),
     fields!("proxy.connect_timeout/pool_*": proxy.connect_timeout, proxy.pool_idle_timeout, proxy.pool_max_idle_per_host),
+    fields!("proxy.workers": proxy.workers),
     RestartOnly {
         name: "routes.source/attribute",
         differs: |a, b| {

@@ -96,6 +96,12 @@ impl Config {
                 ),
             );
         }
+        if p.workers > MAX_PROXY_WORKERS {
+            bad(
+                "proxy.workers".into(),
+                format!("{} is more than {MAX_PROXY_WORKERS} (0 means one per CPU)", p.workers),
+            );
+        }
         if p.max_header_bytes < 8192 {
             bad("proxy.max_header_bytes".into(), "must be at least 8192".into());
         }
@@ -335,3 +341,6 @@ impl SecretSpecAsWritten {
         }
     }
 }
+
+/// More proxy workers than this is a typo, not a machine: each is a thread with its own pools.
+const MAX_PROXY_WORKERS: usize = 256;

@@ -73,19 +73,28 @@ pub struct IdTokenCache {
     /// Serialises slot creation (copy-on-write of `slots`).
     insert: Mutex<()>,
     metrics: Arc<Metrics>,
+    /// Where the background refreshes run: the control runtime, not the proxy worker whose
+    /// request happened to fetch first.
+    background: tokio::runtime::Handle,
 }
 
 /// A failed fetch is reused by requests that were already waiting for this long.
 const FAILURE_REUSE: Duration = Duration::from_secs(1);
 
 impl IdTokenCache {
-    pub fn new(metadata: MetadataClient, margin: Duration, metrics: Arc<Metrics>) -> Arc<IdTokenCache> {
+    pub fn new(
+        metadata: MetadataClient,
+        margin: Duration,
+        metrics: Arc<Metrics>,
+        background: tokio::runtime::Handle,
+    ) -> Arc<IdTokenCache> {
         Arc::new(IdTokenCache {
             metadata,
             margin,
             slots: ArcSwap::default(),
             insert: Mutex::new(()),
             metrics,
+            background,
         })
     }
 
@@ -138,7 +147,8 @@ impl IdTokenCache {
             cause,
         })?;
         if !slot.refresher.swap(true, Ordering::AcqRel) {
-            tokio::spawn(Self::refresh_loop(Arc::downgrade(self), slot.clone()));
+            self.background
+                .spawn(Self::refresh_loop(Arc::downgrade(self), slot.clone()));
         }
         Ok(header)
     }

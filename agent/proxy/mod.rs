@@ -112,26 +112,38 @@ impl TlsPoolKey {
     }
 }
 
+/// The proxy's state shared by every worker thread: what a reload changes, the identity
+/// tokens, the metrics. Each worker thread has its own upstream pools ([`Worker`]).
 pub struct Proxy {
     pub live: ArcSwap<LiveSettings>,
+    tokens: Arc<IdTokenCache>,
+    metrics: Arc<Metrics>,
+    /// Bounds mirror copies buffered or in flight (see `routing::mirror`), over all workers.
+    mirror_slots: Arc<tokio::sync::Semaphore>,
+    /// `http://` and `https://` with the global trust (`proxy.ca_file` or the built-in roots).
+    https: HttpsConnector,
+    /// Pool settings for every client.
+    builder: hyper_util::client::legacy::Builder,
+    settings: ProxySection,
+}
+
+/// One worker thread's view of the proxy: the shared state and that thread's own upstream
+/// pools, so a pooled upstream connection is only used by the thread that opened it (see
+/// `server::serve_workers`).
+pub struct Worker {
+    shared: Arc<Proxy>,
     /// HTTP/1.1 to `http://`, HTTP/1.1 or HTTP/2 (ALPN) to `https://`.
     client: Client<HttpsConnector, CappedBody>,
     /// HTTP/2 with prior knowledge over cleartext.
     h2c: Client<HttpConnector, CappedBody>,
-    tokens: Arc<IdTokenCache>,
-    metrics: Arc<Metrics>,
     /// `RequestMirror` copies go through their own pools, so a slow mirror backend cannot
     /// take connections from real traffic.
     mirror_client: Client<HttpsConnector, Full<Bytes>>,
     mirror_h2c: Client<HttpConnector, Full<Bytes>>,
-    /// Bounds mirror copies buffered or in flight (see `routing::mirror`).
-    mirror_slots: Arc<tokio::sync::Semaphore>,
-    /// For backends with their own TLS settings: pool settings and connector.
-    builder: hyper_util::client::legacy::Builder,
-    /// Their pools, one per compiled [`UpstreamTls`] of a table in use.
+    /// The pools of backends with their own TLS settings, one per compiled [`UpstreamTls`] of a
+    /// table in use.
     tls_pools: ArcSwap<HashMap<TlsPoolKey, (Weak<UpstreamTls>, TlsClient)>>,
     tls_pools_insert: Mutex<()>,
-    settings: ProxySection,
 }
 
 fn http_connector(settings: &ProxySection) -> HttpConnector {
@@ -167,26 +179,34 @@ impl Proxy {
             .timer(TokioTimer::new())
             .pool_idle_timeout(settings.pool_idle_timeout)
             .pool_max_idle_per_host(settings.pool_max_idle_per_host);
-        let client = builder.build(https.clone());
-        let h2c = builder.clone().http2_only(true).build(http_connector(settings));
-        let mirror_client = builder.build(https);
-        let mirror_h2c = builder.clone().http2_only(true).build(http_connector(settings));
         Ok(Arc::new(Proxy {
             live: ArcSwap::from_pointee(live),
-            client,
-            h2c,
             tokens,
             metrics,
-            mirror_client,
-            mirror_h2c,
             mirror_slots: Arc::new(tokio::sync::Semaphore::new(MIRROR_MAX_IN_FLIGHT)),
+            https,
             builder,
-            tls_pools: ArcSwap::default(),
-            tls_pools_insert: Mutex::new(()),
             settings: settings.clone(),
         }))
     }
 
+    /// A worker with its own, empty upstream pools. Give each worker thread one and handle its
+    /// requests with it.
+    pub fn worker(self: &Arc<Self>) -> Arc<Worker> {
+        let b = &self.builder;
+        Arc::new(Worker {
+            shared: self.clone(),
+            client: b.build(self.https.clone()),
+            h2c: b.clone().http2_only(true).build(http_connector(&self.settings)),
+            mirror_client: b.build(self.https.clone()),
+            mirror_h2c: b.clone().http2_only(true).build(http_connector(&self.settings)),
+            tls_pools: ArcSwap::default(),
+            tls_pools_insert: Mutex::new(()),
+        })
+    }
+}
+
+impl Worker {
     /// Sends through the pool of a backend with its own TLS settings. Finding the pool is one
     /// lock-free load and a hash of the settings' address.
     fn tls_request(&self, t: &Arc<UpstreamTls>, up: Request<CappedBody>) -> ResponseFuture {
@@ -216,10 +236,10 @@ impl Proxy {
             },
             None => b,
         };
-        let client = self.builder.build(
+        let client = self.shared.builder.build(
             b.enable_http1()
                 .enable_http2()
-                .wrap_connector(http_connector(&self.settings)),
+                .wrap_connector(http_connector(&self.shared.settings)),
         );
         let mut next: HashMap<TlsPoolKey, (Weak<UpstreamTls>, TlsClient)> = current
             .iter()
@@ -234,7 +254,7 @@ impl Proxy {
     /// Handles one downstream request. Never fails: every error becomes a response.
     pub async fn handle(self: Arc<Self>, peer: SocketAddr, mut req: Request<Incoming>) -> Response<Served> {
         let start = Instant::now();
-        let live = self.live.load_full();
+        let live = self.shared.live.load_full();
         // With the access log off, this is all it costs.
         let Some(log) = live.access_log.as_ref().filter(|_| req.uri().path() != "/healthz") else {
             return self.serve(&live, peer, req, start, None).await.map(Either::Left);
@@ -263,7 +283,7 @@ impl Proxy {
                 .get(&auth.header)
                 .is_some_and(|v| auth.accepts(v.as_bytes()));
             if !ok {
-                self.metrics.unrouted.observe(401, start.elapsed());
+                self.shared.metrics.unrouted.observe(401, start.elapsed());
                 let e = ProxyError::Unauthorized {
                     header: auth.header.clone(),
                 };
@@ -285,7 +305,7 @@ impl Proxy {
             })
             .unwrap_or("");
         let Some(routed) = live.routes.route(host, &RequestHead::of(&req)) else {
-            self.metrics.unrouted.observe(404, start.elapsed());
+            self.shared.metrics.unrouted.observe(404, start.elapsed());
             let (host, path) = (host.to_owned(), req.uri().path().to_owned());
             let e = ProxyError::NoRoute { host, path };
             if let Some(x) = exchange {
@@ -451,7 +471,7 @@ impl Proxy {
             auth: backend.auth,
             auth_header: backend.auth_header,
         };
-        target.address(&self.tokens, &mut parts, pq.as_ref()).await?;
+        target.address(&self.shared.tokens, &mut parts, pq.as_ref()).await?;
         let exchange = parts.extensions.remove::<Arc<access_log::Exchange>>();
         // Extensions are per hop (hyper's connection info, upgrade handles): start clean.
         parts.extensions = http::Extensions::new();
@@ -535,11 +555,11 @@ impl Proxy {
     ) -> Option<MirrorTee> {
         let mut waiting = Vec::new();
         for mirror in mirrors.filter(|m| m.sampled()) {
-            let Ok(permit) = self.mirror_slots.clone().try_acquire_owned() else {
+            let Ok(permit) = self.shared.mirror_slots.clone().try_acquire_owned() else {
                 tracing::debug!(route = %rule.route, mirror = %mirror.upstream.url, "route {}: mirror to {} skipped: too many mirrored requests in flight", rule.route, mirror.upstream.url);
                 continue;
             };
-            let slot = MirrorSlot::new(permit, self.metrics.clone());
+            let slot = MirrorSlot::new(permit, self.shared.metrics.clone());
             let (tx, rx) = tokio::sync::oneshot::channel::<Bytes>();
             waiting.push(tx);
             let mut req = Request::new(());
@@ -555,7 +575,7 @@ impl Proxy {
                 head: req,
                 client: self.mirror_client.clone(),
                 h2c: self.mirror_h2c.clone(),
-                tokens: self.tokens.clone(),
+                tokens: self.shared.tokens.clone(),
                 timeout: rule.backend_timeout.unwrap_or(Duration::from_secs(30)),
                 route: rule.route.clone(),
             };
