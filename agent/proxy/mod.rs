@@ -29,10 +29,14 @@ use tokio::time::Instant;
 pub mod access_log;
 mod auth;
 mod error;
+mod h1_pool;
 
 pub use access_log::AccessLog;
 pub use auth::{AcceptedToken, InboundAuth};
 pub use error::ProxyError;
+pub use h1_pool::PooledBody;
+
+use h1_pool::{H1Error, H1Pool};
 
 use crate::config::{AuthHeaderKind, HostHeader, ProxySection, UpstreamAuthKind, UpstreamProtocol};
 use crate::gcp::IdTokenCache;
@@ -44,7 +48,10 @@ use crate::routing::tls::{self, UpstreamTls};
 use crate::routing::{Filters, RequestHead};
 use crate::telemetry::Metrics;
 
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+/// A response body: the upstream's (from hyper-util's client or our own HTTP/1.1 pool), or one
+/// the proxy wrote itself.
+pub type ProxyBody = Either<UpstreamBody, Full<Bytes>>;
+pub type UpstreamBody = Either<Incoming, PooledBody>;
 /// What the server sends: the body as it is, or wrapped to write its access-log line at the end.
 pub type Served = Either<ProxyBody, access_log::Logged<ProxyBody>>;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -132,7 +139,9 @@ pub struct Proxy {
 /// `server::serve_workers`).
 pub struct Worker {
     shared: Arc<Proxy>,
-    /// HTTP/1.1 to `http://`, HTTP/1.1 or HTTP/2 (ALPN) to `https://`.
+    /// HTTP/1.1 to `http://` (but upgrades).
+    h1: Arc<H1Pool>,
+    /// HTTP/1.1 or HTTP/2 (ALPN) to `https://`; upgrades to `http://`.
     client: Client<HttpsConnector, CappedBody>,
     /// HTTP/2 with prior knowledge over cleartext.
     h2c: Client<HttpConnector, CappedBody>,
@@ -194,8 +203,14 @@ impl Proxy {
     /// requests with it.
     pub fn worker(self: &Arc<Self>) -> Arc<Worker> {
         let b = &self.builder;
+        let h1 = H1Pool::new(
+            http_connector(&self.settings),
+            self.settings.pool_max_idle_per_host,
+            self.settings.pool_idle_timeout,
+        );
         Arc::new(Worker {
             shared: self.clone(),
+            h1,
             client: b.build(self.https.clone()),
             h2c: b.clone().http2_only(true).build(http_connector(&self.settings)),
             mirror_client: b.build(self.https.clone()),
@@ -487,6 +502,28 @@ impl Worker {
             },
         );
 
+        let upstream_error = |e: &(dyn std::error::Error + 'static), connect| upstream_failure(backend, e, connect);
+        let timed_out = || ProxyError::UpstreamTimeout {
+            upstream: backend.upstream.url.to_string(),
+            timeout: backend_timeout.unwrap_or_default(),
+        };
+        let own_pool = backend.protocol == UpstreamProtocol::Auto
+            && backend.tls.is_none()
+            && downstream_upgrade.is_none()
+            && backend.upstream.scheme == http::uri::Scheme::HTTP;
+        if own_pool {
+            let resp = match response_head(self.h1.send(up), backend_timeout, &progress).await {
+                Some(Ok(resp)) => {
+                    if let Some(x) = &exchange {
+                        x.upstream(&backend.upstream.url, &resp);
+                    }
+                    resp
+                }
+                Some(Err(e)) => return Err(upstream_error(&e, matches!(e, H1Error::Connect(_)))),
+                None => return Err(timed_out()),
+            };
+            return Ok(self.finish_response(backend, origin.as_ref(), resp.map(Either::Right)));
+        }
         let sent = match backend.protocol {
             UpstreamProtocol::Auto => {
                 let sent = match &backend.tls {
@@ -504,13 +541,8 @@ impl Worker {
                 }
                 resp
             }
-            Some(Err(e)) => return Err(upstream_failure(backend, &e)),
-            None => {
-                return Err(ProxyError::UpstreamTimeout {
-                    upstream: backend.upstream.url.to_string(),
-                    timeout: backend_timeout.unwrap_or_default(),
-                })
-            }
+            Some(Err(e)) => return Err(upstream_error(&e, e.is_connect())),
+            None => return Err(timed_out()),
         };
 
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -529,17 +561,28 @@ impl Worker {
                     }
                 });
                 // Keep Connection/Upgrade: they are the 101's point.
-                return Ok(resp.map(Either::Left));
+                return Ok(resp.map(|b| Either::Left(Either::Left(b))));
             }
         }
+        Ok(self.finish_response(backend, origin.as_ref(), resp.map(Either::Left)))
+    }
+
+    /// The upstream's response as the client gets it: hop-by-hop headers removed, the backend's
+    /// response filters applied.
+    fn finish_response(
+        &self,
+        backend: &Backend,
+        origin: Option<&HeaderValue>,
+        mut resp: Response<UpstreamBody>,
+    ) -> Response<ProxyBody> {
         strip_hop_by_hop(resp.headers_mut());
         if let Some(m) = &backend.filters.response_headers {
             m.apply(resp.headers_mut());
         }
         if let Some(cors) = &backend.filters.cors {
-            cors.decorate(origin.as_ref(), resp.headers_mut());
+            cors.decorate(origin, resp.headers_mut());
         }
-        Ok(resp.map(Either::Left))
+        resp.map(Either::Left)
     }
 
     /// Starts a task per sampled mirror, each waiting for the body copy. Returns the tee that
@@ -629,14 +672,14 @@ impl Worker {
 }
 
 /// What a failed upstream request means for the client.
-fn upstream_failure(backend: &Backend, e: &hyper_util::client::legacy::Error) -> ProxyError {
+fn upstream_failure(backend: &Backend, e: &(dyn std::error::Error + 'static), connect: bool) -> ProxyError {
     if find_cause::<BodyTooLarge>(e).is_some() {
         return ProxyError::BodyTooLarge;
     }
     ProxyError::Upstream {
         upstream: backend.upstream.url.to_string(),
         cause: crate::gcp::error_chain(e),
-        connect: e.is_connect(),
+        connect,
     }
 }
 
