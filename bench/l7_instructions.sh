@@ -8,10 +8,11 @@
 # scopes, and a CORS filter answering a request with an allowed Origin.
 #
 #   bench/l7_instructions.sh [requests]
+#   BIN=path/to/tunnel-agent ONLY=1 bench/l7_instructions.sh   # another build; the one-rule case only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-2000}
-BIN=target/release/tunnel-agent
+BIN=${BIN:-target/release/tunnel-agent}
 . bench/lib.sh
 bench_setup l7-ir
 UP=127.0.0.1:18290
@@ -75,11 +76,13 @@ per_request() {
   # The dump after zeroing holds only the measured requests (plus the 1 s health self-probes).
   local ir
   ir=$(grep -h '^summary:' "$WORK"/cg."$1".*.[0-9] 2>/dev/null | tail -1 | awk '{print $2}')
+  [[ -n ${KEEP_CG:-} ]] && cp "$WORK"/cg."$1".*.[0-9] "$KEEP_CG" 2>/dev/null || true
   rm -f "$WORK"/cg."$1".*
   echo $((ir / N))
 }
 echo "instructions per request ($N requests each):"
 echo "  one rule:                      $(per_request one 18291 /some/other/path)"
+[[ -n ${ONLY:-} ]] && exit 0
 echo "  200 rules, catch-all (worst):  $(per_request many 18293 /some/other/path)"
 echo "  200 rules, exact hit:          $(per_request many 18293 /exact/25)"
 echo "  one [[route]], client's Host:  $(per_request client-host 18295 /some/other/path)"

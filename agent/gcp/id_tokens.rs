@@ -127,6 +127,13 @@ impl IdTokenCache {
             self.metrics.token_cache_hits.inc();
             return Ok(v);
         }
+        // Boxed: the fetch (an HTTP client future) is large, and every proxied request's
+        // future would otherwise carry room for it although nearly all are cache hits.
+        Box::pin(self.fetch_for(slot)).await
+    }
+
+    /// The cache missed: waits for (or does) the fetch.
+    async fn fetch_for(self: &Arc<Self>, slot: Arc<Slot>) -> Result<HeaderValue, TokenUnavailable> {
         let waited_from = Instant::now();
         let _fetching = slot.fetching.lock().await;
         // Someone else may have fetched (or failed) while we queued.

@@ -108,7 +108,8 @@ impl H1Pool {
         loop {
             let (mut send, reused) = match self.checkout(&authority) {
                 Some(send) => (send, true),
-                None => (self.connect(&authority).await?, false),
+                // Boxed: rare next to a pooled hit, and large.
+                None => (Box::pin(self.connect(&authority)).await?, false),
             };
             match send.try_send_request(req).await {
                 Ok(resp) => {

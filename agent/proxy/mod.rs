@@ -848,6 +848,11 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 
 /// Removes hop-by-hop headers: the fixed set and every header named by any `Connection` line.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass comparing names (standard names compare as enum
+    // tags) instead of ten hashed removals.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = connection_tokens(headers)
             .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
@@ -1115,6 +1120,21 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn strips_each_hop_by_hop_header_alone_and_keeps_the_rest() {
+        for name in &HOP_BY_HOP {
+            let mut h = HeaderMap::new();
+            h.insert("x-kept", HeaderValue::from_static("1"));
+            h.insert(name.clone(), HeaderValue::from_static("x"));
+            strip_hop_by_hop(&mut h);
+            assert_eq!(h.keys().collect::<Vec<_>>(), ["x-kept"], "after stripping {name}");
+        }
+        let mut none = HeaderMap::new();
+        none.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut none);
+        assert_eq!(none.len(), 1);
     }
 
     #[test]
