@@ -8,6 +8,7 @@
 #                                     #        WRK_CPUS SERVER_CPUS (taskset lists) SKIP_BUILD=1
 #   HOLD=1 bench/run.sh               # set everything up, print ports and PIDs, wait (profiling)
 #   PERF_OUT=FILE bench/run.sh        # also `perf record` the agent's measured runs into FILE
+#   TLS_CONNS="" bench/run.sh         # skip the HTTPS-upstream scenario (default: TLS_CONNS=32)
 #   AGENT_B=path/to/other/tunnel-agent bench/run.sh
 #                                     # A/B: a second agent build (target "agent_b") in the same
 #                                     # run; AGENT_B_ENV="K=V ..." sets its environment
@@ -21,6 +22,12 @@
 #           → backend
 # The backend is a separate nginx instance answering a small static 200.
 #
+# HTTPS-upstream scenario (seed 000's Cloud Run upstreams are https://): a TLS backend (nginx,
+# a CA and certificate made for the run, HTTP/1.1 and h2 by ALPN) behind
+#   nginx_tls  nginx: proxy_pass https:// with the CA, proxy_ssl_session_reuse, keepalive
+#   agent_tls  tunnel-agent: an https:// route with proxy.ca_file (h2 when ALPN picks it)
+# The report adds the TLS backend's new connections (= TLS handshakes) per 10,000 requests.
+#
 # Prints a Markdown report on stdout (progress on stderr). Leaves nothing running.
 
 set -euo pipefail
@@ -29,11 +36,13 @@ CONNS=${CONNS:-"32 1 128"}
 DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-3}
 REPEATS=${REPEATS:-3}
+TLS_CONNS=${TLS_CONNS-32}
 WRK_THREADS=${WRK_THREADS:-1}
 WRK_CPUS=${WRK_CPUS:-}
 SERVER_CPUS=${SERVER_CPUS:-}
 WORKERS=$(nproc)
 HOST=bench.example.com
+TLS_HOST=tls.example.com
 TOKEN=bench-internal-token-0123456789abcdef
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -45,6 +54,7 @@ command -v wrk >/dev/null || missing+=(wrk)
 command -v nginx >/dev/null || missing+=(nginx-light)
 command -v curl >/dev/null || missing+=(curl)
 command -v python3 >/dev/null || missing+=(python3)
+command -v openssl >/dev/null || missing+=(openssl)
 if ((${#missing[@]})); then
     log "installing ${missing[*]}"
     apt-get install -y --no-install-recommends "${missing[@]}" >&2
@@ -92,7 +102,7 @@ for s in socks:
     s.bind(("127.0.0.1", 0))
 print(*[s.getsockname()[1] for s in socks])' "$1"
 }
-read -r BACKEND_PORT NGINX_PORT METADATA_PORT < <(free_ports 3)
+read -r BACKEND_PORT NGINX_PORT METADATA_PORT TLS_BACKEND_PORT TLS_STATUS_PORT NGINX_TLS_PORT < <(free_ports 6)
 
 wait_http() { # wait_http URL [curl args...]: poll until URL answers 200, 10 s at most
     local url=$1
@@ -101,7 +111,7 @@ wait_http() { # wait_http URL [curl args...]: poll until URL answers 200, 10 s a
         if [[ $(curl -s -o /dev/null -w '%{http_code}' "$@" "$url" || true) == 200 ]]; then return 0; fi
         sleep 0.1
     done
-    log "no 200 from $url"
+    log "no 200 from $url: $(curl -s -w ' (HTTP %{http_code})' "$@" "$url" 2>&1 | head -c 400)"
     return 1
 }
 
@@ -140,6 +150,36 @@ nginx_conf backend 1 "
 "${server_pin[@]}" nginx -p "$work/backend" -c "$work/backend/nginx.conf" -g 'daemon off;' &
 pids+=($!)
 backend_pid=$!
+
+# --- TLS backend: the same 200 over HTTPS (HTTP/1.1 and h2) -----------------------------------------
+# A CA and a certificate for 127.0.0.1 (the agent's upstream URL) and localhost (nginx's
+# proxy_ssl_name), made for this run.
+tls=$work/tls
+mkdir -p "$tls"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=bench CA" \
+    -keyout "$tls/ca.key" -out "$tls/ca.pem" 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=localhost" \
+    -keyout "$tls/server.key" -out "$tls/server.csr" 2>/dev/null
+printf 'subjectAltName = DNS:localhost, IP:127.0.0.1\nbasicConstraints = CA:FALSE\n' >"$tls/ext.cnf"
+openssl x509 -req -in "$tls/server.csr" -CA "$tls/ca.pem" -CAkey "$tls/ca.key" -CAcreateserial -days 2 \
+    -extfile "$tls/ext.cnf" -out "$tls/server.pem" 2>/dev/null
+nginx_conf tls_backend 1 "
+    server {
+        listen 127.0.0.1:$TLS_BACKEND_PORT ssl http2;
+        ssl_certificate $tls/server.pem;
+        ssl_certificate_key $tls/server.key;
+        ssl_session_cache shared:SSL:1m;
+        default_type text/plain;
+        location / { return 200 \"hello from the backend\\n\"; }
+    }
+    server {
+        listen 127.0.0.1:$TLS_STATUS_PORT;
+        location = /status { stub_status; }
+    }"
+"${server_pin[@]}" nginx -p "$work/tls_backend" -c "$work/tls_backend/nginx.conf" -g 'daemon off;' &
+pids+=($!)
+# Connections the TLS backend has accepted: each is one TLS handshake.
+tls_accepts() { curl -s "http://127.0.0.1:$TLS_STATUS_PORT/status" | awk 'NR == 3 { print $1 }'; }
 
 # --- Fake metadata server ---------------------------------------------------------------------------
 python3 "$repo/bench/fake_metadata.py" "$METADATA_PORT" &
@@ -181,6 +221,35 @@ nginx_conf proxy "$WORKERS" "
             proxy_set_header Upgrade \"\";
             proxy_set_header Proxy-Authorization \"\";
         }
+    }
+    upstream tls_backend {
+        server 127.0.0.1:$TLS_BACKEND_PORT;
+        keepalive 64;
+        keepalive_requests 10000000;
+    }
+    server {
+        listen 127.0.0.1:$NGINX_TLS_PORT;
+        location / {
+            if (\$http_x_internal_auth_token != \"$TOKEN\") { return 401; }
+            proxy_pass https://tls_backend;
+            proxy_http_version 1.1;
+            proxy_ssl_trusted_certificate $tls/ca.pem;
+            proxy_ssl_verify on;
+            proxy_ssl_name localhost;
+            proxy_ssl_server_name on;
+            proxy_ssl_session_reuse on;
+            proxy_set_header Host localhost;
+            proxy_set_header Authorization \"Bearer $STATIC_JWT\";
+            proxy_set_header X-Internal-Auth-Token \"\";
+            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto http;
+            proxy_set_header Connection \"\";
+            proxy_set_header Keep-Alive \"\";
+            proxy_set_header Proxy-Connection \"\";
+            proxy_set_header TE \"\";
+            proxy_set_header Upgrade \"\";
+            proxy_set_header Proxy-Authorization \"\";
+        }
     }"
 "${server_pin[@]}" nginx -p "$work/proxy" -c "$work/proxy/nginx.conf" -g 'daemon off;' &
 pids+=($!)
@@ -207,6 +276,7 @@ var = "BENCH_INTERNAL_TOKEN"
 [proxy]
 listen = "127.0.0.1:$port"
 auth_secret = "internal_token"
+ca_file = "$tls/ca.pem"
 # nginx keeps 64 idle upstream connections per worker (keepalive 64), 128 in all: the same here,
 # or more than 64 concurrent requests would close and reopen upstream connections.
 pool_max_idle_per_host = ${POOL_IDLE:-64}
@@ -222,6 +292,13 @@ metadata_url = "http://127.0.0.1:$METADATA_PORT"
 hostnames = ["$HOST"]
 upstream = "http://127.0.0.1:$BACKEND_PORT"
 upstream_auth = "gcp-id-token"
+
+[[route]]
+hostnames = ["$TLS_HOST"]
+upstream = "https://127.0.0.1:$TLS_BACKEND_PORT"
+upstream_auth = "gcp-id-token"
+# As for Cloud Run: the upstream's own Host (over h2, :authority and no host header).
+host_header = "upstream"
 EOF
     if [[ -n ${agent_extra[$name]:-} ]]; then
         # An access line per request would fill the disk: keep the first 200 lines, read and
@@ -277,6 +354,11 @@ if [[ -n ${ACCESS_LOG:-} ]]; then
 fi
 [[ $(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$NGINX_PORT/" -H "Host: $HOST") == 401 ]] ||
     { log "nginx accepted a request without the internal token"; exit 1; }
+if [[ -n $TLS_CONNS ]]; then
+    tls_auth=(-H "Host: $TLS_HOST" -H "X-Internal-Auth-Token: $TOKEN")
+    wait_http "http://127.0.0.1:$NGINX_TLS_PORT/" "${tls_auth[@]}"
+    wait_http "http://127.0.0.1:${agent_port[agent]}/" "${tls_auth[@]}"
+fi
 
 if [[ -n ${HOLD:-} ]]; then
     log "holding: backend :$BACKEND_PORT (pid $backend_pid), nginx :$NGINX_PORT (pid $nginx_pid)," \
@@ -314,6 +396,15 @@ for a in "${agents[@]}"; do
     server_pids[$a]=${agent_pid[$a]}
 done
 targets=(direct nginx "${agents[@]}")
+# The HTTPS-upstream scenario: the same proxies, another Host (nginx: another port).
+declare -A host=()
+url[nginx_tls]="http://127.0.0.1:$NGINX_TLS_PORT/"
+server_pids[nginx_tls]=${server_pids[nginx]}
+host[nginx_tls]=$TLS_HOST
+url[agent_tls]="http://127.0.0.1:${agent_port[agent]}/"
+server_pids[agent_tls]=${agent_pid[agent]}
+host[agent_tls]=$TLS_HOST
+tls_targets=(nginx_tls agent_tls)
 
 to_ms() { # wrk's "123.45us" / "1.20ms" / "1.01s" → milliseconds
     awk -v v="$1" 'BEGIN {
@@ -327,12 +418,14 @@ measure() {
     local target=$1 conns=$2 threads=$WRK_THREADS out pids before after rss_max=0 sampler
     ((threads > conns)) && threads=$conns
     pids=${server_pids[$target]}
-    local wrk=(wrk -t"$threads" -c"$conns" --latency -H "Host: $HOST" -H "X-Internal-Auth-Token: $TOKEN")
+    local wrk=(wrk -t"$threads" -c"$conns" --latency -H "Host: ${host[$target]:-$HOST}" -H "X-Internal-Auth-Token: $TOKEN")
     "${wrk_pin[@]}" "${wrk[@]}" -d"${WARMUP}s" "${url[$target]}" >/dev/null || {
         log "$target c=$conns: warm-up failed; server processes alive: $(for p in $pids; do kill -0 "$p" 2>/dev/null && echo -n "$p "; done)"
         exit 1
     }
     before=$(cpu_ticks $pids)
+    local accepts_before
+    accepts_before=$(tls_accepts)
     # RSS under load: sample every 0.5 s while wrk runs.
     (
         m=0
@@ -352,6 +445,7 @@ measure() {
     kill $sampler 2>/dev/null
     wait $sampler 2>/dev/null || true
     after=$(cpu_ticks $pids)
+    local handshakes=$(($(tls_accepts) - accepts_before))
     rss_max=$(cat "$work/rss_max" 2>/dev/null || echo 0)
     rm -f "$work/rss_max"
     if grep -qE 'Non-2xx|Socket errors' <<<"$out"; then
@@ -365,9 +459,12 @@ measure() {
     p99=$(to_ms "$(awk '$1 == "99%" { print $2 }' <<<"$out")")
     requests=$(awk '/requests in/ { print $1 }' <<<"$out")
     cpu_us=$(awk -v t=$((after - before)) -v hz="$CLK_TCK" -v n="$requests" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
-    echo "$rps $p50 $p99 $cpu_us $rss_max" >>"$work/results.$target.$conns"
-    log "$(printf '%-6s c=%-3s rps=%-9s p50=%-7s p99=%-7s cpu/req=%sus rss=%skB' \
-        "$target" "$conns" "$rps" "$p50" "$p99" "$cpu_us" "$rss_max")"
+    # New TLS backend connections (handshakes) per 10,000 requests, in the measured run.
+    local hs_per_10k
+    hs_per_10k=$(awk -v h="$handshakes" -v n="$requests" 'BEGIN { printf "%.1f", h * 10000 / n }')
+    echo "$rps $p50 $p99 $cpu_us $rss_max $hs_per_10k" >>"$work/results.$target.$conns"
+    log "$(printf '%-9s c=%-3s rps=%-9s p50=%-7s p99=%-7s cpu/req=%sus rss=%skB tls-handshakes/10k=%s' \
+        "$target" "$conns" "$rps" "$p50" "$p99" "$cpu_us" "$rss_max" "$hs_per_10k")"
 }
 
 median() { # median FILE COLUMN
@@ -380,6 +477,13 @@ log "load average before: $load_before"
 for conns in $CONNS; do
     for rep in $(seq "$REPEATS"); do
         for target in "${targets[@]}"; do
+            measure "$target" "$conns"
+        done
+    done
+done
+for conns in $TLS_CONNS; do
+    for rep in $(seq "$REPEATS"); do
+        for target in "${tls_targets[@]}"; do
             measure "$target" "$conns"
         done
     done
@@ -398,7 +502,7 @@ cat <<EOF
 \`CONNS="$CONNS" DURATION=$DURATION WARMUP=$WARMUP REPEATS=$REPEATS WRK_THREADS=$WRK_THREADS WRK_CPUS="$WRK_CPUS" SERVER_CPUS="$SERVER_CPUS" bench/run.sh\`
 
 Machine: $(nproc) CPUs ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)), $(uname -r);
-nginx $(nginx -v 2>&1 | sed 's/.*nginx\///') with $WORKERS workers; tunnel-agent with $WORKERS runtime workers.
+nginx $(nginx -v 2>&1 | sed 's/.*nginx\///') with $WORKERS workers; tunnel-agent with the default \`proxy.workers\` (one per CPU: $WORKERS).
 Load average before: $load_before; after: $load_after.
 Identity tokens issued by the fake metadata server during the whole run: $tokens_issued (agent's token_fetches_total: ${token_fetches:-?}).
 
@@ -432,6 +536,28 @@ for conns in $CONNS; do
             "$(ratio "$(median "$r" 3)" "$(median "$n" 3)") | $(ratio "$(median "$r" 4)" "$(median "$n" 4)") |"
     done
 done
+if [[ -n $TLS_CONNS ]]; then
+    cat <<EOF
+
+HTTPS upstream (TLS backend: nginx, HTTP/1.1 and h2 by ALPN; nginx proxies over HTTP/1.1 with
+keepalive and session reuse, the agent over whatever ALPN picks). Handshakes: new connections
+the TLS backend accepted during the measured runs, per 10,000 requests.
+
+| conns | target | req/s | p50 ms | p99 ms | cpu/req µs | TLS handshakes / 10k req |
+|---:|---|---:|---:|---:|---:|---:|
+EOF
+    for conns in $TLS_CONNS; do
+        for target in "${tls_targets[@]}"; do
+            f=$work/results.$target.$conns
+            printf '| %s | %s | %.0f | %s | %s | %s | %s |\n' "$conns" "$target" \
+                "$(median "$f" 1)" "$(median "$f" 2)" "$(median "$f" 3)" "$(median "$f" 4)" "$(median "$f" 6)"
+        done
+        n=$work/results.nginx_tls.$conns
+        r=$work/results.agent_tls.$conns
+        echo "| $conns | agent / nginx | $(ratio "$(median "$r" 1)" "$(median "$n" 1)") | $(ratio "$(median "$r" 2)" "$(median "$n" 2)") |" \
+            "$(ratio "$(median "$r" 3)" "$(median "$n" 3)") | $(ratio "$(median "$r" 4)" "$(median "$n" 4)") | |"
+    done
+fi
 cat <<EOF
 
 Memory (kB; nginx = master + $WORKERS workers):
