@@ -25,7 +25,7 @@ use http::{Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connection, HttpConnector, HttpInfo};
 use tokio::time::Instant;
 use tower_service::Service;
 
@@ -64,9 +64,16 @@ impl std::error::Error for H1Error {
     }
 }
 
-/// An idle connection: hyper's handle to send on it, and since when it has been idle.
-struct Idle {
+/// A connection: hyper's handle to send on it, and the addresses it connected (set on each
+/// response, as hyper-util's client does, for the access log).
+struct Conn {
     send: SendRequest<CappedBody>,
+    info: Option<HttpInfo>,
+}
+
+/// An idle connection, and since when it has been idle.
+struct Idle {
+    conn: Conn,
     since: Instant,
 }
 
@@ -106,17 +113,20 @@ impl H1Pool {
             .unwrap_or(PathAndQuery::from_static("/"));
         *req.uri_mut() = Uri::from(origin_form);
         loop {
-            let (mut send, reused) = match self.checkout(&authority) {
-                Some(send) => (send, true),
+            let (mut conn, reused) = match self.checkout(&authority) {
+                Some(conn) => (conn, true),
                 // Boxed: rare next to a pooled hit, and large.
                 None => (Box::pin(self.connect(&authority)).await?, false),
             };
-            match send.try_send_request(req).await {
-                Ok(resp) => {
+            match conn.send.try_send_request(req).await {
+                Ok(mut resp) => {
+                    if let Some(info) = &conn.info {
+                        resp.extensions_mut().insert(info.clone());
+                    }
                     let home = Home {
                         pool: Arc::downgrade(self),
                         authority,
-                        send,
+                        conn,
                     };
                     return Ok(resp.map(|inner| {
                         PooledBody {
@@ -142,17 +152,17 @@ impl H1Pool {
     /// The most recently idle connection to `authority` that is open and ready. One whose
     /// response has only just ended may not be ready yet (its hyper task has not run since):
     /// it stays for the next checkout.
-    fn checkout(&self, authority: &Authority) -> Option<SendRequest<CappedBody>> {
+    fn checkout(&self, authority: &Authority) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.get_mut(authority)?;
         let now = Instant::now();
         // Closed by the upstream, or idle too long: dropping it closes it.
-        list.retain(|c| !c.send.is_closed() && now.duration_since(c.since) < self.idle_timeout);
-        let ready = list.iter().rposition(|c| c.send.is_ready())?;
-        Some(list.swap_remove(ready).send)
+        list.retain(|c| !c.conn.send.is_closed() && now.duration_since(c.since) < self.idle_timeout);
+        let ready = list.iter().rposition(|c| c.conn.send.is_ready())?;
+        Some(list.swap_remove(ready).conn)
     }
 
-    async fn connect(&self, authority: &Authority) -> Result<SendRequest<CappedBody>, H1Error> {
+    async fn connect(&self, authority: &Authority) -> Result<Conn, H1Error> {
         let uri = Uri::builder()
             .scheme("http")
             .authority(authority.clone())
@@ -165,6 +175,9 @@ impl H1Pool {
             .call(uri)
             .await
             .map_err(|e| H1Error::Connect(Box::new(e)))?;
+        let mut extras = http::Extensions::new();
+        io.connected().get_extras(&mut extras);
+        let info = extras.remove::<HttpInfo>();
         let (send, conn) = http1::handshake(io).await.map_err(H1Error::Request)?;
         let upstream = authority.clone();
         tokio::spawn(async move {
@@ -172,12 +185,12 @@ impl H1Pool {
                 tracing::debug!(%upstream, error = %e, "upstream connection closed with an error");
             }
         });
-        Ok(send)
+        Ok(Conn { send, info })
     }
 
     /// Keeps a connection whose response ended, if it can take another request.
-    fn put(self: &Arc<Self>, authority: Authority, send: SendRequest<CappedBody>) {
-        if send.is_closed() || self.max_idle == 0 {
+    fn put(self: &Arc<Self>, authority: Authority, conn: Conn) {
+        if conn.send.is_closed() || self.max_idle == 0 {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
@@ -186,7 +199,7 @@ impl H1Pool {
             return;
         }
         list.push(Idle {
-            send,
+            conn,
             since: Instant::now(),
         });
         drop(idle);
@@ -209,7 +222,7 @@ async fn sweep(pool: Weak<H1Pool>) {
         let now = Instant::now();
         let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
         for list in idle.values_mut() {
-            list.retain(|c| !c.send.is_closed() && now.duration_since(c.since) < pool.idle_timeout);
+            list.retain(|c| !c.conn.send.is_closed() && now.duration_since(c.since) < pool.idle_timeout);
         }
         idle.retain(|_, list| !list.is_empty());
     }
@@ -219,7 +232,7 @@ async fn sweep(pool: Weak<H1Pool>) {
 struct Home {
     pool: Weak<H1Pool>,
     authority: Authority,
-    send: SendRequest<CappedBody>,
+    conn: Conn,
 }
 
 /// A response body from the pool: gives its connection back once the upstream's body has
@@ -242,7 +255,7 @@ impl PooledBody {
     fn release(&mut self) {
         if let Some(home) = self.home.take() {
             if let Some(pool) = home.pool.upgrade() {
-                pool.put(home.authority, home.send);
+                pool.put(home.authority, home.conn);
             }
         }
     }
