@@ -100,6 +100,16 @@ async fn tls_upstream(pki: &Pki, require_client_cert: bool) -> SocketAddr {
 
 /// The same with the certificate `cert` (`server` or `workload`).
 async fn tls_upstream_with(pki: &Pki, cert: &str, require_client_cert: bool) -> SocketAddr {
+    tls_upstream_seen(pki, cert, require_client_cert).await.0
+}
+
+/// What a TLS upstream answered, one `…;host=…;path=…` line per request.
+type Seen = Arc<std::sync::Mutex<Vec<String>>>;
+
+/// The same, also recording every request it answered.
+async fn tls_upstream_seen(pki: &Pki, cert: &str, require_client_cert: bool) -> (SocketAddr, Seen) {
+    let seen = Seen::default();
+    let seen_by_server = seen.clone();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pki.read(&format!("{cert}.pem")))
         .collect::<Result<_, _>>()
@@ -130,6 +140,7 @@ async fn tls_upstream_with(pki: &Pki, cert: &str, require_client_cert: bool) -> 
                 continue;
             };
             let acceptor = acceptor.clone();
+            let seen = seen_by_server.clone();
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else { return };
                 let (_, conn) = tls.get_ref();
@@ -141,6 +152,7 @@ async fn tls_upstream_with(pki: &Pki, cert: &str, require_client_cert: bool) -> 
                     conn.peer_certificates().is_some_and(|c| !c.is_empty()),
                 );
                 let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let seen = seen.clone();
                     let host = req
                         .headers()
                         .get("host")
@@ -149,6 +161,7 @@ async fn tls_upstream_with(pki: &Pki, cert: &str, require_client_cert: bool) -> 
                         .unwrap_or("-")
                         .to_owned();
                     let body = format!("{described};host={host}");
+                    seen.lock().unwrap().push(format!("{body};path={}", req.uri().path()));
                     async move { Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(body)))) }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -157,7 +170,7 @@ async fn tls_upstream_with(pki: &Pki, cert: &str, require_client_cert: bool) -> 
             });
         }
     });
-    addr
+    (addr, seen)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -449,6 +462,92 @@ fn an_unusable_system_store_or_two_trust_choices_are_config_errors() {
     assert_eq!(code, Some(78), "{err}");
     assert!(
         err.contains("proxy.trust") && err.contains("webpki") && err.contains("system"),
+        "{err}"
+    );
+}
+
+/// A `RequestMirror` with its own `tls` (the controller's BackendTLSPolicy on the mirrored
+/// Service): the copy goes out under that CA, SNI and client certificate, through a pool of
+/// its own; a mirror whose settings the server refuses gets nothing, and the real request is
+/// unaffected either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_with_its_own_tls_settings_reaches_an_mtls_only_backend() {
+    let scratch = tempfile::tempdir().unwrap();
+    let pki = Pki::new(scratch.path());
+    let primary = tls_upstream(&pki, false).await;
+    let (mirror, mirrored) = tls_upstream_seen(&pki, "server", true).await;
+    let ca = toml_str(&pki.path("ca.pem"));
+    let cert = toml_str(&String::from_utf8(pki.read("client.pem")).unwrap());
+    let key = toml_str(&String::from_utf8(pki.read("client.key")).unwrap());
+    let primary_tls = format!("{{ ca_file = {ca}, server_name = \"secure.internal\" }}");
+    let config = ConfigText::new().raw(&format!(
+        r#"
+[[route]]
+hostnames = ["mirrored.test"]
+backends = [{{ url = "https://{primary}", tls = {primary_tls} }}]
+filters = [
+  {{ type = "RequestMirror", request_mirror = {{ backend_url = "https://{mirror}", tls = {{ ca_file = {ca}, server_name = "secure.internal", client_cert_pem = {cert}, client_key_pem = {key} }} }} }},
+]
+
+[[route]]
+hostnames = ["mirror-refused.test"]
+backends = [{{ url = "https://{primary}", tls = {primary_tls} }}]
+filters = [
+  {{ type = "RequestMirror", request_mirror = {{ backend_url = "https://{mirror}", tls = {{ ca_file = {ca}, server_name = "secure.internal" }} }} }},
+]
+"#
+    ));
+    let agent = AgentBuilder::new().start(&config.agent("log_level = \"debug\"")).await;
+    let addr = agent.proxy_addr();
+
+    let r = get(addr, "mirror-refused.test", "/refused", &[]).await;
+    assert_eq!(r.status.as_u16(), 200, "{}", r.text());
+    agent
+        .wait_for_log(
+            &["route mirror-refused.test: mirror to https://", "failed"],
+            common::DEADLINE,
+        )
+        .await;
+
+    let r = get(addr, "mirrored.test", "/copied", &[]).await;
+    assert_eq!(r.status.as_u16(), 200, "{}", r.text());
+    let line = common::eventually(common::DEADLINE, "the mirrored copy", || async {
+        mirrored.lock().unwrap().first().cloned()
+    })
+    .await;
+    // A mirrored copy carries the mirror URL's authority (docs/routing.md, RequestMirror).
+    assert_eq!(
+        line,
+        format!("sni=secure.internal;alpn=h2;client_cert=true;host={mirror};path=/copied")
+    );
+    assert_eq!(mirrored.lock().unwrap().len(), 1, "only the mTLS mirror got through");
+}
+
+/// Mirror `tls` on an `http://` mirror is refused with the filter's key, as on a backend.
+#[test]
+fn mirror_tls_needs_an_https_mirror() {
+    let scratch = tempfile::tempdir().unwrap();
+    let path = scratch.path().join("agent.toml");
+    std::fs::write(
+        &path,
+        r#"
+[[route]]
+hostnames = ["m.test"]
+upstream = "http://127.0.0.1:9"
+filters = [{ type = "RequestMirror", request_mirror = { backend_url = "http://127.0.0.1:9", tls = { server_name = "x.internal" } } }]
+"#,
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tunnel-agent"))
+        .args(["check", "-c"])
+        .arg(&path)
+        .env_clear()
+        .output()
+        .expect("run tunnel-agent check");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(
+        err.contains("route[0].filters[0]") && err.contains("TLS settings need an https:// mirror backend"),
         "{err}"
     );
 }

@@ -106,6 +106,10 @@ type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
 
 /// The pool of a backend with its own TLS settings.
 type TlsClient = Client<HttpsConnector, CappedBody>;
+/// The pool of mirrored copies (whole bodies), the default one or a mirror's own TLS's.
+type MirrorClient = Client<HttpsConnector, Full<Bytes>>;
+/// Pools by the address of their compiled TLS settings (see [`TlsPoolKey`]).
+type TlsPools<C> = ArcSwap<HashMap<TlsPoolKey, (Weak<UpstreamTls>, C)>>;
 
 /// A table's compiled TLS settings, by address. The pool's entry also holds a `Weak` to them,
 /// which keeps the allocation, so the address cannot be reused by other settings while the
@@ -147,11 +151,13 @@ pub struct Worker {
     h2c: Client<HttpConnector, CappedBody>,
     /// `RequestMirror` copies go through their own pools, so a slow mirror backend cannot
     /// take connections from real traffic.
-    mirror_client: Client<HttpsConnector, Full<Bytes>>,
+    mirror_client: MirrorClient,
     mirror_h2c: Client<HttpConnector, Full<Bytes>>,
     /// The pools of backends with their own TLS settings, one per compiled [`UpstreamTls`] of a
     /// table in use.
-    tls_pools: ArcSwap<HashMap<TlsPoolKey, (Weak<UpstreamTls>, TlsClient)>>,
+    tls_pools: TlsPools<TlsClient>,
+    /// The same for mirrors with their own TLS settings (apart, as every mirror pool is).
+    mirror_tls_pools: TlsPools<MirrorClient>,
     tls_pools_insert: Mutex<()>,
 }
 
@@ -216,6 +222,7 @@ impl Proxy {
             mirror_client: b.build(self.https.clone()),
             mirror_h2c: b.clone().http2_only(true).build(http_connector(&self.settings)),
             tls_pools: ArcSwap::default(),
+            mirror_tls_pools: ArcSwap::default(),
             tls_pools_insert: Mutex::new(()),
         })
     }
@@ -225,18 +232,27 @@ impl Worker {
     /// Sends through the pool of a backend with its own TLS settings. Finding the pool is one
     /// lock-free load and a hash of the settings' address.
     fn tls_request(&self, t: &Arc<UpstreamTls>, up: Request<CappedBody>) -> ResponseFuture {
-        let key = TlsPoolKey::of(t);
-        if let Some((_, client)) = self.tls_pools.load().get(&key) {
-            return client.request(up);
-        }
-        self.add_tls_pool(t, key).request(up)
+        self.tls_pool(&self.tls_pools, t).request(up)
     }
 
-    /// Builds the pool for `t` on its first request; pools of settings whose table is gone are
-    /// dropped then.
-    fn add_tls_pool(&self, t: &Arc<UpstreamTls>, key: TlsPoolKey) -> TlsClient {
+    /// The pool of `pools` for `t`, built on its first request; pools of settings whose table
+    /// is gone are dropped then.
+    fn tls_pool<B>(
+        &self,
+        pools: &TlsPools<Client<HttpsConnector, B>>,
+        t: &Arc<UpstreamTls>,
+    ) -> Client<HttpsConnector, B>
+    where
+        B: Body + Send + 'static + Unpin,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let key = TlsPoolKey::of(t);
+        if let Some((_, client)) = pools.load().get(&key) {
+            return client.clone();
+        }
         let _guard = self.tls_pools_insert.lock().unwrap_or_else(|e| e.into_inner());
-        let current = self.tls_pools.load_full();
+        let current = pools.load_full();
         if let Some((_, client)) = current.get(&key) {
             return client.clone();
         }
@@ -256,13 +272,13 @@ impl Worker {
                 .enable_http2()
                 .wrap_connector(http_connector(&self.shared.settings)),
         );
-        let mut next: HashMap<TlsPoolKey, (Weak<UpstreamTls>, TlsClient)> = current
+        let mut next: HashMap<TlsPoolKey, (Weak<UpstreamTls>, Client<HttpsConnector, B>)> = current
             .iter()
             .filter(|(_, (settings, _))| settings.strong_count() > 0)
             .map(|(k, v)| (*k, v.clone()))
             .collect();
         next.insert(key, (Arc::downgrade(t), client.clone()));
-        self.tls_pools.store(Arc::new(next));
+        pools.store(Arc::new(next));
         client
     }
 
@@ -616,7 +632,10 @@ impl Worker {
                 auth_header: mirror.auth_header,
                 path_and_query: path_and_query.clone(),
                 head: req,
-                client: self.mirror_client.clone(),
+                client: match &mirror.tls {
+                    Some(t) => self.tls_pool(&self.mirror_tls_pools, t),
+                    None => self.mirror_client.clone(),
+                },
                 h2c: self.mirror_h2c.clone(),
                 tokens: self.shared.tokens.clone(),
                 timeout: rule.backend_timeout.unwrap_or(Duration::from_secs(30)),
@@ -957,7 +976,7 @@ struct MirrorTask {
     path_and_query: Option<PathAndQuery>,
     /// Method and headers of the copy.
     head: Request<()>,
-    client: Client<HttpsConnector, Full<Bytes>>,
+    client: MirrorClient,
     h2c: Client<HttpConnector, Full<Bytes>>,
     tokens: Arc<IdTokenCache>,
     timeout: Duration,

@@ -592,6 +592,25 @@ mod listener_tests {
         );
     }
 
+    /// The controller's mirror `tls` (a BackendTLSPolicy on the mirrored Service) compiles into
+    /// the mirror; on an `http://` mirror it is refused with the filter's key.
+    #[test]
+    fn a_pushed_mirror_takes_its_own_tls_settings() {
+        let mirror = |url: &str| {
+            format!(
+                r#"{{"version": 1, "rules": [{{"hostnames": ["m.example.com"], "backends": [{{"url": "http://app"}}],
+                  "filters": [{{"type": "RequestMirror", "requestMirror": {{"backendUrl": "{url}", "percent": 100,
+                    "tls": {{"serverName": "mirror.internal", "subjectAltNames": null, "subjectAltNameUris": ["spiffe://c/ns/a/sa/m"]}}}}}}]}}]}}"#
+            )
+        };
+        let t = compile(&mirror("https://mirror:8443")).expect("compiles");
+        assert_eq!(t.len(), 1);
+        let err = compile(&mirror("http://mirror:8080")).unwrap_err();
+        assert_eq!(err.len(), 1, "{err:?}");
+        assert_eq!(err[0].key, "rules[0].filters[0]", "{err:?}");
+        assert!(err[0].reason.contains("https:// mirror backend"), "{err:?}");
+    }
+
     #[test]
     fn toml_listeners_scope_routes_too() {
         let config = crate::routing::parse_config(

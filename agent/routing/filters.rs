@@ -9,6 +9,7 @@ use crate::config::route_spec::{
 };
 use crate::config::{AuthHeaderKind, Problem, RoutesSection, UpstreamAuthKind, UpstreamProtocol};
 use crate::routing::table::Upstream;
+use crate::routing::tls::{DefaultRoots, TlsError, UpstreamTls};
 
 /// Headers a modifier may not touch: they belong to the connection, not the message
 /// (RFC 9110 §7.6.1), or the proxy owns them.
@@ -54,8 +55,15 @@ impl Filters {
             || self.rewrite.as_ref().is_some_and(|r| prefix(&r.path))
     }
 
-    /// Compiles `specs` (found under `key`), collecting every problem.
-    pub fn compile(specs: &[FilterSpec], key: &str, defaults: &RoutesSection, problems: &mut Vec<Problem>) -> Filters {
+    /// Compiles `specs` (found under `key`), collecting every problem. `default_roots` anchor
+    /// mirrors whose own `tls` names no CA.
+    pub fn compile(
+        specs: &[FilterSpec],
+        key: &str,
+        defaults: &RoutesSection,
+        default_roots: &DefaultRoots<'_>,
+        problems: &mut Vec<Problem>,
+    ) -> Filters {
         let mut out = Filters::default();
         let mut seen: Vec<FilterKind> = Vec::new();
         for (i, f) in specs.iter().enumerate() {
@@ -127,7 +135,7 @@ impl Filters {
                     None => bad(missing()),
                 },
                 FilterKind::RequestMirror => match &f.request_mirror {
-                    Some(spec) => match Mirror::compile(spec, defaults) {
+                    Some(spec) => match Mirror::compile(spec, defaults, default_roots) {
                         Ok(m) => out.mirrors.push(m),
                         Err(reason) => bad(reason),
                     },
@@ -422,15 +430,30 @@ pub struct Mirror {
     /// Mirror `numerator` of every `denominator` requests.
     pub numerator: u32,
     pub denominator: u32,
+    /// Own TLS settings (the controller's BackendTLSPolicy on the mirrored Service), with a
+    /// pool of their own in the proxy; `None`: the proxy's trust.
+    pub tls: Option<std::sync::Arc<UpstreamTls>>,
 }
 
 impl Mirror {
-    fn compile(spec: &MirrorSpec, defaults: &RoutesSection) -> Result<Mirror, String> {
-        if spec.tls.is_some() {
-            // Fail closed until upstream TLS settings are implemented (see routes.rs).
-            return Err("per-backend TLS settings (tls) are not supported yet".into());
-        }
+    fn compile(
+        spec: &MirrorSpec,
+        defaults: &RoutesSection,
+        default_roots: &DefaultRoots<'_>,
+    ) -> Result<Mirror, String> {
         let upstream = Upstream::parse(&spec.backend_url)?;
+        let tls = match &spec.tls {
+            None => None,
+            Some(_) if upstream.scheme != http::uri::Scheme::HTTPS => {
+                return Err("tls: TLS settings need an https:// mirror backend".into())
+            }
+            Some(t) => Some(std::sync::Arc::new(UpstreamTls::compile(t, default_roots).map_err(
+                |e| match e {
+                    TlsError::Field(field, reason) => format!("tls.{field}: {reason}"),
+                    TlsError::Default(key, reason) => format!("{key}: {reason}"),
+                },
+            )?)),
+        };
         let protocol = spec.protocol.unwrap_or(defaults.protocol);
         if protocol == UpstreamProtocol::H2c && upstream.scheme == http::uri::Scheme::HTTPS {
             return Err("protocol = \"h2c\" needs an http:// mirror backend".into());
@@ -455,6 +478,7 @@ impl Mirror {
             auth_header: spec.auth_header.unwrap_or(defaults.auth_header),
             numerator,
             denominator,
+            tls,
         })
     }
 

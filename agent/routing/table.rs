@@ -512,6 +512,7 @@ impl RouteTable {
                     &b.filters,
                     &format!("{}.backends[{bi}].filters", p.key),
                     defaults,
+                    &default_roots,
                     &mut problems,
                 );
                 let unavailable = match b.unavailable_status.map(fail_closed_status).transpose() {
@@ -589,7 +590,13 @@ impl RouteTable {
             }
             let catch_all = matches.iter().all(RouteMatch::is_catch_all);
 
-            let filters = Filters::compile(&p.filters, &format!("{}.filters", p.key), defaults, &mut problems);
+            let filters = Filters::compile(
+                &p.filters,
+                &format!("{}.filters", p.key),
+                defaults,
+                &default_roots,
+                &mut problems,
+            );
             let prefix_replaced = filters.replaces_prefix() || backends.iter().any(|b| b.filters.replaces_prefix());
             if prefix_replaced && matches.iter().any(|m| m.prefix().is_none()) {
                 problems.push(Problem {

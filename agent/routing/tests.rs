@@ -430,6 +430,7 @@ fn redirect(spec: &str) -> super::filters::Redirect {
         &config.route[0].filters,
         "route[0].filters",
         &config.routes,
+        &super::tls::DefaultRoots::new(&config.proxy),
         &mut problems,
     );
     assert!(problems.is_empty(), "{problems:?}");
