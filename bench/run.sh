@@ -354,11 +354,6 @@ if [[ -n ${ACCESS_LOG:-} ]]; then
 fi
 [[ $(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$NGINX_PORT/" -H "Host: $HOST") == 401 ]] ||
     { log "nginx accepted a request without the internal token"; exit 1; }
-if [[ -n $TLS_CONNS ]]; then
-    tls_auth=(-H "Host: $TLS_HOST" -H "X-Internal-Auth-Token: $TOKEN")
-    wait_http "http://127.0.0.1:$NGINX_TLS_PORT/" "${tls_auth[@]}"
-    wait_http "http://127.0.0.1:${agent_port[agent]}/" "${tls_auth[@]}"
-fi
 
 if [[ -n ${HOLD:-} ]]; then
     log "holding: backend :$BACKEND_PORT (pid $backend_pid), nginx :$NGINX_PORT (pid $nginx_pid)," \
@@ -375,6 +370,7 @@ nginx_pids() { echo "$1" $(cat "/proc/$1/task/$1/children"); }
 rss_kb() { local t=0 p; for p in "$@"; do t=$((t + $(status_kb "$p" VmRSS))); done; echo $t; }
 pss_kb() { local t=0 p; for p in "$@"; do t=$((t + $(awk '$1 == "Pss:" { print $2 }' "/proc/$p/smaps_rollup"))); done; echo $t; }
 cpu_ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{ print $14 + $15 }' "/proc/$p/stat"))); done; echo $t; }
+user_ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{ print $14 }' "/proc/$p/stat"))); done; echo $t; }
 CLK_TCK=$(getconf CLK_TCK)
 
 sleep 1
@@ -382,6 +378,13 @@ agent_idle_rss=$(status_kb "${agent_pid[agent]}" VmRSS)
 agent_idle_pss=$(pss_kb "${agent_pid[agent]}")
 nginx_idle_rss=$(rss_kb $(nginx_pids "$nginx_pid"))
 nginx_idle_pss=$(pss_kb $(nginx_pids "$nginx_pid"))
+# The HTTPS route's first request (token, TLS handshake) after the idle sample, so "idle" is the
+# same state as without the scenario.
+if [[ -n $TLS_CONNS ]]; then
+    tls_auth=(-H "Host: $TLS_HOST" -H "X-Internal-Auth-Token: $TOKEN")
+    wait_http "http://127.0.0.1:$NGINX_TLS_PORT/" "${tls_auth[@]}"
+    wait_http "http://127.0.0.1:${agent_port[agent]}/" "${tls_auth[@]}"
+fi
 
 declare -A url=(
     [direct]="http://127.0.0.1:$BACKEND_PORT/"
@@ -413,7 +416,8 @@ to_ms() { # wrk's "123.45us" / "1.20ms" / "1.01s" → milliseconds
         printf "%.3f", n }'
 }
 
-# measure TARGET CONNS: one warm-up run, one measured run; appends "rps p50 p99 cpu_us rss_kb"
+# measure TARGET CONNS: one warm-up run, one measured run; appends
+# "rps p50 p99 cpu_us rss_kb handshakes_per_10k user_us"
 measure() {
     local target=$1 conns=$2 threads=$WRK_THREADS out pids before after rss_max=0 sampler
     ((threads > conns)) && threads=$conns
@@ -424,6 +428,8 @@ measure() {
         exit 1
     }
     before=$(cpu_ticks $pids)
+    local user_before
+    user_before=$(user_ticks $pids)
     local accepts_before
     accepts_before=$(tls_accepts)
     # RSS under load: sample every 0.5 s while wrk runs.
@@ -445,6 +451,8 @@ measure() {
     kill $sampler 2>/dev/null
     wait $sampler 2>/dev/null || true
     after=$(cpu_ticks $pids)
+    local user_after
+    user_after=$(user_ticks $pids)
     local handshakes=$(($(tls_accepts) - accepts_before))
     rss_max=$(cat "$work/rss_max" 2>/dev/null || echo 0)
     rm -f "$work/rss_max"
@@ -462,7 +470,9 @@ measure() {
     # New TLS backend connections (handshakes) per 10,000 requests, in the measured run.
     local hs_per_10k
     hs_per_10k=$(awk -v h="$handshakes" -v n="$requests" 'BEGIN { printf "%.1f", h * 10000 / n }')
-    echo "$rps $p50 $p99 $cpu_us $rss_max $hs_per_10k" >>"$work/results.$target.$conns"
+    local user_us
+    user_us=$(awk -v t=$((user_after - user_before)) -v hz="$CLK_TCK" -v n="$requests" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
+    echo "$rps $p50 $p99 $cpu_us $rss_max $hs_per_10k $user_us" >>"$work/results.$target.$conns"
     log "$(printf '%-9s c=%-3s rps=%-9s p50=%-7s p99=%-7s cpu/req=%sus rss=%skB tls-handshakes/10k=%s' \
         "$target" "$conns" "$rps" "$p50" "$p99" "$cpu_us" "$rss_max" "$hs_per_10k")"
 }
@@ -507,16 +517,17 @@ Load average before: $load_before; after: $load_after.
 Identity tokens issued by the fake metadata server during the whole run: $tokens_issued (agent's token_fetches_total: ${token_fetches:-?}).
 
 Medians of $REPEATS runs of ${DURATION} s (after ${WARMUP} s of warm-up each). cpu/req is user + system CPU time of the
-server processes (nginx master + workers; the agent) per request.
+server processes (nginx master + workers; the agent) per request; "of it user" is the part
+spent in user space (the rest is the kernel: sockets, wake-ups).
 
-| conns | target | req/s | p50 ms | p99 ms | cpu/req µs | RSS under load kB |
-|---:|---|---:|---:|---:|---:|---:|
+| conns | target | req/s | p50 ms | p99 ms | cpu/req µs | of it user µs | RSS under load kB |
+|---:|---|---:|---:|---:|---:|---:|---:|
 EOF
 for conns in $CONNS; do
     for target in "${targets[@]}"; do
         f=$work/results.$target.$conns
-        printf '| %s | %s | %.0f | %s | %s | %s | %s |\n' "$conns" "$target" \
-            "$(median "$f" 1)" "$(median "$f" 2)" "$(median "$f" 3)" "$(median "$f" 4)" "$(median "$f" 5)"
+        printf '| %s | %s | %.0f | %s | %s | %s | %s | %s |\n' "$conns" "$target" \
+            "$(median "$f" 1)" "$(median "$f" 2)" "$(median "$f" 3)" "$(median "$f" 4)" "$(median "$f" 7)" "$(median "$f" 5)"
     done
 done
 cat <<EOF
@@ -568,3 +579,36 @@ Memory (kB; nginx = master + $WORKERS workers):
 | PSS idle | $agent_idle_pss | $nginx_idle_pss | $(ratio "$agent_idle_pss" "$nginx_idle_pss") |
 | agent VmHWM (peak) / RSS after the run | $agent_hwm / $agent_after_rss | | |
 EOF
+
+# --- Against the goals (issue 11) ---------------------------------------------------------------------
+verdict() { # verdict VALUE OP LIMIT: "met" or "missed"
+    awk -v v="$1" -v op="$2" -v l="$3" 'BEGIN {
+        ok = (op == ">=") ? (v >= l) : (v <= l)
+        print (v == "-" ? "-" : (ok ? "met" : "**missed**")) }'
+}
+goal_row() { # goal_row LABEL VALUE OP LIMIT
+    echo "| $1 | $2 | $3 $4 | $(verdict "$2" "$3" "$4") |"
+}
+cat <<EOF
+
+Against the goals (agent / nginx unless stated):
+
+| figure | this run | goal | |
+|---|---:|---:|---|
+EOF
+for conns in $CONNS; do
+    n=$work/results.nginx.$conns
+    r=$work/results.agent.$conns
+    goal_row "req/s, $conns conns" "$(ratio "$(median "$r" 1)" "$(median "$n" 1)")" ">=" 1.2
+    goal_row "cpu/req, $conns conns" "$(ratio "$(median "$r" 4)" "$(median "$n" 4)")" "<=" 1.0
+    goal_row "p50, $conns conns" "$(ratio "$(median "$r" 2)" "$(median "$n" 2)")" "<=" 1.0
+    goal_row "p99, $conns conns" "$(ratio "$(median "$r" 3)" "$(median "$n" 3)")" "<=" 1.0
+done
+for conns in $TLS_CONNS; do
+    n=$work/results.nginx_tls.$conns
+    r=$work/results.agent_tls.$conns
+    goal_row "HTTPS upstream req/s, $conns conns" "$(ratio "$(median "$r" 1)" "$(median "$n" 1)")" ">=" 1.2
+    goal_row "HTTPS upstream cpu/req, $conns conns" "$(ratio "$(median "$r" 4)" "$(median "$n" 4)")" "<=" 1.0
+done
+goal_row "idle RSS (kB, absolute)" "$agent_idle_rss" "<=" 8192
+goal_row "idle PSS" "$(ratio "$agent_idle_pss" "$nginx_idle_pss")" "<=" 1.0
