@@ -191,6 +191,20 @@ STATIC_JWT=$(python3 -c '
 import base64, json, time
 e = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
 print(e(b"{\"alg\":\"RS256\"}") + "." + e(json.dumps({"aud": "http://upstream", "exp": int(time.time()) + 86400 * 3650}).encode()) + "." + e(b"sig"))')
+# What both nginx servers set on the way to the backend: the identity token's stand-in, the
+# internal header cleared, X-Forwarded-*, and the hop-by-hop headers (RFC 9110 7.6.1) removed
+# (an empty value removes a header).
+proxy_headers="
+            proxy_set_header Authorization \"Bearer $STATIC_JWT\";
+            proxy_set_header X-Internal-Auth-Token \"\";
+            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto http;
+            proxy_set_header Connection \"\";
+            proxy_set_header Keep-Alive \"\";
+            proxy_set_header Proxy-Connection \"\";
+            proxy_set_header TE \"\";
+            proxy_set_header Upgrade \"\";
+            proxy_set_header Proxy-Authorization \"\";"
 nginx_conf proxy "$WORKERS" "
     map \$http_host \$route_upstream {
         hostnames;
@@ -209,17 +223,7 @@ nginx_conf proxy "$WORKERS" "
             if (\$route_upstream = \"\") { return 404; }
             proxy_pass http://\$route_upstream;
             proxy_http_version 1.1;
-            proxy_set_header Authorization \"Bearer $STATIC_JWT\";
-            proxy_set_header X-Internal-Auth-Token \"\";
-            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-            proxy_set_header X-Forwarded-Proto http;
-            # Hop-by-hop (RFC 9110 7.6.1); an empty value removes the header.
-            proxy_set_header Connection \"\";
-            proxy_set_header Keep-Alive \"\";
-            proxy_set_header Proxy-Connection \"\";
-            proxy_set_header TE \"\";
-            proxy_set_header Upgrade \"\";
-            proxy_set_header Proxy-Authorization \"\";
+$proxy_headers
         }
     }
     upstream tls_backend {
@@ -239,16 +243,7 @@ nginx_conf proxy "$WORKERS" "
             proxy_ssl_server_name on;
             proxy_ssl_session_reuse on;
             proxy_set_header Host localhost;
-            proxy_set_header Authorization \"Bearer $STATIC_JWT\";
-            proxy_set_header X-Internal-Auth-Token \"\";
-            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-            proxy_set_header X-Forwarded-Proto http;
-            proxy_set_header Connection \"\";
-            proxy_set_header Keep-Alive \"\";
-            proxy_set_header Proxy-Connection \"\";
-            proxy_set_header TE \"\";
-            proxy_set_header Upgrade \"\";
-            proxy_set_header Proxy-Authorization \"\";
+$proxy_headers
         }
     }"
 "${server_pin[@]}" nginx -p "$work/proxy" -c "$work/proxy/nginx.conf" -g 'daemon off;' &
