@@ -145,9 +145,9 @@ async fn grpc_backend(name: &'static str) -> SocketAddr {
                         if !implemented {
                             return Ok(grpc_response(UNIMPLEMENTED, None));
                         }
-                        // The agent sends the client's authority as `host` and the upstream
-                        // URL's as `:authority` (docs/routing.md, "The Host rule"): report the
-                        // former, falling back to `:authority` as an HTTP/2 server does.
+                        // The client's authority arrives as `:authority` (docs/routing.md,
+                        // "The Host rule"); a `host` header, if a client sent one, wins as it
+                        // does for an HTTP/2 server that reads both.
                         let authority = parts
                             .headers
                             .get("host")

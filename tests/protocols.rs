@@ -115,6 +115,43 @@ async fn h2c_route_serves_http1_clients_too() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_upstream_gets_the_client_host_as_authority_without_a_second_host() {
+    let up = FakeUpstream::start(Wire::H2c).await;
+    let config = h2c_config(&up).raw(&format!(
+        r#"
+[[route]]
+hostnames = ["own-host.test"]
+upstream = "{}"
+protocol = "h2c"
+host_header = "upstream"
+
+[[route]]
+hostnames = ["rewritten.test"]
+upstream = "{}"
+protocol = "h2c"
+filters = [{{ type = "URLRewrite", url_rewrite = {{ hostname = "internal.example" }} }}]
+"#,
+        up.url(),
+        up.url()
+    ));
+    let agent = AgentBuilder::new().start(&config).await;
+    let up_authority = up.url().trim_start_matches("http://").to_owned();
+    for (host, expected) in [
+        ("grpc.test", "grpc.test"),
+        ("grpc.test:8443", "grpc.test:8443"),
+        ("own-host.test", up_authority.as_str()),
+        ("rewritten.test", "internal.example"),
+    ] {
+        let echo = client::get(agent.proxy_addr(), host, "/echo", &[]).await.echoed();
+        assert_eq!(echo.version, "HTTP/2.0");
+        assert_eq!(echo.authority.as_deref(), Some(expected), "for Host {host}");
+        // RFC 9113 §8.3.1: no `host` header that differs from `:authority` (none at all here).
+        assert_eq!(echo.header("host"), None, "for Host {host}: {:?}", echo.headers);
+    }
+    assert_eq!(up.requests(), 4, "every request reached the one upstream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_web_over_http1_is_byte_exact() {
     let up = FakeUpstream::start(Wire::Http1).await;
     let agent = AgentBuilder::new()

@@ -153,13 +153,17 @@ async fn tls_upstream_seen(pki: &Pki, cert: &str, require_client_cert: bool) -> 
                 );
                 let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let seen = seen.clone();
-                    let host = req
-                        .headers()
-                        .get("host")
-                        .and_then(|h| h.to_str().ok())
-                        .or(req.uri().authority().map(|a| a.as_str()))
-                        .unwrap_or("-")
-                        .to_owned();
+                    // HTTP/1.1 names the host in `Host`, HTTP/2 in `:authority`; a `host`
+                    // header that differs from `:authority` is forbidden (RFC 9113 §8.3.1)
+                    // and shown as such.
+                    let header = req.headers().get("host").and_then(|h| h.to_str().ok());
+                    let authority = req.uri().authority().map(|a| a.as_str());
+                    let host = match (header, authority) {
+                        (Some(h), Some(a)) if h != a => format!("{h} (but :authority {a})"),
+                        (Some(h), _) => h.to_owned(),
+                        (None, Some(a)) => a.to_owned(),
+                        (None, None) => "-".to_owned(),
+                    };
                     let body = format!("{described};host={host}");
                     seen.lock().unwrap().push(format!("{body};path={}", req.uri().path()));
                     async move { Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(body)))) }

@@ -28,6 +28,7 @@ use tokio::time::Instant;
 
 pub mod access_log;
 mod auth;
+mod authority;
 mod error;
 mod h1_pool;
 
@@ -36,6 +37,7 @@ pub use auth::{AcceptedToken, InboundAuth};
 pub use error::ProxyError;
 pub use h1_pool::PooledBody;
 
+use authority::{AuthorityPoolKey, ToUpstream};
 use h1_pool::{H1Error, H1Pool};
 
 use crate::config::{AuthHeaderKind, HostHeader, ProxySection, UpstreamAuthKind, UpstreamProtocol};
@@ -111,6 +113,20 @@ type MirrorClient = Client<HttpsConnector, Full<Bytes>>;
 /// Pools by the address of their compiled TLS settings (see [`TlsPoolKey`]).
 type TlsPools<C> = ArcSwap<HashMap<TlsPoolKey, (Weak<UpstreamTls>, C)>>;
 
+/// A pool for requests whose authority is not their upstream's (see `authority.rs`).
+#[derive(Clone)]
+enum AuthorityPool {
+    Https(Client<ToUpstream<HttpsConnector>, CappedBody>),
+    H2c(Client<ToUpstream<HttpConnector>, CappedBody>),
+}
+
+/// [`AuthorityPool`]s by upstream, with a `Weak` to the backend's own TLS settings if any.
+type AuthorityPools = ArcSwap<HashMap<AuthorityPoolKey, (Option<Weak<UpstreamTls>>, AuthorityPool)>>;
+
+/// More pools than this (upstream addresses times TLS settings) and they are all dropped and
+/// rebuilt as used: a controller that keeps pushing new upstreams cannot grow them for ever.
+const MAX_AUTHORITY_POOLS: usize = 1024;
+
 /// A table's compiled TLS settings, by address. The pool's entry also holds a `Weak` to them,
 /// which keeps the allocation, so the address cannot be reused by other settings while the
 /// entry exists.
@@ -159,6 +175,9 @@ pub struct Worker {
     /// The same for mirrors with their own TLS settings (apart, as every mirror pool is).
     mirror_tls_pools: TlsPools<MirrorClient>,
     tls_pools_insert: Mutex<()>,
+    /// Pools for `https://` and `h2c` requests that carry the client's host (or a
+    /// URLRewrite's) as their authority; the `Weak` keeps a TLS key's address from reuse.
+    authority_pools: AuthorityPools,
 }
 
 fn http_connector(settings: &ProxySection) -> HttpConnector {
@@ -224,6 +243,7 @@ impl Proxy {
             tls_pools: ArcSwap::default(),
             mirror_tls_pools: ArcSwap::default(),
             tls_pools_insert: Mutex::new(()),
+            authority_pools: ArcSwap::default(),
         })
     }
 }
@@ -256,6 +276,19 @@ impl Worker {
         if let Some((_, client)) = current.get(&key) {
             return client.clone();
         }
+        let client = self.shared.builder.build(self.tls_connector(t));
+        let mut next: HashMap<TlsPoolKey, (Weak<UpstreamTls>, Client<HttpsConnector, B>)> = current
+            .iter()
+            .filter(|(_, (settings, _))| settings.strong_count() > 0)
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
+        next.insert(key, (Arc::downgrade(t), client.clone()));
+        pools.store(Arc::new(next));
+        client
+    }
+
+    /// A connector with `t`'s trust, client certificate and server name.
+    fn tls_connector(&self, t: &UpstreamTls) -> HttpsConnector {
         let b = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(t.config.clone())
             .https_only();
@@ -267,19 +300,53 @@ impl Worker {
             },
             None => b,
         };
-        let client = self.shared.builder.build(
-            b.enable_http1()
-                .enable_http2()
-                .wrap_connector(http_connector(&self.shared.settings)),
-        );
-        let mut next: HashMap<TlsPoolKey, (Weak<UpstreamTls>, Client<HttpsConnector, B>)> = current
-            .iter()
-            .filter(|(_, (settings, _))| settings.strong_count() > 0)
-            .map(|(k, v)| (*k, v.clone()))
-            .collect();
-        next.insert(key, (Arc::downgrade(t), client.clone()));
-        pools.store(Arc::new(next));
-        client
+        b.enable_http1()
+            .enable_http2()
+            .wrap_connector(http_connector(&self.shared.settings))
+    }
+
+    /// The pool for requests to `backend` whose authority is another than its upstream's,
+    /// built on first use.
+    fn authority_pool(&self, backend: &Backend) -> Option<AuthorityPool> {
+        let up = &backend.upstream;
+        let h2c = backend.protocol == UpstreamProtocol::H2c;
+        let key = AuthorityPoolKey {
+            scheme: up.scheme.clone(),
+            upstream: up.authority.clone(),
+            tls: backend.tls.as_ref().map(|t| TlsPoolKey::of(t).0),
+            h2c,
+        };
+        if let Some((_, pool)) = self.authority_pools.load().get(&key) {
+            return Some(pool.clone());
+        }
+        let _guard = self.tls_pools_insert.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.authority_pools.load_full();
+        if let Some((_, pool)) = current.get(&key) {
+            return Some(pool.clone());
+        }
+        let builder = &self.shared.builder;
+        let pool = if h2c {
+            let dial = ToUpstream::new(http_connector(&self.shared.settings), &up.scheme, &up.authority)?;
+            AuthorityPool::H2c(builder.clone().http2_only(true).build(dial))
+        } else {
+            let https = match &backend.tls {
+                Some(t) => self.tls_connector(t),
+                None => self.shared.https.clone(),
+            };
+            AuthorityPool::Https(builder.build(ToUpstream::new(https, &up.scheme, &up.authority)?))
+        };
+        let mut next: HashMap<_, _> = if current.len() >= MAX_AUTHORITY_POOLS {
+            HashMap::new()
+        } else {
+            current
+                .iter()
+                .filter(|(_, (tls, _))| tls.as_ref().is_none_or(|t| t.strong_count() > 0))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        };
+        next.insert(key, (backend.tls.as_ref().map(Arc::downgrade), pool.clone()));
+        self.authority_pools.store(Arc::new(next));
+        Some(pool)
     }
 
     /// Handles one downstream request. Never fails: every error becomes a response.
@@ -506,6 +573,34 @@ impl Worker {
         let exchange = parts.extensions.remove::<Arc<access_log::Exchange>>();
         // Extensions are per hop (hyper's connection info, upgrade handles): start clean.
         parts.extensions = http::Extensions::new();
+        let own_pool = backend.protocol == UpstreamProtocol::Auto
+            && backend.tls.is_none()
+            && downstream_upgrade.is_none()
+            && backend.upstream.scheme == http::uri::Scheme::HTTP;
+        // Where HTTP/2 may carry the request (h2c, or https with ALPN), a Host other than the
+        // upstream's travels as the URI's authority, through a pool that still dials the
+        // upstream; hyper-util writes it back as `Host` if the connection is HTTP/1.1.
+        let authority_pool = match parts.headers.get(header::HOST) {
+            Some(host)
+                if !own_pool
+                    && downstream_upgrade.is_none()
+                    && host.as_bytes() != backend.upstream.authority.as_str().as_bytes() =>
+            {
+                match with_authority(&parts.uri, host) {
+                    Some(uri) => match self.authority_pool(backend) {
+                        Some(pool) => {
+                            parts.uri = uri;
+                            parts.headers.remove(header::HOST);
+                            Some(pool)
+                        }
+                        None => None,
+                    },
+                    // Not an authority (hyper accepted it as a header value): sent as `Host`.
+                    None => None,
+                }
+            }
+            _ => None,
+        };
         let progress = Arc::new(BodyProgress::new());
         let up = Request::from_parts(
             parts,
@@ -523,10 +618,6 @@ impl Worker {
             upstream: backend.upstream.url.to_string(),
             timeout: backend_timeout.unwrap_or_default(),
         };
-        let own_pool = backend.protocol == UpstreamProtocol::Auto
-            && backend.tls.is_none()
-            && downstream_upgrade.is_none()
-            && backend.upstream.scheme == http::uri::Scheme::HTTP;
         if own_pool {
             let resp = match response_head(self.h1.send(up), backend_timeout, &progress).await {
                 Some(Ok(resp)) => {
@@ -540,15 +631,17 @@ impl Worker {
             };
             return Ok(self.finish_response(backend, origin.as_ref(), resp.map(Either::Right)));
         }
-        let sent = match backend.protocol {
-            UpstreamProtocol::Auto => {
+        let sent = match (authority_pool, backend.protocol) {
+            (Some(AuthorityPool::Https(pool)), _) => response_head(pool.request(up), backend_timeout, &progress).await,
+            (Some(AuthorityPool::H2c(pool)), _) => response_head(pool.request(up), backend_timeout, &progress).await,
+            (None, UpstreamProtocol::Auto) => {
                 let sent = match &backend.tls {
                     None => self.client.request(up),
                     Some(t) => self.tls_request(t, up),
                 };
                 response_head(sent, backend_timeout, &progress).await
             }
-            UpstreamProtocol::H2c => response_head(self.h2c.request(up), backend_timeout, &progress).await,
+            (None, UpstreamProtocol::H2c) => response_head(self.h2c.request(up), backend_timeout, &progress).await,
         };
         let mut resp = match sent {
             Some(Ok(resp)) => {
@@ -688,6 +781,14 @@ impl Worker {
         }
         e.response()
     }
+}
+
+/// `uri` with `host` (a `Host` header's value) as its authority, when `host` is one.
+fn with_authority(uri: &http::Uri, host: &HeaderValue) -> Option<http::Uri> {
+    let authority = http::uri::Authority::try_from(host.as_bytes()).ok()?;
+    let mut parts = uri.clone().into_parts();
+    parts.authority = Some(authority);
+    http::Uri::from_parts(parts).ok()
 }
 
 /// What a failed upstream request means for the client.

@@ -67,6 +67,9 @@ pub struct Echo {
     /// Path and query as received.
     pub uri: String,
     pub version: String,
+    /// The request target's authority: `:authority` over HTTP/2 (HTTP/1.1 sends origin form).
+    #[serde(default)]
+    pub authority: Option<String>,
     /// Every header line, names lower-case, in order.
     pub headers: Vec<(String, String)>,
     pub body_len: u64,
@@ -201,6 +204,7 @@ async fn echo(stats: Arc<UpstreamStats>, req: Request<Incoming>) -> Result<Respo
         method: parts.method.to_string(),
         uri: parts.uri.path_and_query().map_or("/".into(), |pq| pq.to_string()),
         version: format!("{:?}", parts.version),
+        authority: parts.uri.authority().map(|a| a.to_string()),
         headers: parts
             .headers
             .iter()
