@@ -419,7 +419,8 @@ check_stop_order() {
 import json, subprocess, sys
 out = subprocess.run(["journalctl", "-u", "tunnel-agent.service", "--after-cursor", sys.argv[1], "-o", "json"],
                      capture_output=True, text=True, check=True).stdout
-stopped = [json.loads(l) for l in out.splitlines() if '"proxy stopped"' in l]
+entries = [json.loads(l) for l in out.splitlines()]
+stopped = [e for e in entries if str(e.get("MESSAGE", "")).startswith("proxy stopped")]
 sys.exit(0 if stopped and stopped[-1].get("F_DRAINED") == "true" else 1)
 EOF
     fail $name "no 'proxy stopped' entry with F_DRAINED=true"

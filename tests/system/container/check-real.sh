@@ -298,7 +298,8 @@ check_crash_loop_ends_failed() {
   elapsed=$(($(now_ms) - t0))
   journal_since "$c" >"$OUT/crash-loop-journal.txt"
   exits=$(entries "$c" 'cloudflared exited unexpectedly' 'F_RESULT=exited with code 1')
-  giveups=$(grep -c 'giving up' "$OUT/crash-loop-journal.txt")
+  # One per agent run: the agent's own error line (its stderr copy says the same, unprefixed).
+  giveups=$(grep -c '^tunnel-agent failed: .*giving up' "$OUT/crash-loop-journal.txt")
   local burst uptime
   burst=$(systemctl show -P StartLimitBurst $UNIT)
   uptime=$(journalctl -u $UNIT --after-cursor="$c" -o json --no-pager | python3 -c 'import json, sys
