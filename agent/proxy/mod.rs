@@ -580,27 +580,22 @@ impl Worker {
         // Where HTTP/2 may carry the request (h2c, or https with ALPN), a Host other than the
         // upstream's travels as the URI's authority, through a pool that still dials the
         // upstream; hyper-util writes it back as `Host` if the connection is HTTP/1.1.
-        let authority_pool = match parts.headers.get(header::HOST) {
-            Some(host)
-                if !own_pool
+        let authority_pool = parts
+            .headers
+            .get(header::HOST)
+            .filter(|host| {
+                !own_pool
                     && downstream_upgrade.is_none()
-                    && host.as_bytes() != backend.upstream.authority.as_str().as_bytes() =>
-            {
-                match with_authority(&parts.uri, host) {
-                    Some(uri) => match self.authority_pool(backend) {
-                        Some(pool) => {
-                            parts.uri = uri;
-                            parts.headers.remove(header::HOST);
-                            Some(pool)
-                        }
-                        None => None,
-                    },
-                    // Not an authority (hyper accepted it as a header value): sent as `Host`.
-                    None => None,
-                }
-            }
-            _ => None,
-        };
+                    && host.as_bytes() != backend.upstream.authority.as_str().as_bytes()
+            })
+            // A Host that is not an authority (hyper accepted it as a header value) stays `Host`.
+            .and_then(|host| with_authority(&parts.uri, host))
+            .and_then(|uri| Some((uri, self.authority_pool(backend)?)))
+            .map(|(uri, pool)| {
+                parts.uri = uri;
+                parts.headers.remove(header::HOST);
+                pool
+            });
         let progress = Arc::new(BodyProgress::new());
         let up = Request::from_parts(
             parts,
