@@ -147,34 +147,46 @@ impl BareLfGuard {
                     };
                 }
                 State::Head => {
-                    let b = bytes[0];
-                    bytes = &bytes[1..];
-                    if b == b'\n' {
-                        if !self.prev_cr {
-                            return Err(());
-                        }
-                        self.end_line();
-                    } else {
-                        if self.prev_cr {
-                            // The CR was part of the line, not its end (hyper refuses bare CR).
-                            self.keep(b'\r');
-                        }
-                        self.prev_cr = b == b'\r';
-                        if !self.prev_cr {
-                            self.keep(b);
-                        }
+                    // Whole stretches between LFs at once: the head is most of what is read.
+                    let (line, lf) = match memchr::memchr(b'\n', bytes) {
+                        Some(i) => (&bytes[..i], Some(i)),
+                        None => (bytes, None),
+                    };
+                    self.keep_stretch(line);
+                    let Some(i) = lf else {
+                        return Ok(());
+                    };
+                    if !self.prev_cr {
+                        return Err(());
                     }
+                    self.end_line();
+                    bytes = &bytes[i + 1..];
                 }
             }
         }
         Ok(())
     }
 
-    fn keep(&mut self, b: u8) {
-        self.line_len += 1;
-        if self.line.len() < MAX_KEPT_LINE {
-            self.line.push(b);
+    /// Adds bytes of a head line that hold no LF. A CR is part of the line unless it is the last
+    /// byte before the LF (hyper refuses a bare CR), so the last one waits in `prev_cr`.
+    fn keep_stretch(&mut self, stretch: &[u8]) {
+        let Some((&last, rest)) = stretch.split_last() else {
+            return;
+        };
+        if self.prev_cr {
+            self.keep(b"\r");
         }
+        self.keep(rest);
+        self.prev_cr = last == b'\r';
+        if !self.prev_cr {
+            self.keep(&[last]);
+        }
+    }
+
+    fn keep(&mut self, bytes: &[u8]) {
+        self.line_len += bytes.len();
+        let room = MAX_KEPT_LINE.saturating_sub(self.line.len());
+        self.line.extend_from_slice(&bytes[..bytes.len().min(room)]);
     }
 
     fn end_line(&mut self) {
