@@ -503,7 +503,7 @@ impl Worker {
         // The Host rule (docs/routing.md): the client's, unless this backend wants its own
         // (then hyper writes the upstream URI's authority) or a URLRewrite names one.
         let client_host = match backend.host_header {
-            HostHeader::Client => HeaderValue::from_str(request_host(&req)).ok(),
+            HostHeader::Client => client_host(&req),
             HostHeader::Upstream => None,
         };
         let upgrade = upgrade_protocol(req.headers());
@@ -614,7 +614,8 @@ impl Worker {
             timeout: backend_timeout.unwrap_or_default(),
         };
         if own_pool {
-            let resp = match response_head(self.h1.send(up), backend_timeout, &progress).await {
+            let sent = std::pin::pin!(self.h1.send(up));
+            let resp = match response_head(sent, backend_timeout, &progress).await {
                 Some(Ok(resp)) => {
                     if let Some(x) = &exchange {
                         x.upstream(&backend.upstream.url, &resp);
@@ -626,18 +627,16 @@ impl Worker {
             };
             return Ok(self.finish_response(backend, origin.as_ref(), resp.map(Either::Right)));
         }
-        let sent = match (authority_pool, backend.protocol) {
-            (Some(AuthorityPool::Https(pool)), _) => response_head(pool.request(up), backend_timeout, &progress).await,
-            (Some(AuthorityPool::H2c(pool)), _) => response_head(pool.request(up), backend_timeout, &progress).await,
-            (None, UpstreamProtocol::Auto) => {
-                let sent = match &backend.tls {
-                    None => self.client.request(up),
-                    Some(t) => self.tls_request(t, up),
-                };
-                response_head(sent, backend_timeout, &progress).await
-            }
-            (None, UpstreamProtocol::H2c) => response_head(self.h2c.request(up), backend_timeout, &progress).await,
+        let mut sent = match (authority_pool, backend.protocol) {
+            (Some(AuthorityPool::Https(pool)), _) => pool.request(up),
+            (Some(AuthorityPool::H2c(pool)), _) => pool.request(up),
+            (None, UpstreamProtocol::Auto) => match &backend.tls {
+                None => self.client.request(up),
+                Some(t) => self.tls_request(t, up),
+            },
+            (None, UpstreamProtocol::H2c) => self.h2c.request(up),
         };
+        let sent = response_head(Pin::new(&mut sent), backend_timeout, &progress).await;
         let mut resp = match sent {
             Some(Ok(resp)) => {
                 if let Some(x) = &exchange {
@@ -779,6 +778,18 @@ impl Worker {
 }
 
 /// `uri` with `host` (a `Host` header's value) as its authority, when `host` is one.
+/// The client's Host as a header value: HTTP/1.1's own `Host` (shared, not copied), or HTTP/2's
+/// `:authority`. The same text as [`request_host`], which routing matched.
+fn client_host<B>(req: &Request<B>) -> Option<HeaderValue> {
+    if let Some(authority) = req.uri().authority() {
+        return HeaderValue::from_str(authority.as_str()).ok();
+    }
+    match req.headers().get(header::HOST) {
+        Some(host) if host.to_str().is_ok() => Some(host.clone()),
+        _ => Some(HeaderValue::from_static("")),
+    }
+}
+
 fn with_authority(uri: &http::Uri, host: &HeaderValue) -> Option<http::Uri> {
     let authority = http::uri::Authority::try_from(host.as_bytes()).ok()?;
     let mut parts = uri.clone().into_parts();
@@ -838,18 +849,21 @@ fn answer_here(
 /// start and the last request-body bytes handed to the upstream: an upload that keeps moving is
 /// not a slow upstream (a 1 GiB upload through cloudflared can take minutes), while an upload the
 /// upstream stopped reading, or silence after the body, is.
+///
+/// The request future is pinned by the caller: an `async fn` taking it by value would hold it
+/// twice in its state (once as the argument, once as the pinned local), and that state is part
+/// of every request's future, moved as a whole.
 async fn response_head<F: std::future::Future>(
-    request: F,
+    mut request: Pin<&mut F>,
     timeout: Option<Duration>,
     progress: &BodyProgress,
 ) -> Option<F::Output> {
     let Some(timeout) = timeout else {
         return Some(request.await);
     };
-    tokio::pin!(request);
     loop {
         let deadline = progress.last() + timeout;
-        match tokio::time::timeout_at(deadline, &mut request).await {
+        match tokio::time::timeout_at(deadline, request.as_mut()).await {
             Ok(out) => return Some(out),
             // The body moved since the deadline was set: it moves with it.
             Err(_) if progress.last() + timeout > deadline => continue,
@@ -982,18 +996,22 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
-    let ip = peer.ip().to_string();
+    use std::fmt::Write as _;
     // A chain may arrive split over several lines, which mean the same as one comma-joined
     // line (RFC 9110 §5.3); `get` would keep only the first and `insert` drop the rest.
-    let mut chain: Vec<&str> = headers
+    // Built in one string: this runs on every request.
+    let mut value = String::with_capacity(48);
+    let chain = headers
         .get_all(X_FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .collect();
-    chain.push(&ip);
-    let value = chain.join(", ");
+        .filter(|v| !v.is_empty());
+    for hop in chain {
+        value.push_str(hop);
+        value.push_str(", ");
+    }
+    let _ = write!(value, "{}", peer.ip());
     if let Ok(v) = HeaderValue::try_from(value) {
         headers.insert(X_FORWARDED_FOR, v);
     }
