@@ -58,9 +58,12 @@ pub type UpstreamBody = Either<Incoming, PooledBody>;
 pub type Served = Either<ProxyBody, access_log::Logged<ProxyBody>>;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+const HOP_BY_HOP_COUNT: usize = 10;
+
 /// Hop-by-hop headers that are removed whether or not `Connection` names them
 /// (RFC 9110 §7.6.1; `Keep-Alive` and `Proxy-Connection` are the legacy ones it mentions).
-const HOP_BY_HOP: [HeaderName; 10] = [
+/// `Connection` comes first: [`strip_hop_by_hop`] reads its tokens only when `present[0]`.
+const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
     header::CONNECTION,
     // The h2c upgrade's settings; only meaningful with `Upgrade: h2c`, which is never forwarded.
     HeaderName::from_static("http2-settings"),
@@ -577,27 +580,8 @@ impl Worker {
             && backend.tls.is_none()
             && downstream_upgrade.is_none()
             && backend.upstream.scheme == http::uri::Scheme::HTTP;
-        // Where HTTP/2 may carry the request (h2c, or https with ALPN), a Host other than the
-        // upstream's travels as the URI's authority, through a pool that still dials the
-        // upstream; hyper-util writes it back as `Host` if the connection is HTTP/1.1.
-        let authority_pool = parts
-            .headers
-            .get(header::HOST)
-            .filter(|host| {
-                !own_pool
-                    && downstream_upgrade.is_none()
-                    && host.as_bytes() != backend.upstream.authority.as_str().as_bytes()
-            })
-            // A Host that is not an authority (hyper accepted it as a header value) stays `Host`.
-            .and_then(|host| with_authority(&parts.uri, host))
-            .and_then(|uri| Some((uri, self.authority_pool(backend)?)))
-            .map(|(uri, pool)| {
-                parts.uri = uri;
-                parts.headers.remove(header::HOST);
-                pool
-            });
         let progress = Arc::new(BodyProgress::new());
-        let up = Request::from_parts(
+        let mut up = Request::from_parts(
             parts,
             CappedBody {
                 inner: body,
@@ -627,6 +611,24 @@ impl Worker {
             };
             return Ok(self.finish_response(backend, origin.as_ref(), resp.map(Either::Right)));
         }
+        // Where HTTP/2 may carry the request (h2c, or https with ALPN), a Host other than the
+        // upstream's travels as the URI's authority, through a pool that still dials the
+        // upstream; hyper-util writes it back as `Host` if the connection is HTTP/1.1.
+        // (Chosen after the own pool's branch, whose awaits would otherwise hold it.)
+        let authority_pool = up
+            .headers()
+            .get(header::HOST)
+            .filter(|host| {
+                downstream_upgrade.is_none() && host.as_bytes() != backend.upstream.authority.as_str().as_bytes()
+            })
+            // A Host that is not an authority (hyper accepted it as a header value) stays `Host`.
+            .and_then(|host| with_authority(up.uri(), host))
+            .and_then(|uri| Some((uri, self.authority_pool(backend)?)))
+            .map(|(uri, pool)| {
+                *up.uri_mut() = uri;
+                up.headers_mut().remove(header::HOST);
+                pool
+            });
         let mut sent = match (authority_pool, backend.protocol) {
             (Some(AuthorityPool::Https(pool)), _) => pool.request(up),
             (Some(AuthorityPool::H2c(pool)), _) => pool.request(up),
@@ -977,20 +979,29 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 
 /// Removes hop-by-hop headers: the fixed set and every header named by any `Connection` line.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none: one pass comparing names (standard names compare as enum
-    // tags) instead of ten hashed removals.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    // One pass over the names (standard names compare as enum tags) notes which of the fixed
+    // set are present; only those are removed. Most messages carry none, and most others only
+    // `Connection`, so this is one hashed removal instead of ten.
+    let mut present = [false; HOP_BY_HOP_COUNT];
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present[i] = true;
+        }
+    }
+    if !present.contains(&true) {
         return;
     }
-    if headers.contains_key(header::CONNECTION) {
+    // `Connection: keep-alive` and the like name headers of the fixed set, removed below.
+    if present[0] {
         let named: Vec<HeaderName> = connection_tokens(headers)
+            .filter(|t| !HOP_BY_HOP.iter().any(|h| h.as_str().eq_ignore_ascii_case(t)))
             .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .collect();
         for name in named {
             headers.remove(name);
         }
     }
-    for name in &HOP_BY_HOP {
+    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, here)| *here) {
         headers.remove(name);
     }
 }
