@@ -213,6 +213,33 @@ impl<B: Body<Data = Bytes> + Unpin> Body for TrackedBody<B> {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// A request's response as the connection sends it: its body tracked, and the connection
+    /// marked upgraded on a 101 before hyper writes it, so no upgraded byte is ever timed as a
+    /// request head. A struct rather than an `async` block: a block awaiting the handler's
+    /// future holds it twice (captured, then awaited), and this future is moved whole for
+    /// every request.
+    struct Tracked<F> {
+        #[pin]
+        response: F,
+        phase: Arc<ConnPhase>,
+    }
+}
+
+impl<F: Future<Output = Response<B>>, B> Future for Tracked<F> {
+    type Output = Result<Response<TrackedBody<B>>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let resp = std::task::ready!(this.response.poll(cx));
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            this.phase.upgraded.store(true, Ordering::Release);
+        }
+        let phase = this.phase.clone();
+        Poll::Ready(Ok(resp.map(|inner| TrackedBody { inner, phase })))
+    }
+}
+
 /// A running listener (one or several accept loops on the same address). Dropping it does not
 /// stop it; call [`ServerHandle::shutdown`].
 pub struct ServerHandle {
@@ -396,16 +423,9 @@ where
                 let service = hyper::service::service_fn(move |req| {
                     phase.started.fetch_add(1, Ordering::AcqRel);
                     phase.in_flight.fetch_add(1, Ordering::AcqRel);
-                    let phase = phase.clone();
-                    let fut = handler(peer, req);
-                    async move {
-                        let resp = fut.await;
-                        // Set before hyper writes the 101, so no upgraded byte is ever
-                        // timed as a request head.
-                        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                            phase.upgraded.store(true, Ordering::Release);
-                        }
-                        Ok::<_, Infallible>(resp.map(|inner| TrackedBody { inner, phase }))
+                    Tracked {
+                        response: handler(peer, req),
+                        phase: phase.clone(),
                     }
                 });
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
