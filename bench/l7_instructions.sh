@@ -9,6 +9,7 @@
 #
 #   bench/l7_instructions.sh [requests]
 #   BIN=path/to/tunnel-agent ONLY=1 bench/l7_instructions.sh   # another build; the one-rule case only
+#   KEEP_CG=DIR bench/l7_instructions.sh   # keep the callgrind files in DIR (callgrind_annotate)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-2000}
