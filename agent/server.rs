@@ -222,7 +222,8 @@ pin_project_lite::pin_project! {
     struct Tracked<F> {
         #[pin]
         response: F,
-        phase: Arc<ConnPhase>,
+        // Handed to the body when the response is ready (taken, not cloned again).
+        phase: Option<Arc<ConnPhase>>,
     }
 }
 
@@ -232,10 +233,13 @@ impl<F: Future<Output = Response<B>>, B> Future for Tracked<F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let resp = std::task::ready!(this.response.poll(cx));
+        // Polled again after it was ready: the handler's future has already misbehaved.
+        let Some(phase) = this.phase.take() else {
+            return Poll::Pending;
+        };
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            this.phase.upgraded.store(true, Ordering::Release);
+            phase.upgraded.store(true, Ordering::Release);
         }
-        let phase = this.phase.clone();
         Poll::Ready(Ok(resp.map(|inner| TrackedBody { inner, phase })))
     }
 }
@@ -425,7 +429,7 @@ where
                     phase.in_flight.fetch_add(1, Ordering::AcqRel);
                     Tracked {
                         response: handler(peer, req),
-                        phase: phase.clone(),
+                        phase: Some(phase.clone()),
                     }
                 });
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();

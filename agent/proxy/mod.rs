@@ -779,7 +779,6 @@ impl Worker {
     }
 }
 
-/// `uri` with `host` (a `Host` header's value) as its authority, when `host` is one.
 /// The client's Host as a header value: HTTP/1.1's own `Host` (shared, not copied), or HTTP/2's
 /// `:authority`. The same text as [`request_host`], which routing matched.
 fn client_host<B>(req: &Request<B>) -> Option<HeaderValue> {
@@ -792,6 +791,7 @@ fn client_host<B>(req: &Request<B>) -> Option<HeaderValue> {
     }
 }
 
+/// `uri` with `host` (a `Host` header's value) as its authority, when `host` is one.
 fn with_authority(uri: &http::Uri, host: &HeaderValue) -> Option<http::Uri> {
     let authority = http::uri::Authority::try_from(host.as_bytes()).ok()?;
     let mut parts = uri.clone().into_parts();
