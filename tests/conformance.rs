@@ -647,13 +647,17 @@ async fn run_case(
     Ok(answered_by)
 }
 
-/// How many requests the distribution checks send, and their acceptance band: three binomial
-/// standard deviations, as the suite's percentage-mirror check uses.
-const SAMPLES: usize = 500;
+/// How many requests the distribution checks send, and their acceptance band: 4.5 binomial
+/// standard deviations. The file has about ten such checks (five per format); at three standard
+/// deviations one of them failed about one run in forty by chance alone (CI, stop 16: 208 copies
+/// of 500 at 35 %, 3.1 deviations). At 4.5 a correct proxy fails one run in about 15,000, and
+/// 1,000 samples keep the band narrow enough to catch a wrong share: 35 % accepts 28–42 %. The
+/// sampler's precision itself is tested in-process with far more draws (`random::tests`).
+const SAMPLES: usize = 1000;
 
 fn within_band(count: usize, p: f64) -> bool {
     let n = SAMPLES as f64;
-    let margin = 3.0 * (n * p * (1.0 - p)).sqrt();
+    let margin = 4.5 * (n * p * (1.0 - p)).sqrt();
     ((count as f64) - n * p).abs() <= margin.max(0.5)
 }
 

@@ -484,11 +484,7 @@ impl Mirror {
 
     /// Whether this request is one of the sampled ones.
     pub fn sampled(&self) -> bool {
-        match (self.numerator, self.denominator) {
-            (0, _) => false,
-            (n, d) if n >= d => true,
-            (n, d) => crate::random::random_u64() % u64::from(d) < u64::from(n),
-        }
+        crate::random::chance(self.numerator, self.denominator)
     }
 }
 
