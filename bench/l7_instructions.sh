@@ -10,6 +10,7 @@
 #   bench/l7_instructions.sh [requests]
 #   BIN=path/to/tunnel-agent ONLY=1 bench/l7_instructions.sh   # another build; the one-rule case only
 #   KEEP_CG=DIR bench/l7_instructions.sh   # keep the callgrind files in DIR (callgrind_annotate)
+#   NGINX=1 bench/l7_instructions.sh   # also nginx doing the one-rule job (one process, no master)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-2000}
@@ -66,7 +67,9 @@ PY
 
 # Instructions per request for $3 on agent config $1 (port $2).
 per_request() {
-  valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.$1.%p" "$BIN" run -c "$WORK/$1.toml" 2>/dev/null & local pid=$!
+  local cmd=${CMD:-$BIN run -c $WORK/$1.toml}
+  # shellcheck disable=SC2086  # the command line is split on purpose
+  valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.$1.%p" $cmd 2>/dev/null & local pid=$!
   for _ in $(seq 300); do curl -s -o /dev/null "http://127.0.0.1:$2/healthz" && break; sleep 0.2; done
   load "$2" "$3" 200
   callgrind_control -z "$pid" >/dev/null 2>&1
@@ -77,12 +80,55 @@ per_request() {
   # The dump after zeroing holds only the measured requests (plus the 1 s health self-probes).
   local ir
   ir=$(grep -h '^summary:' "$WORK"/cg."$1".*.[0-9] 2>/dev/null | tail -1 | awk '{print $2}')
-  [[ -n ${KEEP_CG:-} ]] && cp "$WORK"/cg."$1".*.[0-9] "$KEEP_CG" 2>/dev/null || true
+  if [[ -n ${KEEP_CG:-} ]]; then mkdir -p "$KEEP_CG" && cp "$WORK"/cg."$1".*.[0-9] "$KEEP_CG"/; fi
   rm -f "$WORK"/cg."$1".*
   echo $((ir / N))
 }
+# nginx doing the one-rule job: the Host map, the same headers set and removed on the way to
+# the backend, a keepalive pool. One process (no master), so callgrind sees all of it.
+nginx_job() {
+  mkdir -p "$WORK/nginx-job"
+  cat > "$WORK/nginx-job/nginx.conf" <<NGINX
+$([[ $(id -u) == 0 ]] && echo "user root;")
+master_process off;
+daemon off;
+worker_processes 1;
+pid $WORK/nginx-job/nginx.pid;
+error_log $WORK/nginx-job/error.log warn;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/nginx-job; proxy_temp_path $WORK/nginx-job; fastcgi_temp_path $WORK/nginx-job; uwsgi_temp_path $WORK/nginx-job; scgi_temp_path $WORK/nginx-job;
+  keepalive_requests 10000000;
+  map \$http_host \$route_upstream { hostnames; default ""; bench.example.com backend; }
+  upstream backend { server $UP; keepalive 64; keepalive_requests 10000000; }
+  server {
+    listen 127.0.0.1:18301;
+    location = /healthz { return 200; }
+    location / {
+      if (\$route_upstream = "") { return 404; }
+      proxy_pass http://\$route_upstream;
+      proxy_http_version 1.1;
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto http;
+      proxy_set_header Connection "";
+      proxy_set_header Keep-Alive "";
+      proxy_set_header Proxy-Connection "";
+      proxy_set_header TE "";
+      proxy_set_header Upgrade "";
+      proxy_set_header Proxy-Authorization "";
+    }
+  }
+}
+NGINX
+  echo "nginx -p $WORK/nginx-job -c $WORK/nginx-job/nginx.conf"
+}
+
 echo "instructions per request ($N requests each):"
 echo "  one rule:                      $(per_request one 18291 /some/other/path)"
+if [[ -n ${NGINX:-} ]]; then
+  echo "  nginx, the same job:           $(CMD=$(nginx_job) per_request nginx-job 18301 /some/other/path)"
+fi
 [[ -n ${ONLY:-} ]] && exit 0
 echo "  200 rules, catch-all (worst):  $(per_request many 18293 /some/other/path)"
 echo "  200 rules, exact hit:          $(per_request many 18293 /exact/25)"

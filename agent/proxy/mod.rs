@@ -1007,7 +1007,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
-    use std::fmt::Write as _;
     // A chain may arrive split over several lines, which mean the same as one comma-joined
     // line (RFC 9110 §5.3); `get` would keep only the first and `insert` drop the rest.
     // Built in one string: this runs on every request.
@@ -1022,9 +1021,31 @@ fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
         value.push_str(hop);
         value.push_str(", ");
     }
-    let _ = write!(value, "{}", peer.ip());
+    push_ip(&mut value, peer.ip());
     if let Ok(v) = HeaderValue::try_from(value) {
         headers.insert(X_FORWARDED_FOR, v);
+    }
+}
+
+/// Appends `ip` as `Display` writes it. IPv4 (every request from a local cloudflared) without
+/// the formatting machinery, which cost about 900 instructions a request (callgrind).
+fn push_ip(out: &mut String, ip: std::net::IpAddr) {
+    use std::fmt::Write as _;
+    let std::net::IpAddr::V4(v4) = ip else {
+        let _ = write!(out, "{ip}");
+        return;
+    };
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        if octet >= 100 {
+            out.push(char::from(b'0' + octet / 100));
+        }
+        if octet >= 10 {
+            out.push(char::from(b'0' + octet / 10 % 10));
+        }
+        out.push(char::from(b'0' + octet % 10));
     }
 }
 
@@ -1279,6 +1300,19 @@ mod tests {
         none.insert("x-kept", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut none);
         assert_eq!(none.len(), 1);
+    }
+
+    #[test]
+    fn ip_text_is_what_display_writes() {
+        let mut ips: Vec<std::net::IpAddr> = vec!["::1".parse().unwrap(), "2001:db8::8:800:200c:417a".parse().unwrap()];
+        for a in [0u8, 1, 9, 10, 11, 99, 100, 101, 199, 200, 249, 250, 255] {
+            ips.push(std::net::Ipv4Addr::new(a, 255 - a, a / 2, 7).into());
+        }
+        for ip in ips {
+            let mut out = String::from("x, ");
+            push_ip(&mut out, ip);
+            assert_eq!(out, format!("x, {ip}"));
+        }
     }
 
     #[test]
