@@ -11,6 +11,7 @@
 #   BIN=path/to/tunnel-agent ONLY=1 bench/l7_instructions.sh   # another build; the one-rule case only
 #   KEEP_CG=DIR bench/l7_instructions.sh   # keep the callgrind files in DIR (callgrind_annotate)
 #   NGINX=1 bench/l7_instructions.sh   # also nginx doing the one-rule job (one process, no master)
+#   python3 bench/callgrind_by_crate.py DIR/cg.one.PID.1 N   # a kept profile, by crate
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-2000}
