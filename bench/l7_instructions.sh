@@ -27,19 +27,7 @@ config() { # $1 = name, $2 = port; routes on stdin
   cat
 }
 printf '[routes.hosts]\n"bench.example.com" = "http://%s"\n' "$UP" | config one 18291 > "$WORK/one.toml"
-python3 - "$UP" <<'PY' | config many 18293 > "$WORK/many.toml"
-import sys
-up = sys.argv[1]
-def route(match):
-    print(f'[[route]]\nhostnames = ["bench.example.com"]\nupstream = "http://{up}"\nmatches = [{match}]\n')
-for i in range(50):
-    route(f'{{ path = {{ type = "Exact", value = "/exact/{i}" }} }}')
-    route(f'{{ path = {{ type = "RegularExpression", value = "/re/{i}/[0-9]+/item" }} }}')
-    route(f'{{ path = {{ type = "PathPrefix", value = "/prefix/{i}" }} }}')
-for i in range(49):
-    route(f'{{ path = {{ type = "PathPrefix", value = "/h" }}, headers = [{{ name = "x-tenant", value = "t{i}" }}] }}')
-route('{ path = { type = "PathPrefix", value = "/" } }')
-PY
+many_rules "$UP" | config many 18293 > "$WORK/many.toml"
 
 route_one() { # extra TOML lines for the one [[route]]
   printf '[[route]]\nhostnames = ["bench.example.com"]\nupstream = "http://%s"\n%s\n' "$UP" "$1"

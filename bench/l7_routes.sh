@@ -30,22 +30,8 @@ TOML
 # One rule: the seed's host map.
 { base one 18191 18192; printf '[routes.hosts]\n"bench.example.com" = "http://%s"\n' "$UP"; } > "$WORK/one.toml"
 
-# 200 rules on the same hostname: 50 Exact, 50 RegularExpression, 50 PathPrefix, 49 PathPrefix
-# + header, and the catch-all the benchmark request falls through to.
-{ base many 18193 18194; python3 - "$UP" <<'PY'
-import sys
-up = sys.argv[1]
-def route(match):
-    print(f'[[route]]\nhostnames = ["bench.example.com"]\nupstream = "http://{up}"\nmatches = [{match}]\n')
-for i in range(50):
-    route(f'{{ path = {{ type = "Exact", value = "/exact/{i}" }} }}')
-    route(f'{{ path = {{ type = "RegularExpression", value = "/re/{i}/[0-9]+/item" }} }}')
-    route(f'{{ path = {{ type = "PathPrefix", value = "/prefix/{i}" }} }}')
-for i in range(49):
-    route(f'{{ path = {{ type = "PathPrefix", value = "/h" }}, headers = [{{ name = "x-tenant", value = "t{i}" }}] }}')
-route('{ path = { type = "PathPrefix", value = "/" } }')
-PY
-} > "$WORK/many.toml"
+# 200 rules on the same hostname (many_rules in bench/lib.sh).
+{ base many 18193 18194; many_rules "$UP"; } > "$WORK/many.toml"
 
 # Config API agent for the PUT timing.
 { base api 18195 18196; cat <<TOML

@@ -25,3 +25,22 @@ NGINX
     nginx -c "$WORK/nginx.conf" -g 'daemon off;' &
     PIDS+=($!)
 }
+
+# many_rules UPSTREAM: the 200-rule table of the L7 benchmarks, all on bench.example.com: 50
+# Exact, 50 RegularExpression, 50 PathPrefix, 49 PathPrefix + header, and the catch-all the
+# benchmark request falls through to.
+many_rules() {
+    python3 - "$1" <<'PY'
+import sys
+up = sys.argv[1]
+def route(match):
+    print(f'[[route]]\nhostnames = ["bench.example.com"]\nupstream = "http://{up}"\nmatches = [{match}]\n')
+for i in range(50):
+    route(f'{{ path = {{ type = "Exact", value = "/exact/{i}" }} }}')
+    route(f'{{ path = {{ type = "RegularExpression", value = "/re/{i}/[0-9]+/item" }} }}')
+    route(f'{{ path = {{ type = "PathPrefix", value = "/prefix/{i}" }} }}')
+for i in range(49):
+    route(f'{{ path = {{ type = "PathPrefix", value = "/h" }}, headers = [{{ name = "x-tenant", value = "t{i}" }}] }}')
+route('{ path = { type = "PathPrefix", value = "/" } }')
+PY
+}
