@@ -225,7 +225,21 @@ fn check(path: &std::path::Path) -> ExitCode {
                     config::RouteSourceKind::File => "routes.file",
                     _ => "routes",
                 };
-                err(&format!("{}: {key}: {e:#}\n", path.display()));
+                // A table's problem can be a setting the report above already named (the
+                // proxy's `ca_file` anchors every https route): said once, not twice.
+                let message = match e.downcast_ref::<routing::table::RoutesError>() {
+                    Some(routes) => {
+                        let new: Vec<String> = (routes.problems.iter())
+                            .filter(|p| !already(&p.key))
+                            .map(|p| format!("{}: {}", p.key, p.reason))
+                            .collect();
+                        (!new.is_empty()).then(|| format!("invalid routes: {}", new.join("; ")))
+                    }
+                    None => Some(format!("{e:#}")),
+                };
+                if let Some(message) = message {
+                    err(&format!("{}: {key}: {message}\n", path.display()));
+                }
                 failed = true;
             }
         }

@@ -306,6 +306,30 @@ fn check_names_the_access_log_key_and_reason() {
     }
 }
 
+/// The proxy's `ca_file` anchors every https route, so the route table fails on it too: `check`
+/// names it once, under its own key, not again as a route problem.
+#[test]
+fn check_names_an_unreadable_ca_file_once() {
+    let dir = scratch_dir("ca_file_once");
+    let path = dir.join("agent.toml");
+    let ca = dir.join("missing-ca.pem");
+    std::fs::write(
+        &path,
+        format!(
+            "[proxy]\nca_file = {:?}\n[routes.hosts]\n\"a.example.com\" = \"https://127.0.0.1:1\"\n",
+            ca.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = check(&path);
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG));
+    let err = text(&out.stderr);
+    let want = format!("{}: proxy.ca_file: cannot read {}", path.display(), ca.display());
+    assert!(err.lines().any(|l| l.starts_with(&want)), "missing {want:?} in:\n{err}");
+    assert_eq!(err.matches("cannot read").count(), 1, "named more than once:\n{err}");
+    assert!(text(&out.stdout).is_empty(), "no ok line after a problem");
+}
+
 /// One run, every problem: a parser error does not hide a bad URL, an unreadable secret, a
 /// secret no client can send, or the cloudflared checks of a disabled cloudflared; and a token
 /// given as `--token=…` is never echoed.

@@ -110,7 +110,9 @@ pub fn load_local(config: &Config, metrics: &Metrics) -> anyhow::Result<RouteTab
         RouteSourceKind::GcpMetadata => HostMap::new(),
         RouteSourceKind::ConfigApi => return Ok(config_api::load_persisted(config, metrics)),
     };
-    build(config, &map, metrics)
+    // The same text as `build`'s, with the problems kept for `check` to sort (it leaves out
+    // those the config file's own report already named).
+    RouteTable::build_with(config, &map, metrics).map_err(|e| anyhow::Error::new(e).context("invalid routes"))
 }
 
 /// The routes a node boots with.
