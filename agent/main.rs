@@ -229,11 +229,9 @@ fn check(path: &std::path::Path) -> ExitCode {
                 // proxy's `ca_file` anchors every https route): said once, not twice.
                 let message = match e.downcast_ref::<routing::table::RoutesError>() {
                     Some(routes) => {
-                        let new: Vec<String> = (routes.problems.iter())
-                            .filter(|p| !already(&p.key))
-                            .map(|p| format!("{}: {}", p.key, p.reason))
-                            .collect();
-                        (!new.is_empty()).then(|| format!("invalid routes: {}", new.join("; ")))
+                        let problems: Vec<_> = (routes.problems.iter()).filter(|p| !already(&p.key)).cloned().collect();
+                        let new = routing::table::RoutesError { problems };
+                        (!new.problems.is_empty()).then(|| format!("invalid routes: {new}"))
                     }
                     None => Some(format!("{e:#}")),
                 };

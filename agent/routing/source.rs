@@ -95,9 +95,12 @@ pub fn persist(config: &Config, map: &HostMap, table: &RouteTable) -> std::io::R
     Ok(())
 }
 
-/// Builds the route table from a host map (the source's) plus the config's `[[route]]`s.
+/// Builds the route table from a host map (the source's) plus the config's `[[route]]`s. The
+/// error reads "invalid routes: …" (with `{:#}`) and keeps the
+/// [`RoutesError`](crate::routing::table::RoutesError) for callers that sort its problems
+/// (`check`).
 pub fn build(config: &Config, map: &HostMap, metrics: &Metrics) -> anyhow::Result<RouteTable> {
-    RouteTable::build_with(config, map, metrics).map_err(|e| anyhow::anyhow!("invalid routes: {e}"))
+    RouteTable::build_with(config, map, metrics).map_err(|e| anyhow::Error::new(e).context("invalid routes"))
 }
 
 /// Reads the configured local route source and builds the table (what `check` uses).
@@ -110,9 +113,7 @@ pub fn load_local(config: &Config, metrics: &Metrics) -> anyhow::Result<RouteTab
         RouteSourceKind::GcpMetadata => HostMap::new(),
         RouteSourceKind::ConfigApi => return Ok(config_api::load_persisted(config, metrics)),
     };
-    // The same text as `build`'s, with the problems kept for `check` to sort (it leaves out
-    // those the config file's own report already named).
-    RouteTable::build_with(config, &map, metrics).map_err(|e| anyhow::Error::new(e).context("invalid routes"))
+    build(config, &map, metrics)
 }
 
 /// The routes a node boots with.
