@@ -28,12 +28,7 @@ async fn start() -> (Agent, FakeCloudflared) {
         .routes("source = \"config-api\"")
         .raw("[config_api]\nlisten = \"127.0.0.1:0\"\nauth_secret = \"config_token\"\n")
         .raw(&section);
-    let (k, v) = cf.env();
-    let agent = builder
-        .env(k, &v)
-        .env("CONFIG_API_TOKEN_FOR_TEST", API_TOKEN)
-        .start(&cfg)
-        .await;
+    let agent = builder.env("CONFIG_API_TOKEN_FOR_TEST", API_TOKEN).start(&cfg).await;
     (agent, cf)
 }
 

@@ -89,11 +89,8 @@ impl Setup {
         let endpoints: Vec<String> = relays.iter().map(Relay::url).collect();
         let builder = AgentBuilder::new();
         let cf = FakeCloudflared::new(builder.dir());
-        let (k, v) = cf.env();
-        let builder = builder
-            .env(k, &v)
-            .env("TA_TUNNEL_TOKEN", TUNNEL_TOKEN)
-            .env("FAKE_CF_DRAIN_MS", &self.drain_ms.to_string());
+        cf.set("drain_ms", &self.drain_ms.to_string());
+        let builder = builder.env("TA_TUNNEL_TOKEN", TUNNEL_TOKEN);
         let config = node_config(name, &cf, &self.up, &endpoints, self.grace).raw(extra);
         let agent = builder.start(&config).await;
         Node {
@@ -506,9 +503,7 @@ async fn etcd_unreachable_at_boot_means_standby_and_says_so() {
     let builder = AgentBuilder::new();
     let notify = NotifySocket::bind(builder.dir());
     let cf = FakeCloudflared::new(builder.dir());
-    let (k, v) = cf.env();
     let builder = builder
-        .env(k, &v)
         .env("TA_TUNNEL_TOKEN", TUNNEL_TOKEN)
         .env("NOTIFY_SOCKET", &notify.path.display().to_string());
     let config = node_config("node-a", &cf, &up, &[format!("http://127.0.0.1:{port}")], "2s");
@@ -654,8 +649,7 @@ async fn the_role_follows_the_check_with_its_counts() {
     let check = FlipCheck::start(503).await;
     let builder = AgentBuilder::new();
     let cf = FakeCloudflared::new(builder.dir());
-    let (k, v) = cf.env();
-    let builder = builder.env(k, &v).env("TA_TUNNEL_TOKEN", TUNNEL_TOKEN);
+    let builder = builder.env("TA_TUNNEL_TOKEN", TUNNEL_TOKEN);
     let config = ConfigText::new()
         .top("role = \"active\"")
         .env_secret("tunnel_token", "TA_TUNNEL_TOKEN")
@@ -773,8 +767,7 @@ async fn measure_leader_cpu() {
     for name in ["node-a", "node-b"] {
         let builder = AgentBuilder::new();
         let cf = FakeCloudflared::new(builder.dir());
-        let (k, v) = cf.env();
-        let builder = builder.env(k, &v).env("TA_TUNNEL_TOKEN", TUNNEL_TOKEN);
+        let builder = builder.env("TA_TUNNEL_TOKEN", TUNNEL_TOKEN);
         let endpoints: Vec<String> = cluster.endpoints().iter().map(|e| format!("{e:?}")).collect();
         let config = ConfigText::new()
             .env_secret("tunnel_token", "TA_TUNNEL_TOKEN")

@@ -29,8 +29,7 @@ const ROLE_ATTRIBUTE: &str = "project/attributes/tunnel-active-host";
 fn node() -> (AgentBuilder, FakeCloudflared) {
     let builder = AgentBuilder::new();
     let cf = FakeCloudflared::new(builder.dir());
-    let (key, value) = cf.env();
-    let builder = builder.env(key, &value).env("TA_TUNNEL_TOKEN", TUNNEL_TOKEN);
+    let builder = builder.env("TA_TUNNEL_TOKEN", TUNNEL_TOKEN);
     (builder, cf)
 }
 
@@ -555,7 +554,8 @@ async fn status_without_a_running_agent_says_not_running() {
 /// A node whose fake cloudflared drains for `drain_ms` after its SIGTERM (grace 10 s).
 fn draining_node(drain_ms: u64) -> (AgentBuilder, FakeCloudflared) {
     let (builder, cf) = node();
-    (builder.env("FAKE_CF_DRAIN_MS", &drain_ms.to_string()), cf)
+    cf.set("drain_ms", &drain_ms.to_string());
+    (builder, cf)
 }
 
 /// Polls `/active` until it fails, then checks that it failed *while* `pid` still drains (it

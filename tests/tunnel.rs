@@ -20,14 +20,17 @@ fn config(cf: &FakeCloudflared, extra: &[&str]) -> ConfigText {
 }
 
 async fn start(extra: &[&str]) -> (Agent, FakeCloudflared) {
-    start_with(extra, |b| b).await
+    start_with(extra, &[]).await
 }
 
-async fn start_with(extra: &[&str], env: impl FnOnce(AgentBuilder) -> AgentBuilder) -> (Agent, FakeCloudflared) {
+/// Starts the agent with the fake set up by `settings` (see `FakeCloudflared::set`).
+async fn start_with(extra: &[&str], settings: &[(&str, &str)]) -> (Agent, FakeCloudflared) {
     let builder = AgentBuilder::new();
     let cf = FakeCloudflared::new(builder.dir());
-    let (k, v) = cf.env();
-    let builder = env(builder.env(k, &v).env("TUNNEL_TOKEN_FOR_TEST", TOKEN));
+    for (k, v) in settings {
+        cf.set(k, v);
+    }
+    let builder = builder.env("TUNNEL_TOKEN_FOR_TEST", TOKEN);
     let agent = builder.start(&config(&cf, extra)).await;
     (agent, cf)
 }
@@ -65,20 +68,18 @@ async fn starts_after_the_proxy_with_the_token_only_in_its_environment() {
     let builder = AgentBuilder::new();
     let notify = NotifySocket::bind(builder.dir());
     let cf = FakeCloudflared::new(builder.dir());
-    let (k, v) = cf.env();
     // The fake exits 3 if the proxy did not accept connections when it started. A remotely
     // managed tunnel's ingress lives at Cloudflare, so the test tells the fake where the proxy
-    // is (FAKE_CF_ORIGIN, inherited through the agent); the agent itself sets no such variable.
+    // is (its `origin` setting).
     let proxy_port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("free port")
         .port();
+    cf.set("origin", &format!("http://127.0.0.1:{proxy_port}"));
     let agent = builder
-        .env(k, &v)
         .env("TUNNEL_TOKEN_FOR_TEST", TOKEN)
         .env("NOTIFY_SOCKET", &notify.path.display().to_string())
         .env("WATCHDOG_USEC", "30000000")
-        .env("FAKE_CF_ORIGIN", &format!("http://127.0.0.1:{proxy_port}"))
         .start(&config(&cf, &[]).proxy(&format!("listen = \"127.0.0.1:{proxy_port}\"")))
         .await;
     let ready = wait_ready(&agent).await;
@@ -241,7 +242,6 @@ async fn a_crash_loop_fails_ready_then_the_agent_gives_up() {
     let builder = AgentBuilder::new();
     let cf = FakeCloudflared::new(builder.dir());
     cf.set_mode("crash");
-    let (k, v) = cf.env();
     let extra = [
         "crash_loop_exits = 3",
         "crash_loop_window = \"1m\"",
@@ -250,7 +250,6 @@ async fn a_crash_loop_fails_ready_then_the_agent_gives_up() {
         "restart_backoff_max = \"150ms\"",
     ];
     let mut agent = builder
-        .env(k, &v)
         .env("TUNNEL_TOKEN_FOR_TEST", TOKEN)
         .start(&config(&cf, &extra))
         .await;
@@ -386,7 +385,6 @@ async fn a_locally_managed_tunnel_gets_an_ingress_written_from_the_routes() {
     let builder = AgentBuilder::new();
     let cf = FakeCloudflared::new(builder.dir());
     let creds = builder.file("creds.json", r#"{"AccountTag":"a","TunnelSecret":"s","TunnelID":"t"}"#);
-    let (k, v) = cf.env();
     let section = cf.section(&[
         "token_secret = \"\"",
         &format!("credentials_file = {:?}", creds.display().to_string()),
@@ -398,7 +396,7 @@ async fn a_locally_managed_tunnel_gets_an_ingress_written_from_the_routes() {
         .host("app.example.com", "http://127.0.0.1:9")
         .host("*.wild.example.com", "http://127.0.0.1:9")
         .raw(&section);
-    let agent = builder.env(k, &v).start(&cfg).await;
+    let agent = builder.start(&cfg).await;
     wait_ready(&agent).await;
     let yaml = std::fs::read_to_string(agent.dir().join("run/cloudflared.yml")).unwrap();
     let origin = format!("service: http://{}", agent.proxy_addr());
@@ -422,10 +420,8 @@ async fn systemd_hears_ready_status_watchdog_reloading_and_stopping_in_order() {
     let builder = AgentBuilder::new();
     let notify = NotifySocket::bind(builder.dir());
     let cf = FakeCloudflared::new(builder.dir());
-    let (k, v) = cf.env();
     let spawned = tokio::time::Instant::now();
     let mut agent = builder
-        .env(k, &v)
         .env("TUNNEL_TOKEN_FOR_TEST", TOKEN)
         .env("NOTIFY_SOCKET", &notify.path.display().to_string())
         .env("WATCHDOG_USEC", "200000")
@@ -472,13 +468,9 @@ async fn a_cloudflared_without_token_file_support_is_refused_at_boot() {
     // start. The agent says so and exits EX_CONFIG (78), which the unit does not restart.
     let builder = AgentBuilder::new();
     let cf = FakeCloudflared::new(builder.dir());
-    let (k, v) = cf.env();
+    cf.set("version", "2024.12.1");
     let text = config(&cf, &["token_delivery = \"file\""]).render(builder.dir());
-    let mut agent = builder
-        .env(k, &v)
-        .env("TUNNEL_TOKEN_FOR_TEST", TOKEN)
-        .env("FAKE_CF_VERSION", "2024.12.1")
-        .spawn(&text);
+    let mut agent = builder.env("TUNNEL_TOKEN_FOR_TEST", TOKEN).spawn(&text);
     let status = agent.wait_exit(DEADLINE).await;
     assert_eq!(status.code(), Some(78), "{:#?}", agent.logs());
     let logs = agent.logs().join("\n");
@@ -492,7 +484,7 @@ async fn a_cloudflared_without_token_file_support_is_refused_at_boot() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_old_cloudflared_still_runs_with_the_token_in_its_environment() {
-    let (agent, cf) = start_with(&[], |b| b.env("FAKE_CF_VERSION", "2024.12.1")).await;
+    let (agent, cf) = start_with(&[], &[("version", "2024.12.1")]).await;
     wait_ready(&agent).await;
     let (_, status) = get_json(&agent, "/status").await;
     assert_eq!(status["cloudflared"]["version"], "2024.12.1", "{status}");
@@ -505,9 +497,7 @@ async fn status_shows_the_connector_id_before_any_connection() {
     let builder = AgentBuilder::new();
     let cf = FakeCloudflared::new(builder.dir());
     cf.set_mode("disconnected");
-    let (k, v) = cf.env();
     let agent = builder
-        .env(k, &v)
         .env("TUNNEL_TOKEN_FOR_TEST", TOKEN)
         .start(&config(&cf, &[]))
         .await;
@@ -529,12 +519,10 @@ async fn a_flooding_cloudflared_cannot_drown_the_agents_own_lines() {
     let builder = AgentBuilder::new();
     let cf = FakeCloudflared::new(builder.dir());
     cf.set_mode("flood");
-    let (k, v) = cf.env();
+    cf.set("flood", &flood.to_string());
     let started = tokio::time::Instant::now();
     let mut agent = builder
-        .env(k, &v)
         .env("TUNNEL_TOKEN_FOR_TEST", TOKEN)
-        .env("FAKE_CF_FLOOD", &flood.to_string())
         .start(&config(&cf, &[]))
         .await;
     wait_ready(&agent).await;
@@ -608,8 +596,9 @@ async fn a_reload_to_another_cloudflared_asks_its_version_again() {
         let path = agent.write_file(
             name,
             &format!(
-                "#!/bin/sh\nFAKE_CF_VERSION={version} exec {} \"$@\"\n",
-                FakeCloudflared::program().display()
+                "#!/bin/sh\nFAKE_CF_DIR={} FAKE_CF_VERSION={version} exec {} \"$@\"\n",
+                cf.dir().display(),
+                FakeCloudflared::script().display()
             ),
         );
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();

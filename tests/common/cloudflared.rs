@@ -1,11 +1,15 @@
-//! Drives `tests/fakes/cloudflared` (see its docstring): where it is, how to switch its mode,
-//! and what it recorded (starts with their argv, SIGTERMs, exits).
+//! Drives `tests/fakes/cloudflared` (see its docstring): where it is, how to switch its mode and
+//! settings, and what it recorded (starts with their argv and environment, signals, exits).
+//!
+//! The agent starts cloudflared with none of its own environment, so the fake finds its control
+//! directory from its program path: each `FakeCloudflared` links the fake into its own directory.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub struct FakeCloudflared {
-    /// The control directory (`FAKE_CF_DIR`): `mode` in, `events` out.
+    /// The control directory: `mode` and settings in, `events` and `env.<pid>` out.
     dir: PathBuf,
     /// Where the fake serves `/ready` and `/metrics`.
     pub metrics: std::net::SocketAddr,
@@ -24,26 +28,38 @@ impl FakeCloudflared {
     pub fn new(dir: &Path) -> FakeCloudflared {
         let dir = dir.join("fake-cloudflared");
         std::fs::create_dir_all(&dir).expect("create fake cloudflared dir");
+        std::fs::write(dir.join("control"), "").expect("mark the control dir");
+        let link = dir.join("cloudflared");
+        if !link.exists() {
+            std::os::unix::fs::symlink(Self::script(), &link).expect("link the fake cloudflared");
+        }
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("free port");
         FakeCloudflared { dir, metrics: port }
     }
 
-    pub fn program() -> PathBuf {
+    /// The fake itself, in the source tree. Run from there it has no control directory unless
+    /// `FAKE_CF_DIR` names one.
+    pub fn script() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fakes/cloudflared")
     }
 
-    /// The environment entry the agent must pass on to the fake.
-    pub fn env(&self) -> (&'static str, String) {
-        ("FAKE_CF_DIR", self.dir.display().to_string())
+    /// The program the agent runs: the fake, linked into this fake's control directory.
+    pub fn program(&self) -> PathBuf {
+        self.dir.join("cloudflared")
+    }
+
+    /// The control directory, for a wrapper script to pass on as `FAKE_CF_DIR`.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// A `[cloudflared]` section with fast test timings; `extra` lines override or add keys.
     pub fn section(&self, extra: &[&str]) -> String {
         let mut lines = vec![
             "enabled = true".to_owned(),
-            format!("path = {:?}", Self::program().display().to_string()),
+            format!("path = {:?}", self.program().display().to_string()),
             "token_secret = \"tunnel_token\"".to_owned(),
             format!("metrics = \"{}\"", self.metrics),
             "grace_period = \"2s\"".to_owned(),
@@ -61,10 +77,22 @@ impl FakeCloudflared {
         format!("[cloudflared]\n{}\n", lines.join("\n"))
     }
 
+    /// Sets one of the fake's settings (`version`, `drain_ms`, `flood`, `origin`).
+    pub fn set(&self, name: &str, value: &str) {
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, value).expect("write setting");
+        std::fs::rename(&tmp, self.dir.join(name)).expect("rename setting");
+    }
+
+    /// The environment the fake process `pid` started with (`None`: the last `--version` run).
+    pub fn env_of(&self, pid: Option<u32>) -> BTreeMap<String, String> {
+        let name = pid.map_or_else(|| "env.version".to_owned(), |pid| format!("env.{pid}"));
+        let text = std::fs::read_to_string(self.dir.join(name)).expect("the fake wrote its env");
+        serde_json::from_str(&text).expect("env is a JSON object of strings")
+    }
+
     pub fn set_mode(&self, mode: &str) {
-        let tmp = self.dir.join(".mode.tmp");
-        std::fs::write(&tmp, mode).expect("write mode");
-        std::fs::rename(&tmp, self.dir.join("mode")).expect("rename mode");
+        self.set("mode", mode);
     }
 
     pub fn events(&self) -> Vec<Event> {
@@ -122,57 +150,23 @@ impl FakeCloudflared {
     }
 }
 
-/// The real cloudflared from the shared folder next to the clone (`../shared/cloudflared/*.xz`,
-/// see its README), unpacked once into `target/cloudflared-real/`. `Err` says why it is not
-/// available, for the test to print when it skips.
+/// A real cloudflared, named by `CLOUDFLARED_BIN` (none ships with the tests: the project's
+/// copy under `../shared/cloudflared/` is gone). `Err` says why there is none, for the test to
+/// print when it skips.
 pub fn real_cloudflared() -> Result<PathBuf, String> {
-    // Once per test binary (its tests run in parallel threads).
-    static UNPACKED: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
-    UNPACKED.get_or_init(unpack_real_cloudflared).clone()
-}
-
-fn unpack_real_cloudflared() -> Result<PathBuf, String> {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let shared = repo.join("../shared/cloudflared");
-    let xz = std::fs::read_dir(&shared)
-        .map_err(|e| format!("no real cloudflared: cannot read {}: {e}", shared.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| {
-            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            name.starts_with("cloudflared-") && name.ends_with("-linux-amd64.xz")
-        })
-        .ok_or_else(|| {
-            format!(
-                "no real cloudflared: no cloudflared-*-linux-amd64.xz in {}",
-                shared.display()
-            )
-        })?;
-    let dir = repo.join("target/cloudflared-real");
-    let bin = dir.join("cloudflared");
-    let stamp = dir.join("unpacked-from");
-    let source = xz.display().to_string();
-    if bin.exists() && std::fs::read_to_string(&stamp).is_ok_and(|s| s == source) {
-        return Ok(bin);
+    let Some(bin) = std::env::var_os("CLOUDFLARED_BIN") else {
+        return Err(
+            "no real cloudflared: set CLOUDFLARED_BIN to a cloudflared binary to run this test \
+                    (none ships with the tests; the fake is held to the recorded contract instead)"
+                .to_owned(),
+        );
+    };
+    let bin = PathBuf::from(bin);
+    match std::fs::metadata(&bin) {
+        Ok(m) if m.is_file() => Ok(bin),
+        Ok(_) => Err(format!("CLOUDFLARED_BIN={} is not a file", bin.display())),
+        Err(e) => Err(format!("CLOUDFLARED_BIN={}: {e}", bin.display())),
     }
-    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    // Test binaries run in parallel: each unpacks to its own file, then renames into place.
-    let tmp = dir.join(format!(".cloudflared.{}", std::process::id()));
-    let out = std::fs::File::create(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
-    let status = std::process::Command::new("xz")
-        .arg("-dc")
-        .arg(&xz)
-        .stdout(out)
-        .status()
-        .map_err(|e| format!("no real cloudflared: cannot run xz (xz-utils): {e}"))?;
-    if !status.success() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(format!("xz -dc {source} failed: {status}"));
-    }
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
-    std::fs::rename(&tmp, &bin).map_err(|e| e.to_string())?;
-    std::fs::write(&stamp, &source).map_err(|e| e.to_string())?;
-    Ok(bin)
 }
 
 /// A connector token of the shape cloudflared accepts (base64 of `{"a","t","s"}`), for a tunnel
