@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, Interval};
 
-use crate::config::{Config, RouteSourceKind, SecretSource};
+use crate::config::{Config, RouteSourceKind};
 use crate::control;
 use crate::election::{Election, Outcome};
 use crate::follow::Follow;
@@ -152,14 +152,6 @@ pub fn tunnel_spec(
     let hostnames: Vec<String> = table.summary.iter().flat_map(|r| r.hostnames.iter().cloned()).collect();
     let mut spec = TunnelSpec::new(cf, token, &config.agent.runtime_dir, origin, &hostnames);
     spec.home = Some(config.agent.state_dir.clone());
-    spec.scrub_env = config
-        .secrets
-        .values()
-        .filter_map(|s| match &s.source {
-            SecretSource::Env(var) => Some(var.clone()),
-            SecretSource::File(_) | SecretSource::GcpSecretManager(_) => None,
-        })
-        .collect();
     Some(spec)
 }
 

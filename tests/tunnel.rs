@@ -168,6 +168,41 @@ async fn starts_after_the_proxy_with_the_token_only_in_its_environment() {
     assert!(notify.lines().contains(&"READY=1".to_owned()));
 }
 
+/// cloudflared runs under the agent's uid but gets none of its environment: not the variables
+/// the agent's own secrets come from, not `CREDENTIALS_DIRECTORY`, not whatever else the unit or
+/// an operator set. Only an allow-list (PATH, locale, TZ), its HOME and its token.
+#[tokio::test(flavor = "multi_thread")]
+async fn cloudflared_gets_only_the_environment_it_needs() {
+    let builder = AgentBuilder::new();
+    let cf = FakeCloudflared::new(builder.dir());
+    let creds = builder.dir().join("credentials");
+    std::fs::create_dir_all(&creds).unwrap();
+    let agent = builder
+        .env("TUNNEL_TOKEN_FOR_TEST", TOKEN)
+        .env("INTERNAL_AUTH_TOKEN", "internal-secret-never-in-the-child")
+        .env("CREDENTIALS_DIRECTORY", &creds.display().to_string())
+        .env("AWS_SECRET_ACCESS_KEY", "operator-secret-never-in-the-child")
+        .env("PATH", "/usr/bin:/bin")
+        .env("LANG", "C.UTF-8")
+        .env("TZ", "UTC")
+        .start(&config(&cf, &[]).internal_auth("INTERNAL_AUTH_TOKEN"))
+        .await;
+    wait_ready(&agent).await;
+    let pid = cf.started_pids()[0];
+    let env = cf.env_of(Some(pid));
+    let keys: Vec<&str> = env.keys().map(String::as_str).collect();
+    assert_eq!(keys, ["HOME", "LANG", "PATH", "TUNNEL_TOKEN", "TZ"], "{env:?}");
+    assert_eq!(env["TUNNEL_TOKEN"], TOKEN);
+    assert_eq!(env["PATH"], "/usr/bin:/bin");
+    let version = cf.env_of(None);
+    let keys: Vec<&str> = version.keys().map(String::as_str).collect();
+    assert_eq!(
+        keys,
+        ["LANG", "PATH", "TZ"],
+        "`cloudflared --version`'s environment: {version:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn token_file_is_private_and_kept_out_of_the_environment() {
     let (agent, cf) = start(&["token_delivery = \"file\""]).await;

@@ -11,7 +11,8 @@
 //! - It exits 0 on some errors (an unknown flag prints usage and exits 0), so any exit we did not
 //!   ask for is a failure.
 //! - It sends `READY=1` itself when it sees `NOTIFY_SOCKET`, which would confuse systemd about
-//!   *our* readiness: `NOTIFY_SOCKET` and `WATCHDOG_*` are removed from its environment.
+//!   *our* readiness. It gets none of the agent's environment anyway ([`command`]): not the
+//!   variables the agent's secrets come from, not `CREDENTIALS_DIRECTORY`.
 //! - Without `HOME` (a `DynamicUser=` service has none) it looks its user up in passwd over a
 //!   hundred times before its first line (~155 ms, ~40 ms with `HOME`): `HOME` is the agent's
 //!   state directory, so a promotion is not slowed.
@@ -60,9 +61,26 @@ pub struct TunnelSpec {
     pub origin: SocketAddr,
     /// cloudflared's `HOME`: the agent's state directory.
     pub home: Option<PathBuf>,
-    /// Environment variables that hold the agent's own secrets (`source = "env"`): cloudflared
-    /// would otherwise inherit them.
-    pub scrub_env: Vec<String>,
+}
+
+/// The agent's environment variables cloudflared is given, when the agent has them: where
+/// programs are, the locale and time zone its log lines are written in, and Go's own names for
+/// extra CA certificates. Nothing else: the agent's environment holds its secrets
+/// (`source = "env"`), `CREDENTIALS_DIRECTORY`, `NOTIFY_SOCKET` and whatever the unit or an
+/// operator set, none of which is cloudflared's business.
+const PASSED_ENV: &[&str] = &["PATH", "LANG", "LC_ALL", "TZ", "SSL_CERT_FILE", "SSL_CERT_DIR"];
+
+/// A command for `program` (cloudflared) with an empty environment but for [`PASSED_ENV`]; the
+/// caller adds what this run needs (its `HOME`, its token).
+pub fn command(program: &std::path::Path) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.env_clear();
+    for var in PASSED_ENV {
+        if let Some(value) = std::env::var_os(var) {
+            cmd.env(var, value);
+        }
+    }
+    cmd
 }
 
 /// How a Go duration flag spells `d`.
@@ -122,7 +140,6 @@ impl TunnelSpec {
             stop_margin: section.stop_margin,
             origin,
             home: None,
-            scrub_env: Vec::new(),
         }
     }
 }
@@ -363,21 +380,14 @@ fn spawn(spec: &TunnelSpec, state: &TunnelState) -> anyhow::Result<Running> {
         crate::files::write_atomic(path, yaml.as_bytes(), 0o644)
             .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
     }
-    let mut cmd = tokio::process::Command::new(&spec.program);
+    let mut cmd = command(&spec.program);
     cmd.args(&spec.args)
         .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("WATCHDOG_USEC")
-        .env_remove("WATCHDOG_PID")
-        .env_remove("TUNNEL_TOKEN");
+        .stderr(Stdio::piped());
     if let Some(home) = &spec.home {
         cmd.env("HOME", home);
-    }
-    for var in &spec.scrub_env {
-        cmd.env_remove(var);
     }
     if let (Some(token), None) = (&spec.token, &spec.token_file) {
         cmd.env("TUNNEL_TOKEN", token.expose());

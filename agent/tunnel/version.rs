@@ -46,9 +46,10 @@ pub fn parse(output: &str) -> Option<CloudflaredVersion> {
     Some(CloudflaredVersion { version, parsed })
 }
 
-/// Runs `PROGRAM --version` (bounded by `timeout`) and parses what it printed.
+/// Runs `PROGRAM --version` (bounded by `timeout`, with cloudflared's scrubbed environment) and
+/// parses what it printed.
 pub async fn detect(program: &Path, timeout: Duration) -> Result<CloudflaredVersion, String> {
-    let run = tokio::process::Command::new(program)
+    let run = crate::tunnel::command(program)
         .arg("--version")
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
