@@ -77,6 +77,17 @@ fn err(text: &str) {
 
 fn main() -> ExitCode {
     tunnel_agent::process_stats::mark_start();
+    // Every secret the agent resolves lives in its memory, the `source = "env"` ones in its
+    // environment too. Not dumpable (prctl(2) PR_SET_DUMPABLE): a watchdog's SIGABRT writes no
+    // core holding them, and a process of the same uid (cloudflared, in the unit) can neither
+    // ptrace the agent nor read its /proc/PID/environ or mem. Children get the flag back at
+    // execve(2). Before anything is read, for every subcommand (`check` resolves secrets too).
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        err(&format!(
+            "tunnel-agent: cannot make the process non-dumpable (PR_SET_DUMPABLE): {e}\n"
+        ));
+        return ExitCode::FAILURE;
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => check(&config),

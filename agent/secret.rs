@@ -5,24 +5,40 @@
 //! `{:?}` in a log line or a panic message cannot leak it. Equality is constant-time for
 //! values of one length (the length of a token is not the secret), so comparing a presented
 //! token with [`Secret::matches`] or `==` does not tell how much of it was right.
+//!
+//! The bytes are overwritten with zeros when the last clone is dropped (a rotated token, a
+//! refreshed access token), so memory the allocator hands out again does not still hold them.
+//! That covers the value as held; the copies made on the way in (a file's read buffer, an HTTP
+//! response body) and out (a header, a child's environment) are not tracked. The process being
+//! non-dumpable (`main.rs`) is what keeps a core file from carrying the live ones.
 
 use std::fmt;
 use std::sync::Arc;
 
 use subtle::ConstantTimeEq;
+use zeroize::Zeroize;
 
 /// A secret value. Cheap to clone (shared).
 #[derive(Clone)]
-pub struct Secret(Arc<str>);
+pub struct Secret(Arc<Wiped>);
+
+/// The one copy every clone of a [`Secret`] shares; zeroed on drop.
+struct Wiped(String);
+
+impl Drop for Wiped {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
 
 impl Secret {
-    pub fn new(value: impl Into<Arc<str>>) -> Secret {
-        Secret(value.into())
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(Arc::new(Wiped(value.into())))
     }
 
     /// The value, for the few places that must hand it on (a header, a child's environment).
     pub fn expose(&self) -> &str {
-        &self.0
+        &self.0 .0
     }
 
     /// Whether `presented` is this value, compared in constant time.
@@ -33,13 +49,13 @@ impl Secret {
     /// [`Secret::matches`] as a `subtle::Choice`, to combine several comparisons without an
     /// early exit.
     pub fn ct_matches(&self, presented: &[u8]) -> subtle::Choice {
-        self.0.as_bytes().ct_eq(presented)
+        self.expose().as_bytes().ct_eq(presented)
     }
 }
 
 impl PartialEq for Secret {
     fn eq(&self, other: &Secret) -> bool {
-        self.matches(other.0.as_bytes())
+        self.matches(other.expose().as_bytes())
     }
 }
 

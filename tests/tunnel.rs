@@ -203,6 +203,52 @@ async fn cloudflared_gets_only_the_environment_it_needs() {
     );
 }
 
+/// The agent holds every secret in memory and its environment holds the `source = "env"` ones:
+/// it is not dumpable, so no core file carries them and a process of its own uid (cloudflared)
+/// cannot read `/proc/<agent>/environ` or `mem`. Run as a non-root user, as under the unit's
+/// `DynamicUser=`: the kernel then gives a non-dumpable process's `/proc/PID/*` files to root.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_is_not_dumpable_and_its_child_cannot_read_its_environment() {
+    const NOBODY: u32 = 65534;
+    if !nix::unistd::Uid::effective().is_root() {
+        println!("SKIP: needs root to start the agent as another user");
+        return;
+    }
+    let builder = AgentBuilder::new();
+    let cf = FakeCloudflared::new(builder.dir());
+    let agent = builder
+        .env("TUNNEL_TOKEN_FOR_TEST", TOKEN)
+        .run_as(NOBODY)
+        .start(&config(&cf, &[]))
+        .await;
+    wait_ready(&agent).await;
+    let pid = agent.pid().as_raw();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.contains(&NOBODY.to_string())),
+        "{status}"
+    );
+    use std::os::unix::fs::MetadataExt;
+    let owner = std::fs::metadata(format!("/proc/{pid}/status")).unwrap();
+    assert_eq!(
+        (owner.uid(), owner.gid()),
+        (0, 0),
+        "a dumpable process's /proc entries belong to its own uid, a non-dumpable one's to root"
+    );
+    let child = cf.started_pids()[0];
+    let probe = cf
+        .events()
+        .into_iter()
+        .find(|e| e.kind == "parent-environ" && e.pid == child)
+        .expect("the fake probed its parent");
+    assert!(
+        probe.rest.starts_with("denied"),
+        "cloudflared read the agent's environment: {probe:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn token_file_is_private_and_kept_out_of_the_environment() {
     let (agent, cf) = start(&["token_delivery = \"file\""]).await;

@@ -183,6 +183,8 @@ pub struct AgentBuilder {
     /// finds its predecessor's state and runtime directories.
     dir: Arc<tempfile::TempDir>,
     env: Vec<(String, String)>,
+    /// Run the agent as this uid and gid (the test runs as root), owning its directory.
+    user: Option<u32>,
 }
 
 impl Default for AgentBuilder {
@@ -201,6 +203,7 @@ impl AgentBuilder {
                     .expect("create temp dir"),
             ),
             env: Vec::new(),
+            user: None,
         }
     }
 
@@ -217,6 +220,13 @@ impl AgentBuilder {
 
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Runs the agent as `id` (uid and gid), as the unit's `DynamicUser=` does, rather than as
+    /// the root the tests run as; its directory is handed over to that user when it starts.
+    pub fn run_as(mut self, id: u32) -> Self {
+        self.user = Some(id);
         self
     }
 
@@ -245,6 +255,11 @@ impl AgentBuilder {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
+        if let Some(id) = self.user {
+            chown_tree(self.dir.path(), id);
+            std::os::unix::process::CommandExt::uid(&mut cmd, id);
+            std::os::unix::process::CommandExt::gid(&mut cmd, id);
+        }
         let mut child = cmd.spawn().expect("spawn tunnel-agent");
         let stderr = child.stderr.take().expect("stderr is piped");
         let log = Arc::new(Mutex::new(Vec::new()));
@@ -268,6 +283,19 @@ impl AgentBuilder {
             proxy_addr: None,
             health_addr: None,
             exit: None,
+        }
+    }
+}
+
+/// Gives `dir` and everything under it to `id` (uid and gid).
+fn chown_tree(dir: &Path, id: u32) {
+    std::os::unix::fs::lchown(dir, Some(id), Some(id)).expect("chown the agent's directory");
+    for entry in std::fs::read_dir(dir).expect("read the agent's directory").flatten() {
+        let path = entry.path();
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            chown_tree(&path, id);
+        } else {
+            std::os::unix::fs::lchown(&path, Some(id), Some(id)).expect("chown a file");
         }
     }
 }
@@ -350,6 +378,7 @@ impl Agent {
         AgentBuilder {
             dir: self.dir.clone(),
             env: self.env.clone(),
+            user: None,
         }
     }
 

@@ -263,6 +263,32 @@ check_no_secret_in_logs() {
   fi
 }
 
+# --- 3c. no core file carries a secret; cloudflared gets only what it needs ---------------------
+# LimitCORE=0 in the unit, the agent non-dumpable (the kernel then gives its /proc/PID files to
+# root), and cloudflared's environment an allow-list (agent/tunnel/mod.rs, PASSED_ENV).
+check_no_core_and_a_scrubbed_child() {
+  local name=no-core-dumps-agent-not-dumpable-child-env-scrubbed pid cf extra
+  pid=$(prop MainPID)
+  cf=$(cloudflared_pid) || true
+  if [ -n "$cf" ]; then
+    tr '\0' '\n' <"/proc/$cf/environ" >"$OUT/cloudflared-environ.txt"
+    extra=$(grep -v -E '^(PATH|LANG|LC_ALL|TZ|SSL_CERT_FILE|SSL_CERT_DIR|HOME|TUNNEL_TOKEN)=' "$OUT/cloudflared-environ.txt" | cut -d= -f1 | tr '\n' ' ' || true)
+  fi
+  if [ "$(prop LimitCORE)" != 0 ] || [ "$(prop LimitCORESoft)" != 0 ]; then
+    fail $name "LimitCORE=$(prop LimitCORE) LimitCORESoft=$(prop LimitCORESoft), want 0"
+  elif ! grep -Eq '^Max core file size +0 +0 ' "/proc/$pid/limits"; then
+    fail $name "the agent's core limit is not 0: $(grep 'core file' "/proc/$pid/limits")"
+  elif [ "$(stat -c %u "/proc/$pid/status")" != 0 ]; then
+    fail $name "the agent is dumpable: /proc/$pid/status belongs to uid $(stat -c %u "/proc/$pid/status")"
+  elif [ -z "$cf" ]; then
+    fail $name "cloudflared is not running in the unit's cgroup"
+  elif [ -n "$extra" ]; then
+    fail $name "cloudflared's environment holds more than it needs: $extra"
+  else
+    pass $name
+  fi
+}
+
 # --- 4. reload with a changed route, under load: the new route serves, nothing fails ------------
 check_reload_changed_route() {
   local name=reload-changed-route-no-failed-requests rc
@@ -454,6 +480,7 @@ check_proxy_serves
 check_journal_fields
 check_journal_cloudflared_lines
 check_no_secret_in_logs
+check_no_core_and_a_scrubbed_child
 check_reload_changed_route
 check_reload_broken_config
 check_watchdog
