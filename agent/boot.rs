@@ -111,6 +111,7 @@ async fn start(
 ) -> anyhow::Result<Sources> {
     let metrics = Arc::new(Metrics::default());
     let health = Health::new(metrics.clone());
+    health.set_details_from(config.health.details_from);
     let boot_deadline = Instant::now() + config.agent.boot_timeout;
     let metadata = MetadataClient::new(config.gcp.metadata_base(), config.gcp.metadata_timeout)?;
     let secret_manager = Arc::new(SecretManager::new(
@@ -147,8 +148,8 @@ async fn start(
     let health_listener = server::bind(config.health.listen, "health.listen").await?;
     let health_server = {
         let health = health.clone();
-        server::serve(health_listener, limits.clone(), move |_, req| {
-            health.clone().handle(req)
+        server::serve(health_listener, limits.clone(), move |peer, req| {
+            health.clone().handle(peer, req)
         })?
     };
     tracing::info!(listen = %health_server.local_addr, "health listener up on {}", health_server.local_addr);

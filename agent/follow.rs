@@ -93,8 +93,10 @@ pub fn start(
         .timeout(section.timeout)
         .redirect(reqwest::redirect::Policy::none())
         .build()?;
+    // What /status and the log show: the URL without the credentials it may carry.
+    let shown = crate::secret::redact_url(&section.url);
     let state = Arc::new(Mutex::new(FollowState {
-        url: section.url.clone(),
+        url: shown.clone(),
         ..FollowState::default()
     }));
     let follow = Follow { state: state.clone() };
@@ -106,7 +108,7 @@ pub fn start(
             tick.tick().await;
             let (ok, last) = match http.get(&s.url).send().await {
                 Ok(r) => (r.status().is_success(), format!("HTTP {}", r.status().as_u16())),
-                Err(e) => (false, crate::gcp::error_chain(&e)),
+                Err(e) => (false, crate::secret::redact_urls_in(&crate::gcp::error_chain(&e))),
             };
             let changed = {
                 let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
@@ -115,7 +117,7 @@ pub fn start(
                 st.verdict.next(ok, s.rise, s.fall)
             };
             if let Some(passing) = changed {
-                tracing::info!(url = %s.url, passing, last = %last, "role_follow check changed: {} now {} (last: {last})", s.url, if passing { "passing" } else { "failing" });
+                tracing::info!(url = %shown, passing, last = %last, "role_follow check changed: {shown} now {} (last: {last})", if passing { "passing" } else { "failing" });
                 if changes.send(passing).await.is_err() {
                     return;
                 }

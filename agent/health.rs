@@ -100,6 +100,8 @@ pub struct Health {
     /// the lease's remaining time changes between two requests).
     election: std::sync::OnceLock<crate::election::Election>,
     follow: std::sync::OnceLock<crate::follow::Follow>,
+    /// `health.details_from = "anywhere"`: `/status` and `/metrics` answer every client.
+    details_anywhere: AtomicBool,
     started: Instant,
 }
 
@@ -117,6 +119,7 @@ impl Health {
             tunnel: Arc::default(),
             election: std::sync::OnceLock::new(),
             follow: std::sync::OnceLock::new(),
+            details_anywhere: AtomicBool::new(false),
             started: Instant::now(),
         })
     }
@@ -127,6 +130,17 @@ impl Health {
 
     pub fn set_follow(&self, follow: crate::follow::Follow) {
         let _ = self.follow.set(follow);
+    }
+
+    /// Read once at start (`health.details_from` is restart-only).
+    pub fn set_details_from(&self, from: crate::config::DetailsFrom) {
+        let anywhere = from == crate::config::DetailsFrom::Anywhere;
+        self.details_anywhere.store(anywhere, Ordering::Release);
+    }
+
+    /// Whether `peer` may see `/status` and `/metrics`.
+    fn shows_details_to(&self, peer: SocketAddr) -> bool {
+        self.details_anywhere.load(Ordering::Acquire) || peer.ip().to_canonical().is_loopback()
     }
 
     pub fn election(&self) -> Option<&crate::election::Election> {
@@ -211,7 +225,15 @@ impl Health {
             && self.tunnel.connected(self.status.load().tunnel_ready_grace)
     }
 
+    /// What `/status` and `tunnel-agent status` show: every URL in it (a followed check, an
+    /// error naming an endpoint) without the credentials it may carry.
     pub fn status_json(&self) -> serde_json::Value {
+        let mut status = self.status_facts();
+        redact_strings(&mut status);
+        status
+    }
+
+    fn status_facts(&self) -> serde_json::Value {
         let s = self.status.load();
         let (ready, readiness) = self.readiness();
         json!({
@@ -332,8 +354,8 @@ impl Health {
         out
     }
 
-    /// Answers one request on the health listener.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    /// Answers one request on the health listener, from `peer`.
+    pub async fn handle(self: Arc<Self>, peer: SocketAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return reply(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -348,6 +370,17 @@ impl Health {
                 r#"{"error":"not found"}"#.into(),
             );
         };
+        if matches!(endpoint, Endpoint::Metrics | Endpoint::Status) && !self.shows_details_to(peer) {
+            return reply(
+                StatusCode::FORBIDDEN,
+                "application/json",
+                json!({"error": format!(
+                    "{} is served to clients on this host only (health.details_from = \"loopback\")",
+                    endpoint.path()
+                )})
+                .to_string(),
+            );
+        }
         match endpoint {
             Endpoint::Healthz => reply(StatusCode::OK, "application/json", r#"{"status":"ok"}"#.into()),
             Endpoint::Ready => {
@@ -399,6 +432,16 @@ impl Health {
                 }
             }
         })
+    }
+}
+
+/// Passes every string in `value` through [`crate::secret::redact_urls_in`].
+fn redact_strings(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::String(s) if s.contains("://") => *s = crate::secret::redact_urls_in(s),
+        serde_json::Value::Array(items) => items.iter_mut().for_each(redact_strings),
+        serde_json::Value::Object(map) => map.values_mut().for_each(redact_strings),
+        _ => {}
     }
 }
 

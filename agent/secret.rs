@@ -67,9 +67,125 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// Query parameter names whose values are credentials when their lower-cased name contains one
+/// of these (`token`, `access_token`, `api_key`, `X-Amz-Signature`, `password`, `sig`, …).
+const SENSITIVE_QUERY: &[&str] = &[
+    "token",
+    "key",
+    "secret",
+    "pass",
+    "auth",
+    "sig",
+    "credential",
+    "session",
+    "code",
+];
+
+/// `url` as it may be shown (in `/status`, a log line, an error): without `user:password@` and
+/// with every sensitive query value replaced by `[redacted]`. Anything else is kept verbatim,
+/// so the operator still sees which host and path it is. Text that is not a URL comes back as
+/// it was.
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = match url.find("://") {
+        Some(i) => url.split_at(i + 3),
+        None => ("", url),
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let mut out = String::with_capacity(url.len());
+    out.push_str(scheme);
+    match authority.rfind('@') {
+        Some(at) => {
+            out.push_str("[redacted]@");
+            out.push_str(&authority[at + 1..]);
+        }
+        None => out.push_str(authority),
+    }
+    let (before_fragment, fragment) = match tail.find('#') {
+        Some(i) => tail.split_at(i),
+        None => (tail, ""),
+    };
+    match before_fragment.split_once('?') {
+        Some((path, query)) => {
+            out.push_str(path);
+            out.push('?');
+            for (i, pair) in query.split('&').enumerate() {
+                if i > 0 {
+                    out.push('&');
+                }
+                match pair.split_once('=') {
+                    Some((name, _)) if sensitive_query_name(name) => {
+                        out.push_str(name);
+                        out.push_str("=[redacted]");
+                    }
+                    _ => out.push_str(pair),
+                }
+            }
+        }
+        None => out.push_str(before_fragment),
+    }
+    out.push_str(fragment);
+    out
+}
+
+fn sensitive_query_name(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    SENSITIVE_QUERY.iter().any(|s| name.contains(s))
+}
+
+/// `text` (an error message, a status line) with every `scheme://…` URL in it passed through
+/// [`redact_url`]. A URL ends at whitespace or at a quote, bracket or parenthesis, which is how
+/// error messages (reqwest's `for url (…)`, `{:?}`) embed them.
+pub fn redact_urls_in(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let start = rest[..i]
+            .rfind(|c: char| !(c.is_ascii_alphanumeric() || "+-.".contains(c)))
+            .map_or(0, |j| j + 1);
+        let len = rest[i..]
+            .find(|c: char| c.is_whitespace() || "\"'<>()[]{}`".contains(c))
+            .map_or(rest.len(), |n| i + n);
+        out.push_str(&rest[..start]);
+        out.push_str(&redact_url(&rest[start..len]));
+        rest = &rest[len..];
+    }
+    out.push_str(rest);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urls_lose_userinfo_and_sensitive_query_values() {
+        assert_eq!(
+            redact_url("https://user:p%40ss@health.internal:8443/check?token=abc&x=1&API_KEY=k#frag"),
+            "https://[redacted]@health.internal:8443/check?token=[redacted]&x=1&API_KEY=[redacted]#frag"
+        );
+        assert_eq!(
+            redact_url("http://10.0.0.5:8080/healthz"),
+            "http://10.0.0.5:8080/healthz"
+        );
+        assert_eq!(
+            redact_url("http://h/?a=b&sig=s&flag"),
+            "http://h/?a=b&sig=[redacted]&flag"
+        );
+        assert_eq!(redact_url("http://u@h"), "http://[redacted]@h");
+        // '@' after the authority is not userinfo.
+        assert_eq!(redact_url("http://h/a@b"), "http://h/a@b");
+        assert_eq!(redact_url("not a url"), "not a url");
+        assert_eq!(
+            redact_urls_in("error sending request for url (http://a:b@h:1/x?access_token=t): refused; see https://ok/"),
+            "error sending request for url (http://[redacted]@h:1/x?access_token=[redacted]): refused; see https://ok/"
+        );
+        assert_eq!(
+            redact_urls_in("\"http://u:p@h\" is not valid"),
+            "\"http://[redacted]@h\" is not valid"
+        );
+        assert_eq!(redact_urls_in("no url here"), "no url here");
+    }
 
     #[test]
     fn debug_is_redacted_and_equality_is_by_value() {

@@ -192,3 +192,100 @@ upstream_auth = "gcp-id-token"
     assert_eq!(get("tunnel_agent_id_token_fetch_failures_total"), 0.0);
     assert_eq!(meta.total_fetches(), 1);
 }
+
+/// A local address that is not loopback (this host's own, from the kernel's routing table), to
+/// reach the health listener the way a remote prober would; `None` on a host with loopback only.
+fn non_loopback_address() -> Option<std::net::IpAddr> {
+    let trie = std::fs::read_to_string("/proc/net/fib_trie").ok()?;
+    let lines: Vec<&str> = trie.lines().collect();
+    lines.windows(2).find_map(|w| {
+        if !w[1].trim_start().starts_with("/32 host LOCAL") {
+            return None;
+        }
+        let ip: std::net::IpAddr = w[0].trim_start().trim_start_matches("|-- ").trim().parse().ok()?;
+        (!ip.is_loopback()).then_some(ip)
+    })
+}
+
+/// `/status` says what the node follows and why the last check failed: never with the
+/// credentials a URL carries (`user:password@`, `?token=`), and by default only to clients on
+/// the host itself. `/metrics` likewise; the probe paths stay open to every client (MIG
+/// autohealing and load-balancer probes come from Google's ranges).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_hides_url_credentials_and_is_served_to_loopback_only() {
+    let port = common::cloudflared::closed_port();
+    let url = format!("http://watcher:hunter2@127.0.0.1:{port}/primary?token=s3cr3t&db=main");
+    let config = ConfigText::new().raw(&format!(
+        "[role_follow]\nurl = {url:?}\ninterval = \"100ms\"\ntimeout = \"50ms\"\nrise = 1\nfall = 1\n"
+    ));
+    let builder = AgentBuilder::new();
+    let text = config
+        .render(builder.dir())
+        .replace("[health]\nlisten = \"127.0.0.1:0\"", "[health]\nlisten = \"0.0.0.0:0\"");
+    let mut agent = builder.spawn(&text);
+    agent.wait_ready().await;
+    let port = agent.health_addr().port();
+    let local = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+
+    let status = common::eventually(common::DEADLINE, "a failed follow check in /status", || async {
+        let s = get(local, "localhost", "/status", &[]).await.json();
+        s["follow"]["last"].as_str().is_some_and(|l| !l.is_empty()).then_some(s)
+    })
+    .await;
+    let shown = status.to_string();
+    assert!(!shown.contains("hunter2") && !shown.contains("s3cr3t"), "{shown}");
+    assert_eq!(
+        status["follow"]["url"],
+        format!(
+            "http://[redacted]@127.0.0.1:{}/primary?token=[redacted]&db=main",
+            url_port(&url)
+        ),
+        "{status}"
+    );
+    let logs = agent.logs().join("\n");
+    assert!(!logs.contains("hunter2") && !logs.contains("s3cr3t"), "{logs}");
+
+    let Some(ip) = non_loopback_address() else {
+        println!("SKIP the remote half: this host has no address but loopback");
+        return;
+    };
+    let remote = std::net::SocketAddr::new(ip, port);
+    for path in ["/status", "/metrics"] {
+        let r = get(remote, "agent", path, &[]).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{path} from {ip}: {}", r.text());
+        assert!(r.text().contains("health.details_from"), "{}", r.text());
+    }
+    assert_eq!(get(remote, "agent", "/healthz", &[]).await.status, StatusCode::OK);
+    let ready = get(remote, "agent", "/ready", &[]).await.status;
+    assert!(
+        ready == StatusCode::OK || ready == StatusCode::SERVICE_UNAVAILABLE,
+        "{ready}"
+    );
+    assert_ne!(get(remote, "agent", "/active", &[]).await.status, StatusCode::FORBIDDEN);
+    assert_eq!(get(local, "localhost", "/metrics", &[]).await.status, StatusCode::OK);
+}
+
+fn url_port(url: &str) -> u16 {
+    url.rsplit_once(':')
+        .and_then(|(_, rest)| rest.split('/').next()?.parse().ok())
+        .expect("a port in the URL")
+}
+
+/// `health.details_from = "anywhere"` opens `/status` and `/metrics` to remote scrapers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn details_from_anywhere_serves_status_to_remote_clients() {
+    let Some(ip) = non_loopback_address() else {
+        println!("SKIP: this host has no address but loopback");
+        return;
+    };
+    let builder = AgentBuilder::new();
+    let text = ConfigText::new().render(builder.dir()).replace(
+        "[health]\nlisten = \"127.0.0.1:0\"",
+        "[health]\nlisten = \"0.0.0.0:0\"\ndetails_from = \"anywhere\"",
+    );
+    let mut agent = builder.spawn(&text);
+    agent.wait_ready().await;
+    let remote = std::net::SocketAddr::new(ip, agent.health_addr().port());
+    assert_eq!(get(remote, "agent", "/status", &[]).await.status, StatusCode::OK);
+    assert_eq!(get(remote, "agent", "/metrics", &[]).await.status, StatusCode::OK);
+}

@@ -34,6 +34,7 @@ macro_rules! fields {
 pub const RESTART_ONLY: &[RestartOnly] = &[
     fields!("proxy.listen": proxy.listen),
     fields!("health.listen": health.listen),
+    fields!("health.details_from": health.details_from),
     // Kept with the whole `config_api` section below.
     RestartOnly {
         name: "config_api.listen",
