@@ -274,6 +274,34 @@ async fn token_file_is_private_and_kept_out_of_the_environment() {
     assert!(cmdline(pid).contains("run --token-file"), "{}", cmdline(pid));
 }
 
+/// Go's flag package reads `-token`, `--token=…` and `-token-file` alike, and
+/// `--credentials-contents` carries a tunnel's secret: none may reach cloudflared's argv through
+/// `extra_args`. The agent refuses the file (78) naming the flag, never its value.
+#[tokio::test(flavor = "multi_thread")]
+async fn extra_args_cannot_put_a_token_in_argv_in_any_spelling() {
+    for arg in ["-token=eyJ-LEAKED", "--credentials-contents={\"s\":\"LEAKED\"}"] {
+        let builder = AgentBuilder::new();
+        let cf = FakeCloudflared::new(builder.dir());
+        let extra = format!("extra_args = [{}]", toml_string(arg));
+        let text = config(&cf, &[&extra]).render(builder.dir());
+        let mut agent = builder.env("TUNNEL_TOKEN_FOR_TEST", TOKEN).spawn(&text);
+        let status = agent.wait_exit(DEADLINE).await;
+        let logs = agent.logs().join("\n");
+        assert_eq!(status.code(), Some(78), "{arg}: {logs}");
+        let flag = arg.split('=').next().unwrap_or(arg);
+        assert!(
+            logs.contains(&format!("cloudflared.extra_args: \"{flag}\" is managed by the agent")),
+            "{logs}"
+        );
+        assert!(!logs.contains("LEAKED"), "{logs}");
+        assert_eq!(cf.count("start"), 0, "{:?}", cf.events());
+    }
+}
+
+fn toml_string(s: &str) -> String {
+    serde_json::Value::String(s.to_owned()).to_string()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_crash_is_restarted_within_the_backoff() {
     let (agent, cf) = start(&[]).await;

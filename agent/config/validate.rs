@@ -237,9 +237,7 @@ impl Config {
             );
         }
         for a in &cf.extra_args {
-            if a == "run" || a.starts_with("--token") || a.starts_with("--metrics") {
-                // The flag's name only: `--token=VALUE` must not put VALUE on an error line.
-                let flag = a.split_once('=').map_or(a.as_str(), |(flag, _)| flag);
+            if let Some(flag) = managed_cloudflared_arg(a) {
                 bad(
                     "cloudflared.extra_args".into(),
                     format!("{flag:?} is managed by the agent; remove it (and never put a token in argv)"),
@@ -344,3 +342,62 @@ impl SecretSpecAsWritten {
 
 /// More proxy workers than this is a typo, not a machine: each is a thread with its own pools.
 const MAX_PROXY_WORKERS: usize = 256;
+
+/// cloudflared flags `extra_args` may not carry: the agent sets `--metrics` and `run` itself,
+/// and the others carry a secret (the connector token, a tunnel's credentials JSON), which in
+/// argv any local user could read from `ps`.
+const MANAGED_CLOUDFLARED_FLAGS: &[&str] = &["token", "token-file", "credentials-contents", "metrics"];
+
+/// The flag as written up to any `=` (never its value: `--token=VALUE` must not reach an error
+/// line), when `arg` is `run` or one of [`MANAGED_CLOUDFLARED_FLAGS`] as Go's flag package
+/// reads it: one or two leading dashes, the value after `=` or in the next argument. More dashes
+/// are refused too: cloudflared rejects them, but the value would be in argv all the same.
+fn managed_cloudflared_arg(arg: &str) -> Option<&str> {
+    if arg == "run" {
+        return Some(arg);
+    }
+    let written = arg.split_once('=').map_or(arg, |(flag, _)| flag);
+    let name = written.trim_start_matches('-');
+    if name.len() == written.len() {
+        return None;
+    }
+    MANAGED_CLOUDFLARED_FLAGS
+        .iter()
+        .any(|m| name.eq_ignore_ascii_case(m))
+        .then_some(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::managed_cloudflared_arg;
+
+    #[test]
+    fn every_spelling_of_a_managed_cloudflared_flag_is_refused_without_its_value() {
+        for (arg, flag) in [
+            ("--token", "--token"),
+            ("-token", "-token"),
+            ("--token=eyJ-SECRET", "--token"),
+            ("-token=eyJ-SECRET", "-token"),
+            ("--token-file=/x", "--token-file"),
+            ("-token-file", "-token-file"),
+            ("--credentials-contents", "--credentials-contents"),
+            ("-credentials-contents={\"s\":\"SECRET\"}", "-credentials-contents"),
+            ("--metrics=0.0.0.0:1", "--metrics"),
+            ("-metrics", "-metrics"),
+            ("---token=x", "---token"),
+            ("run", "run"),
+        ] {
+            assert_eq!(managed_cloudflared_arg(arg), Some(flag), "{arg}");
+        }
+        for arg in [
+            "--protocol",
+            "http2",
+            "--tokens-are-fine-in-other-names",
+            "token",
+            "-",
+            "--loglevel=debug",
+        ] {
+            assert_eq!(managed_cloudflared_arg(arg), None, "{arg}");
+        }
+    }
+}

@@ -424,7 +424,10 @@ fn spawn(spec: &TunnelSpec, state: &TunnelState) -> anyhow::Result<Running> {
         // connection must not count towards ready_grace.
         d.last_connected = None;
     });
-    tracing::info!(pid, program = %spec.program.display(), args = ?spec.args, "cloudflared started: pid {pid}, {} {}", spec.program.display(), spec.args.join(" "));
+    // `extra_args` can hold no token (config validation), but a URL among them may carry
+    // credentials.
+    let args = crate::secret::redact_urls_in(&spec.args.join(" "));
+    tracing::info!(pid, program = %spec.program.display(), %args, "cloudflared started: pid {pid}, {} {args}", spec.program.display());
     Ok(Running { pid, exit })
 }
 
