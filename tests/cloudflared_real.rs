@@ -1,5 +1,6 @@
-//! cloudflared supervision against the REAL cloudflared (`../shared/cloudflared`, unpacked into
-//! `target/` at test time), where it behaves like `tests/fakes/cloudflared`: the CLI shape the
+//! cloudflared supervision against a REAL cloudflared, named by `CLOUDFLARED_BIN` (none ships with
+//! the tests any more; `tests/cloudflared_contract.rs` holds the fake to the recorded behaviour),
+//! where it behaves like `tests/fakes/cloudflared`: the CLI shape the
 //! agent builds, the token in the environment or in `--token-file`, its version, `/ready` with 0
 //! connections and a connector id, its metrics re-exported, an unknown flag exiting 0, a crash
 //! (no edge: exit 1 after ~0.6 s) and one SIGTERM draining it. With no network here it never

@@ -3,7 +3,7 @@
 #
 #  1. builds the .deb (cargo-deb, release build) plus a "-2" revision for the upgrade check, and
 #     checks it on the host: lintian, systemd-analyze verify on the unpacked package; packages
-#     cloudflared twice (the real one from ../shared/cloudflared, unpacked here, and
+#     cloudflared twice (a real one named by CLOUDFLARED_BIN, when set, and
 #     tests/fakes/cloudflared as 0.0.0+systemtest) and builds a signed apt repository of all
 #     four with apt-ftparchive and a throwaway gpg key, the way a fleet's repository is built;
 #  2. creates, once, a minimal Debian bookworm rootfs with debootstrap (minbase + systemd,
@@ -22,8 +22,9 @@
 #  4. prints every result, the journal of any failed scenario, and `N passed, N failed`.
 #
 # Needs root, systemd-nspawn (systemd-container), debootstrap, lintian, cargo-deb, apt-ftparchive
-# (apt-utils), gpg (gnupg), xz (xz-utils) and python3. Without ../shared/cloudflared the
-# real-cloudflared scenario is skipped with the reason (SKIP in the results). When it
+# (apt-utils), gpg (gnupg), xz (xz-utils) and python3. No real cloudflared ships with the tests:
+# without CLOUDFLARED_BIN (a cloudflared binary for linux-amd64) the real-cloudflared scenario is
+# skipped with the reason (SKIP in the results). When it
 # cannot run it says why and fails, unless TUNNEL_AGENT_SKIP_SYSTEM_TEST=1 opts out explicitly.
 #
 # Environment:
@@ -96,17 +97,15 @@ cf_deb() {
 }
 cf_deb fake 0.0.0+systemtest all tests/fakes/cloudflared python3 \
   "fake cloudflared (tests/fakes/cloudflared: its CLI shape, /ready and SIGTERM semantics)"
-real_cf_xz=$(ls "$repo"/../shared/cloudflared/cloudflared-*-linux-amd64.xz 2>/dev/null | head -n1 || true)
 real_cf_version=
 real_cf_skip=
-if [ -n "$real_cf_xz" ]; then
-  xz -dc "$real_cf_xz" >"$work/cloudflared-real"
-  chmod 0755 "$work/cloudflared-real"
+if [ -n "${CLOUDFLARED_BIN:-}" ] && [ -f "$CLOUDFLARED_BIN" ]; then
+  install -m 0755 "$CLOUDFLARED_BIN" "$work/cloudflared-real"
   real_cf_version=$("$work/cloudflared-real" --version | awk '{ print $3; exit }')
   cf_deb real "$real_cf_version" amd64 "$work/cloudflared-real" "" "cloudflared $real_cf_version (the real binary)"
-  say "packaged the real cloudflared $real_cf_version from $real_cf_xz"
+  say "packaged the real cloudflared $real_cf_version from $CLOUDFLARED_BIN"
 else
-  real_cf_skip="no ../shared/cloudflared/cloudflared-*-linux-amd64.xz next to the clone"
+  real_cf_skip="no real cloudflared: set CLOUDFLARED_BIN to a linux-amd64 cloudflared binary (none ships with the tests)"
   say "real cloudflared: $real_cf_skip"
 fi
 
@@ -271,7 +270,9 @@ boot main "$root"
 
 root=$(prepare_root cloud-init check-cloud-init.sh)
 internal_token=system-test-internal-token-c1d0
-tunnel_token=system-test-tunnel-token-77e3
+# Shaped like a connector token (base64 of {"a","t","s"}): cloudflared, and the fake that keeps
+# its contract, refuse anything else (exit 255).
+tunnel_token=eyJhIjoiMDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWYiLCJ0IjoiNmZmNDJhZTItNzY1ZC00YWRmLTgxMTItMzFjNTVjMTU1MWVmIiwicyI6ImMzbHpkR1Z0TFhSbGMzUXRkSFZ1Ym1Wc0xYUnZhMlZ1TFRjM1pUTXVMaTQ9In0=
 printf 'INTERNAL_TOKEN=%s\nTUNNEL_TOKEN=%s\nPKG_VERSION=%s\n' "$internal_token" "$tunnel_token" "$pkg_version" \
   >"$root/srv/systemtest/cloud-init.env"
 # Secret Manager (and the metadata server's access token) for the example's two secrets, from

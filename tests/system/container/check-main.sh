@@ -13,7 +13,9 @@ CONFIG=/etc/tunnel-agent/agent.toml
 ROUTES=/etc/tunnel-agent/routes.json
 GCP=/run/systemtest/gcp
 INTERNAL_TOKEN=system-test-internal-token-5bd2
-TUNNEL_TOKEN=system-test-tunnel-token-91ce
+# Shaped like a connector token (base64 of {"a","t","s"}): the fake, like cloudflared, exits 255
+# on anything else.
+TUNNEL_TOKEN=eyJhIjoiMDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWYiLCJ0IjoiNmZmNDJhZTItNzY1ZC00YWRmLTgxMTItMzFjNTVjMTU1MWVmIiwicyI6ImMzbHpkR1Z0TFhSbGMzUXRkSFZ1Ym1Wc0xYUnZhMlZ1TFRreFkyVXVMaTQ9In0=
 
 via_proxy() { # HOST PATH [curl args]: the body; the auth header carries the internal token
   curl -s --max-time 5 -H "Host: $1" -H "X-Internal-Auth-Token: $INTERNAL_TOKEN" "${@:3}" "http://127.0.0.1:8080$2"
