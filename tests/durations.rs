@@ -5,9 +5,11 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::agent::control_command;
-use common::client::try_send;
-use common::{Agent, AgentBuilder, ConfigText, FakeUpstream, Wire};
+use common::client::{get, try_send};
+use common::{Agent, AgentBuilder, ConfigText, FakeMetadata, FakeUpstream, Wire};
 use http::StatusCode;
 use serde_json::{json, Value};
 
@@ -126,4 +128,20 @@ timeouts = {{ request = "{ABSURD}" }}
             "{key} (line {line}, bound {bound}) not reported:\n{out}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_token_with_an_absurd_exp_is_used_not_a_crash() {
+    let meta = FakeMetadata::start().await;
+    let up = FakeUpstream::start(Wire::Http1).await;
+    // exp = now + 300 billion years: fits the JWT's u64, not an Instant.
+    meta.set_token_lifetime(Duration::from_secs(300_000_000_000 * 31_557_600));
+    let config = ConfigText::new()
+        .gcp(&format!("metadata_url = {:?}", meta.url()))
+        .routes("upstream_auth = \"gcp-id-token\"")
+        .host("app.test", &up.url());
+    let agent = AgentBuilder::new().start(&config).await;
+    assert_eq!(answer(&agent, "app.test").await, StatusCode::OK);
+    let echo = get(agent.proxy_addr(), "app.test", "/", &[]).await.echoed();
+    assert!(echo.header("authorization").is_some_and(|a| a.starts_with("Bearer ")));
 }
