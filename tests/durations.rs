@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::agent::control_command;
 use common::client::{get, try_send};
-use common::{Agent, AgentBuilder, ConfigText, FakeMetadata, FakeUpstream, Wire};
+use common::{eventually, Agent, AgentBuilder, ConfigText, FakeMetadata, FakeUpstream, Fault, Wire, DEADLINE};
 use http::StatusCode;
 use serde_json::{json, Value};
 
@@ -144,4 +144,24 @@ async fn an_identity_token_with_an_absurd_exp_is_used_not_a_crash() {
     assert_eq!(answer(&agent, "app.test").await, StatusCode::OK);
     let echo = get(agent.proxy_addr(), "app.test", "/", &[]).await.echoed();
     assert!(echo.header("authorization").is_some_and(|a| a.starts_with("Bearer ")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_metadata_error_body_of_multibyte_characters_is_cut_on_a_character() {
+    let meta = FakeMetadata::start().await;
+    let up = FakeUpstream::start(Wire::Http1).await;
+    meta.set_fault(Fault::ServerErrorMultibyte);
+    let config = ConfigText::new()
+        .gcp(&format!("metadata_url = {:?}", meta.url()))
+        .routes("upstream_auth = \"gcp-id-token\"")
+        .host("app.test", &up.url());
+    let agent = AgentBuilder::new().start(&config).await;
+    // No token: the agent's own 503, and the agent is still there for the next request.
+    assert_eq!(answer(&agent, "app.test").await, StatusCode::SERVICE_UNAVAILABLE);
+    // Once the server recovers, tokens flow (after the cache's retry backoff).
+    meta.set_fault(Fault::None);
+    eventually(DEADLINE, "a token once the metadata server recovers", || async {
+        (answer(&agent, "app.test").await == StatusCode::OK).then_some(())
+    })
+    .await;
 }
