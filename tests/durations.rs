@@ -11,6 +11,7 @@ use common::agent::control_command;
 use common::client::{get, try_send};
 use common::{eventually, Agent, AgentBuilder, ConfigText, FakeMetadata, FakeUpstream, Fault, Wire, DEADLINE};
 use http::StatusCode;
+use nix::sys::signal::Signal;
 use serde_json::{json, Value};
 
 const API_TOKEN: &str = "config-api-token-for-durations";
@@ -52,6 +53,18 @@ async fn push(agent: &Agent, body: &Value) -> (u16, Value) {
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
+async fn status(agent: &Agent) -> Value {
+    get(agent.health_addr(), "localhost", "/status", &[]).await.json()
+}
+
+async fn metric(agent: &Agent, name: &str) -> u64 {
+    let text = get(agent.health_addr(), "localhost", "/metrics", &[]).await.text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+}
+
 /// A proxied request that must get an HTTP answer: a dropped connection is the crash.
 async fn answer(agent: &Agent, host: &str) -> StatusCode {
     let req = common::client::request(http::Method::GET, host, "/")
@@ -82,6 +95,25 @@ async fn a_pushed_duration_over_its_bound_is_refused_naming_the_rule_and_field()
     let (code, body) = push(&agent, &table(2, "a.test", &up.url(), json!({ "request": "24h" }))).await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(answer(&agent, "a.test").await, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persisted_table_with_an_unbounded_duration_is_not_served_and_the_agent_stays_up() {
+    let up = FakeUpstream::start(Wire::Http1).await;
+    let builder = AgentBuilder::new();
+    // What main accepted and persisted for such a push.
+    std::fs::create_dir_all(builder.dir().join("state")).expect("state dir");
+    let body = table(9, "a.test", &up.url(), json!({ "request": ABSURD }));
+    builder.file("state/config-api.json", &body.to_string());
+    let agent = start_api(builder).await;
+
+    assert_eq!(answer(&agent, "a.test").await, StatusCode::NOT_FOUND);
+    let s = status(&agent).await;
+    let why = s["routes_fallback"].as_str().unwrap_or_default();
+    assert!(why.contains("no longer valid"), "{s}");
+    agent
+        .wait_for_log(&["rules[0].timeouts.request", "bound of 1day"], DEADLINE)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -131,6 +163,74 @@ timeouts = {{ request = "{ABSURD}" }}
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_served_by_two_runs_that_crashed_is_quarantined_at_the_next_boot() {
+    let up = FakeUpstream::start(Wire::Http1).await;
+    let mut agent = start_api(AgentBuilder::new()).await;
+    let (code, body) = push(&agent, &table(5, "a.test", &up.url(), json!({}))).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(answer(&agent, "a.test").await, StatusCode::OK);
+    let trial = agent.dir().join("state/config-api.json.trial");
+    assert!(trial.exists(), "a new table is on trial");
+
+    // A crash (SIGKILL leaves what an abort leaves), then a run that serves it again and
+    // crashes too.
+    agent.signal(Signal::SIGKILL);
+    agent.wait_exit(DEADLINE).await;
+    let mut agent = start_api(agent.successor()).await;
+    assert_eq!(
+        answer(&agent, "a.test").await,
+        StatusCode::OK,
+        "one crash is not enough"
+    );
+    agent.signal(Signal::SIGKILL);
+    agent.wait_exit(DEADLINE).await;
+
+    let agent = start_api(agent.successor()).await;
+    assert_eq!(
+        answer(&agent, "a.test").await,
+        StatusCode::NOT_FOUND,
+        "not served again"
+    );
+    let state = agent.dir().join("state");
+    assert!(state.join("config-api.json.quarantined").exists());
+    assert!(!state.join("config-api.json").exists() && !trial.exists());
+    let s = status(&agent).await;
+    assert!(
+        s["routes_fallback"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("quarantined"),
+        "{s}"
+    );
+    assert_eq!(metric(&agent, "tunnel_agent_routes_quarantined_total").await, 1);
+    agent
+        .wait_for_log(&["ERROR", "config-api.json.quarantined"], DEADLINE)
+        .await;
+    // The controller's next push is served (the stored version went with the table).
+    let (code, body) = push(&agent, &table(1, "b.test", &up.url(), json!({}))).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(answer(&agent, "b.test").await, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clean_restarts_never_quarantine_a_table() {
+    let up = FakeUpstream::start(Wire::Http1).await;
+    let mut agent = start_api(AgentBuilder::new()).await;
+    let (code, body) = push(&agent, &table(5, "a.test", &up.url(), json!({}))).await;
+    assert_eq!(code, 200, "{body}");
+    for _ in 0..3 {
+        agent.signal(Signal::SIGTERM);
+        assert!(agent.wait_exit(DEADLINE).await.success());
+        assert!(
+            !agent.dir().join("state/config-api.json.trial").exists(),
+            "a clean stop confirms the table"
+        );
+        agent = start_api(agent.successor()).await;
+        assert_eq!(answer(&agent, "a.test").await, StatusCode::OK);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_identity_token_with_an_absurd_exp_is_used_not_a_crash() {
     let meta = FakeMetadata::start().await;
     let up = FakeUpstream::start(Wire::Http1).await;
@@ -164,4 +264,25 @@ async fn a_metadata_error_body_of_multibyte_characters_is_cut_on_a_character() {
         (answer(&agent, "app.test").await == StatusCode::OK).then_some(())
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_last_good_table_that_no_longer_builds_does_not_keep_the_agent_down() {
+    let meta = FakeMetadata::start().await;
+    meta.set_attributes_down(true);
+    let builder = AgentBuilder::new();
+    std::fs::create_dir_all(builder.dir().join("state")).expect("state dir");
+    // Written by an agent whose rules allowed it; this one refuses the scheme.
+    builder.file("state/routes.json", r#"{"a.test": "ftp://127.0.0.1:9"}"#);
+    let config = ConfigText::new()
+        .gcp(&format!("metadata_url = {:?}", meta.url()))
+        .gcp("metadata_timeout = \"500ms\"")
+        .agent("boot_timeout = \"1s\"")
+        .routes("source = \"gcp-metadata\"")
+        .routes("attribute = \"tunnel-routes\"");
+    let agent = builder.start(&config).await;
+    assert_eq!(answer(&agent, "a.test").await, StatusCode::NOT_FOUND);
+    let s = status(&agent).await;
+    let why = s["routes_fallback"].as_str().unwrap_or_default();
+    assert!(why.contains("no longer valid"), "{s}");
 }
