@@ -94,6 +94,25 @@ mod tests {
         assert!(e.contains("longer than the bound of 1day"), "{e}");
     }
 
+    /// A duration field added with plain `humantime_serde` would have no bound: every one goes
+    /// through `at_most`.
+    #[test]
+    fn no_duration_field_of_the_schema_skips_the_bound() {
+        let plain = ["with = \"humantime", "serde\""].concat();
+        for (file, text) in [
+            ("mod.rs", include_str!("mod.rs")),
+            ("roles.rs", include_str!("roles.rs")),
+            ("route_spec.rs", include_str!("route_spec.rs")),
+        ] {
+            assert!(!text.contains(&plain), "{file} reads a duration without a bound");
+            // Every plain `Duration` field of these files is read from input (an `Option` one
+            // may be a validated copy, so only the plain ones are counted).
+            let fields = text.matches(": Duration,").count();
+            let bounded = text.matches("duration::at_most::<").count();
+            assert!(bounded >= fields, "{file}: {fields} duration fields, {bounded} bounded");
+        }
+    }
+
     #[test]
     fn what_humantime_cannot_read_is_still_its_error() {
         let e = parse(r#"{"short": "soon"}"#).expect_err("not a duration");
