@@ -286,3 +286,51 @@ async fn a_last_good_table_that_no_longer_builds_does_not_keep_the_agent_down() 
     let why = s["routes_fallback"].as_str().unwrap_or_default();
     assert!(why.contains("no longer valid"), "{s}");
 }
+
+/// A one-member etcd JSON gateway that grants every lease a TTL of `i64::MAX` seconds (sent as
+/// a string, as the gateway sends 64-bit numbers): just enough of it to win an election.
+async fn etcd_granting_forever() -> (String, tokio::task::JoinHandle<()>) {
+    use http_body_util::{BodyExt, Full};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let holder = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
+    let task = common::serve_fake(listener, holder, |holder, req| async move {
+        let path = req.uri().path().to_owned();
+        let body = req.into_body().collect().await?.to_bytes();
+        let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let forever = i64::MAX.to_string();
+        let reply = match path.as_str() {
+            "/v3/lease/grant" => json!({ "ID": "7", "TTL": forever }),
+            "/v3/lease/keepalive" => json!({ "result": { "ID": "7", "TTL": forever } }),
+            "/v3/kv/txn" => {
+                let put = &body["success"][0]["request_put"]["value"];
+                let mut held = holder.lock().unwrap();
+                if held.is_none() {
+                    *held = put.as_str().map(str::to_owned);
+                }
+                json!({ "succeeded": *held == put.as_str().map(str::to_owned) })
+            }
+            "/v3/kv/range" => match holder.lock().unwrap().clone() {
+                Some(v) => json!({ "kvs": [{ "value": v, "lease": "7" }], "count": "1" }),
+                None => json!({}),
+            },
+            _ => json!({}),
+        };
+        Ok::<_, hyper::Error>(http::Response::new(Full::new(bytes::Bytes::from(reply.to_string()))))
+    });
+    (url, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_granted_for_ever_does_not_crash_the_election() {
+    let (url, _etcd) = etcd_granting_forever().await;
+    let config = ConfigText::new().raw(&format!(
+        "[role_election]\nendpoints = [{url:?}]\nkey = \"/k\"\nttl = \"3s\"\nfence_margin = \"500ms\"\npoll_interval = \"100ms\"\nhost_name = \"a\"\n"
+    ));
+    let agent = AgentBuilder::new().start(&config).await;
+    eventually(DEADLINE, "the node to win the election and be active", || async {
+        let s = status(&agent).await;
+        (s["role"] == "active").then_some(())
+    })
+    .await;
+}
