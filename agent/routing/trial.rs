@@ -170,6 +170,18 @@ mod tests {
         assert!(!table.exists() && to.exists() && !marker_path(&table).exists());
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_run_that_serves_the_table_for_the_trial_period_confirms_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let table = table_in(&dir);
+        Trial::begin(&table).unwrap().confirm_later();
+        tokio::time::sleep(TRIAL_PERIOD - Duration::from_secs(1)).await;
+        assert!(marker_path(&table).exists(), "still on trial");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::task::yield_now().await;
+        assert!(!marker_path(&table).exists(), "confirmed after the trial period");
+    }
+
     #[test]
     fn an_older_trial_does_not_confirm_a_newer_table() {
         let dir = tempfile::tempdir().unwrap();
