@@ -112,7 +112,7 @@ async fn start(
     let metrics = Arc::new(Metrics::default());
     let health = Health::new(metrics.clone());
     health.set_details_from(config.health.details_from);
-    let boot_deadline = Instant::now() + config.agent.boot_timeout;
+    let boot_deadline = crate::deadline::from_now(config.agent.boot_timeout);
     let metadata = MetadataClient::new(config.gcp.metadata_base(), config.gcp.metadata_timeout)?;
     let secret_manager = Arc::new(SecretManager::new(
         metadata.clone(),
@@ -218,7 +218,7 @@ async fn start(
     health.update_status(|s| s.routes_fallback = routes.fallback);
 
     // Wait for the proxy to answer before declaring it, and before cloudflared may send traffic.
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = crate::deadline::from_now(Duration::from_secs(5));
     while !health::probe(proxy_addr, Duration::from_secs(1)).await {
         anyhow::ensure!(
             Instant::now() < deadline,

@@ -1,12 +1,16 @@
 //! Files other programs read while we write them: written whole or not at all.
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 /// Writes `data` to `path` atomically: a temp file in the same directory (same filesystem, so the
 /// rename is atomic), fsync, rename over the target, fsync the directory so the rename survives
 /// a crash. Readers see the old content or the new, never a mix. Creates the directory if needed.
+///
+/// The temp file has a random name and is created with `O_EXCL | O_NOFOLLOW`, mode 0600 until
+/// it holds all of `data` (then `mode`): whoever can write the directory cannot plant a link
+/// at a predictable name that makes us write through it, nor read a secret half written.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
     let dir = path
         .parent()
@@ -14,15 +18,12 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> 
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let (tmp, mut f) = create_temp(dir, name)?;
     let result = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
         f.write_all(data)?;
+        if mode != 0o600 {
+            f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        }
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
         std::fs::File::open(dir)?.sync_all()
@@ -31,6 +32,26 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> 
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// A new temp file beside `name` in `dir`, never one that existed (a name taken is retried with
+/// another random name a few times).
+fn create_temp(dir: &Path, name: &str) -> std::io::Result<(std::path::PathBuf, std::fs::File)> {
+    let mut attempt = 0;
+    loop {
+        let tmp = dir.join(format!(".{name}.tmp.{:016x}", crate::random::random_u64()));
+        let opened = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .mode(0o600)
+            .open(&tmp);
+        match opened {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 8 => attempt += 1,
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -49,5 +70,21 @@ mod tests {
         let leftovers: Vec<_> = std::fs::read_dir(dir.join("sub")).unwrap().collect();
         assert_eq!(leftovers.len(), 1);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_link_planted_at_the_old_predictable_temp_name_is_not_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"keep me").unwrap();
+        // The name main used: `.NAME.tmp.PID`.
+        let planted = dir.path().join(format!(".routes.json.tmp.{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        let target = dir.path().join("routes.json");
+        write_atomic(&target, b"new", 0o644).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
+        assert_eq!(std::fs::read(&target).unwrap(), b"new");
+        assert!(!std::fs::symlink_metadata(&target).unwrap().file_type().is_symlink());
+        assert_eq!(std::fs::metadata(&target).unwrap().permissions().mode() & 0o777, 0o644);
     }
 }

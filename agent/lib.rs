@@ -11,6 +11,7 @@ pub mod boot;
 pub mod build_info;
 pub mod config;
 pub mod control;
+pub mod deadline;
 pub mod election;
 pub mod files;
 pub mod follow;

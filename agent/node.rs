@@ -320,7 +320,7 @@ impl Node {
         // From here on `new` holds the running values of restart-only settings, so nothing
         // below acts on one of them (a new runtime_dir, a new route source) before a restart.
         new.keep_restart_only(&self.config);
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = crate::deadline::from_now(Duration::from_secs(30));
         let secrets = resolve_all(&new, &self.secret_manager, &self.metrics, deadline)
             .await
             .map_err(|e| anyhow::anyhow!(join_errors(&e)))?;

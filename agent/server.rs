@@ -118,7 +118,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeadTimeoutIo<S> {
             }
             Poll::Pending => {
                 if let Some((since, _)) = this.head {
-                    let deadline = since + this.timeout;
+                    let deadline = crate::deadline::after(since, this.timeout);
                     let sleep = this
                         .sleep
                         .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));

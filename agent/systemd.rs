@@ -51,5 +51,7 @@ pub fn watchdog_interval() -> Option<Duration> {
             return None;
         }
     }
-    (usec > 0).then(|| Duration::from_micros(usec / 2))
+    // Capped so the interval's own arithmetic (tokio adds the period to each tick) cannot
+    // overflow; more often than asked is still in time.
+    (usec > 0).then(|| Duration::from_micros(usec / 2).min(Duration::from_secs(3600)))
 }

@@ -106,6 +106,8 @@ pub struct Metrics {
     pub token_fetch_failures: Counter,
     pub route_reloads: Counter,
     pub route_reload_failures: Counter,
+    /// Persisted route tables moved aside at boot because runs serving them crashed.
+    pub routes_quarantined: Counter,
     pub secret_fetches: Counter,
     pub secret_fetch_failures: Counter,
     pub promotions: Counter,
@@ -221,6 +223,12 @@ impl Metrics {
             "tunnel_agent_route_reload_failures_total",
             "Route updates rejected.",
             &self.route_reload_failures,
+        );
+        counter(
+            out,
+            "tunnel_agent_routes_quarantined_total",
+            "Persisted route tables quarantined at boot (runs serving them crashed).",
+            &self.routes_quarantined,
         );
         counter(
             out,

@@ -14,7 +14,8 @@
 //! - [`route_spec`]: the route rule pieces shared by `[[route]]` and the config API's JSON;
 //! - `parse`: reading the file and locating every parser error;
 //! - `validate`: the checks types cannot express;
-//! - `reload`: which settings a reload cannot change (they need a restart).
+//! - `reload`: which settings a reload cannot change (they need a restart);
+//! - [`duration`]: every duration field, bounded where it is read.
 
 pub mod roles;
 
@@ -26,6 +27,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub mod duration;
 mod parse;
 mod reload;
 pub mod route_spec;
@@ -117,14 +119,14 @@ pub struct AgentSection {
     /// Files that must survive a reboot (last good route table, persisted role).
     pub state_dir: PathBuf,
     /// How long in-flight proxy requests may take to finish after SIGTERM.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration::at_most::<_, _, { duration::HOUR }>")]
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
     /// `tracing` filter directive, e.g. `info` or `tunnel_agent=debug,hyper=info`.
     pub log_level: String,
     /// How long boot may keep retrying transient failures (Secret Manager 429/5xx, metadata
     /// server unreachable) before giving up with an error.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration::at_most::<_, _, { duration::DAY }>")]
     pub boot_timeout: Duration,
 }
 
@@ -185,7 +187,7 @@ struct SecretSpecAsWritten {
     /// `projects/P/locations/L/secrets/S/versions/V`.
     name: Option<String>,
     /// Re-read interval; a changed value is applied without restart.
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, deserialize_with = "duration::at_most::<_, _, { duration::DAY }>")]
     refresh: Option<Duration>,
 }
 
@@ -226,7 +228,7 @@ pub struct ProxySection {
     pub auth_secret: Option<String>,
     /// After the internal token rotates (secret `refresh`), the previous value is still accepted
     /// this long, so requests signed with it during the rollout do not get 401s.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration::at_most::<_, _, { duration::DAY }>")]
     pub auth_overlap: Duration,
     /// Largest request head accepted; larger gets 431. hyper's floor is 8 KiB.
     pub max_header_bytes: usize,
@@ -234,21 +236,21 @@ pub struct ProxySection {
     /// large upload costs no memory).
     pub max_body_bytes: Option<u64>,
     /// A client that starts a request must finish sending its head within this (slowloris).
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration::at_most::<_, _, { duration::HOUR }>")]
     pub header_read_timeout: Duration,
     /// An idle keep-alive client connection is closed after this. Must exceed cloudflared's
     /// 90 s origin keep-alive, or cloudflared reuses a connection we are closing.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration::at_most::<_, _, { duration::DAY }>")]
     pub idle_timeout: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration::at_most::<_, _, { duration::HOUR }>")]
     pub connect_timeout: Duration,
     /// How long the upstream may take to send its response head, counted from the end of the
     /// request body (a slow upload is not a slow upstream); then 504. An upstream that stops
     /// reading an upload also gets 504 after this long.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration::at_most::<_, _, { duration::DAY }>")]
     pub upstream_timeout: Duration,
     /// Idle pooled upstream connections are closed after this.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration::at_most::<_, _, { duration::DAY }>")]
     pub pool_idle_timeout: Duration,
     /// Idle pooled connections kept per upstream, in each worker's pool.
     pub pool_max_idle_per_host: usize,
@@ -467,7 +469,7 @@ pub struct RouteSpec {
     #[serde(default)]
     pub listeners: Vec<String>,
     /// Overrides `proxy.upstream_timeout` for this route.
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, deserialize_with = "duration::at_most::<_, _, { duration::DAY }>")]
     pub timeout: Option<Duration>,
     /// Gateway API `HTTPRouteMatch`es, ORed; none means `PathPrefix /` (docs/routing.md).
     #[serde(default)]
@@ -586,10 +588,10 @@ pub struct GcpSection {
     /// libraries do), else `http://metadata.google.internal`.
     pub metadata_url: Option<String>,
     /// Identity tokens are refreshed this long before their `exp`.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration::at_most::<_, _, { duration::HOUR }>")]
     pub id_token_refresh_margin: Duration,
     /// Per-request timeout towards the metadata server.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration::at_most::<_, _, { duration::HOUR }>")]
     pub metadata_timeout: Duration,
     /// Secret Manager API base URL. Unset: `https://secretmanager.googleapis.com`, or
     /// `https://secretmanager.LOCATION.rep.googleapis.com` for regional secrets.
@@ -650,36 +652,36 @@ pub struct CloudflaredSection {
     pub metrics: SocketAddr,
     /// cloudflared's `--grace-period`: how long it drains on SIGTERM. The agent waits this plus
     /// `stop_margin` before SIGKILL.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration::at_most::<_, _, { duration::HOUR }>")]
     pub grace_period: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration::at_most::<_, _, { duration::HOUR }>")]
     pub stop_margin: Duration,
     /// Extra arguments placed before `run` (e.g. `["--protocol", "http2"]`).
     pub extra_args: Vec<String>,
     /// Restart backoff after an unrequested exit.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration::at_most::<_, _, { duration::HOUR }>")]
     pub restart_backoff: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration::at_most::<_, _, { duration::DAY }>")]
     pub restart_backoff_max: Duration,
     /// Running and connected this long resets the backoff and the exit count.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration::at_most::<_, _, { duration::DAY }>")]
     pub stable_after: Duration,
     /// `crash_loop_exits` exits within `crash_loop_window` is a crash loop: `/ready` fails.
     pub crash_loop_exits: u32,
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration::at_most::<_, _, { duration::DAY }>")]
     pub crash_loop_window: Duration,
     /// After this many exits without a stable period the agent itself exits non-zero, handing
     /// the problem to systemd's restart policy. 0 = never.
     pub give_up_after_exits: u32,
     /// How often cloudflared's `/ready` is polled.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration::at_most::<_, _, { duration::HOUR }>")]
     pub poll_interval: Duration,
     /// A tunnel that was connected and has had 0 connections this long is restarted.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration::at_most::<_, _, { duration::DAY }>")]
     pub disconnected_restart_after: Duration,
     /// `/ready` keeps answering 200 this long after the tunnel loses its last connection, so a
     /// brief reconnect does not flap the verdict.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration::at_most::<_, _, { duration::HOUR }>")]
     pub ready_grace: Duration,
 }
 

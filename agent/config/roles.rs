@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::Problem;
+use super::{duration, Problem};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -40,14 +40,14 @@ pub struct RoleElectionSection {
     /// One key per pair or fleet; its value is the leader's `host_name`.
     pub key: String,
     /// Lease TTL, whole seconds. Failover after a crash takes up to this long.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration::at_most::<_, _, { duration::HOUR }>")]
     pub ttl: Duration,
     /// Budget from "the renewals failed" to cloudflared's SIGTERM delivered: the leader fences
     /// this long before its lease could expire on the server.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration::at_most::<_, _, { duration::HOUR }>")]
     pub fence_margin: Duration,
     /// How often a standby reads the key to notice it is gone.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration::at_most::<_, _, { duration::HOUR }>")]
     pub poll_interval: Duration,
     /// This host's name in the key. Unset: the kernel hostname.
     pub host_name: Option<String>,
@@ -160,9 +160,9 @@ impl RoleElectionSection {
 #[serde(deny_unknown_fields, default)]
 pub struct RoleFollowSection {
     pub url: String,
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration::at_most::<_, _, { duration::HOUR }>")]
     pub interval: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration::at_most::<_, _, { duration::HOUR }>")]
     pub timeout: Duration,
     /// Consecutive 2xx answers before the check counts as passing.
     pub rise: u32,

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use super::{AuthHeaderKind, UpstreamAuthKind, UpstreamProtocol};
+use super::{duration, AuthHeaderKind, UpstreamAuthKind, UpstreamProtocol};
 
 /// Deserializes a list that may be `null` (Go's encoding of a nil slice) as an empty list.
 /// Use with `#[serde(default, deserialize_with = "null_as_empty")]`.
@@ -230,10 +230,15 @@ fn hundred() -> u32 {
 #[serde(deny_unknown_fields)]
 pub struct TimeoutsSpec {
     /// From receiving the request to sending the response head.
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, deserialize_with = "duration::at_most::<_, _, { duration::DAY }>")]
     pub request: Option<Duration>,
     /// From sending the request upstream to receiving the response head.
-    #[serde(default, with = "humantime_serde", alias = "backend", alias = "backendRequest")]
+    #[serde(
+        default,
+        deserialize_with = "duration::at_most::<_, _, { duration::DAY }>",
+        alias = "backend",
+        alias = "backendRequest"
+    )]
     pub backend_request: Option<Duration>,
 }
 

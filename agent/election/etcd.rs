@@ -141,7 +141,7 @@ impl EtcdClient {
         body: &serde_json::Value,
         timeout: Duration,
     ) -> Result<serde_json::Value, EtcdError> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = crate::deadline::from_now(timeout);
         let n = self.endpoints.len().max(1);
         let first = self.current.load(Ordering::Relaxed) % n;
         let mut failures = Vec::new();

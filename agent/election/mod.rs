@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::config::roles::{OnStoreLoss, RoleElectionSection};
+use crate::deadline;
 use etcd::{EtcdClient, EtcdError, Holder};
 
 /// What the election tells the node.
@@ -300,7 +301,7 @@ impl Task {
         loop {
             let wake = match self.lease {
                 Some(h) => h.next_renew.min(self.fence_at(&h)),
-                None => Instant::now() + self.settings.poll_interval,
+                None => deadline::from_now(self.settings.poll_interval),
             };
             tokio::select! {
                 cmd = rx.recv() => match cmd {
@@ -460,8 +461,8 @@ impl Task {
         let held = Held {
             id: lease.id,
             granted: lease.ttl,
-            deadline: sent + lease.ttl,
-            next_renew: sent + lease.ttl / 3,
+            deadline: deadline::after(sent, lease.ttl),
+            next_renew: deadline::after(sent, lease.ttl / 3),
         };
         let outcome = self
             .client
@@ -527,8 +528,8 @@ impl Task {
         if now >= self.fence_at(&h) {
             if self.settings.on_store_loss == OnStoreLoss::Keep {
                 // Opted in: keep the role while etcd cannot be reached at all.
-                h.next_renew = now + self.retry_delay();
-                h.deadline = now + self.settings.fence_margin + self.retry_delay();
+                h.next_renew = deadline::after(now, self.retry_delay());
+                h.deadline = deadline::after(now, self.settings.fence_margin.saturating_add(self.retry_delay()));
                 self.lease = Some(h);
                 if let Err(e) = self.renew(h).await {
                     tracing::warn!(error = %e, "etcd unreachable; keeping the active role (on_store_loss = \"keep\"): {e}");
@@ -559,8 +560,8 @@ impl Task {
         let budget = self.request_budget();
         match self.client.keepalive(h.id, budget).await {
             Ok(Some(ttl)) => {
-                h.deadline = sent + ttl.min(h.granted);
-                h.next_renew = sent + self.settings.renew_interval;
+                h.deadline = deadline::after(sent, ttl.min(h.granted));
+                h.next_renew = deadline::after(sent, self.settings.renew_interval);
                 self.lease = Some(h);
                 self.update(|s| {
                     s.lease_deadline = Some(h.deadline);
@@ -580,7 +581,7 @@ impl Task {
                 return Ok(());
             }
             Err(e) => {
-                h.next_renew = Instant::now() + self.retry_delay();
+                h.next_renew = deadline::from_now(self.retry_delay());
                 self.lease = Some(h);
                 let msg = e.to_string();
                 self.update(|s| {

@@ -32,6 +32,9 @@ pub fn jwt_exp(token: &str) -> Result<u64, String> {
     claims.exp.ok_or_else(|| "JWT has no exp claim".to_owned())
 }
 
+/// The longest a token is cached, whatever its `exp` says.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+
 /// A cached token, ready to put on a request.
 #[derive(Debug)]
 struct CachedToken {
@@ -196,7 +199,9 @@ impl IdTokenCache {
             .checked_sub(now)
             .filter(|r| *r > 0)
             .ok_or_else(|| bad(format!("already expired (exp {exp}, now {now})")))?;
-        let remaining = Duration::from_secs(remaining);
+        // Google's identity tokens live an hour; an `exp` further out is the server's mistake (or
+        // an attack on our deadlines) and is held for an hour at most.
+        let remaining = Duration::from_secs(remaining).min(MAX_TOKEN_LIFETIME);
         let mut header =
             HeaderValue::try_from(format!("Bearer {jwt}")).map_err(|_| bad("not a valid header value".into()))?;
         header.set_sensitive(true);
@@ -210,8 +215,8 @@ impl IdTokenCache {
             .unwrap_or(remaining / 2);
         slot.token.store(Some(Arc::new(CachedToken {
             header: header.clone(),
-            expires_at: fetched + remaining,
-            refresh_at: fetched + refresh_in,
+            expires_at: crate::deadline::after(fetched, remaining),
+            refresh_at: crate::deadline::after(fetched, refresh_in),
         })));
         tracing::debug!(audience = %slot.audience, expires_in_s = remaining.as_secs(), "identity token fetched for {} (expires in {}s)", slot.audience, remaining.as_secs());
         Ok(header)

@@ -98,12 +98,10 @@ impl MetadataClient {
             reason: error_chain(&e),
         })?;
         if !status.is_success() {
-            let mut body = body;
-            body.truncate(200);
             return Err(MetadataError::Status {
                 path: path.to_owned(),
                 status: status.as_u16(),
-                body: body.trim().to_owned(),
+                body: head(&body, MAX_ERROR_BODY).trim().to_owned(),
             });
         }
         Ok((body, etag))
@@ -146,4 +144,32 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         cur = s.source();
     }
     out
+}
+
+/// How much of an error body a [`MetadataError::Status`] keeps: enough for the server's reason.
+const MAX_ERROR_BODY: usize = 200;
+
+/// The longest start of `s` of at most `max` bytes that ends on a character boundary
+/// (`String::truncate` panics inside a multi-byte character, and the body is the server's).
+fn head(s: &str, max: usize) -> &str {
+    let mut end = max.min(s.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod head_tests {
+    use super::head;
+
+    #[test]
+    fn a_cut_never_splits_a_character() {
+        let body = "\u{20ac}".repeat(100) + "\n";
+        assert_eq!(body.len(), 301);
+        let cut = head(&body, 200);
+        assert_eq!(cut.len(), 198, "66 whole euro signs");
+        assert_eq!(head("short", 200), "short");
+        assert_eq!(head("", 200), "");
+    }
 }

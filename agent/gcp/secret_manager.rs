@@ -66,7 +66,7 @@ impl SecretManager {
             .await
             .map_err(|e| SecretManagerError::Transient(format!("no access token: {e}")))?;
         // Stop using it a minute early so it cannot expire in flight.
-        let until = Instant::now() + lifetime.saturating_sub(Duration::from_secs(60));
+        let until = crate::deadline::from_now(lifetime.saturating_sub(Duration::from_secs(60)));
         *cached = Some((token.clone(), until));
         Ok(token)
     }

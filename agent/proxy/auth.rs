@@ -48,7 +48,10 @@ impl InboundAuth {
             }
             accepted.push(AcceptedToken {
                 value: old.value.clone(),
-                until: Some(old.until.unwrap_or(now + config.proxy.auth_overlap)),
+                until: Some(
+                    old.until
+                        .unwrap_or(crate::deadline::after(now, config.proxy.auth_overlap)),
+                ),
             });
         }
         if accepted.len() > 1 {

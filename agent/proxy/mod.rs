@@ -474,7 +474,7 @@ impl Worker {
         match rule.request_timeout.filter(|_| !exempt) {
             None => sent.await,
             // Until the response head: a response that has started streaming is never cut off.
-            Some(limit) => match tokio::time::timeout_at(start + limit, sent).await {
+            Some(limit) => match tokio::time::timeout_at(crate::deadline::after(start, limit), sent).await {
                 Ok(resp) => resp,
                 Err(_) => Err(ProxyError::RequestTimeout { limit }),
             },
@@ -864,11 +864,11 @@ async fn response_head<F: std::future::Future>(
         return Some(request.await);
     };
     loop {
-        let deadline = progress.last() + timeout;
+        let deadline = crate::deadline::after(progress.last(), timeout);
         match tokio::time::timeout_at(deadline, request.as_mut()).await {
             Ok(out) => return Some(out),
             // The body moved since the deadline was set: it moves with it.
-            Err(_) if progress.last() + timeout > deadline => continue,
+            Err(_) if crate::deadline::after(progress.last(), timeout) > deadline => continue,
             Err(_) => return None,
         }
     }
@@ -896,7 +896,7 @@ impl BodyProgress {
     }
 
     fn last(&self) -> Instant {
-        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+        crate::deadline::after(self.start, Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
     }
 }
 

@@ -33,6 +33,7 @@ use crate::config::route_spec::null_as_empty;
 use crate::config::{BackendSpec, Config, ConfigApiSection, HostHeader, ListenerSpec, Problem};
 use crate::config::{FilterSpec, MatchSpec, TimeoutsSpec};
 use crate::routing::table::{RouteTable, RoutesError, RuleSource};
+use crate::routing::trial;
 use crate::secret::Secret;
 use crate::server::{self, Limits, ServerHandle};
 use crate::telemetry::Metrics;
@@ -202,18 +203,68 @@ fn state_path(config: &Config) -> Option<PathBuf> {
     persist.then(|| config.agent.state_dir.join(STATE_FILE))
 }
 
-/// The table persisted by the last push, if any. An unreadable or no longer valid file is
-/// logged and ignored: the agent then waits for a push, as on first boot.
+/// The table persisted by the last push, if any, read without side effects (`check`). An
+/// unreadable or no longer valid file is logged and ignored: the agent then waits for a push,
+/// as on first boot.
 pub fn load_persisted(config: &Config, metrics: &Metrics) -> RouteTable {
     let Some(path) = state_path(config) else {
         return RouteTable::default();
     };
-    let body = match std::fs::read(&path) {
+    read_persisted(&path, config, metrics).unwrap_or_default()
+}
+
+/// The persisted push at boot, through its trial ([`trial`]): the table to serve and, when the
+/// persisted one is not served, why (shown in `/status` as `routes_fallback`). Never an error:
+/// a persisted table that cannot be served must not keep the agent down, it waits for a push.
+pub fn boot_persisted(config: &Config, metrics: &Metrics) -> (RouteTable, Option<String>) {
+    let Some(path) = state_path(config) else {
+        return (RouteTable::default(), None);
+    };
+    if !path.exists() {
+        return (RouteTable::default(), None);
+    }
+    match trial::at_boot(&path) {
+        Ok(trial::AtBoot::Serve(trial)) => trial.confirm_later(),
+        Ok(trial::AtBoot::Quarantined { to, runs }) => {
+            metrics.routes_quarantined.inc();
+            let why = format!(
+                "the persisted config {} was being served by {runs} runs that ended without confirming it (crashed); moved to {} and not loaded; waiting for a push",
+                path.display(),
+                to.display()
+            );
+            tracing::error!(path = %path.display(), quarantined = %to.display(), runs, "{why}");
+            return (RouteTable::default(), Some(why));
+        }
+        Err(e) => {
+            let why = format!(
+                "cannot record the trial of the persisted config {} ({e}); not loaded, so that a table that crashes cannot crash every start; waiting for a push",
+                path.display()
+            );
+            tracing::error!(path = %path.display(), error = %e, "{why}");
+            return (RouteTable::default(), Some(why));
+        }
+    }
+    match read_persisted(&path, config, metrics) {
+        Some(table) => (table, None),
+        None => (
+            RouteTable::default(),
+            Some(format!(
+                "the persisted config {} is unreadable or no longer valid (see the log); waiting for a push",
+                path.display()
+            )),
+        ),
+    }
+}
+
+/// Reads and compiles the persisted push at `path`; `None` (logged) when it is missing,
+/// unreadable or no longer valid.
+fn read_persisted(path: &std::path::Path, config: &Config, metrics: &Metrics) -> Option<RouteTable> {
+    let body = match std::fs::read(path) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return RouteTable::default(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %e, "cannot read the persisted config {}; waiting for a push: {e}", path.display());
-            return RouteTable::default();
+            return None;
         }
     };
     let compiled = PushedConfig::parse(&body)
@@ -222,25 +273,31 @@ pub fn load_persisted(config: &Config, metrics: &Metrics) -> RouteTable {
     match compiled {
         Ok(table) => {
             tracing::info!(path = %path.display(), version = table.version, rules = table.len(), "serving the persisted config {} (version {}, {} rules) until the next push", path.display(), table.version.unwrap_or(0), table.len());
-            table
+            Some(table)
         }
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %e, "persisted config {} is no longer valid; waiting for a push: {e}", path.display());
-            RouteTable::default()
+            None
         }
     }
 }
 
-/// Writes an accepted push's body where [`load_persisted`] reads it back. Called by the node
-/// before it applies the push: a push that cannot be persisted is not applied.
+/// Writes an accepted push's body where [`boot_persisted`] reads it back, on trial until this
+/// run has served it for [`trial::TRIAL_PERIOD`]. Called by the node before it applies the
+/// push: a push that cannot be persisted is not applied.
 pub async fn persist(config: &Config, body: Bytes) -> Result<(), String> {
     let Some(path) = state_path(config) else {
         return Ok(());
     };
-    tokio::task::spawn_blocking(move || crate::files::write_atomic(&path, &body, 0o600))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())
+    let trial = tokio::task::spawn_blocking(move || {
+        crate::files::write_atomic(&path, &body, 0o600)?;
+        trial::Trial::begin(&path)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
+    trial.confirm_later();
+    Ok(())
 }
 
 /// A validated, compiled push on its way to the node.

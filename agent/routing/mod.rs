@@ -17,6 +17,7 @@ pub mod mirror;
 pub mod source;
 pub mod table;
 pub mod tls;
+pub mod trial;
 
 pub use filters::{Filters, PathModifier};
 pub use matching::{MatchList, RequestHead, RouteMatch};

@@ -130,13 +130,14 @@ pub struct BootRoutes {
 /// Routes at boot: the source's, or the last good table when the source cannot be read.
 pub async fn boot(config: &Config, metadata: &MetadataClient, metrics: &Metrics) -> anyhow::Result<BootRoutes> {
     if config.routes.source == RouteSourceKind::ConfigApi {
-        // The controller's last push, persisted in the state dir (or an empty table until the
-        // first push; /ready waits for one).
+        // The controller's last push, persisted in the state dir, unless it is on trial for a
+        // crash (or an empty table until the first push; /ready waits for one).
+        let (table, fallback) = config_api::boot_persisted(config, metrics);
         return Ok(BootRoutes {
             map: HostMap::new(),
-            table: config_api::load_persisted(config, metrics),
+            table,
             etag: None,
-            fallback: None,
+            fallback,
         });
     }
     // A remote source's value that builds no valid table is as unusable as an unreachable one.
@@ -161,13 +162,29 @@ pub async fn boot(config: &Config, metadata: &MetadataClient, metrics: &Metrics)
                     describe(config)
                 )
             })?;
-            let table = build(config, &map, metrics)?;
-            tracing::warn!(source = %describe(config), error = %source_error, "route source {} unreachable; serving the last good table: {source_error}", describe(config));
+            // A last good table that no longer builds (a state dir from another version, a
+            // changed `[[route]]`) must not keep the agent down: it boots empty, loudly, and the
+            // source's next value replaces it.
+            let (map, table, fallback) = match build(config, &map, metrics) {
+                Ok(table) => {
+                    tracing::warn!(source = %describe(config), error = %source_error, "route source {} unreachable; serving the last good table: {source_error}", describe(config));
+                    (map, table, format!("source unreachable at boot: {source_error}"))
+                }
+                Err(e) => {
+                    let why = format!("source unreachable at boot: {source_error}; the last good table is no longer valid ({e:#}); serving no routes until the source answers");
+                    tracing::error!(source = %describe(config), "{why}");
+                    (
+                        HostMap::new(),
+                        build(config, &HostMap::new(), metrics).unwrap_or_default(),
+                        why,
+                    )
+                }
+            };
             Ok(BootRoutes {
                 map,
                 table,
                 etag: None,
-                fallback: Some(format!("source unreachable at boot: {source_error}")),
+                fallback: Some(fallback),
             })
         }
     }

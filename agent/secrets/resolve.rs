@@ -98,7 +98,7 @@ pub async fn resolve_all(
                     metrics.secret_fetch_failures.inc();
                     let delay = backoff.next_delay();
                     let e = match e {
-                        FetchError::Transient(e) if Instant::now() + delay <= deadline => e,
+                        FetchError::Transient(e) if crate::deadline::from_now(delay) <= deadline => e,
                         e => {
                             errors.push(e.into_inner());
                             break;
@@ -106,7 +106,7 @@ pub async fn resolve_all(
                     };
                     let why = format!("waiting for secret {name:?}: {e}");
                     tracing::warn!(secret = %name, error = %e, retry_in_ms = delay.as_millis() as u64, "secret not available yet: {name:?}, retrying in {delay:?}: {e}");
-                    systemd::extend_timeout(delay + Duration::from_secs(30), &why);
+                    systemd::extend_timeout(delay.saturating_add(Duration::from_secs(30)), &why);
                     tokio::time::sleep(delay).await;
                 }
             }

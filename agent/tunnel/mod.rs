@@ -447,7 +447,7 @@ async fn stop(mut run: Running, spec: &TunnelSpec, state: &TunnelState) {
             terminate_locked(&mut s);
         }
     }
-    let status = match tokio::time::timeout(spec.grace + spec.stop_margin, &mut run.exit).await {
+    let status = match tokio::time::timeout(spec.grace.saturating_add(spec.stop_margin), &mut run.exit).await {
         Ok(status) => status,
         Err(_) => {
             tracing::warn!(
@@ -535,7 +535,7 @@ async fn emit_logs(mut lines: mpsc::Receiver<Vec<u8>>, pid: u32) {
                 // Both streams closed: whatever the last window counted is said now.
                 None => {
                     closed = true;
-                    (limiter.flush(Instant::now() + crate::tunnel::log_limit::WINDOW), None)
+                    (limiter.flush(crate::deadline::from_now(crate::tunnel::log_limit::WINDOW)), None)
                 }
             },
             _ = tick.tick() => (limiter.flush(Instant::now()), None),

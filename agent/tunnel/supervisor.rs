@@ -149,7 +149,7 @@ impl Machine {
 
     fn retry_later(&mut self, now: Instant) {
         self.state = State::Backoff {
-            at: now + self.backoff.next_delay(),
+            at: crate::deadline::after(now, self.backoff.next_delay()),
         };
     }
 }
@@ -210,7 +210,9 @@ pub fn next(m: &mut Machine, event: Event, now: Instant) -> Vec<Output> {
                 });
                 m.state = State::GaveUp;
             } else {
-                m.state = State::Backoff { at: now + delay };
+                m.state = State::Backoff {
+                    at: crate::deadline::after(now, delay),
+                };
             }
         }
         (State::Backoff { at }, Event::StartDue) if now >= at => {

@@ -43,6 +43,8 @@ pub enum Fault {
     Drop,
     /// Answers 200 with a token but without `Metadata-Flavor` (not a metadata server).
     NotGoogle,
+    /// 500 with a 301-byte body of 3-byte characters: byte 200 falls inside one.
+    ServerErrorMultibyte,
 }
 
 #[derive(Debug)]
@@ -241,6 +243,9 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Fu
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "Internal error while fetching identity token\n".into(),
             ))
+        }
+        Fault::ServerErrorMultibyte => {
+            return Ok(reply(StatusCode::INTERNAL_SERVER_ERROR, "\u{20ac}".repeat(100) + "\n"))
         }
         Fault::Hang => std::future::pending::<()>().await,
         // An error from the service makes hyper close the connection without answering.
