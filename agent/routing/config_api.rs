@@ -123,8 +123,13 @@ pub struct PushedRule {
 }
 
 impl PushedConfig {
-    /// Compiles the push into a table carrying its version. Collects every problem.
+    /// Compiles the push into a table carrying its version. Collects every problem; a push that
+    /// names a local file is refused before compiling, which would read it.
     pub fn compile(&self, config: &Config, metrics: &Metrics) -> Result<RouteTable, RoutesError> {
+        let named = self.local_files();
+        if !named.is_empty() {
+            return Err(RoutesError { problems: named });
+        }
         let sources = self
             .rules
             .iter()
@@ -154,6 +159,36 @@ impl PushedConfig {
         table.version = Some(self.version);
         table.grpc = self.has_grpc_route;
         Ok(table)
+    }
+
+    /// Every `tls.caFile` the push names, each as a problem. The answer is the same whatever
+    /// the path is: it must not tell the controller which of the host's files exist or can be
+    /// read.
+    fn local_files(&self) -> Vec<Problem> {
+        let named = |key: String| Problem {
+            key: format!("{key}.tls.caFile"),
+            reason: "a pushed table cannot name a local file; send the PEM CA certificates in caBundle".to_owned(),
+        };
+        let mirrors = |filters: &[FilterSpec], key: &str, out: &mut Vec<Problem>| {
+            for (fi, f) in filters.iter().enumerate() {
+                let tls = f.request_mirror.as_ref().and_then(|m| m.tls.as_ref());
+                if tls.is_some_and(|t| t.ca_file.is_some()) {
+                    out.push(named(format!("{key}.filters[{fi}].requestMirror")));
+                }
+            }
+        };
+        let mut out = Vec::new();
+        for (i, r) in self.rules.iter().enumerate() {
+            for (bi, b) in r.backends.iter().enumerate() {
+                let key = format!("rules[{i}].backends[{bi}]");
+                if b.tls.as_ref().is_some_and(|t| t.ca_file.is_some()) {
+                    out.push(named(key.clone()));
+                }
+                mirrors(&b.filters, &key, &mut out);
+            }
+            mirrors(&r.filters, &format!("rules[{i}]"), &mut out);
+        }
+        out
     }
 
     /// Parses a push. A type error or unknown field names its key path (`rules[0].backends[1].
