@@ -256,6 +256,7 @@ impl Node {
         let previous = self.proxy.live.load();
         let auth = InboundAuth::for_config(config, secrets, previous.auth.as_ref())?;
         let auth_header = HeaderName::from_bytes(config.proxy.auth_header.as_bytes()).context("proxy.auth_header")?;
+        self.proxy.set_allow_link_local(config.proxy.allow_link_local_upstreams);
         self.proxy.live.rcu(|cur| LiveSettings {
             routes: cur.routes.clone(),
             auth: auth.clone(),

@@ -178,3 +178,79 @@ fn a_local_ca_file_is_read_with_bounds() {
         assert!(err.contains("tls.caFile") && err.contains(why), "{path}: {err}");
     }
 }
+
+/// Link-local and metadata destinations are refused for backends and mirrors, pushed or
+/// written in TOML, unless `proxy.allow_link_local_upstreams`; identity tokens over plain http
+/// unless `proxy.allow_id_tokens_over_http`. Only the local TOML can set either key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_cannot_reach_the_metadata_server() {
+    let agent = start_api(&api_config()).await;
+    for url in [
+        "http://169.254.169.254/",
+        "http://169.254.169.254:80/computeMetadata/v1/",
+        "http://169.254.1.1:8080",
+        "http://[fe80::1]:8080",
+        "http://[fd00:ec2::254]/",
+        "http://[::ffff:169.254.169.254]/",
+        "http://metadata.google.internal/",
+        "http://METADATA.google.internal./",
+        "http://metadata/",
+    ] {
+        let (status, answer) = push(&agent, &table(1, json!({ "url": url }))).await;
+        assert_eq!(status, 400, "{url}: {answer}");
+        let got = problems(&answer);
+        assert_eq!(got[0].0, "rules[0].backends[0].url", "{url}: {got:?}");
+        assert!(
+            got[0].1.contains("allow_link_local_upstreams"),
+            "names the key: {got:?}"
+        );
+        let mirror = json!({ "version": 1, "rules": [{ "hostnames": ["p.example.com"],
+            "backends": [{ "url": "http://127.0.0.1:9" }],
+            "filters": [{ "type": "RequestMirror", "requestMirror": { "backendUrl": url } }] }] });
+        let (status, answer) = push(&agent, &mirror).await;
+        assert_eq!(status, 400, "mirror {url}: {answer}");
+        assert_eq!(problems(&answer)[0].0, "rules[0].filters[0]", "{answer}");
+    }
+    let token_over_http = json!({ "url": "http://127.0.0.1:9", "upstreamAuth": "gcp-id-token" });
+    let (status, answer) = push(&agent, &table(1, token_over_http)).await;
+    assert_eq!(status, 400, "{answer}");
+    let got = problems(&answer);
+    assert_eq!(got[0].0, "rules[0].backends[0].upstreamAuth", "{got:?}");
+    assert!(got[0].1.contains("allow_id_tokens_over_http"), "{got:?}");
+    let token_over_https = json!({ "url": "https://127.0.0.1:9", "upstreamAuth": "gcp-id-token" });
+    let (status, answer) = push(&agent, &table(2, token_over_https)).await;
+    assert_eq!(status, 200, "{answer}");
+}
+
+/// With the keys set in the local TOML, the same destinations are accepted.
+#[test]
+fn the_local_keys_allow_link_local_upstreams_and_tokens_over_http() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let routes = "[[route]]\nhostnames = [\"a.example.com\"]\nupstream = \"http://169.254.169.254\"\n\
+                  upstream_auth = \"gcp-id-token\"\n";
+    let (code, err) = check_within(dir.path(), routes, Duration::from_secs(10));
+    assert_eq!(code, Some(78), "{err}");
+    assert!(err.contains("allow_link_local_upstreams"), "{err}");
+    assert!(err.contains("allow_id_tokens_over_http"), "{err}");
+    let allowed = format!("[proxy]\nallow_link_local_upstreams = true\nallow_id_tokens_over_http = true\n{routes}");
+    let (code, err) = check_within(dir.path(), &allowed, Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{err}");
+}
+
+/// A name that resolves to a link-local address is refused when the proxy connects, not only
+/// when the table is compiled: DNS can change after. `2852039166` is such a name: not an IP
+/// literal to the URL parser (so the table accepts it), but glibc's resolver reads it as the
+/// number of 169.254.169.254. The request gets a 502 with a short code and a log line; nothing
+/// is dialled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_resolving_to_link_local_is_refused_at_connect_time() {
+    let agent = start_api(&api_config()).await;
+    let (status, answer) = push(&agent, &table(1, json!({ "url": "http://2852039166:80" }))).await;
+    assert_eq!(status, 200, "{answer}");
+    let reply = get(agent.proxy_addr(), "p.example.com", "/", &[]).await;
+    assert_eq!(reply.status.as_u16(), 502, "{}", reply.text());
+    assert_eq!(reply.json()["error"], "destination_refused", "{}", reply.text());
+    agent
+        .wait_for_log(&["destination_refused", "169.254.169.254"], Duration::from_secs(5))
+        .await;
+}

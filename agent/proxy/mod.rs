@@ -21,7 +21,6 @@ use http::{Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
@@ -29,6 +28,7 @@ use tokio::time::Instant;
 pub mod access_log;
 mod auth;
 mod authority;
+mod destination;
 mod error;
 mod h1_pool;
 
@@ -38,6 +38,7 @@ pub use error::ProxyError;
 pub use h1_pool::PooledBody;
 
 use authority::{AuthorityPoolKey, ToUpstream};
+use destination::{GuardedResolver, HttpConnector, RefusedDestination};
 use h1_pool::{H1Error, H1Pool};
 
 use crate::config::{AuthHeaderKind, HostHeader, ProxySection, UpstreamAuthKind, UpstreamProtocol};
@@ -155,6 +156,8 @@ pub struct Proxy {
     /// Pool settings for every client.
     builder: hyper_util::client::legacy::Builder,
     settings: ProxySection,
+    /// Every connector's resolver: the destination rule at connect time.
+    resolver: GuardedResolver,
 }
 
 /// One worker thread's view of the proxy: the shared state and that thread's own upstream
@@ -183,8 +186,8 @@ pub struct Worker {
     authority_pools: AuthorityPools,
 }
 
-fn http_connector(settings: &ProxySection) -> HttpConnector {
-    let mut c = HttpConnector::new();
+fn http_connector(settings: &ProxySection, resolver: &GuardedResolver) -> HttpConnector {
+    let mut c = HttpConnector::new_with_resolver(resolver.clone());
     c.set_nodelay(true);
     c.set_connect_timeout(Some(settings.connect_timeout));
     c.enforce_http(false);
@@ -199,6 +202,7 @@ impl Proxy {
         tokens: Arc<IdTokenCache>,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Arc<Proxy>> {
+        let resolver = GuardedResolver::new(settings.allow_link_local_upstreams);
         // ring is the only rustls provider compiled in (no C toolchain or cmake needed).
         let roots = tls::DefaultRoots::new(settings)
             .get()
@@ -209,7 +213,7 @@ impl Proxy {
             .https_or_http()
             .enable_http1()
             .enable_http2()
-            .wrap_connector(http_connector(settings));
+            .wrap_connector(http_connector(settings, &resolver));
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .pool_timer(TokioTimer::new())
@@ -224,7 +228,14 @@ impl Proxy {
             https,
             builder,
             settings: settings.clone(),
+            resolver,
         }))
+    }
+
+    /// Applies a reloaded `proxy.allow_link_local_upstreams` to every connection opened from
+    /// now on.
+    pub fn set_allow_link_local(&self, allow: bool) {
+        self.resolver.set_allow_link_local(allow);
     }
 
     /// A worker with its own, empty upstream pools. Give each worker thread one and handle its
@@ -232,7 +243,7 @@ impl Proxy {
     pub fn worker(self: &Arc<Self>) -> Arc<Worker> {
         let b = &self.builder;
         let h1 = H1Pool::new(
-            http_connector(&self.settings),
+            http_connector(&self.settings, &self.resolver),
             self.settings.pool_max_idle_per_host,
             self.settings.pool_idle_timeout,
         );
@@ -240,9 +251,15 @@ impl Proxy {
             shared: self.clone(),
             h1,
             client: b.build(self.https.clone()),
-            h2c: b.clone().http2_only(true).build(http_connector(&self.settings)),
+            h2c: b
+                .clone()
+                .http2_only(true)
+                .build(http_connector(&self.settings, &self.resolver)),
             mirror_client: b.build(self.https.clone()),
-            mirror_h2c: b.clone().http2_only(true).build(http_connector(&self.settings)),
+            mirror_h2c: b
+                .clone()
+                .http2_only(true)
+                .build(http_connector(&self.settings, &self.resolver)),
             tls_pools: ArcSwap::default(),
             mirror_tls_pools: ArcSwap::default(),
             tls_pools_insert: Mutex::new(()),
@@ -305,7 +322,7 @@ impl Worker {
         };
         b.enable_http1()
             .enable_http2()
-            .wrap_connector(http_connector(&self.shared.settings))
+            .wrap_connector(http_connector(&self.shared.settings, &self.shared.resolver))
     }
 
     /// The pool for requests to `backend` whose authority is another than its upstream's,
@@ -329,7 +346,11 @@ impl Worker {
         }
         let builder = &self.shared.builder;
         let pool = if h2c {
-            let dial = ToUpstream::new(http_connector(&self.shared.settings), &up.scheme, &up.authority)?;
+            let dial = ToUpstream::new(
+                http_connector(&self.shared.settings, &self.shared.resolver),
+                &up.scheme,
+                &up.authority,
+            )?;
             AuthorityPool::H2c(builder.clone().http2_only(true).build(dial))
         } else {
             let https = match &backend.tls {
@@ -764,6 +785,9 @@ impl Worker {
             ProxyError::RequestTimeout { limit } => {
                 tracing::warn!(%route, timeout_s = limit.as_secs_f64(), "route {route}: request timeout ({limit:?}) reached before a response; answering 504")
             }
+            ProxyError::DestinationRefused { upstream, why } => {
+                tracing::warn!(%route, %upstream, error = %why, code = e.code(), "route {route}: upstream {upstream} refused (destination_refused): {why}; answering 502")
+            }
             ProxyError::TokenUnavailable { upstream, .. } => {
                 tracing::warn!(%route, %upstream, error = %e, "route {route}: no identity token for {upstream}; answering 503: {e}")
             }
@@ -803,6 +827,12 @@ fn with_authority(uri: &http::Uri, host: &HeaderValue) -> Option<http::Uri> {
 fn upstream_failure(backend: &Backend, e: &(dyn std::error::Error + 'static), connect: bool) -> ProxyError {
     if find_cause::<BodyTooLarge>(e).is_some() {
         return ProxyError::BodyTooLarge;
+    }
+    if let Some(refused) = find_cause::<RefusedDestination>(e) {
+        return ProxyError::DestinationRefused {
+            upstream: backend.upstream.url.to_string(),
+            why: refused.to_string(),
+        };
     }
     ProxyError::Upstream {
         upstream: backend.upstream.url.to_string(),
