@@ -40,7 +40,7 @@ use crate::gcp::{MetadataClient, SecretManager};
 use crate::health::Health;
 use crate::proxy::{AccessLog, InboundAuth, LiveSettings, Proxy};
 use crate::roles::{self, PersistedRole, Role, RoleSource};
-use crate::routing::config_api::{self, Push, PushOutcome};
+use crate::routing::config_api::{self, ApiSettings, Push, PushOutcome};
 use crate::routing::source::{self as route_source, HostMap};
 use crate::routing::table::RouteTable;
 use crate::secrets::refresh::{self, SecretChange};
@@ -115,6 +115,9 @@ pub struct Node {
     pub role_source: RoleSource,
     /// The applied table's pushed version, for the config API's `GET /config` and `/readyz`.
     pub routes_version: watch::Sender<Option<u64>>,
+    /// What the config API compiles pushes under and the tokens it accepts, republished by
+    /// every reload and rotation ([`Node::apply_settings`]).
+    pub api_settings: watch::Sender<Arc<ApiSettings>>,
     /// `cloudflared --version` of the running configuration's binary: asked at boot and again on
     /// every reload, when cloudflared is enabled and answered.
     pub cloudflared_version: Option<crate::tunnel::version::CloudflaredVersion>,
@@ -264,6 +267,8 @@ impl Node {
             max_body_bytes: config.proxy.max_body_bytes,
             access_log: AccessLog::from_config(&config.proxy.access_log),
         });
+        let api = ApiSettings::new(config, secrets, Some(&self.api_settings.borrow()));
+        self.api_settings.send_replace(Arc::new(api));
         Ok(())
     }
 
@@ -506,7 +511,8 @@ impl Node {
         let SecretChange { name, value } = change;
         tracing::info!(secret = %name, "secret changed: {name:?}; applying the new value");
         self.secrets.insert(name.clone(), value);
-        if self.config.proxy.auth_secret.as_ref() == Some(&name) {
+        let api_secret = self.config.config_api.as_ref().and_then(|a| a.auth_secret.as_ref());
+        if self.config.proxy.auth_secret.as_ref() == Some(&name) || api_secret == Some(&name) {
             if let Err(e) = self.apply_settings(&self.config, &self.secrets) {
                 tracing::error!(secret = %name, error = %format!("{e:#}"), "cannot apply the rotated token from secret {name:?}: {e:#}");
             }

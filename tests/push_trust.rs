@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::client::get;
-use common::{Agent, AgentBuilder, ConfigText};
+use common::{Agent, AgentBuilder, ConfigText, DEADLINE};
 use serde_json::{json, Value};
 
 const API_TOKEN: &str = "push-trust-api-token";
@@ -253,4 +253,74 @@ async fn a_name_resolving_to_link_local_is_refused_at_connect_time() {
     agent
         .wait_for_log(&["destination_refused", "169.254.169.254"], Duration::from_secs(5))
         .await;
+}
+
+/// The status of a `PUT /config` with `token` and a body that is not a table: 401 when the
+/// token is refused, 400 when it is accepted.
+async fn auth_status(agent: &Agent, token: &str) -> u16 {
+    reqwest::Client::new()
+        .put(format!("http://{}/config", agent.config_api_addr()))
+        .bearer_auth(token)
+        .header("content-type", "application/json")
+        .body("[]")
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .expect("the config API answers")
+        .status()
+        .as_u16()
+}
+
+/// The config API's bearer secret rotates like the proxy's internal token: the new value is
+/// accepted once the refresh reads it, the old one for `proxy.auth_overlap`, then refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_config_api_takes_a_rotated_secret_and_drops_the_old_one_after_the_overlap() {
+    let builder = AgentBuilder::new();
+    let file = builder.file("api-token", "token-v1");
+    let config = ConfigText::new()
+        .proxy("auth_overlap = \"3s\"")
+        .routes("source = \"config-api\"")
+        .raw(&format!(
+            "[secrets.config_token]\nsource = \"file\"\npath = {:?}\nrefresh = \"1s\"\n\
+             [config_api]\nlisten = \"127.0.0.1:0\"\nauth_secret = \"config_token\"\n",
+            file.display().to_string()
+        ));
+    let agent = builder.start(&config).await;
+    assert_eq!(auth_status(&agent, "token-v1").await, 400);
+    assert_eq!(auth_status(&agent, "token-v2").await, 401);
+
+    std::fs::write(&file, "token-v2").expect("rotate");
+    common::eventually(DEADLINE, "the rotated token accepted", || async {
+        (auth_status(&agent, "token-v2").await == 400).then_some(())
+    })
+    .await;
+    let rotated_at = tokio::time::Instant::now();
+    assert_eq!(auth_status(&agent, "token-v1").await, 400, "v1 during the overlap");
+    common::eventually(DEADLINE, "v1 refused after the overlap", || async {
+        (auth_status(&agent, "token-v1").await == 401).then_some(())
+    })
+    .await;
+    assert!(
+        rotated_at.elapsed() >= Duration::from_millis(1500),
+        "overlap ended early"
+    );
+    assert_eq!(auth_status(&agent, "token-v2").await, 400);
+}
+
+/// After a SIGHUP a push compiles under the reloaded settings, not the boot-time ones: here
+/// `routes.protocol = "h2c"`, under which an `https://` backend without its own protocol is
+/// invalid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_after_a_reload_compiles_under_the_reloaded_settings() {
+    let agent = start_api(&api_config()).await;
+    let https = json!({ "url": "https://127.0.0.1:9" });
+    let (status, answer) = push(&agent, &table(1, https.clone())).await;
+    assert_eq!(status, 200, "{answer}");
+
+    agent.rewrite_config(&api_config().routes("protocol = \"h2c\""));
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    agent.wait_for_log(&["configuration reloaded"], DEADLINE).await;
+    let (status, answer) = push(&agent, &table(2, https)).await;
+    assert_eq!(status, 400, "compiled under the boot-time settings: {answer}");
+    assert!(problems(&answer)[0].1.contains("h2c"), "{answer}");
 }

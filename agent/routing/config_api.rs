@@ -33,7 +33,8 @@ use crate::config::route_spec::null_as_empty;
 use crate::config::{BackendSpec, Config, ConfigApiSection, HostHeader, ListenerSpec, Problem};
 use crate::config::{FilterSpec, MatchSpec, TimeoutsSpec};
 use crate::routing::table::{RouteTable, RoutesError, RuleSource};
-use crate::secret::Secret;
+use crate::secret::{self, AcceptedToken};
+use crate::secrets::SecretValues;
 use crate::server::{self, Limits, ServerHandle};
 use crate::telemetry::Metrics;
 
@@ -302,11 +303,46 @@ pub enum PushOutcome {
     PersistFailed(String),
 }
 
+/// What a reload or a secret rotation changes for the config API; the node publishes a new
+/// one each time (`Node::apply_settings`).
+#[derive(Debug)]
+pub struct ApiSettings {
+    /// The running configuration, which pushes compile under (`[routes]`, `[proxy]`:
+    /// `upstream_timeout`, `ca_file`, `allow_link_local_upstreams`, …).
+    pub config: Config,
+    /// The bearer tokens accepted: `config_api.auth_secret`'s value, and after a rotation the
+    /// previous one for `proxy.auth_overlap`, as the proxy's inbound auth.
+    pub tokens: Vec<AcceptedToken>,
+}
+
+impl ApiSettings {
+    /// The settings for `config` and `secrets`; `previous` gives the tokens still in their
+    /// rotation overlap.
+    pub fn new(config: &Config, secrets: &SecretValues, previous: Option<&ApiSettings>) -> ApiSettings {
+        let name = config.config_api.as_ref().and_then(|a| a.auth_secret.as_ref());
+        let previous = previous.map(|p| p.tokens.as_slice()).unwrap_or_default();
+        let tokens = match name.and_then(|n| secrets.get(n)) {
+            Some(current) => secret::rotated(current.clone(), previous, config.proxy.auth_overlap),
+            // Validated at boot; without a value nothing is accepted.
+            None => Vec::new(),
+        };
+        if tokens.len() > 1 && tokens.len() > previous.len() {
+            tracing::info!(
+                "config API token rotated; the previous one stays accepted for {:?} (proxy.auth_overlap)",
+                config.proxy.auth_overlap
+            );
+        }
+        ApiSettings {
+            config: config.clone(),
+            tokens,
+        }
+    }
+}
+
 pub struct ConfigApi {
     metrics: Arc<Metrics>,
-    /// Defaults for compiling pushes (`[routes]`, `proxy.upstream_timeout`).
-    config: Config,
-    token: Secret,
+    /// The current [`ApiSettings`], read once per request.
+    settings: watch::Receiver<Arc<ApiSettings>>,
     /// To the node, which applies pushes.
     pushes: mpsc::Sender<Push>,
     /// The version of the table in use (`None` before the first push), published by the node.
@@ -316,8 +352,7 @@ pub struct ConfigApi {
 /// Starts the listener. `config.config_api` and its secret were validated with the config.
 pub async fn start(
     section: &ConfigApiSection,
-    config: &Config,
-    token: Secret,
+    settings: watch::Receiver<Arc<ApiSettings>>,
     pushes: mpsc::Sender<Push>,
     applied: watch::Receiver<Option<u64>>,
     metrics: Arc<Metrics>,
@@ -325,8 +360,7 @@ pub async fn start(
 ) -> anyhow::Result<ServerHandle> {
     let api = Arc::new(ConfigApi {
         metrics,
-        config: config.clone(),
-        token,
+        settings,
         pushes,
         applied,
     });
@@ -394,7 +428,7 @@ impl ConfigApi {
         let Some((scheme, token)) = value.split_at_checked(7) else {
             return false;
         };
-        scheme.eq_ignore_ascii_case(b"bearer ") && self.token.matches(token)
+        scheme.eq_ignore_ascii_case(b"bearer ") && secret::accepts(&self.settings.borrow().tokens, token)
     }
 
     async fn put(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -451,7 +485,8 @@ impl ConfigApi {
                 return problems_reply(StatusCode::BAD_REQUEST, "invalid_config", &[problem]);
             }
         };
-        let table = match pushed.compile(&self.config, &self.metrics) {
+        let settings = self.settings.borrow().clone();
+        let table = match pushed.compile(&settings.config, &self.metrics) {
             Ok(t) => t,
             Err(e) => {
                 self.metrics.route_reload_failures.inc();
@@ -473,7 +508,7 @@ impl ConfigApi {
         };
         match outcome {
             Some(PushOutcome::Applied { rules }) => {
-                if pushed.has_grpc_route && !tunnel_is_http2(&self.config) {
+                if pushed.has_grpc_route && !tunnel_is_http2(&settings.config) {
                     // The controller sets hasGrpcRoute because cloudflared drops HTTP trailers
                     // over QUIC, and gRPC carries its status in them.
                     tracing::warn!("the table has gRPC routes but cloudflared is not run with --protocol http2 (cloudflared.extra_args); gRPC status trailers may be lost over QUIC");
