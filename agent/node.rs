@@ -350,29 +350,17 @@ impl Node {
         };
         // Checked before anything changes, so a bad auth setting rejects the whole reload.
         InboundAuth::for_config(&new, &secrets, self.proxy.live.load().auth.as_ref())?;
+        // The same for the default trust anchors (`proxy.ca_file`, `proxy.trust`), loaded now and
+        // swapped in with the settings: a CA removed from the bundle stops being trusted.
+        let trust = self.proxy.reloaded_trust(&new.proxy)?;
         if !pending.is_empty() {
             tracing::warn!(settings = ?pending, "changed settings take effect only after a restart: {}", pending.join(", "));
         }
-        let role_decided_elsewhere =
-            self.config.role_watch.attribute.is_some() || self.election.is_some() || self.follow.is_some();
-        if new.role != self.config.role && !role_decided_elsewhere {
-            tracing::info!(
-                from = self.config.role.as_str(),
-                to = new.role.as_str(),
-                "role changed in the config file: {} -> {}",
-                self.config.role.as_str(),
-                new.role.as_str()
-            );
-            match new.role {
-                Role::Active => self.metrics.promotions.inc(),
-                Role::Standby => self.metrics.demotions.inc(),
-            }
-            self.decide(new.role);
-            self.role = new.role;
-            self.role_source = RoleSource::Config;
-            let _ = std::fs::remove_file(roles::state_path(&new.agent.state_dir));
-        }
+        self.reload_role(&new);
         self.apply_settings(&new, &secrets)?;
+        if let Some(trust) = trust {
+            self.proxy.use_default_trust(trust);
+        }
         if cloudflared_version != self.cloudflared_version {
             if let Some(v) = &cloudflared_version {
                 tracing::info!(
@@ -409,6 +397,29 @@ impl Node {
             self.config_path.display()
         );
         Ok(())
+    }
+
+    /// A role changed in the reloaded file applies when no other source decides the role.
+    fn reload_role(&mut self, new: &Config) {
+        let role_decided_elsewhere =
+            self.config.role_watch.attribute.is_some() || self.election.is_some() || self.follow.is_some();
+        if new.role != self.config.role && !role_decided_elsewhere {
+            tracing::info!(
+                from = self.config.role.as_str(),
+                to = new.role.as_str(),
+                "role changed in the config file: {} -> {}",
+                self.config.role.as_str(),
+                new.role.as_str()
+            );
+            match new.role {
+                Role::Active => self.metrics.promotions.inc(),
+                Role::Standby => self.metrics.demotions.inc(),
+            }
+            self.decide(new.role);
+            self.role = new.role;
+            self.role_source = RoleSource::Config;
+            let _ = std::fs::remove_file(roles::state_path(&new.agent.state_dir));
+        }
     }
 
     /// Asks the reloaded configuration's cloudflared its version again: `cloudflared.path` may

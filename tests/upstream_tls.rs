@@ -262,6 +262,54 @@ async fn a_global_ca_bundle_anchors_every_https_upstream() {
     assert_eq!(r.text(), format!("sni=-;alpn=h2;client_cert=false;host={up}"));
 }
 
+/// A CA taken out of `proxy.ca_file` is no longer trusted once a reload reports success: the
+/// shared pool (and its pooled connections) is rebuilt with the new anchors, not kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_removed_from_the_global_bundle_is_distrusted_after_a_reload() {
+    let scratch = tempfile::tempdir().unwrap();
+    let pki = Pki::new(scratch.path());
+    let other = scratch.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    openssl(
+        &other,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=other CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+        ],
+    );
+    let other_ca = std::fs::read(other.join("ca.pem")).unwrap();
+    let bundle = scratch.path().join("bundle.pem");
+    std::fs::write(&bundle, [pki.read("ca.pem"), other_ca.clone()].concat()).unwrap();
+    let up = tls_upstream(&pki, false).await;
+    let config = ConfigText::new()
+        .proxy(&format!("ca_file = {}", toml_str(&bundle.display().to_string())))
+        .host("map.test", &format!("https://{up}"));
+    let agent = AgentBuilder::new().start(&config).await;
+    let r = get(agent.proxy_addr(), "map.test", "/", &[]).await;
+    assert_eq!(r.status.as_u16(), 200, "{}", r.text());
+
+    std::fs::write(&bundle, other_ca).unwrap();
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    agent.wait_for_log(&["configuration reloaded"], common::DEADLINE).await;
+    let r = get(agent.proxy_addr(), "map.test", "/", &[]).await;
+    assert_eq!(r.status.as_u16(), 502, "the removed CA is still trusted: {}", r.text());
+}
+
 /// BackendTLSPolicy's URI SANs (SPIFFE IDs): the leaf must carry one listed URI exactly, or one
 /// listed DNS name; `serverName` is then SNI only; the chain is still checked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
