@@ -338,9 +338,12 @@ impl Node {
         let secrets = resolve_all(&new, &self.secret_manager, &self.metrics, deadline)
             .await
             .map_err(|e| anyhow::anyhow!(join_errors(&e)))?;
-        // Pushed routes are not in the file: keep serving them; auth and limits reload.
+        // Pushed routes are not in the file: the persisted push is compiled again under the new
+        // settings (without persistence the table in use keeps serving as compiled).
         let table = if new.routes.source == RouteSourceKind::ConfigApi {
-            None
+            config_api::recompile_persisted(&new, &self.metrics)
+                .map_err(anyhow::Error::msg)?
+                .map(|t| (HostMap::new(), t))
         } else {
             let (map, _) = route_source::fetch(&new, &self.metadata)
                 .await

@@ -267,6 +267,28 @@ pub fn load_persisted(config: &Config, metrics: &Metrics) -> RouteTable {
     }
 }
 
+/// The persisted push compiled again under `config` (a reload): `Ok(None)` when nothing is
+/// persisted (`persist = false`, or no push yet), an error when it no longer compiles, so the
+/// reload is refused and the table in use keeps serving. Then backends' default anchors and
+/// the destination rule follow the reloaded settings, as for any other source.
+pub fn recompile_persisted(config: &Config, metrics: &Metrics) -> Result<Option<RouteTable>, String> {
+    let Some(path) = state_path(config) else {
+        return Ok(None);
+    };
+    let body = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read the persisted config {}: {e}", path.display())),
+    };
+    let pushed = PushedConfig::parse(&body).map_err(|p| format!("{}: {}", p.key, p.reason))?;
+    pushed.compile(config, metrics).map(Some).map_err(|e| {
+        format!(
+            "the pushed table in use (version {}) does not compile under the reloaded settings: {e}",
+            pushed.version
+        )
+    })
+}
+
 /// Writes an accepted push's body where [`load_persisted`] reads it back. Called by the node
 /// before it applies the push: a push that cannot be persisted is not applied.
 pub async fn persist(config: &Config, body: Bytes) -> Result<(), String> {
