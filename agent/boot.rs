@@ -190,6 +190,7 @@ async fn start(
     };
     let (secret_tx, secret_rx) = mpsc::channel(16);
     let policy = RestartPolicy::from(&config.cloudflared);
+    let api_settings = watch::Sender::new(Arc::new(config_api::ApiSettings::new(&config, &secrets, None)));
     let node = node_slot.insert(Node {
         config_path,
         config,
@@ -206,6 +207,7 @@ async fn start(
         role,
         role_source,
         routes_version: watch::Sender::new(None),
+        api_settings,
         cloudflared_version,
         election: None,
         follow: None,
@@ -261,15 +263,10 @@ async fn start(
     let (push_tx, push_rx) = mpsc::channel(4);
     if let (Some(section), RouteSourceKind::ConfigApi) = (&node.config.config_api, node.config.routes.source) {
         let name = section.auth_secret.as_deref().unwrap_or_default();
-        let token = node
-            .secrets
-            .get(name)
-            .cloned()
-            .context("config_api.auth_secret has no value")?;
+        anyhow::ensure!(node.secrets.contains_key(name), "config_api.auth_secret has no value");
         let api = config_api::start(
             section,
-            &node.config,
-            token,
+            node.api_settings.subscribe(),
             push_tx,
             node.routes_version.subscribe(),
             metrics.clone(),

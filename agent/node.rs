@@ -40,7 +40,7 @@ use crate::gcp::{MetadataClient, SecretManager};
 use crate::health::Health;
 use crate::proxy::{AccessLog, InboundAuth, LiveSettings, Proxy};
 use crate::roles::{self, PersistedRole, Role, RoleSource};
-use crate::routing::config_api::{self, Push, PushOutcome};
+use crate::routing::config_api::{self, ApiSettings, Push, PushOutcome};
 use crate::routing::source::{self as route_source, HostMap};
 use crate::routing::table::RouteTable;
 use crate::secrets::refresh::{self, SecretChange};
@@ -115,6 +115,9 @@ pub struct Node {
     pub role_source: RoleSource,
     /// The applied table's pushed version, for the config API's `GET /config` and `/readyz`.
     pub routes_version: watch::Sender<Option<u64>>,
+    /// What the config API compiles pushes under and the tokens it accepts, republished by
+    /// every reload and rotation ([`Node::apply_settings`]).
+    pub api_settings: watch::Sender<Arc<ApiSettings>>,
     /// `cloudflared --version` of the running configuration's binary: asked at boot and again on
     /// every reload, when cloudflared is enabled and answered.
     pub cloudflared_version: Option<crate::tunnel::version::CloudflaredVersion>,
@@ -248,6 +251,7 @@ impl Node {
         let previous = self.proxy.live.load();
         let auth = InboundAuth::for_config(config, secrets, previous.auth.as_ref())?;
         let auth_header = HeaderName::from_bytes(config.proxy.auth_header.as_bytes()).context("proxy.auth_header")?;
+        self.proxy.set_allow_link_local(config.proxy.allow_link_local_upstreams);
         self.proxy.live.rcu(|cur| LiveSettings {
             routes: cur.routes.clone(),
             auth: auth.clone(),
@@ -255,6 +259,8 @@ impl Node {
             max_body_bytes: config.proxy.max_body_bytes,
             access_log: AccessLog::from_config(&config.proxy.access_log),
         });
+        let api = ApiSettings::new(config, secrets, Some(&self.api_settings.borrow()));
+        self.api_settings.send_replace(Arc::new(api));
         Ok(())
     }
 
@@ -324,9 +330,12 @@ impl Node {
         let secrets = resolve_all(&new, &self.secret_manager, &self.metrics, deadline)
             .await
             .map_err(|e| anyhow::anyhow!(join_errors(&e)))?;
-        // Pushed routes are not in the file: keep serving them; auth and limits reload.
+        // Pushed routes are not in the file: the persisted push is compiled again under the new
+        // settings (without persistence the table in use keeps serving as compiled).
         let table = if new.routes.source == RouteSourceKind::ConfigApi {
-            None
+            config_api::recompile_persisted(&new, &self.metrics)
+                .map_err(anyhow::Error::msg)?
+                .map(|t| (HostMap::new(), t))
         } else {
             let (map, _) = route_source::fetch(&new, &self.metadata)
                 .await
@@ -336,29 +345,17 @@ impl Node {
         };
         // Checked before anything changes, so a bad auth setting rejects the whole reload.
         InboundAuth::for_config(&new, &secrets, self.proxy.live.load().auth.as_ref())?;
+        // The same for the default trust anchors (`proxy.ca_file`, `proxy.trust`), loaded now and
+        // swapped in with the settings: a CA removed from the bundle stops being trusted.
+        let trust = self.proxy.reloaded_trust(&new.proxy)?;
         if !pending.is_empty() {
             tracing::warn!(settings = ?pending, "changed settings take effect only after a restart: {}", pending.join(", "));
         }
-        let role_decided_elsewhere =
-            self.config.role_watch.attribute.is_some() || self.election.is_some() || self.follow.is_some();
-        if new.role != self.config.role && !role_decided_elsewhere {
-            tracing::info!(
-                from = self.config.role.as_str(),
-                to = new.role.as_str(),
-                "role changed in the config file: {} -> {}",
-                self.config.role.as_str(),
-                new.role.as_str()
-            );
-            match new.role {
-                Role::Active => self.metrics.promotions.inc(),
-                Role::Standby => self.metrics.demotions.inc(),
-            }
-            self.decide(new.role);
-            self.role = new.role;
-            self.role_source = RoleSource::Config;
-            let _ = std::fs::remove_file(roles::state_path(&new.agent.state_dir));
-        }
+        self.reload_role(&new);
         self.apply_settings(&new, &secrets)?;
+        if let Some(trust) = trust {
+            self.proxy.use_default_trust(trust);
+        }
         if cloudflared_version != self.cloudflared_version {
             if let Some(v) = &cloudflared_version {
                 tracing::info!(
@@ -395,6 +392,29 @@ impl Node {
             self.config_path.display()
         );
         Ok(())
+    }
+
+    /// A role changed in the reloaded file applies when no other source decides the role.
+    fn reload_role(&mut self, new: &Config) {
+        let role_decided_elsewhere =
+            self.config.role_watch.attribute.is_some() || self.election.is_some() || self.follow.is_some();
+        if new.role != self.config.role && !role_decided_elsewhere {
+            tracing::info!(
+                from = self.config.role.as_str(),
+                to = new.role.as_str(),
+                "role changed in the config file: {} -> {}",
+                self.config.role.as_str(),
+                new.role.as_str()
+            );
+            match new.role {
+                Role::Active => self.metrics.promotions.inc(),
+                Role::Standby => self.metrics.demotions.inc(),
+            }
+            self.decide(new.role);
+            self.role = new.role;
+            self.role_source = RoleSource::Config;
+            let _ = std::fs::remove_file(roles::state_path(&new.agent.state_dir));
+        }
     }
 
     /// Asks the reloaded configuration's cloudflared its version again: `cloudflared.path` may
@@ -497,7 +517,8 @@ impl Node {
         let SecretChange { name, value } = change;
         tracing::info!(secret = %name, "secret changed: {name:?}; applying the new value");
         self.secrets.insert(name.clone(), value);
-        if self.config.proxy.auth_secret.as_ref() == Some(&name) {
+        let api_secret = self.config.config_api.as_ref().and_then(|a| a.auth_secret.as_ref());
+        if self.config.proxy.auth_secret.as_ref() == Some(&name) || api_secret == Some(&name) {
             if let Err(e) = self.apply_settings(&self.config, &self.secrets) {
                 tracing::error!(secret = %name, error = %format!("{e:#}"), "cannot apply the rotated token from secret {name:?}: {e:#}");
             }

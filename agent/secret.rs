@@ -14,8 +14,10 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use subtle::ConstantTimeEq;
+use tokio::time::Instant;
 use zeroize::Zeroize;
 
 /// A secret value. Cheap to clone (shared).
@@ -198,4 +200,56 @@ mod tests {
         assert!(!s.matches(b"hunter"));
         assert!(!s.matches(b""));
     }
+}
+
+/// One accepted token of a rotating secret (the proxy's internal token, the config API's
+/// bearer token). During a rotation the previous value stays accepted until `until`.
+#[derive(Debug, Clone)]
+pub struct AcceptedToken {
+    pub value: Secret,
+    pub until: Option<Instant>,
+}
+
+const MAX_OVERLAP: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// The tokens accepted once `current` is the secret's value: it, and each other one of
+/// `previous` until its own deadline, or for `overlap` from now when it has none yet (it was
+/// the current one until now). The inbound auth and the config API's bearer token rotate so.
+pub fn rotated(current: Secret, previous: &[AcceptedToken], overlap: Duration) -> Vec<AcceptedToken> {
+    let now = Instant::now();
+    let mut accepted = vec![AcceptedToken {
+        value: current.clone(),
+        until: None,
+    }];
+    for old in previous {
+        if old.value == current || old.until.is_some_and(|u| u <= now) {
+            continue;
+        }
+        // Capped, so the deadline cannot overflow the clock (a year is past any sane overlap).
+        let until = match old.until {
+            Some(u) => u,
+            None => match now.checked_add(overlap.min(MAX_OVERLAP)) {
+                Some(u) => u,
+                None => continue,
+            },
+        };
+        accepted.push(AcceptedToken {
+            value: old.value.clone(),
+            until: Some(until),
+        });
+    }
+    accepted
+}
+
+/// Constant-time comparison against every accepted token still in its overlap (no early exit
+/// on the first match, so timing does not tell which one matched).
+pub fn accepts(tokens: &[AcceptedToken], presented: &[u8]) -> bool {
+    let now = Instant::now();
+    let mut ok = subtle::Choice::from(0);
+    for t in tokens {
+        if t.until.is_none_or(|u| now < u) {
+            ok |= t.value.ct_matches(presented);
+        }
+    }
+    ok.into()
 }

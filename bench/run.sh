@@ -272,6 +272,8 @@ var = "BENCH_INTERNAL_TOKEN"
 listen = "127.0.0.1:$port"
 auth_secret = "internal_token"
 ca_file = "$tls/ca.pem"
+# The bench's backend is a local http:// server, which gets identity tokens like Cloud Run.
+allow_id_tokens_over_http = true
 # nginx keeps 64 idle upstream connections per worker (keepalive 64), 128 in all: the same here,
 # or more than 64 concurrent requests would close and reopen upstream connections.
 pool_max_idle_per_host = ${POOL_IDLE:-64}

@@ -93,6 +93,7 @@ async fn metrics_count_requests_latency_errors_and_tokens() {
         .expect("a free port");
     let config = ConfigText::new()
         .gcp(&format!("metadata_url = {:?}", meta.url()))
+        .proxy("allow_id_tokens_over_http = true")
         .host("ok.test", &up.url())
         .host("down.test", &format!("http://{closed}"))
         .raw(&format!(

@@ -18,6 +18,8 @@ fn token_config(meta: &FakeMetadata) -> ConfigText {
         .gcp(&format!("metadata_url = {:?}", meta.url()))
         .gcp("metadata_timeout = \"1s\"")
         .routes("upstream_auth = \"gcp-id-token\"")
+        // The fake upstreams speak plain http; tokens to http:// are refused without it.
+        .proxy("allow_id_tokens_over_http = true")
 }
 
 fn bearer_jwt(value: &str) -> &str {

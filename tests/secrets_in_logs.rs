@@ -24,6 +24,7 @@ async fn no_secret_in_trace_logs_or_status() {
         .gcp(&format!("metadata_url = {:?}", meta.url()))
         .gcp("metadata_timeout = \"500ms\"")
         .routes("upstream_auth = \"gcp-id-token\"")
+        .proxy("allow_id_tokens_over_http = true")
         .host("run.test", &up.url())
         .host("broken.test", &format!("{}/broken", up.url()))
         .raw(&format!(

@@ -262,6 +262,99 @@ async fn a_global_ca_bundle_anchors_every_https_upstream() {
     assert_eq!(r.text(), format!("sni=-;alpn=h2;client_cert=false;host={up}"));
 }
 
+/// A CA certificate that signed nothing the tests serve.
+fn unrelated_ca(dir: &Path) -> Vec<u8> {
+    let other = dir.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    openssl(
+        &other,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=other CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+        ],
+    );
+    std::fs::read(other.join("ca.pem")).unwrap()
+}
+
+/// A CA taken out of `proxy.ca_file` is no longer trusted once a reload reports success: the
+/// shared pool (and its pooled connections) is rebuilt with the new anchors, not kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_removed_from_the_global_bundle_is_distrusted_after_a_reload() {
+    let scratch = tempfile::tempdir().unwrap();
+    let pki = Pki::new(scratch.path());
+    let other_ca = unrelated_ca(scratch.path());
+    let bundle = scratch.path().join("bundle.pem");
+    std::fs::write(&bundle, [pki.read("ca.pem"), other_ca.clone()].concat()).unwrap();
+    let up = tls_upstream(&pki, false).await;
+    let config = ConfigText::new()
+        .proxy(&format!("ca_file = {}", toml_str(&bundle.display().to_string())))
+        .host("map.test", &format!("https://{up}"));
+    let agent = AgentBuilder::new().start(&config).await;
+    let r = get(agent.proxy_addr(), "map.test", "/", &[]).await;
+    assert_eq!(r.status.as_u16(), 200, "{}", r.text());
+
+    std::fs::write(&bundle, other_ca).unwrap();
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    agent.wait_for_log(&["configuration reloaded"], common::DEADLINE).await;
+    let r = get(agent.proxy_addr(), "map.test", "/", &[]).await;
+    assert_eq!(r.status.as_u16(), 502, "the removed CA is still trusted: {}", r.text());
+}
+
+/// The same for a pushed table's backend whose `tls` names no CA (BackendTLSPolicy's
+/// `wellKnownCACertificates`): it is anchored by `proxy.ca_file`, and a reload compiles the
+/// pushed table in use again under the new anchors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_backend_follows_the_reloaded_global_bundle() {
+    let scratch = tempfile::tempdir().unwrap();
+    let pki = Pki::new(scratch.path());
+    let other_ca = unrelated_ca(scratch.path());
+    let bundle = scratch.path().join("bundle.pem");
+    std::fs::write(&bundle, [pki.read("ca.pem"), other_ca.clone()].concat()).unwrap();
+    let up = tls_upstream(&pki, false).await;
+    let config = ConfigText::new()
+        .proxy(&format!("ca_file = {}", toml_str(&bundle.display().to_string())))
+        .env_secret("config_token", "UPSTREAM_TLS_API_TOKEN")
+        .routes("source = \"config-api\"")
+        .raw("[config_api]\nlisten = \"127.0.0.1:0\"\nauth_secret = \"config_token\"\n");
+    let agent = AgentBuilder::new()
+        .env("UPSTREAM_TLS_API_TOKEN", "api-token")
+        .start(&config)
+        .await;
+    let table = serde_json::json!({ "version": 1, "rules": [{ "hostnames": ["push.test"],
+        "backends": [{ "url": format!("https://{up}"), "tls": { "serverName": "secure.internal" } }] }] });
+    let pushed = reqwest::Client::new()
+        .put(format!("http://{}/config", agent.config_api_addr()))
+        .bearer_auth("api-token")
+        .json(&table)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pushed.status().as_u16(), 200, "{}", pushed.text().await.unwrap());
+    let r = get(agent.proxy_addr(), "push.test", "/", &[]).await;
+    assert_eq!(r.status.as_u16(), 200, "{}", r.text());
+
+    std::fs::write(&bundle, other_ca).unwrap();
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    agent.wait_for_log(&["configuration reloaded"], common::DEADLINE).await;
+    let r = get(agent.proxy_addr(), "push.test", "/", &[]).await;
+    assert_eq!(r.status.as_u16(), 502, "the removed CA is still trusted: {}", r.text());
+}
+
 /// BackendTLSPolicy's URI SANs (SPIFFE IDs): the leaf must carry one listed URI exactly, or one
 /// listed DNS name; `serverName` is then SNI only; the chain is still checked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -221,6 +221,12 @@ pub struct ProxySection {
     /// Where the trust anchors come from when `ca_file` is not given. Unset: webpki's roots,
     /// compiled in, so an upstream is trusted the same on every host whatever its packages.
     pub trust: Option<TrustStore>,
+    /// Lets backends and mirrors be link-local (169.254.0.0/16, fe80::/10) or a metadata
+    /// server (`metadata.google.internal`), which serves the VM's credentials. Local config
+    /// only: a push cannot set it. See `routing::destination`.
+    pub allow_link_local_upstreams: bool,
+    /// Lets identity tokens go to `http://` (and h2c) upstreams, in clear text.
+    pub allow_id_tokens_over_http: bool,
     /// Header cloudflared's ingress adds with the shared internal token.
     pub auth_header: String,
     /// Name of the secret holding the internal token. Unset: no auth on this listener (seed 002,
@@ -313,6 +319,8 @@ impl Default for ProxySection {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             ca_file: None,
             trust: None,
+            allow_link_local_upstreams: false,
+            allow_id_tokens_over_http: false,
             auth_header: "X-Internal-Auth-Token".to_owned(),
             auth_secret: None,
             auth_overlap: Duration::from_secs(600),

@@ -74,7 +74,8 @@ pub const RESTART_ONLY: &[RestartOnly] = &[
     // The election's client and task, and the check's, are built once at start.
     fields!("role_election": role_election),
     fields!("role_follow": role_follow),
-    // The config API's listener and token are read once, at start.
+    // The config API's listener, secret name and persistence are read once, at start; the
+    // secret's value rotates (`Node::apply_settings`).
     RestartOnly {
         name: "config_api",
         differs: |a, b| {

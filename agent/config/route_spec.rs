@@ -271,8 +271,10 @@ pub struct BackendTlsSpec {
     /// `caBundle`). Absent, with no `ca_file`: the agent's trust store.
     #[serde(default, alias = "caBundle")]
     pub ca_bundle: Option<String>,
-    /// The same as a file path (TOML only; a pushed table cannot name local files).
-    #[serde(default)]
+    /// The same as a file path: TOML only. A pushed table that names one (either spelling) is
+    /// refused before anything is read (`routing::config_api`): the controller is trusted with
+    /// routes, not with the host's files.
+    #[serde(default, alias = "caFile")]
     pub ca_file: Option<std::path::PathBuf>,
     /// SNI, and the name the certificate must carry when no SANs are listed.
     #[serde(default, alias = "serverName")]

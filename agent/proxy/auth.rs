@@ -3,19 +3,11 @@
 
 use anyhow::Context as _;
 use http::HeaderName;
-use tokio::time::Instant;
 
 use crate::config::Config;
-use crate::secret::Secret;
+pub use crate::secret::AcceptedToken;
+use crate::secret::{accepts, rotated};
 use crate::secrets::SecretValues;
-
-/// One accepted internal token. During rotation the previous value stays accepted until
-/// `until`.
-#[derive(Debug, Clone)]
-pub struct AcceptedToken {
-    pub value: Secret,
-    pub until: Option<Instant>,
-}
 
 #[derive(Debug, Clone)]
 pub struct InboundAuth {
@@ -37,24 +29,9 @@ impl InboundAuth {
         };
         let header = HeaderName::from_bytes(config.proxy.auth_header.as_bytes()).context("proxy.auth_header")?;
         let current = secrets.get(name).cloned().context("proxy.auth_secret has no value")?;
-        let now = Instant::now();
-        let mut accepted = vec![AcceptedToken {
-            value: current.clone(),
-            until: None,
-        }];
-        for old in previous.map(|p| p.accepted.as_slice()).unwrap_or_default() {
-            if old.value == current || old.until.is_some_and(|u| u <= now) {
-                continue;
-            }
-            accepted.push(AcceptedToken {
-                value: old.value.clone(),
-                until: Some(
-                    old.until
-                        .unwrap_or(crate::deadline::after(now, config.proxy.auth_overlap)),
-                ),
-            });
-        }
-        if accepted.len() > 1 {
+        let previous = previous.map(|p| p.accepted.as_slice()).unwrap_or_default();
+        let accepted = rotated(current, previous, config.proxy.auth_overlap);
+        if accepted.len() > 1 && accepted.len() > previous.len() {
             tracing::info!(
                 overlap_s = config.proxy.auth_overlap.as_secs(),
                 "internal auth token rotated; the previous one stays accepted for {:?} (proxy.auth_overlap)",
@@ -64,16 +41,7 @@ impl InboundAuth {
         Ok(Some(InboundAuth { header, accepted }))
     }
 
-    /// Constant-time comparison against every accepted token (no early exit on the first
-    /// match, so timing does not tell which one matched).
     pub(super) fn accepts(&self, presented: &[u8]) -> bool {
-        let now = Instant::now();
-        let mut ok = subtle::Choice::from(0);
-        for t in &self.accepted {
-            if t.until.is_none_or(|u| now < u) {
-                ok |= t.value.ct_matches(presented);
-            }
-        }
-        ok.into()
+        accepts(&self.accepted, presented)
     }
 }

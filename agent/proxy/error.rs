@@ -44,6 +44,10 @@ pub enum ProxyError {
     UpstreamTimeout { upstream: String, timeout: Duration },
     #[error("no response within the route's request timeout")]
     RequestTimeout { limit: Duration },
+    /// The upstream's name resolved only to link-local or metadata addresses (the destination
+    /// rule, `proxy::destination`); `why` is for the log.
+    #[error("the upstream's address is not allowed")]
+    DestinationRefused { upstream: String, why: String },
     /// The connection to the upstream failed; `cause` is the whole error chain, for the log.
     #[error("{}", if *connect { "cannot connect to the upstream" } else { "the upstream connection failed" })]
     Upstream {
@@ -66,7 +70,7 @@ impl ProxyError {
             }
             ProxyError::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamTimeout { .. } | ProxyError::RequestTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Upstream { .. } | ProxyError::DestinationRefused { .. } => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -84,6 +88,7 @@ impl ProxyError {
             ProxyError::TokenUnavailable { .. } => "token_unavailable",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
             ProxyError::RequestTimeout { .. } => "request_timeout",
+            ProxyError::DestinationRefused { .. } => "destination_refused",
             ProxyError::Upstream { connect: true, .. } => "upstream_unreachable",
             ProxyError::Upstream { connect: false, .. } => "upstream_error",
         }
@@ -94,7 +99,8 @@ impl ProxyError {
         match self {
             ProxyError::TokenUnavailable { upstream, .. }
             | ProxyError::UpstreamTimeout { upstream, .. }
-            | ProxyError::Upstream { upstream, .. } => Some(upstream),
+            | ProxyError::Upstream { upstream, .. }
+            | ProxyError::DestinationRefused { upstream, .. } => Some(upstream),
             _ => None,
         }
     }
@@ -104,7 +110,9 @@ impl ProxyError {
         match self {
             ProxyError::TokenUnavailable { .. } => Some(UpstreamErrorKind::Token),
             ProxyError::UpstreamTimeout { .. } | ProxyError::RequestTimeout { .. } => Some(UpstreamErrorKind::Timeout),
-            ProxyError::Upstream { connect: true, .. } => Some(UpstreamErrorKind::Connect),
+            ProxyError::Upstream { connect: true, .. } | ProxyError::DestinationRefused { .. } => {
+                Some(UpstreamErrorKind::Connect)
+            }
             ProxyError::Upstream { connect: false, .. } => Some(UpstreamErrorKind::Other),
             _ => None,
         }

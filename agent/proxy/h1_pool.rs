@@ -25,7 +25,9 @@ use http::{Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::client::legacy::connect::{Connection, HttpConnector, HttpInfo};
+use hyper_util::client::legacy::connect::{Connection, HttpInfo};
+
+use super::destination::HttpConnector;
 use tokio::time::Instant;
 use tower_service::Service;
 

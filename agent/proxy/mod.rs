@@ -21,7 +21,6 @@ use http::{Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
@@ -29,6 +28,8 @@ use tokio::time::Instant;
 pub mod access_log;
 mod auth;
 mod authority;
+mod default_trust;
+mod destination;
 mod error;
 mod h1_pool;
 
@@ -38,6 +39,9 @@ pub use error::ProxyError;
 pub use h1_pool::PooledBody;
 
 use authority::{AuthorityPoolKey, ToUpstream};
+pub use default_trust::DefaultTrust;
+use default_trust::WorkerDefaults;
+use destination::{GuardedResolver, HttpConnector, RefusedDestination};
 use h1_pool::{H1Error, H1Pool};
 
 use crate::config::{AuthHeaderKind, HostHeader, ProxySection, UpstreamAuthKind, UpstreamProtocol};
@@ -46,7 +50,7 @@ use crate::routing::cors::CorsVerdict;
 use crate::routing::filters::{client_scheme, request_host, Mirror};
 use crate::routing::mirror::{MirrorTee, MIRROR_MAX_IN_FLIGHT};
 use crate::routing::table::{host_without_port, Backend, RouteTable, Routed, Rule};
-use crate::routing::tls::{self, UpstreamTls};
+use crate::routing::tls::UpstreamTls;
 use crate::routing::{Filters, RequestHead};
 use crate::telemetry::Metrics;
 
@@ -150,11 +154,14 @@ pub struct Proxy {
     metrics: Arc<Metrics>,
     /// Bounds mirror copies buffered or in flight (see `routing::mirror`), over all workers.
     mirror_slots: Arc<tokio::sync::Semaphore>,
-    /// `http://` and `https://` with the global trust (`proxy.ca_file` or the built-in roots).
-    https: HttpsConnector,
+    /// `http://` and `https://` with the global trust (`proxy.ca_file`, else `proxy.trust`),
+    /// replaced when a reload changes it.
+    default_trust: ArcSwap<DefaultTrust>,
     /// Pool settings for every client.
     builder: hyper_util::client::legacy::Builder,
     settings: ProxySection,
+    /// Every connector's resolver: the destination rule at connect time.
+    resolver: GuardedResolver,
 }
 
 /// One worker thread's view of the proxy: the shared state and that thread's own upstream
@@ -164,13 +171,13 @@ pub struct Worker {
     shared: Arc<Proxy>,
     /// HTTP/1.1 to `http://` (but upgrades).
     h1: Arc<H1Pool>,
-    /// HTTP/1.1 or HTTP/2 (ALPN) to `https://`; upgrades to `http://`.
-    client: Client<HttpsConnector, CappedBody>,
+    /// HTTP/1.1 or HTTP/2 (ALPN) to `https://` and upgrades to `http://`, and mirror copies,
+    /// with the default trust (rebuilt when a reload changes it).
+    defaults: ArcSwap<WorkerDefaults>,
     /// HTTP/2 with prior knowledge over cleartext.
     h2c: Client<HttpConnector, CappedBody>,
     /// `RequestMirror` copies go through their own pools, so a slow mirror backend cannot
     /// take connections from real traffic.
-    mirror_client: MirrorClient,
     mirror_h2c: Client<HttpConnector, Full<Bytes>>,
     /// The pools of backends with their own TLS settings, one per compiled [`UpstreamTls`] of a
     /// table in use.
@@ -183,8 +190,8 @@ pub struct Worker {
     authority_pools: AuthorityPools,
 }
 
-fn http_connector(settings: &ProxySection) -> HttpConnector {
-    let mut c = HttpConnector::new();
+fn http_connector(settings: &ProxySection, resolver: &GuardedResolver) -> HttpConnector {
+    let mut c = HttpConnector::new_with_resolver(resolver.clone());
     c.set_nodelay(true);
     c.set_connect_timeout(Some(settings.connect_timeout));
     c.enforce_http(false);
@@ -199,32 +206,30 @@ impl Proxy {
         tokens: Arc<IdTokenCache>,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Arc<Proxy>> {
-        // ring is the only rustls provider compiled in (no C toolchain or cmake needed).
-        let roots = tls::DefaultRoots::new(settings)
-            .get()
-            .map_err(|(key, reason)| anyhow::anyhow!("{key}: {reason}"))?;
-        let roots = Arc::unwrap_or_clone(roots);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls::client_config(roots).map_err(|e| anyhow::anyhow!(e))?)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http_connector(settings));
+        let resolver = GuardedResolver::new(settings.allow_link_local_upstreams);
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .pool_idle_timeout(settings.pool_idle_timeout)
             .pool_max_idle_per_host(settings.pool_max_idle_per_host);
-        Ok(Arc::new(Proxy {
+        let proxy = Proxy {
             live: ArcSwap::from_pointee(live),
             tokens,
             metrics,
             mirror_slots: Arc::new(tokio::sync::Semaphore::new(MIRROR_MAX_IN_FLIGHT)),
-            https,
+            default_trust: ArcSwap::from_pointee(DefaultTrust::load(settings, settings, &resolver)?),
             builder,
             settings: settings.clone(),
-        }))
+            resolver,
+        };
+        Ok(Arc::new(proxy))
+    }
+
+    /// Applies a reloaded `proxy.allow_link_local_upstreams` to every connection opened from
+    /// now on.
+    pub fn set_allow_link_local(&self, allow: bool) {
+        self.resolver.set_allow_link_local(allow);
     }
 
     /// A worker with its own, empty upstream pools. Give each worker thread one and handle its
@@ -232,17 +237,22 @@ impl Proxy {
     pub fn worker(self: &Arc<Self>) -> Arc<Worker> {
         let b = &self.builder;
         let h1 = H1Pool::new(
-            http_connector(&self.settings),
+            http_connector(&self.settings, &self.resolver),
             self.settings.pool_max_idle_per_host,
             self.settings.pool_idle_timeout,
         );
         Arc::new(Worker {
             shared: self.clone(),
             h1,
-            client: b.build(self.https.clone()),
-            h2c: b.clone().http2_only(true).build(http_connector(&self.settings)),
-            mirror_client: b.build(self.https.clone()),
-            mirror_h2c: b.clone().http2_only(true).build(http_connector(&self.settings)),
+            defaults: ArcSwap::from_pointee(WorkerDefaults::new(self)),
+            h2c: b
+                .clone()
+                .http2_only(true)
+                .build(http_connector(&self.settings, &self.resolver)),
+            mirror_h2c: b
+                .clone()
+                .http2_only(true)
+                .build(http_connector(&self.settings, &self.resolver)),
             tls_pools: ArcSwap::default(),
             mirror_tls_pools: ArcSwap::default(),
             tls_pools_insert: Mutex::new(()),
@@ -305,12 +315,14 @@ impl Worker {
         };
         b.enable_http1()
             .enable_http2()
-            .wrap_connector(http_connector(&self.shared.settings))
+            .wrap_connector(http_connector(&self.shared.settings, &self.shared.resolver))
     }
 
     /// The pool for requests to `backend` whose authority is another than its upstream's,
     /// built on first use.
     fn authority_pool(&self, backend: &Backend) -> Option<AuthorityPool> {
+        // Drops the pools built on default anchors a reload has replaced.
+        self.defaults();
         let up = &backend.upstream;
         let h2c = backend.protocol == UpstreamProtocol::H2c;
         let key = AuthorityPoolKey {
@@ -329,12 +341,16 @@ impl Worker {
         }
         let builder = &self.shared.builder;
         let pool = if h2c {
-            let dial = ToUpstream::new(http_connector(&self.shared.settings), &up.scheme, &up.authority)?;
+            let dial = ToUpstream::new(
+                http_connector(&self.shared.settings, &self.shared.resolver),
+                &up.scheme,
+                &up.authority,
+            )?;
             AuthorityPool::H2c(builder.clone().http2_only(true).build(dial))
         } else {
             let https = match &backend.tls {
                 Some(t) => self.tls_connector(t),
-                None => self.shared.https.clone(),
+                None => self.shared.default_https(),
             };
             AuthorityPool::Https(builder.build(ToUpstream::new(https, &up.scheme, &up.authority)?))
         };
@@ -633,7 +649,7 @@ impl Worker {
             (Some(AuthorityPool::Https(pool)), _) => pool.request(up),
             (Some(AuthorityPool::H2c(pool)), _) => pool.request(up),
             (None, UpstreamProtocol::Auto) => match &backend.tls {
-                None => self.client.request(up),
+                None => self.defaults().client.request(up),
                 Some(t) => self.tls_request(t, up),
             },
             (None, UpstreamProtocol::H2c) => self.h2c.request(up),
@@ -723,7 +739,7 @@ impl Worker {
                 head: req,
                 client: match &mirror.tls {
                     Some(t) => self.tls_pool(&self.mirror_tls_pools, t),
-                    None => self.mirror_client.clone(),
+                    None => self.defaults().mirror_client.clone(),
                 },
                 h2c: self.mirror_h2c.clone(),
                 tokens: self.shared.tokens.clone(),
@@ -764,6 +780,9 @@ impl Worker {
             ProxyError::RequestTimeout { limit } => {
                 tracing::warn!(%route, timeout_s = limit.as_secs_f64(), "route {route}: request timeout ({limit:?}) reached before a response; answering 504")
             }
+            ProxyError::DestinationRefused { upstream, why } => {
+                tracing::warn!(%route, %upstream, error = %why, code = e.code(), "route {route}: upstream {upstream} refused (destination_refused): {why}; answering 502")
+            }
             ProxyError::TokenUnavailable { upstream, .. } => {
                 tracing::warn!(%route, %upstream, error = %e, "route {route}: no identity token for {upstream}; answering 503: {e}")
             }
@@ -803,6 +822,12 @@ fn with_authority(uri: &http::Uri, host: &HeaderValue) -> Option<http::Uri> {
 fn upstream_failure(backend: &Backend, e: &(dyn std::error::Error + 'static), connect: bool) -> ProxyError {
     if find_cause::<BodyTooLarge>(e).is_some() {
         return ProxyError::BodyTooLarge;
+    }
+    if let Some(refused) = find_cause::<RefusedDestination>(e) {
+        return ProxyError::DestinationRefused {
+            upstream: backend.upstream.url.to_string(),
+            why: refused.to_string(),
+        };
     }
     ProxyError::Upstream {
         upstream: backend.upstream.url.to_string(),

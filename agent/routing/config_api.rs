@@ -34,7 +34,8 @@ use crate::config::{BackendSpec, Config, ConfigApiSection, HostHeader, ListenerS
 use crate::config::{FilterSpec, MatchSpec, TimeoutsSpec};
 use crate::routing::table::{RouteTable, RoutesError, RuleSource};
 use crate::routing::trial;
-use crate::secret::Secret;
+use crate::secret::{self, AcceptedToken};
+use crate::secrets::SecretValues;
 use crate::server::{self, Limits, ServerHandle};
 use crate::telemetry::Metrics;
 
@@ -124,8 +125,13 @@ pub struct PushedRule {
 }
 
 impl PushedConfig {
-    /// Compiles the push into a table carrying its version. Collects every problem.
+    /// Compiles the push into a table carrying its version. Collects every problem; a push that
+    /// names a local file is refused before compiling, which would read it.
     pub fn compile(&self, config: &Config, metrics: &Metrics) -> Result<RouteTable, RoutesError> {
+        let named = self.local_files();
+        if !named.is_empty() {
+            return Err(RoutesError { problems: named });
+        }
         let sources = self
             .rules
             .iter()
@@ -155,6 +161,36 @@ impl PushedConfig {
         table.version = Some(self.version);
         table.grpc = self.has_grpc_route;
         Ok(table)
+    }
+
+    /// Every `tls.caFile` the push names, each as a problem. The answer is the same whatever
+    /// the path is: it must not tell the controller which of the host's files exist or can be
+    /// read.
+    fn local_files(&self) -> Vec<Problem> {
+        let named = |key: String| Problem {
+            key: format!("{key}.tls.caFile"),
+            reason: "a pushed table cannot name a local file; send the PEM CA certificates in caBundle".to_owned(),
+        };
+        let mirrors = |filters: &[FilterSpec], key: &str, out: &mut Vec<Problem>| {
+            for (fi, f) in filters.iter().enumerate() {
+                let tls = f.request_mirror.as_ref().and_then(|m| m.tls.as_ref());
+                if tls.is_some_and(|t| t.ca_file.is_some()) {
+                    out.push(named(format!("{key}.filters[{fi}].requestMirror")));
+                }
+            }
+        };
+        let mut out = Vec::new();
+        for (i, r) in self.rules.iter().enumerate() {
+            for (bi, b) in r.backends.iter().enumerate() {
+                let key = format!("rules[{i}].backends[{bi}]");
+                if b.tls.as_ref().is_some_and(|t| t.ca_file.is_some()) {
+                    out.push(named(key.clone()));
+                }
+                mirrors(&b.filters, &key, &mut out);
+            }
+            mirrors(&r.filters, &format!("rules[{i}]"), &mut out);
+        }
+        out
     }
 
     /// Parses a push. A type error or unknown field names its key path (`rules[0].backends[1].
@@ -282,6 +318,28 @@ fn read_persisted(path: &std::path::Path, config: &Config, metrics: &Metrics) ->
     }
 }
 
+/// The persisted push compiled again under `config` (a reload): `Ok(None)` when nothing is
+/// persisted (`persist = false`, or no push yet), an error when it no longer compiles, so the
+/// reload is refused and the table in use keeps serving. Then backends' default anchors and
+/// the destination rule follow the reloaded settings, as for any other source.
+pub fn recompile_persisted(config: &Config, metrics: &Metrics) -> Result<Option<RouteTable>, String> {
+    let Some(path) = state_path(config) else {
+        return Ok(None);
+    };
+    let body = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read the persisted config {}: {e}", path.display())),
+    };
+    let pushed = PushedConfig::parse(&body).map_err(|p| format!("{}: {}", p.key, p.reason))?;
+    pushed.compile(config, metrics).map(Some).map_err(|e| {
+        format!(
+            "the pushed table in use (version {}) does not compile under the reloaded settings: {e}",
+            pushed.version
+        )
+    })
+}
+
 /// Writes an accepted push's body where [`boot_persisted`] reads it back, on trial until this
 /// run has served it for [`trial::TRIAL_PERIOD`]. Called by the node before it applies the
 /// push: a push that cannot be persisted is not applied.
@@ -324,11 +382,46 @@ pub enum PushOutcome {
     PersistFailed(String),
 }
 
+/// What a reload or a secret rotation changes for the config API; the node publishes a new
+/// one each time (`Node::apply_settings`).
+#[derive(Debug)]
+pub struct ApiSettings {
+    /// The running configuration, which pushes compile under (`[routes]`, `[proxy]`:
+    /// `upstream_timeout`, `ca_file`, `allow_link_local_upstreams`, …).
+    pub config: Config,
+    /// The bearer tokens accepted: `config_api.auth_secret`'s value, and after a rotation the
+    /// previous one for `proxy.auth_overlap`, as the proxy's inbound auth.
+    pub tokens: Vec<AcceptedToken>,
+}
+
+impl ApiSettings {
+    /// The settings for `config` and `secrets`; `previous` gives the tokens still in their
+    /// rotation overlap.
+    pub fn new(config: &Config, secrets: &SecretValues, previous: Option<&ApiSettings>) -> ApiSettings {
+        let name = config.config_api.as_ref().and_then(|a| a.auth_secret.as_ref());
+        let previous = previous.map(|p| p.tokens.as_slice()).unwrap_or_default();
+        let tokens = match name.and_then(|n| secrets.get(n)) {
+            Some(current) => secret::rotated(current.clone(), previous, config.proxy.auth_overlap),
+            // Validated at boot; without a value nothing is accepted.
+            None => Vec::new(),
+        };
+        if tokens.len() > 1 && tokens.len() > previous.len() {
+            tracing::info!(
+                "config API token rotated; the previous one stays accepted for {:?} (proxy.auth_overlap)",
+                config.proxy.auth_overlap
+            );
+        }
+        ApiSettings {
+            config: config.clone(),
+            tokens,
+        }
+    }
+}
+
 pub struct ConfigApi {
     metrics: Arc<Metrics>,
-    /// Defaults for compiling pushes (`[routes]`, `proxy.upstream_timeout`).
-    config: Config,
-    token: Secret,
+    /// The current [`ApiSettings`], read once per request.
+    settings: watch::Receiver<Arc<ApiSettings>>,
     /// To the node, which applies pushes.
     pushes: mpsc::Sender<Push>,
     /// The version of the table in use (`None` before the first push), published by the node.
@@ -338,8 +431,7 @@ pub struct ConfigApi {
 /// Starts the listener. `config.config_api` and its secret were validated with the config.
 pub async fn start(
     section: &ConfigApiSection,
-    config: &Config,
-    token: Secret,
+    settings: watch::Receiver<Arc<ApiSettings>>,
     pushes: mpsc::Sender<Push>,
     applied: watch::Receiver<Option<u64>>,
     metrics: Arc<Metrics>,
@@ -347,8 +439,7 @@ pub async fn start(
 ) -> anyhow::Result<ServerHandle> {
     let api = Arc::new(ConfigApi {
         metrics,
-        config: config.clone(),
-        token,
+        settings,
         pushes,
         applied,
     });
@@ -416,7 +507,7 @@ impl ConfigApi {
         let Some((scheme, token)) = value.split_at_checked(7) else {
             return false;
         };
-        scheme.eq_ignore_ascii_case(b"bearer ") && self.token.matches(token)
+        scheme.eq_ignore_ascii_case(b"bearer ") && secret::accepts(&self.settings.borrow().tokens, token)
     }
 
     async fn put(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -473,7 +564,8 @@ impl ConfigApi {
                 return problems_reply(StatusCode::BAD_REQUEST, "invalid_config", &[problem]);
             }
         };
-        let table = match pushed.compile(&self.config, &self.metrics) {
+        let settings = self.settings.borrow().clone();
+        let table = match pushed.compile(&settings.config, &self.metrics) {
             Ok(t) => t,
             Err(e) => {
                 self.metrics.route_reload_failures.inc();
@@ -495,7 +587,7 @@ impl ConfigApi {
         };
         match outcome {
             Some(PushOutcome::Applied { rules }) => {
-                if pushed.has_grpc_route && !tunnel_is_http2(&self.config) {
+                if pushed.has_grpc_route && !tunnel_is_http2(&settings.config) {
                     // The controller sets hasGrpcRoute because cloudflared drops HTTP trailers
                     // over QUIC, and gRPC carries its status in them.
                     tracing::warn!("the table has gRPC routes but cloudflared is not run with --protocol http2 (cloudflared.extra_args); gRPC status trailers may be lost over QUIC");

@@ -11,6 +11,7 @@
 
 pub mod config_api;
 pub mod cors;
+pub mod destination;
 pub mod filters;
 pub mod matching;
 pub mod mirror;

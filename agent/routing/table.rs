@@ -464,6 +464,7 @@ impl RouteTable {
         let mut table = RouteTable::default();
         let default_roots = DefaultRoots::new(&config.proxy);
         let mut default_roots_reported = false;
+        crate::routing::destination::check(&sources, config, &mut problems);
         // A configured bundle or store is checked with every table (a reload, `check`), even
         // before a backend needs it: the proxy reads it at boot too.
         if config.proxy.ca_file.is_some() || config.proxy.trust.is_some() {

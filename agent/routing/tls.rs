@@ -17,6 +17,41 @@ use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, OtherError, 
 use crate::config::route_spec::BackendTlsSpec;
 use crate::config::{ProxySection, TrustStore};
 
+/// Largest CA bundle accepted, inline (`caBundle`) or read from a file (`ca_file`): a few
+/// times Mozilla's whole bundle (about 220 KB), so any real bundle fits and a device or a
+/// huge file cannot grow memory without bound.
+pub const MAX_CA_BUNDLE_BYTES: usize = 512 * 1024;
+
+/// Reads a CA bundle the host's admin named in the local TOML (`proxy.ca_file`, a TOML
+/// backend's `tls.ca_file`; a pushed table cannot name files). Only a regular file of at most
+/// [`MAX_CA_BUNDLE_BYTES`] is read: a FIFO would block the control runtime, a device such as
+/// `/dev/zero` would grow memory for ever. Opened with `O_NONBLOCK` so that a FIFO swapped in
+/// after the `stat` cannot block the open either; the type is checked on the open file.
+pub fn read_ca_file(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let cannot = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(cannot)?;
+    let meta = file.metadata().map_err(cannot)?;
+    if !meta.is_file() {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    let mut pem = Vec::new();
+    let limit = MAX_CA_BUNDLE_BYTES as u64;
+    file.take(limit + 1).read_to_end(&mut pem).map_err(cannot)?;
+    if pem.len() as u64 > limit {
+        return Err(format!(
+            "{} is larger than {MAX_CA_BUNDLE_BYTES} bytes; a CA bundle is far smaller",
+            path.display()
+        ));
+    }
+    Ok(pem)
+}
+
 /// The trust anchors: the CA bundle in `pem`, or webpki's (Mozilla's) roots.
 pub fn roots(pem: Option<&[u8]>) -> Result<RootCertStore, String> {
     let mut roots = RootCertStore::empty();
@@ -88,8 +123,7 @@ impl<'a> DefaultRoots<'a> {
         self.loaded
             .get_or_init(|| {
                 let loaded = match (&self.proxy.ca_file, self.proxy.trust) {
-                    (Some(path), _) => std::fs::read(path)
-                        .map_err(|e| format!("cannot read {}: {e}", path.display()))
+                    (Some(path), _) => read_ca_file(path)
                         .and_then(|pem| roots(Some(&pem)))
                         .map_err(|e| ("proxy.ca_file".to_owned(), e)),
                     (None, Some(TrustStore::System)) => system_roots().map_err(|e| ("proxy.trust".to_owned(), e)),
@@ -159,10 +193,15 @@ impl UpstreamTls {
         let field = if spec.ca_file.is_some() { "caFile" } else { "caBundle" };
         let roots = match (&spec.ca_bundle, &spec.ca_file) {
             (Some(_), Some(_)) => return Err(err("caFile", "give caBundle or caFile, not both".into())),
+            (Some(pem), None) if pem.len() > MAX_CA_BUNDLE_BYTES => {
+                return Err(err(
+                    field,
+                    format!("{} bytes; a CA bundle may be at most {MAX_CA_BUNDLE_BYTES}", pem.len()),
+                ))
+            }
             (Some(pem), None) => Arc::new(roots(Some(pem.as_bytes())).map_err(|e| err(field, e))?),
             (None, Some(path)) => {
-                let pem =
-                    std::fs::read(path).map_err(|e| err("caFile", format!("cannot read {}: {e}", path.display())))?;
+                let pem = read_ca_file(path).map_err(|e| err("caFile", e))?;
                 Arc::new(roots(Some(&pem)).map_err(|e| err(field, e))?)
             }
             (None, None) => default_roots
