@@ -14,6 +14,7 @@ pub mod cors;
 pub mod filters;
 pub mod matching;
 pub mod mirror;
+pub mod path;
 pub mod source;
 pub mod table;
 pub mod tls;
