@@ -16,6 +16,9 @@ use crate::telemetry::UpstreamErrorKind;
 pub enum ProxyError {
     #[error("missing or wrong {header}")]
     Unauthorized { header: HeaderName },
+    /// A path that cannot be normalised safely (routing/path.rs).
+    #[error("{0}")]
+    BadPath(crate::routing::path::PathError),
     #[error("no route for host {host:?} and path {path:?}")]
     NoRoute { host: String, path: String },
     /// The declared `Content-Length` is over the limit.
@@ -57,6 +60,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            ProxyError::BadPath(_) => StatusCode::BAD_REQUEST,
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::DeclaredBodyTooLarge { .. } | ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BadUpstreamUri(_) => StatusCode::BAD_REQUEST,
@@ -74,6 +78,7 @@ impl ProxyError {
     pub fn code(&self) -> &'static str {
         match self {
             ProxyError::Unauthorized { .. } => "unauthorized",
+            ProxyError::BadPath(_) => "bad_path",
             ProxyError::NoRoute { .. } => "no_route",
             ProxyError::DeclaredBodyTooLarge { .. } | ProxyError::BodyTooLarge => "body_too_large",
             ProxyError::BadUpstreamUri(_) => "bad_request",

@@ -47,7 +47,7 @@ use crate::routing::filters::{client_scheme, request_host, Mirror};
 use crate::routing::mirror::{MirrorTee, MIRROR_MAX_IN_FLIGHT};
 use crate::routing::table::{host_without_port, Backend, RouteTable, Routed, Rule};
 use crate::routing::tls::{self, UpstreamTls};
-use crate::routing::{Filters, RequestHead};
+use crate::routing::{path, Filters, RequestHead};
 use crate::telemetry::Metrics;
 
 /// A response body: the upstream's (from hyper-util's client or our own HTTP/1.1 pool), or one
@@ -371,7 +371,7 @@ impl Worker {
         &self,
         live: &LiveSettings,
         peer: SocketAddr,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         start: Instant,
         exchange: Option<&access_log::Exchange>,
     ) -> Response<ProxyBody> {
@@ -384,15 +384,15 @@ impl Worker {
                 .get(&auth.header)
                 .is_some_and(|v| auth.accepts(v.as_bytes()));
             if !ok {
-                self.shared.metrics.unrouted.observe(401, start.elapsed());
-                let e = ProxyError::Unauthorized {
-                    header: auth.header.clone(),
-                };
-                if let Some(x) = exchange {
-                    x.failed(e.code(), None, false);
-                }
-                return e.response();
+                let header = auth.header.clone();
+                return self.unrouted(ProxyError::Unauthorized { header }, start, exchange);
             }
+        }
+        // Matched and forwarded from here on in its normal form (routing/path.rs).
+        match path::normalise_uri(req.uri()) {
+            Ok(None) => {}
+            Ok(Some(uri)) => *req.uri_mut() = uri,
+            Err(e) => return self.unrouted(ProxyError::BadPath(e), start, exchange),
         }
         // HTTP/2 requests carry the host in `:authority`; HTTP/1.1 in `Host`.
         let host = req
@@ -406,13 +406,8 @@ impl Worker {
             })
             .unwrap_or("");
         let Some(routed) = live.routes.route(host, &RequestHead::of(&req)) else {
-            self.shared.metrics.unrouted.observe(404, start.elapsed());
             let (host, path) = (host.to_owned(), req.uri().path().to_owned());
-            let e = ProxyError::NoRoute { host, path };
-            if let Some(x) = exchange {
-                x.failed(e.code(), None, false);
-            }
-            return e.response();
+            return self.unrouted(ProxyError::NoRoute { host, path }, start, exchange);
         };
         let rule = routed.rule;
         if let Some(x) = exchange {
@@ -440,6 +435,19 @@ impl Worker {
         }
         rule.stats.observe(resp.status().as_u16(), start.elapsed());
         resp
+    }
+
+    /// The answer to a request refused before it found a rule (401, 400, 404), counted as
+    /// unrouted.
+    fn unrouted(&self, e: ProxyError, start: Instant, exchange: Option<&access_log::Exchange>) -> Response<ProxyBody> {
+        self.shared
+            .metrics
+            .unrouted
+            .observe(e.status().as_u16(), start.elapsed());
+        if let Some(x) = exchange {
+            x.failed(e.code(), None, false);
+        }
+        e.response()
     }
 
     /// Decides what answers: a fail-closed rule, a redirect or a CORS preflight answer here

@@ -265,6 +265,11 @@ impl PathModifier {
                 "path {value:?} contains a character that cannot appear in a path"
             ));
         }
+        // In normal form, so a rewrite of a normalised path stays normalised and inside its
+        // prefix: no dot-segment or `//` can be spliced in.
+        if !value.is_empty() {
+            super::matching::normal_form(value)?;
+        }
         Ok(match spec.kind {
             PathModifierKind::ReplaceFullPath => PathModifier::Full(value.into()),
             PathModifierKind::ReplacePrefixMatch => PathModifier::Prefix(value.into()),
