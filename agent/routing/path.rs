@@ -48,11 +48,26 @@ pub fn normalise(raw: &str) -> Result<Cow<'_, str>, PathError> {
     if !raw.starts_with('/') {
         return Err(PathError::NotAbsolute);
     }
-    if is_normal(raw.as_bytes())? {
+    if plainly_normal(raw.as_bytes()) || is_normal(raw.as_bytes())? {
         return Ok(Cow::Borrowed(raw));
     }
     let decoded = normalise_encoding(raw.as_bytes())?;
     remove_dot_segments(&decoded).map(Cow::Owned)
+}
+
+/// The common request's check, one tight pass: no byte that can need work or be refused (`%`,
+/// `\`, a control) and no `/` followed by `/` or `.`. A path that fails it is not necessarily
+/// abnormal (`/.well-known`, `/%C3%A9`): [`is_normal`] decides. (About 10 % fewer instructions
+/// than `is_normal` alone on the benchmark's 16-byte path, callgrind: docs/routing.md, "Cost".)
+fn plainly_normal(path: &[u8]) -> bool {
+    let mut after_slash = false;
+    for &b in path {
+        if b < 0x20 || b == 0x7f || b == b'%' || b == b'\\' || (after_slash && (b == b'/' || b == b'.')) {
+            return false;
+        }
+        after_slash = b == b'/';
+    }
+    true
 }
 
 /// Whether `path` (starting with `/`) is already in normal form; the refusals are found here,
