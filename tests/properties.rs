@@ -550,3 +550,149 @@ fn random_json_on_put_config_is_applied_whole_or_not_at_all() {
         })
         .unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Path normalisation (agent/routing/path.rs): request paths built from the pieces that make
+// paths ambiguous (dot-segments raw and encoded, empty segments, encoded unreserved and
+// reserved characters, separators, controls, broken `%`).
+
+use std::borrow::Cow;
+
+use tunnel_agent::routing::matching::PathMatcher;
+use tunnel_agent::routing::path::normalise;
+use tunnel_agent::routing::PathModifier;
+
+const PATH_PIECES: &[&str] = &[
+    "/", "/", "/", ".", "..", "a", "b", "adm", "in", "%2e", "%2E", "%61", "%41", "%7e", "%7E", "%25", "%3f", "%c3%a9",
+    "%C3%A9", "é", "~", "-", ";", "=", "%2f", "%5C", "\\", "%00", "%0a", "%", "%4", "%zz",
+];
+
+/// A raw path as a client may send it: always starting with `/`.
+fn raw_path() -> impl Strategy<Value = String> {
+    prop::collection::vec(prop::sample::select(PATH_PIECES), 0..14).prop_map(|pieces| format!("/{}", pieces.concat()))
+}
+
+/// A path in normal form built only from unreserved segments: a rule's prefix or replacement.
+fn normal_path() -> impl Strategy<Value = String> {
+    prop::collection::vec(prop::sample::select(&["a", "b", "adm", "in", "x.y", "~u"][..]), 0..4)
+        .prop_map(|segments| segments.iter().map(|s| format!("/{s}")).collect::<String>())
+}
+
+/// What an upstream that normalises reads (nginx, Go's `path.Clean`, Tomcat): every `%XX`
+/// decoded once, then empty and dot-segments resolved, a trailing `/` kept. Written apart from
+/// the agent's own (which decodes only unreserved characters) on purpose.
+fn upstream_reading(raw: &str) -> Vec<u8> {
+    let bytes = raw.as_bytes();
+    let mut decoded = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| char::from(b).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                decoded.push(u8::try_from(h * 16 + l).unwrap());
+                i += 3;
+            }
+            (b, _, _) => {
+                decoded.push(b);
+                i += 1;
+            }
+        }
+    }
+    let segments: Vec<&[u8]> = decoded.split(|&b| b == b'/').skip(1).collect();
+    let mut kept: Vec<&[u8]> = Vec::new();
+    for s in &segments {
+        match *s {
+            b"" | b"." => {}
+            b".." => {
+                kept.pop();
+            }
+            s => kept.push(s),
+        }
+    }
+    let trailing = matches!(segments.last(), Some(&(b"" | b"." | b"..")));
+    let mut out = Vec::new();
+    for s in &kept {
+        out.push(b'/');
+        out.extend_from_slice(s);
+    }
+    if trailing || kept.is_empty() {
+        out.push(b'/');
+    }
+    out
+}
+
+fn prefix_matches(prefix: &str, path: &[u8]) -> bool {
+    let p = prefix.trim_end_matches('/').as_bytes();
+    p.is_empty() || (path.starts_with(p) && matches!(path.get(p.len()), None | Some(b'/')))
+}
+
+#[test]
+fn normalised_paths_are_fixed_points_without_dot_segments_and_read_as_the_upstream_reads_them() {
+    let mut runner = runner(4096);
+    runner
+        .run(&(raw_path(), normal_path()), |(raw, prefix)| {
+            let Ok(normal) = normalise(&raw) else {
+                return Ok(());
+            };
+            // Idempotent, and the second pass finds nothing to do (no allocation).
+            prop_assert!(
+                matches!(normalise(&normal), Ok(Cow::Borrowed(p)) if p == normal),
+                "{raw:?} → {normal:?}"
+            );
+            for bad in ["//", "/./", "/../", "\\", "%2F", "%5C"] {
+                prop_assert!(!normal.contains(bad), "{raw:?} → {normal:?} contains {bad:?}");
+            }
+            prop_assert!(
+                !normal.ends_with("/.") && !normal.ends_with("/.."),
+                "{raw:?} → {normal:?}"
+            );
+            // The upstream reads the forwarded path as it would have read the raw one: the
+            // same resource, and so the same rule.
+            let upstream = upstream_reading(&raw);
+            prop_assert_eq!(&upstream_reading(&normal), &upstream, "{:?} → {:?}", raw, normal);
+            let ours = PathMatcher::Prefix(prefix.trim_end_matches('/').into()).matches(&normal);
+            prop_assert_eq!(ours, prefix_matches(&prefix, &upstream), "{:?} under {:?}", raw, prefix);
+            Ok(())
+        })
+        .unwrap();
+}
+
+#[test]
+fn a_prefix_rewrite_of_a_normalised_path_stays_inside_its_replacement() {
+    let mut runner = runner(4096);
+    runner
+        .run(
+            &(raw_path(), normal_path(), normal_path()),
+            |(raw, prefix, replacement)| {
+                let Ok(normal) = normalise(&raw) else {
+                    return Ok(());
+                };
+                let matched = prefix.trim_end_matches('/');
+                if !PathMatcher::Prefix(matched.into()).matches(&normal) {
+                    return Ok(());
+                }
+                for modifier in [
+                    PathModifier::Prefix(replacement.as_str().into()),
+                    PathModifier::Full(if replacement.is_empty() {
+                        "/".into()
+                    } else {
+                        replacement.as_str().into()
+                    }),
+                ] {
+                    let out = modifier.apply(&normal, Some(matched));
+                    // Normal: nothing for the upstream to resolve, so nothing to climb out with.
+                    prop_assert!(matches!(normalise(&out), Ok(Cow::Borrowed(_))), "{raw:?} → {out:?}");
+                    prop_assert!(
+                        prefix_matches(&replacement, upstream_reading(&out).as_slice()),
+                        "{raw:?} → {out:?} left {replacement:?}"
+                    );
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+}

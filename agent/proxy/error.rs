@@ -5,6 +5,7 @@
 //! upstream failures, the metric it counts under; [`super::Proxy`] logs and counts it in one
 //! place.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use http::{HeaderName, Response, StatusCode};
@@ -16,6 +17,12 @@ use crate::telemetry::UpstreamErrorKind;
 pub enum ProxyError {
     #[error("missing or wrong {header}")]
     Unauthorized { header: HeaderName },
+    /// A path that cannot be normalised safely (routing/path.rs).
+    #[error("{0}")]
+    BadPath(crate::routing::path::PathError),
+    /// A redirect that takes its host from the request, whose `Host` is not a host name.
+    #[error("the Host header is not a host name to redirect to")]
+    BadHost,
     #[error("no route for host {host:?} and path {path:?}")]
     NoRoute { host: String, path: String },
     /// The declared `Content-Length` is over the limit.
@@ -61,6 +68,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            ProxyError::BadPath(_) | ProxyError::BadHost => StatusCode::BAD_REQUEST,
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::DeclaredBodyTooLarge { .. } | ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BadUpstreamUri(_) => StatusCode::BAD_REQUEST,
@@ -78,6 +86,8 @@ impl ProxyError {
     pub fn code(&self) -> &'static str {
         match self {
             ProxyError::Unauthorized { .. } => "unauthorized",
+            ProxyError::BadPath(_) => "bad_path",
+            ProxyError::BadHost => "bad_host",
             ProxyError::NoRoute { .. } => "no_route",
             ProxyError::DeclaredBodyTooLarge { .. } | ProxyError::BodyTooLarge => "body_too_large",
             ProxyError::BadUpstreamUri(_) => "bad_request",
@@ -118,9 +128,22 @@ impl ProxyError {
         }
     }
 
+    /// What the client is told. The internet reaches the proxy through the tunnel, so nothing
+    /// of the inside goes out: no upstream URL, metadata server reply or internal error text
+    /// (those are in [`std::fmt::Display`], for the log line `Worker::failed` writes).
+    pub fn client_message(&self) -> Cow<'static, str> {
+        match self {
+            ProxyError::TokenUnavailable { .. } => "no credentials for the upstream are available".into(),
+            ProxyError::BadUpstreamUri(_) => "the request cannot be addressed to the upstream".into(),
+            ProxyError::BadRewrite(_) => "the rewritten path is invalid".into(),
+            // The rest name only what the client sent or a fixed reason.
+            other => other.to_string().into(),
+        }
+    }
+
     /// The short JSON answer: `{"error": code, "message": …}`.
     pub fn response(&self) -> Response<ProxyBody> {
-        error(self.status(), self.code(), &self.to_string())
+        error(self.status(), self.code(), &self.client_message())
     }
 }
 
@@ -170,5 +193,24 @@ mod tests {
             connect: false,
         };
         assert_eq!(e.to_string(), "the upstream connection failed");
+    }
+
+    #[test]
+    fn the_client_never_sees_upstream_urls_or_metadata_errors() {
+        let inside = [
+            ProxyError::TokenUnavailable {
+                upstream: "https://private.internal/".into(),
+                reason: "metadata server answered 404 for /computeMetadata/v1/...?audience=https://private.internal/"
+                    .into(),
+            },
+            ProxyError::BadUpstreamUri("http://10.0.0.7:8080/x: invalid uri".into()),
+            ProxyError::BadRewrite("invalid uri character in http://10.0.0.7".into()),
+        ];
+        for e in inside {
+            let message = e.client_message();
+            for secret in ["internal", "metadata", "10.0.0.7", "http"] {
+                assert!(!message.contains(secret), "{message:?} shows {secret:?}");
+            }
+        }
     }
 }

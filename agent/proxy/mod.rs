@@ -47,11 +47,11 @@ use h1_pool::{H1Error, H1Pool};
 use crate::config::{AuthHeaderKind, HostHeader, ProxySection, UpstreamAuthKind, UpstreamProtocol};
 use crate::gcp::IdTokenCache;
 use crate::routing::cors::CorsVerdict;
-use crate::routing::filters::{client_scheme, request_host, Mirror};
+use crate::routing::filters::{client_scheme, is_host_and_port, request_host, Mirror};
 use crate::routing::mirror::{MirrorTee, MIRROR_MAX_IN_FLIGHT};
 use crate::routing::table::{host_without_port, Backend, RouteTable, Routed, Rule};
 use crate::routing::tls::UpstreamTls;
-use crate::routing::{Filters, RequestHead};
+use crate::routing::{path, Filters, RequestHead};
 use crate::telemetry::Metrics;
 
 /// A response body: the upstream's (from hyper-util's client or our own HTTP/1.1 pool), or one
@@ -387,7 +387,7 @@ impl Worker {
         &self,
         live: &LiveSettings,
         peer: SocketAddr,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         start: Instant,
         exchange: Option<&access_log::Exchange>,
     ) -> Response<ProxyBody> {
@@ -400,16 +400,18 @@ impl Worker {
                 .get(&auth.header)
                 .is_some_and(|v| auth.accepts(v.as_bytes()));
             if !ok {
-                self.shared.metrics.unrouted.observe(401, start.elapsed());
-                let e = ProxyError::Unauthorized {
-                    header: auth.header.clone(),
-                };
-                if let Some(x) = exchange {
-                    x.failed(e.code(), None, false);
-                }
-                return e.response();
+                let header = auth.header.clone();
+                return self.unrouted(ProxyError::Unauthorized { header }, start, exchange);
             }
         }
+        // Matched and forwarded from here on in its normal form (routing/path.rs).
+        match path::normalise_uri(req.uri()) {
+            Ok(None) => {}
+            Ok(Some(uri)) => *req.uri_mut() = uri,
+            Err(e) => return self.unrouted(ProxyError::BadPath(e), start, exchange),
+        }
+        // Before routing: header matches, redirects and the upstream all see the proxy's word.
+        set_forwarded_proto(req.headers_mut(), peer);
         // HTTP/2 requests carry the host in `:authority`; HTTP/1.1 in `Host`.
         let host = req
             .uri()
@@ -422,13 +424,8 @@ impl Worker {
             })
             .unwrap_or("");
         let Some(routed) = live.routes.route(host, &RequestHead::of(&req)) else {
-            self.shared.metrics.unrouted.observe(404, start.elapsed());
             let (host, path) = (host.to_owned(), req.uri().path().to_owned());
-            let e = ProxyError::NoRoute { host, path };
-            if let Some(x) = exchange {
-                x.failed(e.code(), None, false);
-            }
-            return e.response();
+            return self.unrouted(ProxyError::NoRoute { host, path }, start, exchange);
         };
         let rule = routed.rule;
         if let Some(x) = exchange {
@@ -456,6 +453,19 @@ impl Worker {
         }
         rule.stats.observe(resp.status().as_u16(), start.elapsed());
         resp
+    }
+
+    /// The answer to a request refused before it found a rule (401, 400, 404), counted as
+    /// unrouted.
+    fn unrouted(&self, e: ProxyError, start: Instant, exchange: Option<&access_log::Exchange>) -> Response<ProxyBody> {
+        self.shared
+            .metrics
+            .unrouted
+            .observe(e.status().as_u16(), start.elapsed());
+        if let Some(x) = exchange {
+            x.failed(e.code(), None, false);
+        }
+        e.response()
     }
 
     /// Decides what answers: a fail-closed rule, a redirect or a CORS preflight answer here
@@ -547,9 +557,6 @@ impl Worker {
             headers.insert(header::UPGRADE, proto.clone());
         }
         append_forwarded_for(headers, peer);
-        if !headers.contains_key(X_FORWARDED_PROTO) {
-            headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-        }
         // Rule filters, then the chosen backend's (Gateway API: backend filters apply only
         // when that backend is chosen).
         for filters in [&rule.filters, &backend.filters] {
@@ -792,6 +799,13 @@ impl Worker {
             ProxyError::Upstream { upstream, cause, .. } => {
                 tracing::warn!(%route, %upstream, error = %cause, "route {route}: upstream request failed ({upstream}); answering 502: {cause}")
             }
+            // The client is told only that it failed (ProxyError::client_message); the why is here.
+            ProxyError::BadRewrite(_) => {
+                tracing::warn!(%route, error = %e, "route {route}: {e}; answering 500")
+            }
+            ProxyError::BadUpstreamUri(_) => {
+                tracing::debug!(%route, error = %e, "route {route}: {e}; answering 400")
+            }
             _ => {}
         }
         e.response()
@@ -843,6 +857,9 @@ fn answer_here(
     req: &Request<Incoming>,
 ) -> Option<Result<Response<ProxyBody>, ProxyError>> {
     if let Some(redirect) = &filters.redirect {
+        if redirect.uses_request_host() && !is_host_and_port(request_host(req)) {
+            return Some(Err(ProxyError::BadHost));
+        }
         let location = redirect.location(
             client_scheme(req.headers()),
             request_host(req),
@@ -1028,6 +1045,22 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, here)| *here) {
         headers.remove(name);
+    }
+}
+
+/// `X-Forwarded-Proto` as the proxy knows it. The scheme the visitor used is known to the
+/// Cloudflare edge, which sets the header on every request it relays, and so to the local
+/// cloudflared, a loopback peer: its single `http` or `https` is kept. From any other peer the
+/// header is the client's own claim (it would make redirects and upstreams believe a plain
+/// request was encrypted), replaced by what the proxy saw: its listener is plain `http`.
+fn set_forwarded_proto(headers: &mut HeaderMap, peer: SocketAddr) {
+    let mut lines = headers.get_all(X_FORWARDED_PROTO).iter();
+    let relayed = match (lines.next(), lines.next()) {
+        (Some(v), None) => peer.ip().to_canonical().is_loopback() && (v == "https" || v == "http"),
+        _ => false,
+    };
+    if !relayed {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
 }
 

@@ -115,8 +115,13 @@ impl Cors {
         if origin.is_empty() || origin == "*" {
             return false;
         }
+        // `null` is the opaque origin (Fetch §3.2.5 "serialization of an origin"): sandboxed
+        // iframes, `data:` and `file:` documents, cross-origin redirects. Anyone can make a
+        // browser send it, so under `*` echoing it (with credentials allowed) would open the
+        // policy to every page; Gateway API's conformance needs only real origins echoed.
+        let opaque = origin.eq_ignore_ascii_case("null");
         self.origins.iter().any(|o| match o {
-            Origin::Any => true,
+            Origin::Any => !opaque,
             Origin::Exact(e) => origin.eq_ignore_ascii_case(e),
             Origin::Wildcard { scheme, suffix } => origin.split_once("://").is_some_and(|(s, host)| {
                 s.eq_ignore_ascii_case(scheme)

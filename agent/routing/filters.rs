@@ -265,6 +265,11 @@ impl PathModifier {
                 "path {value:?} contains a character that cannot appear in a path"
             ));
         }
+        // In normal form, so a rewrite of a normalised path stays normalised and inside its
+        // prefix: no dot-segment or `//` can be spliced in.
+        if !value.is_empty() {
+            super::matching::normal_form(value)?;
+        }
         Ok(match spec.kind {
             PathModifierKind::ReplaceFullPath => PathModifier::Full(value.into()),
             PathModifierKind::ReplacePrefixMatch => PathModifier::Prefix(value.into()),
@@ -337,6 +342,12 @@ impl Redirect {
             path: spec.path.as_ref().map(PathModifier::compile).transpose()?,
             status,
         })
+    }
+
+    /// Whether the `Location` takes its host from the request (no `hostname` configured:
+    /// Gateway API, "When empty, the hostname in the Host header of the request is used").
+    pub fn uses_request_host(&self) -> bool {
+        self.hostname.is_none()
     }
 
     /// The `Location` for a request. `scheme` is how the client reached us (from
@@ -504,4 +515,13 @@ pub fn request_host<B>(req: &http::Request<B>) -> &str {
         .map(|a| a.as_str())
         .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()))
         .unwrap_or("")
+}
+
+/// Whether `host` is what RFC 9110 §7.2 allows in `Host` (`uri-host [":" port]`), and so safe to
+/// write into a `Location`: not empty, no userinfo (`a@evil.example`), nothing past the
+/// authority (`evil.example/x`).
+pub fn is_host_and_port(host: &str) -> bool {
+    !host.is_empty()
+        && !host.contains('@')
+        && http::uri::Authority::try_from(host).is_ok_and(|a| a.as_str().len() == host.len())
 }

@@ -37,7 +37,8 @@ const REGEX_SIZE_LIMIT: usize = 512 * 1024;
 #[derive(Debug, Clone, Copy)]
 pub struct RequestHead<'a> {
     pub method: &'a Method,
-    /// The path as received (percent-encoded, not normalised).
+    /// The path in normal form (`super::path`; the proxy normalises before it routes), still
+    /// percent-encoded where it must be.
     pub path: &'a str,
     pub query: Option<&'a str>,
     pub headers: &'a HeaderMap,
@@ -444,7 +445,19 @@ fn check_path_value(v: &str) -> Result<(), String> {
     {
         return Err(format!("{v:?} contains {c:?}, which cannot appear in a request path"));
     }
-    Ok(())
+    normal_form(v)
+}
+
+/// Requests are matched in their normalised form (`super::path`), so a value is written in that
+/// form too: any other spelling could never match, or would match less than it says.
+pub(super) fn normal_form(v: &str) -> Result<(), String> {
+    match super::path::normalise(v) {
+        Ok(Cow::Borrowed(_)) => Ok(()),
+        Ok(Cow::Owned(normal)) => Err(format!(
+            "{v:?} is not a normalised path (requests are matched and forwarded normalised): write {normal:?}"
+        )),
+        Err(e) => Err(format!("{v:?} cannot be a request path: {e}")),
+    }
 }
 
 /// The matches that apply to one hostname (or to any host), in precedence order. The path

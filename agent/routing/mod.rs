@@ -15,6 +15,7 @@ pub mod destination;
 pub mod filters;
 pub mod matching;
 pub mod mirror;
+pub mod path;
 pub mod source;
 pub mod table;
 pub mod tls;

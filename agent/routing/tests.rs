@@ -604,6 +604,43 @@ fn invalid_rules_report_every_problem_with_its_key() {
     assert!(err.to_string().contains("cannot be combined"), "{err}");
 }
 
+/// Requests are matched normalised (routing/path.rs), so a value in any other form could never
+/// match as written: it is refused with the form to write instead.
+#[test]
+fn path_values_must_be_in_normal_form() {
+    let err = table(
+        r#"
+        [[route]]
+        hostnames = ["h.example.com"]
+        upstream = "http://x"
+        matches = [
+          { path = { type = "PathPrefix", value = "//admin" } },
+          { path = { type = "Exact", value = "/%61dmin/./x" } },
+          { path = { type = "PathPrefix", value = "/a%2Fb" } },
+          { path = { type = "PathPrefix", value = "/ok/%c3%a9" } },
+        ]
+        filters = [{ type = "URLRewrite", url_rewrite = { path = { type = "ReplacePrefixMatch", replace_prefix_match = "/x/../.." } } }]
+
+        [[route]]
+        hostnames = ["r.example.com"]
+        filters = [{ type = "RequestRedirect", request_redirect = { path = { type = "ReplaceFullPath", replace_full_path = "/a//b" } } }]
+        "#,
+    )
+    .unwrap_err();
+    let text = err.to_string();
+    for want in [
+        r#"route[0].matches[0].path: "//admin" is not a normalised path (requests are matched and forwarded normalised): write "/admin""#,
+        r#"route[0].matches[1].path: "/%61dmin/./x" is not a normalised path"#,
+        r#"write "/admin/x""#,
+        r#"route[0].matches[2].path: "/a%2Fb" cannot be a request path: the path contains an encoded"#,
+        r#"write "/ok/%C3%A9""#,
+        r#"route[0].filters[0]: "/x/../.." cannot be a request path: the path climbs above the root"#,
+        r#"route[1].filters[0]: "/a//b" is not a normalised path"#,
+    ] {
+        assert!(text.contains(want), "missing {want:?} in {text}");
+    }
+}
+
 #[test]
 fn same_hostname_is_fine_unless_two_catch_alls_claim_it() {
     assert!(table(
