@@ -12,6 +12,8 @@
 pub mod config_api;
 pub mod cors;
 pub mod filters;
+mod index;
+pub mod limits;
 pub mod matching;
 pub mod mirror;
 pub mod source;
