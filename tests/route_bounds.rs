@@ -5,6 +5,9 @@
 
 mod common;
 
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use common::{Agent, AgentBuilder, ConfigText};
 use serde_json::{json, Value};
@@ -116,4 +119,48 @@ async fn a_table_over_the_limits_is_refused_naming_the_rule_and_the_limit() {
         .await
         .unwrap();
     assert_eq!(config["ready"], false, "{config}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ready_answers_while_the_largest_allowed_table_compiles() {
+    let agent = start(ConfigText::new()).await;
+    assert_eq!(push(&agent, &regex_table(1, 1, 1, 1)).await.0, 200);
+
+    // 16 rules × 64 hostnames × 64 regexes: 1,024 regexes (the limit), 65,536 index entries.
+    let big = regex_table(2, 16, 64, 64);
+    let pushed = tokio::spawn({
+        let url = format!("http://{}/config", agent.config_api_addr());
+        async move {
+            let started = Instant::now();
+            let resp = reqwest::Client::new()
+                .put(url)
+                .bearer_auth(API_TOKEN)
+                .json(&big)
+                .send()
+                .await
+                .expect("config api answers");
+            (resp.status().as_u16(), started.elapsed())
+        }
+    });
+    let ready = agent.health_url("/ready");
+    let client = reqwest::Client::new();
+    let (mut samples, mut slowest) = (0, Duration::ZERO);
+    while !pushed.is_finished() {
+        let asked = Instant::now();
+        let status = client.get(&ready).send().await.expect("/ready answers").status();
+        slowest = slowest.max(asked.elapsed());
+        assert_eq!(status, 200, "/ready while a table compiles");
+        samples += 1;
+    }
+    let (status, took) = pushed.await.unwrap();
+    assert_eq!(status, 200, "the largest allowed table is accepted");
+    eprintln!("push took {took:?}; /ready sampled {samples} times, slowest {slowest:?}");
+    assert!(
+        samples >= 3,
+        "the push took {took:?}: too quick to sample /ready ({samples})"
+    );
+    assert!(
+        slowest < Duration::from_millis(500),
+        "/ready took {slowest:?} while the push compiled ({took:?})"
+    );
 }

@@ -6,7 +6,7 @@
 //!   (every problem listed), 409 version older than the one applied, 200 applied.
 //! - `GET /config` → `{"version": N, "ready": bool}`; `GET /healthz`, `GET /readyz` as the peer.
 //!
-//! A push is validated and compiled here, in the request's task, then handed to the node as a
+//! A push is validated and compiled here (on a blocking thread), then handed to the node as a
 //! [`Push`]: the node version-checks, persists and applies it on the path every route table takes
 //! (proxy, status, runtime `routes.json`, cloudflared's ingress for a locally-managed tunnel).
 //! The node handles one event at a time, so concurrent pushes apply in some order, and a request
@@ -416,7 +416,21 @@ impl ConfigApi {
                 return problems_reply(StatusCode::BAD_REQUEST, "invalid_config", &[problem]);
             }
         };
-        let table = match pushed.compile(&self.config, &self.metrics) {
+        // Compiled off the control runtime: a large table takes a while, and the control
+        // runtime is one thread that also answers `/ready` and pets the watchdog.
+        let (config, metrics) = (self.config.clone(), self.metrics.clone());
+        let compiled = tokio::task::spawn_blocking(move || {
+            let table = pushed.compile(&config, &metrics);
+            (pushed, table)
+        })
+        .await;
+        let Ok((pushed, compiled)) = compiled else {
+            return reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({ "error": "compile_failed", "message": "compiling the table did not finish" }),
+            );
+        };
+        let table = match compiled {
             Ok(t) => t,
             Err(e) => {
                 self.metrics.route_reload_failures.inc();
