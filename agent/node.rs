@@ -289,6 +289,9 @@ impl Node {
         let version = table.version;
         let grpc = table.grpc;
         self.proxy.live.rcu(|live| live.with_routes(table.clone()));
+        // Per-route state of routes that went away goes with them.
+        self.metrics.keep_routes(table.route_stats());
+        self.proxy.tokens().retain(&table.id_token_audiences().collect());
         self.routes_version.send_replace(version);
         // A config-API node is ready once it has a pushed table (from the state dir or a push).
         let loaded = config.routes.source != RouteSourceKind::ConfigApi || version.is_some();

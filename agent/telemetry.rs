@@ -121,6 +121,15 @@ impl Metrics {
         routes.entry(name.clone()).or_default().clone()
     }
 
+    /// Keeps the series of exactly `routes`, the table just installed: a route that went away
+    /// takes its series with it (a controller that names routes by generation would otherwise
+    /// grow `/metrics` without bound), and a table compiled but never installed leaves none.
+    pub fn keep_routes<'a>(&self, routes: impl IntoIterator<Item = (&'a Arc<str>, &'a Arc<RouteStats>)>) {
+        let next: BTreeMap<Arc<str>, Arc<RouteStats>> =
+            routes.into_iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        *self.routes.lock().unwrap_or_else(|e| e.into_inner()) = next;
+    }
+
     /// Prometheus text exposition format 0.0.4.
     pub fn render(&self, out: &mut String) {
         let b = crate::build_info::VERSION;

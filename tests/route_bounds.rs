@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use common::{Agent, AgentBuilder, ConfigText};
+use common::client::get;
+use common::{eventually, Agent, AgentBuilder, ConfigText, FakeMetadata, FakeUpstream, Wire, DEADLINE};
 use serde_json::{json, Value};
 
 const API_TOKEN: &str = "route-bounds-test-token";
@@ -162,5 +163,58 @@ async fn ready_answers_while_the_largest_allowed_table_compiles() {
     assert!(
         slowest < Duration::from_millis(500),
         "/ready took {slowest:?} while the push compiled ({took:?})"
+    );
+}
+
+/// The lines of `/metrics` that name `route`.
+async fn series(agent: &Agent, route: &str) -> usize {
+    let text = reqwest::get(agent.health_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let label = format!("route=\"{route}\"");
+    text.lines().filter(|l| l.contains(&label)).count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_removed_route_takes_its_series_and_token_refresher_with_it() {
+    let meta = FakeMetadata::start().await;
+    // The background refresh falls due about 2 s after each fetch.
+    meta.set_token_lifetime(Duration::from_secs(60));
+    let gone = FakeUpstream::start(Wire::Http1).await;
+    let stays = FakeUpstream::start(Wire::Http1).await;
+    let config = ConfigText::new()
+        .gcp(&format!("metadata_url = {:?}", meta.url()))
+        .gcp("id_token_refresh_margin = \"58s\"");
+    let agent = start(config).await;
+    let rule = |name: &str, host: &str, url: &str| json!({ "name": name, "hostnames": [host], "backends": [{ "url": url, "upstreamAuth": "gcp-id-token" }] });
+    let both = json!({ "version": 1, "rules": [rule("gone", "gone.test", &gone.url()), rule("stays", "stays.test", &stays.url())] });
+    assert_eq!(push(&agent, &both).await.0, 200);
+    for host in ["gone.test", "stays.test"] {
+        assert_eq!(get(agent.proxy_addr(), host, "/", &[]).await.status.as_u16(), 200);
+    }
+    assert!(series(&agent, "gone").await > 0, "the route has series while it exists");
+    eventually(DEADLINE, "a background refresh of each audience", || async {
+        (meta.fetches(&gone.url()) >= 2 && meta.fetches(&stays.url()) >= 2).then_some(())
+    })
+    .await;
+
+    let one = json!({ "version": 2, "rules": [rule("stays", "stays.test", &stays.url())] });
+    assert_eq!(push(&agent, &one).await.0, 200);
+    assert_eq!(series(&agent, "gone").await, 0, "the removed route's series are gone");
+    assert!(series(&agent, "stays").await > 0, "the kept route keeps its series");
+
+    // The kept audience's refreshes are the clock: two more of them, and none for the other.
+    let (gone_fetches, stays_fetches) = (meta.fetches(&gone.url()), meta.fetches(&stays.url()));
+    eventually(DEADLINE, "two more refreshes of the kept audience", || async {
+        (meta.fetches(&stays.url()) >= stays_fetches + 2).then_some(())
+    })
+    .await;
+    assert_eq!(
+        meta.fetches(&gone.url()),
+        gone_fetches,
+        "the removed route's audience is no longer refreshed"
     );
 }

@@ -642,6 +642,27 @@ impl RouteTable {
         self.rules.len()
     }
 
+    /// Each rule's route name and its counters, for the metrics of the table in use.
+    pub fn route_stats(&self) -> impl Iterator<Item = (&Arc<str>, &Arc<RouteStats>)> {
+        self.rules.iter().map(|r| (&r.route, &r.stats))
+    }
+
+    /// The audiences (upstream URLs) of every backend and mirror that gets an identity token.
+    pub fn id_token_audiences(&self) -> impl Iterator<Item = &str> {
+        let filters = self
+            .rules
+            .iter()
+            .flat_map(|r| std::iter::once(&r.filters).chain(r.backends.iter().map(|b| &b.filters)));
+        let mirrors = filters.flat_map(|f| f.mirrors.iter().map(|m| (m.auth, &m.upstream)));
+        let backends = self
+            .rules
+            .iter()
+            .flat_map(|r| r.backends.iter().map(|b| (b.auth, &b.upstream)));
+        backends
+            .chain(mirrors)
+            .filter(|(auth, _)| *auth == UpstreamAuthKind::GcpIdToken)
+            .map(|(_, u)| u.url.as_str())
+    }
 
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()
