@@ -4,7 +4,8 @@
 //! holds an `Arc<RouteStats>` taken from [`Metrics::route`], so counting a request is a few
 //! relaxed atomic adds with no map lookup or lock on the request path (the `prometheus-client`
 //! crate's label families take a lock and hash per observation). A route keeps its counters
-//! across reloads because the registry hands out the same `Arc` for the same name.
+//! across reloads because the registry hands out the same `Arc` for the same name, and loses
+//! them when a table without it is installed ([`Metrics::keep_routes`]).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

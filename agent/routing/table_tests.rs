@@ -196,3 +196,42 @@ fn a_table_over_a_limit_names_the_rule_and_the_limit() {
     assert_eq!(err.problems[0].key, "route[0].matches[0].headers");
     assert!(err.problems[0].reason.contains("at most 16 per match"), "{err}");
 }
+
+/// Gateway API: routes whose hostnames match a request are ordered by hostname specificity,
+/// not filtered by it, so an exact host with no matching rule is served by its wildcard's
+/// rules (docs/routing.md, "Hostname fall-through"); a catch-all on the exact host that
+/// answers an error fences it off.
+#[test]
+fn an_exact_host_falls_through_to_its_wildcard_unless_it_has_a_catch_all() {
+    let admin = r#"{ "name": "admin", "hostnames": ["admin.example.com"], "matches": [{ "path": { "type": "PathPrefix", "value": "/admin" } }] }"#;
+    let app = r#"{ "name": "app", "hostnames": ["*.example.com"] }"#;
+    let fence = r#"{ "name": "fence", "hostnames": ["admin.example.com"], "unavailableStatus": 404 }"#;
+    let t = compile(&format!(r#"{{ "version": 1, "rules": [{admin}, {app}] }}"#)).unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(route(&t, "admin.example.com", "/admin/x"), "admin");
+    assert_eq!(route(&t, "admin.example.com", "/other"), "app");
+
+    let t = compile(&format!(r#"{{ "version": 1, "rules": [{admin}, {app}, {fence}] }}"#))
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(route(&t, "admin.example.com", "/admin/x"), "admin");
+    assert_eq!(route(&t, "admin.example.com", "/other"), "fence");
+    let rule = t.find("admin.example.com").expect("the fence");
+    assert_eq!(rule.unavailable, Some(StatusCode::NOT_FOUND));
+    assert_eq!(route(&t, "www.example.com", "/other"), "app");
+
+    // The TOML spelling: a rule without backends, which answers 500.
+    let t = table(
+        r#"
+        [[route]]
+        hostnames = ["*.example.com"]
+        upstream = "http://app"
+        [[route]]
+        name = "fence"
+        hostnames = ["admin.example.com"]
+        backends = []
+        "#,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let rule = t.find("admin.example.com").expect("the fence");
+    assert_eq!(&*rule.route, "fence");
+    assert!(rule.pick_backend().is_none(), "no backend: 500");
+}
