@@ -311,6 +311,13 @@ fn reply(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
     resp
 }
 
+fn shutting_down() -> Response<Full<Bytes>> {
+    reply(
+        StatusCode::SERVICE_UNAVAILABLE,
+        json!({ "error": "shutting_down", "message": "the agent is stopping" }),
+    )
+}
+
 fn problems_reply(status: StatusCode, code: &str, problems: &[Problem]) -> Response<Full<Bytes>> {
     let list: Vec<_> = problems
         .iter()
@@ -416,19 +423,8 @@ impl ConfigApi {
                 return problems_reply(StatusCode::BAD_REQUEST, "invalid_config", &[problem]);
             }
         };
-        // Compiled off the control runtime: a large table takes a while, and the control
-        // runtime is one thread that also answers `/ready` and pets the watchdog.
-        let (config, metrics) = (self.config.clone(), self.metrics.clone());
-        let compiled = tokio::task::spawn_blocking(move || {
-            let table = pushed.compile(&config, &metrics);
-            (pushed, table)
-        })
-        .await;
-        let Ok((pushed, compiled)) = compiled else {
-            return reply(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                json!({ "error": "compile_failed", "message": "compiling the table did not finish" }),
-            );
+        let Some((pushed, compiled)) = self.compile_blocking(pushed).await else {
+            return shutting_down();
         };
         let table = match compiled {
             Ok(t) => t,
@@ -468,11 +464,21 @@ impl ConfigApi {
                 json!({ "error": "persist_failed", "message": format!("cannot write the state file: {e}") }),
             ),
             // The node is shutting down.
-            None => reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                json!({ "error": "shutting_down", "message": "the agent is stopping" }),
-            ),
+            None => shutting_down(),
         }
+    }
+
+    /// Compiles `pushed` off the control runtime: a large table takes a while, and the control
+    /// runtime is one thread that also answers `/ready` and pets the watchdog. `None`: the
+    /// runtime is shutting down (with `panic = "abort"` a compile cannot fail otherwise).
+    async fn compile_blocking(&self, pushed: PushedConfig) -> Option<(PushedConfig, Result<RouteTable, RoutesError>)> {
+        let (config, metrics) = (self.config.clone(), self.metrics.clone());
+        tokio::task::spawn_blocking(move || {
+            let table = pushed.compile(&config, &metrics);
+            (pushed, table)
+        })
+        .await
+        .ok()
     }
 }
 
