@@ -116,10 +116,13 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// The stats for route `name`, shared with any earlier table that had the same route.
+    /// The stats for route `name`: those of the table in use when it has the route (a route
+    /// keeps its counts across tables), else new ones. Not registered here: a table's stats
+    /// are rendered once it is installed ([`Metrics::keep_routes`]), so a table that is
+    /// compiled and then refused (a stale push) shows nothing.
     pub fn route(&self, name: &Arc<str>) -> Arc<RouteStats> {
-        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
-        routes.entry(name.clone()).or_default().clone()
+        let routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        routes.get(name).cloned().unwrap_or_default()
     }
 
     /// Keeps the series of exactly `routes`, the table just installed: a route that went away
@@ -330,7 +333,9 @@ mod tests {
     #[test]
     fn histogram_is_cumulative_and_counts_match() {
         let m = Metrics::default();
-        let s = m.route(&Arc::from("r1"));
+        let name: Arc<str> = Arc::from("r1");
+        let s = m.route(&name);
+        m.keep_routes([(&name, &s)]);
         s.observe(200, Duration::from_millis(3));
         s.observe(503, Duration::from_secs(20));
         s.upstream_error(UpstreamErrorKind::Timeout);
@@ -356,7 +361,33 @@ mod tests {
             out.contains("tunnel_agent_upstream_errors_total{route=\"r1\",kind=\"timeout\"} 1"),
             "{out}"
         );
-        assert!(Arc::ptr_eq(&s, &m.route(&Arc::from("r1"))), "same name, same counters");
+        assert!(
+            Arc::ptr_eq(&s, &m.route(&name)),
+            "an installed route keeps its counters"
+        );
+    }
+
+    #[test]
+    fn only_the_installed_tables_routes_have_series() {
+        let m = Metrics::default();
+        let (old, new): (Arc<str>, Arc<str>) = (Arc::from("old"), Arc::from("new"));
+        let old_stats = m.route(&old);
+        m.keep_routes([(&old, &old_stats)]);
+        // Compiled for a table that is never installed (a stale push): no series.
+        let _refused = m.route(&Arc::from("refused"));
+        let new_stats = m.route(&new);
+        m.keep_routes([(&new, &new_stats)]);
+        let mut out = String::new();
+        m.render(&mut out);
+        assert!(out.contains("route=\"new\""), "{out}");
+        assert!(
+            !out.contains("route=\"old\"") && !out.contains("route=\"refused\""),
+            "{out}"
+        );
+        assert!(
+            !Arc::ptr_eq(&old_stats, &m.route(&old)),
+            "a removed route starts from zero"
+        );
     }
 
     #[test]

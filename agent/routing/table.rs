@@ -406,6 +406,8 @@ impl RouteTable {
         }
         // Which rule claimed each hostname with a catch-all first, to report duplicates.
         let mut claimed: HashMap<String, String> = HashMap::new();
+        // One set of counters per route name: rules of the same route count together.
+        let mut stats: HashMap<Arc<str>, Arc<RouteStats>> = HashMap::new();
         table.listeners = index::compile_listeners(listeners, &mut problems);
 
         for p in sources {
@@ -601,7 +603,10 @@ impl RouteTable {
                     .collect(),
             });
             table.rules.push(Rule {
-                stats: metrics.route(&route),
+                stats: stats
+                    .entry(route.clone())
+                    .or_insert_with(|| metrics.route(&route))
+                    .clone(),
                 route,
                 unavailable,
                 backends,
