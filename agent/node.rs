@@ -159,6 +159,15 @@ pub fn tunnel_spec(
 }
 
 /// The next tick of an optional timer (never, without one).
+/// [`route_source::build`] on a blocking thread: a large table takes a while to compile, and
+/// the control runtime is one thread that also answers `/ready` and pets the watchdog.
+async fn build_routes(config: &Config, map: HostMap, metrics: &Arc<Metrics>) -> anyhow::Result<(HostMap, RouteTable)> {
+    let (config, metrics) = (config.clone(), metrics.clone());
+    tokio::task::spawn_blocking(move || route_source::build(&config, &map, &metrics).map(|t| (map, t)))
+        .await
+        .context("compiling the route table did not finish")?
+}
+
 async fn tick_of(timer: &mut Option<Interval>) {
     match timer.as_mut() {
         Some(t) => {
@@ -278,6 +287,9 @@ impl Node {
         let version = table.version;
         let grpc = table.grpc;
         self.proxy.live.rcu(|live| live.with_routes(table.clone()));
+        // Per-route state of routes that went away goes with them.
+        self.metrics.keep_routes(table.route_stats());
+        self.proxy.tokens().retain(&table.id_token_audiences().collect());
         self.routes_version.send_replace(version);
         // A config-API node is ready once it has a pushed table (from the state dir or a push).
         let loaded = config.routes.source != RouteSourceKind::ConfigApi || version.is_some();
@@ -340,8 +352,7 @@ impl Node {
             let (map, _) = route_source::fetch(&new, &self.metadata)
                 .await
                 .map_err(anyhow::Error::msg)?;
-            let table = route_source::build(&new, &map, &self.metrics)?;
-            Some((map, table))
+            Some(build_routes(&new, map, &self.metrics).await?)
         };
         // Checked before anything changes, so a bad auth setting rejects the whole reload.
         InboundAuth::for_config(&new, &secrets, self.proxy.live.load().auth.as_ref())?;
@@ -462,11 +473,12 @@ impl Node {
 
     /// A new value from the watched route source.
     async fn routes_changed(&mut self, update: route_source::Update) {
-        let built = update.and_then(|map| {
-            route_source::build(&self.config, &map, &self.metrics)
-                .map(|t| (map, t))
-                .map_err(|e| format!("{e:#}"))
-        });
+        let built = match update {
+            Ok(map) => build_routes(&self.config, map, &self.metrics)
+                .await
+                .map_err(|e| format!("{e:#}")),
+            Err(e) => Err(e),
+        };
         match built {
             Ok((map, table)) => {
                 tracing::info!(

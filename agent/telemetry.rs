@@ -4,7 +4,8 @@
 //! holds an `Arc<RouteStats>` taken from [`Metrics::route`], so counting a request is a few
 //! relaxed atomic adds with no map lookup or lock on the request path (the `prometheus-client`
 //! crate's label families take a lock and hash per observation). A route keeps its counters
-//! across reloads because the registry hands out the same `Arc` for the same name.
+//! across reloads because the registry hands out the same `Arc` for the same name, and loses
+//! them when a table without it is installed ([`Metrics::keep_routes`]).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -117,10 +118,22 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// The stats for route `name`, shared with any earlier table that had the same route.
+    /// The stats for route `name`: those of the table in use when it has the route (a route
+    /// keeps its counts across tables), else new ones. Not registered here: a table's stats
+    /// are rendered once it is installed ([`Metrics::keep_routes`]), so a table that is
+    /// compiled and then refused (a stale push) shows nothing.
     pub fn route(&self, name: &Arc<str>) -> Arc<RouteStats> {
-        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
-        routes.entry(name.clone()).or_default().clone()
+        let routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        routes.get(name).cloned().unwrap_or_default()
+    }
+
+    /// Keeps the series of exactly `routes`, the table just installed: a route that went away
+    /// takes its series with it (a controller that names routes by generation would otherwise
+    /// grow `/metrics` without bound), and a table compiled but never installed leaves none.
+    pub fn keep_routes<'a>(&self, routes: impl IntoIterator<Item = (&'a Arc<str>, &'a Arc<RouteStats>)>) {
+        let next: BTreeMap<Arc<str>, Arc<RouteStats>> =
+            routes.into_iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        *self.routes.lock().unwrap_or_else(|e| e.into_inner()) = next;
     }
 
     /// Prometheus text exposition format 0.0.4.
@@ -328,7 +341,9 @@ mod tests {
     #[test]
     fn histogram_is_cumulative_and_counts_match() {
         let m = Metrics::default();
-        let s = m.route(&Arc::from("r1"));
+        let name: Arc<str> = Arc::from("r1");
+        let s = m.route(&name);
+        m.keep_routes([(&name, &s)]);
         s.observe(200, Duration::from_millis(3));
         s.observe(503, Duration::from_secs(20));
         s.upstream_error(UpstreamErrorKind::Timeout);
@@ -354,7 +369,33 @@ mod tests {
             out.contains("tunnel_agent_upstream_errors_total{route=\"r1\",kind=\"timeout\"} 1"),
             "{out}"
         );
-        assert!(Arc::ptr_eq(&s, &m.route(&Arc::from("r1"))), "same name, same counters");
+        assert!(
+            Arc::ptr_eq(&s, &m.route(&name)),
+            "an installed route keeps its counters"
+        );
+    }
+
+    #[test]
+    fn only_the_installed_tables_routes_have_series() {
+        let m = Metrics::default();
+        let (old, new): (Arc<str>, Arc<str>) = (Arc::from("old"), Arc::from("new"));
+        let old_stats = m.route(&old);
+        m.keep_routes([(&old, &old_stats)]);
+        // Compiled for a table that is never installed (a stale push): no series.
+        let _refused = m.route(&Arc::from("refused"));
+        let new_stats = m.route(&new);
+        m.keep_routes([(&new, &new_stats)]);
+        let mut out = String::new();
+        m.render(&mut out);
+        assert!(out.contains("route=\"new\""), "{out}");
+        assert!(
+            !out.contains("route=\"old\"") && !out.contains("route=\"refused\""),
+            "{out}"
+        );
+        assert!(
+            !Arc::ptr_eq(&old_stats, &m.route(&old)),
+            "a removed route starts from zero"
+        );
     }
 
     #[test]

@@ -239,6 +239,7 @@ async fn an_identity_token_with_an_absurd_exp_is_used_not_a_crash() {
     let config = ConfigText::new()
         .gcp(&format!("metadata_url = {:?}", meta.url()))
         .routes("upstream_auth = \"gcp-id-token\"")
+        .proxy("allow_id_tokens_over_http = true")
         .host("app.test", &up.url());
     let agent = AgentBuilder::new().start(&config).await;
     assert_eq!(answer(&agent, "app.test").await, StatusCode::OK);
@@ -254,6 +255,7 @@ async fn a_metadata_error_body_of_multibyte_characters_is_cut_on_a_character() {
     let config = ConfigText::new()
         .gcp(&format!("metadata_url = {:?}", meta.url()))
         .routes("upstream_auth = \"gcp-id-token\"")
+        .proxy("allow_id_tokens_over_http = true")
         .host("app.test", &up.url());
     let agent = AgentBuilder::new().start(&config).await;
     // No token: the agent's own 503, and the agent is still there for the next request.

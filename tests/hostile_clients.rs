@@ -143,6 +143,7 @@ async fn error_bodies_name_no_upstream_and_no_metadata_error() {
         .gcp(&format!("metadata_url = {:?}", meta.url()))
         .gcp("metadata_timeout = \"500ms\"")
         .routes("upstream_auth = \"gcp-id-token\"")
+        .proxy("allow_id_tokens_over_http = true")
         .host("app.test", &upstream);
     let agent = AgentBuilder::new().start(&config).await;
     let reply = get(agent.proxy_addr(), "app.test", "/", &[]).await;

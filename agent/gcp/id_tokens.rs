@@ -55,6 +55,8 @@ struct Slot {
     /// it, so a metadata outage costs one fetch per second, not one per request.
     last_failure: Mutex<Option<(Instant, MetadataError)>>,
     refresher: AtomicBool,
+    /// Set when no route uses the audience any more: its refresher ends.
+    retired: tokio::sync::watch::Sender<bool>,
 }
 
 /// Why a request could not get a token.
@@ -116,11 +118,32 @@ impl IdTokenCache {
             fetching: tokio::sync::Mutex::new(()),
             last_failure: Mutex::new(None),
             refresher: AtomicBool::new(false),
+            retired: tokio::sync::watch::Sender::new(false),
         });
         let mut next = HashMap::clone(&current);
         next.insert(slot.audience.clone(), slot.clone());
         self.slots.store(Arc::new(next));
         slot
+    }
+
+    /// Drops the slots (token and background refresher) of every audience not in `keep`, the
+    /// audiences of the table just installed: a route that went away stops fetching tokens.
+    /// A request of the previous table still in flight gets a new slot if it asks again.
+    pub fn retain(&self, keep: &std::collections::HashSet<&str>) {
+        let _guard = self.insert.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.slots.load_full();
+        if current.keys().all(|a| keep.contains(&**a)) {
+            return;
+        }
+        let mut next = HashMap::clone(&current);
+        next.retain(|audience, slot| {
+            let kept = keep.contains(&**audience);
+            if !kept {
+                slot.retired.send_replace(true);
+            }
+            kept
+        });
+        self.slots.store(Arc::new(next));
     }
 
     /// The `Bearer …` header value for `audience`.
@@ -226,11 +249,18 @@ impl IdTokenCache {
     /// while the old token keeps serving. Ends when the cache is dropped.
     async fn refresh_loop(cache: std::sync::Weak<IdTokenCache>, slot: Arc<Slot>) {
         let mut backoff = crate::backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        let mut retired = slot.retired.subscribe();
         loop {
             let at = slot.token.load().as_ref().map(|t| t.refresh_at);
-            match at {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => tokio::time::sleep(backoff.next_delay()).await,
+            let wait = async {
+                match at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => tokio::time::sleep(backoff.next_delay()).await,
+                }
+            };
+            tokio::select! {
+                () = wait => {}
+                _ = retired.wait_for(|r| *r) => return,
             }
             let Some(cache) = cache.upgrade() else { return };
             let _fetching = slot.fetching.lock().await;

@@ -232,6 +232,11 @@ impl Proxy {
         self.resolver.set_allow_link_local(allow);
     }
 
+    /// The identity-token cache, pruned by the node when a table is installed.
+    pub fn tokens(&self) -> &Arc<IdTokenCache> {
+        &self.tokens
+    }
+
     /// A worker with its own, empty upstream pools. Give each worker thread one and handle its
     /// requests with it.
     pub fn worker(self: &Arc<Self>) -> Arc<Worker> {

@@ -6,7 +6,7 @@
 //!   (every problem listed), 409 version older than the one applied, 200 applied.
 //! - `GET /config` → `{"version": N, "ready": bool}`; `GET /healthz`, `GET /readyz` as the peer.
 //!
-//! A push is validated and compiled here, in the request's task, then handed to the node as a
+//! A push is validated and compiled here (on a blocking thread), then handed to the node as a
 //! [`Push`]: the node version-checks, persists and applies it on the path every route table takes
 //! (proxy, status, runtime `routes.json`, cloudflared's ingress for a locally-managed tunnel).
 //! The node handles one event at a time, so concurrent pushes apply in some order, and a request
@@ -459,6 +459,13 @@ fn reply(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
     resp
 }
 
+fn shutting_down() -> Response<Full<Bytes>> {
+    reply(
+        StatusCode::SERVICE_UNAVAILABLE,
+        json!({ "error": "shutting_down", "message": "the agent is stopping" }),
+    )
+}
+
 fn problems_reply(status: StatusCode, code: &str, problems: &[Problem]) -> Response<Full<Bytes>> {
     let list: Vec<_> = problems
         .iter()
@@ -564,8 +571,10 @@ impl ConfigApi {
                 return problems_reply(StatusCode::BAD_REQUEST, "invalid_config", &[problem]);
             }
         };
-        let settings = self.settings.borrow().clone();
-        let table = match pushed.compile(&settings.config, &self.metrics) {
+        let Some((pushed, compiled)) = self.compile_blocking(pushed).await else {
+            return shutting_down();
+        };
+        let table = match compiled {
             Ok(t) => t,
             Err(e) => {
                 self.metrics.route_reload_failures.inc();
@@ -587,7 +596,7 @@ impl ConfigApi {
         };
         match outcome {
             Some(PushOutcome::Applied { rules }) => {
-                if pushed.has_grpc_route && !tunnel_is_http2(&settings.config) {
+                if pushed.has_grpc_route && !tunnel_is_http2(&self.settings.borrow().config) {
                     // The controller sets hasGrpcRoute because cloudflared drops HTTP trailers
                     // over QUIC, and gRPC carries its status in them.
                     tracing::warn!("the table has gRPC routes but cloudflared is not run with --protocol http2 (cloudflared.extra_args); gRPC status trailers may be lost over QUIC");
@@ -603,11 +612,22 @@ impl ConfigApi {
                 json!({ "error": "persist_failed", "message": format!("cannot write the state file: {e}") }),
             ),
             // The node is shutting down.
-            None => reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                json!({ "error": "shutting_down", "message": "the agent is stopping" }),
-            ),
+            None => shutting_down(),
         }
+    }
+
+    /// Compiles `pushed` off the control runtime: a large table takes a while, and the control
+    /// runtime is one thread that also answers `/ready` and pets the watchdog. `None`: the
+    /// runtime is shutting down (with `panic = "abort"` a compile cannot fail otherwise).
+    async fn compile_blocking(&self, pushed: PushedConfig) -> Option<(PushedConfig, Result<RouteTable, RoutesError>)> {
+        // The settings in force now (a reload or rotation may have changed them since boot).
+        let (settings, metrics) = (self.settings.borrow().clone(), self.metrics.clone());
+        tokio::task::spawn_blocking(move || {
+            let table = pushed.compile(&settings.config, &metrics);
+            (pushed, table)
+        })
+        .await
+        .ok()
     }
 }
 

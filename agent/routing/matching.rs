@@ -19,6 +19,7 @@
 use std::borrow::Cow;
 use std::cmp::Reverse;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName, Method};
 use regex::bytes::{Regex, RegexBuilder, RegexSet, RegexSetBuilder};
@@ -72,8 +73,15 @@ pub fn compile_anchored(pattern: &str) -> Result<Regex, String> {
             .build()
     };
     // Compiling the pattern on its own first proves its parentheses balance, so wrapping it in
-    // `\A(?:…)\z` cannot be escaped by a pattern like `a)|(b`.
-    build(pattern).map_err(|e| format!("invalid regular expression {pattern:?}: {}", first_line(&e)))?;
+    // `\A(?:…)\z` cannot be escaped by a pattern like `a)|(b`. As a one-pattern set: that
+    // parses it the same way at a small part of the cost of a `Regex` (no literal prefilters,
+    // no extra engines), and a table may hold a thousand patterns.
+    RegexSetBuilder::new([pattern])
+        .unicode(false)
+        .size_limit(REGEX_SIZE_LIMIT)
+        .dfa_size_limit(2 * REGEX_SIZE_LIMIT)
+        .build()
+        .map_err(|e| format!("invalid regular expression {pattern:?}: {}", first_line(&e)))?;
     build(&format!(r"\A(?:{pattern})\z"))
         .map_err(|e| format!("invalid regular expression {pattern:?}: {}", first_line(&e)))
 }
@@ -470,8 +478,9 @@ pub struct MatchList {
     /// `RegularExpression` path matches by precedence.
     regex: Vec<usize>,
     /// The paths of `regex` as one set, so a request runs one automaton over its path instead
-    /// of one per pattern. `None` below two patterns, or if the set would be too large.
-    regex_set: Option<RegexSet>,
+    /// of one per pattern. `None` below two patterns, or if the set would be too large. Shared
+    /// with every list of the table that has the same regex matches ([`RegexSets`]).
+    regex_set: Option<Arc<RegexSet>>,
     /// `PathPrefix` matches other than `/`, by the first segment of their prefix, each list by
     /// precedence: a prefix can only match paths with the same first segment.
     prefix_by_segment: HashMap<Box<str>, Vec<usize>>,
@@ -497,8 +506,8 @@ impl MatchList {
         }
     }
 
-    /// Sorts and builds the regex set once, at build time.
-    pub fn finish(&mut self, all: &[RouteMatch]) {
+    /// Sorts, and takes the regex set from `sets` (built there once per distinct list).
+    pub fn finish(&mut self, all: &[RouteMatch], sets: &mut RegexSets) -> Result<(), SetBudgetExceeded> {
         let key = |&i: &usize| all[i].sort_key();
         let lists = self.exact.values_mut().chain(self.prefix_by_segment.values_mut());
         for list in lists.chain([&mut self.regex, &mut self.prefix_root]) {
@@ -507,17 +516,9 @@ impl MatchList {
         }
         self.regex_set = None;
         if self.regex.len() >= 2 {
-            let patterns = self.regex.iter().filter_map(|&i| match &all[i].path {
-                PathMatcher::Regex(re) => Some(re.as_str()),
-                _ => None,
-            });
-            self.regex_set = RegexSetBuilder::new(patterns)
-                .unicode(false)
-                .size_limit(16 * REGEX_SIZE_LIMIT)
-                .dfa_size_limit(16 * REGEX_SIZE_LIMIT)
-                .build()
-                .ok();
+            self.regex_set = sets.get(all, &self.regex)?;
         }
+        Ok(())
     }
 
     pub fn find<'t>(&self, all: &'t [RouteMatch], req: &RequestHead<'_>) -> Option<&'t RouteMatch> {
@@ -562,5 +563,55 @@ impl MatchList {
             && self.regex.is_empty()
             && self.prefix_by_segment.is_empty()
             && self.prefix_root.is_empty()
+    }
+}
+
+/// The regex sets of one table, one per distinct list of regex matches: every hostname of a
+/// rule has the same list, and a set is as large as its patterns together, so building one per
+/// hostname multiplied a table's memory by its hostnames. Counts the patterns compiled into
+/// sets against a budget, checked before each set is built.
+#[derive(Debug)]
+pub struct RegexSets {
+    built: HashMap<Box<[usize]>, Option<Arc<RegexSet>>>,
+    /// Patterns that may still go into new sets.
+    budget: usize,
+}
+
+/// A table's regex matches would compile into more set entries than its budget allows.
+#[derive(Debug, Clone, Copy)]
+pub struct SetBudgetExceeded {
+    /// The rule of the first match in the set that did not fit.
+    pub rule: usize,
+}
+
+impl RegexSets {
+    /// Sets for one table, at most `budget` patterns in all.
+    pub fn new(budget: usize) -> RegexSets {
+        RegexSets {
+            built: HashMap::new(),
+            budget,
+        }
+    }
+
+    fn get(&mut self, all: &[RouteMatch], regex: &[usize]) -> Result<Option<Arc<RegexSet>>, SetBudgetExceeded> {
+        if let Some(set) = self.built.get(regex) {
+            return Ok(set.clone());
+        }
+        self.budget = self.budget.checked_sub(regex.len()).ok_or_else(|| SetBudgetExceeded {
+            rule: regex.first().map_or(0, |&i| all[i].rule),
+        })?;
+        let patterns = regex.iter().filter_map(|&i| match &all[i].path {
+            PathMatcher::Regex(re) => Some(re.as_str()),
+            _ => None,
+        });
+        let set = RegexSetBuilder::new(patterns)
+            .unicode(false)
+            .size_limit(16 * REGEX_SIZE_LIMIT)
+            .dfa_size_limit(16 * REGEX_SIZE_LIMIT)
+            .build()
+            .ok()
+            .map(Arc::new);
+        self.built.insert(regex.into(), set.clone());
+        Ok(set)
     }
 }

@@ -13,6 +13,8 @@ pub mod config_api;
 pub mod cors;
 pub mod destination;
 pub mod filters;
+mod index;
+pub mod limits;
 pub mod matching;
 pub mod mirror;
 pub mod path;

@@ -144,7 +144,21 @@ fn random_filter(rng: &mut Rng) -> Value {
     }
 }
 
+/// Listener scopes a random table may declare: (name, hostname).
+const LISTENERS: &[(&str, Option<&str>)] = &[
+    ("wild", Some("*.example.com")),
+    ("exact", Some("a.example.com")),
+    ("deeper", Some("*.a.example.com")),
+    ("any", None),
+];
+
 fn random_config(rng: &mut Rng) -> Value {
+    // A third of the tables declare some listeners; their rules name some or none of them.
+    let listeners: Vec<(&str, Option<&str>)> = if rng.chance(33) {
+        LISTENERS.iter().copied().filter(|_| rng.chance(60)).collect()
+    } else {
+        Vec::new()
+    };
     let rules: Vec<Value> = (0..1 + rng.below(6))
         .map(|i| {
             let mut r = serde_json::Map::new();
@@ -161,6 +175,10 @@ fn random_config(rng: &mut Rng) -> Value {
                 .map(|_| json!({ "url": rng.mostly(URLS, BAD_URLS), "weight": rng.below(3) }))
                 .collect();
             r.insert("backends".into(), json!(backends));
+            if !listeners.is_empty() && rng.chance(50) {
+                let names: Vec<&str> = listeners.iter().map(|l| l.0).filter(|_| rng.chance(50)).collect();
+                r.insert("listeners".into(), json!(names));
+            }
             if rng.chance(20) {
                 r.insert(
                     "timeouts".into(),
@@ -170,7 +188,44 @@ fn random_config(rng: &mut Rng) -> Value {
             Value::Object(r)
         })
         .collect();
-    json!({ "version": rng.below(10), "rules": rules })
+    let listeners: Vec<Value> = listeners
+        .iter()
+        .map(|(name, hostname)| json!({ "name": name, "hostname": hostname }))
+        .collect();
+    json!({ "version": rng.below(10), "rules": rules, "listeners": listeners })
+}
+
+/// The rules (by index) that may serve `host`: all of them without listeners; with listeners,
+/// those of the most specific listener matching `host` (its own and those naming none), none
+/// when no listener matches. Brute force, as the spec words it.
+fn eligible(doc: &Value, host: &str) -> Vec<bool> {
+    let host = host.to_ascii_lowercase();
+    let host = host.strip_suffix('.').unwrap_or(&host);
+    let rules = doc["rules"].as_array().map_or(0, Vec::len);
+    let listeners = doc["listeners"].as_array().cloned().unwrap_or_default();
+    if listeners.is_empty() {
+        return vec![true; rules];
+    }
+    let rank = |l: &Value| match l["hostname"].as_str() {
+        None => Some((0, 0)),
+        Some(h) => match h.strip_prefix('*') {
+            Some(suffix) => (host.len() > suffix.len() && host.ends_with(suffix)).then_some((1, suffix.len())),
+            None => (h == host).then_some((2, h.len())),
+        },
+    };
+    let owner = listeners
+        .iter()
+        .filter_map(|l| rank(l).map(|r| (r, l)))
+        .max_by_key(|(r, _)| *r);
+    let Some((_, owner)) = owner else {
+        return vec![false; rules];
+    };
+    (0..rules)
+        .map(|i| {
+            let named = doc["rules"][i]["listeners"].as_array().cloned().unwrap_or_default();
+            named.is_empty() || named.contains(&owner["name"])
+        })
+        .collect()
 }
 
 /// Brute force: the rule (by name) and matched prefix a request should get.
@@ -278,7 +333,12 @@ fn random_configs_never_panic_and_route_like_the_reference() {
                 headers: &headers,
             };
             let got = table.route(host, &head);
-            let want = reference(&rules, host, &head);
+            let eligible = eligible(&doc, host);
+            let in_scope: Vec<_> = (rules.iter().zip(&eligible))
+                .filter(|(_, e)| **e)
+                .map(|(r, _)| r.clone())
+                .collect();
+            let want = reference(&in_scope, host, &head);
             let got_named = got.map(|r| (r.rule.route.to_string(), r.matched.prefix().map(str::to_owned)));
             assert_eq!(
                 got_named, want,

@@ -21,8 +21,10 @@ use crate::config::{
     UpstreamProtocol,
 };
 use crate::config::{FilterSpec, MatchSpec, TimeoutsSpec};
+use crate::routing::index::{self, HostIndex, Listener};
+use crate::routing::matching::RegexSets;
 use crate::routing::tls::{DefaultRoots, TlsError, UpstreamTls};
-use crate::routing::{Filters, MatchList, RequestHead, RouteMatch};
+use crate::routing::{limits, Filters, RequestHead, RouteMatch};
 use crate::telemetry::{Metrics, RouteStats};
 
 /// Where a request goes once it matched: the upstream and how to authenticate to it.
@@ -172,94 +174,18 @@ pub struct RouteSummary {
     pub host_headers: Vec<String>,
 }
 
-/// Hostname → matches, for the rules of one scope (the whole table, or one listener).
-#[derive(Debug, Default)]
-struct HostIndex {
-    /// Lower-case exact hostname → its matches in precedence order.
-    exact: HashMap<Box<str>, MatchList>,
-    /// `*.suffix` hostnames as (".suffix", matches), longest suffix first.
-    wildcard: Vec<(Box<str>, MatchList)>,
-    /// While building: the wildcard lists by suffix.
-    wildcard_building: HashMap<Box<str>, MatchList>,
-    /// Matches of rules without hostnames: they apply to any host, after the hostname's own.
-    any_host: MatchList,
-}
-
-impl HostIndex {
-    fn push(&mut self, mi: usize, m: &RouteMatch, hostnames: &[String]) {
-        if hostnames.is_empty() {
-            self.any_host.push(mi, m);
-        }
-        for h in hostnames {
-            match h.strip_prefix('*') {
-                Some(suffix) => self.wildcard_building.entry(suffix.into()).or_default().push(mi, m),
-                None => self.exact.entry(h.as_str().into()).or_default().push(mi, m),
-            }
-        }
-    }
-
-    fn finish(&mut self, all: &[RouteMatch]) {
-        for list in self.exact.values_mut() {
-            list.finish(all);
-        }
-        self.any_host.finish(all);
-        let mut wildcard: Vec<(Box<str>, MatchList)> = self.wildcard_building.drain().collect();
-        for (_, list) in &mut wildcard {
-            list.finish(all);
-        }
-        // Gateway API: the longest matching hostname wins; ties cannot happen (one list per suffix).
-        wildcard.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
-        self.wildcard = wildcard;
-    }
-
-    fn find<'t>(&self, all: &'t [RouteMatch], host: &str, req: &RequestHead<'_>) -> Option<&'t RouteMatch> {
-        self.exact
-            .get(host)
-            .and_then(|list| list.find(all, req))
-            .or_else(|| {
-                self.wildcard
-                    .iter()
-                    // A wildcard matches one or more labels, never the apex itself.
-                    .filter(|(suffix, _)| host.len() > suffix.len() && host.ends_with(&**suffix))
-                    .find_map(|(_, list)| list.find(all, req))
-            })
-            .or_else(|| self.any_host.find(all, req))
-    }
-}
-
-/// A Gateway listener as a scope of rules (docs/routing.md, "Listener scopes").
-#[derive(Debug)]
-struct Listener {
-    name: Box<str>,
-    /// Lower-case exact name, `*.suffix`, or `None` for a listener without a hostname.
-    hostname: Option<Box<str>>,
-    index: HostIndex,
-}
-
-impl Listener {
-    /// How specifically this listener matches `host`: exact above any wildcard, a longer
-    /// wildcard above a shorter one, a hostname-less listener last. `None`: no match.
-    fn specificity(&self, host: &str) -> Option<(u8, usize)> {
-        match self.hostname.as_deref() {
-            None => Some((0, 0)),
-            Some(h) => match h.strip_prefix('*') {
-                Some(suffix) => (host.len() > suffix.len() && host.ends_with(suffix)).then_some((1, suffix.len())),
-                None => (h == host).then_some((2, h.len())),
-            },
-        }
-    }
-}
-
 /// The compiled, immutable table.
 #[derive(Debug, Default)]
 pub struct RouteTable {
     rules: Vec<Rule>,
     /// Every compiled match of every rule; the indexes below point into it.
     matches: Vec<RouteMatch>,
-    /// Every rule, for tables without listeners.
+    /// The rules that name no listener: every rule of a table without listeners, and in one
+    /// with listeners the rules attached to all of them.
     index: HostIndex,
     /// With listeners, a request is served only by the rules of the most specific listener
-    /// that matches its host (Gateway API listener isolation); none matches: 404.
+    /// that matches its host (Gateway API listener isolation), its own and those in `index`;
+    /// none matches: 404.
     listeners: Vec<Listener>,
     pub summary: Vec<RouteSummary>,
     /// The config API's version of this table; `None` for tables from the file.
@@ -460,6 +386,12 @@ impl RouteTable {
         strict_duplicates: bool,
         mut problems: Vec<Problem>,
     ) -> Result<RouteTable, RoutesError> {
+        let over = limits::exceeded(&sources, listeners.len());
+        if !over.is_empty() {
+            problems.extend(over);
+            return Err(RoutesError { problems });
+        }
+        let rule_keys: Vec<String> = sources.iter().map(|p| p.key.clone()).collect();
         let defaults = &config.routes;
         let mut table = RouteTable::default();
         let default_roots = DefaultRoots::new(&config.proxy);
@@ -475,30 +407,9 @@ impl RouteTable {
         }
         // Which rule claimed each hostname with a catch-all first, to report duplicates.
         let mut claimed: HashMap<String, String> = HashMap::new();
-        for (i, l) in listeners.iter().enumerate() {
-            let key = format!("listeners[{i}]");
-            let hostname = match l.hostname.as_deref().map(normalise_hostname).transpose() {
-                Ok(h) => h.map(String::into_boxed_str),
-                Err(reason) => {
-                    problems.push(Problem {
-                        key: format!("{key}.hostname"),
-                        reason,
-                    });
-                    None
-                }
-            };
-            if l.name.is_empty() || table.listeners.iter().any(|seen| *seen.name == *l.name) {
-                problems.push(Problem {
-                    key: format!("{key}.name"),
-                    reason: format!("listener name {:?} is empty or given twice", l.name),
-                });
-            }
-            table.listeners.push(Listener {
-                name: l.name.as_str().into(),
-                hostname,
-                index: HostIndex::default(),
-            });
-        }
+        // One set of counters per route name: rules of the same route count together.
+        let mut stats: HashMap<Arc<str>, Arc<RouteStats>> = HashMap::new();
+        table.listeners = index::compile_listeners(listeners, &mut problems);
 
         for p in sources {
             let idx = table.rules.len();
@@ -642,7 +553,8 @@ impl RouteTable {
             }
 
             // A rule without listeners is attached to every listener, as an HTTPRoute whose
-            // parentRef names no sectionName.
+            // parentRef names no sectionName: it goes in the table's own index, which every
+            // listener searches too.
             let mut scopes: Vec<usize> = Vec::new();
             for (li, name) in p.listeners.iter().enumerate() {
                 match table.listeners.iter().position(|l| *l.name == **name) {
@@ -653,12 +565,11 @@ impl RouteTable {
                     }),
                 }
             }
-            if scopes.is_empty() {
-                scopes = (0..table.listeners.len()).collect();
-            }
             for m in matches {
                 let mi = table.matches.len();
-                table.index.push(mi, &m, &hostnames);
+                if p.listeners.is_empty() {
+                    table.index.push(mi, &m, &hostnames);
+                }
                 for &li in &scopes {
                     table.listeners[li].index.push(mi, &m, &hostnames);
                 }
@@ -693,7 +604,10 @@ impl RouteTable {
                     .collect(),
             });
             table.rules.push(Rule {
-                stats: metrics.route(&route),
+                stats: stats
+                    .entry(route.clone())
+                    .or_insert_with(|| metrics.route(&route))
+                    .clone(),
                 route,
                 unavailable,
                 backends,
@@ -707,16 +621,53 @@ impl RouteTable {
         if !problems.is_empty() {
             return Err(RoutesError { problems });
         }
-        let all = &table.matches;
-        table.index.finish(all);
-        for l in &mut table.listeners {
-            l.index.finish(all);
-        }
+        table.finish_indexes(&rule_keys)?;
         Ok(table)
+    }
+
+    /// Sorts every index, building each distinct regex set once within the table's budget.
+    fn finish_indexes(&mut self, rule_keys: &[String]) -> Result<(), RoutesError> {
+        let all = &self.matches;
+        let mut sets = RegexSets::new(limits::MAX_SET_PATTERNS);
+        let indexes = std::iter::once(&mut self.index).chain(self.listeners.iter_mut().map(|l| &mut l.index));
+        for index in indexes {
+            index.finish(all, &mut sets).map_err(|over| RoutesError {
+                problems: vec![Problem {
+                    key: rule_keys.get(over.rule).cloned().unwrap_or_default(),
+                    reason: format!(
+                        "the table's regular expressions, once per distinct set of rules a hostname has, exceed {} (the limit)",
+                        limits::MAX_SET_PATTERNS
+                    ),
+                }],
+            })?;
+        }
+        Ok(())
     }
 
     pub fn len(&self) -> usize {
         self.rules.len()
+    }
+
+    /// Each rule's route name and its counters, for the metrics of the table in use.
+    pub fn route_stats(&self) -> impl Iterator<Item = (&Arc<str>, &Arc<RouteStats>)> {
+        self.rules.iter().map(|r| (&r.route, &r.stats))
+    }
+
+    /// The audiences (upstream URLs) of every backend and mirror that gets an identity token.
+    pub fn id_token_audiences(&self) -> impl Iterator<Item = &str> {
+        let filters = self
+            .rules
+            .iter()
+            .flat_map(|r| std::iter::once(&r.filters).chain(r.backends.iter().map(|b| &b.filters)));
+        let mirrors = filters.flat_map(|f| f.mirrors.iter().map(|m| (m.auth, &m.upstream)));
+        let backends = self
+            .rules
+            .iter()
+            .flat_map(|r| r.backends.iter().map(|b| (b.auth, &b.upstream)));
+        backends
+            .chain(mirrors)
+            .filter(|(auth, _)| *auth == UpstreamAuthKind::GcpIdToken)
+            .map(|(_, u)| u.url.as_str())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -736,17 +687,16 @@ impl RouteTable {
             host
         };
         let host = host.strip_suffix('.').unwrap_or(host);
-        let index = if self.listeners.is_empty() {
-            &self.index
+        let found = if self.listeners.is_empty() {
+            index::find(&[&self.index], &self.matches, host, req)?
         } else {
             let owner = self
                 .listeners
                 .iter()
                 .filter_map(|l| l.specificity(host).map(|s| (s, l)))
                 .max_by_key(|(s, _)| *s)?;
-            &owner.1.index
+            index::find(&[&owner.1.index, &self.index], &self.matches, host, req)?
         };
-        let found = index.find(&self.matches, host, req)?;
         Some(Routed {
             rule: &self.rules[found.rule],
             matched: found,
@@ -792,131 +742,5 @@ pub fn host_without_port(host: &str) -> &str {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn table(toml: &str) -> Result<RouteTable, RoutesError> {
-        let config = crate::routing::parse_config(Path::new("t.toml"), toml)
-            .map_err(|e| RoutesError { problems: e.problems })?;
-        RouteTable::build(&config, &config.routes.hosts)
-    }
-
-    #[test]
-    fn host_map_is_one_rule_per_host_case_insensitive() {
-        let t = table("[routes.hosts]\n\"API.example.com\" = \"https://svc-1.a.run.app/\"\n").unwrap();
-        let rule = t.find("api.EXAMPLE.com").expect("route found");
-        assert_eq!(rule.backends[0].upstream.url, "https://svc-1.a.run.app");
-        assert!(t.find("other.example.com").is_none());
-        assert!(t.find("api.example.com.").is_some(), "trailing dot is the same name");
-    }
-
-    #[test]
-    fn wildcard_matches_subdomains_not_apex_and_exact_wins() {
-        let t = table(
-            r#"
-            [routes.hosts]
-            "*.example.com" = "http://wild"
-            "a.example.com" = "http://exact"
-            "*.b.example.com" = "http://deeper"
-            "#,
-        )
-        .unwrap();
-        assert_eq!(
-            t.find("a.example.com").unwrap().backends[0].upstream.url,
-            "http://exact"
-        );
-        assert_eq!(
-            t.find("x.y.example.com").unwrap().backends[0].upstream.url,
-            "http://wild"
-        );
-        assert_eq!(
-            t.find("x.b.example.com").unwrap().backends[0].upstream.url,
-            "http://deeper"
-        );
-        assert!(t.find("example.com").is_none());
-    }
-
-    #[test]
-    fn bad_urls_and_duplicates_are_all_reported() {
-        let err = table(
-            r#"
-            [routes.hosts]
-            "a.example.com" = "ftp://x"
-            "b.example.com" = "no-scheme"
-            "c.example.com:80" = "http://x"
-            [[route]]
-            hostnames = ["A.example.com"]
-            upstream = "http://user:pw@x"
-            "#,
-        )
-        .unwrap_err();
-        let text = err.to_string();
-        assert!(text.contains("scheme \"ftp\""), "{text}");
-        assert!(text.contains("missing scheme"), "{text}");
-        assert!(text.contains("not a valid hostname"), "{text}");
-        assert!(text.contains("already routed"), "{text}");
-        assert!(text.contains("credentials"), "{text}");
-        assert!(!text.contains("pw@"), "URL credentials must not be echoed: {text}");
-    }
-
-    #[test]
-    fn upstream_uri_keeps_path_and_query_and_prefixes_base_path() {
-        let u = Upstream::parse("https://svc.run.app").unwrap();
-        let pq = PathAndQuery::from_static("/a/b?x=1");
-        assert_eq!(u.uri_for(Some(&pq)).unwrap().to_string(), "https://svc.run.app/a/b?x=1");
-        let u = Upstream::parse("http://127.0.0.1:9/base/").unwrap();
-        assert_eq!(
-            u.uri_for(Some(&pq)).unwrap().to_string(),
-            "http://127.0.0.1:9/base/a/b?x=1"
-        );
-    }
-
-    #[test]
-    fn weights_pick_only_positive_backends() {
-        let t = table(
-            r#"
-            [[route]]
-            hostnames = ["w.example.com"]
-            backends = [{ url = "http://a", weight = 0 }, { url = "http://b", weight = 3 }]
-            [[route]]
-            hostnames = ["z.example.com"]
-            backends = [{ url = "http://a", weight = 0 }]
-            "#,
-        )
-        .unwrap();
-        let rule = t.find("w.example.com").unwrap();
-        for _ in 0..200 {
-            assert_eq!(rule.pick_backend().unwrap().upstream.url, "http://b");
-        }
-        assert!(t.find("z.example.com").unwrap().pick_backend().is_none());
-    }
-
-    #[test]
-    fn host_port_stripping() {
-        assert_eq!(host_without_port("a.example.com:8080"), "a.example.com");
-        assert_eq!(host_without_port("a.example.com"), "a.example.com");
-        assert_eq!(host_without_port("[::1]:80"), "::1");
-    }
-
-    #[test]
-    fn seed_routes_json_round_trips() {
-        let map = parse_host_map(br#"{"api.example.com": "https://svc-x-ew.a.run.app"}"#).unwrap();
-        assert_eq!(map["api.example.com"], "https://svc-x-ew.a.run.app");
-        assert!(parse_host_map(b"[1,2]").is_err());
-        assert!(parse_host_map(br#"{"a": 1}"#).is_err());
-    }
-
-    #[test]
-    fn routes_file_errors_do_not_quote_the_content() {
-        for (content, want) in [
-            (&br#""s3cr3t""#[..], "line 1, column 8"),
-            (b"8817263548\n", "line 1, column 10"),
-            (br#"{"a": "s3cr3t", "b": 8817263548}"#, "line 1, column 31"),
-            (b"s3cr3t", "not valid JSON"),
-        ] {
-            let err = parse_host_map(content).unwrap_err();
-            assert!(err.contains(want), "{err}");
-            assert!(!err.contains("s3cr3t") && !err.contains("8817263548"), "{err}");
-        }
-    }
-}
+#[path = "table_tests.rs"]
+mod tests;
