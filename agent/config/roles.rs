@@ -99,9 +99,9 @@ impl RoleElectionSection {
         if self.endpoints.is_empty() {
             bad(key("endpoints"), "at least one etcd client URL is required".into());
         }
-        for e in &self.endpoints {
+        for (i, e) in self.endpoints.iter().enumerate() {
             if !(e.starts_with("http://") || e.starts_with("https://")) || e.len() < "http://x".len() {
-                bad(key("endpoints"), format!("{e:?} is not an http:// or https:// URL"));
+                bad(format!("{}[{i}]", key("endpoints")), not_a_url(e));
             }
         }
         if self.key.trim().is_empty() {
@@ -186,7 +186,7 @@ impl RoleFollowSection {
     pub fn validate(&self, bad: &mut dyn FnMut(String, String)) {
         let key = |k: &str| format!("role_follow.{k}");
         if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
-            bad(key("url"), format!("{:?} is not an http:// or https:// URL", self.url));
+            bad(key("url"), not_a_url(&self.url));
         }
         if self.interval.is_zero() {
             bad(key("interval"), "must be greater than 0".into());
@@ -227,4 +227,45 @@ pub fn validate(config: &super::Config) -> Vec<Problem> {
         }
     }
     out
+}
+
+/// Why `url` is refused, echoing only its scheme: the URL may carry credentials (`user:pass@`,
+/// a token in the query), and `check` and the journal print this.
+fn not_a_url(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, _)) if scheme.len() <= 16 => {
+            format!("must be an http:// or https:// URL (this one's scheme is {scheme:?})")
+        }
+        _ => "must be an http:// or https:// URL, with its host".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `check` prints these problems: a refused URL is named by its key, never echoed whole.
+    #[test]
+    fn a_refused_url_is_named_by_its_key_not_echoed() {
+        let secret_url = "ftp://admin:hunter2@db.internal/?token=s3cr3t";
+        let follow = RoleFollowSection {
+            url: secret_url.into(),
+            ..RoleFollowSection::default()
+        };
+        let mut seen = Vec::new();
+        follow.validate(&mut |k, r| seen.push(format!("{k}: {r}")));
+        let election = RoleElectionSection {
+            endpoints: vec!["http://127.0.0.1:2379".into(), secret_url.into()],
+            ..RoleElectionSection::default()
+        };
+        election.validate(&[], &mut |k, r| seen.push(format!("{k}: {r}")));
+        let text = seen.join("\n");
+        assert!(
+            text.contains("role_follow.url: must be an http:// or https:// URL"),
+            "{text}"
+        );
+        assert!(text.contains("role_election.endpoints[1]: must be"), "{text}");
+        assert!(text.contains("\"ftp\""), "{text}");
+        assert!(!text.contains("hunter2") && !text.contains("s3cr3t"), "{text}");
+    }
 }

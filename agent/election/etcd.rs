@@ -154,7 +154,7 @@ impl EtcdClient {
             };
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             if left.is_zero() {
-                failures.push(format!("{endpoint}: out of time"));
+                failures.push(format!("{}: out of time", shown(endpoint)));
                 break;
             }
             if self.username.is_some() && self.token().is_none() {
@@ -177,7 +177,7 @@ impl EtcdClient {
             let resp = match req.send().await {
                 Ok(r) => r,
                 Err(e) => {
-                    failures.push(format!("{endpoint}: {}", crate::gcp::error_chain(&e)));
+                    failures.push(failure(endpoint, &e));
                     i += 1;
                     continue;
                 }
@@ -186,7 +186,7 @@ impl EtcdClient {
             let text = match resp.text().await {
                 Ok(t) => t,
                 Err(e) => {
-                    failures.push(format!("{endpoint}: {}", crate::gcp::error_chain(&e)));
+                    failures.push(failure(endpoint, &e));
                     i += 1;
                     continue;
                 }
@@ -194,7 +194,7 @@ impl EtcdClient {
             // The keepalive stream answers one `{"result": …}` line per request.
             let first_line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
             let value: serde_json::Value = serde_json::from_str(first_line).map_err(|e| EtcdError::Protocol {
-                endpoint: endpoint.clone(),
+                endpoint: shown(endpoint),
                 message: format!("HTTP {status}, not JSON ({e})"),
             })?;
             let value = match value.get("result") {
@@ -214,14 +214,14 @@ impl EtcdClient {
                     continue;
                 }
                 return Err(EtcdError::Refused {
-                    endpoint: endpoint.clone(),
+                    endpoint: shown(endpoint),
                     code,
                     message: message.to_owned(),
                 });
             }
             if !status.is_success() {
                 return Err(EtcdError::Protocol {
-                    endpoint: endpoint.clone(),
+                    endpoint: shown(endpoint),
                     message: format!("HTTP {status}"),
                 });
             }
@@ -249,10 +249,10 @@ impl EtcdClient {
             .json(&body)
             .send()
             .await
-            .map_err(|e| EtcdError::Unreachable(format!("{endpoint}: {}", crate::gcp::error_chain(&e))))?;
+            .map_err(|e| EtcdError::Unreachable(failure(endpoint, &e)))?;
         let value: serde_json::Value = resp.json().await.map_err(|e| EtcdError::Protocol {
-            endpoint: endpoint.to_owned(),
-            message: format!("authenticate: {e}"),
+            endpoint: shown(endpoint),
+            message: crate::secret::redact_urls_in(&format!("authenticate: {e}")),
         })?;
         match value.get("token").and_then(|t| t.as_str()) {
             Some(token) => {
@@ -261,7 +261,7 @@ impl EtcdClient {
             }
             // The message names the user, never the password.
             None => Err(EtcdError::Refused {
-                endpoint: endpoint.to_owned(),
+                endpoint: shown(endpoint),
                 code: value.get("code").and_then(int).unwrap_or(0),
                 message: format!(
                     "authentication as {name:?} failed: {}",
@@ -377,9 +377,41 @@ impl EtcdClient {
     }
 }
 
+/// An endpoint as errors and logs show it: `role_election.endpoints` may carry `user:pass@`
+/// or a token in its query, and these messages reach the journal and `/status`.
+fn shown(endpoint: &str) -> String {
+    crate::secret::redact_url(endpoint)
+}
+
+/// Why `endpoint` did not answer, with every URL in the chain (reqwest names the request's)
+/// redacted.
+fn failure(endpoint: &str, e: &dyn std::error::Error) -> String {
+    crate::secret::redact_urls_in(&format!("{endpoint}: {}", crate::gcp::error_chain(e)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An endpoint that does not answer in time: the error names it, without its credentials.
+    #[tokio::test]
+    async fn errors_name_the_endpoint_without_its_credentials() {
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = silent.local_addr().expect("addr").port();
+        let c = EtcdClient::new(&EtcdOptions {
+            endpoints: vec![format!("http://root:hunter2@127.0.0.1:{port}/?token=s3cr3t")],
+            ca_pem: None,
+            identity_pem: None,
+            username: None,
+            password: None,
+        })
+        .expect("client");
+        let e = c.get("/k", Duration::from_millis(300)).await.expect_err("no answer");
+        let text = e.to_string();
+        assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");
+        assert!(!text.contains("hunter2") && !text.contains("s3cr3t"), "{text}");
+        drop(silent);
+    }
 
     #[test]
     fn gateway_integers_are_strings_and_zero_is_omitted() {
