@@ -29,9 +29,14 @@ connection: close\r\n\
 \r\n\
 {\"error\":\"bad_request\",\"message\":\"request line or header ended by a bare LF; HTTP/1.1 needs CRLF\"}";
 
-/// Longest header line kept for reading `Content-Length`/`Transfer-Encoding`; longer lines are
-/// only scanned for their terminator.
+/// Longest header line kept; longer lines are only scanned for their terminator.
 const MAX_KEPT_LINE: usize = 256;
+
+/// Longest `Content-Length`/`Transfer-Encoding` line kept, so their framing is read as hyper
+/// reads it (`Content-Length: 000…0005`, a long list of codings): longer than any head hyper
+/// takes with `proxy.max_header_bytes` up to this size (it refuses a longer head, 431). Only
+/// a client sending such a line makes a connection keep more than [`MAX_KEPT_LINE`].
+const MAX_FRAMING_LINE: usize = 64 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum State {
@@ -193,8 +198,14 @@ impl BareLfGuard {
 
     fn keep(&mut self, bytes: &[u8]) {
         self.line_len += bytes.len();
+        // Enough to see the header's name, then more if it is a framing one.
         let room = MAX_KEPT_LINE.saturating_sub(self.line.len());
-        self.line.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        let (first, rest) = bytes.split_at(bytes.len().min(room));
+        self.line.extend_from_slice(first);
+        if !rest.is_empty() && is_framing_line(&self.line) {
+            let room = MAX_FRAMING_LINE.saturating_sub(self.line.len());
+            self.line.extend_from_slice(&rest[..rest.len().min(room)]);
+        }
     }
 
     fn end_line(&mut self) {
@@ -238,7 +249,7 @@ impl BareLfGuard {
     fn header_line(&mut self) {
         if self.line_len > self.line.len() {
             // Cut short: only a problem if it is one of ours.
-            if starts_with_name(&self.line, b"content-length") || starts_with_name(&self.line, b"transfer-encoding") {
+            if is_framing_line(&self.line) {
                 self.unframeable = true;
             }
             return;
@@ -263,6 +274,10 @@ impl BareLfGuard {
             }
         }
     }
+}
+
+fn is_framing_line(line: &[u8]) -> bool {
+    starts_with_name(line, b"content-length") || starts_with_name(line, b"transfer-encoding")
 }
 
 fn starts_with_name(line: &[u8], name: &[u8]) -> bool {
@@ -380,6 +395,32 @@ mod tests {
             assert_eq!(g.feed(&good), Ok(()));
             assert!(g.active(), "{:?}: {:?}", String::from_utf8_lossy(te), g.state);
         }
+    }
+
+    /// Framing lines longer than other kept lines are still read: a long list of codings or a
+    /// zero-padded length frames a body hyper reads on a kept-alive connection.
+    #[test]
+    fn long_framing_lines_are_read_and_the_next_head_is_checked() {
+        let codings = format!(
+            "Transfer-Encoding: {}\r\nTransfer-Encoding: chunked\r\n",
+            "\u{ff}".repeat(300)
+        );
+        let chunked = [codings.as_bytes(), b"\r\n0\r\n\r\n"].concat();
+        let length = format!("Content-Length: {}3\r\n\r\na\nb", "0".repeat(400)).into_bytes();
+        for framing in [chunked, length] {
+            let head = [&b"POST / HTTP/1.1\r\nHost: a\r\n"[..], &framing].concat();
+            let bad = [&head[..], b"GET /x HTTP/1.1\r\nHost: a\n\r\n"].concat();
+            assert_eq!(feed_all(&[&bad]), Err(()), "{:?}", String::from_utf8_lossy(&framing));
+        }
+        // Past the framing limit, the guard stops (hyper refuses the head as too large).
+        let huge = format!(
+            "POST / HTTP/1.1\r\nContent-Length: {}1\r\n\r\n",
+            "0".repeat(MAX_FRAMING_LINE)
+        );
+        let mut g = BareLfGuard::default();
+        assert_eq!(g.feed(huge.as_bytes()), Ok(()));
+        assert!(!g.active());
+        assert!(g.line.capacity() <= MAX_FRAMING_LINE * 2, "{}", g.line.capacity());
     }
 
     #[test]
