@@ -28,6 +28,10 @@ targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
   mapfile -t targets < <(cargo fuzz list)
 fi
+if [ ${#targets[@]} -eq 0 ]; then
+  echo "fuzz/run.sh: no fuzz targets (cargo fuzz list printed none)" >&2
+  exit 1
+fi
 
 start=$SECONDS
 cargo fuzz build "${build[@]}"
