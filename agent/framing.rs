@@ -13,7 +13,12 @@
 //! never inspected; a chunk-size or trailer line may end in a bare LF (hyper's chunk decoder
 //! decides those), as only the heads are where two readers would see different requests.
 //! After a head it cannot frame (conflicting lengths, a coding other than chunked: hyper
-//! refuses those and closes) it stops for the rest of the connection.
+//! refuses those and closes; both `Transfer-Encoding` and `Content-Length`: hyper reads the
+//! chunked body, then closes) it stops for the rest of the connection. Which framing a head
+//! has is decided as hyper decides it (`proto/h1/role.rs`): the last `Transfer-Encoding` line
+//! says whether the body is chunked, so `Transfer-Encoding: gzip` then `Transfer-Encoding:
+//! chunked` is a chunked body on a kept-alive connection, and the heads after it are checked.
+//! fuzz/fuzz_targets/head_guard_httparse.rs holds the guard to that model.
 
 /// The answer to a head with a bare LF: written straight to the socket, then the connection
 /// closes (hyper never saw the head, so it has nothing to answer).
@@ -24,9 +29,14 @@ connection: close\r\n\
 \r\n\
 {\"error\":\"bad_request\",\"message\":\"request line or header ended by a bare LF; HTTP/1.1 needs CRLF\"}";
 
-/// Longest header line kept for reading `Content-Length`/`Transfer-Encoding`; longer lines are
-/// only scanned for their terminator.
+/// Longest header line kept; longer lines are only scanned for their terminator.
 const MAX_KEPT_LINE: usize = 256;
+
+/// Longest `Content-Length`/`Transfer-Encoding` line kept, so their framing is read as hyper
+/// reads it (`Content-Length: 000…0005`, a long list of codings): longer than any head hyper
+/// takes with `proxy.max_header_bytes` up to this size (it refuses a longer head, 431). Only
+/// a client sending such a line makes a connection keep more than [`MAX_KEPT_LINE`].
+const MAX_FRAMING_LINE: usize = 64 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum State {
@@ -59,7 +69,9 @@ pub struct BareLfGuard {
     /// Lines of the current head so far (the request line included).
     lines: usize,
     content_length: Option<u64>,
-    /// `Transfer-Encoding` ends with `chunked`.
+    /// The head has a `Transfer-Encoding` line.
+    transfer_encoding: bool,
+    /// The last `Transfer-Encoding` line ends with `chunked`.
     chunked: bool,
     unframeable: bool,
 }
@@ -73,6 +85,7 @@ impl Default for BareLfGuard {
             prev_cr: false,
             lines: 0,
             content_length: None,
+            transfer_encoding: false,
             chunked: false,
             unframeable: false,
         }
@@ -185,8 +198,14 @@ impl BareLfGuard {
 
     fn keep(&mut self, bytes: &[u8]) {
         self.line_len += bytes.len();
+        // Enough to see the header's name, then more if it is a framing one.
         let room = MAX_KEPT_LINE.saturating_sub(self.line.len());
-        self.line.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        let (first, rest) = bytes.split_at(bytes.len().min(room));
+        self.line.extend_from_slice(first);
+        if !rest.is_empty() && is_framing_line(&self.line) {
+            let room = MAX_FRAMING_LINE.saturating_sub(self.line.len());
+            self.line.extend_from_slice(&rest[..rest.len().min(room)]);
+        }
     }
 
     fn end_line(&mut self) {
@@ -203,20 +222,24 @@ impl BareLfGuard {
         // An empty line before any request line is ignorable (RFC 9112 §2.2); after one, it ends
         // the head.
         if empty && self.lines > 0 {
-            self.state = match (self.unframeable, self.chunked, self.content_length) {
+            let te = self.transfer_encoding.then_some(self.chunked);
+            self.state = match (self.unframeable, te, self.content_length) {
                 (true, _, _) => State::Off,
-                // Both: RFC 9112 §6.3 lets a server refuse it, and hyper does.
-                (false, true, Some(_)) => State::Off,
-                (false, true, None) => State::ChunkSize {
+                // Not chunked: hyper refuses it (RFC 9112 §6.3 says a server ought to).
+                (false, Some(false), _) => State::Off,
+                // Both: hyper reads the chunked body, then closes the connection.
+                (false, Some(true), Some(_)) => State::Off,
+                (false, Some(true), None) => State::ChunkSize {
                     size: 0,
                     digits: 0,
                     done: false,
                 },
-                (false, false, Some(n)) if n > 0 => State::Body(n),
-                (false, false, _) => State::Head,
+                (false, None, Some(n)) if n > 0 => State::Body(n),
+                (false, None, _) => State::Head,
             };
             self.lines = 0;
             self.content_length = None;
+            self.transfer_encoding = false;
             self.chunked = false;
             self.unframeable = false;
         }
@@ -226,7 +249,7 @@ impl BareLfGuard {
     fn header_line(&mut self) {
         if self.line_len > self.line.len() {
             // Cut short: only a problem if it is one of ours.
-            if starts_with_name(&self.line, b"content-length") || starts_with_name(&self.line, b"transfer-encoding") {
+            if is_framing_line(&self.line) {
                 self.unframeable = true;
             }
             return;
@@ -236,14 +259,12 @@ impl BareLfGuard {
         };
         let (name, value) = (&self.line[..colon], self.line[colon + 1..].trim_ascii());
         if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            // Chunked must be the last coding (RFC 9112 §6.1), and only once; anything else is
-            // a body this guard cannot frame (and hyper refuses).
+            // Chunked must be the last coding (RFC 9112 §6.1). hyper looks at each line in
+            // turn and keeps what the last one says: an earlier line naming another coding (or
+            // `chunked` twice) does not stop it reading a chunked body and the next request.
             let last = value.rsplit(|&b| b == b',').next().unwrap_or(value).trim_ascii();
-            if last.eq_ignore_ascii_case(b"chunked") && !self.chunked {
-                self.chunked = true;
-            } else {
-                self.unframeable = true;
-            }
+            self.transfer_encoding = true;
+            self.chunked = last.eq_ignore_ascii_case(b"chunked");
         } else if name.eq_ignore_ascii_case(b"content-length") {
             let parsed = std::str::from_utf8(value).ok().and_then(|v| v.parse::<u64>().ok());
             match (parsed, self.content_length) {
@@ -253,6 +274,10 @@ impl BareLfGuard {
             }
         }
     }
+}
+
+fn is_framing_line(line: &[u8]) -> bool {
+    starts_with_name(line, b"content-length") || starts_with_name(line, b"transfer-encoding")
 }
 
 fn starts_with_name(line: &[u8], name: &[u8]) -> bool {
@@ -337,7 +362,7 @@ mod tests {
         for req in [
             &b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"[..],
             b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n",
             b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
             b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n11111111111111111\r\n",
         ] {
@@ -345,6 +370,57 @@ mod tests {
             assert_eq!(g.feed(req), Ok(()), "{req:?}");
             assert!(!g.active(), "{req:?}: {:?}", g.state);
         }
+    }
+
+    /// hyper frames a body by the last `Transfer-Encoding` line and keeps the connection: a
+    /// bare-LF head after such a body must still be found (the guard used to stop at the first
+    /// line that was not `chunked`, letting every later head through unchecked).
+    #[test]
+    fn the_last_transfer_encoding_line_decides_and_the_next_head_is_checked() {
+        for te in [
+            &b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n"[..],
+            b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+            b"Transfer-Encoding: cmunked\r\ntransfer-encoding: gzip, CHUNKED\r\n",
+        ] {
+            let head = [
+                &b"POST / HTTP/1.1\r\nHost: a\r\n"[..],
+                te,
+                b"\r\n3\r\na\nb\r\n0\r\n\r\n",
+            ]
+            .concat();
+            let bad = [&head[..], b"GET /x HTTP/1.1\r\nHost: a\n\r\n"].concat();
+            assert_eq!(feed_all(&[&bad]), Err(()), "{:?}", String::from_utf8_lossy(te));
+            let good = [&head[..], b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n"].concat();
+            let mut g = BareLfGuard::default();
+            assert_eq!(g.feed(&good), Ok(()));
+            assert!(g.active(), "{:?}: {:?}", String::from_utf8_lossy(te), g.state);
+        }
+    }
+
+    /// Framing lines longer than other kept lines are still read: a long list of codings or a
+    /// zero-padded length frames a body hyper reads on a kept-alive connection.
+    #[test]
+    fn long_framing_lines_are_read_and_the_next_head_is_checked() {
+        let codings = format!(
+            "Transfer-Encoding: {}\r\nTransfer-Encoding: chunked\r\n",
+            "\u{ff}".repeat(300)
+        );
+        let chunked = [codings.as_bytes(), b"\r\n0\r\n\r\n"].concat();
+        let length = format!("Content-Length: {}3\r\n\r\na\nb", "0".repeat(400)).into_bytes();
+        for framing in [chunked, length] {
+            let head = [&b"POST / HTTP/1.1\r\nHost: a\r\n"[..], &framing].concat();
+            let bad = [&head[..], b"GET /x HTTP/1.1\r\nHost: a\n\r\n"].concat();
+            assert_eq!(feed_all(&[&bad]), Err(()), "{:?}", String::from_utf8_lossy(&framing));
+        }
+        // Past the framing limit, the guard stops (hyper refuses the head as too large).
+        let huge = format!(
+            "POST / HTTP/1.1\r\nContent-Length: {}1\r\n\r\n",
+            "0".repeat(MAX_FRAMING_LINE)
+        );
+        let mut g = BareLfGuard::default();
+        assert_eq!(g.feed(huge.as_bytes()), Ok(()));
+        assert!(!g.active());
+        assert!(g.line.capacity() <= MAX_FRAMING_LINE * 2, "{}", g.line.capacity());
     }
 
     #[test]

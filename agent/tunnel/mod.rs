@@ -464,8 +464,9 @@ async fn stop(mut run: Running, spec: &TunnelSpec, state: &TunnelState) {
     record_exit(state, run.pid);
 }
 
-/// Reads cloudflared's `/ready`.
-async fn poll_ready(http: &reqwest::Client, metrics: SocketAddr) -> Option<(u32, Option<String>)> {
+/// Reads cloudflared's `/ready`. Public only for the fuzz target (fuzz/fuzz_targets/responses.rs).
+#[doc(hidden)]
+pub async fn poll_ready(http: &reqwest::Client, metrics: SocketAddr) -> Option<(u32, Option<String>)> {
     #[derive(serde::Deserialize)]
     #[serde(rename_all = "camelCase")]
     struct Ready {
