@@ -20,6 +20,7 @@ pub mod gcp;
 mod handover;
 pub mod health;
 pub mod node;
+pub mod peer_body;
 pub mod process_stats;
 pub mod proxy;
 pub mod random;

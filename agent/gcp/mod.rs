@@ -93,10 +93,12 @@ impl MetadataClient {
             .get(http::header::ETAG)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let body = resp.text().await.map_err(|e| MetadataError::Unreachable {
-            url: self.base.clone(),
-            reason: error_chain(&e),
-        })?;
+        let body = crate::peer_body::read_text(resp, MAX_BODY)
+            .await
+            .map_err(|e| MetadataError::Unreachable {
+                url: self.base.clone(),
+                reason: e.to_string(),
+            })?;
         if !status.is_success() {
             return Err(MetadataError::Status {
                 path: path.to_owned(),
@@ -148,6 +150,9 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// How much of an error body a [`MetadataError::Status`] keeps: enough for the server's reason.
 const MAX_ERROR_BODY: usize = 200;
+/// The largest metadata answer read: a value is at most 256 KB (Compute Engine's limit for one
+/// attribute), a token a few KB; anything longer is not a metadata server's answer.
+const MAX_BODY: usize = 1 << 20;
 
 /// The longest start of `s` of at most `max` bytes that ends on a character boundary
 /// (`String::truncate` panics inside a multi-byte character, and the body is the server's).

@@ -82,9 +82,10 @@ impl SecretManager {
             .await
             .map_err(|e| SecretManagerError::Transient(format!("Secret Manager unreachable: {}", error_chain(&e))))?;
         let status = resp.status();
-        let body = resp.bytes().await.map_err(|e| {
-            SecretManagerError::Transient(format!("reading Secret Manager's answer: {}", error_chain(&e)))
-        })?;
+        // A payload is at most 64 KiB, base64 in a JSON envelope: 1 MiB is far past any answer.
+        let body = crate::peer_body::read(resp, 1 << 20)
+            .await
+            .map_err(|e| SecretManagerError::Transient(format!("reading Secret Manager's answer: {e}")))?;
         if !status.is_success() {
             // Google's error envelope: {"error": {"code": 403, "message": "...", "status": "..."}}.
             #[derive(serde::Deserialize)]

@@ -474,7 +474,9 @@ pub async fn poll_ready(http: &reqwest::Client, metrics: SocketAddr) -> Option<(
         connector_id: Option<String>,
     }
     let resp = http.get(format!("http://{metrics}/ready")).send().await.ok()?;
-    let ready: Ready = resp.json().await.ok()?;
+    // The body is a one-line JSON object (`{"status":503,"readyConnections":0,…}`).
+    let body = crate::peer_body::read(resp, 64 * 1024).await.ok()?;
+    let ready: Ready = serde_json::from_slice(&body).ok()?;
     Some((ready.ready_connections, ready.connector_id))
 }
 

@@ -1,8 +1,4 @@
-//! INTEGRATOR: path normalisation (issue 18, High #1). Not built yet: it needs
-//! `tunnel_agent::routing::path::normalise` (agent/routing/path.rs, another branch). After that
-//! branch is merged, check the function's final name and signature below, enable the `[[bin]]`
-//! entry marked in fuzz/Cargo.toml, add a few seed paths under fuzz/corpus/path_normalise/
-//! (`/a/./b`, `//admin`, `/%61dmin/x`, `/x/../y`), and run `fuzz/run.sh path_normalise`.
+//! Path normalisation (`tunnel_agent::routing::path::normalise`, issue 18, High #1).
 //!
 //! Properties, for any path (its bytes as hyper would hand them over):
 //! - no panic, no hang;
@@ -21,6 +17,48 @@ fn unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
+/// An independent reading of the rule, written plainly: decode the encoded unreserved
+/// characters (upper-casing the hex of the rest), then walk the segments: empty and `.` ones
+/// vanish, `..` drops the one before, and the path keeps a trailing `/` when its last segment
+/// was one of those. `None` where it climbs above the root.
+fn reference(raw: &str) -> Option<String> {
+    let b = raw.as_bytes();
+    let mut decoded = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let v = u8::from_str_radix(std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?, 16).ok()?;
+            if unreserved(v) {
+                decoded.push(v);
+            } else {
+                decoded.extend_from_slice(format!("%{v:02X}").as_bytes());
+            }
+            i += 3;
+        } else {
+            decoded.push(b[i]);
+            i += 1;
+        }
+    }
+    let decoded = String::from_utf8(decoded).ok()?;
+    let mut kept: Vec<&str> = Vec::new();
+    let mut trailing = false;
+    for seg in decoded.split('/').skip(1) {
+        trailing = matches!(seg, "" | "." | "..");
+        match seg {
+            "" | "." => {}
+            ".." => {
+                kept.pop()?;
+            }
+            s => kept.push(s),
+        }
+    }
+    let mut out = format!("/{}", kept.join("/"));
+    if trailing && !kept.is_empty() {
+        out.push('/');
+    }
+    Some(out)
+}
+
 fuzz_target!(|data: &[u8]| {
     let Ok(raw) = std::str::from_utf8(data) else {
         return;
@@ -28,7 +66,6 @@ fuzz_target!(|data: &[u8]| {
     if http::uri::PathAndQuery::try_from(raw).is_err() || !raw.starts_with('/') || raw.contains('?') {
         return;
     }
-    // INTEGRATOR: the normaliser's entry point.
     let Ok(once) = tunnel_agent::routing::path::normalise(raw) else {
         return;
     };
@@ -40,6 +77,7 @@ fuzz_target!(|data: &[u8]| {
     for seg in once.split('/') {
         assert!(seg != "." && seg != "..", "dot-segment left: {raw:?} -> {once:?}");
     }
+    assert_eq!(reference(raw).as_deref(), Some(&*once), "the rule read plainly disagrees for {raw:?}");
     let b = once.as_bytes();
     for (i, _) in once.match_indices('%') {
         let hex = b.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
