@@ -63,7 +63,13 @@ fuzz_target!(|data: &[u8]| {
     let Ok(raw) = std::str::from_utf8(data) else {
         return;
     };
-    if http::uri::PathAndQuery::try_from(raw).is_err() || !raw.starts_with('/') || raw.contains('?') {
+    // What hyper hands over: the request target's path, without the query and without what
+    // follows a `#` (http's parser ends the path there).
+    let Ok(target) = http::uri::PathAndQuery::try_from(raw) else {
+        return;
+    };
+    let raw = target.path();
+    if !raw.starts_with('/') {
         return;
     }
     let Ok(once) = tunnel_agent::routing::path::normalise(raw) else {
