@@ -49,6 +49,8 @@ pub const RESTART_ONLY: &[RestartOnly] = &[
     fields!("proxy.max_header_bytes": proxy.max_header_bytes),
     fields!("proxy.header_read_timeout": proxy.header_read_timeout),
     fields!("proxy.idle_timeout": proxy.idle_timeout),
+    // The proxy reads them from its settings, taken once at start.
+    fields!("proxy.body_read_timeout/upgrade_idle_timeout": proxy.body_read_timeout, proxy.upgrade_idle_timeout),
     fields!("proxy.connect_timeout/pool_*": proxy.connect_timeout, proxy.pool_idle_timeout, proxy.pool_max_idle_per_host),
     fields!("proxy.workers": proxy.workers),
     RestartOnly {

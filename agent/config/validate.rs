@@ -108,6 +108,8 @@ impl Config {
         for (k, v) in [
             ("header_read_timeout", p.header_read_timeout),
             ("idle_timeout", p.idle_timeout),
+            ("body_read_timeout", p.body_read_timeout),
+            ("upgrade_idle_timeout", p.upgrade_idle_timeout),
             ("connect_timeout", p.connect_timeout),
             ("upstream_timeout", p.upstream_timeout),
             ("pool_idle_timeout", p.pool_idle_timeout),
