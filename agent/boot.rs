@@ -142,6 +142,8 @@ async fn start(
         header_read_timeout: config.proxy.header_read_timeout,
         idle_timeout: config.proxy.idle_timeout,
         max_header_bytes: config.proxy.max_header_bytes,
+        http2_keep_alive_interval: config.proxy.http2_keep_alive_interval,
+        max_connections: None,
     };
 
     // 4. Health listener.
@@ -173,7 +175,8 @@ async fn start(
     // One thread per CPU, each with its own listening socket and upstream pools (nginx's
     // worker model; docs/benchmarks.md has the numbers).
     let workers = config.proxy.worker_threads();
-    let proxy_server = server::serve_workers(config.proxy.listen, "proxy.listen", workers, limits.clone(), |_| {
+    let proxy_limits = limits.clone().capped(config.proxy.max_connections, &metrics);
+    let proxy_server = server::serve_workers(config.proxy.listen, "proxy.listen", workers, proxy_limits, |_| {
         let worker = proxy.worker();
         move |peer, req| worker.clone().handle(peer, req)
     })?;

@@ -27,7 +27,6 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{oneshot, watch};
@@ -35,12 +34,32 @@ use tokio::time::{Instant, Sleep};
 
 use crate::framing::{BareLfGuard, BARE_LF_RESPONSE};
 
+mod conns;
+
+pub use conns::ConnCap;
+use conns::ConnSlot;
+
 /// Client-side limits for one listener.
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub header_read_timeout: Duration,
+    /// HTTP/1 keep-alive, and HTTP/2 with no open stream ([`conns`]).
     pub idle_timeout: Duration,
     pub max_header_bytes: usize,
+    /// HTTP/2 PINGs this often; a peer that does not answer one within 20 s is closed.
+    pub http2_keep_alive_interval: Duration,
+    /// The cap on concurrent connections (the proxy's); `None` on the internal listeners.
+    pub max_connections: Option<Arc<ConnCap>>,
+}
+
+impl Limits {
+    /// These limits with a cap of `max` concurrent connections, counted in `metrics`.
+    pub fn capped(self, max: usize, metrics: &Arc<crate::telemetry::Metrics>) -> Limits {
+        Limits {
+            max_connections: Some(ConnCap::new(max, metrics.clone())),
+            ..self
+        }
+    }
 }
 
 /// Request accounting shared by a connection's IO and its service.
@@ -53,6 +72,8 @@ struct ConnPhase {
     /// The connection answered 101 and now carries another protocol (WebSocket): its bytes
     /// are frames, not request heads, and long silences between them are normal.
     upgraded: AtomicBool,
+    /// The client opened with the HTTP/2 preface.
+    h2: AtomicBool,
 }
 
 /// Closes a connection whose request head takes longer than the limit, counted from the first
@@ -74,6 +95,8 @@ struct HeadTimeoutIo<S> {
     /// Held for as long as the connection's socket exists, including after an upgrade, when
     /// hyper no longer tracks it: shutdown waits for every one to be dropped.
     _alive: watch::Receiver<()>,
+    /// The connection's place under the listener's cap, if it has one.
+    _slot: Option<ConnSlot>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeadTimeoutIo<S> {
@@ -97,6 +120,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeadTimeoutIo<S> {
                     this.first_read = false;
                     if fresh.starts_with(b"PRI * HTTP/2") {
                         this.disabled = true;
+                        this.phase.h2.store(true, Ordering::Release);
                         return Poll::Ready(Ok(()));
                     }
                 }
@@ -140,6 +164,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeadTimeoutIo<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> HeadTimeoutIo<S> {
+    fn new(
+        inner: S,
+        phase: &Arc<ConnPhase>,
+        timeout: Duration,
+        alive: watch::Receiver<()>,
+        slot: Option<ConnSlot>,
+    ) -> HeadTimeoutIo<S> {
+        HeadTimeoutIo {
+            inner,
+            phase: phase.clone(),
+            timeout,
+            head: None,
+            sleep: None,
+            first_read: true,
+            disabled: false,
+            bare_lf: BareLfGuard::default(),
+            rejecting: None,
+            _alive: alive,
+            _slot: slot,
+        }
+    }
+
     /// Writes the 400 for a bare-LF head, then fails the read so hyper closes the connection.
     fn poll_reject(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while let Some(written) = self.rejecting.filter(|w| *w < BARE_LF_RESPONSE.len()) {
@@ -363,6 +409,30 @@ fn reuse_port_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(1024)
 }
 
+/// The HTTP/1 and HTTP/2 settings every connection of a listener is served with.
+fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .header_read_timeout(limits.idle_timeout)
+        .max_buf_size(limits.max_header_bytes);
+    // The same head limit over HTTP/2, where it is SETTINGS_MAX_HEADER_LIST_SIZE (h2 answers
+    // 431 above it); left alone, hyper announces its own 16 KiB whatever the config says.
+    // PINGs find a peer that is gone without a FIN (hyper's default sends none).
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(limits.http2_keep_alive_interval))
+        .keep_alive_timeout(HTTP2_KEEP_ALIVE_TIMEOUT);
+    builder
+}
+
+/// How long an HTTP/2 peer has to answer a keep-alive PING (hyper's default).
+const HTTP2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Accepts and serves connections until `stopped` carries a grace, then drains them for up to
 /// that long. Returns whether every connection finished in time.
 async fn accept_loop<H, F, B>(
@@ -382,21 +452,7 @@ where
         Err(_) => "?".to_owned(),
     };
     let (alive, alive_token) = watch::channel(());
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .keep_alive(true)
-        .header_read_timeout(limits.idle_timeout)
-        .max_buf_size(limits.max_header_bytes);
-    // The same head limit over HTTP/2, where it is SETTINGS_MAX_HEADER_LIST_SIZE (h2 answers
-    // 431 above it); left alone, hyper announces its own 16 KiB whatever the config says.
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
-
-    let graceful = GracefulShutdown::new();
+    let builder = connection_builder(&limits);
     let grace = loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -409,49 +465,39 @@ where
                         continue;
                     }
                 };
+                // Over the cap: closed at once (see `conns` for why not left unaccepted).
+                let slot = match &limits.max_connections {
+                    None => None,
+                    Some(cap) => match cap.take() {
+                        Some(slot) => Some(slot),
+                        None => continue,
+                    },
+                };
                 let _ = stream.set_nodelay(true);
                 let phase = Arc::new(ConnPhase::default());
-                let io = HeadTimeoutIo {
-                    inner: stream,
-                    phase: phase.clone(),
-                    timeout: limits.header_read_timeout,
-                    head: None,
-                    sleep: None,
-                    first_read: true,
-                    disabled: false,
-                    bare_lf: BareLfGuard::default(),
-                    rejecting: None,
-                    _alive: alive_token.clone(),
-                };
+                let io = HeadTimeoutIo::new(stream, &phase, limits.header_read_timeout, alive_token.clone(), slot);
                 let handler = handler.clone();
+                let conn_phase = phase.clone();
                 let service = hyper::service::service_fn(move |req| {
-                    phase.started.fetch_add(1, Ordering::AcqRel);
-                    phase.in_flight.fetch_add(1, Ordering::AcqRel);
+                    conn_phase.started.fetch_add(1, Ordering::AcqRel);
+                    conn_phase.in_flight.fetch_add(1, Ordering::AcqRel);
                     Tracked {
                         response: handler(peer, req),
-                        phase: Some(phase.clone()),
+                        phase: Some(conn_phase.clone()),
                     }
                 });
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(%peer, error = %e, "connection from {peer} closed with error: {e}");
-                    }
-                });
+                tokio::spawn(conns::drive(conn, phase, limits.idle_timeout, stopped.clone()));
             }
             _ = stopped.changed() => break stopped.borrow().unwrap_or_default(),
         }
     };
     drop(listener);
     drop(alive_token);
-    let drain = async {
-        graceful.shutdown().await;
-        // An upgraded connection (WebSocket) left hyper's graceful watch when it switched
-        // protocols, but it is still a request in flight: wait for its tunnel to end too
-        // (cloudflared, stopped first, closes its side) rather than cut it at once.
-        alive.closed().await;
-    };
+    // Each connection shuts down gracefully on the same signal (`conns::drive`); an upgraded
+    // one (WebSocket) is still a request in flight, so its socket is waited for too
+    // (cloudflared, stopped first, closes its side) rather than cut at once.
+    let drain = alive.closed();
     let drained = tokio::time::timeout(grace, drain).await.is_ok();
     if !drained {
         tracing::warn!(listener = %local_addr, grace_s = grace.as_secs_f64(), "connections still open after the shutdown grace ({grace:?}) on {local_addr}; closing them");

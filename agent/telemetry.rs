@@ -115,6 +115,10 @@ pub struct Metrics {
     pub demotions: Counter,
     /// Mirrored copies waiting for their body or being sent (at most `MIRROR_MAX_IN_FLIGHT`).
     pub mirrors_in_flight: Gauge,
+    /// Client connections open on the proxy listener, and those closed at once over
+    /// `proxy.max_connections`.
+    pub proxy_connections: Gauge,
+    pub proxy_connections_refused: Counter,
 }
 
 impl Metrics {
@@ -272,6 +276,22 @@ impl Metrics {
             out,
             "# HELP {name} Mirrored requests waiting for their body or being sent.\n# TYPE {name} gauge\n{name} {}",
             self.mirrors_in_flight.get()
+        );
+        self.render_connections(out);
+    }
+
+    fn render_connections(&self, out: &mut String) {
+        let name = "tunnel_agent_proxy_connections";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Client connections open on the proxy listener.\n# TYPE {name} gauge\n{name} {}",
+            self.proxy_connections.get()
+        );
+        counter(
+            out,
+            "tunnel_agent_proxy_connections_refused_total",
+            "Client connections closed at once because proxy.max_connections were open.",
+            &self.proxy_connections_refused,
         );
     }
 }

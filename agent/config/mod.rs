@@ -248,6 +248,22 @@ pub struct ProxySection {
     /// 90 s origin keep-alive, or cloudflared reuses a connection we are closing.
     #[serde(deserialize_with = "duration::at_most::<_, _, { duration::DAY }>")]
     pub idle_timeout: Duration,
+    /// A request body that brings no bytes for this long (the client is silent, not the
+    /// upstream slow to read) gets 408 before the response has started; after, the upload is
+    /// reset. nginx's `client_body_timeout`.
+    #[serde(deserialize_with = "duration::at_most::<_, _, { duration::HOUR }>")]
+    pub body_read_timeout: Duration,
+    /// An upgraded connection (WebSocket) with no byte either way for this long is closed on
+    /// both sides: the bound on a long-lived stream, so its application must ping.
+    #[serde(deserialize_with = "duration::at_most::<_, _, { duration::DAY }>")]
+    pub upgrade_idle_timeout: Duration,
+    /// HTTP/2 client connections get a PING this often; one not answered within 20 s closes
+    /// the connection (a peer gone without a FIN).
+    #[serde(deserialize_with = "duration::at_most::<_, _, { duration::HOUR }>")]
+    pub http2_keep_alive_interval: Duration,
+    /// Concurrent client connections on `listen`, over all workers; beyond it a new one is
+    /// accepted and closed at once.
+    pub max_connections: usize,
     #[serde(deserialize_with = "duration::at_most::<_, _, { duration::HOUR }>")]
     pub connect_timeout: Duration,
     /// How long the upstream may take to send its response head, counted from the end of the
@@ -328,6 +344,10 @@ impl Default for ProxySection {
             max_body_bytes: None,
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(120),
+            body_read_timeout: Duration::from_secs(60),
+            upgrade_idle_timeout: Duration::from_secs(300),
+            http2_keep_alive_interval: Duration::from_secs(60),
+            max_connections: 16_384,
             connect_timeout: Duration::from_secs(5),
             upstream_timeout: Duration::from_secs(60),
             pool_idle_timeout: Duration::from_secs(60),

@@ -49,6 +49,10 @@ pub const RESTART_ONLY: &[RestartOnly] = &[
     fields!("proxy.max_header_bytes": proxy.max_header_bytes),
     fields!("proxy.header_read_timeout": proxy.header_read_timeout),
     fields!("proxy.idle_timeout": proxy.idle_timeout),
+    // The proxy reads them from its settings, taken once at start.
+    fields!("proxy.body_read_timeout/upgrade_idle_timeout": proxy.body_read_timeout, proxy.upgrade_idle_timeout),
+    // The listeners' connection settings and cap are built once, at start.
+    fields!("proxy.http2_keep_alive_interval/max_connections": proxy.http2_keep_alive_interval, proxy.max_connections),
     fields!("proxy.connect_timeout/pool_*": proxy.connect_timeout, proxy.pool_idle_timeout, proxy.pool_max_idle_per_host),
     fields!("proxy.workers": proxy.workers),
     RestartOnly {

@@ -102,12 +102,21 @@ impl Config {
                 format!("{} is more than {MAX_PROXY_WORKERS} (0 means one per CPU)", p.workers),
             );
         }
+        if !(1..=MAX_PROXY_CONNECTIONS).contains(&p.max_connections) {
+            bad(
+                "proxy.max_connections".into(),
+                format!("{} is not between 1 and {MAX_PROXY_CONNECTIONS}", p.max_connections),
+            );
+        }
         if p.max_header_bytes < 8192 {
             bad("proxy.max_header_bytes".into(), "must be at least 8192".into());
         }
         for (k, v) in [
             ("header_read_timeout", p.header_read_timeout),
             ("idle_timeout", p.idle_timeout),
+            ("body_read_timeout", p.body_read_timeout),
+            ("upgrade_idle_timeout", p.upgrade_idle_timeout),
+            ("http2_keep_alive_interval", p.http2_keep_alive_interval),
             ("connect_timeout", p.connect_timeout),
             ("upstream_timeout", p.upstream_timeout),
             ("pool_idle_timeout", p.pool_idle_timeout),
@@ -342,6 +351,8 @@ impl SecretSpecAsWritten {
 
 /// More proxy workers than this is a typo, not a machine: each is a thread with its own pools.
 const MAX_PROXY_WORKERS: usize = 256;
+/// Far above what the unit's `LimitNOFILE` (65536) lets the agent open.
+const MAX_PROXY_CONNECTIONS: usize = 1 << 20;
 
 /// cloudflared flags `extra_args` may not carry: the agent sets `--metrics` and `run` itself,
 /// and the others carry a secret (the connector token, a tunnel's credentials JSON), which in

@@ -49,6 +49,9 @@ pub enum ProxyError {
     TokenUnavailable { upstream: String, reason: String },
     #[error("the upstream did not answer in time")]
     UpstreamTimeout { upstream: String, timeout: Duration },
+    /// The client stopped sending the request body (`proxy.body_read_timeout`).
+    #[error("no request body bytes within {limit:?}")]
+    BodyReadTimeout { limit: Duration },
     #[error("no response within the route's request timeout")]
     RequestTimeout { limit: Duration },
     /// The upstream's name resolved only to link-local or metadata addresses (the destination
@@ -72,6 +75,7 @@ impl ProxyError {
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::DeclaredBodyTooLarge { .. } | ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BadUpstreamUri(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BodyReadTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Unavailable { status } => *status,
             ProxyError::BadRedirect | ProxyError::NoBackend | ProxyError::BadRewrite(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -98,6 +102,7 @@ impl ProxyError {
             ProxyError::TokenUnavailable { .. } => "token_unavailable",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
             ProxyError::RequestTimeout { .. } => "request_timeout",
+            ProxyError::BodyReadTimeout { .. } => "body_read_timeout",
             ProxyError::DestinationRefused { .. } => "destination_refused",
             ProxyError::Upstream { connect: true, .. } => "upstream_unreachable",
             ProxyError::Upstream { connect: false, .. } => "upstream_error",

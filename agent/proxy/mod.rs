@@ -8,9 +8,8 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -22,7 +21,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::{Client, ResponseFuture};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 
 pub mod access_log;
@@ -32,6 +31,7 @@ mod default_trust;
 mod destination;
 mod error;
 mod h1_pool;
+mod limits;
 
 pub use access_log::AccessLog;
 pub use auth::{AcceptedToken, InboundAuth};
@@ -43,6 +43,7 @@ pub use default_trust::DefaultTrust;
 use default_trust::WorkerDefaults;
 use destination::{GuardedResolver, HttpConnector, RefusedDestination};
 use h1_pool::{H1Error, H1Pool};
+use limits::{Activity, BodyReadTimeout, BodyTimer};
 
 use crate::config::{AuthHeaderKind, HostHeader, ProxySection, UpstreamAuthKind, UpstreamProtocol};
 use crate::gcp::IdTokenCache;
@@ -608,13 +609,16 @@ impl Worker {
             && backend.tls.is_none()
             && downstream_upgrade.is_none()
             && backend.upstream.scheme == http::uri::Scheme::HTTP;
-        let progress = Arc::new(BodyProgress::new());
+        let progress = Arc::new(Activity::new());
+        let body_timeout = self.shared.settings.body_read_timeout;
         let mut up = Request::from_parts(
             parts,
             CappedBody {
                 inner: body,
                 remaining: live.max_body_bytes.unwrap_or(u64::MAX),
                 progress: progress.clone(),
+                body_timeout,
+                timer: BodyTimer::default(),
                 tee,
                 exchange: exchange.clone(),
             },
@@ -627,15 +631,17 @@ impl Worker {
         };
         if own_pool {
             let sent = std::pin::pin!(self.h1.send(up));
-            let resp = match response_head(sent, backend_timeout, &progress).await {
-                Some(Ok(resp)) => {
+            let resp = match response_head(sent, backend_timeout, body_timeout, &progress).await {
+                Head::Ready(Ok(resp)) => {
+                    progress.set_response_started();
                     if let Some(x) = &exchange {
                         x.upstream(&backend.upstream.url, &resp);
                     }
                     resp
                 }
-                Some(Err(e)) => return Err(upstream_error(&e, matches!(e, H1Error::Connect(_)))),
-                None => return Err(timed_out()),
+                Head::Ready(Err(e)) => return Err(upstream_error(&e, matches!(e, H1Error::Connect(_)))),
+                Head::UpstreamTimeout => return Err(timed_out()),
+                Head::BodyTimeout => return Err(ProxyError::BodyReadTimeout { limit: body_timeout }),
             };
             return Ok(self.finish_response(backend, origin.as_ref(), resp.map(Either::Right)));
         }
@@ -666,33 +672,25 @@ impl Worker {
             },
             (None, UpstreamProtocol::H2c) => self.h2c.request(up),
         };
-        let sent = response_head(Pin::new(&mut sent), backend_timeout, &progress).await;
+        let sent = response_head(Pin::new(&mut sent), backend_timeout, body_timeout, &progress).await;
         let mut resp = match sent {
-            Some(Ok(resp)) => {
+            Head::Ready(Ok(resp)) => {
+                progress.set_response_started();
                 if let Some(x) = &exchange {
                     x.upstream(&backend.upstream.url, &resp);
                 }
                 resp
             }
-            Some(Err(e)) => return Err(upstream_error(&e, e.is_connect())),
-            None => return Err(timed_out()),
+            Head::Ready(Err(e)) => return Err(upstream_error(&e, e.is_connect())),
+            Head::UpstreamTimeout => return Err(timed_out()),
+            Head::BodyTimeout => return Err(ProxyError::BodyReadTimeout { limit: body_timeout }),
         };
 
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(downstream) = downstream_upgrade {
                 let upstream = hyper::upgrade::on(&mut resp);
-                let route = rule.route.clone();
-                tokio::spawn(async move {
-                    match tokio::try_join!(downstream, upstream) {
-                        Ok((down, up)) => {
-                            let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
-                            if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
-                                tracing::debug!(%route, error = %e, "route {route}: upgraded connection ended: {e}");
-                            }
-                        }
-                        Err(e) => tracing::warn!(%route, error = %e, "route {route}: upgrade failed: {e}"),
-                    }
-                });
+                let idle = self.shared.settings.upgrade_idle_timeout;
+                tokio::spawn(limits::splice_upgraded(downstream, upstream, rule.route.clone(), idle));
                 // Keep Connection/Upgrade: they are the 101's point.
                 return Ok(resp.map(|b| Either::Left(Either::Left(b))));
             }
@@ -894,56 +892,50 @@ fn answer_here(
     }
 }
 
-/// Waits for the upstream's response head. The timeout runs from the later of the request's
-/// start and the last request-body bytes handed to the upstream: an upload that keeps moving is
-/// not a slow upstream (a 1 GiB upload through cloudflared can take minutes), while an upload the
-/// upstream stopped reading, or silence after the body, is.
-///
-/// The request future is pinned by the caller: an `async fn` taking it by value would hold it
-/// twice in its state (once as the argument, once as the pinned local), and that state is part
-/// of every request's future, moved as a whole.
+/// What the wait for the upstream's response head ended with.
+enum Head<T> {
+    Ready(T),
+    /// No response head within the backend timeout, counted from the body's last byte.
+    UpstreamTimeout,
+    /// The request body stopped arriving from the client (`proxy.body_read_timeout`).
+    BodyTimeout,
+}
+
+/// Waits for the response head. Each limit counts from the body's last movement; the body's
+/// own limit applies only while the body waits for the client, the backend's only while it
+/// does not (a slow upload is not a slow upstream). A deadline that has passed without firing
+/// (the other side was to blame then) is re-armed a whole limit later, so the loop never spins.
 async fn response_head<F: std::future::Future>(
     mut request: Pin<&mut F>,
     timeout: Option<Duration>,
-    progress: &BodyProgress,
-) -> Option<F::Output> {
-    let Some(timeout) = timeout else {
-        return Some(request.await);
+    body_timeout: Duration,
+    progress: &Activity,
+) -> Head<F::Output> {
+    let next = |last, now, limit| {
+        let at = crate::deadline::after(last, limit);
+        if at > now {
+            at
+        } else {
+            crate::deadline::after(now, limit)
+        }
     };
     loop {
-        let deadline = crate::deadline::after(progress.last(), timeout);
-        match tokio::time::timeout_at(deadline, request.as_mut()).await {
-            Ok(out) => return Some(out),
-            // The body moved since the deadline was set: it moves with it.
-            Err(_) if crate::deadline::after(progress.last(), timeout) > deadline => continue,
-            Err(_) => return None,
+        let (now, last) = (Instant::now(), progress.last());
+        let stalled = progress.stalled_on_client();
+        if stalled && crate::deadline::after(last, body_timeout) <= now {
+            return Head::BodyTimeout;
         }
-    }
-}
-
-/// When the request body last moved towards the upstream.
-#[derive(Debug)]
-struct BodyProgress {
-    start: Instant,
-    /// Milliseconds after `start`.
-    last_ms: AtomicU64,
-}
-
-impl BodyProgress {
-    fn new() -> BodyProgress {
-        BodyProgress {
-            start: Instant::now(),
-            last_ms: AtomicU64::new(0),
+        if !stalled && timeout.is_some_and(|t| crate::deadline::after(last, t) <= now) {
+            return Head::UpstreamTimeout;
         }
-    }
-
-    fn touch(&self) {
-        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
-    }
-
-    fn last(&self) -> Instant {
-        crate::deadline::after(self.start, Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
+        let upstream = timeout.map(|t| next(last, now, t));
+        let body = (!progress.body_done()).then(|| next(last, now, body_timeout));
+        let Some(deadline) = upstream.into_iter().chain(body).min() else {
+            return Head::Ready(request.await);
+        };
+        if let Ok(out) = tokio::time::timeout_at(deadline, request.as_mut()).await {
+            return Head::Ready(out);
+        }
     }
 }
 
@@ -1241,7 +1233,10 @@ impl MirrorTask {
 pub struct CappedBody {
     inner: Incoming,
     remaining: u64,
-    progress: Arc<BodyProgress>,
+    progress: Arc<Activity>,
+    /// `proxy.body_read_timeout`; `timer` enforces it once the response has started.
+    body_timeout: Duration,
+    timer: BodyTimer,
     tee: Option<MirrorTee>,
     /// The access log's tally of bytes in; `None` when the log is off.
     exchange: Option<Arc<access_log::Exchange>>,
@@ -1256,7 +1251,11 @@ impl Body for CappedBody {
     type Error = BoxError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => return self.poll_waiting(cx),
+        };
+        self.progress.set_waiting_for_client(false);
         Poll::Ready(match frame {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
@@ -1278,6 +1277,7 @@ impl Body for CappedBody {
                 }
                 // hyper may stop polling once `is_end_stream` says so, without a final `None`.
                 if self.inner.is_end_stream() {
+                    self.progress.set_body_done();
                     if let Some(tee) = self.tee.take() {
                         tee.finish();
                     }
@@ -1286,9 +1286,11 @@ impl Body for CappedBody {
             }
             Some(Err(e)) => {
                 self.tee = None;
+                self.progress.set_body_done();
                 Some(Err(Box::new(e)))
             }
             None => {
+                self.progress.set_body_done();
                 if let Some(tee) = self.tee.take() {
                     tee.finish();
                 }
@@ -1303,6 +1305,20 @@ impl Body for CappedBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl CappedBody {
+    /// The client has not sent the next body bytes yet. Before the response head,
+    /// [`response_head`]'s timer watches for a stall; after it, this body's own.
+    fn poll_waiting(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.progress.set_waiting_for_client(true);
+        if self.progress.response_started() && self.timer.expired(cx, &self.progress, self.body_timeout) {
+            self.tee = None;
+            self.progress.set_body_done();
+            return Poll::Ready(Some(Err(Box::new(BodyReadTimeout(self.body_timeout)))));
+        }
+        Poll::Pending
     }
 }
 
