@@ -78,6 +78,8 @@ fn agent() -> &'static Agent {
             header_read_timeout: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(4),
             max_header_bytes: config.proxy.max_header_bytes,
+            http2_keep_alive_interval: Duration::from_secs(60),
+            max_connections: None,
         };
         let worker = proxy.worker();
         let listener = runtime()
