@@ -83,7 +83,11 @@ fuzz_target!(|data: &[u8]| {
     for seg in once.split('/') {
         assert!(seg != "." && seg != "..", "dot-segment left: {raw:?} -> {once:?}");
     }
-    assert_eq!(reference(raw).as_deref(), Some(&*once), "the rule read plainly disagrees for {raw:?}");
+    assert_eq!(
+        reference(raw).as_deref(),
+        Some(&*once),
+        "the rule read plainly disagrees for {raw:?}"
+    );
     let b = once.as_bytes();
     for (i, _) in once.match_indices('%') {
         let hex = b.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
