@@ -487,9 +487,26 @@ async fn quorum_loss_demotes_and_restoring_it_elects_one_leader() {
     cluster.restart(1);
     cluster.restart(2);
     cluster.wait_healthy().await;
+    let healthy = Instant::now();
+    // The old leader's lease outlives its fence (etcd renews every lease by its ttl when a
+    // new raft leader takes over): the old leader revokes it, so one node is active again
+    // within the bound docs/operations.md gives, request_timeout (ttl/3) + poll_interval + a
+    // few round trips, not after the stale lease's ttl.
+    let active = eventually(DEADLINE, "one node active after quorum returned", || async {
+        sampler
+            .timeline
+            .lock()
+            .unwrap()
+            .iter()
+            .find_map(|(t, v)| (*t >= healthy && v.iter().filter(|a| **a).count() == 1).then_some(*t))
+    })
+    .await;
+    let took = active.saturating_duration_since(healthy);
+    println!("quorum back -> one node active: {:.0} ms", took.as_secs_f64() * 1000.0);
     one_leader(&refs).await;
     let (_, overlaps) = sampler.finish().await;
     assert!(overlaps.is_empty(), "two actives at once: {overlaps:?}");
+    assert!(took < TTL, "one node active only {took:?} after quorum returned");
 }
 
 /// Quorum intact, but the leader's connections to the member it uses and to one other hang
