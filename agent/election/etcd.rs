@@ -513,6 +513,66 @@ mod tests {
         drop(silent);
     }
 
+    /// A member that answers every request with `body` (HTTP/1.1, one request a connection).
+    async fn answering(body: &'static str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut got = Vec::new();
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let head = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len());
+                    let _ = conn.write_all(head.as_bytes()).await;
+                    let _ = conn.write_all(body.as_bytes()).await;
+                });
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    /// Two hung members (the kernel accepts, nobody answers) ahead of a live one: a read and a
+    /// grant still reach the live one within the call's timeout.
+    #[tokio::test]
+    async fn hung_members_leave_time_for_a_live_one() {
+        let hung: Vec<std::net::TcpListener> = (0..2)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+            .collect();
+        let mut endpoints: Vec<String> = hung
+            .iter()
+            .map(|l| format!("http://{}", l.local_addr().expect("addr")))
+            .collect();
+        let kv = r#"{"header":{},"kvs":[{"key":"L2s=","value":"bm9kZS1h","lease":"42"}],"ID":"7","TTL":"3"}"#;
+        endpoints.push(answering(kv).await);
+        let c = EtcdClient::new(&EtcdOptions {
+            endpoints,
+            ca_pem: None,
+            identity_pem: None,
+            username: None,
+            password: None,
+        })
+        .expect("client");
+        let holder = c
+            .get("/k", Duration::from_millis(900))
+            .await
+            .expect("read through the live member");
+        assert_eq!(holder.map(|h| h.name), Some("node-a".to_owned()));
+        c.current.store(0, Ordering::Relaxed);
+        let lease = c
+            .grant(Duration::from_secs(3), Duration::from_millis(900))
+            .await
+            .expect("grant through the live member");
+        assert_eq!(lease.id, 7);
+        drop(hung);
+    }
+
     #[test]
     fn gateway_integers_are_strings_and_zero_is_omitted() {
         assert_eq!(int(&json!("7587869497451538179")), Some(7_587_869_497_451_538_179));
