@@ -18,15 +18,26 @@ fn main() {
         .or_else(git_commit)
         .unwrap_or_else(|| "unknown".to_owned());
     // A new commit (HEAD moved, or the branch it names did) must rebuild with the new hash.
-    for path in ["HEAD", "packed-refs"] {
-        if let Some(p) = git(&["rev-parse", "--git-path", path]) {
-            println!("cargo:rerun-if-changed={p}");
-        }
-    }
+    // Only paths that exist are watched: cargo takes a missing one as changed and would rerun
+    // this script, and rebuild the crate, on every build (a fresh `git init`, refs never
+    // packed). HEAD always exists and changes on a checkout; the branch's loose ref file
+    // changes on a commit, and while it does not exist (no commit yet, or packed) the
+    // `refs/heads` directory is watched instead, which cargo scans for new files;
+    // `packed-refs` is watched when present, and a `git pack-refs` that creates it removes the
+    // loose ref file, which reruns this script.
+    let dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_default();
+    // `--git-path` answers relative to the working directory (the manifest's), as cargo reads it.
+    let exists = |p: &String| std::path::Path::new(&dir).join(p).exists();
+    let mut watched: Vec<String> = ["HEAD", "packed-refs"]
+        .iter()
+        .filter_map(|path| git(&["rev-parse", "--git-path", path]))
+        .collect();
     if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
-        if let Some(p) = git(&["rev-parse", "--git-path", &branch]) {
-            println!("cargo:rerun-if-changed={p}");
-        }
+        let loose = git(&["rev-parse", "--git-path", &branch]).filter(exists);
+        watched.extend(loose.or_else(|| git(&["rev-parse", "--git-path", "refs/heads"])));
+    }
+    for p in watched.iter().filter(|p| exists(p)) {
+        println!("cargo:rerun-if-changed={p}");
     }
     let epoch = std::env::var("SOURCE_DATE_EPOCH")
         .ok()

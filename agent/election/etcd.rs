@@ -101,6 +101,67 @@ fn unb64(v: &serde_json::Value) -> Option<Vec<u8>> {
     base64::engine::general_purpose::STANDARD.decode(v.as_str()?).ok()
 }
 
+/// Whether a request may be in flight to two members at once (see [`EtcdClient::call`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Race {
+    Hedged,
+    OneAtATime,
+}
+
+/// Why one endpoint's attempt failed: try the next one, or stop here.
+enum Failed {
+    Unreachable(String),
+    Final(EtcdError),
+}
+
+type Pending<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<serde_json::Value, Failed>> + Send + 'a>>;
+
+/// The first of `running` to finish, with its endpoint's index; it is removed from the list.
+async fn first_ready(running: &mut Vec<(usize, Pending<'_>)>) -> (usize, Result<serde_json::Value, Failed>) {
+    std::future::poll_fn(|cx| {
+        for i in 0..running.len() {
+            if let std::task::Poll::Ready(out) = running[i].1.as_mut().poll(cx) {
+                let (index, _) = running.swap_remove(i);
+                return std::task::Poll::Ready((index, out));
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+/// An answer's body as the gateway writes it: the value, or the error it carries.
+fn answer(endpoint: &str, status: reqwest::StatusCode, text: &str) -> Result<serde_json::Value, EtcdError> {
+    // The keepalive stream answers one `{"result": …}` line per request.
+    let first_line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+    let value: serde_json::Value = serde_json::from_str(first_line).map_err(|e| EtcdError::Protocol {
+        endpoint: shown(endpoint),
+        message: format!("HTTP {status}, not JSON ({e})"),
+    })?;
+    let value = match value.get("result") {
+        Some(r) => r.clone(),
+        None => value,
+    };
+    if let Some(message) = value
+        .get("error")
+        .or_else(|| value.get("message"))
+        .and_then(|m| m.as_str())
+    {
+        return Err(EtcdError::Refused {
+            endpoint: shown(endpoint),
+            code: value.get("code").and_then(int).unwrap_or(0),
+            message: message.to_owned(),
+        });
+    }
+    if !status.is_success() {
+        return Err(EtcdError::Protocol {
+            endpoint: shown(endpoint),
+            message: format!("HTTP {status}"),
+        });
+    }
+    Ok(value)
+}
+
 impl EtcdClient {
     pub fn new(options: &EtcdOptions) -> Result<EtcdClient, String> {
         let mut builder = reqwest::Client::builder()
@@ -134,39 +195,94 @@ impl EtcdClient {
     }
 
     /// One JSON POST, trying the endpoints from the last good one on until one answers or the
-    /// `timeout` (for the whole call) is spent.
+    /// `timeout` (for the whole call) is spent. Each endpoint's turn is its share of the time
+    /// left (`left / endpoints not yet tried`), so a hung member (a black hole answers nothing,
+    /// and only a timeout ends the attempt) cannot take the whole budget from a live one.
+    /// `Race::Hedged` leaves an attempt running when the next endpoint's turn comes, and takes
+    /// the first answer: for requests that may be sent twice (keepalive, read, revoke).
+    /// `Race::OneAtATime` ends an attempt when its share is spent: for a grant (a second one is a
+    /// second lease) and the transaction.
     async fn call(
         &self,
         path: &str,
         body: &serde_json::Value,
         timeout: Duration,
+        race: Race,
     ) -> Result<serde_json::Value, EtcdError> {
         let deadline = crate::deadline::from_now(timeout);
         let n = self.endpoints.len().max(1);
         let first = self.current.load(Ordering::Relaxed) % n;
         let mut failures = Vec::new();
-        let mut reauthenticated = false;
-        let mut i = 0;
-        while i < n {
-            let index = (first + i) % n;
-            let Some(endpoint) = self.endpoints.get(index) else {
-                break;
-            };
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            if left.is_zero() {
-                failures.push(format!("{}: out of time", shown(endpoint)));
+        let mut running: Vec<(usize, Pending<'_>)> = Vec::new();
+        let mut tried = 0;
+        let mut next_turn = tokio::time::Instant::now();
+        loop {
+            let now = tokio::time::Instant::now();
+            let left = deadline.saturating_duration_since(now);
+            let turn_due = running.is_empty() || (race == Race::Hedged && now >= next_turn);
+            if tried < self.endpoints.len() && turn_due && !left.is_zero() {
+                let index = (first + tried) % n;
+                let share = left / u32::try_from(n - tried).unwrap_or(u32::MAX);
+                tried += 1;
+                next_turn = crate::deadline::after(now, share);
+                let limit = if race == Race::Hedged { left } else { share };
+                running.push((index, Box::pin(self.attempt(index, path, body, limit))));
+                continue;
+            }
+            if running.is_empty() || left.is_zero() {
                 break;
             }
+            let wake = if tried < self.endpoints.len() {
+                next_turn.min(deadline)
+            } else {
+                deadline
+            };
+            let answer = tokio::select! {
+                answer = first_ready(&mut running) => answer,
+                () = tokio::time::sleep_until(wake) => continue,
+            };
+            match answer {
+                (index, Ok(value)) => {
+                    self.current.store(index, Ordering::Relaxed);
+                    return Ok(value);
+                }
+                (_, Err(Failed::Final(e))) => return Err(e),
+                (_, Err(Failed::Unreachable(m))) => failures.push(m),
+            }
+        }
+        for (index, _) in &running {
+            let endpoint = self.endpoints.get(*index).map(String::as_str).unwrap_or_default();
+            failures.push(format!("{}: no answer in time", shown(endpoint)));
+        }
+        if let Some(endpoint) = self.endpoints.get((first + tried) % n).filter(|_| tried < n) {
+            failures.push(format!("{}: out of time", shown(endpoint)));
+        }
+        // The next call starts with the endpoint after the one tried first.
+        self.current.store((first + 1) % n, Ordering::Relaxed);
+        Err(EtcdError::Unreachable(failures.join("; ")))
+    }
+
+    /// One endpoint's try at a request, with a new auth token and one retry when the token
+    /// expired.
+    async fn attempt(
+        &self,
+        index: usize,
+        path: &str,
+        body: &serde_json::Value,
+        timeout: Duration,
+    ) -> Result<serde_json::Value, Failed> {
+        let Some(endpoint) = self.endpoints.get(index) else {
+            return Err(Failed::Unreachable("no endpoint".into()));
+        };
+        let deadline = crate::deadline::from_now(timeout);
+        let mut reauthenticated = false;
+        loop {
             if self.username.is_some() && self.token().is_none() {
-                if let Err(e) = self.authenticate(endpoint, left).await {
-                    match e {
-                        EtcdError::Unreachable(m) => {
-                            failures.push(m);
-                            i += 1;
-                            continue;
-                        }
-                        other => return Err(other),
-                    }
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                match self.authenticate(endpoint, left).await {
+                    Ok(()) => {}
+                    Err(EtcdError::Unreachable(m)) => return Err(Failed::Unreachable(m)),
+                    Err(other) => return Err(Failed::Final(other)),
                 }
             }
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -174,63 +290,27 @@ impl EtcdClient {
             if let Some(token) = self.token() {
                 req = req.header("Authorization", token);
             }
-            let resp = match req.send().await {
-                Ok(r) => r,
-                Err(e) => {
-                    failures.push(failure(endpoint, &e));
-                    i += 1;
-                    continue;
-                }
-            };
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| Failed::Unreachable(failure(endpoint, &e)))?;
             let status = resp.status();
-            let text = match resp.text().await {
-                Ok(t) => t,
-                Err(e) => {
-                    failures.push(failure(endpoint, &e));
-                    i += 1;
-                    continue;
-                }
-            };
-            // The keepalive stream answers one `{"result": …}` line per request.
-            let first_line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
-            let value: serde_json::Value = serde_json::from_str(first_line).map_err(|e| EtcdError::Protocol {
-                endpoint: shown(endpoint),
-                message: format!("HTTP {status}, not JSON ({e})"),
-            })?;
-            let value = match value.get("result") {
-                Some(r) => r.clone(),
-                None => value,
-            };
-            if let Some(message) = value
-                .get("error")
-                .or_else(|| value.get("message"))
-                .and_then(|m| m.as_str())
-            {
-                let code = value.get("code").and_then(int).unwrap_or(0);
-                if code == CODE_UNAUTHENTICATED && self.username.is_some() && !reauthenticated {
+            let text = resp
+                .text()
+                .await
+                .map_err(|e| Failed::Unreachable(failure(endpoint, &e)))?;
+            match answer(endpoint, status, &text) {
+                Err(EtcdError::Refused {
+                    code: CODE_UNAUTHENTICATED,
+                    ..
+                }) if self.username.is_some() && !reauthenticated => {
                     // An expired auth token: get a new one and retry this endpoint once.
                     reauthenticated = true;
                     *self.token.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                    continue;
                 }
-                return Err(EtcdError::Refused {
-                    endpoint: shown(endpoint),
-                    code,
-                    message: message.to_owned(),
-                });
+                other => return other.map_err(Failed::Final),
             }
-            if !status.is_success() {
-                return Err(EtcdError::Protocol {
-                    endpoint: shown(endpoint),
-                    message: format!("HTTP {status}"),
-                });
-            }
-            self.current.store(index, Ordering::Relaxed);
-            return Ok(value);
         }
-        // The next call starts with the endpoint after the one tried first.
-        self.current.store((first + 1) % n, Ordering::Relaxed);
-        Err(EtcdError::Unreachable(failures.join("; ")))
     }
 
     fn token(&self) -> Option<String> {
@@ -277,7 +357,12 @@ impl EtcdClient {
     /// `LeaseGrant`: a lease of (at least) `ttl`, whole seconds.
     pub async fn grant(&self, ttl: Duration, timeout: Duration) -> Result<Lease, EtcdError> {
         let v = self
-            .call("/v3/lease/grant", &json!({"TTL": ttl.as_secs().to_string()}), timeout)
+            .call(
+                "/v3/lease/grant",
+                &json!({"TTL": ttl.as_secs().to_string()}),
+                timeout,
+                Race::OneAtATime,
+            )
             .await?;
         #[derive(Deserialize)]
         struct Grant {
@@ -299,7 +384,12 @@ impl EtcdClient {
     /// `LeaseKeepAlive`: the lease's TTL from now, or `None` when the lease no longer exists.
     pub async fn keepalive(&self, lease: i64, timeout: Duration) -> Result<Option<Duration>, EtcdError> {
         let v = self
-            .call("/v3/lease/keepalive", &json!({"ID": lease.to_string()}), timeout)
+            .call(
+                "/v3/lease/keepalive",
+                &json!({"ID": lease.to_string()}),
+                timeout,
+                Race::Hedged,
+            )
             .await?;
         // An expired lease is answered with TTL 0, which the gateway omits.
         Ok(v.get("TTL")
@@ -312,7 +402,12 @@ impl EtcdClient {
     /// gone is not an error.
     pub async fn revoke(&self, lease: i64, timeout: Duration) -> Result<(), EtcdError> {
         match self
-            .call("/v3/lease/revoke", &json!({"ID": lease.to_string()}), timeout)
+            .call(
+                "/v3/lease/revoke",
+                &json!({"ID": lease.to_string()}),
+                timeout,
+                Race::Hedged,
+            )
             .await
         {
             Ok(_) => Ok(()),
@@ -326,7 +421,12 @@ impl EtcdClient {
     /// Reads `key` (linearizable, so a member without quorum cannot answer it).
     pub async fn get(&self, key: &str, timeout: Duration) -> Result<Option<Holder>, EtcdError> {
         let v = self
-            .call("/v3/kv/range", &json!({"key": b64(key.as_bytes())}), timeout)
+            .call(
+                "/v3/kv/range",
+                &json!({"key": b64(key.as_bytes())}),
+                timeout,
+                Race::Hedged,
+            )
             .await?;
         Ok(self.holder(&v))
     }
@@ -346,7 +446,7 @@ impl EtcdClient {
             "success": [{"request_put": {"key": k, "value": b64(name.as_bytes()), "lease": lease.to_string()}}],
             "failure": [{"request_range": {"key": k}}],
         });
-        let v = self.call("/v3/kv/txn", &body, timeout).await?;
+        let v = self.call("/v3/kv/txn", &body, timeout, Race::OneAtATime).await?;
         if v.get("succeeded").and_then(|s| s.as_bool()).unwrap_or(false) {
             return Ok(Ok(()));
         }
@@ -411,6 +511,66 @@ mod tests {
         assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");
         assert!(!text.contains("hunter2") && !text.contains("s3cr3t"), "{text}");
         drop(silent);
+    }
+
+    /// A member that answers every request with `body` (HTTP/1.1, one request a connection).
+    async fn answering(body: &'static str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut got = Vec::new();
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let head = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len());
+                    let _ = conn.write_all(head.as_bytes()).await;
+                    let _ = conn.write_all(body.as_bytes()).await;
+                });
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    /// Two hung members (the kernel accepts, nobody answers) ahead of a live one: a read and a
+    /// grant still reach the live one within the call's timeout.
+    #[tokio::test]
+    async fn hung_members_leave_time_for_a_live_one() {
+        let hung: Vec<std::net::TcpListener> = (0..2)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+            .collect();
+        let mut endpoints: Vec<String> = hung
+            .iter()
+            .map(|l| format!("http://{}", l.local_addr().expect("addr")))
+            .collect();
+        let kv = r#"{"header":{},"kvs":[{"key":"L2s=","value":"bm9kZS1h","lease":"42"}],"ID":"7","TTL":"3"}"#;
+        endpoints.push(answering(kv).await);
+        let c = EtcdClient::new(&EtcdOptions {
+            endpoints,
+            ca_pem: None,
+            identity_pem: None,
+            username: None,
+            password: None,
+        })
+        .expect("client");
+        let holder = c
+            .get("/k", Duration::from_millis(900))
+            .await
+            .expect("read through the live member");
+        assert_eq!(holder.map(|h| h.name), Some("node-a".to_owned()));
+        c.current.store(0, Ordering::Relaxed);
+        let lease = c
+            .grant(Duration::from_secs(3), Duration::from_millis(900))
+            .await
+            .expect("grant through the live member");
+        assert_eq!(lease.id, 7);
+        drop(hung);
     }
 
     #[test]

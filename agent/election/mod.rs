@@ -258,6 +258,7 @@ pub fn start(
         gate_open: !gated,
         stepped_aside: false,
         lease: None,
+        stale: None,
     };
     (election, tokio::spawn(task.run(rx)))
 }
@@ -280,6 +281,11 @@ struct Task {
     gate_open: bool,
     stepped_aside: bool,
     lease: Option<Held>,
+    /// The lease this node fenced on when it could not renew it. It may outlive the fence by
+    /// far: a new raft leader renews every lease by its ttl, so after a quorum loss the key
+    /// would stay ours, with nobody active, for a whole ttl after quorum returns. Revoked as
+    /// soon as etcd answers again.
+    stale: Option<i64>,
 }
 
 impl Task {
@@ -343,10 +349,12 @@ impl Task {
                         // The node asked, and has fenced itself already: no Deposed for it.
                         self.release_lease();
                         // Revoke at once, so a standby takes over now rather than after ttl.
-                        self.client
-                            .revoke(h.id, self.settings.request_timeout)
-                            .await
-                            .map_err(|e| format!("could not revoke the lease (it expires within its ttl): {e}"))
+                        let revoked = self.client.revoke(h.id, self.settings.request_timeout).await;
+                        if revoked.is_err() {
+                            // Revoked by `follow` once etcd answers again, if it has not expired.
+                            self.stale = Some(h.id);
+                        }
+                        revoked.map_err(|e| format!("could not revoke the lease (it expires within its ttl): {e}"))
                     }
                     None => Ok(()),
                 };
@@ -403,7 +411,18 @@ impl Task {
 
     /// Standby: read the key; campaign when it is gone.
     async fn follow(&mut self) {
-        match self.client.get(&self.settings.key, self.settings.request_timeout).await {
+        let read = self.client.get(&self.settings.key, self.settings.request_timeout).await;
+        let read = match read {
+            Ok(Some(holder)) if self.stale == Some(holder.lease) => self.revoke_stale(holder).await,
+            other => {
+                if other.is_ok() {
+                    // The key is gone or under another lease: the stale one holds nothing.
+                    self.stale = None;
+                }
+                other
+            }
+        };
+        match read {
             Err(e) => {
                 self.update(|s| {
                     s.phase = "unreachable";
@@ -436,6 +455,15 @@ impl Task {
                 }
             }
         }
+    }
+
+    /// The key is still ours under the lease we fenced on (so nobody is active): give it up
+    /// now rather than after its ttl. Safe: this node is fenced, and the key names its lease.
+    async fn revoke_stale(&mut self, holder: Holder) -> Result<Option<Holder>, EtcdError> {
+        self.client.revoke(holder.lease, self.settings.request_timeout).await?;
+        self.stale = None;
+        tracing::info!(key = %self.settings.key, lease = format!("{:x}", holder.lease), "revoked the lease this node fenced on (lease {:x}): {} is free", holder.lease, self.settings.key);
+        Ok(None)
     }
 
     /// One attempt at the key. `Ok(true)` when won.
@@ -536,6 +564,7 @@ impl Task {
                 }
                 return;
             }
+            self.stale = Some(h.id);
             self.give_up(
                 h,
                 "the lease could not be renewed in time (etcd unreachable or without quorum)",

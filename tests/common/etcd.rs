@@ -215,10 +215,13 @@ impl Drop for EtcdCluster {
 
 /// A TCP relay in front of one address. `cut()` makes it a black hole (new connections are
 /// accepted and never answered, live ones stop forwarding), like a partition where packets are
-/// dropped; `restore()` forwards again.
+/// dropped; `restore()` forwards again. `hang()` is a black hole for live connections too: they
+/// stay open and silent (a hung member, not a closed connection).
 pub struct Relay {
     pub addr: SocketAddr,
     cut: Arc<AtomicBool>,
+    /// Live connections freeze (stop forwarding, stay open) while `true`.
+    hang: tokio::sync::watch::Sender<bool>,
     /// Live forwarding tasks, aborted on `cut`.
     live: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
     accept: tokio::task::JoinHandle<()>,
@@ -229,6 +232,7 @@ impl Relay {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
         let addr = listener.local_addr().expect("relay addr");
         let cut = Arc::new(AtomicBool::new(false));
+        let (hang, hung) = tokio::sync::watch::channel(false);
         let live: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
         let accept = {
             let (cut, live) = (cut.clone(), live.clone());
@@ -238,6 +242,7 @@ impl Relay {
                         continue;
                     };
                     let cut = cut.clone();
+                    let mut hung = hung.clone();
                     let task = tokio::spawn(async move {
                         if cut.load(Ordering::SeqCst) {
                             // Hold the connection unanswered until the peer gives up.
@@ -248,7 +253,14 @@ impl Relay {
                             let _ = inbound.shutdown().await;
                             return;
                         };
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        let frozen = tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => false,
+                            _ = hung.wait_for(|h| *h) => true,
+                        };
+                        if frozen {
+                            // Both ends stay open and nothing more is forwarded.
+                            tokio::time::sleep(Duration::from_secs(3600)).await;
+                        }
                     });
                     let mut l = live.lock().unwrap();
                     l.retain(|t| !t.is_finished());
@@ -259,6 +271,7 @@ impl Relay {
         Relay {
             addr,
             cut,
+            hang,
             live,
             accept,
         }
@@ -275,8 +288,16 @@ impl Relay {
         }
     }
 
+    /// A hung member: new connections are accepted and never answered, live ones stay open
+    /// and forward nothing more (no FIN, no RST), so only a client's own timeout ends a call.
+    pub fn hang(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        self.hang.send_replace(true);
+    }
+
     pub fn restore(&self) {
         self.cut.store(false, Ordering::SeqCst);
+        self.hang.send_replace(false);
         // Connections held while cut are dropped, so clients reconnect through the relay.
         for t in self.live.lock().unwrap().drain(..) {
             t.abort();
