@@ -4,7 +4,9 @@
 //! health listener → proxy → (cloudflared) → ready → the [`node`]'s event loop → on shutdown,
 //! the same steps in reverse. ARCHITECTURE.md says where each concept lives.
 
-#![forbid(unsafe_code)]
+// Denied everywhere but `tunnel::sandbox` (Landlock syscalls, a `pre_exec` hook), which allows
+// it for itself.
+#![deny(unsafe_code)]
 
 pub mod backoff;
 pub mod boot;

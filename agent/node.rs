@@ -155,6 +155,7 @@ pub fn tunnel_spec(
     let hostnames: Vec<String> = table.summary.iter().flat_map(|r| r.hostnames.iter().cloned()).collect();
     let mut spec = TunnelSpec::new(cf, token, &config.agent.runtime_dir, origin, &hostnames);
     spec.home = Some(config.agent.state_dir.clone());
+    spec.sandbox = Some(crate::tunnel::sandbox::policy_for(config, &spec));
     Some(spec)
 }
 

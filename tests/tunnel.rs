@@ -249,6 +249,65 @@ async fn the_agent_is_not_dumpable_and_its_child_cannot_read_its_environment() {
     );
 }
 
+/// cloudflared shares the agent's uid, so only Landlock keeps it from the agent's files: a
+/// compromised one tries to read a `file` secret and the persisted state, and to plant a file in
+/// the state directory (a route table, a role). It is denied each, and still runs: `/ready`
+/// through it, its token, its metrics.
+#[tokio::test(flavor = "multi_thread")]
+async fn cloudflared_cannot_read_the_agents_secret_files_nor_write_its_state() {
+    if tunnel_agent::tunnel::sandbox::abi() == 0 {
+        println!("SKIP: this kernel offers no Landlock (landlock_create_ruleset answers ABI 0)");
+        return;
+    }
+    let builder = AgentBuilder::new();
+    let cf = FakeCloudflared::new(builder.dir());
+    let secret_file = builder.file("internal-secret", "do-not-let-cloudflared-read-this");
+    let state = builder.dir().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let state_file = state.join("existing");
+    std::fs::write(&state_file, "state").unwrap();
+    let control_socket_dir = builder.dir().join("run");
+    cf.set(
+        "probe_read",
+        &format!("{}\n{}\n", secret_file.display(), state_file.display()),
+    );
+    cf.set(
+        "probe_write",
+        &format!("{}\n{}\n", state.display(), control_socket_dir.display()),
+    );
+    let config = config(&cf, &["token_delivery = \"file\""]).raw(&format!(
+        "[secrets.internal]\nsource = \"file\"\npath = {:?}\n",
+        secret_file.display().to_string()
+    ));
+    let agent = builder.env("TUNNEL_TOKEN_FOR_TEST", TOKEN).start(&config).await;
+    let ready = wait_ready(&agent).await;
+    assert_eq!(ready["components"]["cloudflared"], "connected (4)", "{ready}");
+    let pid = cf.started_pids()[0];
+    let probes: Vec<String> = cf
+        .events()
+        .into_iter()
+        .filter(|e| e.kind == "probe" && e.pid == pid)
+        .map(|e| e.rest)
+        .collect();
+    assert_eq!(probes.len(), 4, "{probes:?}");
+    for probe in &probes {
+        // EACCES (13): Landlock's answer.
+        assert!(probe.contains("denied 13"), "cloudflared got through: {probe}");
+    }
+    let planted = std::fs::read_dir(&state).unwrap().count();
+    assert_eq!(planted, 1, "nothing planted in the state directory");
+    let token = cf
+        .events()
+        .into_iter()
+        .find(|e| e.kind == "token")
+        .expect("the fake read its token");
+    assert_eq!(token.rest, "file", "read from its token file: {token:?}");
+    let metrics = reqwest::get(format!("http://{}/metrics", cf.metrics)).await.unwrap();
+    assert_eq!(metrics.status(), 200);
+    let lines = agent.logs().join("\n");
+    assert!(!lines.contains("runs unconfined"), "{lines}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn token_file_is_private_and_kept_out_of_the_environment() {
     let (agent, cf) = start(&["token_delivery = \"file\""]).await;

@@ -661,6 +661,19 @@ pub enum TokenDelivery {
     File,
 }
 
+/// Whether cloudflared runs confined by Landlock (`tunnel::sandbox`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Sandbox {
+    /// Landlock when the kernel has it; otherwise unconfined, said once in the log.
+    #[default]
+    Auto,
+    /// Landlock or cloudflared does not start.
+    Landlock,
+    /// Unconfined.
+    Off,
+}
+
 /// cloudflared, supervised. Either a remotely-managed tunnel (`token_secret`) or a
 /// locally-managed one (`credentials_file` + `tunnel`, ingress written from the route table).
 #[derive(Debug, Clone, Deserialize)]
@@ -711,7 +724,17 @@ pub struct CloudflaredSection {
     /// brief reconnect does not flap the verdict.
     #[serde(deserialize_with = "duration::at_most::<_, _, { duration::HOUR }>")]
     pub ready_grace: Duration,
+    /// Landlock confinement: no access to the credentials directory, the secret files, the
+    /// state and runtime directories.
+    pub sandbox: Sandbox,
+    /// Absolute paths cloudflared may read, write and execute beneath besides the system's
+    /// (e.g. for `--logfile`); at most [`MAX_SANDBOX_ALLOW`]. A protected path beneath one
+    /// stays out of reach.
+    pub sandbox_allow: Vec<PathBuf>,
 }
+
+/// Most entries of `cloudflared.sandbox_allow`.
+pub const MAX_SANDBOX_ALLOW: usize = 32;
 
 impl Default for CloudflaredSection {
     fn default() -> Self {
@@ -738,6 +761,8 @@ impl Default for CloudflaredSection {
             poll_interval: Duration::from_secs(1),
             disconnected_restart_after: Duration::from_secs(120),
             ready_grace: Duration::from_secs(10),
+            sandbox: Sandbox::Auto,
+            sandbox_allow: Vec::new(),
         }
     }
 }
@@ -878,6 +903,28 @@ mod tests {
         assert_eq!(c.proxy.listen.port(), 8080);
         assert_eq!(c.health.listen.port(), 2000);
         assert!(c.proxy.idle_timeout > Duration::from_secs(90));
+    }
+
+    #[test]
+    fn cloudflared_sandbox_is_auto_by_default_and_its_paths_are_bounded() {
+        let c = parse("").unwrap();
+        assert_eq!(c.cloudflared.sandbox, Sandbox::Auto);
+        let c = parse("[cloudflared]\nsandbox = \"landlock\"\nsandbox_allow = [\"/var/log/cf\"]\n").unwrap();
+        assert_eq!(c.cloudflared.sandbox, Sandbox::Landlock);
+        assert!(parse("[cloudflared]\nsandbox = \"seccomp\"\n").is_err());
+        let err = parse("[cloudflared]\nsandbox_allow = [\"var/log\", \"/x/../etc\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cloudflared.sandbox_allow: var/log: must be an absolute path"),
+            "{err}"
+        );
+        assert!(err.contains("cloudflared.sandbox_allow: /x/../etc: must be"), "{err}");
+        let many: Vec<String> = (0..=MAX_SANDBOX_ALLOW).map(|i| format!("\"/p{i}\"")).collect();
+        let err = parse(&format!("[cloudflared]\nsandbox_allow = [{}]\n", many.join(",")))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cloudflared.sandbox_allow: 33 paths; at most 32"), "{err}");
     }
 
     #[test]

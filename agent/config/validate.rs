@@ -245,6 +245,21 @@ impl Config {
                 format!("{} is already used by the agent", cf.metrics),
             );
         }
+        if cf.sandbox_allow.len() > super::MAX_SANDBOX_ALLOW {
+            bad(
+                "cloudflared.sandbox_allow".into(),
+                format!("{} paths; at most {}", cf.sandbox_allow.len(), super::MAX_SANDBOX_ALLOW),
+            );
+        }
+        for p in &cf.sandbox_allow {
+            let dotted = p.components().any(|c| matches!(c, std::path::Component::ParentDir));
+            if !p.is_absolute() || dotted {
+                bad(
+                    "cloudflared.sandbox_allow".into(),
+                    format!("{}: must be an absolute path without \"..\"", p.display()),
+                );
+            }
+        }
         for a in &cf.extra_args {
             if let Some(flag) = managed_cloudflared_arg(a) {
                 bad(

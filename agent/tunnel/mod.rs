@@ -23,6 +23,7 @@
 pub mod log_limit;
 #[cfg(test)]
 mod restart_story;
+pub mod sandbox;
 pub mod supervisor;
 pub mod version;
 
@@ -61,6 +62,8 @@ pub struct TunnelSpec {
     pub origin: SocketAddr,
     /// cloudflared's `HOME`: the agent's state directory.
     pub home: Option<PathBuf>,
+    /// Its Landlock confinement ([`sandbox`]); `None` runs it unconfined.
+    pub sandbox: Option<sandbox::Policy>,
 }
 
 /// The agent's environment variables cloudflared is given, when the agent has them: where
@@ -140,6 +143,7 @@ impl TunnelSpec {
             stop_margin: section.stop_margin,
             origin,
             home: None,
+            sandbox: None,
         }
     }
 }
@@ -392,6 +396,8 @@ fn spawn(spec: &TunnelSpec, state: &TunnelState) -> anyhow::Result<Running> {
     if let (Some(token), None) = (&spec.token, &spec.token_file) {
         cmd.env("TUNNEL_TOKEN", token.expose());
     }
+    // Kept open until the child has exec'd: it restricts itself to this ruleset.
+    let ruleset = confine(&mut cmd, spec)?;
     let mut signalling = state.signalling();
     if signalling.hold {
         anyhow::bail!("not starting cloudflared: this node is fenced (it left the active role)");
@@ -399,6 +405,7 @@ fn spawn(spec: &TunnelSpec, state: &TunnelState) -> anyhow::Result<Running> {
     let mut child = cmd
         .spawn()
         .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", spec.program.display()))?;
+    drop(ruleset);
     let pid = child.id().unwrap_or(0);
     signalling.pid = pid;
     signalling.sigterm_sent = false;
@@ -429,6 +436,37 @@ fn spawn(spec: &TunnelSpec, state: &TunnelState) -> anyhow::Result<Running> {
     let args = crate::secret::redact_urls_in(&spec.args.join(" "));
     tracing::info!(pid, program = %spec.program.display(), %args, "cloudflared started: pid {pid}, {} {args}", spec.program.display());
     Ok(Running { pid, exit })
+}
+
+/// Applies `spec`'s sandbox to `cmd`; returns the ruleset, to be kept until the spawn returned.
+fn confine(cmd: &mut tokio::process::Command, spec: &TunnelSpec) -> anyhow::Result<Option<sandbox::Ruleset>> {
+    static UNCONFINED_SAID: AtomicBool = AtomicBool::new(false);
+    static CONFINED_SAID: AtomicBool = AtomicBool::new(false);
+    let Some(policy) = &spec.sandbox else {
+        return Ok(None);
+    };
+    let ruleset = sandbox::prepare(policy)?;
+    match &ruleset {
+        Some(r) => {
+            sandbox::confine(cmd, r);
+            if !CONFINED_SAID.swap(true, Ordering::Relaxed) {
+                tracing::info!(
+                    abi = r.abi,
+                    "cloudflared runs confined by Landlock (ABI {}): no access to the agent's secret files, \
+                     credentials, state or runtime directory",
+                    r.abi
+                );
+            }
+        }
+        None if policy.mode == crate::config::Sandbox::Auto && !UNCONFINED_SAID.swap(true, Ordering::Relaxed) => {
+            tracing::warn!(
+                "this kernel offers no Landlock: cloudflared runs unconfined and can read the agent's secret files \
+                 and write its state directory (cloudflared.sandbox = \"landlock\" refuses to run it so)"
+            );
+        }
+        None => {}
+    }
+    Ok(ruleset)
 }
 
 /// One SIGTERM to the group, wait grace + margin, then SIGKILL; always reaps.

@@ -68,6 +68,7 @@ impl FakeCloudflared {
             "restart_backoff = \"100ms\"".to_owned(),
             "restart_backoff_max = \"400ms\"".to_owned(),
             "ready_grace = \"0s\"".to_owned(),
+            format!("sandbox_allow = {}", toml_paths(&self.sandbox_allow())),
         ];
         for e in extra {
             let key = e.split('=').next().unwrap_or("").trim();
@@ -75,6 +76,15 @@ impl FakeCloudflared {
             lines.push((*e).to_owned());
         }
         format!("[cloudflared]\n{}\n", lines.join("\n"))
+    }
+
+    /// What the fake needs besides the system's under the agent's Landlock sandbox: its control
+    /// directory (it writes its events there), its script, and the Python that runs it.
+    pub fn sandbox_allow(&self) -> Vec<PathBuf> {
+        let mut paths = vec![self.dir.clone()];
+        paths.extend(Self::script().parent().map(Path::to_owned));
+        paths.extend(python_dirs());
+        paths
     }
 
     /// Sets one of the fake's settings (`version`, `drain_ms`, `flood`, `origin`).
@@ -188,4 +198,32 @@ pub fn closed_port() -> u16 {
         .and_then(|l| l.local_addr())
         .expect("free port")
         .port()
+}
+
+/// Where the `python3` that `/usr/bin/env` finds lives, when outside the system directories
+/// the sandbox already allows (a pyenv or virtualenv): each such `PATH` entry's parent, and
+/// the interpreter's prefix.
+fn python_dirs() -> Vec<PathBuf> {
+    let system = ["/usr", "/bin", "/sbin", "/lib"];
+    let outside = |p: &Path| !system.iter().any(|s| p.starts_with(s));
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|d| d.join("python3").exists() && outside(d))
+        .filter_map(|d| d.parent().map(Path::to_owned))
+        .collect();
+    let prefix = std::process::Command::new("python3")
+        .args(["-c", "import sys; print(sys.base_prefix)"])
+        .output()
+        .ok()
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+    dirs.extend(prefix.filter(|p| p.is_absolute() && outside(p)));
+    dirs
+}
+
+/// A TOML array of path strings.
+fn toml_paths(paths: &[PathBuf]) -> String {
+    let quoted: Vec<String> = paths.iter().map(|p| format!("{:?}", p.display().to_string())).collect();
+    format!("[{}]", quoted.join(", "))
 }

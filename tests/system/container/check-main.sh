@@ -420,6 +420,54 @@ check_upgrade() {
   fi
 }
 
+# --- 7b. cloudflared under the packaged unit cannot read the credential file ------------------
+# It shares the agent's UID, so only the agent's Landlock sandbox (agent/tunnel/sandbox.rs, and
+# the unit's SystemCallFilter= allowing the Landlock calls) keeps it out. The fake cloudflared,
+# run through a link in a control directory, tries to read the tunnel token's credential file
+# and to create a file in the state directory, and records what it got. The control directory
+# is writable for the unit (a drop-in) and open to cloudflared (`sandbox_allow`).
+PROBE=/run/systemtest/cf-probe
+DROPIN=/run/systemd/system/$UNIT.d/cf-probe.conf
+probe_recorded() { grep -q '^probe .* write ' "$PROBE/events" 2>/dev/null; }
+restart_with_config() {
+  systemctl daemon-reload
+  systemctl restart $UNIT && wait_for 60 answers http://127.0.0.1:2000/ready 200
+}
+check_cloudflared_confined() {
+  local name=cloudflared-cannot-read-credentials-or-write-state denied
+  install -d -m 1777 "$PROBE"
+  : >"$PROBE/control"
+  rm -f "$PROBE/events"
+  ln -sf /usr/bin/cloudflared "$PROBE/cloudflared"
+  printf '%s\n' /run/credentials/$UNIT/secret_tunnel-token >"$PROBE/probe_read"
+  printf '%s\n' /var/lib/tunnel-agent >"$PROBE/probe_write"
+  chmod 0644 "$PROBE"/*
+  mkdir -p "$(dirname "$DROPIN")"
+  printf '[Service]\nReadWritePaths=%s\n' "$PROBE" >"$DROPIN"
+  write_config
+  printf 'path = "%s/cloudflared"\nsandbox_allow = ["%s"]\n' "$PROBE" "$PROBE" >>"$CONFIG"
+  if ! restart_with_config; then
+    fail $name "not ready with cloudflared run from $PROBE: $(prop ActiveState) $(prop StatusText)"
+  elif ! wait_for 20 probe_recorded; then
+    fail $name "the fake cloudflared recorded no probe (events: $(cat "$PROBE/events" 2>/dev/null | tr '\n' ';'))"
+  else
+    cp "$PROBE/events" "$OUT/cf-probe-events.txt"
+    denied=$(grep -c '^probe .* denied 13 ' "$PROBE/events")
+    if grep -q '^probe .* ok ' "$PROBE/events"; then
+      fail $name "cloudflared got through: $(grep '^probe .* ok ' "$PROBE/events" | tr '\n' ';')"
+    elif [ "$denied" != 2 ]; then
+      fail $name "want 2 probes denied with EACCES, got: $(grep '^probe' "$PROBE/events" | tr '\n' ';')"
+    elif ls /var/lib/tunnel-agent/ | grep -q planted-by-cloudflared; then
+      fail $name "a file was planted in the state directory"
+    else
+      pass $name
+    fi
+  fi
+  rm -f "$DROPIN"
+  write_config
+  restart_with_config || say "not ready again after $name: $(prop ActiveState) $(prop StatusText)"
+}
+
 # --- 8. stop: one SIGTERM to cloudflared before the proxy stops, clean exit --------------------
 check_stop_order() {
   local name=stop-cloudflared-before-proxy-clean-exit c rc
@@ -487,6 +535,7 @@ check_reload_changed_route
 check_reload_broken_config
 check_watchdog
 check_upgrade
+check_cloudflared_confined
 check_stop_order
 check_purge
 finish
