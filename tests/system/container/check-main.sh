@@ -435,6 +435,13 @@ restart_with_config() {
 }
 check_cloudflared_confined() {
   local name=cloudflared-cannot-read-credentials-or-write-state denied
+  # systemd-nspawn's own seccomp filter hides the Landlock syscalls from the container (EPERM:
+  # the agent logs that the kernel offers none), so there is nothing to check here; on a VM the
+  # unit allows them (SystemCallFilter=landlock_*) and tests/tunnel.rs checks the confinement.
+  if journalctl -u $UNIT -b --no-pager -o cat | grep -q 'this kernel offers no Landlock'; then
+    skip $name "no Landlock inside systemd-nspawn (its seccomp filter refuses the syscalls); tests/tunnel.rs covers the confinement"
+    return
+  fi
   install -d -m 1777 "$PROBE"
   : >"$PROBE/control"
   rm -f "$PROBE/events"
