@@ -15,6 +15,7 @@ pub mod config;
 pub mod control;
 pub mod deadline;
 pub mod election;
+pub mod errors;
 pub mod files;
 pub mod follow;
 pub mod framing;

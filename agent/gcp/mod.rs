@@ -136,17 +136,9 @@ impl MetadataClient {
     }
 }
 
-/// `reqwest`'s top-level message hides the cause ("error sending request"); walk the chain.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
-}
+/// The chain of an error's causes in one line (it moved to `errors.rs`; named here too for the
+/// modules that still import it from `gcp`).
+pub use crate::errors::error_chain;
 
 /// How much of an error body a [`MetadataError::Status`] keeps: enough for the server's reason.
 const MAX_ERROR_BODY: usize = 200;
@@ -176,5 +168,25 @@ mod head_tests {
         assert_eq!(cut.len(), 198, "66 whole euro signs");
         assert_eq!(head("short", 200), "short");
         assert_eq!(head("", 200), "");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The metadata client through it: an attribute answer without end is an error, not 64 MiB
+    /// of memory (on the code before this module, `get` returned the whole body).
+    #[tokio::test]
+    async fn the_metadata_client_refuses_an_answer_without_end() {
+        let head = "HTTP/1.1 200 OK\r\nmetadata-flavor: Google\r\nconnection: close\r\n\r\n";
+        let url = crate::peer_body::test_peer::peer(head, 64 << 20).await;
+        let client = MetadataClient::new(url.trim_end_matches('/').to_owned(), std::time::Duration::from_secs(20))
+            .expect("a client");
+        let e = client
+            .get("instance/attributes/routes", &[])
+            .await
+            .expect_err("refused");
+        assert!(e.to_string().contains("larger than"), "{e}");
     }
 }

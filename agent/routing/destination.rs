@@ -13,7 +13,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::config::{Config, FilterSpec, Problem, UpstreamAuthKind};
-use crate::routing::table::RuleSource;
+use crate::routing::rule_source::RuleSource;
 
 /// The key that allows link-local and metadata destinations.
 pub const ALLOW_LINK_LOCAL: &str = "proxy.allow_link_local_upstreams";

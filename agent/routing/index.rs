@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use crate::config::{ListenerSpec, Problem};
 use crate::routing::matching::{RegexSets, SetBudgetExceeded};
-use crate::routing::table::normalise_hostname;
+use crate::routing::rule_source::normalise_hostname;
 use crate::routing::{MatchList, RequestHead, RouteMatch};
 
 /// Hostname → matches, for the rules of one scope.

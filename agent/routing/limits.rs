@@ -9,7 +9,7 @@
 
 use crate::config::route_spec::{PathMatchKind, ValueMatchKind};
 use crate::config::Problem;
-use crate::routing::table::RuleSource;
+use crate::routing::rule_source::RuleSource;
 
 /// Rules in one table (host-map entries count as one rule each).
 pub const MAX_RULES: usize = 10_000;

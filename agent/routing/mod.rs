@@ -18,6 +18,7 @@ pub mod limits;
 pub mod matching;
 pub mod mirror;
 pub mod path;
+mod rule_source;
 pub mod source;
 pub mod table;
 pub mod tls;

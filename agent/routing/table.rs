@@ -7,6 +7,7 @@
 //! a request needs (lower-cased host keys, parsed URIs, precomputed weights) is prepared here,
 //! once per table, not per request.
 
+pub(crate) use crate::routing::rule_source::{normalise_hostname, RuleSource};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
@@ -16,11 +17,11 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::StatusCode;
 
 use crate::config::route_spec::FilterKind;
+use crate::config::TimeoutsSpec;
 use crate::config::{
     AuthHeaderKind, BackendSpec, Config, HostHeader, ListenerSpec, Problem, RouteSourceKind, UpstreamAuthKind,
     UpstreamProtocol,
 };
-use crate::config::{FilterSpec, MatchSpec, TimeoutsSpec};
 use crate::routing::index::{self, HostIndex, Listener};
 use crate::routing::matching::RegexSets;
 use crate::routing::tls::{DefaultRoots, TlsError, UpstreamTls};
@@ -207,32 +208,6 @@ pub struct RoutesError {
     pub problems: Vec<Problem>,
 }
 
-/// One rule as configured, before compiling: what a host-map entry, a `[[route]]` and a pushed
-/// rule all reduce to.
-#[derive(Debug)]
-pub(crate) struct RuleSource {
-    pub name: String,
-    /// Where the rule came from, for error messages (`route[2]`, `rules[0]`).
-    pub key: String,
-    pub hostnames: Vec<String>,
-    pub backends: Vec<BackendSpec>,
-    /// Single upstream given as a string (host map entry or `upstream =`).
-    pub shorthand: bool,
-    /// Key to blame for a bad shorthand upstream, when not the route's own key.
-    pub upstream_key: Option<String>,
-    pub matches: Vec<MatchSpec>,
-    pub filters: Vec<FilterSpec>,
-    pub timeouts: TimeoutsSpec,
-    /// Backend timeout when `timeouts.backend_request` is not given.
-    pub default_backend_timeout: Duration,
-    /// The controller's rule-level `unavailableStatus`.
-    pub unavailable_status: Option<u16>,
-    /// `Host` towards backends that do not choose their own.
-    pub host_header: HostHeader,
-    /// Names of the listeners this rule is attached to; empty: all of them.
-    pub listeners: Vec<String>,
-}
-
 /// A fail-closed status (`unavailableStatus`) must be an error status: anything else would
 /// answer a request the controller could not route as if it had been served.
 fn fail_closed_status(code: u16) -> Result<StatusCode, String> {
@@ -245,25 +220,6 @@ fn fail_closed_status(code: u16) -> Result<StatusCode, String> {
 /// `0s` disables a timeout (GEP-1742).
 fn timeout_or_none(d: Duration) -> Option<Duration> {
     (!d.is_zero()).then_some(d)
-}
-
-/// Normalises a configured hostname. Accepts `*.` wildcards; rejects ports and junk.
-pub(crate) fn normalise_hostname(h: &str) -> Result<String, String> {
-    let lower = h.trim().to_ascii_lowercase();
-    let bare = lower.strip_prefix("*.").unwrap_or(&lower);
-    let valid_label = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-    };
-    if bare.is_empty() || bare.len() > 253 || !bare.split('.').all(valid_label) {
-        return Err(format!(
-            "{h:?} is not a valid hostname (no port, no scheme; a leading \"*.\" is allowed)"
-        ));
-    }
-    Ok(lower)
 }
 
 /// Reads a seed-format `routes.json` (`{"hostname": "https://upstream"}`).
