@@ -32,16 +32,7 @@ async fn start_api(config: &ConfigText) -> Agent {
 /// `PUT /config` with `body`: the status and the JSON answer. Bounded in time: a push that
 /// makes the agent block must fail the test, not hang it.
 async fn push(agent: &Agent, body: &Value) -> (u16, Value) {
-    let resp = reqwest::Client::new()
-        .put(format!("http://{}/config", agent.config_api_addr()))
-        .bearer_auth(API_TOKEN)
-        .timeout(Duration::from_secs(10))
-        .json(body)
-        .send()
-        .await
-        .expect("the config API answers in time");
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
+    agent.put_config(API_TOKEN, body, Duration::from_secs(10)).await
 }
 
 /// The `(key, reason)` pairs of a 400's problem list.

@@ -28,15 +28,7 @@ async fn start(extra: ConfigText) -> Agent {
 
 /// `PUT /config` with `body`: the status and the JSON answer.
 async fn push(agent: &Agent, body: &Value) -> (u16, Value) {
-    let resp = reqwest::Client::new()
-        .put(format!("http://{}/config", agent.config_api_addr()))
-        .bearer_auth(API_TOKEN)
-        .json(body)
-        .send()
-        .await
-        .expect("config api answers");
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
+    agent.put_config(API_TOKEN, body, Duration::from_secs(120)).await
 }
 
 /// `rules` rules sharing `hostnames` hostnames, each with `regexes` regex path matches.

@@ -483,6 +483,27 @@ impl Agent {
     }
 
     /// The config API's address (`routes.source = "config-api"`), from its log line.
+    /// `PUT /config` with `body` and the bearer `token`: the status and the JSON answer (`Null`
+    /// when it is not JSON). Bounded by `timeout`: a push that blocks the agent fails the test
+    /// instead of hanging it.
+    pub async fn put_config(
+        &self,
+        token: &str,
+        body: &serde_json::Value,
+        timeout: Duration,
+    ) -> (u16, serde_json::Value) {
+        let resp = reqwest::Client::new()
+            .put(format!("http://{}/config", self.config_api_addr()))
+            .bearer_auth(token)
+            .timeout(timeout)
+            .json(body)
+            .send()
+            .await
+            .expect("the config API answers in time");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
     pub fn config_api_addr(&self) -> SocketAddr {
         let lines = self.logs();
         let line = lines
