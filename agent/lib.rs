@@ -32,6 +32,7 @@ pub mod routing;
 pub mod secret;
 pub mod secrets;
 pub mod server;
+pub mod shutdown;
 pub mod systemd;
 pub mod telemetry;
 pub mod tunnel;
