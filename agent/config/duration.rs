@@ -101,6 +101,13 @@ mod tests {
         let plain = ["with = \"humantime", "serde\""].concat();
         for (file, text) in [
             ("mod.rs", include_str!("mod.rs")),
+            ("agent.rs", include_str!("agent.rs")),
+            ("secrets.rs", include_str!("secrets.rs")),
+            ("proxy.rs", include_str!("proxy.rs")),
+            ("routes.rs", include_str!("routes.rs")),
+            ("gcp.rs", include_str!("gcp.rs")),
+            ("cloudflared.rs", include_str!("cloudflared.rs")),
+            ("health.rs", include_str!("health.rs")),
             ("roles.rs", include_str!("roles.rs")),
             ("route_spec.rs", include_str!("route_spec.rs")),
         ] {
