@@ -53,7 +53,7 @@ pub use routes::{
     AttributeScope, AuthHeaderKind, BackendSpec, ConfigApiSection, HostHeader, ListenerSpec, RouteSourceKind,
     RouteSpec, RoutesSection, UpstreamAuthKind, UpstreamProtocol,
 };
-pub use secret_name::SecretVersionName;
+pub use secret_name::{SecretNameError, SecretVersionName};
 pub use secrets::{SecretSource, SecretSpec};
 use secrets::{SecretSourceKind, SecretSpecAsWritten};
 pub use validate::RouteCheck;
