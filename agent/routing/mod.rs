@@ -9,9 +9,11 @@
 //! once) and the controller's pushes ([`config_api`]); every table, whatever its source, is
 //! applied by `crate::node`.
 
+mod compile;
 pub mod config_api;
 pub mod cors;
 pub mod destination;
+pub mod error;
 pub mod filters;
 mod index;
 pub mod limits;
