@@ -20,6 +20,7 @@ pub mod limits;
 pub mod matching;
 pub mod mirror;
 pub mod path;
+mod persisted;
 mod rule_source;
 pub mod source;
 pub mod table;
