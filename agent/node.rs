@@ -564,7 +564,7 @@ impl Node {
             Ok(map) => build_routes(&self.config, map, &self.metrics)
                 .await
                 .map_err(|e| format!("{e:#}")),
-            Err(e) => Err(e),
+            Err(e) => Err(e.to_string()),
         };
         match built {
             Ok((map, table)) => {
