@@ -16,6 +16,7 @@ pub mod control;
 pub mod deadline;
 pub mod election;
 pub mod errors;
+pub mod exit;
 pub mod files;
 pub mod follow;
 pub mod framing;
@@ -35,7 +36,3 @@ pub mod server;
 pub mod systemd;
 pub mod telemetry;
 pub mod tunnel;
-
-/// Exit code for an invalid configuration (`EX_CONFIG` from sysexits.h). The unit lists it in
-/// `RestartPreventExitStatus=` so a bad file does not become a restart loop.
-pub const EXIT_CONFIG: u8 = 78;

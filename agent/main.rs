@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
+use tunnel_agent::exit::{AgentError, Exit};
 use tunnel_agent::node::Signal;
 use tunnel_agent::{config, routing};
 
@@ -86,26 +87,28 @@ fn main() -> ExitCode {
         err(&format!(
             "tunnel-agent: cannot make the process non-dumpable (PR_SET_DUMPABLE): {e}\n"
         ));
-        return ExitCode::FAILURE;
+        return Exit::Failure.into();
     }
     let cli = Cli::parse();
-    match cli.command {
+    let exit = match cli.command {
         Command::Check { config } => check(&config),
         Command::Run { config } => run(config),
         Command::Promote(args) => control(args, tunnel_agent::control::Command::Promote),
         Command::Demote(args) => control(args, tunnel_agent::control::Command::Demote),
         Command::Status(args) => control(args, tunnel_agent::control::Command::Status),
-    }
+    };
+    exit.into()
 }
 
-fn control(args: ControlArgs, command: tunnel_agent::control::Command) -> ExitCode {
+fn control(args: ControlArgs, command: tunnel_agent::control::Command) -> Exit {
     let socket = match args.socket {
         Some(s) => s,
         None => match routing::load_config(&args.config) {
             Ok(c) => tunnel_agent::control::socket_path(&c.agent.runtime_dir),
             Err(e) => {
+                let e = AgentError::from(e);
                 err(&format!("{e}\n"));
-                return ExitCode::from(tunnel_agent::EXIT_CONFIG);
+                return e.exit();
             }
         },
     };
@@ -113,13 +116,13 @@ fn control(args: ControlArgs, command: tunnel_agent::control::Command) -> ExitCo
         Ok(rt) => rt,
         Err(e) => {
             err(&format!("cannot start the async runtime: {e}\n"));
-            return ExitCode::FAILURE;
+            return Exit::Failure;
         }
     };
     match runtime.block_on(tunnel_agent::control::call(&socket, command)) {
         Err(e) => {
             err(&format!("tunnel-agent: {e}\n"));
-            ExitCode::FAILURE
+            Exit::Failure
         }
         Ok(reply) => {
             if args.json {
@@ -131,9 +134,9 @@ fn control(args: ControlArgs, command: tunnel_agent::control::Command) -> ExitCo
                 print_summary(&reply);
             }
             if reply.ok {
-                ExitCode::SUCCESS
+                Exit::Success
             } else {
-                ExitCode::FAILURE
+                Exit::Failure
             }
         }
     }
@@ -192,7 +195,7 @@ fn print_summary(reply: &tunnel_agent::control::Reply) {
     ));
 }
 
-fn check(path: &std::path::Path) -> ExitCode {
+fn check(path: &std::path::Path) -> Exit {
     // Every problem in one run: a file that parses (even with some lines set aside) still has
     // its secrets and routes file read, except those a problem above already names.
     let (config, mut failed, named) = match routing::load_config(path) {
@@ -204,7 +207,7 @@ fn check(path: &std::path::Path) -> ExitCode {
                 .collect();
             match e.config {
                 Some(c) => (*c, true, named),
-                None => return ExitCode::from(tunnel_agent::EXIT_CONFIG),
+                None => return Exit::Config,
             }
         }
     };
@@ -254,23 +257,24 @@ fn check(path: &std::path::Path) -> ExitCode {
         }
     }
     if failed {
-        ExitCode::from(tunnel_agent::EXIT_CONFIG)
+        Exit::Config
     } else {
-        ExitCode::SUCCESS
+        Exit::Success
     }
 }
 
-fn run(path: PathBuf) -> ExitCode {
+fn run(path: PathBuf) -> Exit {
     let config = match routing::load_config(&path) {
         Ok(c) => c,
         Err(e) => {
+            let e = AgentError::from(e);
             err(&format!("{e}\n"));
-            return ExitCode::from(tunnel_agent::EXIT_CONFIG);
+            return e.exit();
         }
     };
     if let Err(e) = tunnel_agent::telemetry::init_logging(config.agent.log_format, &config.agent.log_level) {
         err(&format!("cannot set up logging: {e:#}\n"));
-        return ExitCode::FAILURE;
+        return Exit::Failure;
     }
     // The first line of every start says what runs, from which file, in which role, so one
     // `journalctl -u tunnel-agent` excerpt identifies the build without a shell on the host.
@@ -297,7 +301,7 @@ fn run(path: PathBuf) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             err(&format!("cannot start the async runtime: {e}\n"));
-            return ExitCode::FAILURE;
+            return Exit::Failure;
         }
     };
     let agent = async {
@@ -305,16 +309,12 @@ fn run(path: PathBuf) -> ExitCode {
         tunnel_agent::boot::run(path, config, signals).await
     };
     match runtime.block_on(agent) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => Exit::Success,
         Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "tunnel-agent failed: {e:#}");
-            err(&format!("tunnel-agent: {e:#}\n"));
-            // A cloudflared too old for the configuration: restarting cannot fix it.
-            if e.downcast_ref::<tunnel_agent::tunnel::version::Unsupported>().is_some() {
-                ExitCode::from(tunnel_agent::EXIT_CONFIG)
-            } else {
-                ExitCode::FAILURE
-            }
+            let e = AgentError::from(e);
+            tracing::error!(error = %e, "tunnel-agent failed: {e}");
+            err(&format!("tunnel-agent: {e}\n"));
+            e.exit()
         }
     }
 }
