@@ -11,6 +11,7 @@
 pub mod backoff;
 pub mod boot;
 pub mod build_info;
+pub mod check;
 pub mod config;
 pub mod control;
 pub mod deadline;

@@ -195,72 +195,12 @@ fn print_summary(reply: &tunnel_agent::control::Reply) {
     ));
 }
 
+/// `tunnel-agent check`: the library's report, printed.
 fn check(path: &std::path::Path) -> Exit {
-    // Every problem in one run: a file that parses (even with some lines set aside) still has
-    // its secrets and routes file read, except those a problem above already names.
-    let (config, mut failed, named) = match routing::load_config(path) {
-        Ok(c) => (c, false, Vec::new()),
-        Err(e) => {
-            err(&format!("{e}\n"));
-            let named: Vec<String> = (e.problems.iter().map(|p| p.key.clone()))
-                .chain(e.parse.iter().filter_map(|p| p.key.clone()))
-                .collect();
-            match e.config {
-                Some(c) => (*c, true, named),
-                None => return Exit::Config,
-            }
-        }
-    };
-    let already = |table: &str| {
-        named
-            .iter()
-            .any(|k| k == table || k.starts_with(&format!("{table}.")) || k.starts_with(&format!("{table}[")))
-    };
-    let metrics = tunnel_agent::telemetry::Metrics::default();
-    if let Err(errors) = tunnel_agent::secrets::resolve::load_local(&config, &metrics) {
-        for e in errors {
-            let key = e.key();
-            let table = key.rsplit_once('.').map_or(key.as_str(), |(t, _)| t);
-            if !already(table) {
-                err(&format!("{}: {key}: {e}\n", path.display()));
-                failed = true;
-            }
-        }
-    }
-    if !already("routes") && !already("route") {
-        match routing::source::load_local(&config, &metrics) {
-            Ok(table) => {
-                if !failed {
-                    out(&format!("{}: ok ({} routes)\n", path.display(), table.len()));
-                }
-            }
-            Err(e) => {
-                let key = match config.routes.source {
-                    config::RouteSourceKind::File => "routes.file",
-                    _ => "routes",
-                };
-                // A table's problem can be a setting the report above already named (the
-                // proxy's `ca_file` anchors every https route): said once, not twice.
-                let message = match e.downcast_ref::<routing::table::RoutesError>() {
-                    Some(routes) => {
-                        let problems: Vec<_> = (routes.problems.iter()).filter(|p| !already(&p.key)).cloned().collect();
-                        let new = routing::table::RoutesError { problems };
-                        (!new.problems.is_empty()).then(|| format!("invalid routes: {new}"))
-                    }
-                    None => Some(format!("{e:#}")),
-                };
-                if let Some(message) = message {
-                    err(&format!("{}: {key}: {message}\n", path.display()));
-                }
-                failed = true;
-            }
-        }
-    }
-    if failed {
-        Exit::Config
-    } else {
-        Exit::Success
-    }
+    let report = tunnel_agent::check::check(path);
+    out(&report.stdout);
+    err(&report.stderr);
+    report.exit()
 }
 
 fn run(path: PathBuf) -> Exit {
