@@ -27,6 +27,7 @@ pub mod health;
 pub mod node;
 pub mod peer_body;
 pub mod process_stats;
+pub mod prom_text;
 pub mod proxy;
 pub mod random;
 pub mod roles;
