@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use crate::config::Config;
 use crate::health::Health;
 use crate::node::{Node, NodeParts, Signal, Sources};
+use crate::role;
 use crate::server;
 use crate::shutdown::{Lent, Stops};
 use crate::systemd;
@@ -76,7 +77,8 @@ async fn start(
     let workers = config.proxy.worker_threads();
     let sockets = server::bind_workers(config.proxy.listen, "proxy.listen", workers)?;
     let proxy_addr = stops.keep(steps::proxy_listener(sockets, &proxy, &config, &limits, metrics)?);
-    let (role, role_source, role_etag) = steps::starting_role(&config, &clients.metadata).await;
+    let role = role::start::boot(&config, &clients.metadata).await;
+    let role_etag = role.etag.clone();
     let (routes_etag, metadata) = (routes.etag.clone(), clients.metadata.clone());
     let parts = NodeParts {
         config_path,
@@ -89,7 +91,6 @@ async fn start(
         secret_manager: clients.secret_manager,
         secrets,
         role,
-        role_source,
         cloudflared_version,
     };
     let (mut node, secret_changes) = stops.keep(steps::node(parts, routes));
@@ -105,7 +106,7 @@ async fn start(
     // The role sources and route watch from here (a standby is ready), then the refreshers.
     let roles = stops.keep_some(steps::role_watch(node.config(), &metadata, role_etag));
     let follow = steps::follow(&mut node)?;
-    let (election, status_tick) = steps::election(&mut node, health)?;
+    let (election, status_tick) = steps::election(&mut node)?;
     let route_updates = stops.keep_some(steps::route_watch(node.config(), metadata, routes_etag));
     node.restart_refreshers();
     let sources = Sources {

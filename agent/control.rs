@@ -33,7 +33,8 @@ pub struct Reply {
     /// Whether the command changed anything (a promote on an active node does not).
     pub changed: bool,
     pub message: String,
-    pub status: serde_json::Value,
+    /// The agent's `/status` (`null` when the command was refused before reaching the node).
+    pub status: Option<crate::health::Status>,
 }
 
 /// A command on its way to the supervision loop, with where to send the answer.
@@ -119,7 +120,7 @@ fn refusal(message: String) -> Reply {
         ok: false,
         changed: false,
         message,
-        status: serde_json::Value::Null,
+        status: None,
     }
 }
 
