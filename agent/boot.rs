@@ -23,18 +23,20 @@ use crate::server;
 use crate::shutdown::{Lent, Stops};
 use crate::systemd;
 use crate::telemetry::Metrics;
+use crate::tunnel::TunnelState;
 
 /// Runs the agent until `signals` says shut down (or closes), or cloudflared's supervisor gives
 /// up. `config` was loaded from `config_path` by the caller (which needed it to set up logging);
 /// `signals` also carries reloads.
 pub async fn run(config_path: PathBuf, config: Config, signals: mpsc::Receiver<Signal>) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
-    let health = Health::new(metrics.clone());
+    let tunnel = Arc::new(TunnelState::default());
+    let health = Health::new(metrics.clone(), tunnel.clone());
     // The graces at shutdown are the configuration's in effect then: the boot file's, or the
     // node's after its reloads.
     let mut in_effect = config.clone();
     let mut stops = Stops::default();
-    let failure = match start(&mut stops, &health, &metrics, config_path, config, signals).await {
+    let failure = match start(&mut stops, &health, &tunnel, &metrics, config_path, config, signals).await {
         Ok((mut node, sources)) => {
             let failure = node.run(sources).await;
             in_effect = node.config().clone();
@@ -55,6 +57,7 @@ pub async fn run(config_path: PathBuf, config: Config, signals: mpsc::Receiver<S
 async fn start(
     stops: &mut Stops,
     health: &Arc<Health>,
+    tunnel: &Arc<TunnelState>,
     metrics: &Arc<Metrics>,
     config_path: PathBuf,
     config: Config,
@@ -63,7 +66,7 @@ async fn start(
     let boot_deadline = crate::deadline::from_now(config.agent.boot_timeout);
     let clients = steps::clients(&config, health)?;
     // 1. Config (loaded and validated by the caller), and what the cloudflared it names can do.
-    let cloudflared_version = steps::config_loaded(&config, &config_path, health).await?;
+    let cloudflared_version = steps::config_loaded(&config, &config_path, health, tunnel).await?;
     // 2. Secrets.
     let secrets = steps::secrets(&config, &clients, metrics, health, boot_deadline).await?;
     // 3. Routes.
@@ -90,6 +93,7 @@ async fn start(
         metadata: clients.metadata,
         secret_manager: clients.secret_manager,
         secrets,
+        tunnel: tunnel.clone(),
         role,
         cloudflared_version,
     };

@@ -23,7 +23,6 @@ use tokio::time::Instant;
 use crate::config::roles::RoleSource;
 use crate::config::Role;
 use crate::telemetry::Metrics;
-use crate::tunnel::TunnelState;
 
 /// What the health listener answers. The handler dispatches through [`Endpoint::parse`], which
 /// only knows [`Endpoint::ALL`], so this list is the whole surface (the man page test reads it).
@@ -63,6 +62,16 @@ pub const DRAINING_AFTER_DEMOTION: &str = "draining after demotion";
 pub trait Published<S>: Send + Sync {
     fn status(&self) -> S;
     fn render_metrics(&self, out: &mut String);
+}
+
+/// What health reads of cloudflared, live: published by the tunnel's shared state, which sits
+/// above this module.
+pub trait TunnelView: Send + Sync {
+    /// `/status`'s `cloudflared` object, and what `/ready` and `/metrics` read from it.
+    fn status(&self) -> TunnelStatus;
+    /// Whether the tunnel counts as connected, allowing `grace` after the last connection was
+    /// lost.
+    fn connected(&self, grace: Duration) -> bool;
 }
 
 /// `/status` (and `tunnel-agent status`): the one shape the health listener renders, the
@@ -196,7 +205,7 @@ pub struct Health {
     pub leaving_active: AtomicBool,
     pub status: ArcSwap<StatusInfo>,
     pub metrics: Arc<Metrics>,
-    pub tunnel: Arc<TunnelState>,
+    tunnel: Arc<dyn TunnelView>,
     /// The leader election, when `[role_election]` is configured.
     election: std::sync::OnceLock<Box<dyn Published<ElectionStatus>>>,
     /// The `[role_follow]` check, when configured.
@@ -207,7 +216,7 @@ pub struct Health {
 }
 
 impl Health {
-    pub fn new(metrics: Arc<Metrics>) -> Arc<Health> {
+    pub fn new(metrics: Arc<Metrics>, tunnel: Arc<dyn TunnelView>) -> Arc<Health> {
         Arc::new(Health {
             config_loaded: AtomicBool::new(false),
             secrets_loaded: AtomicBool::new(false),
@@ -217,7 +226,7 @@ impl Health {
             leaving_active: AtomicBool::new(false),
             status: ArcSwap::default(),
             metrics,
-            tunnel: Arc::default(),
+            tunnel,
             election: std::sync::OnceLock::new(),
             follow: std::sync::OnceLock::new(),
             details_anywhere: AtomicBool::new(false),
@@ -287,12 +296,12 @@ impl Health {
     /// cloudflared's part of the verdict: fine when it is not wanted here; otherwise running and
     /// connected (with the configured grace), and not crash-looping.
     fn tunnel_verdict(&self) -> (bool, String) {
-        let t = &self.tunnel;
+        let t = self.tunnel.status();
         // A demoted node that is still draining serves its (new) standby role: ready.
         if self.draining_after_demotion() {
             return (true, DRAINING_AFTER_DEMOTION.to_owned());
         }
-        if !t.wanted.load(Ordering::Acquire) {
+        if !t.wanted {
             let why = if self.status.load().role == Some(Role::Standby) {
                 "standby (not running)"
             } else {
@@ -300,17 +309,17 @@ impl Health {
             };
             return (true, why.to_owned());
         }
-        if t.crash_loop.load(Ordering::Acquire) {
+        if t.crash_loop {
             return (false, "crash loop".to_owned());
         }
-        if t.pid.load(Ordering::Acquire) == 0 {
+        if t.pid.is_none() {
             return (false, "not running".to_owned());
         }
-        let conns = t.connections.load(Ordering::Acquire);
+        let conns = t.connections;
         if conns > 0 {
             return (true, format!("connected ({conns})"));
         }
-        if t.connected(self.status.load().tunnel_ready_grace) {
+        if self.tunnel.connected(self.status.load().tunnel_ready_grace) {
             return (true, "reconnecting (within grace)".to_owned());
         }
         (false, "no connections".to_owned())
@@ -318,13 +327,13 @@ impl Health {
 
     /// The node left `active` and its cloudflared, already sent its SIGTERM, still runs.
     fn draining_after_demotion(&self) -> bool {
-        self.leaving_active.load(Ordering::Acquire) && self.tunnel.pid.load(Ordering::Acquire) != 0
+        self.leaving_active.load(Ordering::Acquire) && self.tunnel.status().pid.is_some()
     }
 
     /// `/active`: this node runs the tunnel, it is connected, and the node has not decided to
     /// leave `active`.
     pub fn active(&self) -> bool {
-        self.tunnel.wanted.load(Ordering::Acquire)
+        self.tunnel.status().wanted
             && !self.leaving_active.load(Ordering::Acquire)
             && !self.draining.load(Ordering::Acquire)
             && self.tunnel.connected(self.status.load().tunnel_ready_grace)
@@ -365,29 +374,12 @@ impl Health {
                 table: s.routes.clone(),
             },
             routes_fallback: s.routes_fallback.clone(),
-            cloudflared: self.tunnel_status(),
+            cloudflared: self.tunnel.status(),
             last_reload_error: s.last_reload_error.clone(),
             pending_restart: s.pending_restart.clone(),
             secrets: s.secrets.clone(),
             election: self.election.get().map(|e| e.status()),
             follow: self.follow.get().map(|f| f.status()),
-        }
-    }
-
-    fn tunnel_status(&self) -> TunnelStatus {
-        let t = &self.tunnel;
-        let d = t.detail();
-        let pid = t.pid.load(Ordering::Acquire);
-        TunnelStatus {
-            wanted: t.wanted.load(Ordering::Acquire),
-            version: d.version,
-            pid: (pid != 0).then_some(pid),
-            connections: t.connections.load(Ordering::Acquire),
-            connector_id: d.connector_id,
-            restarts: t.restarts.load(Ordering::Acquire),
-            crash_loop: t.crash_loop.load(Ordering::Acquire),
-            last_exit: d.last_exit,
-            uptime_s: d.started_at.filter(|_| pid != 0).map(|s| s.elapsed().as_secs()),
         }
     }
 
@@ -397,39 +389,39 @@ impl Health {
         let mut out = String::with_capacity(16 * 1024);
         self.metrics.render(&mut out);
         crate::process_stats::ProcessStats::read().render(&mut out);
-        let t = &self.tunnel;
+        let t = self.tunnel.status();
         let gauges = [
             (
                 "tunnel_agent_cloudflared_wanted",
                 "1 when cloudflared should run on this node.",
-                u64::from(t.wanted.load(Ordering::Acquire)),
+                u64::from(t.wanted),
             ),
             (
                 "tunnel_agent_cloudflared_up",
                 "1 while cloudflared is running.",
-                u64::from(t.pid.load(Ordering::Acquire) != 0),
+                u64::from(t.pid.is_some()),
             ),
             (
                 "tunnel_agent_cloudflared_connections",
                 "cloudflared's readyConnections at the last poll.",
-                u64::from(t.connections.load(Ordering::Acquire)),
+                u64::from(t.connections),
             ),
             (
                 "tunnel_agent_cloudflared_crash_loop",
                 "1 while cloudflared is crash-looping.",
-                u64::from(t.crash_loop.load(Ordering::Acquire)),
+                u64::from(t.crash_loop),
             ),
         ];
         for (name, help, v) in gauges {
             out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"));
         }
-        if let Some(version) = t.detail().version {
+        if let Some(version) = &t.version {
             // Validated by tunnel::version::parse: no quote or backslash to escape.
             out.push_str(&format!(
                 "# HELP tunnel_agent_cloudflared_info The cloudflared version the agent detected at boot.\n# TYPE tunnel_agent_cloudflared_info gauge\ntunnel_agent_cloudflared_info{{version=\"{version}\"}} 1\n"
             ));
         }
-        let restarts = t.restarts.load(Ordering::Acquire);
+        let restarts = t.restarts;
         out.push_str(&format!(
             "# HELP tunnel_agent_cloudflared_restarts_total cloudflared restarts after failures.\n# TYPE tunnel_agent_cloudflared_restarts_total counter\ntunnel_agent_cloudflared_restarts_total {restarts}\n"
         ));
@@ -455,10 +447,7 @@ impl Health {
             "# HELP tunnel_agent_ready 1 when /ready answers 200.\n# TYPE tunnel_agent_ready gauge\ntunnel_agent_ready {}\n",
             u8::from(ready)
         ));
-        if let (Some(addr), true) = (
-            self.status.load().cloudflared_metrics,
-            t.pid.load(Ordering::Acquire) != 0,
-        ) {
+        if let (Some(addr), true) = (self.status.load().cloudflared_metrics, t.pid.is_some()) {
             if let Some(text) = fetch_text(addr, "/metrics", Duration::from_secs(1)).await {
                 out.push_str(&text);
             }

@@ -48,7 +48,7 @@ use crate::secrets::resolve::{join_errors, resolve_all};
 use crate::secrets::SecretValues;
 use crate::systemd;
 use crate::telemetry::Metrics;
-use crate::tunnel::{RestartPolicy, TunnelSpec, TunnelSupervisor};
+use crate::tunnel::{RestartPolicy, TunnelSpec, TunnelState, TunnelSupervisor};
 
 /// Signals, as the agent understands them. `main.rs` turns SIGTERM/SIGINT and SIGHUP into these;
 /// a test sends them itself.
@@ -135,6 +135,9 @@ pub struct NodeParts {
     pub metadata: MetadataClient,
     pub secret_manager: Arc<SecretManager>,
     pub secrets: SecretValues,
+    /// cloudflared's shared state: the supervisor writes it, `health` reads it, the fence acts
+    /// on it.
+    pub tunnel: Arc<TunnelState>,
     /// The starting role and where it came from ([`role::start::boot`]).
     pub role: role::Boot,
     pub cloudflared_version: Option<crate::tunnel::version::CloudflaredVersion>,
@@ -198,10 +201,10 @@ impl Node {
         let node = Node {
             roles: Roles::new(
                 &parts.role,
-                role::Fence::new(parts.health.clone(), parts.health.tunnel.clone()),
+                role::Fence::new(parts.health.clone(), parts.tunnel.clone()),
                 parts.metrics.clone(),
             ),
-            tunnel: TunnelSupervisor::start(None, policy, parts.health.tunnel.clone()),
+            tunnel: TunnelSupervisor::start(None, policy, parts.tunnel),
             config_path: parts.config_path,
             config: parts.config,
             health: parts.health,

@@ -33,6 +33,7 @@ use crate::server::{self, Limits};
 use crate::shutdown::{self, Lent, Stop};
 use crate::telemetry::Metrics;
 use crate::tunnel::version::CloudflaredVersion;
+use crate::tunnel::TunnelState;
 use crate::{control, systemd};
 
 /// The internal listeners' grace: the health listener and the config API hold no long requests.
@@ -82,17 +83,18 @@ pub(super) async fn config_loaded(
     config: &Config,
     config_path: &Path,
     health: &Health,
+    tunnel: &TunnelState,
 ) -> anyhow::Result<Option<CloudflaredVersion>> {
     health.config_loaded.store(true, Ordering::Release);
     health.update_status(|s| s.config_file = config_path.display().to_string());
-    detect_cloudflared(config, health).await
+    detect_cloudflared(config, tunnel).await
 }
 
 /// Asks the configured cloudflared its version at boot (a reload asks again, in
 /// `Node::reload_cloudflared_version`): logged, shown in `/status` and the metrics, and checked
 /// against the token delivery. A cloudflared that cannot be asked is only warned about here
 /// (starting it will say what is wrong, and a standby may never start it).
-async fn detect_cloudflared(config: &Config, health: &Health) -> anyhow::Result<Option<CloudflaredVersion>> {
+async fn detect_cloudflared(config: &Config, tunnel: &TunnelState) -> anyhow::Result<Option<CloudflaredVersion>> {
     let cf = &config.cloudflared;
     if !cf.enabled {
         return Ok(None);
@@ -106,7 +108,7 @@ async fn detect_cloudflared(config: &Config, health: &Health) -> anyhow::Result<
                 version.version,
                 cf.path.display()
             );
-            health.tunnel.set_version(version.version.clone());
+            tunnel.set_version(version.version.clone());
             crate::tunnel::version::check_delivery(&cf.path, &version, cf.token_delivery)?;
             Ok(Some(version))
         }

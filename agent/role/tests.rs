@@ -20,8 +20,8 @@ struct Fixture {
 
 fn fixture(name: &str, role: Role, source: RoleSource) -> Fixture {
     let metrics = Arc::new(Metrics::default());
-    let health = Health::new(metrics.clone());
     let tunnel = Arc::new(TunnelState::default());
+    let health = Health::new(metrics.clone(), tunnel.clone());
     let boot = Boot {
         role,
         source,
@@ -185,4 +185,28 @@ fn outcomes_answer_the_control_socket() {
         election::outcome_change(crate::election::Outcome::Elected { term: 2 }),
         change(Role::Active, RoleSource::Election)
     );
+}
+
+#[test]
+fn health_renders_the_published_role_and_reads_it_back_typed() {
+    let mut f = fixture("health", Role::Standby, RoleSource::Config);
+    let (_, before) = f.health.readiness();
+    assert_eq!(
+        before["role"],
+        serde_json::Value::Null,
+        "no role before the boot decided one"
+    );
+    f.roles.publish();
+    let (ready, body) = f.health.readiness();
+    assert!(!ready, "nothing else is loaded: {body}");
+    assert_eq!(body["role"], "standby");
+    assert_eq!(body["components"]["cloudflared"], "standby (not running)");
+    assert!(!f.health.active());
+    let status = f.health.status_json();
+    assert_eq!(status["role"], "standby");
+    assert_eq!(status["role_source"], "config");
+    // The one type the control socket sends and the CLI reads holds every key of the JSON.
+    let typed: crate::health::Status = serde_json::from_value(status.clone()).expect("typed status");
+    assert_eq!(typed.role, Some(Role::Standby));
+    assert_eq!(serde_json::to_value(&typed).unwrap(), status);
 }
