@@ -18,22 +18,25 @@ use tokio::sync::mpsc;
 use crate::config::Config;
 use crate::health::Health;
 use crate::node::{Node, NodeParts, Signal, Sources};
+use crate::role;
 use crate::server;
 use crate::shutdown::{Lent, Stops};
 use crate::systemd;
 use crate::telemetry::Metrics;
+use crate::tunnel::TunnelState;
 
 /// Runs the agent until `signals` says shut down (or closes), or cloudflared's supervisor gives
 /// up. `config` was loaded from `config_path` by the caller (which needed it to set up logging);
 /// `signals` also carries reloads.
 pub async fn run(config_path: PathBuf, config: Config, signals: mpsc::Receiver<Signal>) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
-    let health = Health::new(metrics.clone());
+    let tunnel = Arc::new(TunnelState::default());
+    let health = Health::new(metrics.clone(), tunnel.clone());
     // The graces at shutdown are the configuration's in effect then: the boot file's, or the
     // node's after its reloads.
     let mut in_effect = config.clone();
     let mut stops = Stops::default();
-    let failure = match start(&mut stops, &health, &metrics, config_path, config, signals).await {
+    let failure = match start(&mut stops, &health, &tunnel, &metrics, config_path, config, signals).await {
         Ok((mut node, sources)) => {
             let failure = node.run(sources).await;
             in_effect = node.config().clone();
@@ -54,6 +57,7 @@ pub async fn run(config_path: PathBuf, config: Config, signals: mpsc::Receiver<S
 async fn start(
     stops: &mut Stops,
     health: &Arc<Health>,
+    tunnel: &Arc<TunnelState>,
     metrics: &Arc<Metrics>,
     config_path: PathBuf,
     config: Config,
@@ -62,7 +66,7 @@ async fn start(
     let boot_deadline = crate::deadline::from_now(config.agent.boot_timeout);
     let clients = steps::clients(&config, health)?;
     // 1. Config (loaded and validated by the caller), and what the cloudflared it names can do.
-    let cloudflared_version = steps::config_loaded(&config, &config_path, health).await?;
+    let cloudflared_version = steps::config_loaded(&config, &config_path, health, tunnel).await?;
     // 2. Secrets.
     let secrets = steps::secrets(&config, &clients, metrics, health, boot_deadline).await?;
     // 3. Routes.
@@ -76,7 +80,8 @@ async fn start(
     let workers = config.proxy.worker_threads();
     let sockets = server::bind_workers(config.proxy.listen, "proxy.listen", workers)?;
     let proxy_addr = stops.keep(steps::proxy_listener(sockets, &proxy, &config, &limits, metrics)?);
-    let (role, role_source, role_etag) = steps::starting_role(&config, &clients.metadata).await;
+    let role = role::start::boot(&config, &clients.metadata).await;
+    let role_etag = role.etag.clone();
     let (routes_etag, metadata) = (routes.etag.clone(), clients.metadata.clone());
     let parts = NodeParts {
         config_path,
@@ -88,8 +93,8 @@ async fn start(
         metadata: clients.metadata,
         secret_manager: clients.secret_manager,
         secrets,
+        tunnel: tunnel.clone(),
         role,
-        role_source,
         cloudflared_version,
     };
     let (mut node, secret_changes) = stops.keep(steps::node(parts, routes));
@@ -105,7 +110,7 @@ async fn start(
     // The role sources and route watch from here (a standby is ready), then the refreshers.
     let roles = stops.keep_some(steps::role_watch(node.config(), &metadata, role_etag));
     let follow = steps::follow(&mut node)?;
-    let (election, status_tick) = steps::election(&mut node, health)?;
+    let (election, status_tick) = steps::election(&mut node)?;
     let route_updates = stops.keep_some(steps::route_watch(node.config(), metadata, routes_etag));
     node.restart_refreshers();
     let sources = Sources {

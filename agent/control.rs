@@ -33,7 +33,8 @@ pub struct Reply {
     /// Whether the command changed anything (a promote on an active node does not).
     pub changed: bool,
     pub message: String,
-    pub status: serde_json::Value,
+    /// The agent's `/status` (`null` when the command was refused before reaching the node).
+    pub status: Option<crate::health::Status>,
 }
 
 /// A command on its way to the supervision loop, with where to send the answer.
@@ -119,30 +120,45 @@ fn refusal(message: String) -> Reply {
         ok: false,
         changed: false,
         message,
-        status: serde_json::Value::Null,
+        status: None,
     }
 }
 
+/// Why the client side got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("the agent is not running (no control socket at {})", .0.display())]
+    NotRunning(PathBuf),
+    #[error("permission denied on {}: run as root or as the agent's user", .0.display())]
+    PermissionDenied(PathBuf),
+    #[error("cannot connect to {}: {source}", path.display())]
+    Connect { path: PathBuf, source: std::io::Error },
+    /// The request could not be sent, or the answer read.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("the agent did not answer within 120 s")]
+    Timeout,
+    #[error("unreadable answer from the agent: {0}")]
+    Unreadable(serde_json::Error),
+}
+
 /// The client side: sends `command` to the agent listening at `path`.
-pub async fn call(path: &Path, command: Command) -> Result<Reply, String> {
+pub async fn call(path: &Path, command: Command) -> Result<Reply, CallError> {
     let mut stream = UnixStream::connect(path).await.map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
-            format!("the agent is not running (no control socket at {})", path.display())
-        }
-        std::io::ErrorKind::PermissionDenied => format!(
-            "permission denied on {}: run as root or as the agent's user",
-            path.display()
-        ),
-        _ => format!("cannot connect to {}: {e}", path.display()),
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => CallError::NotRunning(path.to_owned()),
+        std::io::ErrorKind::PermissionDenied => CallError::PermissionDenied(path.to_owned()),
+        _ => CallError::Connect {
+            path: path.to_owned(),
+            source: e,
+        },
     })?;
-    let mut req = serde_json::to_vec(&Request { command }).map_err(|e| e.to_string())?;
+    let mut req = serde_json::to_vec(&Request { command }).map_err(std::io::Error::other)?;
     req.push(b'\n');
-    stream.write_all(&req).await.map_err(|e| e.to_string())?;
+    stream.write_all(&req).await?;
     let mut line = String::new();
     let mut reader = BufReader::new(stream);
     tokio::time::timeout(Duration::from_secs(120), reader.read_line(&mut line))
         .await
-        .map_err(|_| "the agent did not answer within 120 s".to_owned())?
-        .map_err(|e| e.to_string())?;
-    serde_json::from_str(&line).map_err(|e| format!("unreadable answer from the agent: {e}"))
+        .map_err(|_| CallError::Timeout)??;
+    serde_json::from_str(&line).map_err(CallError::Unreadable)
 }

@@ -7,10 +7,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::config::roles::RoleFollowSection;
+use crate::health::{FollowStatus, Published};
 
 /// The check's counting, pure so it can be tested without a clock or a server.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -65,14 +65,15 @@ impl Follow {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).verdict.passing == Some(true)
     }
 
-    pub fn status_json(&self) -> serde_json::Value {
+    /// The `follow` object of `/status`.
+    pub fn status(&self) -> FollowStatus {
         let s = self.state.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        json!({
-            "url": s.url,
-            "passing": s.verdict.passing,
-            "last": s.last,
-            "checks": s.checks,
-        })
+        FollowStatus {
+            url: s.url,
+            passing: s.verdict.passing,
+            last: s.last,
+            checks: s.checks,
+        }
     }
 
     pub fn render_metrics(&self, out: &mut String) {
@@ -80,6 +81,16 @@ impl Follow {
         let passing = u8::from(self.passing());
         use crate::prom_text::{single, Kind};
         single(out, "tunnel_agent_follow_passing", Kind::Gauge, help, passing);
+    }
+}
+
+impl Published<FollowStatus> for Follow {
+    fn status(&self) -> FollowStatus {
+        Follow::status(self)
+    }
+
+    fn render_metrics(&self, out: &mut String) {
+        Follow::render_metrics(self, out);
     }
 }
 
@@ -108,7 +119,7 @@ pub fn start(
             tick.tick().await;
             let (ok, last) = match http.get(&s.url).send().await {
                 Ok(r) => (r.status().is_success(), format!("HTTP {}", r.status().as_u16())),
-                Err(e) => (false, crate::secret::redact_urls_in(&crate::gcp::error_chain(&e))),
+                Err(e) => (false, crate::secret::redact_urls_in(&crate::errors::error_chain(&e))),
             };
             let changed = {
                 let mut st = state.lock().unwrap_or_else(|e| e.into_inner());

@@ -15,13 +15,14 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
-use crate::routing::table::RouteSummary;
+use crate::config::roles::RoleSource;
+use crate::config::Role;
 use crate::telemetry::Metrics;
-use crate::tunnel::TunnelState;
 
 /// What the health listener answers. The handler dispatches through [`Endpoint::parse`], which
 /// only knows [`Endpoint::ALL`], so this list is the whole surface (the man page test reads it).
@@ -55,12 +56,121 @@ impl Endpoint {
 /// What `/active` and `/ready` say while a demoted node's cloudflared finishes in-flight requests.
 pub const DRAINING_AFTER_DEMOTION: &str = "draining after demotion";
 
+/// A component's part of `/status` and `/metrics`, read live on each request (the election's
+/// lease runs down between two of them). The component publishes itself into [`Health`], which
+/// sits below it and knows only this.
+pub trait Published<S>: Send + Sync {
+    fn status(&self) -> S;
+    fn render_metrics(&self, out: &mut String);
+}
+
+/// What health reads of cloudflared, live: published by the tunnel's shared state, which sits
+/// above this module.
+pub trait TunnelView: Send + Sync {
+    /// `/status`'s `cloudflared` object, and what `/ready` and `/metrics` read from it.
+    fn status(&self) -> TunnelStatus;
+    /// Whether the tunnel counts as connected, allowing `grace` after the last connection was
+    /// lost.
+    fn connected(&self, grace: Duration) -> bool;
+}
+
+/// `/status` (and `tunnel-agent status`): the one shape the health listener renders, the
+/// control socket sends and the CLI reads. Fields in alphabetical order, as JSON objects print
+/// them, so the typed reply prints exactly as the untyped one did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub build_date: String,
+    pub cloudflared: TunnelStatus,
+    pub commit: String,
+    pub config_file: String,
+    pub election: Option<ElectionStatus>,
+    pub follow: Option<FollowStatus>,
+    pub last_reload_error: Option<String>,
+    pub pending_restart: Vec<String>,
+    pub readiness: std::collections::BTreeMap<String, String>,
+    pub ready: bool,
+    /// `null` only before the boot decided it.
+    pub role: Option<Role>,
+    pub role_source: Option<RoleSource>,
+    pub routes: RoutesStatus,
+    pub routes_fallback: Option<String>,
+    /// Names only: values never leave the process.
+    pub secrets: Vec<String>,
+    pub uptime_s: u64,
+    pub version: String,
+}
+
+/// `/status`'s `routes`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoutesStatus {
+    pub count: usize,
+    pub grpc: bool,
+    pub source: String,
+    pub table: Vec<RouteStatus>,
+    pub version: u64,
+}
+
+/// One route as `/status` lists it (what the route table publishes of each rule).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteStatus {
+    /// Per upstream, the `Host` it is sent: `client`, `upstream`, or the rewrite's hostname.
+    pub host_headers: Vec<String>,
+    pub hostnames: Vec<String>,
+    pub name: String,
+    pub upstreams: Vec<String>,
+}
+
+/// `/status`'s `cloudflared`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunnelStatus {
+    pub connections: u32,
+    pub connector_id: Option<String>,
+    pub crash_loop: bool,
+    pub last_exit: Option<String>,
+    pub pid: Option<u32>,
+    pub restarts: u64,
+    pub uptime_s: Option<u64>,
+    pub version: Option<String>,
+    pub wanted: bool,
+}
+
+/// `/status`'s `election`, published by the election.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ElectionStatus {
+    pub backend: String,
+    pub elections_lost: u64,
+    pub elections_won: u64,
+    pub host_name: String,
+    pub is_leader: bool,
+    pub key: String,
+    pub last_error: Option<String>,
+    pub leader: Option<String>,
+    /// Hex, while leading.
+    pub lease_id: Option<String>,
+    pub lease_remaining_s: Option<f64>,
+    pub lease_ttl_s: Option<u64>,
+    pub renew_failures: u64,
+    /// `leader`, `follower`, `stepped-aside`, `gated`, `unreachable`.
+    pub state: String,
+}
+
+/// `/status`'s `follow`, published by the `[role_follow]` check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FollowStatus {
+    pub checks: u64,
+    /// The last answer: an HTTP status, or why there was none.
+    pub last: String,
+    /// `null` until `rise` or `fall` answers in a row were seen.
+    pub passing: Option<bool>,
+    pub url: String,
+}
+
 /// Facts for `/status`, replaced whole on each change.
 #[derive(Debug, Clone, Default)]
 pub struct StatusInfo {
     pub config_file: String,
     pub route_source: String,
-    pub routes: Vec<RouteSummary>,
+    pub routes: Vec<RouteStatus>,
     /// Bumped on every applied route table.
     pub routes_version: u64,
     /// The pushed table carries GRPCRoute rules (the controller's `hasGrpcRoute`).
@@ -75,12 +185,12 @@ pub struct StatusInfo {
     pub cloudflared_metrics: Option<SocketAddr>,
     /// How long after losing its last connection the tunnel still counts as connected.
     pub tunnel_ready_grace: Duration,
-    pub role: String,
-    pub role_source: String,
+    /// `None` until the boot decided it.
+    pub role: Option<Role>,
+    pub role_source: Option<RoleSource>,
 }
 
 /// The agent's cached health.
-#[derive(Debug)]
 pub struct Health {
     pub config_loaded: AtomicBool,
     pub secrets_loaded: AtomicBool,
@@ -95,18 +205,18 @@ pub struct Health {
     pub leaving_active: AtomicBool,
     pub status: ArcSwap<StatusInfo>,
     pub metrics: Arc<Metrics>,
-    pub tunnel: Arc<TunnelState>,
-    /// The leader election, when `[role_election]` is configured (read live for `/status`:
-    /// the lease's remaining time changes between two requests).
-    election: std::sync::OnceLock<crate::election::Election>,
-    follow: std::sync::OnceLock<crate::follow::Follow>,
+    tunnel: Arc<dyn TunnelView>,
+    /// The leader election, when `[role_election]` is configured.
+    election: std::sync::OnceLock<Box<dyn Published<ElectionStatus>>>,
+    /// The `[role_follow]` check, when configured.
+    follow: std::sync::OnceLock<Box<dyn Published<FollowStatus>>>,
     /// `health.details_from = "anywhere"`: `/status` and `/metrics` answer every client.
     details_anywhere: AtomicBool,
     started: Instant,
 }
 
 impl Health {
-    pub fn new(metrics: Arc<Metrics>) -> Arc<Health> {
+    pub fn new(metrics: Arc<Metrics>, tunnel: Arc<dyn TunnelView>) -> Arc<Health> {
         Arc::new(Health {
             config_loaded: AtomicBool::new(false),
             secrets_loaded: AtomicBool::new(false),
@@ -116,7 +226,7 @@ impl Health {
             leaving_active: AtomicBool::new(false),
             status: ArcSwap::default(),
             metrics,
-            tunnel: Arc::default(),
+            tunnel,
             election: std::sync::OnceLock::new(),
             follow: std::sync::OnceLock::new(),
             details_anywhere: AtomicBool::new(false),
@@ -124,11 +234,13 @@ impl Health {
         })
     }
 
-    pub fn set_election(&self, election: crate::election::Election) {
+    /// The election's part of `/status` and `/metrics`, from now on (once per run).
+    pub fn publish_election(&self, election: Box<dyn Published<ElectionStatus>>) {
         let _ = self.election.set(election);
     }
 
-    pub fn set_follow(&self, follow: crate::follow::Follow) {
+    /// The followed check's part of `/status` and `/metrics`, from now on (once per run).
+    pub fn publish_follow(&self, follow: Box<dyn Published<FollowStatus>>) {
         let _ = self.follow.set(follow);
     }
 
@@ -143,10 +255,6 @@ impl Health {
         self.details_anywhere.load(Ordering::Acquire) || peer.ip().to_canonical().is_loopback()
     }
 
-    pub fn election(&self) -> Option<&crate::election::Election> {
-        self.election.get()
-    }
-
     pub fn update_status(&self, f: impl FnOnce(&mut StatusInfo)) {
         let mut next = StatusInfo::clone(&self.status.load());
         f(&mut next);
@@ -155,6 +263,18 @@ impl Health {
 
     /// The readiness verdict and the per-component detail behind it.
     pub fn readiness(&self) -> (bool, serde_json::Value) {
+        let (ready, components) = self.components();
+        let body = json!({
+            "ready": ready,
+            "role": self.status.load().role,
+            "draining": self.draining.load(Ordering::Acquire),
+            "components": components,
+        });
+        (ready, body)
+    }
+
+    /// The verdict, and each component's word on it (`ok`, `not ready`, cloudflared's state).
+    fn components(&self) -> (bool, std::collections::BTreeMap<String, String>) {
         let flag = |b: &AtomicBool| b.load(Ordering::Acquire);
         let components = [
             ("config", flag(&self.config_loaded)),
@@ -165,47 +285,41 @@ impl Health {
         let draining = flag(&self.draining);
         let (tunnel_ok, tunnel_text) = self.tunnel_verdict();
         let ready = !draining && tunnel_ok && components.iter().all(|(_, ok)| *ok);
-        let mut detail = serde_json::Map::new();
-        for (name, ok) in components {
-            detail.insert(name.to_owned(), json!(if ok { "ok" } else { "not ready" }));
-        }
-        detail.insert("cloudflared".to_owned(), json!(tunnel_text));
-        let body = json!({
-            "ready": ready,
-            "role": self.status.load().role,
-            "draining": draining,
-            "components": detail,
-        });
-        (ready, body)
+        let mut detail: std::collections::BTreeMap<String, String> = components
+            .into_iter()
+            .map(|(name, ok)| (name.to_owned(), if ok { "ok" } else { "not ready" }.to_owned()))
+            .collect();
+        detail.insert("cloudflared".to_owned(), tunnel_text);
+        (ready, detail)
     }
 
     /// cloudflared's part of the verdict: fine when it is not wanted here; otherwise running and
     /// connected (with the configured grace), and not crash-looping.
     fn tunnel_verdict(&self) -> (bool, String) {
-        let t = &self.tunnel;
+        let t = self.tunnel.status();
         // A demoted node that is still draining serves its (new) standby role: ready.
         if self.draining_after_demotion() {
             return (true, DRAINING_AFTER_DEMOTION.to_owned());
         }
-        if !t.wanted.load(Ordering::Acquire) {
-            let why = if self.status.load().role == "standby" {
+        if !t.wanted {
+            let why = if self.status.load().role == Some(Role::Standby) {
                 "standby (not running)"
             } else {
                 "disabled"
             };
             return (true, why.to_owned());
         }
-        if t.crash_loop.load(Ordering::Acquire) {
+        if t.crash_loop {
             return (false, "crash loop".to_owned());
         }
-        if t.pid.load(Ordering::Acquire) == 0 {
+        if t.pid.is_none() {
             return (false, "not running".to_owned());
         }
-        let conns = t.connections.load(Ordering::Acquire);
+        let conns = t.connections;
         if conns > 0 {
             return (true, format!("connected ({conns})"));
         }
-        if t.connected(self.status.load().tunnel_ready_grace) {
+        if self.tunnel.connected(self.status.load().tunnel_ready_grace) {
             return (true, "reconnecting (within grace)".to_owned());
         }
         (false, "no connections".to_owned())
@@ -213,13 +327,13 @@ impl Health {
 
     /// The node left `active` and its cloudflared, already sent its SIGTERM, still runs.
     fn draining_after_demotion(&self) -> bool {
-        self.leaving_active.load(Ordering::Acquire) && self.tunnel.pid.load(Ordering::Acquire) != 0
+        self.leaving_active.load(Ordering::Acquire) && self.tunnel.status().pid.is_some()
     }
 
     /// `/active`: this node runs the tunnel, it is connected, and the node has not decided to
     /// leave `active`.
     pub fn active(&self) -> bool {
-        self.tunnel.wanted.load(Ordering::Acquire)
+        self.tunnel.status().wanted
             && !self.leaving_active.load(Ordering::Acquire)
             && !self.draining.load(Ordering::Acquire)
             && self.tunnel.connected(self.status.load().tunnel_ready_grace)
@@ -228,59 +342,45 @@ impl Health {
     /// What `/status` and `tunnel-agent status` show: every URL in it (a followed check, an
     /// error naming an endpoint) without the credentials it may carry.
     pub fn status_json(&self) -> serde_json::Value {
-        let mut status = self.status_facts();
+        let mut status = serde_json::to_value(self.status_facts()).unwrap_or_default();
         redact_strings(&mut status);
         status
     }
 
-    fn status_facts(&self) -> serde_json::Value {
-        let s = self.status.load();
-        let (ready, readiness) = self.readiness();
-        json!({
-            "version": crate::build_info::VERSION,
-            "commit": crate::build_info::COMMIT,
-            "build_date": crate::build_info::BUILD_DATE,
-            "role": s.role,
-            "role_source": s.role_source,
-            "uptime_s": self.started.elapsed().as_secs(),
-            "ready": ready,
-            "readiness": readiness["components"],
-            "config_file": s.config_file,
-            "routes": {
-                "source": s.route_source,
-                "version": s.routes_version,
-                "count": s.routes.len(),
-                "grpc": s.grpc_routes,
-                "table": s.routes.iter().map(|r| json!({
-                    "name": r.name, "hostnames": r.hostnames, "upstreams": r.upstreams, "host_headers": r.host_headers,
-                })).collect::<Vec<_>>(),
-            },
-            "routes_fallback": s.routes_fallback,
-            "cloudflared": self.tunnel_json(),
-            "last_reload_error": s.last_reload_error,
-            "pending_restart": s.pending_restart,
-            // Names only: values never leave the process.
-            "secrets": s.secrets,
-            "election": self.election().map(|e| e.status_json()),
-            "follow": self.follow.get().map(|f| f.status_json()),
-        })
+    /// [`Health::status_json`], typed (for the control socket's reply). `None` only if the
+    /// redacted value no longer had the shape, which would be a bug: nothing unredacted instead.
+    pub fn status(&self) -> Option<Status> {
+        serde_json::from_value(self.status_json()).ok()
     }
 
-    fn tunnel_json(&self) -> serde_json::Value {
-        let t = &self.tunnel;
-        let d = t.detail();
-        let pid = t.pid.load(Ordering::Acquire);
-        json!({
-            "wanted": t.wanted.load(Ordering::Acquire),
-            "version": d.version,
-            "pid": (pid != 0).then_some(pid),
-            "connections": t.connections.load(Ordering::Acquire),
-            "connector_id": d.connector_id,
-            "restarts": t.restarts.load(Ordering::Acquire),
-            "crash_loop": t.crash_loop.load(Ordering::Acquire),
-            "last_exit": d.last_exit,
-            "uptime_s": d.started_at.filter(|_| pid != 0).map(|s| s.elapsed().as_secs()),
-        })
+    fn status_facts(&self) -> Status {
+        let s = self.status.load();
+        let (ready, readiness) = self.components();
+        Status {
+            version: crate::build_info::VERSION.to_owned(),
+            commit: crate::build_info::COMMIT.to_owned(),
+            build_date: crate::build_info::BUILD_DATE.to_owned(),
+            role: s.role,
+            role_source: s.role_source,
+            uptime_s: self.started.elapsed().as_secs(),
+            ready,
+            readiness,
+            config_file: s.config_file.clone(),
+            routes: RoutesStatus {
+                source: s.route_source.clone(),
+                version: s.routes_version,
+                count: s.routes.len(),
+                grpc: s.grpc_routes,
+                table: s.routes.clone(),
+            },
+            routes_fallback: s.routes_fallback.clone(),
+            cloudflared: self.tunnel.status(),
+            last_reload_error: s.last_reload_error.clone(),
+            pending_restart: s.pending_restart.clone(),
+            secrets: s.secrets.clone(),
+            election: self.election.get().map(|e| e.status()),
+            follow: self.follow.get().map(|f| f.status()),
+        }
     }
 
     /// Our metrics, then cloudflared's own (fetched with a short timeout; absent if it does not
@@ -290,53 +390,52 @@ impl Health {
         let mut out = String::with_capacity(16 * 1024);
         self.metrics.render(&mut out);
         crate::process_stats::ProcessStats::read().render(&mut out);
-        let t = &self.tunnel;
+        let t = self.tunnel.status();
         let gauges = [
             (
                 "tunnel_agent_cloudflared_wanted",
                 "1 when cloudflared should run on this node.",
-                u64::from(t.wanted.load(Ordering::Acquire)),
+                u64::from(t.wanted),
             ),
             (
                 "tunnel_agent_cloudflared_up",
                 "1 while cloudflared is running.",
-                u64::from(t.pid.load(Ordering::Acquire) != 0),
+                u64::from(t.pid.is_some()),
             ),
             (
                 "tunnel_agent_cloudflared_connections",
                 "cloudflared's readyConnections at the last poll.",
-                u64::from(t.connections.load(Ordering::Acquire)),
+                u64::from(t.connections),
             ),
             (
                 "tunnel_agent_cloudflared_crash_loop",
                 "1 while cloudflared is crash-looping.",
-                u64::from(t.crash_loop.load(Ordering::Acquire)),
+                u64::from(t.crash_loop),
             ),
         ];
         for (name, help, v) in gauges {
             prom_text::single(&mut out, name, Kind::Gauge, help, v);
         }
-        if let Some(version) = t.detail().version {
+        if let Some(version) = &t.version {
             let help = "The cloudflared version the agent detected at boot.";
             Family::open(&mut out, "tunnel_agent_cloudflared_info", Kind::Gauge, help)
-                .sample(&[("version", &version)], 1);
+                .sample(&[("version", version)], 1);
         }
-        let restarts = t.restarts.load(Ordering::Acquire);
         let help = "cloudflared restarts after failures.";
         prom_text::single(
             &mut out,
             "tunnel_agent_cloudflared_restarts_total",
             Kind::Counter,
             help,
-            restarts,
+            t.restarts,
         );
-        let role = self.status.load().role.clone();
+        let role = self.status.load().role;
         let help = "The node's role (1 for the current one).";
         let mut family = Family::open(&mut out, "tunnel_agent_role", Kind::Gauge, help);
-        for r in ["active", "standby"] {
-            family.sample(&[("role", r)], u8::from(role == r));
+        for r in [Role::Active, Role::Standby] {
+            family.sample(&[("role", r.as_str())], u8::from(role == Some(r)));
         }
-        if let Some(e) = self.election() {
+        if let Some(e) = self.election.get() {
             e.render_metrics(&mut out);
         }
         if let Some(f) = self.follow.get() {
@@ -345,10 +444,7 @@ impl Health {
         let (ready, _) = self.readiness();
         let help = "1 when /ready answers 200.";
         prom_text::single(&mut out, "tunnel_agent_ready", Kind::Gauge, help, u8::from(ready));
-        if let (Some(addr), true) = (
-            self.status.load().cloudflared_metrics,
-            t.pid.load(Ordering::Acquire) != 0,
-        ) {
+        if let (Some(addr), true) = (self.status.load().cloudflared_metrics, t.pid.is_some()) {
             if let Some(text) = fetch_text(addr, "/metrics", Duration::from_secs(1)).await {
                 out.push_str(&text);
             }

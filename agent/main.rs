@@ -148,50 +148,41 @@ fn print_summary(reply: &tunnel_agent::control::Reply) {
         return;
     }
     out(&format!("{}\n", reply.message));
-    let s = &reply.status;
-    if s.is_null() {
+    let Some(s) = &reply.status else {
         return;
-    }
-    let cf = &s["cloudflared"];
-    out(&format!(
-        "role:         {} (from {})\n",
-        s["role"].as_str().unwrap_or("?"),
-        s["role_source"].as_str().unwrap_or("?")
-    ));
-    out(&format!("ready:        {}\n", s["ready"]));
-    let or_none = |v: &serde_json::Value| match v {
-        serde_json::Value::Null => "none".to_owned(),
-        serde_json::Value::String(s) => s.clone(),
-        other => other.to_string(),
     };
     out(&format!(
-        "tunnel:       {} connections, pid {}, {} restarts, last exit {}\n",
-        cf["connections"],
-        or_none(&cf["pid"]),
-        cf["restarts"],
-        or_none(&cf["last_exit"])
+        "role:         {} (from {})\n",
+        s.role.map_or("?", |r| r.as_str()),
+        s.role_source.map_or("?", |r| r.as_str())
     ));
-    let e = &s["election"];
-    if e.is_object() {
-        let lease = match (&e["lease_id"], e["lease_remaining_s"].as_f64()) {
-            (serde_json::Value::String(id), Some(left)) => format!("lease {id}, {left:.1} s left"),
+    out(&format!("ready:        {}\n", s.ready));
+    let cf = &s.cloudflared;
+    out(&format!(
+        "tunnel:       {} connections, pid {}, {} restarts, last exit {}\n",
+        cf.connections,
+        cf.pid.map_or_else(|| "none".to_owned(), |p| p.to_string()),
+        cf.restarts,
+        cf.last_exit.as_deref().unwrap_or("none")
+    ));
+    if let Some(e) = &s.election {
+        let lease = match (&e.lease_id, e.lease_remaining_s) {
+            (Some(id), Some(left)) => format!("lease {id}, {left:.1} s left"),
             _ => "no lease".to_owned(),
         };
         out(&format!(
             "election:     etcd key {} is {}; leader {}; {lease}; won {}, lost {}, renew failures {}\n",
-            or_none(&e["key"]),
-            or_none(&e["state"]),
-            or_none(&e["leader"]),
-            e["elections_won"],
-            e["elections_lost"],
-            e["renew_failures"]
+            e.key,
+            e.state,
+            e.leader.as_deref().unwrap_or("none"),
+            e.elections_won,
+            e.elections_lost,
+            e.renew_failures
         ));
     }
     out(&format!(
         "routes:       {} from {} (version {})\n",
-        s["routes"]["count"],
-        s["routes"]["source"].as_str().unwrap_or("?"),
-        s["routes"]["version"]
+        s.routes.count, s.routes.source, s.routes.version
     ));
 }
 
@@ -220,7 +211,8 @@ fn run(path: PathBuf) -> Exit {
     // `journalctl -u tunnel-agent` excerpt identifies the build without a shell on the host.
     // The role is the one this start begins in (a persisted promote, an election's standby),
     // with the file's own next to it.
-    let (role, role_source, why) = tunnel_agent::roles::starting(&config);
+    let plan = tunnel_agent::role::starting(&config);
+    let (role, role_source, why) = (plan.role(), plan.source(), plan.why());
     tracing::info!(
         version = tunnel_agent::build_info::VERSION,
         commit = tunnel_agent::build_info::COMMIT,

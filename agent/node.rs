@@ -10,15 +10,16 @@
 //! | [`Event::SecretChanged`] | secret refreshers | [`Node::secret_changed`] |
 //! | [`Event::Control`] | the control socket | [`Node::control`] |
 //! | [`Event::RoleChanged`] | the watched role attribute | [`Node::set_role`] |
-//! | [`Event::Election`] | the etcd election (`election`) | [`Node::election_outcome`] |
-//! | [`Event::FollowChanged`] | the `[role_follow]` check | [`Node::follow_changed`] |
-//! | [`Event::StatusTick`] | a 1 s timer, under an election | [`Node::publish_role`] when it changed |
+//! | [`Event::Election`] | the etcd election (`election`) | [`Node::set_role`] |
+//! | [`Event::FollowChanged`] | the `[role_follow]` check | [`Node::set_role`], or gate/resign the election |
+//! | [`Event::StatusTick`] | a 1 s timer, under an election | [`Roles::tick`] |
 //! | [`Event::TunnelFailed`] | the cloudflared supervisor | stop, with its error |
 //!
 //! A new kind of change (another role source, another route source) is one more sender into
 //! [`Sources`], one more variant and one more handler. Every route table, whatever its source,
 //! is applied by [`Node::install_routes`] and then reaches cloudflared through
-//! [`Node::follow_tunnel`].
+//! [`Node::follow_tunnel`]. Every role change, whatever its source, goes through
+//! [`Node::set_role`]; the role's state and its sources belong to [`Roles`].
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -34,12 +35,11 @@ use tokio::time::{Instant, Interval};
 
 use crate::config::{Config, RouteSourceKind};
 use crate::control;
-use crate::election::{Election, Outcome};
-use crate::follow::Follow;
+use crate::election::Outcome;
 use crate::gcp::{MetadataClient, SecretManager};
-use crate::health::Health;
+use crate::health::{Health, RouteStatus};
 use crate::proxy::{AccessLog, InboundAuth, LiveSettings, Proxy};
-use crate::roles::{self, PersistedRole, Role, RoleSource};
+use crate::role::{self, Answer, Change, Handover, Manual, Role, RoleSource, Roles};
 use crate::routing::config_api::{self, ApiSettings, Push, PushOutcome};
 use crate::routing::source::{self as route_source, HostMap};
 use crate::routing::table::RouteTable;
@@ -48,7 +48,7 @@ use crate::secrets::resolve::{join_errors, resolve_all};
 use crate::secrets::SecretValues;
 use crate::systemd;
 use crate::telemetry::Metrics;
-use crate::tunnel::{RestartPolicy, TunnelSpec, TunnelSupervisor};
+use crate::tunnel::{RestartPolicy, TunnelSpec, TunnelState, TunnelSupervisor};
 
 /// Signals, as the agent understands them. `main.rs` turns SIGTERM/SIGINT and SIGHUP into these;
 /// a test sends them itself.
@@ -112,8 +112,8 @@ pub struct Node {
     /// Where refreshers report changed secrets (the node's own [`Sources::secrets`]).
     secret_changes: mpsc::Sender<SecretChange>,
     refreshers: Vec<JoinHandle<()>>,
-    role: Role,
-    role_source: RoleSource,
+    /// The role and every source of it (the election, the followed check).
+    roles: Roles,
     /// The applied table's pushed version, for the config API's `GET /config` and `/readyz`.
     routes_version: watch::Sender<Option<u64>>,
     /// What the config API compiles pushes under and the tokens it accepts, republished by
@@ -122,14 +122,6 @@ pub struct Node {
     /// `cloudflared --version` of the running configuration's binary: asked at boot and again on
     /// every reload, when cloudflared is enabled and answered.
     cloudflared_version: Option<crate::tunnel::version::CloudflaredVersion>,
-    /// The leader election, when `[role_election]` decides the role (read by `handover.rs`).
-    pub(crate) election: Option<Election>,
-    /// The `[role_follow]` check, when configured.
-    follow: Option<Follow>,
-    /// The election's and the check's tasks, stopped after the node resigned on shutdown.
-    role_tasks: Vec<JoinHandle<()>>,
-    /// The last `STATUS=` role detail published.
-    role_detail_published: String,
 }
 
 /// What the boot sequence hands [`Node::new`]: everything the node starts with.
@@ -143,9 +135,11 @@ pub struct NodeParts {
     pub metadata: MetadataClient,
     pub secret_manager: Arc<SecretManager>,
     pub secrets: SecretValues,
-    /// The starting role and where it came from.
-    pub role: Role,
-    pub role_source: RoleSource,
+    /// cloudflared's shared state: the supervisor writes it, `health` reads it, the fence acts
+    /// on it.
+    pub tunnel: Arc<TunnelState>,
+    /// The starting role and where it came from ([`role::start::boot`]).
+    pub role: role::Boot,
     pub cloudflared_version: Option<crate::tunnel::version::CloudflaredVersion>,
 }
 
@@ -205,7 +199,12 @@ impl Node {
         let (secret_changes, secret_changed) = mpsc::channel(16);
         let api_settings = ApiSettings::new(&parts.config, &parts.secrets, None);
         let node = Node {
-            tunnel: TunnelSupervisor::start(None, policy, parts.health.tunnel.clone()),
+            roles: Roles::new(
+                &parts.role,
+                role::Fence::new(parts.health.clone(), parts.tunnel.clone()),
+                parts.metrics.clone(),
+            ),
+            tunnel: TunnelSupervisor::start(None, policy, parts.tunnel),
             config_path: parts.config_path,
             config: parts.config,
             health: parts.health,
@@ -217,15 +216,9 @@ impl Node {
             secrets: parts.secrets,
             secret_changes,
             refreshers: Vec::new(),
-            role: parts.role,
-            role_source: parts.role_source,
             routes_version: watch::Sender::new(None),
             api_settings: watch::Sender::new(Arc::new(api_settings)),
             cloudflared_version: parts.cloudflared_version,
-            election: None,
-            follow: None,
-            role_tasks: Vec::new(),
-            role_detail_published: String::new(),
         };
         (node, secret_changed)
     }
@@ -249,20 +242,25 @@ impl Node {
     /// Whether cloudflared should run here now (enabled, and this node active).
     pub fn wants_tunnel(&self) -> bool {
         let routes = self.proxy.live.load().routes.clone();
-        tunnel_spec(&self.config, &self.secrets, self.proxy_addr, &routes, self.role).is_some()
+        tunnel_spec(&self.config, &self.secrets, self.proxy_addr, &routes, self.roles.role()).is_some()
     }
 
-    /// The `[role_follow]` check, started by boot; its task is stopped with the node.
-    pub fn add_follow(&mut self, follow: Follow, task: JoinHandle<()>) {
-        self.health.set_follow(follow.clone());
-        self.follow = Some(follow);
-        self.role_tasks.push(task);
+    /// The `[role_follow]` check, started by boot (its verdicts arrive on `changes`); its task is
+    /// stopped with the node.
+    pub fn start_follow(&mut self, changes: mpsc::Sender<bool>) -> anyhow::Result<()> {
+        self.roles.start_follow(&self.config, changes)
     }
 
-    /// The election, started by boot; its task is stopped after the node resigned.
-    pub fn add_election(&mut self, election: Election, task: JoinHandle<()>) {
-        self.election = Some(election);
-        self.role_tasks.push(task);
+    /// The election, started by boot after the check (which gates it); its task is stopped after
+    /// the node resigned. Returns whether one runs (then `STATUS=` follows it on a tick).
+    pub fn start_election(&mut self, outcomes: mpsc::Sender<Outcome>) -> anyhow::Result<bool> {
+        self.roles.start_election(&self.config, &self.secrets, outcomes)?;
+        Ok(self.roles.wants_status_tick())
+    }
+
+    /// `/status` and `STATUS=` say the starting role (boot, once the node exists).
+    pub fn publish_role(&mut self) {
+        self.roles.publish();
     }
 
     /// Handles events until a shutdown signal or a failure. Returns the failure, if any.
@@ -311,16 +309,13 @@ impl Node {
                 let answer = self.control(command).await;
                 let _ = reply.send(answer);
             }
-            Event::RoleChanged(role) => {
-                self.set_role(role, RoleSource::WatchedAttribute).await;
+            Event::RoleChanged(to) => {
+                let source = RoleSource::WatchedAttribute;
+                self.set_role(Change { to, source }).await;
             }
             Event::Election(outcome) => self.election_outcome(outcome).await,
             Event::FollowChanged(passing) => self.follow_changed(passing).await,
-            Event::StatusTick => {
-                if self.role_detail() != self.role_detail_published {
-                    self.publish_role();
-                }
-            }
+            Event::StatusTick => self.roles.tick(),
             Event::TunnelFailed(e) => return Flow::Stop(Some(e)),
             Event::WatchdogTick => systemd::watchdog(),
         }
@@ -334,10 +329,7 @@ impl Node {
             t.abort();
         }
         // The elected leader resigns: cloudflared's SIGTERM, then the lease revoked at once.
-        self.resign_for_shutdown().await;
-        for t in self.role_tasks.drain(..) {
-            t.abort();
-        }
+        self.roles.stop().await;
         self.tunnel.shutdown().await;
     }
 
@@ -370,7 +362,16 @@ impl Node {
         if let Err(e) = route_source::persist(config, map, &table) {
             tracing::warn!(error = %e, "cannot write routes.json to the runtime or state directory: {e}");
         }
-        let summary = table.summary.clone();
+        let summary: Vec<RouteStatus> = table
+            .summary
+            .iter()
+            .map(|r| RouteStatus {
+                name: r.name.clone(),
+                hostnames: r.hostnames.clone(),
+                upstreams: r.upstreams.clone(),
+                host_headers: r.host_headers.clone(),
+            })
+            .collect();
         let version = table.version;
         let grpc = table.grpc;
         self.proxy.live.rcu(|live| live.with_routes(table.clone()));
@@ -395,7 +396,7 @@ impl Node {
     /// (a locally-managed tunnel's ingress lists the table's hostnames).
     pub async fn follow_tunnel(&self) {
         let routes = self.proxy.live.load().routes.clone();
-        let spec = tunnel_spec(&self.config, &self.secrets, self.proxy_addr, &routes, self.role);
+        let spec = tunnel_spec(&self.config, &self.secrets, self.proxy_addr, &routes, self.roles.role());
         self.tunnel.apply(spec).await;
     }
 
@@ -449,7 +450,6 @@ impl Node {
         if !pending.is_empty() {
             tracing::warn!(settings = ?pending, "changed settings take effect only after a restart: {}", pending.join(", "));
         }
-        self.reload_role(&new);
         self.apply_settings(&new, &secrets)?;
         if let Some(trust) = trust {
             self.proxy.use_default_trust(trust);
@@ -463,14 +463,20 @@ impl Node {
                     v.version,
                     new.cloudflared.path.display()
                 );
-                self.health.tunnel.set_version(v.version.clone());
+                self.tunnel.state.set_version(v.version.clone());
             }
             self.cloudflared_version = cloudflared_version;
         }
+        // Nothing below can fail: the file's role, if it changed, is applied through the one
+        // role path once the new settings are in place.
+        let role_change = self.roles.reloaded(&self.config, &new);
         self.config = new;
         self.secrets = secrets;
         if let Some((map, table)) = table {
             self.install_routes(&map, Arc::new(table));
+        }
+        if let Some(change) = role_change {
+            self.set_role(change).await;
         }
         self.follow_tunnel().await;
         let new = &self.config;
@@ -479,8 +485,6 @@ impl Node {
             s.pending_restart = pending.iter().map(|p| (*p).to_owned()).collect();
             s.cloudflared_metrics = new.cloudflared.enabled.then_some(new.cloudflared.metrics);
             s.tunnel_ready_grace = new.cloudflared.ready_grace;
-            s.role = self.role.as_str().to_owned();
-            s.role_source = self.role_source.as_str().to_owned();
         });
         self.restart_refreshers();
         let routes = self.proxy.live.load().routes.len();
@@ -490,29 +494,6 @@ impl Node {
             self.config_path.display()
         );
         Ok(())
-    }
-
-    /// A role changed in the reloaded file applies when no other source decides the role.
-    fn reload_role(&mut self, new: &Config) {
-        let role_decided_elsewhere =
-            self.config.role_watch.attribute.is_some() || self.election.is_some() || self.follow.is_some();
-        if new.role != self.config.role && !role_decided_elsewhere {
-            tracing::info!(
-                from = self.config.role.as_str(),
-                to = new.role.as_str(),
-                "role changed in the config file: {} -> {}",
-                self.config.role.as_str(),
-                new.role.as_str()
-            );
-            match new.role {
-                Role::Active => self.metrics.promotions.inc(),
-                Role::Standby => self.metrics.demotions.inc(),
-            }
-            self.decide(new.role);
-            self.role = new.role;
-            self.role_source = RoleSource::Config;
-            let _ = std::fs::remove_file(roles::state_path(&new.agent.state_dir));
-        }
     }
 
     /// Asks the reloaded configuration's cloudflared its version again: `cloudflared.path` may
@@ -627,153 +608,55 @@ impl Node {
         }
     }
 
-    /// Moves to `role`. Promotion spawns cloudflared before returning; demotion stops it like
-    /// shutdown does (one SIGTERM, grace, SIGKILL) while the proxy keeps serving.
-    pub async fn set_role(&mut self, role: Role, source: RoleSource) -> (bool, String) {
-        if role == self.role {
-            if source == RoleSource::WatchedAttribute {
-                self.role_source = source;
-                self.publish_role();
-            }
-            return (false, format!("already {}; nothing to do", role.as_str()));
-        }
+    /// The one path of every role change, whatever its source: the role module decides (the
+    /// fence when leaving active, the new state, what is kept and published), then cloudflared
+    /// follows. Promotion spawns cloudflared before returning; demotion stops it like shutdown
+    /// does (one SIGTERM, grace, SIGKILL) while the proxy keeps serving.
+    pub async fn set_role(&mut self, change: Change) -> role::Outcome {
         let started = Instant::now();
-        match (role, &self.election) {
-            // Entering active on the election's word happens under its lock, so that a fence
-            // racing with this promotion always wins (see Election::promote_if_leader).
-            (Role::Active, Some(election)) => {
-                let election = election.clone();
-                if !election.promote_if_leader(|| self.decide(Role::Active)) {
-                    return (
-                        false,
-                        "not promoted: this node no longer holds the election key".to_owned(),
-                    );
-                }
-            }
-            _ => self.decide(role),
+        if let Err(answered) = self.roles.change(change, &self.config) {
+            return answered;
         }
-        self.role = role;
-        self.role_source = source;
-        match role {
-            Role::Active => self.metrics.promotions.inc(),
-            Role::Standby => self.metrics.demotions.inc(),
-        }
-        // Only an operator's promote/demote is kept for the next start. A role another source
-        // gave (the watched attribute, the election) may be stale by then: that source is asked
-        // again at start, and while it cannot answer the node is standby.
-        if source == RoleSource::Cli {
-            let persisted = PersistedRole {
-                role,
-                source,
-                config_role: self.config.role,
-            };
-            if let Err(e) = roles::persist(&self.config.agent.state_dir, &persisted) {
-                tracing::warn!(error = %e, "cannot persist the role in {}; a restart will fall back to the config's: {e}", self.config.agent.state_dir.display());
-            }
-        }
-        // The decision is published first; cloudflared follows it.
-        self.publish_role();
         self.follow_tunnel().await;
-        let took_ms = started.elapsed().as_secs_f64() * 1000.0;
-        let message = match role {
-            Role::Active if self.config.cloudflared.enabled => {
-                format!("promoted to active; cloudflared started in {took_ms:.1} ms")
-            }
-            Role::Active => "promoted to active (cloudflared is disabled in the config)".to_owned(),
-            Role::Standby => {
-                format!("demoted to standby; cloudflared stopped in {took_ms:.1} ms, the proxy keeps serving")
-            }
-        };
-        tracing::info!(role = role.as_str(), source = source.as_str(), took_ms, "{message}");
-        (true, message)
+        self.roles.changed(started.elapsed(), &self.config)
     }
 
-    /// The moment of decision for a role change, before anything slow: leaving `active` fails
-    /// `/active` and sends cloudflared its one SIGTERM at once (no new tunnel requests from
-    /// here on; the drain of in-flight ones follows); entering it lifts that fence.
-    pub fn decide(&self, role: Role) {
-        match role {
-            Role::Standby => {
-                self.health.leaving_active.store(true, Ordering::Release);
-                self.tunnel.state.fence();
-            }
-            Role::Active => {
-                self.tunnel.state.release();
-                self.health.leaving_active.store(false, Ordering::Release);
-            }
+    /// An outcome of the election, applied through the role path.
+    async fn election_outcome(&mut self, outcome: Outcome) {
+        self.set_role(role::election::outcome_change(outcome)).await;
+    }
+
+    /// The `[role_follow]` check changed verdict: a role change alone, or the election's gate.
+    async fn follow_changed(&mut self, passing: bool) {
+        if let Some(change) = self.roles.follow_changed(passing).await {
+            self.set_role(change).await;
         }
     }
 
-    pub fn publish_role(&mut self) {
-        let (role, source) = (self.role.as_str().to_owned(), self.role_source.as_str().to_owned());
-        self.health.update_status(|s| {
-            s.role = role.clone();
-            s.role_source = source.clone();
-        });
-        let detail = self.role_detail();
-        systemd::status(&format!("serving as {role} ({detail})"));
-        self.role_detail_published = detail;
-    }
-
-    /// Where the role comes from, for `STATUS=`: the source, and under an election its state
-    /// (e.g. `election on KEY: unreachable: …` while etcd cannot be reached).
-    fn role_detail(&self) -> String {
-        match &self.election {
-            Some(e) => {
-                let s = e.state();
-                let mut out = format!("election on {}: {}", s.key, s.phase);
-                if let Some(l) = s.leader.as_deref().filter(|_| !s.is_leader) {
-                    out.push_str(&format!(", leader {l}"));
-                }
-                if let Some(err) = s.last_error.as_deref().filter(|_| s.phase == "unreachable") {
-                    out.push_str(&format!(": {err}"));
-                }
-                out
-            }
-            None => self.role_source.as_str().to_owned(),
+    /// `promote` or `demote`, as the configured sources allow.
+    async fn manual(&mut self, promote: bool) -> Answer {
+        match self.roles.manual(&self.config, promote) {
+            Manual::Refused(message) => Answer::refused(message),
+            Manual::Direct(change) => Answer::after(None, &self.set_role(change).await),
+            Manual::Handover => match self.roles.handover(promote).await {
+                Handover::Answered(answer) => answer,
+                Handover::Apply { change, prefix } => Answer::after(Some(prefix), &self.set_role(change).await),
+            },
         }
     }
 
     /// A command from the control socket.
     async fn control(&mut self, command: control::Command) -> control::Reply {
-        use control::Command::{Demote, Promote, Status};
-        let (ok, changed, message) = match (command, self.election.clone()) {
-            (Status, _) => (
-                true,
-                false,
-                format!("{} ({})", self.role.as_str(), self.role_source.as_str()),
-            ),
-            (Promote | Demote, _) if self.config.role_watch.attribute.is_some() => (
-                false,
-                false,
-                format!(
-                    "the role is decided by the metadata attribute {:?}; change it there",
-                    self.config.role_watch.attribute.as_deref().unwrap_or("")
-                ),
-            ),
-            (Promote | Demote, Some(election)) => self.handover(election, command == Promote).await,
-            (Promote | Demote, None) if self.follow.is_some() => (
-                false,
-                false,
-                format!(
-                    "the role follows the check at {}; change what it answers",
-                    self.config.role_follow.as_ref().map_or("", |f| f.url.as_str())
-                ),
-            ),
-            (Promote, None) => {
-                let (changed, message) = self.set_role(Role::Active, RoleSource::Cli).await;
-                (true, changed, message)
-            }
-            (Demote, None) => {
-                let (changed, message) = self.set_role(Role::Standby, RoleSource::Cli).await;
-                (true, changed, message)
-            }
+        let answer = match command {
+            control::Command::Status => Answer::unchanged(self.roles.describe()),
+            control::Command::Promote => self.manual(true).await,
+            control::Command::Demote => self.manual(false).await,
         };
         control::Reply {
-            ok,
-            changed,
-            message,
-            status: self.health.status_json(),
+            ok: answer.ok,
+            changed: answer.changed,
+            message: answer.message,
+            status: self.health.status(),
         }
     }
 }

@@ -12,8 +12,8 @@ use tokio::sync::mpsc;
 use tunnel_agent::control::{self, Command};
 use tunnel_agent::node::Signal;
 
-async fn status(socket: &Path) -> Option<serde_json::Value> {
-    control::call(socket, Command::Status).await.ok().map(|r| r.status)
+async fn status(socket: &Path) -> Option<tunnel_agent::health::Status> {
+    control::call(socket, Command::Status).await.ok().and_then(|r| r.status)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -28,14 +28,14 @@ async fn boots_in_process_reloads_and_stops_on_the_shutdown_signal() {
     let agent = tokio::spawn(tunnel_agent::boot::run(path.clone(), config, rx));
     let socket = control::socket_path(&dir.path().join("run"));
     let s = eventually(DEADLINE, "the node answers on its control socket", || status(&socket)).await;
-    assert_eq!(s["routes"]["count"], 1, "{s}");
-    assert_eq!(s["ready"], true, "{s}");
+    assert_eq!(s.routes.count, 1, "{s:?}");
+    assert!(s.ready, "{s:?}");
 
     let two = one.host("b.example.com", "http://127.0.0.1:9");
     std::fs::write(&path, two.render(dir.path())).expect("rewrite config");
     signals.send(Signal::Reload).await.expect("node listens");
     eventually(DEADLINE, "the reloaded table", || async {
-        status(&socket).await.filter(|s| s["routes"]["count"] == 2)
+        status(&socket).await.filter(|s| s.routes.count == 2)
     })
     .await;
 

@@ -383,6 +383,45 @@ async fn a_promotion_survives_a_restart() {
     );
 }
 
+/// A reload whose file changes `role` takes the one role path every other source takes:
+/// cloudflared follows, the fence holds when it leaves, `/status` names the file, and a role a
+/// `promote` kept for the next start is dropped once the file says the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_changes_the_role_through_the_one_path() {
+    let up = FakeUpstream::start(Wire::Http1).await;
+    let (builder, cf) = node();
+    let agent = builder.start(&node_config(&cf, &up, "standby")).await;
+    agent.rewrite_config(&node_config(&cf, &up, "active"));
+    agent.signal(Signal::SIGHUP);
+    let pid = cf.wait_starts(1, DEADLINE).await[0];
+    wait_role(&agent, "active", "config").await;
+    wait_health(&agent, "/active", StatusCode::OK).await;
+
+    agent.rewrite_config(&node_config(&cf, &up, "standby"));
+    agent.signal(Signal::SIGHUP);
+    wait_role(&agent, "standby", "config").await;
+    assert_eq!(health(&agent, "/active").await, StatusCode::SERVICE_UNAVAILABLE);
+    eventually(DEADLINE, "cloudflared stopped by the reload", || async {
+        cf.exit_code(pid).map(|_| ())
+    })
+    .await;
+    assert_eq!(cf.sigterms(pid), 1, "exactly one SIGTERM for {pid}: {:?}", cf.events());
+
+    let kept = agent.dir().join("state").join("role.json");
+    let p = promote_measured(&agent, &cf).await;
+    assert!(kept.exists(), "promote keeps the role in {}", kept.display());
+    agent.rewrite_config(&node_config(&cf, &up, "active"));
+    agent.signal(Signal::SIGHUP);
+    wait_role(&agent, "active", "config").await;
+    assert!(!kept.exists(), "the file's role took over; {} is left", kept.display());
+    assert_eq!(
+        cf.started_pids(),
+        vec![pid, p.pid],
+        "a file agreeing with the role must not restart cloudflared"
+    );
+    assert_eq!(health(&agent, "/active").await, StatusCode::OK);
+}
+
 fn watched_config(cf: &FakeCloudflared, up: &FakeUpstream, meta: &FakeMetadata) -> ConfigText {
     watched_config_with(cf, up, meta, &[])
 }

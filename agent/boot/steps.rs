@@ -22,7 +22,7 @@ use crate::gcp::{self, MetadataClient, SecretManager};
 use crate::health::{self, Health};
 use crate::node::{Node, NodeParts};
 use crate::proxy::{AccessLog, InboundAuth, LiveSettings, Proxy};
-use crate::roles::{self, Role, RoleSource};
+use crate::role::{self, Role};
 use crate::routing::config_api::{self, Push};
 use crate::routing::source::{self as route_source, BootRoutes};
 use crate::routing::table::RouteTable;
@@ -33,7 +33,8 @@ use crate::server::{self, Limits};
 use crate::shutdown::{self, Lent, Stop};
 use crate::telemetry::Metrics;
 use crate::tunnel::version::CloudflaredVersion;
-use crate::{control, follow, handover, systemd};
+use crate::tunnel::TunnelState;
+use crate::{control, systemd};
 
 /// The internal listeners' grace: the health listener and the config API hold no long requests.
 fn one_second(_: &Config) -> Duration {
@@ -82,17 +83,18 @@ pub(super) async fn config_loaded(
     config: &Config,
     config_path: &Path,
     health: &Health,
+    tunnel: &TunnelState,
 ) -> anyhow::Result<Option<CloudflaredVersion>> {
     health.config_loaded.store(true, Ordering::Release);
     health.update_status(|s| s.config_file = config_path.display().to_string());
-    detect_cloudflared(config, health).await
+    detect_cloudflared(config, tunnel).await
 }
 
 /// Asks the configured cloudflared its version at boot (a reload asks again, in
 /// `Node::reload_cloudflared_version`): logged, shown in `/status` and the metrics, and checked
 /// against the token delivery. A cloudflared that cannot be asked is only warned about here
 /// (starting it will say what is wrong, and a standby may never start it).
-async fn detect_cloudflared(config: &Config, health: &Health) -> anyhow::Result<Option<CloudflaredVersion>> {
+async fn detect_cloudflared(config: &Config, tunnel: &TunnelState) -> anyhow::Result<Option<CloudflaredVersion>> {
     let cf = &config.cloudflared;
     if !cf.enabled {
         return Ok(None);
@@ -106,7 +108,7 @@ async fn detect_cloudflared(config: &Config, health: &Health) -> anyhow::Result<
                 version.version,
                 cf.path.display()
             );
-            health.tunnel.set_version(version.version.clone());
+            tunnel.set_version(version.version.clone());
             crate::tunnel::version::check_delivery(&cf.path, &version, cf.token_delivery)?;
             Ok(Some(version))
         }
@@ -205,16 +207,6 @@ pub(super) fn proxy_listener(
     Ok((server.local_addr, server.into_stop("proxy", shutdown_grace)))
 }
 
-/// The role to start in. Under an election or a followed check, standby until it says
-/// otherwise, whatever the file or a persisted promote says.
-pub(super) async fn starting_role(config: &Config, metadata: &MetadataClient) -> (Role, RoleSource, Option<String>) {
-    match &config.role_election {
-        Some(_) => (Role::Standby, RoleSource::Election, None),
-        None if config.role_follow.is_some() => (Role::Standby, RoleSource::Follow, None),
-        None => roles::boot_role(config, metadata).await,
-    }
-}
-
 /// Step 5c: the node, which holds everything that can change from here on; it installs the boot
 /// table through the path every later table takes. Its stop (the election's resign,
 /// cloudflared, the refreshers) runs when the stack reaches it, wherever boot stopped.
@@ -300,35 +292,24 @@ pub(super) fn role_watch(
     etag: Option<String>,
 ) -> (mpsc::Receiver<Role>, Option<Stop>) {
     let (tx, rx) = mpsc::channel(4);
-    let task = roles::watch(config, metadata.clone(), etag, tx);
+    let task = role::watch(config, metadata.clone(), etag, tx);
     (rx, task.map(|t| Stop::aborting("role watch", t)))
 }
 
 /// Step 7b: the `[role_follow]` check, when configured. Its task is the node's.
 pub(super) fn follow(node: &mut Node) -> anyhow::Result<mpsc::Receiver<bool>> {
     let (tx, rx) = mpsc::channel(4);
-    if let Some(section) = &node.config().role_follow {
-        let (follow, task) = follow::start(section, tx)?;
-        node.add_follow(follow, task);
-    }
+    node.start_follow(tx)?;
     Ok(rx)
 }
 
 /// Step 7c: the election campaigns from here (READY=1 is sent: a standby is ready). Its task is
 /// the node's, so that shutdown can resign before stopping it. Under an election, `STATUS=`
 /// follows its state (unreachable, follower of X, leader) on a 1 s tick.
-pub(super) fn election(
-    node: &mut Node,
-    health: &Arc<Health>,
-) -> anyhow::Result<(mpsc::Receiver<Outcome>, Option<Interval>)> {
+pub(super) fn election(node: &mut Node) -> anyhow::Result<(mpsc::Receiver<Outcome>, Option<Interval>)> {
     let (tx, rx) = mpsc::channel(16);
-    let gated = node.config().role_follow.is_some();
-    let Some((election, task)) = handover::start(node.config(), node.secrets(), health, &health.tunnel, tx, gated)?
-    else {
-        return Ok((rx, None));
-    };
-    node.add_election(election, task);
-    Ok((rx, Some(tokio::time::interval(Duration::from_secs(1)))))
+    let ticks = node.start_election(tx)?;
+    Ok((rx, ticks.then(|| tokio::time::interval(Duration::from_secs(1)))))
 }
 
 /// Step 7d: the watched routes attribute, when the routes come from it.

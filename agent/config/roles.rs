@@ -4,9 +4,40 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{duration, Problem};
+
+/// Why the node has its role. Not a setting: it lives beside [`super::Role`] in the leaf so that
+/// `health` (below the role module) can render it and `<state_dir>/role.json` can carry it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RoleSource {
+    /// `role` in the config file (at boot, or changed by a reload).
+    Config,
+    /// `promote`/`demote` in this run.
+    Cli,
+    /// `promote`/`demote` in an earlier run, read back from the state dir.
+    Persisted,
+    WatchedAttribute,
+    /// The leader election on etcd (`[role_election]`).
+    Election,
+    /// The local health check (`[role_follow]`) without an election.
+    Follow,
+}
+
+impl RoleSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoleSource::Config => "config",
+            RoleSource::Cli => "cli",
+            RoleSource::Persisted => "persisted",
+            RoleSource::WatchedAttribute => "watched-attribute",
+            RoleSource::Election => "election",
+            RoleSource::Follow => "follow",
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]

@@ -51,6 +51,9 @@ pub enum EtcdError {
     },
     #[error("unexpected answer from etcd {endpoint}: {message}")]
     Protocol { endpoint: String, message: String },
+    /// The client could not be built from the configured files (`what` names the part).
+    #[error("{what}: {source}")]
+    Setup { what: &'static str, source: reqwest::Error },
 }
 
 /// Who holds the key.
@@ -163,7 +166,8 @@ fn answer(endpoint: &str, status: reqwest::StatusCode, text: &str) -> Result<ser
 }
 
 impl EtcdClient {
-    pub fn new(options: &EtcdOptions) -> Result<EtcdClient, String> {
+    pub fn new(options: &EtcdOptions) -> Result<EtcdClient, EtcdError> {
+        let setup = |what: &'static str| move |source| EtcdError::Setup { what, source };
         let mut builder = reqwest::Client::builder()
             .no_proxy()
             .use_rustls_tls()
@@ -171,15 +175,14 @@ impl EtcdClient {
             .pool_idle_timeout(Duration::from_secs(30))
             .tcp_nodelay(true);
         if let Some(pem) = &options.ca_pem {
-            for cert in reqwest::Certificate::from_pem_bundle(pem).map_err(|e| format!("CA bundle: {e}"))? {
+            for cert in reqwest::Certificate::from_pem_bundle(pem).map_err(setup("CA bundle"))? {
                 builder = builder.add_root_certificate(cert);
             }
         }
         if let Some(pem) = &options.identity_pem {
-            builder =
-                builder.identity(reqwest::Identity::from_pem(pem).map_err(|e| format!("client certificate/key: {e}"))?);
+            builder = builder.identity(reqwest::Identity::from_pem(pem).map_err(setup("client certificate/key"))?);
         }
-        let http = builder.build().map_err(|e| format!("HTTP client: {e}"))?;
+        let http = builder.build().map_err(setup("HTTP client"))?;
         Ok(EtcdClient {
             http,
             endpoints: options
@@ -486,7 +489,7 @@ fn shown(endpoint: &str) -> String {
 /// Why `endpoint` did not answer, with every URL in the chain (reqwest names the request's)
 /// redacted.
 fn failure(endpoint: &str, e: &dyn std::error::Error) -> String {
-    crate::secret::redact_urls_in(&format!("{endpoint}: {}", crate::gcp::error_chain(e)))
+    crate::secret::redact_urls_in(&format!("{endpoint}: {}", crate::errors::error_chain(e)))
 }
 
 #[cfg(test)]

@@ -22,13 +22,55 @@ pub mod etcd;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::config::roles::{OnStoreLoss, RoleElectionSection};
 use crate::deadline;
+use crate::health::{ElectionStatus, Published};
 use etcd::{EtcdClient, EtcdError, Holder};
+
+/// Why a request to the election failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ElectionError {
+    /// The election's task is gone (the node is shutting down).
+    #[error("the election task stopped")]
+    Stopped,
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+    /// Won, but so late that the lease was about to be fenced anyway.
+    #[error("won the key too late to hold it safely; revoked")]
+    TooLate,
+    /// Resigned, but the lease is left to expire by itself.
+    #[error("could not revoke the lease (it expires within its ttl): {0}")]
+    NotRevoked(EtcdError),
+}
+
+/// Where this node stands in the election.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Phase {
+    Leader,
+    #[default]
+    Follower,
+    /// Resigned for a handover: no campaign until another node took the key, or `promote`.
+    SteppedAside,
+    /// The `[role_follow]` check fails: no campaign.
+    Gated,
+    /// etcd did not answer the last request.
+    Unreachable,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Leader => "leader",
+            Phase::Follower => "follower",
+            Phase::SteppedAside => "stepped-aside",
+            Phase::Gated => "gated",
+            Phase::Unreachable => "unreachable",
+        }
+    }
+}
 
 /// What the election tells the node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,11 +89,11 @@ pub enum Command {
     /// `Campaign` (a handover, not a re-election of the same node).
     Resign {
         step_aside: bool,
-        done: oneshot::Sender<Result<(), String>>,
+        done: oneshot::Sender<Result<(), ElectionError>>,
     },
     /// Campaign at once (`promote`); answers whether this node won.
     Campaign {
-        done: oneshot::Sender<Result<bool, String>>,
+        done: oneshot::Sender<Result<bool, ElectionError>>,
     },
     /// Campaign only while `true` (the `[role_follow]` check gates the election).
     Gate(bool),
@@ -62,8 +104,7 @@ pub enum Command {
 pub struct ElectionState {
     pub key: String,
     pub me: String,
-    /// `leader`, `follower`, `stepped-aside`, `gated`, `unreachable`.
-    pub phase: &'static str,
+    pub phase: Phase,
     pub is_leader: bool,
     /// The current holder's name, as last read.
     pub leader: Option<String>,
@@ -109,22 +150,22 @@ impl Election {
         }
     }
 
-    pub async fn resign(&self, step_aside: bool) -> Result<(), String> {
+    pub async fn resign(&self, step_aside: bool) -> Result<(), ElectionError> {
         let (done, rx) = oneshot::channel();
         self.tx
             .send(Command::Resign { step_aside, done })
             .await
-            .map_err(|_| "the election task stopped".to_owned())?;
-        rx.await.map_err(|_| "the election task stopped".to_owned())?
+            .map_err(|_| ElectionError::Stopped)?;
+        rx.await.map_err(|_| ElectionError::Stopped)?
     }
 
-    pub async fn campaign(&self) -> Result<bool, String> {
+    pub async fn campaign(&self) -> Result<bool, ElectionError> {
         let (done, rx) = oneshot::channel();
         self.tx
             .send(Command::Campaign { done })
             .await
-            .map_err(|_| "the election task stopped".to_owned())?;
-        rx.await.map_err(|_| "the election task stopped".to_owned())?
+            .map_err(|_| ElectionError::Stopped)?;
+        rx.await.map_err(|_| ElectionError::Stopped)?
     }
 
     pub async fn gate(&self, open: bool) {
@@ -132,27 +173,27 @@ impl Election {
     }
 
     /// The `election` object of `/status` (and `tunnel-agent status`).
-    pub fn status_json(&self) -> serde_json::Value {
+    pub fn status(&self) -> ElectionStatus {
         let s = self.state();
         let remaining = s
             .lease_deadline
             .filter(|_| s.is_leader)
             .map(|d| d.saturating_duration_since(Instant::now()).as_secs_f64());
-        json!({
-            "backend": "etcd",
-            "key": s.key,
-            "host_name": s.me,
-            "state": s.phase,
-            "leader": s.leader,
-            "is_leader": s.is_leader,
-            "lease_id": s.lease_id.filter(|_| s.is_leader).map(|id| format!("{id:x}")),
-            "lease_ttl_s": s.lease_ttl.filter(|_| s.is_leader).map(|t| t.as_secs()),
-            "lease_remaining_s": remaining,
-            "elections_won": s.won,
-            "elections_lost": s.lost,
-            "renew_failures": s.renew_failures,
-            "last_error": s.last_error,
-        })
+        ElectionStatus {
+            backend: "etcd".to_owned(),
+            key: s.key,
+            host_name: s.me,
+            state: s.phase.as_str().to_owned(),
+            leader: s.leader,
+            is_leader: s.is_leader,
+            lease_id: s.lease_id.filter(|_| s.is_leader).map(|id| format!("{id:x}")),
+            lease_ttl_s: s.lease_ttl.filter(|_| s.is_leader).map(|t| t.as_secs()),
+            lease_remaining_s: remaining,
+            elections_won: s.won,
+            elections_lost: s.lost,
+            renew_failures: s.renew_failures,
+            last_error: s.last_error,
+        }
     }
 
     /// Prometheus lines for `/metrics`.
@@ -208,6 +249,16 @@ impl Election {
     }
 }
 
+impl Published<ElectionStatus> for Election {
+    fn status(&self) -> ElectionStatus {
+        Election::status(self)
+    }
+
+    fn render_metrics(&self, out: &mut String) {
+        Election::render_metrics(self, out);
+    }
+}
+
 /// Settings the task runs with.
 #[derive(Clone)]
 pub struct Settings {
@@ -248,7 +299,7 @@ pub fn start(
     let state = Arc::new(Mutex::new(ElectionState {
         key: settings.key.clone(),
         me: settings.me.clone(),
-        phase: if gated { "gated" } else { "follower" },
+        phase: if gated { Phase::Gated } else { Phase::Follower },
         ..ElectionState::default()
     }));
     let election = Election { tx, state, fence };
@@ -295,13 +346,13 @@ impl Task {
         f(&mut self.election.state.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
-    fn follower_phase(&self) -> &'static str {
+    fn follower_phase(&self) -> Phase {
         if self.stepped_aside {
-            "stepped-aside"
+            Phase::SteppedAside
         } else if !self.gate_open {
-            "gated"
+            Phase::Gated
         } else {
-            "follower"
+            Phase::Follower
         }
     }
 
@@ -356,7 +407,7 @@ impl Task {
                             // Revoked by `follow` once etcd answers again, if it has not expired.
                             self.stale = Some(h.id);
                         }
-                        revoked.map_err(|e| format!("could not revoke the lease (it expires within its ttl): {e}"))
+                        revoked.map_err(ElectionError::NotRevoked)
                     }
                     None => Ok(()),
                 };
@@ -404,7 +455,7 @@ impl Task {
                 s.lost += 1;
             }
             s.is_leader = false;
-            s.phase = "follower";
+            s.phase = Phase::Follower;
             s.lease_id = None;
             s.lease_deadline = None;
             (self.election.fence)();
@@ -427,7 +478,7 @@ impl Task {
         match read {
             Err(e) => {
                 self.update(|s| {
-                    s.phase = "unreachable";
+                    s.phase = Phase::Unreachable;
                     s.last_error = Some(e.to_string());
                 });
             }
@@ -452,7 +503,7 @@ impl Task {
                 });
                 if self.gate_open && !self.stepped_aside {
                     if let Err(e) = self.campaign().await {
-                        self.update(|s| s.last_error = Some(e));
+                        self.update(|s| s.last_error = Some(e.to_string()));
                     }
                 }
             }
@@ -469,7 +520,7 @@ impl Task {
     }
 
     /// One attempt at the key. `Ok(true)` when won.
-    async fn campaign(&mut self) -> Result<bool, String> {
+    async fn campaign(&mut self) -> Result<bool, ElectionError> {
         let timeout = self.settings.request_timeout;
         // The lease counts from before the grant was sent.
         let sent = Instant::now();
@@ -509,7 +560,7 @@ impl Task {
                     s.term += 1;
                     s.won += 1;
                     s.is_leader = true;
-                    s.phase = "leader";
+                    s.phase = Phase::Leader;
                     s.leader = Some(self.settings.me.clone());
                     s.lease_id = Some(lease.id);
                     s.lease_ttl = Some(lease.ttl);
@@ -525,7 +576,7 @@ impl Task {
             Ok(Ok(())) => {
                 // Won, but so late that the lease is about to be fenced anyway: give it back.
                 let _ = self.client.revoke(lease.id, timeout).await;
-                Err("won the key too late to hold it safely; revoked".to_owned())
+                Err(ElectionError::TooLate)
             }
             Ok(Err(holder)) => {
                 let _ = self.client.revoke(lease.id, timeout).await;
@@ -543,13 +594,13 @@ impl Task {
         }
     }
 
-    fn unreachable(&self, e: EtcdError) -> String {
+    fn unreachable(&self, e: EtcdError) -> ElectionError {
         let msg = e.to_string();
         self.update(|s| {
-            s.phase = "unreachable";
-            s.last_error = Some(msg.clone());
+            s.phase = Phase::Unreachable;
+            s.last_error = Some(msg);
         });
-        msg
+        ElectionError::Etcd(e)
     }
 
     /// Leader: renew when due; fence when the lease could be about to expire.
@@ -586,7 +637,7 @@ impl Task {
     }
 
     /// One keepalive plus a read of the key (somebody may have deleted it).
-    async fn renew(&mut self, mut h: Held) -> Result<(), String> {
+    async fn renew(&mut self, mut h: Held) -> Result<(), EtcdError> {
         let sent = Instant::now();
         let budget = self.request_budget();
         match self.client.keepalive(h.id, budget).await {
@@ -617,19 +668,22 @@ impl Task {
                 let msg = e.to_string();
                 self.update(|s| {
                     s.renew_failures += 1;
-                    s.last_error = Some(msg.clone());
+                    s.last_error = Some(msg);
                 });
-                return Err(msg);
+                return Err(e);
             }
         }
         match self.client.get(&self.settings.key, self.request_budget()).await {
             Ok(Some(holder)) if holder.lease == h.id => Ok(()),
             Ok(other) => {
-                let who = other.map_or("nobody".to_owned(), |o| o.name);
+                let who = other.map(|o| o.name);
                 let _ = self.client.revoke(h.id, self.settings.request_timeout).await;
-                self.give_up(h, &format!("the key is no longer ours (held by {who})"))
-                    .await;
-                if who != "nobody" {
+                let reason = format!(
+                    "the key is no longer ours (held by {})",
+                    who.as_deref().unwrap_or("nobody")
+                );
+                self.give_up(h, &reason).await;
+                if let Some(who) = who {
                     self.update(|s| s.leader = Some(who));
                 }
                 Ok(())

@@ -329,6 +329,29 @@ impl TunnelSupervisor {
     }
 }
 
+/// What health reads of cloudflared: the tunnel publishes itself into `Health`, below it.
+impl crate::health::TunnelView for TunnelState {
+    fn status(&self) -> crate::health::TunnelStatus {
+        let d = self.detail();
+        let pid = self.pid.load(Ordering::Acquire);
+        crate::health::TunnelStatus {
+            wanted: self.wanted.load(Ordering::Acquire),
+            version: d.version,
+            pid: (pid != 0).then_some(pid),
+            connections: self.connections.load(Ordering::Acquire),
+            connector_id: d.connector_id,
+            restarts: self.restarts.load(Ordering::Acquire),
+            crash_loop: self.crash_loop.load(Ordering::Acquire),
+            last_exit: d.last_exit,
+            uptime_s: d.started_at.filter(|_| pid != 0).map(|s| s.elapsed().as_secs()),
+        }
+    }
+
+    fn connected(&self, grace: Duration) -> bool {
+        TunnelState::connected(self, grace)
+    }
+}
+
 /// The one SIGTERM for the running process group, if it has not had it.
 fn terminate_locked(s: &mut Signalling) -> bool {
     if s.pid == 0 || s.sigterm_sent {

@@ -1,0 +1,235 @@
+//! The role's side of the sources that decide by themselves: the etcd election (its outcomes,
+//! `promote`/`demote` as handover requests, resigning on shutdown) and the `[role_follow]` check
+//! (alone it decides; with an election it gates the campaign).
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use super::{Change, Role, RoleSource, Roles};
+use crate::config::Config;
+use crate::election::{self, etcd};
+use crate::follow;
+use crate::secrets::SecretValues;
+
+/// A handover request's first part, before the role path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handover {
+    /// Answered without a role change.
+    Answered(super::Answer),
+    /// Won or resigned: apply `change` through the role path, then answer `prefix; outcome`.
+    Apply { change: Change, prefix: String },
+}
+
+/// What an election outcome asks of the role path.
+pub fn outcome_change(outcome: election::Outcome) -> Change {
+    match outcome {
+        election::Outcome::Elected { term } => {
+            tracing::info!(term, "elected: becoming active (term {term})");
+            Change {
+                to: Role::Active,
+                source: RoleSource::Election,
+            }
+        }
+        election::Outcome::Deposed { reason } => {
+            tracing::warn!(%reason, "no longer the elected leader: becoming standby ({reason})");
+            Change {
+                to: Role::Standby,
+                source: RoleSource::Election,
+            }
+        }
+    }
+}
+
+/// The etcd client for `[role_election]`, its files and password read now.
+fn client(
+    section: &crate::config::roles::RoleElectionSection,
+    secrets: &SecretValues,
+) -> anyhow::Result<etcd::EtcdClient> {
+    let read = |key: &str, path: &Option<std::path::PathBuf>| -> anyhow::Result<Option<Vec<u8>>> {
+        path.as_ref()
+            .map(|p| {
+                std::fs::read(p).map_err(|e| anyhow::anyhow!("role_election.{key}: cannot read {}: {e}", p.display()))
+            })
+            .transpose()
+    };
+    let identity = match (
+        read("cert_file", &section.cert_file)?,
+        read("key_file", &section.key_file)?,
+    ) {
+        (Some(mut cert), Some(key)) => {
+            cert.push(b'\n');
+            cert.extend_from_slice(&key);
+            Some(cert)
+        }
+        _ => None,
+    };
+    let password = match &section.password_secret {
+        Some(name) => Some(
+            secrets
+                .get(name)
+                .cloned()
+                .ok_or_else(|| anyhow::anyhow!("role_election.password_secret: secret {name:?} has no value"))?,
+        ),
+        None => None,
+    };
+    etcd::EtcdClient::new(&etcd::EtcdOptions {
+        endpoints: section.endpoints.clone(),
+        ca_pem: read("ca_file", &section.ca_file)?,
+        identity_pem: identity,
+        username: section.username.clone(),
+        password,
+    })
+    .map_err(|e| anyhow::anyhow!("role_election: {e}"))
+}
+
+impl Roles {
+    /// Starts polling the `[role_follow]` check, if configured; its verdicts arrive on `changes`.
+    pub fn start_follow(&mut self, config: &Config, changes: mpsc::Sender<bool>) -> anyhow::Result<()> {
+        let Some(section) = &config.role_follow else {
+            return Ok(());
+        };
+        let (follow, task) = follow::start(section, changes)?;
+        self.fence.health.publish_follow(Box::new(follow.clone()));
+        self.follow = Some(follow);
+        self.tasks.push(task);
+        Ok(())
+    }
+
+    /// Builds the etcd client and starts the election, if `[role_election]` is configured (after
+    /// [`Roles::start_follow`]: a check gates it). The node is standby until the election says
+    /// otherwise (also when etcd cannot be reached).
+    pub fn start_election(
+        &mut self,
+        config: &Config,
+        secrets: &SecretValues,
+        outcomes: mpsc::Sender<election::Outcome>,
+    ) -> anyhow::Result<()> {
+        let Some(section) = &config.role_election else {
+            return Ok(());
+        };
+        let client = client(section, secrets)?;
+        let me = section.host_name.clone().unwrap_or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_default()
+        });
+        anyhow::ensure!(
+            !me.is_empty(),
+            "role_election.host_name: unset and the kernel hostname is empty"
+        );
+        let fence: election::Fence = {
+            let fence = self.fence.clone();
+            Arc::new(move || fence.decide(Role::Standby))
+        };
+        let settings = election::Settings::from_section(section, me);
+        let gated = self.follow.is_some();
+        let (election, task) = election::start(settings, client, fence, outcomes, gated);
+        self.fence.health.publish_election(Box::new(election.clone()));
+        self.election = Some(election);
+        self.tasks.push(task);
+        Ok(())
+    }
+
+    /// `promote`/`demote` under an election: handover requests.
+    pub async fn handover(&mut self, promote: bool) -> Handover {
+        let Some(election) = self.election.clone() else {
+            return Handover::Answered(super::Answer::refused("no election is configured".to_owned()));
+        };
+        let state = election.state();
+        let refused = |holder: &str| {
+            super::Answer::refused(format!(
+                "refused: {holder} holds the election key {}; run `tunnel-agent demote` there to hand over",
+                state.key
+            ))
+        };
+        if promote {
+            if state.is_leader {
+                let message = format!("already active: this node holds {}", state.key);
+                return Handover::Answered(super::Answer::unchanged(message));
+            }
+            if let Some(other) = state.leader.as_deref().filter(|l| *l != state.me) {
+                return Handover::Answered(refused(other));
+            }
+            return match election.campaign().await {
+                Ok(true) => Handover::Apply {
+                    change: Change {
+                        to: Role::Active,
+                        source: RoleSource::Election,
+                    },
+                    prefix: format!("won the election for {}", state.key),
+                },
+                Ok(false) => {
+                    let holder = election.state().leader;
+                    Handover::Answered(refused(holder.as_deref().unwrap_or("another node")))
+                }
+                Err(e) => Handover::Answered(super::Answer::refused(format!("refused: cannot campaign: {e}"))),
+            };
+        }
+        if !state.is_leader {
+            let message = match &state.leader {
+                Some(leader) => format!("already standby; {leader} holds {}", state.key),
+                None => format!("already standby; nobody holds {}", state.key),
+            };
+            return Handover::Answered(super::Answer::unchanged(message));
+        }
+        // Resign: cloudflared's SIGTERM first (no new requests from here on), then the lease is
+        // revoked at once so a standby takes over now; the drain goes on meanwhile.
+        self.fence.decide(Role::Standby);
+        let prefix = match election.resign(true).await {
+            Ok(()) => {
+                "resigned the election (lease revoked, this node steps aside until another takes the key or `promote`)"
+                    .to_owned()
+            }
+            Err(e) => format!("resigned; {e}"),
+        };
+        Handover::Apply {
+            change: Change {
+                to: Role::Standby,
+                source: RoleSource::Election,
+            },
+            prefix,
+        }
+    }
+
+    /// The `[role_follow]` check changed verdict. Alone it decides the role; with an election it
+    /// gates the campaign, and a failing check makes the leader resign (fenced first).
+    pub async fn follow_changed(&mut self, passing: bool) -> Option<Change> {
+        let Some(election) = self.election.clone() else {
+            let to = if passing { Role::Active } else { Role::Standby };
+            return Some(Change {
+                to,
+                source: RoleSource::Follow,
+            });
+        };
+        election.gate(passing).await;
+        if passing || !election.state().is_leader {
+            return None;
+        }
+        tracing::warn!("the role_follow check fails: resigning the election");
+        self.fence.decide(Role::Standby);
+        if let Err(e) = election.resign(false).await {
+            tracing::warn!(error = %e, "resigning the election failed: {e}");
+        }
+        Some(Change {
+            to: Role::Standby,
+            source: RoleSource::Election,
+        })
+    }
+
+    /// Shutdown: the elected leader resigns (cloudflared's SIGTERM, then the lease revoked at
+    /// once), then the election's and the check's tasks stop.
+    pub async fn stop(&mut self) {
+        if let Some(election) = self.election.as_ref().filter(|e| e.state().is_leader) {
+            self.fence.decide(Role::Standby);
+            match election.resign(true).await {
+                Err(e) => tracing::warn!(error = %e, "could not resign the election on shutdown: {e}"),
+                Ok(()) => tracing::info!("resigned the election on shutdown (lease revoked)"),
+            }
+        }
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+    }
+}
