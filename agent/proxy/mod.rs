@@ -848,7 +848,7 @@ fn upstream_failure(backend: &Backend, e: &(dyn std::error::Error + 'static), co
     }
     ProxyError::Upstream {
         upstream: backend.upstream.url.to_string(),
-        cause: crate::gcp::error_chain(e),
+        cause: crate::errors::error_chain(e),
         connect,
     }
 }
@@ -1207,7 +1207,7 @@ impl MirrorTask {
             UpstreamProtocol::H2c => self.h2c.request(req),
         };
         let outcome = tokio::time::timeout(self.timeout, async {
-            let resp = sent.await.map_err(|e| crate::gcp::error_chain(&e))?;
+            let resp = sent.await.map_err(|e| crate::errors::error_chain(&e))?;
             let status = resp.status();
             // Read the answer to its end so the connection can be reused.
             resp.into_body().collect().await.map_err(|e| e.to_string())?;
