@@ -13,8 +13,9 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 
 use super::destination::HttpConnector;
+use super::request::UpstreamTarget;
 use super::upstream::MirrorClient;
-use super::{UpstreamTarget, Worker};
+use super::Worker;
 use crate::config::{AuthHeaderKind, UpstreamAuthKind, UpstreamProtocol};
 use crate::gcp::IdTokenCache;
 use crate::routing::filters::Mirror;

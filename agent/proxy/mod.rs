@@ -1,19 +1,22 @@
 //! The embedded origin proxy: what cloudflared's ingress points at.
 //!
-//! Per request: `/healthz` → ok; internal auth header (constant time) → 401; `Host` → route → 404;
-//! weighted backend; hop-by-hop and credential headers removed; upstream identity token added;
-//! streamed to the upstream through a pooled client; errors mapped to 502/503/504 with a short
-//! JSON body and a log line naming the route.
+//! Per request, in phases (pingora's `request_filter` → `upstream_request_filter` →
+//! `response_filter` → `logging`): `/healthz` → ok; internal auth header (constant time) → 401;
+//! path normalised, `Host` → route → 404; a fail-closed rule, redirect or CORS preflight
+//! answered here; a weighted backend; the request phase (`request.rs`: hop-by-hop and credential
+//! headers removed, forwarding headers, filters, rewrite, identity token); the upstream phase
+//! (`upstream.rs`: a pool of this worker, the response head awaited under the backend and body
+//! timeouts); an upgrade spliced (`upgrade.rs`) or the response phase (`response.rs`); errors
+//! mapped to 4xx/5xx with a short JSON body (`error.rs`); and the logging phase (`logging.rs`:
+//! metrics, the access log, a log line naming the route).
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{self, HeaderName, HeaderValue};
-use http::uri::PathAndQuery;
-use http::{Request, Response, StatusCode, Version};
+use http::header::{self, HeaderName};
+use http::{Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -31,7 +34,9 @@ mod error;
 mod h1_pool;
 mod headers;
 mod limits;
+mod logging;
 mod mirror;
+mod request;
 mod response;
 mod upgrade;
 mod upstream;
@@ -47,24 +52,18 @@ pub use response::{error, json};
 pub use default_trust::DefaultTrust;
 use default_trust::WorkerDefaults;
 use destination::{GuardedResolver, HttpConnector};
-use h1_pool::{H1Error, H1Pool};
-use headers::{
-    append_forwarded_for, client_host, content_length, set_forwarded_proto, te_has_trailers, X_SERVERLESS_AUTHORIZATION,
-};
+use h1_pool::H1Pool;
+use headers::set_forwarded_proto;
 use limits::Activity;
+use request::{answer_here, UpstreamTarget};
 use upgrade::upgrade_protocol;
-use upstream::{
-    http_connector, response_head, upstream_failure, with_authority, AuthorityPool, AuthorityPools, Head, MirrorClient,
-    TlsClient, TlsPools,
-};
+use upstream::{http_connector, AuthorityPools, MirrorClient, TlsClient, TlsPools};
 
-use crate::config::{AuthHeaderKind, HostHeader, ProxySection, UpstreamAuthKind, UpstreamProtocol};
+use crate::config::ProxySection;
 use crate::gcp::IdTokenCache;
-use crate::routing::cors::CorsVerdict;
-use crate::routing::filters::{client_scheme, is_host_and_port, request_host};
 use crate::routing::mirror::MIRROR_MAX_IN_FLIGHT;
-use crate::routing::table::{host_without_port, Backend, RouteTable, Routed, Rule};
-use crate::routing::{path, Filters, RequestHead};
+use crate::routing::table::{host_without_port, Backend, RouteTable, Routed};
+use crate::routing::{path, RequestHead};
 use crate::telemetry::Metrics;
 
 /// A response body: the upstream's (from hyper-util's client or our own HTTP/1.1 pool), or one
@@ -133,8 +132,8 @@ pub struct Worker {
     /// `RequestMirror` copies go through their own pools, so a slow mirror backend cannot
     /// take connections from real traffic.
     mirror_h2c: Client<HttpConnector, Full<Bytes>>,
-    /// The pools of backends with their own TLS settings, one per compiled [`UpstreamTls`] of a
-    /// table in use.
+    /// The pools of backends with their own TLS settings, one per compiled
+    /// [`UpstreamTls`](crate::routing::tls::UpstreamTls) of a table in use.
     tls_pools: TlsPools<TlsClient>,
     /// The same for mirrors with their own TLS settings (apart, as every mirror pool is).
     mirror_tls_pools: TlsPools<MirrorClient>,
@@ -283,32 +282,19 @@ impl Worker {
         let mut resp = match self.forward(routed, live, peer, req, start).await {
             Ok(resp) => resp,
             Err(e) => {
-                if let Some(x) = exchange {
-                    x.failed(e.code(), e.upstream(), e.upstream_kind().is_some());
-                }
-                self.failed(rule, e)
+                logging::failed(rule, &e, exchange);
+                e.response()
             }
         };
-        if let Some(cors) = &rule.filters.cors {
-            cors.decorate(origin.as_ref(), resp.headers_mut());
-        }
-        if let Some(m) = &rule.filters.response_headers {
-            m.apply(resp.headers_mut());
-        }
-        rule.stats.observe(resp.status().as_u16(), start.elapsed());
+        response::rule_filters(rule, origin.as_ref(), &mut resp);
+        logging::routed(rule, resp.status(), start);
         resp
     }
 
     /// The answer to a request refused before it found a rule (401, 400, 404), counted as
     /// unrouted.
     fn unrouted(&self, e: ProxyError, start: Instant, exchange: Option<&access_log::Exchange>) -> Response<ProxyBody> {
-        self.shared
-            .metrics
-            .unrouted
-            .observe(e.status().as_u16(), start.elapsed());
-        if let Some(x) = exchange {
-            x.failed(e.code(), None, false);
-        }
+        logging::unrouted(&self.shared.metrics, &e, start, exchange);
         e.response()
     }
 
@@ -351,7 +337,8 @@ impl Worker {
         }
     }
 
-    /// Sends the request to `backend` and streams its answer back.
+    /// Sends the request to `backend` and streams its answer back: the request phase, the
+    /// mirrors, the identity token, the upstream phase, then the upgrade or the response phase.
     async fn send(
         &self,
         routed: Routed<'_>,
@@ -362,303 +349,74 @@ impl Worker {
         timeout_exempt: bool,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let rule = routed.rule;
-        let backend_timeout = rule.backend_timeout.filter(|_| !timeout_exempt);
         let origin = backend
             .filters
             .cors
             .as_ref()
             .and(req.headers().get(header::ORIGIN).cloned());
-        if let (Some(limit), Some(len)) = (live.max_body_bytes, content_length(req.headers())) {
-            if len > limit {
-                return Err(ProxyError::DeclaredBodyTooLarge { len, limit });
-            }
-        }
-        // The Host rule (docs/routing.md): the client's, unless this backend wants its own
-        // (then hyper writes the upstream URI's authority) or a URLRewrite names one.
-        let client_host = match backend.host_header {
-            HostHeader::Client => client_host(&req),
-            HostHeader::Upstream => None,
-        };
-        let upgrade = upgrade_protocol(req.headers());
-        let downstream_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+        let forwarding = request::upstream_request(&mut req, routed, backend, live, peer)?;
+        let downstream_upgrade = forwarding.upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        let headers = &mut parts.headers;
-        let wants_trailers = te_has_trailers(headers);
-        strip_hop_by_hop(headers);
-        headers.remove(header::HOST);
-        if let Some(host) = client_host {
-            headers.insert(header::HOST, host);
-        }
-        headers.remove(header::AUTHORIZATION);
-        headers.remove(X_SERVERLESS_AUTHORIZATION);
-        headers.remove(&live.auth_header);
-        if wants_trailers {
-            // gRPC servers use `te: trailers` to detect proxies that would drop trailers.
-            headers.insert(header::TE, HeaderValue::from_static("trailers"));
-        }
-        if let Some(proto) = &upgrade {
-            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            headers.insert(header::UPGRADE, proto.clone());
-        }
-        append_forwarded_for(headers, peer);
-        // Rule filters, then the chosen backend's (Gateway API: backend filters apply only
-        // when that backend is chosen).
-        for filters in [&rule.filters, &backend.filters] {
-            if let Some(m) = &filters.request_headers {
-                m.apply(headers);
-            }
-        }
-        let rewrite = backend.filters.rewrite.as_ref().or(rule.filters.rewrite.as_ref());
-        if let Some(host) = rewrite.and_then(|r| r.hostname.as_ref()) {
-            headers.insert(header::HOST, host.clone());
-        }
-        let rewritten = match rewrite.and_then(|r| r.path.as_ref()) {
-            None => None,
-            Some(m) => {
-                let mut pq = m.apply(parts.uri.path(), routed.matched.prefix());
-                if let Some(q) = parts.uri.query() {
-                    pq.push('?');
-                    pq.push_str(q);
-                }
-                Some(PathAndQuery::try_from(pq).map_err(|e| ProxyError::BadRewrite(e.to_string()))?)
-            }
-        };
         // Mirrors see the request as the backend will (filters applied), without credentials.
         let has_mirrors = !rule.filters.mirrors.is_empty() || !backend.filters.mirrors.is_empty();
-        let tee = if has_mirrors && upgrade.is_none() {
-            let pq = rewritten.as_ref().or(parts.uri.path_and_query()).cloned();
+        let tee = if has_mirrors && forwarding.upgrade.is_none() {
+            let pq = forwarding.path_and_query.clone();
             let mirrors = rule.filters.mirrors.iter().chain(&backend.filters.mirrors);
-            self.start_mirrors(rule, mirrors, &parts.method, pq, headers, body.is_end_stream())
+            self.start_mirrors(rule, mirrors, &parts.method, pq, &parts.headers, body.is_end_stream())
         } else {
             None
         };
-        let pq = rewritten.or_else(|| parts.uri.path_and_query().cloned());
-        let target = UpstreamTarget {
-            upstream: &backend.upstream,
-            protocol: backend.protocol,
-            auth: backend.auth,
-            auth_header: backend.auth_header,
-        };
-        target.address(&self.shared.tokens, &mut parts, pq.as_ref()).await?;
+        let pq = forwarding.path_and_query.as_ref();
+        UpstreamTarget::of(backend)
+            .address(&self.shared.tokens, &mut parts, pq)
+            .await?;
         let exchange = parts.extensions.remove::<Arc<access_log::Exchange>>();
         // Extensions are per hop (hyper's connection info, upgrade handles): start clean.
         parts.extensions = http::Extensions::new();
-        let own_pool = backend.protocol == UpstreamProtocol::Auto
-            && backend.tls.is_none()
-            && downstream_upgrade.is_none()
-            && backend.upstream.scheme == http::uri::Scheme::HTTP;
         let progress = Arc::new(Activity::new());
-        let body_timeout = self.shared.settings.body_read_timeout;
         let limit = live.max_body_bytes.unwrap_or(u64::MAX);
+        let body_timeout = self.shared.settings.body_read_timeout;
         let body = CappedBody::new(body, limit, progress.clone(), body_timeout, tee, exchange.clone());
-        let mut up = Request::from_parts(parts, body);
-
-        let upstream_error = |e: &(dyn std::error::Error + 'static), connect| upstream_failure(backend, e, connect);
-        let timed_out = || ProxyError::UpstreamTimeout {
-            upstream: backend.upstream.url.to_string(),
-            timeout: backend_timeout.unwrap_or_default(),
-        };
-        if own_pool {
-            let sent = std::pin::pin!(self.h1.send(up));
-            let resp = match response_head(sent, backend_timeout, body_timeout, &progress).await {
-                Head::Ready(Ok(resp)) => {
-                    progress.set_response_started();
-                    if let Some(x) = &exchange {
-                        x.upstream(&backend.upstream.url, &resp);
-                    }
-                    resp
-                }
-                Head::Ready(Err(e)) => return Err(upstream_error(&e, matches!(e, H1Error::Connect(_)))),
-                Head::UpstreamTimeout => return Err(timed_out()),
-                Head::BodyTimeout => return Err(ProxyError::BodyReadTimeout { limit: body_timeout }),
-            };
-            return Ok(self.finish_response(backend, origin.as_ref(), resp.map(Either::Right)));
+        let up = Request::from_parts(parts, body);
+        let timeout = rule.backend_timeout.filter(|_| !timeout_exempt);
+        let upgrading = downstream_upgrade.is_some();
+        let mut resp = self.upstream(backend, up, upgrading, timeout, &progress).await?;
+        if let Some(x) = &exchange {
+            x.upstream(&backend.upstream.url, &resp);
         }
-        // Where HTTP/2 may carry the request (h2c, or https with ALPN), a Host other than the
-        // upstream's travels as the URI's authority, through a pool that still dials the
-        // upstream; hyper-util writes it back as `Host` if the connection is HTTP/1.1.
-        // (Chosen after the own pool's branch, whose awaits would otherwise hold it.)
-        let authority_pool = up
-            .headers()
-            .get(header::HOST)
-            .filter(|host| {
-                downstream_upgrade.is_none() && host.as_bytes() != backend.upstream.authority.as_str().as_bytes()
-            })
-            // A Host that is not an authority (hyper accepted it as a header value) stays `Host`.
-            .and_then(|host| with_authority(up.uri(), host))
-            .and_then(|uri| Some((uri, self.authority_pool(backend)?)))
-            .map(|(uri, pool)| {
-                *up.uri_mut() = uri;
-                up.headers_mut().remove(header::HOST);
-                pool
-            });
-        let mut sent = match (authority_pool, backend.protocol) {
-            (Some(AuthorityPool::Https(pool)), _) => pool.request(up),
-            (Some(AuthorityPool::H2c(pool)), _) => pool.request(up),
-            (None, UpstreamProtocol::Auto) => match &backend.tls {
-                None => self.defaults().client.request(up),
-                Some(t) => self.tls_request(t, up),
-            },
-            (None, UpstreamProtocol::H2c) => self.h2c.request(up),
-        };
-        let sent = response_head(Pin::new(&mut sent), backend_timeout, body_timeout, &progress).await;
-        let mut resp = match sent {
-            Head::Ready(Ok(resp)) => {
-                progress.set_response_started();
-                if let Some(x) = &exchange {
-                    x.upstream(&backend.upstream.url, &resp);
-                }
-                resp
-            }
-            Head::Ready(Err(e)) => return Err(upstream_error(&e, e.is_connect())),
-            Head::UpstreamTimeout => return Err(timed_out()),
-            Head::BodyTimeout => return Err(ProxyError::BodyReadTimeout { limit: body_timeout }),
-        };
-
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some(downstream) = downstream_upgrade {
-                let upstream = hyper::upgrade::on(&mut resp);
-                let idle = self.shared.settings.upgrade_idle_timeout;
-                tokio::spawn(limits::splice_upgraded(downstream, upstream, rule.route.clone(), idle));
-                // Keep Connection/Upgrade: they are the 101's point.
-                return Ok(resp.map(|b| Either::Left(Either::Left(b))));
-            }
+        let idle = self.shared.settings.upgrade_idle_timeout;
+        if !upgrade::splice(&mut resp, downstream_upgrade, &rule.route, idle) {
+            response::from_backend(backend, origin.as_ref(), &mut resp);
         }
-        Ok(self.finish_response(backend, origin.as_ref(), resp.map(Either::Left)))
-    }
-
-    /// The upstream's response as the client gets it: hop-by-hop headers removed, the backend's
-    /// response filters applied.
-    fn finish_response(
-        &self,
-        backend: &Backend,
-        origin: Option<&HeaderValue>,
-        mut resp: Response<UpstreamBody>,
-    ) -> Response<ProxyBody> {
-        strip_hop_by_hop(resp.headers_mut());
-        if let Some(m) = &backend.filters.response_headers {
-            m.apply(resp.headers_mut());
-        }
-        if let Some(cors) = &backend.filters.cors {
-            cors.decorate(origin, resp.headers_mut());
-        }
-        resp.map(Either::Left)
-    }
-
-    /// The answer for a request the proxy could not forward: the upstream-error metric and the
-    /// log line where the failure is the upstream's, then the JSON error.
-    fn failed(&self, rule: &Rule, e: ProxyError) -> Response<ProxyBody> {
-        if let Some(kind) = e.upstream_kind() {
-            rule.stats.upstream_error(kind);
-        }
-        let route = &rule.route;
-        match &e {
-            ProxyError::Unavailable { status } => {
-                tracing::debug!(%route, status = status.as_u16(), "route {route}: marked unavailable by its table; answering {}", status.as_u16())
-            }
-            ProxyError::RequestTimeout { limit } => {
-                tracing::warn!(%route, timeout_s = limit.as_secs_f64(), "route {route}: request timeout ({limit:?}) reached before a response; answering 504")
-            }
-            ProxyError::DestinationRefused { upstream, why } => {
-                tracing::warn!(%route, %upstream, error = %why, code = e.code(), "route {route}: upstream {upstream} refused (destination_refused): {why}; answering 502")
-            }
-            ProxyError::TokenUnavailable { upstream, .. } => {
-                tracing::warn!(%route, %upstream, error = %e, "route {route}: no identity token for {upstream}; answering 503: {e}")
-            }
-            ProxyError::UpstreamTimeout { upstream, timeout } => {
-                tracing::warn!(%route, %upstream, timeout_s = timeout.as_secs_f64(), "route {route}: upstream {upstream} did not answer within {timeout:?}; answering 504")
-            }
-            ProxyError::Upstream { upstream, cause, .. } => {
-                tracing::warn!(%route, %upstream, error = %cause, "route {route}: upstream request failed ({upstream}); answering 502: {cause}")
-            }
-            // The client is told only that it failed (ProxyError::client_message); the why is here.
-            ProxyError::BadRewrite(_) => {
-                tracing::warn!(%route, error = %e, "route {route}: {e}; answering 500")
-            }
-            ProxyError::BadUpstreamUri(_) => {
-                tracing::debug!(%route, error = %e, "route {route}: {e}; answering 400")
-            }
-            _ => {}
-        }
-        e.response()
-    }
-}
-fn answer_here(
-    filters: &Filters,
-    routed: Routed<'_>,
-    req: &Request<Incoming>,
-) -> Option<Result<Response<ProxyBody>, ProxyError>> {
-    if let Some(redirect) = &filters.redirect {
-        if redirect.uses_request_host() && !is_host_and_port(request_host(req)) {
-            return Some(Err(ProxyError::BadHost));
-        }
-        let location = redirect.location(
-            client_scheme(req.headers()),
-            request_host(req),
-            req.uri().path(),
-            req.uri().query(),
-            routed.matched.prefix(),
-        );
-        return Some(
-            HeaderValue::try_from(location)
-                .map_err(|_| ProxyError::BadRedirect)
-                .map(|location| {
-                    let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
-                    *resp.status_mut() = redirect.status;
-                    resp.headers_mut().insert(header::LOCATION, location);
-                    resp
-                }),
-        );
-    }
-    match filters.cors.as_ref()?.on_request(req.method(), req.headers()) {
-        CorsVerdict::Forward => None,
-        CorsVerdict::Preflight(headers) => {
-            let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
-            *resp.status_mut() = StatusCode::NO_CONTENT;
-            *resp.headers_mut() = headers;
-            Some(Ok(resp))
-        }
+        Ok(resp.map(Either::Left))
     }
 }
 
-/// One mirrored request, sent once its body copy is complete.
-/// One upstream as a request is sent to it: the request itself and each of its mirror copies.
-struct UpstreamTarget<'a> {
-    upstream: &'a crate::routing::table::Upstream,
-    protocol: UpstreamProtocol,
-    auth: UpstreamAuthKind,
-    auth_header: AuthHeaderKind,
-}
+/// Phases driven alone in unit tests: a table compiled as the config file gives it.
+#[cfg(test)]
+mod test_support {
+    use std::path::Path;
+    use std::sync::Arc;
 
-impl UpstreamTarget<'_> {
-    /// Points `parts` at the upstream: its URI for `path_and_query`, an identity token when the
-    /// upstream wants one (`upstream_auth = "gcp-id-token"`), the HTTP version of its protocol.
-    async fn address(
-        &self,
-        tokens: &Arc<IdTokenCache>,
-        parts: &mut http::request::Parts,
-        path_and_query: Option<&PathAndQuery>,
-    ) -> Result<(), ProxyError> {
-        let url = &self.upstream.url;
-        if self.auth == UpstreamAuthKind::GcpIdToken {
-            let token = tokens.header(url).await.map_err(|e| ProxyError::TokenUnavailable {
-                upstream: url.to_string(),
-                reason: e.to_string(),
-            })?;
-            let name = match self.auth_header {
-                AuthHeaderKind::Authorization => header::AUTHORIZATION,
-                AuthHeaderKind::XServerlessAuthorization => X_SERVERLESS_AUTHORIZATION,
-            };
-            parts.headers.insert(name, token);
+    use http::HeaderName;
+
+    use super::LiveSettings;
+    use crate::routing::table::RouteTable;
+
+    /// The table of `toml` (an agent config's `[[route]]`s).
+    pub fn table(toml: &str) -> RouteTable {
+        let config = crate::routing::parse_config(Path::new("t.toml"), toml).expect("the test config parses");
+        RouteTable::build(&config, &config.routes.hosts).expect("the test table compiles")
+    }
+
+    /// Settings serving `routes`, with the internal auth header `x-internal-auth-token`.
+    pub fn live(routes: RouteTable, max_body_bytes: Option<u64>) -> LiveSettings {
+        LiveSettings {
+            routes: Arc::new(routes),
+            auth: None,
+            auth_header: HeaderName::from_static("x-internal-auth-token"),
+            max_body_bytes,
+            access_log: None,
         }
-        parts.uri = self
-            .upstream
-            .uri_for(path_and_query)
-            .map_err(|e| ProxyError::BadUpstreamUri(e.to_string()))?;
-        parts.version = match self.protocol {
-            UpstreamProtocol::H2c => Version::HTTP_2,
-            UpstreamProtocol::Auto => Version::HTTP_11,
-        };
-        Ok(())
     }
 }

@@ -1,8 +1,15 @@
-//! Protocol upgrades (WebSocket and the like): which one a request asks for.
+//! Protocol upgrades (WebSocket and the like): which one a request asks for, and the 101 that
+//! hands both connections over to a splice (`limits::splice_upgraded`, with its idle timeout).
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderValue};
+use http::{Response, StatusCode};
+use hyper::upgrade::OnUpgrade;
 
 use super::headers::connection_tokens;
+use super::limits;
 
 /// The `Upgrade` value to forward when the request asks for one (`Connection: upgrade` on any
 /// line), without `h2c`: RFC 9113 §3.1 removed the HTTP/1.1 upgrade to HTTP/2 ("h2c" ... is
@@ -25,6 +32,32 @@ pub(super) fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
         return None;
     }
     HeaderValue::from_str(&kept.join(", ")).ok()
+}
+
+/// The upgrade phase: when the upstream switched protocols (101) for a client that asked to,
+/// both upgraded connections are spliced in a task of their own and `true` says the response
+/// goes back as it is (its `Connection` and `Upgrade` are the 101's point, and no response
+/// filter applies). Otherwise `false`, and the response goes through the response phase.
+pub(super) fn splice<B>(
+    resp: &mut Response<B>,
+    downstream: Option<OnUpgrade>,
+    route: &Arc<str>,
+    idle_timeout: Duration,
+) -> bool {
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return false;
+    }
+    let Some(downstream) = downstream else {
+        return false;
+    };
+    let upstream = hyper::upgrade::on(resp);
+    tokio::spawn(limits::splice_upgraded(
+        downstream,
+        upstream,
+        route.clone(),
+        idle_timeout,
+    ));
+    true
 }
 
 #[cfg(test)]
@@ -51,5 +84,21 @@ mod tests {
             None,
             "no Connection: upgrade, no upgrade"
         );
+    }
+
+    #[tokio::test]
+    async fn only_a_101_for_a_client_that_asked_is_spliced() {
+        let route: Arc<str> = "r".into();
+        let idle = Duration::from_secs(1);
+        // What a request that carried no upgrade handle gives: a splice that ends at once.
+        let asked = || Some(hyper::upgrade::on(http::Request::new(())));
+        let mut ok = Response::new(());
+        assert!(!splice(&mut ok, asked(), &route, idle), "a 200 is no switch");
+        let mut switched = Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .body(())
+            .unwrap();
+        assert!(!splice(&mut switched, None, &route, idle), "the client did not ask");
+        assert!(splice(&mut switched, asked(), &route, idle));
     }
 }

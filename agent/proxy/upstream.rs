@@ -1,6 +1,6 @@
-//! The upstream pools and connectors (each worker's own, see [`super::Worker`]), the wait for
-//! the response head under the backend and body timeouts, and what a failed upstream request
-//! means for the client.
+//! The upstream phase: which pool a request goes out through, sending it, and the wait for the
+//! response head under the backend and body timeouts; and the pools and connectors themselves
+//! (each worker's own, see [`super::Worker`]).
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -9,18 +9,19 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::HeaderValue;
-use http::Request;
+use http::header::{self, HeaderValue};
+use http::{Request, Response};
 use http_body::Body;
-use http_body_util::Full;
+use http_body_util::{Either, Full};
 use hyper_util::client::legacy::{Client, ResponseFuture};
 use tokio::time::Instant;
 
 use super::authority::{AuthorityPoolKey, ToUpstream};
 use super::body::{BodyTooLarge, CappedBody};
 use super::destination::{GuardedResolver, HttpConnector, RefusedDestination};
+use super::h1_pool::H1Error;
 use super::limits::Activity;
-use super::{ProxyError, Worker};
+use super::{ProxyError, UpstreamBody, Worker};
 use crate::config::{ProxySection, UpstreamProtocol};
 use crate::routing::table::Backend;
 use crate::routing::tls::UpstreamTls;
@@ -69,10 +70,102 @@ pub(super) fn http_connector(settings: &ProxySection, resolver: &GuardedResolver
     c
 }
 
+/// Which pool a request goes out through.
+#[derive(Debug, PartialEq)]
+enum PoolChoice {
+    /// The worker's own HTTP/1.1 pool (`h1_pool.rs`): `http://`, no TLS settings, no upgrade.
+    OwnH1,
+    /// A pool that dials the upstream whatever authority this URI (the request's, with its
+    /// `Host` as the authority) names: see `authority.rs`.
+    Authority(http::Uri),
+    /// The pool of the backend's protocol and TLS settings.
+    Backend,
+}
+
+/// The pool for `up` to `backend`; `upgrading`: the client asked for a protocol upgrade.
+fn pool_choice<B>(backend: &Backend, up: &Request<B>, upgrading: bool) -> PoolChoice {
+    let up_scheme_http = backend.upstream.scheme == http::uri::Scheme::HTTP;
+    if backend.protocol == UpstreamProtocol::Auto && backend.tls.is_none() && !upgrading && up_scheme_http {
+        return PoolChoice::OwnH1;
+    }
+    // Where HTTP/2 may carry the request (h2c, or https with ALPN), a Host other than the
+    // upstream's travels as the URI's authority, through a pool that still dials the
+    // upstream; hyper-util writes it back as `Host` if the connection is HTTP/1.1.
+    up.headers()
+        .get(header::HOST)
+        .filter(|host| !upgrading && host.as_bytes() != backend.upstream.authority.as_str().as_bytes())
+        // A Host that is not an authority (hyper accepted it as a header value) stays `Host`.
+        .and_then(|host| with_authority(up.uri(), host))
+        .map_or(PoolChoice::Backend, PoolChoice::Authority)
+}
+
 impl Worker {
+    /// The upstream phase: sends `up` to `backend` through the pool [`pool_choice`] picks and
+    /// waits for the response head ([`response_head`]: `timeout` is the backend's). A failure
+    /// is the [`ProxyError`] the client is answered with.
+    pub(super) async fn upstream(
+        &self,
+        backend: &Backend,
+        up: Request<CappedBody>,
+        upgrading: bool,
+        timeout: Option<Duration>,
+        progress: &Activity,
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
+        let body_timeout = self.shared.settings.body_read_timeout;
+        let head = match pool_choice(backend, &up, upgrading) {
+            PoolChoice::OwnH1 => {
+                let sent = std::pin::pin!(self.h1.send(up));
+                response_head(sent, timeout, body_timeout, progress).await.map(|sent| {
+                    sent.map(|resp| resp.map(Either::Right))
+                        .map_err(|e| upstream_failure(backend, &e, matches!(e, H1Error::Connect(_))))
+                })
+            }
+            choice => {
+                let mut sent = self.pooled(backend, choice, up);
+                let head = response_head(Pin::new(&mut sent), timeout, body_timeout, progress).await;
+                head.map(|sent| {
+                    sent.map(|resp| resp.map(Either::Left))
+                        .map_err(|e| upstream_failure(backend, &e, e.is_connect()))
+                })
+            }
+        };
+        match head {
+            Head::Ready(Ok(resp)) => {
+                progress.set_response_started();
+                Ok(resp)
+            }
+            Head::Ready(Err(e)) => Err(e),
+            Head::UpstreamTimeout => Err(ProxyError::UpstreamTimeout {
+                upstream: backend.upstream.url.to_string(),
+                timeout: timeout.unwrap_or_default(),
+            }),
+            Head::BodyTimeout => Err(ProxyError::BodyReadTimeout { limit: body_timeout }),
+        }
+    }
+
+    /// Sends `up` through one of hyper-util's pools: the authority pool of `choice` when it can
+    /// be had, else the backend's own.
+    fn pooled(&self, backend: &Backend, choice: PoolChoice, mut up: Request<CappedBody>) -> ResponseFuture {
+        if let PoolChoice::Authority(uri) = choice {
+            if let Some(pool) = self.authority_pool(backend) {
+                *up.uri_mut() = uri;
+                up.headers_mut().remove(header::HOST);
+                return match pool {
+                    AuthorityPool::Https(pool) => pool.request(up),
+                    AuthorityPool::H2c(pool) => pool.request(up),
+                };
+            }
+        }
+        match (backend.protocol, &backend.tls) {
+            (UpstreamProtocol::Auto, None) => self.defaults().client.request(up),
+            (UpstreamProtocol::Auto, Some(t)) => self.tls_request(t, up),
+            (UpstreamProtocol::H2c, _) => self.h2c.request(up),
+        }
+    }
+
     /// Sends through the pool of a backend with its own TLS settings. Finding the pool is one
     /// lock-free load and a hash of the settings' address.
-    pub(super) fn tls_request(&self, t: &Arc<UpstreamTls>, up: Request<CappedBody>) -> ResponseFuture {
+    fn tls_request(&self, t: &Arc<UpstreamTls>, up: Request<CappedBody>) -> ResponseFuture {
         self.tls_pool(&self.tls_pools, t).request(up)
     }
 
@@ -128,7 +221,7 @@ impl Worker {
 
     /// The pool for requests to `backend` whose authority is another than its upstream's,
     /// built on first use.
-    pub(super) fn authority_pool(&self, backend: &Backend) -> Option<AuthorityPool> {
+    fn authority_pool(&self, backend: &Backend) -> Option<AuthorityPool> {
         // Drops the pools built on default anchors a reload has replaced.
         self.defaults();
         let up = &backend.upstream;
@@ -178,7 +271,7 @@ impl Worker {
 }
 
 /// `uri` with `host` (a `Host` header's value) as its authority, when `host` is one.
-pub(super) fn with_authority(uri: &http::Uri, host: &HeaderValue) -> Option<http::Uri> {
+fn with_authority(uri: &http::Uri, host: &HeaderValue) -> Option<http::Uri> {
     let authority = http::uri::Authority::try_from(host.as_bytes()).ok()?;
     let mut parts = uri.clone().into_parts();
     parts.authority = Some(authority);
@@ -186,7 +279,7 @@ pub(super) fn with_authority(uri: &http::Uri, host: &HeaderValue) -> Option<http
 }
 
 /// What a failed upstream request means for the client.
-pub(super) fn upstream_failure(backend: &Backend, e: &(dyn std::error::Error + 'static), connect: bool) -> ProxyError {
+fn upstream_failure(backend: &Backend, e: &(dyn std::error::Error + 'static), connect: bool) -> ProxyError {
     if find_cause::<BodyTooLarge>(e).is_some() {
         return ProxyError::BodyTooLarge;
     }
@@ -210,6 +303,16 @@ pub(super) enum Head<T> {
     UpstreamTimeout,
     /// The request body stopped arriving from the client (`proxy.body_read_timeout`).
     BodyTimeout,
+}
+
+impl<T> Head<T> {
+    fn map<U>(self, f: impl FnOnce(T) -> U) -> Head<U> {
+        match self {
+            Head::Ready(out) => Head::Ready(f(out)),
+            Head::UpstreamTimeout => Head::UpstreamTimeout,
+            Head::BodyTimeout => Head::BodyTimeout,
+        }
+    }
 }
 
 /// Waits for the response head. Each limit counts from the body's last movement; the body's
@@ -259,4 +362,110 @@ fn find_cause<'a, T: std::error::Error + 'static>(e: &'a (dyn std::error::Error 
         cur = err.source();
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::test_support::table;
+    use crate::routing::table::RouteTable;
+
+    /// One backend per host: plain http, h2c, https.
+    const TABLE: &str = r#"
+[[route]]
+hostnames = ["plain.example.com"]
+upstream = "http://10.0.0.9:8080"
+[[route]]
+hostnames = ["h2c.example.com"]
+backends = [{ url = "http://10.0.0.9:8081", protocol = "h2c" }]
+[[route]]
+hostnames = ["tls.example.com"]
+upstream = "https://10.0.0.9:8443"
+"#;
+
+    fn backend<'t>(t: &'t RouteTable, host: &str) -> &'t Backend {
+        let headers = http::HeaderMap::new();
+        let head = crate::routing::RequestHead {
+            method: &http::Method::GET,
+            path: "/",
+            query: None,
+            headers: &headers,
+        };
+        t.route(host, &head).unwrap().rule.pick_backend().unwrap()
+    }
+
+    /// An upstream request as the request phase leaves it: the upstream's URI, `host` as `Host`.
+    fn up(b: &Backend, host: &str) -> Request<()> {
+        let uri = format!("{}/x?y=1", b.upstream.url.trim_end_matches('/'));
+        Request::builder().uri(uri).header(header::HOST, host).body(()).unwrap()
+    }
+
+    #[test]
+    fn the_pool_follows_the_backend_and_the_host() {
+        let t = table(TABLE);
+        let plain = backend(&t, "plain.example.com");
+        assert_eq!(
+            pool_choice(plain, &up(plain, "plain.example.com"), false),
+            PoolChoice::OwnH1
+        );
+        assert_eq!(
+            pool_choice(plain, &up(plain, "plain.example.com"), true),
+            PoolChoice::Backend,
+            "an upgrade"
+        );
+        for b in [backend(&t, "h2c.example.com"), backend(&t, "tls.example.com")] {
+            let own = b.upstream.authority.as_str();
+            assert_eq!(
+                pool_choice(b, &up(b, own), false),
+                PoolChoice::Backend,
+                "its own authority"
+            );
+            let PoolChoice::Authority(uri) = pool_choice(b, &up(b, "app.example.com"), false) else {
+                panic!("another host goes as the authority");
+            };
+            assert_eq!(uri.authority().unwrap(), "app.example.com");
+            assert_eq!(uri.path_and_query().unwrap(), "/x?y=1");
+            assert_eq!(pool_choice(b, &up(b, "app.example.com"), true), PoolChoice::Backend);
+            assert_eq!(
+                pool_choice(b, &up(b, "a b"), false),
+                PoolChoice::Backend,
+                "not an authority"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_head_wait_tells_whose_stall_it_was() {
+        let limit = Some(Duration::from_secs(5));
+        let body_limit = Duration::from_secs(2);
+        let ready = std::pin::pin!(std::future::ready("head"));
+        let done = Activity::new();
+        done.set_body_done();
+        assert!(matches!(
+            response_head(ready, limit, body_limit, &done).await,
+            Head::Ready("head")
+        ));
+
+        let never = std::pin::pin!(std::future::pending::<()>());
+        let started = Instant::now();
+        assert!(matches!(
+            response_head(never, limit, body_limit, &done).await,
+            Head::UpstreamTimeout
+        ));
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+
+        let uploading = Activity::new();
+        uploading.set_waiting_for_client(true);
+        let never = std::pin::pin!(std::future::pending::<()>());
+        let started = Instant::now();
+        assert!(matches!(
+            response_head(never, limit, body_limit, &uploading).await,
+            Head::BodyTimeout
+        ));
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(2),
+            "the client's stall, not the upstream's"
+        );
+    }
 }
