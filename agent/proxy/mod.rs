@@ -11,6 +11,7 @@
 //! metrics, the access log, a log line naming the route).
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -57,7 +58,7 @@ use headers::set_forwarded_proto;
 use limits::Activity;
 use request::{answer_here, UpstreamTarget};
 use upgrade::upgrade_protocol;
-use upstream::{http_connector, AuthorityPools, MirrorClient, TlsClient, TlsPools};
+use upstream::{http_connector, pool_choice, AuthorityPools, MirrorClient, PoolChoice, TlsClient, TlsPools};
 
 use crate::config::ProxySection;
 use crate::gcp::IdTokenCache;
@@ -379,8 +380,22 @@ impl Worker {
         let body = CappedBody::new(body, limit, progress.clone(), body_timeout, tee, exchange.clone());
         let up = Request::from_parts(parts, body);
         let timeout = rule.backend_timeout.filter(|_| !timeout_exempt);
-        let upgrading = downstream_upgrade.is_some();
-        let mut resp = self.upstream(backend, up, upgrading, timeout, &progress).await?;
+        // The upstream phase: the pool, the send, the wait for the response head.
+        let mut resp = match pool_choice(backend, &up, downstream_upgrade.is_some()) {
+            PoolChoice::OwnH1 => {
+                let sent = std::pin::pin!(self.h1.send(up));
+                upstream::head(backend, sent, timeout, body_timeout, &progress)
+                    .await?
+                    .map(Either::Right)
+            }
+            choice => {
+                let mut sent = self.pooled(backend, choice, up);
+                let sent = Pin::new(&mut sent);
+                upstream::head(backend, sent, timeout, body_timeout, &progress)
+                    .await?
+                    .map(Either::Left)
+            }
+        };
         if let Some(x) = &exchange {
             x.upstream(&backend.upstream.url, &resp);
         }

@@ -1,8 +1,9 @@
-//! The upstream phase: which pool a request goes out through, sending it, and the wait for the
-//! response head under the backend and body timeouts; and the pools and connectors themselves
+//! The upstream phase: which pool a request goes out through ([`pool_choice`]), the send, and
+//! the wait for the response head under the backend and body timeouts ([`head`]); and the pools and connectors themselves
 //! (each worker's own, see [`super::Worker`]).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -12,7 +13,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response};
 use http_body::Body;
-use http_body_util::{Either, Full};
+use http_body_util::Full;
 use hyper_util::client::legacy::{Client, ResponseFuture};
 use tokio::time::Instant;
 
@@ -21,7 +22,7 @@ use super::body::{BodyTooLarge, CappedBody};
 use super::destination::{GuardedResolver, HttpConnector, RefusedDestination};
 use super::h1_pool::H1Error;
 use super::limits::Activity;
-use super::{ProxyError, UpstreamBody, Worker};
+use super::{ProxyError, Worker};
 use crate::config::{ProxySection, UpstreamProtocol};
 use crate::routing::table::Backend;
 use crate::routing::tls::UpstreamTls;
@@ -72,7 +73,7 @@ pub(super) fn http_connector(settings: &ProxySection, resolver: &GuardedResolver
 
 /// Which pool a request goes out through.
 #[derive(Debug, PartialEq)]
-enum PoolChoice {
+pub(super) enum PoolChoice {
     /// The worker's own HTTP/1.1 pool (`h1_pool.rs`): `http://`, no TLS settings, no upgrade.
     OwnH1,
     /// A pool that dials the upstream whatever authority this URI (the request's, with its
@@ -83,7 +84,7 @@ enum PoolChoice {
 }
 
 /// The pool for `up` to `backend`; `upgrading`: the client asked for a protocol upgrade.
-fn pool_choice<B>(backend: &Backend, up: &Request<B>, upgrading: bool) -> PoolChoice {
+pub(super) fn pool_choice<B>(backend: &Backend, up: &Request<B>, upgrading: bool) -> PoolChoice {
     let up_scheme_http = backend.upstream.scheme == http::uri::Scheme::HTTP;
     if backend.protocol == UpstreamProtocol::Auto && backend.tls.is_none() && !upgrading && up_scheme_http {
         return PoolChoice::OwnH1;
@@ -99,53 +100,56 @@ fn pool_choice<B>(backend: &Backend, up: &Request<B>, upgrading: bool) -> PoolCh
         .map_or(PoolChoice::Backend, PoolChoice::Authority)
 }
 
-impl Worker {
-    /// The upstream phase: sends `up` to `backend` through the pool [`pool_choice`] picks and
-    /// waits for the response head ([`response_head`]: `timeout` is the backend's). A failure
-    /// is the [`ProxyError`] the client is answered with.
-    pub(super) async fn upstream(
-        &self,
-        backend: &Backend,
-        up: Request<CappedBody>,
-        upgrading: bool,
-        timeout: Option<Duration>,
-        progress: &Activity,
-    ) -> Result<Response<UpstreamBody>, ProxyError> {
-        let body_timeout = self.shared.settings.body_read_timeout;
-        let head = match pool_choice(backend, &up, upgrading) {
-            PoolChoice::OwnH1 => {
-                let sent = std::pin::pin!(self.h1.send(up));
-                response_head(sent, timeout, body_timeout, progress).await.map(|sent| {
-                    sent.map(|resp| resp.map(Either::Right))
-                        .map_err(|e| upstream_failure(backend, &e, matches!(e, H1Error::Connect(_))))
-                })
-            }
-            choice => {
-                let mut sent = self.pooled(backend, choice, up);
-                let head = response_head(Pin::new(&mut sent), timeout, body_timeout, progress).await;
-                head.map(|sent| {
-                    sent.map(|resp| resp.map(Either::Left))
-                        .map_err(|e| upstream_failure(backend, &e, e.is_connect()))
-                })
-            }
-        };
-        match head {
-            Head::Ready(Ok(resp)) => {
-                progress.set_response_started();
-                Ok(resp)
-            }
-            Head::Ready(Err(e)) => Err(e),
-            Head::UpstreamTimeout => Err(ProxyError::UpstreamTimeout {
-                upstream: backend.upstream.url.to_string(),
-                timeout: timeout.unwrap_or_default(),
-            }),
-            Head::BodyTimeout => Err(ProxyError::BodyReadTimeout { limit: body_timeout }),
-        }
-    }
+/// A failed upstream send: whether it was the connection that failed.
+pub(super) trait SendFailure: std::error::Error + 'static {
+    fn is_connect(&self) -> bool;
+}
 
+impl SendFailure for H1Error {
+    fn is_connect(&self) -> bool {
+        matches!(self, H1Error::Connect(_))
+    }
+}
+
+impl SendFailure for hyper_util::client::legacy::Error {
+    fn is_connect(&self) -> bool {
+        hyper_util::client::legacy::Error::is_connect(self)
+    }
+}
+
+/// The upstream phase's wait: the response head of `sent` (the request on its way to
+/// `backend` through the pool [`pool_choice`] picked) under the backend `timeout` and the body
+/// read timeout ([`response_head`]), or the [`ProxyError`] the client is answered with.
+/// `sent` is pinned where the caller keeps it, so the request is not moved again.
+pub(super) async fn head<F, B, E>(
+    backend: &Backend,
+    sent: Pin<&mut F>,
+    timeout: Option<Duration>,
+    body_timeout: Duration,
+    progress: &Activity,
+) -> Result<Response<B>, ProxyError>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    E: SendFailure,
+{
+    match response_head(sent, timeout, body_timeout, progress).await {
+        Head::Ready(Ok(resp)) => {
+            progress.set_response_started();
+            Ok(resp)
+        }
+        Head::Ready(Err(e)) => Err(upstream_failure(backend, &e, e.is_connect())),
+        Head::UpstreamTimeout => Err(ProxyError::UpstreamTimeout {
+            upstream: backend.upstream.url.to_string(),
+            timeout: timeout.unwrap_or_default(),
+        }),
+        Head::BodyTimeout => Err(ProxyError::BodyReadTimeout { limit: body_timeout }),
+    }
+}
+
+impl Worker {
     /// Sends `up` through one of hyper-util's pools: the authority pool of `choice` when it can
     /// be had, else the backend's own.
-    fn pooled(&self, backend: &Backend, choice: PoolChoice, mut up: Request<CappedBody>) -> ResponseFuture {
+    pub(super) fn pooled(&self, backend: &Backend, choice: PoolChoice, mut up: Request<CappedBody>) -> ResponseFuture {
         if let PoolChoice::Authority(uri) = choice {
             if let Some(pool) = self.authority_pool(backend) {
                 *up.uri_mut() = uri;
@@ -305,21 +309,11 @@ pub(super) enum Head<T> {
     BodyTimeout,
 }
 
-impl<T> Head<T> {
-    fn map<U>(self, f: impl FnOnce(T) -> U) -> Head<U> {
-        match self {
-            Head::Ready(out) => Head::Ready(f(out)),
-            Head::UpstreamTimeout => Head::UpstreamTimeout,
-            Head::BodyTimeout => Head::BodyTimeout,
-        }
-    }
-}
-
 /// Waits for the response head. Each limit counts from the body's last movement; the body's
 /// own limit applies only while the body waits for the client, the backend's only while it
 /// does not (a slow upload is not a slow upstream). A deadline that has passed without firing
 /// (the other side was to blame then) is re-armed a whole limit later, so the loop never spins.
-pub(super) async fn response_head<F: std::future::Future>(
+pub(super) async fn response_head<F: Future>(
     mut request: Pin<&mut F>,
     timeout: Option<Duration>,
     body_timeout: Duration,
@@ -467,5 +461,23 @@ upstream = "https://10.0.0.9:8443"
             Duration::from_secs(2),
             "the client's stall, not the upstream's"
         );
+    }
+
+    #[tokio::test]
+    async fn the_head_or_whose_failure_it_was() {
+        let t = table(TABLE);
+        let b = backend(&t, "plain.example.com");
+        let progress = Activity::new();
+        let refused = std::pin::pin!(async { Err::<Response<()>, _>(H1Error::Connect("refused".into())) });
+        let e = head(b, refused, None, Duration::from_secs(1), &progress)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ProxyError::Upstream { connect: true, .. }), "{e:?}");
+        assert!(!progress.response_started());
+        let answered = std::pin::pin!(async { Ok::<_, H1Error>(Response::new(())) });
+        head(b, answered, None, Duration::from_secs(1), &progress)
+            .await
+            .unwrap();
+        assert!(progress.response_started(), "the body times itself from now on");
     }
 }
