@@ -76,10 +76,10 @@ impl Follow {
     }
 
     pub fn render_metrics(&self, out: &mut String) {
-        out.push_str(&format!(
-            "# HELP tunnel_agent_follow_passing 1 while the [role_follow] check passes.\n# TYPE tunnel_agent_follow_passing gauge\ntunnel_agent_follow_passing {}\n",
-            u8::from(self.passing())
-        ));
+        let help = "1 while the [role_follow] check passes.";
+        let passing = u8::from(self.passing());
+        use crate::prom_text::{single, Kind};
+        single(out, "tunnel_agent_follow_passing", Kind::Gauge, help, passing);
     }
 }
 

@@ -286,6 +286,7 @@ impl Health {
     /// Our metrics, then cloudflared's own (fetched with a short timeout; absent if it does not
     /// answer).
     async fn render_metrics(&self) -> String {
+        use crate::prom_text::{self, Family, Kind};
         let mut out = String::with_capacity(16 * 1024);
         self.metrics.render(&mut out);
         crate::process_stats::ProcessStats::read().render(&mut out);
@@ -313,24 +314,27 @@ impl Health {
             ),
         ];
         for (name, help, v) in gauges {
-            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"));
+            prom_text::single(&mut out, name, Kind::Gauge, help, v);
         }
         if let Some(version) = t.detail().version {
-            // Validated by tunnel::version::parse: no quote or backslash to escape.
-            out.push_str(&format!(
-                "# HELP tunnel_agent_cloudflared_info The cloudflared version the agent detected at boot.\n# TYPE tunnel_agent_cloudflared_info gauge\ntunnel_agent_cloudflared_info{{version=\"{version}\"}} 1\n"
-            ));
+            let help = "The cloudflared version the agent detected at boot.";
+            Family::open(&mut out, "tunnel_agent_cloudflared_info", Kind::Gauge, help)
+                .sample(&[("version", &version)], 1);
         }
         let restarts = t.restarts.load(Ordering::Acquire);
-        out.push_str(&format!(
-            "# HELP tunnel_agent_cloudflared_restarts_total cloudflared restarts after failures.\n# TYPE tunnel_agent_cloudflared_restarts_total counter\ntunnel_agent_cloudflared_restarts_total {restarts}\n"
-        ));
-        let role = self.status.load().role.clone();
-        out.push_str(
-            "# HELP tunnel_agent_role The node's role (1 for the current one).\n# TYPE tunnel_agent_role gauge\n",
+        let help = "cloudflared restarts after failures.";
+        prom_text::single(
+            &mut out,
+            "tunnel_agent_cloudflared_restarts_total",
+            Kind::Counter,
+            help,
+            restarts,
         );
+        let role = self.status.load().role.clone();
+        let help = "The node's role (1 for the current one).";
+        let mut family = Family::open(&mut out, "tunnel_agent_role", Kind::Gauge, help);
         for r in ["active", "standby"] {
-            out.push_str(&format!("tunnel_agent_role{{role=\"{r}\"}} {}\n", u8::from(role == r)));
+            family.sample(&[("role", r)], u8::from(role == r));
         }
         if let Some(e) = self.election() {
             e.render_metrics(&mut out);
@@ -339,10 +343,8 @@ impl Health {
             f.render_metrics(&mut out);
         }
         let (ready, _) = self.readiness();
-        out.push_str(&format!(
-            "# HELP tunnel_agent_ready 1 when /ready answers 200.\n# TYPE tunnel_agent_ready gauge\ntunnel_agent_ready {}\n",
-            u8::from(ready)
-        ));
+        let help = "1 when /ready answers 200.";
+        prom_text::single(&mut out, "tunnel_agent_ready", Kind::Gauge, help, u8::from(ready));
         if let (Some(addr), true) = (
             self.status.load().cloudflared_metrics,
             t.pid.load(Ordering::Acquire) != 0,

@@ -11,11 +11,13 @@
 pub mod backoff;
 pub mod boot;
 pub mod build_info;
+pub mod check;
 pub mod config;
 pub mod control;
 pub mod deadline;
 pub mod election;
 pub mod errors;
+pub mod exit;
 pub mod files;
 pub mod follow;
 pub mod framing;
@@ -25,6 +27,7 @@ pub mod health;
 pub mod node;
 pub mod peer_body;
 pub mod process_stats;
+pub mod prom_text;
 pub mod proxy;
 pub mod random;
 pub mod roles;
@@ -32,10 +35,7 @@ pub mod routing;
 pub mod secret;
 pub mod secrets;
 pub mod server;
+pub mod shutdown;
 pub mod systemd;
 pub mod telemetry;
 pub mod tunnel;
-
-/// Exit code for an invalid configuration (`EX_CONFIG` from sysexits.h). The unit lists it in
-/// `RestartPreventExitStatus=` so a bad file does not become a restart loop.
-pub const EXIT_CONFIG: u8 = 78;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
+use tunnel_agent::exit::{AgentError, Exit};
 use tunnel_agent::node::Signal;
 use tunnel_agent::{config, routing};
 
@@ -86,26 +87,28 @@ fn main() -> ExitCode {
         err(&format!(
             "tunnel-agent: cannot make the process non-dumpable (PR_SET_DUMPABLE): {e}\n"
         ));
-        return ExitCode::FAILURE;
+        return Exit::Failure.into();
     }
     let cli = Cli::parse();
-    match cli.command {
+    let exit = match cli.command {
         Command::Check { config } => check(&config),
         Command::Run { config } => run(config),
         Command::Promote(args) => control(args, tunnel_agent::control::Command::Promote),
         Command::Demote(args) => control(args, tunnel_agent::control::Command::Demote),
         Command::Status(args) => control(args, tunnel_agent::control::Command::Status),
-    }
+    };
+    exit.into()
 }
 
-fn control(args: ControlArgs, command: tunnel_agent::control::Command) -> ExitCode {
+fn control(args: ControlArgs, command: tunnel_agent::control::Command) -> Exit {
     let socket = match args.socket {
         Some(s) => s,
         None => match routing::load_config(&args.config) {
             Ok(c) => tunnel_agent::control::socket_path(&c.agent.runtime_dir),
             Err(e) => {
+                let e = AgentError::from(e);
                 err(&format!("{e}\n"));
-                return ExitCode::from(tunnel_agent::EXIT_CONFIG);
+                return e.exit();
             }
         },
     };
@@ -113,13 +116,13 @@ fn control(args: ControlArgs, command: tunnel_agent::control::Command) -> ExitCo
         Ok(rt) => rt,
         Err(e) => {
             err(&format!("cannot start the async runtime: {e}\n"));
-            return ExitCode::FAILURE;
+            return Exit::Failure;
         }
     };
     match runtime.block_on(tunnel_agent::control::call(&socket, command)) {
         Err(e) => {
             err(&format!("tunnel-agent: {e}\n"));
-            ExitCode::FAILURE
+            Exit::Failure
         }
         Ok(reply) => {
             if args.json {
@@ -131,9 +134,9 @@ fn control(args: ControlArgs, command: tunnel_agent::control::Command) -> ExitCo
                 print_summary(&reply);
             }
             if reply.ok {
-                ExitCode::SUCCESS
+                Exit::Success
             } else {
-                ExitCode::FAILURE
+                Exit::Failure
             }
         }
     }
@@ -192,85 +195,26 @@ fn print_summary(reply: &tunnel_agent::control::Reply) {
     ));
 }
 
-fn check(path: &std::path::Path) -> ExitCode {
-    // Every problem in one run: a file that parses (even with some lines set aside) still has
-    // its secrets and routes file read, except those a problem above already names.
-    let (config, mut failed, named) = match routing::load_config(path) {
-        Ok(c) => (c, false, Vec::new()),
-        Err(e) => {
-            err(&format!("{e}\n"));
-            let named: Vec<String> = (e.problems.iter().map(|p| p.key.clone()))
-                .chain(e.parse.iter().filter_map(|p| p.key.clone()))
-                .collect();
-            match e.config {
-                Some(c) => (*c, true, named),
-                None => return ExitCode::from(tunnel_agent::EXIT_CONFIG),
-            }
-        }
-    };
-    let already = |table: &str| {
-        named
-            .iter()
-            .any(|k| k == table || k.starts_with(&format!("{table}.")) || k.starts_with(&format!("{table}[")))
-    };
-    let metrics = tunnel_agent::telemetry::Metrics::default();
-    if let Err(errors) = tunnel_agent::secrets::resolve::load_local(&config, &metrics) {
-        for e in errors {
-            let key = e.key();
-            let table = key.rsplit_once('.').map_or(key.as_str(), |(t, _)| t);
-            if !already(table) {
-                err(&format!("{}: {key}: {e}\n", path.display()));
-                failed = true;
-            }
-        }
-    }
-    if !already("routes") && !already("route") {
-        match routing::source::load_local(&config, &metrics) {
-            Ok(table) => {
-                if !failed {
-                    out(&format!("{}: ok ({} routes)\n", path.display(), table.len()));
-                }
-            }
-            Err(e) => {
-                let key = match config.routes.source {
-                    config::RouteSourceKind::File => "routes.file",
-                    _ => "routes",
-                };
-                // A table's problem can be a setting the report above already named (the
-                // proxy's `ca_file` anchors every https route): said once, not twice.
-                let message = match e.downcast_ref::<routing::table::RoutesError>() {
-                    Some(routes) => {
-                        let problems: Vec<_> = (routes.problems.iter()).filter(|p| !already(&p.key)).cloned().collect();
-                        let new = routing::table::RoutesError { problems };
-                        (!new.problems.is_empty()).then(|| format!("invalid routes: {new}"))
-                    }
-                    None => Some(format!("{e:#}")),
-                };
-                if let Some(message) = message {
-                    err(&format!("{}: {key}: {message}\n", path.display()));
-                }
-                failed = true;
-            }
-        }
-    }
-    if failed {
-        ExitCode::from(tunnel_agent::EXIT_CONFIG)
-    } else {
-        ExitCode::SUCCESS
-    }
+/// `tunnel-agent check`: the library's report, printed.
+fn check(path: &std::path::Path) -> Exit {
+    let report = tunnel_agent::check::check(path);
+    out(&report.stdout);
+    err(&report.stderr);
+    report.exit()
 }
 
-fn run(path: PathBuf) -> ExitCode {
+fn run(path: PathBuf) -> Exit {
     let config = match routing::load_config(&path) {
         Ok(c) => c,
         Err(e) => {
+            let e = AgentError::from(e);
             err(&format!("{e}\n"));
-            return ExitCode::from(tunnel_agent::EXIT_CONFIG);
+            return e.exit();
         }
     };
     if let Err(e) = tunnel_agent::telemetry::init_logging(config.agent.log_format, &config.agent.log_level) {
         err(&format!("cannot set up logging: {e:#}\n"));
-        return ExitCode::FAILURE;
+        return Exit::Failure;
     }
     // The first line of every start says what runs, from which file, in which role, so one
     // `journalctl -u tunnel-agent` excerpt identifies the build without a shell on the host.
@@ -297,7 +241,7 @@ fn run(path: PathBuf) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             err(&format!("cannot start the async runtime: {e}\n"));
-            return ExitCode::FAILURE;
+            return Exit::Failure;
         }
     };
     let agent = async {
@@ -305,16 +249,12 @@ fn run(path: PathBuf) -> ExitCode {
         tunnel_agent::boot::run(path, config, signals).await
     };
     match runtime.block_on(agent) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => Exit::Success,
         Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "tunnel-agent failed: {e:#}");
-            err(&format!("tunnel-agent: {e:#}\n"));
-            // A cloudflared too old for the configuration: restarting cannot fix it.
-            if e.downcast_ref::<tunnel_agent::tunnel::version::Unsupported>().is_some() {
-                ExitCode::from(tunnel_agent::EXIT_CONFIG)
-            } else {
-                ExitCode::FAILURE
-            }
+            let e = AgentError::from(e);
+            tracing::error!(error = %e, "tunnel-agent failed: {e}");
+            err(&format!("tunnel-agent: {e}\n"));
+            e.exit()
         }
     }
 }

@@ -48,7 +48,7 @@ use crate::secrets::resolve::{join_errors, resolve_all};
 use crate::secrets::SecretValues;
 use crate::systemd;
 use crate::telemetry::Metrics;
-use crate::tunnel::{TunnelSpec, TunnelSupervisor};
+use crate::tunnel::{RestartPolicy, TunnelSpec, TunnelSupervisor};
 
 /// Signals, as the agent understands them. `main.rs` turns SIGTERM/SIGINT and SIGHUP into these;
 /// a test sends them itself.
@@ -96,8 +96,44 @@ pub struct Sources {
     pub watchdog: Option<Interval>,
 }
 
-/// The running node's state, owned by its event loop.
+/// The running node's state, owned by its event loop. Built once by [`Node::new`]; from then
+/// on only its own handlers change it.
 pub struct Node {
+    config_path: PathBuf,
+    config: Config,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    proxy: Arc<Proxy>,
+    proxy_addr: SocketAddr,
+    metadata: MetadataClient,
+    secret_manager: Arc<SecretManager>,
+    secrets: SecretValues,
+    tunnel: TunnelSupervisor,
+    /// Where refreshers report changed secrets (the node's own [`Sources::secrets`]).
+    secret_changes: mpsc::Sender<SecretChange>,
+    refreshers: Vec<JoinHandle<()>>,
+    role: Role,
+    role_source: RoleSource,
+    /// The applied table's pushed version, for the config API's `GET /config` and `/readyz`.
+    routes_version: watch::Sender<Option<u64>>,
+    /// What the config API compiles pushes under and the tokens it accepts, republished by
+    /// every reload and rotation ([`Node::apply_settings`]).
+    api_settings: watch::Sender<Arc<ApiSettings>>,
+    /// `cloudflared --version` of the running configuration's binary: asked at boot and again on
+    /// every reload, when cloudflared is enabled and answered.
+    cloudflared_version: Option<crate::tunnel::version::CloudflaredVersion>,
+    /// The leader election, when `[role_election]` decides the role (read by `handover.rs`).
+    pub(crate) election: Option<Election>,
+    /// The `[role_follow]` check, when configured.
+    follow: Option<Follow>,
+    /// The election's and the check's tasks, stopped after the node resigned on shutdown.
+    role_tasks: Vec<JoinHandle<()>>,
+    /// The last `STATUS=` role detail published.
+    role_detail_published: String,
+}
+
+/// What the boot sequence hands [`Node::new`]: everything the node starts with.
+pub struct NodeParts {
     pub config_path: PathBuf,
     pub config: Config,
     pub health: Arc<Health>,
@@ -107,28 +143,10 @@ pub struct Node {
     pub metadata: MetadataClient,
     pub secret_manager: Arc<SecretManager>,
     pub secrets: SecretValues,
-    pub tunnel: TunnelSupervisor,
-    /// Where refreshers report changed secrets (the node's own [`Sources::secrets`]).
-    pub secret_changes: mpsc::Sender<SecretChange>,
-    pub refreshers: Vec<JoinHandle<()>>,
+    /// The starting role and where it came from.
     pub role: Role,
     pub role_source: RoleSource,
-    /// The applied table's pushed version, for the config API's `GET /config` and `/readyz`.
-    pub routes_version: watch::Sender<Option<u64>>,
-    /// What the config API compiles pushes under and the tokens it accepts, republished by
-    /// every reload and rotation ([`Node::apply_settings`]).
-    pub api_settings: watch::Sender<Arc<ApiSettings>>,
-    /// `cloudflared --version` of the running configuration's binary: asked at boot and again on
-    /// every reload, when cloudflared is enabled and answered.
     pub cloudflared_version: Option<crate::tunnel::version::CloudflaredVersion>,
-    /// The leader election, when `[role_election]` decides the role.
-    pub election: Option<Election>,
-    /// The `[role_follow]` check, when configured.
-    pub follow: Option<Follow>,
-    /// The election's and the check's tasks, stopped after the node resigned on shutdown.
-    pub role_tasks: Vec<JoinHandle<()>>,
-    /// The last `STATUS=` role detail published.
-    pub role_detail_published: String,
 }
 
 /// What the loop does after an event.
@@ -140,7 +158,7 @@ enum Flow {
 
 /// The cloudflared command for `config`, or `None` when it should not run here (disabled, or
 /// this node is standby).
-pub fn tunnel_spec(
+fn tunnel_spec(
     config: &Config,
     secrets: &SecretValues,
     origin: SocketAddr,
@@ -159,7 +177,6 @@ pub fn tunnel_spec(
     Some(spec)
 }
 
-/// The next tick of an optional timer (never, without one).
 /// [`route_source::build`] on a blocking thread: a large table takes a while to compile, and
 /// the control runtime is one thread that also answers `/ready` and pets the watchdog.
 async fn build_routes(config: &Config, map: HostMap, metrics: &Arc<Metrics>) -> anyhow::Result<(HostMap, RouteTable)> {
@@ -169,6 +186,7 @@ async fn build_routes(config: &Config, map: HostMap, metrics: &Arc<Metrics>) -> 
         .context("compiling the route table did not finish")?
 }
 
+/// The next tick of an optional timer (never, without one).
 async fn tick_of(timer: &mut Option<Interval>) {
     match timer.as_mut() {
         Some(t) => {
@@ -179,6 +197,74 @@ async fn tick_of(timer: &mut Option<Interval>) {
 }
 
 impl Node {
+    /// The node, with cloudflared's supervisor started (cloudflared itself starts with the first
+    /// [`Node::follow_tunnel`]) and no role task yet; and the receiving side of the channel its
+    /// secret refreshers report on (the node's [`Sources::secrets`]).
+    pub fn new(parts: NodeParts) -> (Node, mpsc::Receiver<SecretChange>) {
+        let policy = RestartPolicy::from(&parts.config.cloudflared);
+        let (secret_changes, secret_changed) = mpsc::channel(16);
+        let api_settings = ApiSettings::new(&parts.config, &parts.secrets, None);
+        let node = Node {
+            tunnel: TunnelSupervisor::start(None, policy, parts.health.tunnel.clone()),
+            config_path: parts.config_path,
+            config: parts.config,
+            health: parts.health,
+            metrics: parts.metrics,
+            proxy: parts.proxy,
+            proxy_addr: parts.proxy_addr,
+            metadata: parts.metadata,
+            secret_manager: parts.secret_manager,
+            secrets: parts.secrets,
+            secret_changes,
+            refreshers: Vec::new(),
+            role: parts.role,
+            role_source: parts.role_source,
+            routes_version: watch::Sender::new(None),
+            api_settings: watch::Sender::new(Arc::new(api_settings)),
+            cloudflared_version: parts.cloudflared_version,
+            election: None,
+            follow: None,
+            role_tasks: Vec::new(),
+            role_detail_published: String::new(),
+        };
+        (node, secret_changed)
+    }
+
+    /// What the config API reads from the node: the settings pushes compile under (and the
+    /// tokens it accepts), and the version of the table in use.
+    pub fn config_api_feeds(&self) -> (watch::Receiver<Arc<ApiSettings>>, watch::Receiver<Option<u64>>) {
+        (self.api_settings.subscribe(), self.routes_version.subscribe())
+    }
+
+    /// The configuration in effect (the boot file's, or the last reload's).
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The secret values in effect.
+    pub fn secrets(&self) -> &SecretValues {
+        &self.secrets
+    }
+
+    /// Whether cloudflared should run here now (enabled, and this node active).
+    pub fn wants_tunnel(&self) -> bool {
+        let routes = self.proxy.live.load().routes.clone();
+        tunnel_spec(&self.config, &self.secrets, self.proxy_addr, &routes, self.role).is_some()
+    }
+
+    /// The `[role_follow]` check, started by boot; its task is stopped with the node.
+    pub fn add_follow(&mut self, follow: Follow, task: JoinHandle<()>) {
+        self.health.set_follow(follow.clone());
+        self.follow = Some(follow);
+        self.role_tasks.push(task);
+    }
+
+    /// The election, started by boot; its task is stopped after the node resigned.
+    pub fn add_election(&mut self, election: Election, task: JoinHandle<()>) {
+        self.election = Some(election);
+        self.role_tasks.push(task);
+    }
+
     /// Handles events until a shutdown signal or a failure. Returns the failure, if any.
     pub async fn run(&mut self, mut sources: Sources) -> Option<anyhow::Error> {
         loop {
@@ -478,7 +564,7 @@ impl Node {
             Ok(map) => build_routes(&self.config, map, &self.metrics)
                 .await
                 .map_err(|e| format!("{e:#}")),
-            Err(e) => Err(e),
+            Err(e) => Err(e.to_string()),
         };
         match built {
             Ok((map, table)) => {

@@ -6,9 +6,10 @@
 //! `process_start_time_seconds` for *its* process. Two series with one name would be one
 //! ambiguous metric to Prometheus; prefixed, a dashboard can show both processes side by side.
 
-use std::fmt::Write as _;
 use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::prom_text::{self, Kind};
 
 /// When `main` began, for the start time where `/proc/stat` (boot time) is hidden: the unit's
 /// `ProcSubset=pid` hides it.
@@ -86,35 +87,35 @@ impl ProcessStats {
 
     /// Prometheus text exposition format 0.0.4.
     pub fn render(&self, out: &mut String) {
-        let series: [(&str, &str, &str, Option<f64>); 4] = [
+        let series: [(&str, Kind, &str, Option<f64>); 4] = [
             (
                 "tunnel_agent_process_cpu_seconds_total",
-                "counter",
+                Kind::Counter,
                 "CPU time (user + system) of the agent process itself, not cloudflared's.",
                 self.cpu_seconds,
             ),
             (
                 "tunnel_agent_process_resident_memory_bytes",
-                "gauge",
+                Kind::Gauge,
                 "Resident memory of the agent process itself.",
                 self.resident_bytes.map(|v| v as f64),
             ),
             (
                 "tunnel_agent_process_open_fds",
-                "gauge",
+                Kind::Gauge,
                 "Open file descriptors of the agent process itself.",
                 self.open_fds.map(|v| v as f64),
             ),
             (
                 "tunnel_agent_process_start_time_seconds",
-                "gauge",
+                Kind::Gauge,
                 "Start time of the agent process, seconds since the Unix epoch.",
                 self.start_time_seconds,
             ),
         ];
         for (name, kind, help, value) in series {
             if let Some(v) = value {
-                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+                prom_text::single(out, name, kind, help, v);
             }
         }
     }

@@ -30,9 +30,11 @@ use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
 use tokio::time::{Instant, Sleep};
 
 use crate::framing::{BareLfGuard, BARE_LF_RESPONSE};
+use crate::shutdown::{self, Grace, ShutdownWatch, Stop};
 
 mod conns;
 
@@ -290,25 +292,20 @@ impl<F: Future<Output = Response<B>>, B> Future for Tracked<F> {
     }
 }
 
-/// A running listener (one or several accept loops on the same address). Dropping it does not
-/// stop it; call [`ServerHandle::shutdown`].
+/// A running listener (one or several accept loops on the same address), stopped through its
+/// [`Stop`] ([`ServerHandle::into_stop`]). Dropping it stops it at once, without a grace.
 pub struct ServerHandle {
     pub local_addr: SocketAddr,
-    stop: watch::Sender<Option<Duration>>,
-    /// One per accept loop: whether its connections finished within the grace.
-    loops: Vec<oneshot::Receiver<bool>>,
+    signal: watch::Sender<Option<Duration>>,
+    /// Ends once every accept loop has: whether their connections finished within the grace.
+    task: JoinHandle<bool>,
 }
 
 impl ServerHandle {
-    /// Stops accepting, lets in-flight requests (and upgraded connections) finish for up to
-    /// `grace`, closes idle connections. Returns whether every connection finished in time.
-    pub async fn shutdown(self, grace: Duration) -> bool {
-        let _ = self.stop.send(Some(grace));
-        let mut drained = true;
-        for done in self.loops {
-            drained &= done.await.unwrap_or(false);
-        }
-        drained
+    /// The listener's stop: it stops accepting, lets in-flight requests (and upgraded
+    /// connections) finish for up to the grace, and closes idle connections.
+    pub fn into_stop(self, what: &'static str, grace: Grace) -> Stop {
+        Stop::new(what, grace, self.signal, self.task)
     }
 }
 
@@ -328,27 +325,37 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let local_addr = listener.local_addr()?;
-    let (stop, stopped) = watch::channel(None);
-    let (done, loop_done) = oneshot::channel();
-    tokio::spawn(async move {
-        let _ = done.send(accept_loop(listener, limits, handler, stopped).await);
-    });
+    let (signal, watch) = shutdown::channel();
+    let task = tokio::spawn(accept_loop(listener, limits, handler, watch));
     Ok(ServerHandle {
         local_addr,
-        stop,
-        loops: vec![loop_done],
+        signal,
+        task,
     })
 }
 
-/// Serves `addr` from `workers` threads, each with its own single-threaded runtime and its own
-/// listening socket on the same address (`SO_REUSEPORT`: the kernel spreads new connections
-/// over them). A connection, its requests and whatever `make_handler(i)` gives worker `i` (the
-/// proxy's upstream pools) stay on one thread, as in nginx's worker processes: no work
-/// stealing and no wake-ups across CPUs on the request path.
+/// `workers` listening sockets on `addr` (`SO_REUSEPORT`: the kernel spreads new connections
+/// over them), for [`serve_workers`]. The first picks the port when `addr` asks for port 0; the
+/// others join it. Kept apart from serving, so the sockets can come from elsewhere.
+pub fn bind_workers(addr: SocketAddr, what: &str, workers: usize) -> anyhow::Result<Vec<std::net::TcpListener>> {
+    let mut local_addr = addr;
+    let mut sockets = Vec::with_capacity(workers.max(1));
+    for _ in 0..workers.max(1) {
+        let socket = reuse_port_listener(local_addr)
+            .and_then(|l| l.into_std())
+            .map_err(|e| anyhow::anyhow!("cannot listen on {local_addr} ({what}): {e}"))?;
+        local_addr = socket.local_addr()?;
+        sockets.push(socket);
+    }
+    Ok(sockets)
+}
+
+/// Serves each of `sockets` from a thread of its own, with its own single-threaded runtime. A
+/// connection, its requests and whatever `make_handler(i)` gives worker `i` (the proxy's
+/// upstream pools) stay on one thread, as in nginx's worker processes: no work stealing and no
+/// wake-ups across CPUs on the request path. Logs `proxy stopped` once every worker has.
 pub fn serve_workers<M, H, F, B>(
-    addr: SocketAddr,
-    what: &str,
-    workers: usize,
+    sockets: Vec<std::net::TcpListener>,
     limits: Limits,
     make_handler: M,
 ) -> anyhow::Result<ServerHandle>
@@ -359,29 +366,29 @@ where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let (stop, _) = watch::channel(None);
-    let mut local_addr = addr;
-    let mut loops = Vec::with_capacity(workers);
-    for i in 0..workers.max(1) {
+    let (signal, _) = shutdown::channel();
+    let local_addr = sockets
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("no socket to serve"))?
+        .local_addr()?;
+    let mut loops = Vec::with_capacity(sockets.len());
+    for (i, socket) in sockets.into_iter().enumerate() {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| anyhow::anyhow!("cannot start proxy worker {i}: {e}"))?;
-        // The first socket picks the port when `addr` asks for port 0; the others join it.
         let listener = {
             let _in_runtime = runtime.enter();
-            reuse_port_listener(local_addr)
-                .map_err(|e| anyhow::anyhow!("cannot listen on {local_addr} ({what}): {e}"))?
+            TcpListener::from_std(socket).map_err(|e| anyhow::anyhow!("cannot start proxy worker {i}: {e}"))?
         };
-        local_addr = listener.local_addr()?;
         let (done, loop_done) = oneshot::channel();
         let handler = make_handler(i);
-        let stopped = stop.subscribe();
+        let watch = signal.subscribe();
         let limits = limits.clone();
         std::thread::Builder::new()
             .name(format!("proxy-worker-{i}"))
             .spawn(move || {
-                let drained = runtime.block_on(accept_loop(listener, limits, handler, stopped));
+                let drained = runtime.block_on(accept_loop(listener, limits, handler, watch));
                 // Connections still open after the grace are dropped with the runtime.
                 drop(runtime);
                 let _ = done.send(drained);
@@ -389,10 +396,26 @@ where
             .map_err(|e| anyhow::anyhow!("cannot start proxy worker {i}: {e}"))?;
         loops.push(loop_done);
     }
+    let task = tokio::spawn(async move {
+        let mut drained = true;
+        for done in loops {
+            drained &= done.await.unwrap_or(false);
+        }
+        tracing::info!(
+            drained,
+            "proxy stopped ({})",
+            if drained {
+                "every request finished"
+            } else {
+                "requests cut at the shutdown grace"
+            }
+        );
+        drained
+    });
     Ok(ServerHandle {
         local_addr,
-        stop,
-        loops,
+        signal,
+        task,
     })
 }
 
@@ -435,12 +458,7 @@ const HTTP2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Accepts and serves connections until `stopped` carries a grace, then drains them for up to
 /// that long. Returns whether every connection finished in time.
-async fn accept_loop<H, F, B>(
-    listener: TcpListener,
-    limits: Limits,
-    handler: H,
-    mut stopped: watch::Receiver<Option<Duration>>,
-) -> bool
+async fn accept_loop<H, F, B>(listener: TcpListener, limits: Limits, handler: H, mut stopped: ShutdownWatch) -> bool
 where
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,

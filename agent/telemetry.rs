@@ -8,12 +8,12 @@
 //! them when a table without it is installed ([`Metrics::keep_routes`]).
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::config::LogFormat;
+use crate::prom_text::{self, Family, Kind};
 
 /// Upper bounds of the latency histogram, in seconds.
 const BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
@@ -142,167 +142,165 @@ impl Metrics {
 
     /// Prometheus text exposition format 0.0.4.
     pub fn render(&self, out: &mut String) {
-        let b = crate::build_info::VERSION;
-        let _ = writeln!(
+        let build = [
+            ("version", crate::build_info::VERSION),
+            ("commit", crate::build_info::COMMIT),
+        ];
+        Family::open(
             out,
-            "# HELP tunnel_agent_build_info The agent's version and git commit (always 1).\n# TYPE tunnel_agent_build_info gauge\ntunnel_agent_build_info{{version=\"{}\",commit=\"{}\"}} 1",
-            escape(b),
-            escape(crate::build_info::COMMIT)
-        );
+            "tunnel_agent_build_info",
+            Kind::Gauge,
+            "The agent's version and git commit (always 1).",
+        )
+        .sample(&build, 1);
         let routes: Vec<(Arc<str>, Arc<RouteStats>)> = {
             let map = self.routes.lock().unwrap_or_else(|e| e.into_inner());
             map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
         };
-        let unrouted: Arc<str> = Arc::from("");
-        let all: Vec<(&str, &RouteStats)> = routes
-            .iter()
-            .map(|(k, v)| (&**k, &**v))
-            .chain(std::iter::once((&*unrouted, &*self.unrouted)))
+        let all: Vec<(&str, &RouteStats)> = (routes.iter().map(|(k, v)| (&**k, &**v)))
+            .chain(std::iter::once(("", &*self.unrouted)))
             .collect();
-
-        out.push_str("# HELP tunnel_agent_requests_total Proxied requests by route and status class.\n");
-        out.push_str("# TYPE tunnel_agent_requests_total counter\n");
-        for (name, s) in &all {
-            for (i, c) in s.codes.iter().enumerate() {
-                let v = c.load(Relaxed);
-                if v > 0 {
-                    let _ = writeln!(
-                        out,
-                        "tunnel_agent_requests_total{{route=\"{}\",code=\"{}xx\"}} {v}",
-                        escape(name),
-                        i + 1
-                    );
-                }
-            }
-        }
-        out.push_str("# HELP tunnel_agent_request_duration_seconds Time from request head to response head.\n");
-        out.push_str("# TYPE tunnel_agent_request_duration_seconds histogram\n");
-        for (name, s) in &all {
-            let name = escape(name);
-            let mut cumulative = 0;
-            for (i, b) in s.buckets.iter().enumerate() {
-                cumulative += b.load(Relaxed);
-                let le = BUCKETS.get(i).map_or_else(|| "+Inf".to_owned(), |b| b.to_string());
-                let _ = writeln!(
-                    out,
-                    "tunnel_agent_request_duration_seconds_bucket{{route=\"{name}\",le=\"{le}\"}} {cumulative}"
-                );
-            }
-            let sum = s.sum_micros.load(Relaxed) as f64 / 1e6;
-            let _ = writeln!(
-                out,
-                "tunnel_agent_request_duration_seconds_sum{{route=\"{name}\"}} {sum}"
-            );
-            let _ = writeln!(
-                out,
-                "tunnel_agent_request_duration_seconds_count{{route=\"{name}\"}} {cumulative}"
-            );
-        }
-        out.push_str("# HELP tunnel_agent_upstream_errors_total Upstream failures by route and kind.\n");
-        out.push_str("# TYPE tunnel_agent_upstream_errors_total counter\n");
-        for (name, s) in &all {
-            for kind in UpstreamErrorKind::ALL {
-                let _ = writeln!(
-                    out,
-                    "tunnel_agent_upstream_errors_total{{route=\"{}\",kind=\"{}\"}} {}",
-                    escape(name),
-                    kind.as_str(),
-                    s.errors[kind as usize].load(Relaxed)
-                );
-            }
-        }
-        counter(
-            out,
-            "tunnel_agent_id_token_cache_hits_total",
-            "Identity tokens served from cache.",
-            &self.token_cache_hits,
-        );
-        counter(
-            out,
-            "tunnel_agent_id_token_fetches_total",
-            "Identity token fetches from the metadata server.",
-            &self.token_fetches,
-        );
-        counter(
-            out,
-            "tunnel_agent_id_token_fetch_failures_total",
-            "Failed identity token fetches.",
-            &self.token_fetch_failures,
-        );
-        counter(
-            out,
-            "tunnel_agent_route_reloads_total",
-            "Route tables applied.",
-            &self.route_reloads,
-        );
-        counter(
-            out,
-            "tunnel_agent_route_reload_failures_total",
-            "Route updates rejected.",
-            &self.route_reload_failures,
-        );
-        counter(
-            out,
-            "tunnel_agent_routes_quarantined_total",
-            "Persisted route tables quarantined at boot (runs serving them crashed).",
-            &self.routes_quarantined,
-        );
-        counter(
-            out,
-            "tunnel_agent_secret_fetches_total",
-            "Secret reads and fetches.",
-            &self.secret_fetches,
-        );
-        counter(
-            out,
-            "tunnel_agent_secret_fetch_failures_total",
-            "Failed secret reads and fetches.",
-            &self.secret_fetch_failures,
-        );
-        counter(
-            out,
-            "tunnel_agent_promotions_total",
-            "Changes of this node's role to active.",
-            &self.promotions,
-        );
-        counter(
-            out,
-            "tunnel_agent_demotions_total",
-            "Changes of this node's role to standby.",
-            &self.demotions,
-        );
-        let name = "tunnel_agent_mirrors_in_flight";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Mirrored requests waiting for their body or being sent.\n# TYPE {name} gauge\n{name} {}",
-            self.mirrors_in_flight.get()
-        );
-        self.render_connections(out);
+        render_requests(out, &all);
+        render_durations(out, &all);
+        render_upstream_errors(out, &all);
+        self.render_counters(out);
     }
 
-    fn render_connections(&self, out: &mut String) {
-        let name = "tunnel_agent_proxy_connections";
-        let _ = writeln!(
+    /// The counters and gauges without labels.
+    fn render_counters(&self, out: &mut String) {
+        let counters: [(&str, &str, &Counter); 10] = [
+            (
+                "tunnel_agent_id_token_cache_hits_total",
+                "Identity tokens served from cache.",
+                &self.token_cache_hits,
+            ),
+            (
+                "tunnel_agent_id_token_fetches_total",
+                "Identity token fetches from the metadata server.",
+                &self.token_fetches,
+            ),
+            (
+                "tunnel_agent_id_token_fetch_failures_total",
+                "Failed identity token fetches.",
+                &self.token_fetch_failures,
+            ),
+            (
+                "tunnel_agent_route_reloads_total",
+                "Route tables applied.",
+                &self.route_reloads,
+            ),
+            (
+                "tunnel_agent_route_reload_failures_total",
+                "Route updates rejected.",
+                &self.route_reload_failures,
+            ),
+            (
+                "tunnel_agent_routes_quarantined_total",
+                "Persisted route tables quarantined at boot (runs serving them crashed).",
+                &self.routes_quarantined,
+            ),
+            (
+                "tunnel_agent_secret_fetches_total",
+                "Secret reads and fetches.",
+                &self.secret_fetches,
+            ),
+            (
+                "tunnel_agent_secret_fetch_failures_total",
+                "Failed secret reads and fetches.",
+                &self.secret_fetch_failures,
+            ),
+            (
+                "tunnel_agent_promotions_total",
+                "Changes of this node's role to active.",
+                &self.promotions,
+            ),
+            (
+                "tunnel_agent_demotions_total",
+                "Changes of this node's role to standby.",
+                &self.demotions,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            prom_text::single(out, name, Kind::Counter, help, counter.get());
+        }
+        prom_text::single(
             out,
-            "# HELP {name} Client connections open on the proxy listener.\n# TYPE {name} gauge\n{name} {}",
-            self.proxy_connections.get()
+            "tunnel_agent_mirrors_in_flight",
+            Kind::Gauge,
+            "Mirrored requests waiting for their body or being sent.",
+            self.mirrors_in_flight.get(),
         );
-        counter(
+        prom_text::single(
+            out,
+            "tunnel_agent_proxy_connections",
+            Kind::Gauge,
+            "Client connections open on the proxy listener.",
+            self.proxy_connections.get(),
+        );
+        prom_text::single(
             out,
             "tunnel_agent_proxy_connections_refused_total",
+            Kind::Counter,
             "Client connections closed at once because proxy.max_connections were open.",
-            &self.proxy_connections_refused,
+            self.proxy_connections_refused.get(),
         );
     }
 }
 
-fn counter(out: &mut String, name: &str, help: &str, c: &Counter) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", c.get());
+/// Requests by route and status class; a class no request had is left out.
+fn render_requests(out: &mut String, all: &[(&str, &RouteStats)]) {
+    let mut f = Family::open(
+        out,
+        "tunnel_agent_requests_total",
+        Kind::Counter,
+        "Proxied requests by route and status class.",
+    );
+    for (name, s) in all {
+        for (i, c) in s.codes.iter().enumerate() {
+            let v = c.load(Relaxed);
+            if v > 0 {
+                let code = format!("{}xx", i + 1);
+                f.sample(&[("route", name), ("code", &code)], v);
+            }
+        }
+    }
 }
 
-/// Escapes a label value (backslash, quote, newline), per the exposition format.
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+/// The latency histogram: cumulative buckets, sum and count per route.
+fn render_durations(out: &mut String, all: &[(&str, &RouteStats)]) {
+    let mut f = Family::open(
+        out,
+        "tunnel_agent_request_duration_seconds",
+        Kind::Histogram,
+        "Time from request head to response head.",
+    );
+    for (name, s) in all {
+        let mut cumulative = 0;
+        for (i, b) in s.buckets.iter().enumerate() {
+            cumulative += b.load(Relaxed);
+            let le = BUCKETS.get(i).map_or_else(|| "+Inf".to_owned(), |b| b.to_string());
+            f.suffixed("_bucket", &[("route", name), ("le", &le)], cumulative);
+        }
+        let sum = s.sum_micros.load(Relaxed) as f64 / 1e6;
+        f.suffixed("_sum", &[("route", name)], sum);
+        f.suffixed("_count", &[("route", name)], cumulative);
+    }
+}
+
+/// Upstream failures by route and kind, every kind (zeros included).
+fn render_upstream_errors(out: &mut String, all: &[(&str, &RouteStats)]) {
+    let mut f = Family::open(
+        out,
+        "tunnel_agent_upstream_errors_total",
+        Kind::Counter,
+        "Upstream failures by route and kind.",
+    );
+    for (name, s) in all {
+        for kind in UpstreamErrorKind::ALL {
+            let v = s.errors[kind as usize].load(Relaxed);
+            f.sample(&[("route", name), ("kind", kind.as_str())], v);
+        }
+    }
 }
 
 /// Whether stderr is connected to the journal: systemd sets `JOURNAL_STREAM=dev:inode` for the
@@ -441,7 +439,26 @@ mod tests {
     }
 
     #[test]
-    fn label_values_are_escaped() {
-        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    fn route_names_are_escaped_in_every_family() {
+        let m = Metrics::default();
+        let name: Arc<str> = Arc::from("a\"b\\c\nd");
+        let s = m.route(&name);
+        m.keep_routes([(&name, &s)]);
+        s.observe(200, Duration::from_millis(1));
+        let mut out = String::new();
+        m.render(&mut out);
+        let escaped = r#"route="a\"b\\c\nd""#;
+        for family in [
+            "requests_total{",
+            "duration_seconds_bucket{",
+            "duration_seconds_sum{",
+            "upstream_errors_total{",
+        ] {
+            assert!(
+                out.lines().any(|l| l.contains(family) && l.contains(escaped)),
+                "{family} without {escaped} in:\n{out}"
+            );
+        }
+        assert!(!out.contains("c\nd"), "a raw newline in a label:\n{out}");
     }
 }

@@ -113,7 +113,8 @@ fn production_example_checks_once_its_routes_file_exists() {
     let example = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/examples/agent.toml"))
         .expect("read packaging/examples/agent.toml");
     let routes = dir.join("routes.json");
-    // The seed's routes.json, as its startup script writes it.
+    // A `routes.json` host map as a gateway VM's Terraform startup script writes it:
+    // hostname → Cloud Run URL.
     std::fs::write(
         &routes,
         r#"{

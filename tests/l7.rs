@@ -373,7 +373,8 @@ matches = [{{ path = {{ type = "RegularExpression", value = "/items/[0-9]+" }}, 
     assert_eq!(agent.get(app, "/foo", &[]).await.upstream(), "a");
     assert_eq!(agent.get(app, "/barn", &[]).await.upstream(), "a");
     assert_eq!(agent.get("APP.example.com:8443", "/bar", &[]).await.upstream(), "b");
-    // Seed 003's advanced-routing rule: exact path + header + method, response header added.
+    // The Gateway API `advanced-routing` HTTPRoute example (docs/routing.md's worked example):
+    // exact path + header + method, response header added.
     let r = agent.get(app, "/api/v2/health", &[("x-api-version", "2")]).await;
     assert_eq!((r.status, r.upstream()), (200, "b"));
     assert_eq!(r.header("x-proxy"), Some("cloudflare-tunnel-gateway"));
@@ -658,7 +659,7 @@ async fn config_api_auth_media_type_size_validation_versions_and_readiness() {
         Some("B")
     );
 
-    // The peer's wire format, camelCase throughout (seed 003 advanced-routing plus the rest).
+    // The peer's wire format, camelCase throughout (the `advanced-routing` example plus the rest).
     let b = echo("b").await;
     let peer = json!({ "version": 7, "rules": [
         {

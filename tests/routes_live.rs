@@ -23,7 +23,7 @@ fn metadata_routes_config(meta: &FakeMetadata) -> ConfigText {
         .routes("attribute = \"tunnel-routes\"")
 }
 
-/// The seed's `routes.json` format: hostname → upstream URL.
+/// The `routes.json` host map format: hostname → upstream URL.
 fn host_map(entries: &[(&str, &str)]) -> BTreeMap<String, String> {
     entries
         .iter()

@@ -1,6 +1,19 @@
 //! Secret Manager version names, as `secrets.NAME.name` gives them. Parsed while validating the
 //! file, so a malformed name is a config error with its key, not a failure at boot.
 
+/// Why a `secrets.NAME.name` is not a Secret Manager version name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SecretNameError {
+    /// Not `projects/P/secrets/S/versions/V` or its regional form.
+    #[error("{name:?}: {SHAPE}")]
+    Shape { name: String },
+    /// The shape is right, but a segment is empty or holds other characters.
+    #[error("{name:?}: {SHAPE} (segments may hold letters, digits, '-', '_', '.')")]
+    Segment { name: String },
+}
+
+const SHAPE: &str = "expected projects/P/secrets/S/versions/V or projects/P/locations/L/secrets/S/versions/V";
+
 /// A Secret Manager version resource name, global or regional.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SecretVersionName {
@@ -12,9 +25,8 @@ pub struct SecretVersionName {
 
 impl SecretVersionName {
     /// Parses `projects/P/secrets/S/versions/V` or `projects/P/locations/L/secrets/S/versions/V`.
-    pub fn parse(name: &str) -> Result<SecretVersionName, String> {
+    pub fn parse(name: &str) -> Result<SecretVersionName, SecretNameError> {
         let parts: Vec<&str> = name.split('/').collect();
-        let shape = "expected projects/P/secrets/S/versions/V or projects/P/locations/L/secrets/S/versions/V";
         let ok = |s: &str| {
             !s.is_empty()
                 && s.bytes()
@@ -33,13 +45,11 @@ impl SecretVersionName {
                 secret: (*s).to_owned(),
                 version: (*v).to_owned(),
             },
-            _ => return Err(format!("{name:?}: {shape}")),
+            _ => return Err(SecretNameError::Shape { name: name.to_owned() }),
         };
         let all = [&parsed.project, &parsed.secret, &parsed.version];
         if all.iter().any(|s| !ok(s)) || parsed.location.as_deref().is_some_and(|l| !ok(l)) {
-            return Err(format!(
-                "{name:?}: {shape} (segments may hold letters, digits, '-', '_', '.')"
-            ));
+            return Err(SecretNameError::Segment { name: name.to_owned() });
         }
         Ok(parsed)
     }
@@ -82,5 +92,18 @@ mod tests {
         ] {
             assert!(SecretVersionName::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    /// What `check` prints for a malformed name (the same text as when the error was a string).
+    #[test]
+    fn errors_name_the_value_and_the_expected_shape() {
+        let shape = "expected projects/P/secrets/S/versions/V or projects/P/locations/L/secrets/S/versions/V";
+        let e = SecretVersionName::parse("projects/p/secrets/s").unwrap_err();
+        assert_eq!(e.to_string(), format!("\"projects/p/secrets/s\": {shape}"));
+        let e = SecretVersionName::parse("projects//secrets/s/versions/1").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("\"projects//secrets/s/versions/1\": {shape} (segments may hold letters, digits, '-', '_', '.')")
+        );
     }
 }

@@ -347,8 +347,8 @@ impl SecretSpecAsWritten {
             SecretSourceKind::Env => self.var.clone().filter(|v| !v.is_empty()).map(SecretSource::Env),
             SecretSourceKind::GcpSecretManager => match self.name.as_deref().map(SecretVersionName::parse) {
                 Some(Ok(version)) => Some(SecretSource::GcpSecretManager(version)),
-                Some(Err(reason)) => {
-                    problems.push(("name", reason));
+                Some(Err(e)) => {
+                    problems.push(("name", e.to_string()));
                     None
                 }
                 None => None,

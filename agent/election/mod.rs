@@ -157,51 +157,53 @@ impl Election {
 
     /// Prometheus lines for `/metrics`.
     pub fn render_metrics(&self, out: &mut String) {
+        use crate::prom_text::{self, Family, Kind};
         let s = self.state();
         let remaining = s
             .lease_deadline
             .filter(|_| s.is_leader)
             .map_or(0.0, |d| d.saturating_duration_since(Instant::now()).as_secs_f64());
-        let esc = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
-        out.push_str(&format!(
-            "# HELP tunnel_agent_election_info The election's backend, key and current leader.\n# TYPE tunnel_agent_election_info gauge\ntunnel_agent_election_info{{backend=\"etcd\",key=\"{}\",leader=\"{}\"}} 1\n",
-            esc(&s.key),
-            esc(s.leader.as_deref().unwrap_or(""))
-        ));
+        let labels = [
+            ("backend", "etcd"),
+            ("key", &s.key),
+            ("leader", s.leader.as_deref().unwrap_or("")),
+        ];
+        let help = "The election's backend, key and current leader.";
+        Family::open(out, "tunnel_agent_election_info", Kind::Gauge, help).sample(&labels, 1);
         let lines = [
             (
                 "tunnel_agent_election_leader",
-                "gauge",
+                Kind::Gauge,
                 "1 while this node holds the election key.",
                 f64::from(u8::from(s.is_leader)),
             ),
             (
                 "tunnel_agent_election_lease_remaining_seconds",
-                "gauge",
+                Kind::Gauge,
                 "Time before this leader's lease could expire on the server (counted from the last renewal sent).",
                 remaining,
             ),
             (
                 "tunnel_agent_elections_won_total",
-                "counter",
+                Kind::Counter,
                 "Elections this node won.",
                 s.won as f64,
             ),
             (
                 "tunnel_agent_elections_lost_total",
-                "counter",
+                Kind::Counter,
                 "Times this node lost the key after holding it (fenced, resigned, deposed).",
                 s.lost as f64,
             ),
             (
                 "tunnel_agent_election_renew_failures_total",
-                "counter",
+                Kind::Counter,
                 "Lease renewals that failed.",
                 s.renew_failures as f64,
             ),
         ];
         for (name, kind, help, v) in lines {
-            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
+            prom_text::single(out, name, kind, help, v);
         }
     }
 }

@@ -82,7 +82,7 @@ impl MetadataClient {
             .await
             .map_err(|e| MetadataError::Unreachable {
                 url: self.base.clone(),
-                reason: error_chain(&e),
+                reason: crate::errors::error_chain(&e),
             })?;
         if resp.headers().get("metadata-flavor").map(HeaderValue::as_bytes) != Some(b"Google") {
             return Err(MetadataError::NotMetadata { url: self.base.clone() });
@@ -136,8 +136,9 @@ impl MetadataClient {
     }
 }
 
-/// The chain of an error's causes in one line (it moved to `errors.rs`; named here too for the
-/// modules that still import it from `gcp`).
+// Remove after merge: `errors::error_chain` is not a cloud helper. Only the callers outside
+// this worktree's files still name it here (follow.rs, election/etcd.rs, proxy/mod.rs,
+// tests/common/client.rs); they switch to `crate::errors::error_chain`.
 pub use crate::errors::error_chain;
 
 /// How much of an error body a [`MetadataError::Status`] keeps: enough for the server's reason.

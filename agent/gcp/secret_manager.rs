@@ -5,8 +5,9 @@ use std::time::Duration;
 use base64::Engine as _;
 use tokio::time::Instant;
 
-use super::{error_chain, MetadataClient};
+use super::MetadataClient;
 use crate::config::SecretVersionName;
+use crate::errors::error_chain;
 use crate::secret::Secret;
 
 /// Why a Secret Manager access failed, and whether waiting can help.

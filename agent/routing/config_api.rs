@@ -18,7 +18,6 @@
 //! answer 404 until the next HTTPRoute edit. The stored version keeps ordering across the
 //! restart (an older push is still refused).
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -32,8 +31,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::config::route_spec::null_as_empty;
 use crate::config::{BackendSpec, Config, ConfigApiSection, HostHeader, ListenerSpec, Problem};
 use crate::config::{FilterSpec, MatchSpec, TimeoutsSpec};
+pub use crate::routing::persisted::{boot_persisted, load_persisted, persist, recompile_persisted, PersistedError};
 use crate::routing::table::{RouteTable, RoutesError, RuleSource};
-use crate::routing::trial;
 use crate::secret::{self, AcceptedToken};
 use crate::secrets::SecretValues;
 use crate::server::{self, Limits, ServerHandle};
@@ -74,9 +73,6 @@ async fn linger(mut body: Incoming, mut seen: usize) {
     };
     let _ = tokio::time::timeout(LINGER_TIME, drain).await;
 }
-
-/// File in the state dir holding the last applied push.
-const STATE_FILE: &str = "config-api.json";
 
 /// A pushed configuration (the controller's `Config`, `internal/proxy/config.go`).
 #[derive(Debug, Deserialize)]
@@ -234,130 +230,6 @@ fn tunnel_is_http2(config: &Config) -> bool {
     args.windows(2).any(|w| w[0] == "--protocol" && w[1] == "http2") || args.iter().any(|a| a == "--protocol=http2")
 }
 
-fn state_path(config: &Config) -> Option<PathBuf> {
-    let persist = config.config_api.as_ref().is_some_and(|a| a.persist);
-    persist.then(|| config.agent.state_dir.join(STATE_FILE))
-}
-
-/// The table persisted by the last push, if any, read without side effects (`check`). An
-/// unreadable or no longer valid file is logged and ignored: the agent then waits for a push,
-/// as on first boot.
-pub fn load_persisted(config: &Config, metrics: &Metrics) -> RouteTable {
-    let Some(path) = state_path(config) else {
-        return RouteTable::default();
-    };
-    read_persisted(&path, config, metrics).unwrap_or_default()
-}
-
-/// The persisted push at boot, through its trial ([`trial`]): the table to serve and, when the
-/// persisted one is not served, why (shown in `/status` as `routes_fallback`). Never an error:
-/// a persisted table that cannot be served must not keep the agent down, it waits for a push.
-pub fn boot_persisted(config: &Config, metrics: &Metrics) -> (RouteTable, Option<String>) {
-    let Some(path) = state_path(config) else {
-        return (RouteTable::default(), None);
-    };
-    if !path.exists() {
-        return (RouteTable::default(), None);
-    }
-    match trial::at_boot(&path) {
-        Ok(trial::AtBoot::Serve(trial)) => trial.confirm_later(),
-        Ok(trial::AtBoot::Quarantined { to, runs }) => {
-            metrics.routes_quarantined.inc();
-            let why = format!(
-                "the persisted config {} was being served by {runs} runs that ended without confirming it (crashed); moved to {} and not loaded; waiting for a push",
-                path.display(),
-                to.display()
-            );
-            tracing::error!(path = %path.display(), quarantined = %to.display(), runs, "{why}");
-            return (RouteTable::default(), Some(why));
-        }
-        Err(e) => {
-            let why = format!(
-                "cannot record the trial of the persisted config {} ({e}); not loaded, so that a table that crashes cannot crash every start; waiting for a push",
-                path.display()
-            );
-            tracing::error!(path = %path.display(), error = %e, "{why}");
-            return (RouteTable::default(), Some(why));
-        }
-    }
-    match read_persisted(&path, config, metrics) {
-        Some(table) => (table, None),
-        None => (
-            RouteTable::default(),
-            Some(format!(
-                "the persisted config {} is unreadable or no longer valid (see the log); waiting for a push",
-                path.display()
-            )),
-        ),
-    }
-}
-
-/// Reads and compiles the persisted push at `path`; `None` (logged) when it is missing,
-/// unreadable or no longer valid.
-fn read_persisted(path: &std::path::Path, config: &Config, metrics: &Metrics) -> Option<RouteTable> {
-    let body = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "cannot read the persisted config {}; waiting for a push: {e}", path.display());
-            return None;
-        }
-    };
-    let compiled = PushedConfig::parse(&body)
-        .map_err(|p| format!("{}: {}", p.key, p.reason))
-        .and_then(|c| c.compile(config, metrics).map_err(|e| e.to_string()));
-    match compiled {
-        Ok(table) => {
-            tracing::info!(path = %path.display(), version = table.version, rules = table.len(), "serving the persisted config {} (version {}, {} rules) until the next push", path.display(), table.version.unwrap_or(0), table.len());
-            Some(table)
-        }
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "persisted config {} is no longer valid; waiting for a push: {e}", path.display());
-            None
-        }
-    }
-}
-
-/// The persisted push compiled again under `config` (a reload): `Ok(None)` when nothing is
-/// persisted (`persist = false`, or no push yet), an error when it no longer compiles, so the
-/// reload is refused and the table in use keeps serving. Then backends' default anchors and
-/// the destination rule follow the reloaded settings, as for any other source.
-pub fn recompile_persisted(config: &Config, metrics: &Metrics) -> Result<Option<RouteTable>, String> {
-    let Some(path) = state_path(config) else {
-        return Ok(None);
-    };
-    let body = match std::fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("cannot read the persisted config {}: {e}", path.display())),
-    };
-    let pushed = PushedConfig::parse(&body).map_err(|p| format!("{}: {}", p.key, p.reason))?;
-    pushed.compile(config, metrics).map(Some).map_err(|e| {
-        format!(
-            "the pushed table in use (version {}) does not compile under the reloaded settings: {e}",
-            pushed.version
-        )
-    })
-}
-
-/// Writes an accepted push's body where [`boot_persisted`] reads it back, on trial until this
-/// run has served it for [`trial::TRIAL_PERIOD`]. Called by the node before it applies the
-/// push: a push that cannot be persisted is not applied.
-pub async fn persist(config: &Config, body: Bytes) -> Result<(), String> {
-    let Some(path) = state_path(config) else {
-        return Ok(());
-    };
-    let trial = tokio::task::spawn_blocking(move || {
-        crate::files::write_atomic(&path, &body, 0o600)?;
-        trial::Trial::begin(&path)
-    })
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| e.to_string())?;
-    trial.confirm_later();
-    Ok(())
-}
-
 /// A validated, compiled push on its way to the node.
 #[derive(Debug)]
 pub struct Push {
@@ -379,7 +251,7 @@ pub enum PushOutcome {
     Stale {
         current: u64,
     },
-    PersistFailed(String),
+    PersistFailed(std::io::Error),
 }
 
 /// What a reload or a secret rotation changes for the config API; the node publishes a new
@@ -517,7 +389,36 @@ impl ConfigApi {
         scheme.eq_ignore_ascii_case(b"bearer ") && secret::accepts(&self.settings.borrow().tokens, token)
     }
 
+    /// `PUT /config`: the request checked ([`ConfigApi::body`]), the push parsed and compiled,
+    /// then handed to the node ([`ConfigApi::apply`]).
     async fn put(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let body = match self.body(req).await {
+            Ok(body) => body,
+            Err(refused) => return refused,
+        };
+        let pushed = match PushedConfig::parse(&body) {
+            Ok(p) => p,
+            Err(problem) => {
+                self.metrics.route_reload_failures.inc();
+                return problems_reply(StatusCode::BAD_REQUEST, "invalid_config", &[problem]);
+            }
+        };
+        let Some((pushed, compiled)) = self.compile_blocking(pushed).await else {
+            return shutting_down();
+        };
+        match compiled {
+            Ok(table) => self.apply(pushed, table, body).await,
+            Err(e) => {
+                self.metrics.route_reload_failures.inc();
+                tracing::warn!(version = pushed.version, error = %e, "pushed config rejected: version {}: {e}", pushed.version);
+                problems_reply(StatusCode::BAD_REQUEST, "invalid_config", &e.problems)
+            }
+        }
+    }
+
+    /// The body of a `PUT /config`, or the answer refusing it: 401 without the token, 415 when
+    /// not JSON, 413 over [`MAX_BODY_BYTES`] (declared or sent), 400 when it cannot be read.
+    async fn body(&self, req: Request<Incoming>) -> Result<Bytes, Response<Full<Bytes>>> {
         if !self.authorized(&req) {
             let mut resp = reply(
                 StatusCode::UNAUTHORIZED,
@@ -525,7 +426,7 @@ impl ConfigApi {
             );
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return resp;
+            return Err(resp);
         }
         let is_json = req
             .headers()
@@ -534,10 +435,10 @@ impl ConfigApi {
             .and_then(|v| v.split(';').next())
             .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"));
         if !is_json {
-            return reply(
+            return Err(reply(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 json!({ "error": "unsupported_media_type", "message": "send Content-Type: application/json" }),
-            );
+            ));
         }
         let too_large = || {
             reply(
@@ -551,38 +452,21 @@ impl ConfigApi {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > LINGER_BYTES as u64) {
-            return too_large();
+            return Err(too_large());
         }
-        let body = match read_limited(req.into_body(), MAX_BODY_BYTES).await {
-            Ok(Some(b)) => b,
-            Ok(None) => return too_large(),
-            Err(e) => {
-                return reply(
-                    StatusCode::BAD_REQUEST,
-                    json!({ "error": "bad_request", "message": format!("cannot read the body: {e}") }),
-                )
-            }
-        };
+        match read_limited(req.into_body(), MAX_BODY_BYTES).await {
+            Ok(Some(b)) => Ok(b),
+            Ok(None) => Err(too_large()),
+            Err(e) => Err(reply(
+                StatusCode::BAD_REQUEST,
+                json!({ "error": "bad_request", "message": format!("cannot read the body: {e}") }),
+            )),
+        }
+    }
 
-        let pushed = match PushedConfig::parse(&body) {
-            Ok(p) => p,
-            Err(problem) => {
-                self.metrics.route_reload_failures.inc();
-                return problems_reply(StatusCode::BAD_REQUEST, "invalid_config", &[problem]);
-            }
-        };
-        let Some((pushed, compiled)) = self.compile_blocking(pushed).await else {
-            return shutting_down();
-        };
-        let table = match compiled {
-            Ok(t) => t,
-            Err(e) => {
-                self.metrics.route_reload_failures.inc();
-                tracing::warn!(version = pushed.version, error = %e, "pushed config rejected: version {}: {e}", pushed.version);
-                return problems_reply(StatusCode::BAD_REQUEST, "invalid_config", &e.problems);
-            }
-        };
-
+    /// Hands a compiled push to the node and answers with what it did: 200 applied, 409 older
+    /// than the table in use, 500 not persisted, 503 the node is stopping.
+    async fn apply(&self, pushed: PushedConfig, table: RouteTable, body: Bytes) -> Response<Full<Bytes>> {
         let (reply_tx, outcome) = oneshot::channel();
         let push = Push {
             version: pushed.version,

@@ -12,6 +12,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Method;
 
 use crate::config::route_spec::CorsSpec;
+use crate::routing::error::RuleError;
 
 const REQUEST_METHOD: HeaderName = HeaderName::from_static("access-control-request-method");
 const REQUEST_HEADERS: HeaderName = HeaderName::from_static("access-control-request-headers");
@@ -67,7 +68,7 @@ fn joined(list: &[String]) -> Option<String> {
 }
 
 impl Cors {
-    pub fn compile(spec: &CorsSpec) -> Result<Cors, String> {
+    pub fn compile(spec: &CorsSpec) -> Result<Cors, RuleError> {
         let mut origins = Vec::new();
         for o in &spec.allow_origins {
             origins.push(parse_origin(o)?);
@@ -78,13 +79,13 @@ impl Cors {
             ("exposeHeaders", &spec.expose_headers),
         ] {
             if list.len() > 1 && list.iter().any(|v| v == "*") {
-                return Err(format!("{field}: \"*\" must be the only entry"));
+                return Err(format!("{field}: \"*\" must be the only entry").into());
             }
             if let Some(bad) = list
                 .iter()
                 .find(|v| HeaderValue::from_str(v).is_err() || v.contains(','))
             {
-                return Err(format!("{field}: {bad:?} is not a single token"));
+                return Err(format!("{field}: {bad:?} is not a single token").into());
             }
         }
         if let Some(bad) = spec
@@ -92,10 +93,10 @@ impl Cors {
             .iter()
             .find(|m| *m != "*" && Method::from_bytes(m.as_bytes()).is_err())
         {
-            return Err(format!("allowMethods: {bad:?} is not an HTTP method"));
+            return Err(format!("allowMethods: {bad:?} is not an HTTP method").into());
         }
         let max_age = match spec.max_age {
-            n if n < 0 => return Err(format!("maxAge {n} is negative")),
+            n if n < 0 => return Err(format!("maxAge {n} is negative").into()),
             0 => DEFAULT_MAX_AGE,
             n => n,
         };
@@ -213,24 +214,24 @@ fn vary(headers: &mut HeaderMap, names: &[&'static str]) {
     }
 }
 
-fn parse_origin(o: &str) -> Result<Origin, String> {
+fn parse_origin(o: &str) -> Result<Origin, RuleError> {
     if o == "*" {
         return Ok(Origin::Any);
     }
     let Some((scheme, host)) = o.split_once("://") else {
-        return Err(format!("allowOrigins: {o:?} is not \"*\" or scheme://host[:port]"));
+        return Err(format!("allowOrigins: {o:?} is not \"*\" or scheme://host[:port]").into());
     };
     let scheme_ok = !scheme.is_empty() && scheme.bytes().all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b));
     if !scheme_ok || host.is_empty() || host.contains(['/', '?', '#', ' ']) {
-        return Err(format!("allowOrigins: {o:?} is not \"*\" or scheme://host[:port]"));
+        return Err(format!("allowOrigins: {o:?} is not \"*\" or scheme://host[:port]").into());
     }
     match host.strip_prefix('*') {
         Some(suffix) if suffix.starts_with('.') && suffix.len() > 1 && !suffix.contains('*') => Ok(Origin::Wildcard {
             scheme: scheme.to_ascii_lowercase().into(),
             suffix: suffix.to_ascii_lowercase().into(),
         }),
-        Some(_) => Err(format!("allowOrigins: {o:?}: a wildcard must be a leading \"*.\"")),
-        None if host.contains('*') => Err(format!("allowOrigins: {o:?}: a wildcard must be a leading \"*.\"")),
+        Some(_) => Err(format!("allowOrigins: {o:?}: a wildcard must be a leading \"*.\"").into()),
+        None if host.contains('*') => Err(format!("allowOrigins: {o:?}: a wildcard must be a leading \"*.\"").into()),
         None => Ok(Origin::Exact(o.into())),
     }
 }
@@ -329,7 +330,7 @@ mod tests {
             (r#"{"maxAge": -1}"#, "negative"),
         ] {
             let err = Cors::compile(&serde_json::from_str(json).unwrap()).unwrap_err();
-            assert!(err.contains(want), "{json}: {err}");
+            assert!(err.reason().contains(want), "{json}: {err}");
         }
     }
 }

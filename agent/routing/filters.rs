@@ -8,6 +8,7 @@ use crate::config::route_spec::{
     FilterKind, FilterSpec, HeaderModifierSpec, HeaderSpec, MirrorSpec, PathModifierKind, PathModifierSpec,
 };
 use crate::config::{AuthHeaderKind, Problem, RoutesSection, UpstreamAuthKind, UpstreamProtocol};
+use crate::routing::error::RuleError;
 use crate::routing::table::Upstream;
 use crate::routing::tls::{DefaultRoots, TlsError, UpstreamTls};
 
@@ -68,79 +69,24 @@ impl Filters {
         let mut seen: Vec<FilterKind> = Vec::new();
         for (i, f) in specs.iter().enumerate() {
             let k = format!("{key}[{i}]");
-            let mut bad = |reason: String| problems.push(Problem { key: k.clone(), reason });
-            let given = [
-                (FilterKind::RequestHeaderModifier, f.request_header_modifier.is_some()),
-                (FilterKind::ResponseHeaderModifier, f.response_header_modifier.is_some()),
-                (FilterKind::RequestRedirect, f.request_redirect.is_some()),
-                (FilterKind::UrlRewrite, f.url_rewrite.is_some()),
-                (FilterKind::RequestMirror, f.request_mirror.is_some()),
-                (FilterKind::Cors, f.cors.is_some()),
-            ];
-            for (kind, present) in given {
-                if kind != f.kind && present {
-                    bad(format!(
-                        "settings for {} given on a filter of type {}",
-                        kind.as_str(),
-                        f.kind.as_str()
-                    ));
-                }
-            }
+            misplaced_settings(f, &k, problems);
             // Gateway API: each filter type at most once per rule, except RequestMirror.
             if f.kind != FilterKind::RequestMirror && seen.contains(&f.kind) {
-                bad(format!("{} given more than once", f.kind.as_str()));
+                problems.push(Problem {
+                    key: k,
+                    reason: format!("{} given more than once", f.kind.as_str()),
+                });
                 continue;
             }
             seen.push(f.kind);
-            let missing = || format!("type {} needs its settings object", f.kind.as_str());
-            match f.kind {
-                FilterKind::RequestHeaderModifier => match &f.request_header_modifier {
-                    Some(spec) => out.request_headers = HeaderModifier::compile(spec, &k, problems),
-                    None => bad(missing()),
-                },
-                FilterKind::ResponseHeaderModifier => match &f.response_header_modifier {
-                    Some(spec) => out.response_headers = HeaderModifier::compile(spec, &k, problems),
-                    None => bad(missing()),
-                },
-                // On a backend (valid Gateway API) it answers for the share of requests that
-                // picked that backend, after the rule's filters.
-                FilterKind::RequestRedirect => match &f.request_redirect {
-                    Some(spec) => match Redirect::compile(spec) {
-                        Ok(r) => out.redirect = Some(r),
-                        Err(reason) => bad(reason),
-                    },
-                    None => bad(missing()),
-                },
-                FilterKind::Cors => match &f.cors {
-                    Some(spec) => match Cors::compile(spec) {
-                        Ok(c) => out.cors = Some(c),
-                        Err(reason) => bad(reason),
-                    },
-                    None => bad(missing()),
-                },
-                FilterKind::UrlRewrite => match &f.url_rewrite {
-                    Some(spec) => {
-                        let hostname = match spec.hostname.as_deref().map(rewrite_hostname).transpose() {
-                            Ok(h) => h,
-                            Err(reason) => {
-                                bad(reason);
-                                None
-                            }
-                        };
-                        match spec.path.as_ref().map(PathModifier::compile).transpose() {
-                            Ok(path) => out.rewrite = Some(UrlRewrite { hostname, path }),
-                            Err(reason) => bad(reason),
-                        }
-                    }
-                    None => bad(missing()),
-                },
-                FilterKind::RequestMirror => match &f.request_mirror {
-                    Some(spec) => match Mirror::compile(spec, defaults, default_roots) {
-                        Ok(m) => out.mirrors.push(m),
-                        Err(reason) => bad(reason),
-                    },
-                    None => bad(missing()),
-                },
+            let compiled = FilterContext {
+                key: &k,
+                defaults,
+                default_roots,
+            }
+            .add(f, &mut out, problems);
+            if let Err(e) = compiled {
+                problems.push(e.at(k));
             }
         }
         // "RequestRedirect and URLRewrite cannot both be set on the same rule."
@@ -151,6 +97,80 @@ impl Filters {
             });
         }
         out
+    }
+}
+
+/// A settings object given for another type than the filter's (`cors` on a `RequestMirror`).
+fn misplaced_settings(f: &FilterSpec, key: &str, problems: &mut Vec<Problem>) {
+    let given = [
+        (FilterKind::RequestHeaderModifier, f.request_header_modifier.is_some()),
+        (FilterKind::ResponseHeaderModifier, f.response_header_modifier.is_some()),
+        (FilterKind::RequestRedirect, f.request_redirect.is_some()),
+        (FilterKind::UrlRewrite, f.url_rewrite.is_some()),
+        (FilterKind::RequestMirror, f.request_mirror.is_some()),
+        (FilterKind::Cors, f.cors.is_some()),
+    ];
+    for (kind, present) in given {
+        if kind != f.kind && present {
+            problems.push(Problem {
+                key: key.to_owned(),
+                reason: format!(
+                    "settings for {} given on a filter of type {}",
+                    kind.as_str(),
+                    f.kind.as_str()
+                ),
+            });
+        }
+    }
+}
+
+/// What compiling one filter needs besides its spec.
+struct FilterContext<'a, 'r> {
+    /// The filter's key (`route[0].filters[1]`).
+    key: &'a str,
+    defaults: &'a RoutesSection,
+    default_roots: &'a DefaultRoots<'r>,
+}
+
+impl FilterContext<'_, '_> {
+    /// Compiles `f` into `out`. A header modifier files its problems per entry in `problems`;
+    /// the other types fail as a whole, with the error returned.
+    fn add(&self, f: &FilterSpec, out: &mut Filters, problems: &mut Vec<Problem>) -> Result<(), RuleError> {
+        let missing = || RuleError::new(format!("type {} needs its settings object", f.kind.as_str()));
+        match f.kind {
+            FilterKind::RequestHeaderModifier => {
+                let spec = f.request_header_modifier.as_ref().ok_or_else(missing)?;
+                out.request_headers = HeaderModifier::compile(spec, self.key, problems);
+            }
+            FilterKind::ResponseHeaderModifier => {
+                let spec = f.response_header_modifier.as_ref().ok_or_else(missing)?;
+                out.response_headers = HeaderModifier::compile(spec, self.key, problems);
+            }
+            // On a backend (valid Gateway API) it answers for the share of requests that
+            // picked that backend, after the rule's filters.
+            FilterKind::RequestRedirect => {
+                out.redirect = Some(Redirect::compile(f.request_redirect.as_ref().ok_or_else(missing)?)?);
+            }
+            FilterKind::Cors => out.cors = Some(Cors::compile(f.cors.as_ref().ok_or_else(missing)?)?),
+            FilterKind::UrlRewrite => {
+                let spec = f.url_rewrite.as_ref().ok_or_else(missing)?;
+                let hostname = match spec.hostname.as_deref().map(rewrite_hostname).transpose() {
+                    Ok(h) => h,
+                    Err(e) => {
+                        problems.push(e.at(self.key));
+                        None
+                    }
+                };
+                let path = spec.path.as_ref().map(PathModifier::compile).transpose()?;
+                out.rewrite = Some(UrlRewrite { hostname, path });
+            }
+            FilterKind::RequestMirror => {
+                let spec = f.request_mirror.as_ref().ok_or_else(missing)?;
+                out.mirrors
+                    .push(Mirror::compile(spec, self.defaults, self.default_roots)?);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -235,7 +255,7 @@ pub enum PathModifier {
 }
 
 impl PathModifier {
-    fn compile(spec: &PathModifierSpec) -> Result<PathModifier, String> {
+    fn compile(spec: &PathModifierSpec) -> Result<PathModifier, RuleError> {
         let (wanted, other) = match spec.kind {
             PathModifierKind::ReplaceFullPath => (&spec.replace_full_path, &spec.replace_prefix_match),
             PathModifierKind::ReplacePrefixMatch => (&spec.replace_prefix_match, &spec.replace_full_path),
@@ -245,25 +265,23 @@ impl PathModifier {
             PathModifierKind::ReplacePrefixMatch => "ReplacePrefixMatch",
         };
         if other.is_some() {
-            return Err(format!("path type {kind} takes only its own value"));
+            return Err(format!("path type {kind} takes only its own value").into());
         }
         let value = match (wanted, &spec.value) {
             (Some(v), None) | (None, Some(v)) => v.as_str(),
             (Some(_), Some(_)) => return Err("give the path value once (value or the type's own field)".into()),
-            (None, None) => return Err(format!("path type {kind} needs a value")),
+            (None, None) => return Err(format!("path type {kind} needs a value").into()),
         };
         // `ReplacePrefixMatch` may be empty (the spec's table strips the prefix to "/").
         let empty_ok = spec.kind == PathModifierKind::ReplacePrefixMatch && value.is_empty();
         if !empty_ok && !value.starts_with('/') {
-            return Err(format!("path {value:?} must start with \"/\""));
+            return Err(format!("path {value:?} must start with \"/\"").into());
         }
         if value
             .chars()
             .any(|c| matches!(c, '?' | '#') || c.is_whitespace() || c.is_control())
         {
-            return Err(format!(
-                "path {value:?} contains a character that cannot appear in a path"
-            ));
+            return Err(format!("path {value:?} contains a character that cannot appear in a path").into());
         }
         // In normal form, so a rewrite of a normalised path stays normalised and inside its
         // prefix: no dot-segment or `//` can be spliced in.
@@ -307,12 +325,12 @@ pub struct Redirect {
 }
 
 impl Redirect {
-    fn compile(spec: &crate::config::route_spec::RedirectSpec) -> Result<Redirect, String> {
+    fn compile(spec: &crate::config::route_spec::RedirectSpec) -> Result<Redirect, RuleError> {
         let scheme = match spec.scheme.as_deref() {
             None => None,
             Some("http") => Some("http"),
             Some("https") => Some("https"),
-            Some(other) => return Err(format!("scheme {other:?} is not http or https")),
+            Some(other) => return Err(format!("scheme {other:?} is not http or https").into()),
         };
         let hostname = spec
             .hostname
@@ -329,11 +347,7 @@ impl Redirect {
         // so a newer controller's push is not rejected.
         let status = match spec.status_code.unwrap_or(302) {
             code @ (301 | 302 | 303 | 307 | 308) => StatusCode::from_u16(code).map_err(|e| e.to_string())?,
-            code => {
-                return Err(format!(
-                    "status code {code} is not a redirect (301, 302, 303, 307, 308)"
-                ))
-            }
+            code => return Err(format!("status code {code} is not a redirect (301, 302, 303, 307, 308)").into()),
         };
         Ok(Redirect {
             scheme,
@@ -415,12 +429,12 @@ fn split_host_port(host: &str) -> (&str, Option<u16>) {
     }
 }
 
-fn rewrite_hostname(h: &str) -> Result<HeaderValue, String> {
+fn rewrite_hostname(h: &str) -> Result<HeaderValue, RuleError> {
     let h = crate::routing::table::normalise_hostname(h)?;
     if h.starts_with('*') {
         return Err("a rewrite hostname cannot be a wildcard".into());
     }
-    HeaderValue::try_from(h).map_err(|e| e.to_string())
+    HeaderValue::try_from(h).map_err(|e| RuleError::new(e.to_string()))
 }
 
 /// `HTTPURLRewriteFilter`, compiled.
@@ -451,7 +465,7 @@ impl Mirror {
         spec: &MirrorSpec,
         defaults: &RoutesSection,
         default_roots: &DefaultRoots<'_>,
-    ) -> Result<Mirror, String> {
+    ) -> Result<Mirror, RuleError> {
         let upstream = Upstream::parse(&spec.backend_url)?;
         let tls = match &spec.tls {
             None => None,
@@ -472,13 +486,14 @@ impl Mirror {
         let (numerator, denominator) = match (spec.percent, &spec.fraction) {
             (Some(_), Some(_)) => return Err("give percent or fraction, not both".into()),
             (Some(p), None) if p <= 100 => (p, 100),
-            (Some(p), None) => return Err(format!("percent {p} is not within 0–100")),
+            (Some(p), None) => return Err(format!("percent {p} is not within 0–100").into()),
             (None, Some(f)) if f.denominator > 0 && f.numerator <= f.denominator => (f.numerator, f.denominator),
             (None, Some(f)) => {
                 return Err(format!(
                     "fraction {}/{} must have 0 < denominator and numerator <= denominator",
                     f.numerator, f.denominator
-                ))
+                )
+                .into())
             }
             (None, None) => (1, 1),
         };

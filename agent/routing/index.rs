@@ -109,11 +109,8 @@ pub(crate) fn compile_listeners(specs: &[ListenerSpec], problems: &mut Vec<Probl
         let key = format!("listeners[{i}]");
         let hostname = match l.hostname.as_deref().map(normalise_hostname).transpose() {
             Ok(h) => h.map(String::into_boxed_str),
-            Err(reason) => {
-                problems.push(Problem {
-                    key: format!("{key}.hostname"),
-                    reason,
-                });
+            Err(e) => {
+                problems.push(e.at(format!("{key}.hostname")));
                 None
             }
         };

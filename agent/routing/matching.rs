@@ -24,8 +24,9 @@ use std::sync::Arc;
 use http::{HeaderMap, HeaderName, Method};
 use regex::bytes::{Regex, RegexBuilder, RegexSet, RegexSetBuilder};
 
-use crate::config::route_spec::{MatchSpec, PathMatchKind, ValueMatchKind, ValueMatchSpec};
+use crate::config::route_spec::{MatchSpec, PathMatchKind, PathMatchSpec, ValueMatchKind, ValueMatchSpec};
 use crate::config::Problem;
+use crate::routing::error::RuleError;
 
 /// Longest path, header or query value accepted in a match (Gateway API's own limit).
 const MAX_VALUE_LEN: usize = 1024;
@@ -61,9 +62,9 @@ impl<'a> RequestHead<'a> {
 /// Syntax is the `regex` crate's (close to RE2, the dialect Gateway API names). Unicode mode is
 /// off, as in RE2/Go: `\d`, `\w`, `\s` and `\b` are ASCII classes, so `\d` does not match `٣`.
 /// `(?u)` turns Unicode mode back on for a group where that is wanted.
-pub fn compile_anchored(pattern: &str) -> Result<Regex, String> {
+pub fn compile_anchored(pattern: &str) -> Result<Regex, RuleError> {
     if pattern.len() > MAX_VALUE_LEN {
-        return Err(format!("regular expression longer than {MAX_VALUE_LEN} characters"));
+        return Err(format!("regular expression longer than {MAX_VALUE_LEN} characters").into());
     }
     let build = |p: &str| {
         RegexBuilder::new(p)
@@ -83,7 +84,7 @@ pub fn compile_anchored(pattern: &str) -> Result<Regex, String> {
         .build()
         .map_err(|e| format!("invalid regular expression {pattern:?}: {}", first_line(&e)))?;
     build(&format!(r"\A(?:{pattern})\z"))
-        .map_err(|e| format!("invalid regular expression {pattern:?}: {}", first_line(&e)))
+        .map_err(|e| format!("invalid regular expression {pattern:?}: {}", first_line(&e)).into())
 }
 
 fn first_line(e: &regex::Error) -> String {
@@ -106,6 +107,17 @@ pub enum PathMatcher {
 }
 
 impl PathMatcher {
+    /// A configured path match; a path value must be in normal form.
+    fn compile(p: &PathMatchSpec) -> Result<PathMatcher, RuleError> {
+        match p.kind {
+            PathMatchKind::Exact => check_path_value(&p.value).map(|()| PathMatcher::Exact(p.value.as_str().into())),
+            PathMatchKind::PathPrefix => {
+                check_path_value(&p.value).map(|()| PathMatcher::Prefix(p.value.trim_end_matches('/').into()))
+            }
+            PathMatchKind::RegularExpression => compile_anchored(&p.value).map(PathMatcher::Regex),
+        }
+    }
+
     pub fn matches(&self, path: &str) -> bool {
         match self {
             PathMatcher::Exact(p) => path == &**p,
@@ -133,9 +145,9 @@ enum ValueMatcher {
 }
 
 impl ValueMatcher {
-    fn compile(spec: &ValueMatchSpec) -> Result<ValueMatcher, String> {
+    fn compile(spec: &ValueMatchSpec) -> Result<ValueMatcher, RuleError> {
         if spec.value.len() > MAX_VALUE_LEN {
-            return Err(format!("value longer than {MAX_VALUE_LEN} characters"));
+            return Err(format!("value longer than {MAX_VALUE_LEN} characters").into());
         }
         Ok(match spec.kind {
             ValueMatchKind::Exact => ValueMatcher::Exact(spec.value.as_bytes().into()),
@@ -310,76 +322,26 @@ impl RouteMatch {
         order: (usize, usize),
     ) -> Result<RouteMatch, Vec<Problem>> {
         let mut problems = Vec::new();
-        let mut bad = |k: String, reason: String| problems.push(Problem { key: k, reason });
-        let path = match &spec.path {
-            None => PathMatcher::Prefix("".into()),
-            Some(p) => {
-                let k = format!("{key}.path");
-                match p.kind {
-                    PathMatchKind::Exact | PathMatchKind::PathPrefix => match check_path_value(&p.value) {
-                        Err(reason) => {
-                            bad(k, reason);
-                            PathMatcher::Prefix("".into())
-                        }
-                        Ok(()) if p.kind == PathMatchKind::Exact => PathMatcher::Exact(p.value.as_str().into()),
-                        Ok(()) => PathMatcher::Prefix(p.value.trim_end_matches('/').into()),
-                    },
-                    PathMatchKind::RegularExpression => match compile_anchored(&p.value) {
-                        Ok(re) => PathMatcher::Regex(re),
-                        Err(reason) => {
-                            bad(k, reason);
-                            PathMatcher::Prefix("".into())
-                        }
-                    },
-                }
+        let path = match spec.path.as_ref().map(PathMatcher::compile).transpose() {
+            Ok(path) => path.unwrap_or(PathMatcher::Prefix("".into())),
+            Err(e) => {
+                problems.push(e.at(format!("{key}.path")));
+                PathMatcher::Prefix("".into())
             }
         };
         let method = match spec.method.as_deref() {
             None | Some("") => None,
             Some(m) if METHODS.contains(&m) => Method::from_bytes(m.as_bytes()).ok(),
             Some(m) => {
-                bad(
-                    format!("{key}.method"),
-                    format!("{m:?} is not one of {}", METHODS.join(", ")),
-                );
+                problems.push(Problem {
+                    key: format!("{key}.method"),
+                    reason: format!("{m:?} is not one of {}", METHODS.join(", ")),
+                });
                 None
             }
         };
-        // "If multiple entries specify equivalent header names, only the first entry with an
-        // equivalent name MUST be considered for a match." Header names compare
-        // case-insensitively, query parameter names exactly.
-        let mut headers: Vec<HeaderCondition> = Vec::new();
-        for (i, h) in spec.headers.iter().enumerate() {
-            let k = format!("{key}.headers[{i}]");
-            let name = match HeaderName::from_bytes(h.name.as_bytes()) {
-                Ok(n) => n,
-                Err(_) => {
-                    bad(k, format!("{:?} is not a valid header name", h.name));
-                    continue;
-                }
-            };
-            match ValueMatcher::compile(h) {
-                Ok(value) if !headers.iter().any(|c| c.name == name) => headers.push(HeaderCondition { name, value }),
-                Ok(_) => {}
-                Err(reason) => bad(k, reason),
-            }
-        }
-        let mut query: Vec<QueryCondition> = Vec::new();
-        for (i, q) in spec.query_params.iter().enumerate() {
-            let k = format!("{key}.query_params[{i}]");
-            if q.name.is_empty() {
-                bad(k, "name must not be empty".into());
-                continue;
-            }
-            match ValueMatcher::compile(q) {
-                Ok(value) if !query.iter().any(|c| *c.name == *q.name) => query.push(QueryCondition {
-                    name: q.name.as_str().into(),
-                    value,
-                }),
-                Ok(_) => {}
-                Err(reason) => bad(k, reason),
-            }
-        }
+        let headers = header_conditions(&spec.headers, key, &mut problems);
+        let query = query_conditions(&spec.query_params, key, &mut problems);
         if !problems.is_empty() {
             return Err(problems);
         }
@@ -440,31 +402,79 @@ impl RouteMatch {
     }
 }
 
-fn check_path_value(v: &str) -> Result<(), String> {
+/// A match's header conditions. "If multiple entries specify equivalent header names, only the
+/// first entry with an equivalent name MUST be considered for a match." Header names compare
+/// case-insensitively.
+fn header_conditions(specs: &[ValueMatchSpec], key: &str, problems: &mut Vec<Problem>) -> Vec<HeaderCondition> {
+    let mut headers: Vec<HeaderCondition> = Vec::with_capacity(specs.len());
+    for (i, h) in specs.iter().enumerate() {
+        let k = format!("{key}.headers[{i}]");
+        let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else {
+            problems.push(Problem {
+                key: k,
+                reason: format!("{:?} is not a valid header name", h.name),
+            });
+            continue;
+        };
+        match ValueMatcher::compile(h) {
+            Ok(value) if !headers.iter().any(|c| c.name == name) => headers.push(HeaderCondition { name, value }),
+            Ok(_) => {}
+            Err(e) => problems.push(e.at(k)),
+        }
+    }
+    headers
+}
+
+/// A match's query parameter conditions; names compare exactly, the first of a name counts.
+fn query_conditions(specs: &[ValueMatchSpec], key: &str, problems: &mut Vec<Problem>) -> Vec<QueryCondition> {
+    let mut query: Vec<QueryCondition> = Vec::with_capacity(specs.len());
+    for (i, q) in specs.iter().enumerate() {
+        let k = format!("{key}.query_params[{i}]");
+        if q.name.is_empty() {
+            problems.push(Problem {
+                key: k,
+                reason: "name must not be empty".into(),
+            });
+            continue;
+        }
+        match ValueMatcher::compile(q) {
+            Ok(value) if !query.iter().any(|c| *c.name == *q.name) => query.push(QueryCondition {
+                name: q.name.as_str().into(),
+                value,
+            }),
+            Ok(_) => {}
+            Err(e) => problems.push(e.at(k)),
+        }
+    }
+    query
+}
+
+fn check_path_value(v: &str) -> Result<(), RuleError> {
     if !v.starts_with('/') {
-        return Err(format!("{v:?} must start with \"/\""));
+        return Err(format!("{v:?} must start with \"/\"").into());
     }
     if v.len() > MAX_VALUE_LEN {
-        return Err(format!("longer than {MAX_VALUE_LEN} characters"));
+        return Err(format!("longer than {MAX_VALUE_LEN} characters").into());
     }
     if let Some(c) = v
         .chars()
         .find(|c| matches!(c, '?' | '#') || c.is_whitespace() || c.is_control())
     {
-        return Err(format!("{v:?} contains {c:?}, which cannot appear in a request path"));
+        return Err(format!("{v:?} contains {c:?}, which cannot appear in a request path").into());
     }
     normal_form(v)
 }
 
 /// Requests are matched in their normalised form (`super::path`), so a value is written in that
 /// form too: any other spelling could never match, or would match less than it says.
-pub(super) fn normal_form(v: &str) -> Result<(), String> {
+pub(super) fn normal_form(v: &str) -> Result<(), RuleError> {
     match super::path::normalise(v) {
         Ok(Cow::Borrowed(_)) => Ok(()),
         Ok(Cow::Owned(normal)) => Err(format!(
             "{v:?} is not a normalised path (requests are matched and forwarded normalised): write {normal:?}"
-        )),
-        Err(e) => Err(format!("{v:?} cannot be a request path: {e}")),
+        )
+        .into()),
+        Err(e) => Err(format!("{v:?} cannot be a request path: {e}").into()),
     }
 }
 

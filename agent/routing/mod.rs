@@ -3,21 +3,26 @@
 //!
 //! [`crate::config::route_spec`] holds the rule pieces as configured (TOML `[[route]]` or the
 //! config API's JSON), [`matching`] the compiled matches and their precedence order, [`filters`]
-//! the compiled filters. [`table::RouteTable`] puts them together once per configuration;
+//! the compiled filters. The compiler (`compile`) puts them together into a
+//! [`table::RouteTable`] once per configuration, one method per piece of a rule;
 //! [`validate`] runs that compile step over a config file so `check` and the running agent never
 //! disagree. The table's sources: the config file or a host map ([`source`], watched or read
-//! once) and the controller's pushes ([`config_api`]); every table, whatever its source, is
-//! applied by `crate::node`.
+//! once) and the controller's pushes ([`config_api`], the last one kept by `persisted`); every
+//! table, whatever its source, is applied by `crate::node`. [`error`] holds routing's error
+//! types: a rule's value, a refused table, a source that gave nothing.
 
+mod compile;
 pub mod config_api;
 pub mod cors;
 pub mod destination;
+pub mod error;
 pub mod filters;
 mod index;
 pub mod limits;
 pub mod matching;
 pub mod mirror;
 pub mod path;
+mod persisted;
 mod rule_source;
 pub mod source;
 pub mod table;

@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use crate::config::{Config, RouteSourceKind};
 use crate::gcp::{MetadataClient, Watched};
 use crate::routing::config_api;
+use crate::routing::error::SourceError;
 use crate::routing::table::{parse_host_map, read_host_map, RouteTable};
 use crate::telemetry::Metrics;
 
@@ -49,7 +50,7 @@ fn attribute_path(config: &Config) -> String {
 
 /// Reads the host map from the configured source. Returns the map and, for the metadata
 /// attribute, its ETag (the starting point of the watch).
-pub async fn fetch(config: &Config, metadata: &MetadataClient) -> Result<(HostMap, Option<String>), String> {
+pub async fn fetch(config: &Config, metadata: &MetadataClient) -> Result<(HostMap, Option<String>), SourceError> {
     match config.routes.source {
         RouteSourceKind::Inline => Ok((config.routes.hosts.clone(), None)),
         // Pushed tables are not fetched; the config API applies them itself.
@@ -59,11 +60,19 @@ pub async fn fetch(config: &Config, metadata: &MetadataClient) -> Result<(HostMa
         }
         RouteSourceKind::GcpMetadata => {
             let path = attribute_path(config);
-            let (body, etag) = metadata.get(&path, &[]).await.map_err(|e| e.to_string())?;
-            let map = parse_host_map(body.as_bytes()).map_err(|e| format!("metadata attribute {path}: {e}"))?;
+            let (body, etag) = metadata.get(&path, &[]).await?;
+            let map = parse_attribute(&path, &body)?;
             Ok((map, etag))
         }
     }
+}
+
+/// The metadata attribute at `path`, read as a host map.
+fn parse_attribute(path: &str, body: &str) -> Result<HostMap, SourceError> {
+    parse_host_map(body.as_bytes()).map_err(|error| SourceError::NotAHostMap {
+        origin: format!("metadata attribute {path}"),
+        error,
+    })
 }
 
 fn last_good_path(config: &Config) -> PathBuf {
@@ -79,7 +88,7 @@ fn keeps_last_good(config: &Config) -> bool {
 }
 
 /// The last host map that built a valid table, if any.
-pub fn load_last_good(config: &Config) -> Result<HostMap, String> {
+pub fn load_last_good(config: &Config) -> Result<HostMap, SourceError> {
     read_host_map(&last_good_path(config))
 }
 
@@ -107,9 +116,7 @@ pub fn build(config: &Config, map: &HostMap, metrics: &Metrics) -> anyhow::Resul
 pub fn load_local(config: &Config, metrics: &Metrics) -> anyhow::Result<RouteTable> {
     let map = match config.routes.source {
         RouteSourceKind::Inline => config.routes.hosts.clone(),
-        RouteSourceKind::File => {
-            read_host_map(config.routes.file.as_deref().unwrap_or(Path::new(""))).map_err(anyhow::Error::msg)?
-        }
+        RouteSourceKind::File => read_host_map(config.routes.file.as_deref().unwrap_or(Path::new("")))?,
         RouteSourceKind::GcpMetadata => HostMap::new(),
         RouteSourceKind::ConfigApi => return Ok(config_api::load_persisted(config, metrics)),
     };
@@ -142,7 +149,7 @@ pub async fn boot(config: &Config, metadata: &MetadataClient, metrics: &Metrics)
     }
     // A remote source's value that builds no valid table is as unusable as an unreachable one.
     let fetched = fetch(config, metadata).await.and_then(|(map, etag)| {
-        let table = build(config, &map, metrics).map_err(|e| format!("{e:#}"))?;
+        let table = RouteTable::build_with(config, &map, metrics).map_err(SourceError::Invalid)?;
         Ok((map, table, etag))
     });
     match fetched {
@@ -191,7 +198,7 @@ pub async fn boot(config: &Config, metadata: &MetadataClient, metrics: &Metrics)
 }
 
 /// A new value of the watched attribute: the parsed map, or why it is unusable.
-pub type Update = Result<HostMap, String>;
+pub type Update = Result<HostMap, SourceError>;
 
 /// Long-polls the routes attribute and sends each changed value. Ends when `tx` is closed.
 pub fn watch(
@@ -208,13 +215,9 @@ pub fn watch(
         loop {
             let path = watch.path().to_owned();
             let update = match watch.next().await {
-                Watched::Changed(body) => {
-                    parse_host_map(body.as_bytes()).map_err(|e| format!("metadata attribute {path}: {e}"))
-                }
+                Watched::Changed(body) => parse_attribute(&path, &body),
                 // Deleted attribute: keep serving the current table, say so once per change.
-                Watched::Missing { was_present: true } => Err(format!(
-                    "metadata attribute {path} was deleted; keeping the current routes"
-                )),
+                Watched::Missing { was_present: true } => Err(SourceError::Deleted { path }),
                 Watched::Missing { was_present: false } => continue,
             };
             if tx.send(update).await.is_err() {

@@ -16,6 +16,7 @@ use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, OtherError, 
 
 use crate::config::route_spec::BackendTlsSpec;
 use crate::config::{ProxySection, TrustStore};
+use crate::routing::error::RuleError;
 
 /// Largest CA bundle accepted, inline (`caBundle`) or read from a file (`ca_file`): a few
 /// times Mozilla's whole bundle (about 220 KB), so any real bundle fits and a device or a
@@ -27,10 +28,10 @@ pub const MAX_CA_BUNDLE_BYTES: usize = 512 * 1024;
 /// [`MAX_CA_BUNDLE_BYTES`] is read: a FIFO would block the control runtime, a device such as
 /// `/dev/zero` would grow memory for ever. Opened with `O_NONBLOCK` so that a FIFO swapped in
 /// after the `stat` cannot block the open either; the type is checked on the open file.
-pub fn read_ca_file(path: &std::path::Path) -> Result<Vec<u8>, String> {
+pub fn read_ca_file(path: &std::path::Path) -> Result<Vec<u8>, RuleError> {
     use std::io::Read as _;
     use std::os::unix::fs::OpenOptionsExt as _;
-    let cannot = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
+    let cannot = |e: std::io::Error| RuleError::new(format!("cannot read {}: {e}", path.display()));
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
@@ -38,7 +39,7 @@ pub fn read_ca_file(path: &std::path::Path) -> Result<Vec<u8>, String> {
         .map_err(cannot)?;
     let meta = file.metadata().map_err(cannot)?;
     if !meta.is_file() {
-        return Err(format!("{} is not a regular file", path.display()));
+        return Err(format!("{} is not a regular file", path.display()).into());
     }
     let mut pem = Vec::new();
     let limit = MAX_CA_BUNDLE_BYTES as u64;
@@ -47,13 +48,14 @@ pub fn read_ca_file(path: &std::path::Path) -> Result<Vec<u8>, String> {
         return Err(format!(
             "{} is larger than {MAX_CA_BUNDLE_BYTES} bytes; a CA bundle is far smaller",
             path.display()
-        ));
+        )
+        .into());
     }
     Ok(pem)
 }
 
 /// The trust anchors: the CA bundle in `pem`, or webpki's (Mozilla's) roots.
-pub fn roots(pem: Option<&[u8]>) -> Result<RootCertStore, String> {
+pub fn roots(pem: Option<&[u8]>) -> Result<RootCertStore, RuleError> {
     let mut roots = RootCertStore::empty();
     match pem {
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
@@ -75,7 +77,7 @@ pub fn roots(pem: Option<&[u8]>) -> Result<RootCertStore, String> {
 /// The operating system's trust store, as rustls-native-certs finds it (on Linux the file and
 /// directory OpenSSL would use, or `SSL_CERT_FILE` / `SSL_CERT_DIR`). Certificates it cannot
 /// parse are skipped; a store that yields none is an error, since it would trust nothing.
-pub fn system_roots() -> Result<RootCertStore, String> {
+pub fn system_roots() -> Result<RootCertStore, RuleError> {
     let found = rustls_native_certs::load_native_certs();
     let mut roots = RootCertStore::empty();
     let (_, unusable) = roots.add_parsable_certificates(found.certs);
@@ -89,7 +91,8 @@ pub fn system_roots() -> Result<RootCertStore, String> {
         return Err(format!(
             "the system trust store holds no usable certificate ({why}); install ca-certificates, \
              or point SSL_CERT_FILE at a PEM bundle"
-        ));
+        )
+        .into());
     }
     if unusable > 0 || !errors.is_empty() {
         tracing::warn!(
@@ -125,9 +128,13 @@ impl<'a> DefaultRoots<'a> {
                 let loaded = match (&self.proxy.ca_file, self.proxy.trust) {
                     (Some(path), _) => read_ca_file(path)
                         .and_then(|pem| roots(Some(&pem)))
-                        .map_err(|e| ("proxy.ca_file".to_owned(), e)),
-                    (None, Some(TrustStore::System)) => system_roots().map_err(|e| ("proxy.trust".to_owned(), e)),
-                    (None, Some(TrustStore::Webpki) | None) => roots(None).map_err(|e| ("proxy.trust".to_owned(), e)),
+                        .map_err(|e| ("proxy.ca_file".to_owned(), e.to_string())),
+                    (None, Some(TrustStore::System)) => {
+                        system_roots().map_err(|e| ("proxy.trust".to_owned(), e.to_string()))
+                    }
+                    (None, Some(TrustStore::Webpki) | None) => {
+                        roots(None).map_err(|e| ("proxy.trust".to_owned(), e.to_string()))
+                    }
                 };
                 loaded.map(Arc::new)
             })
@@ -140,10 +147,10 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// Client settings with `roots` and no client certificate.
-pub fn client_config(roots: RootCertStore) -> Result<ClientConfig, String> {
+pub fn client_config(roots: RootCertStore) -> Result<ClientConfig, RuleError> {
     Ok(ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(|e| RuleError::new(e.to_string()))?
         .with_root_certificates(roots)
         .with_no_client_auth())
 }
@@ -174,14 +181,14 @@ pub enum TlsError {
 }
 
 /// The controller sends Go `[]byte` as base64; TOML writes PEM directly.
-fn pem_or_base64(value: &str, what: &str) -> Result<Vec<u8>, String> {
+fn pem_or_base64(value: &str, what: &str) -> Result<Vec<u8>, RuleError> {
     use base64::Engine as _;
     if value.trim_start().starts_with("-----BEGIN") {
         return Ok(value.as_bytes().to_vec());
     }
     base64::engine::general_purpose::STANDARD
         .decode(value.trim())
-        .map_err(|_| format!("{what} is neither PEM nor base64 of PEM"))
+        .map_err(|_| RuleError::new(format!("{what} is neither PEM nor base64 of PEM")))
 }
 
 impl UpstreamTls {
@@ -199,10 +206,10 @@ impl UpstreamTls {
                     format!("{} bytes; a CA bundle may be at most {MAX_CA_BUNDLE_BYTES}", pem.len()),
                 ))
             }
-            (Some(pem), None) => Arc::new(roots(Some(pem.as_bytes())).map_err(|e| err(field, e))?),
+            (Some(pem), None) => Arc::new(roots(Some(pem.as_bytes())).map_err(|e| err(field, e.to_string()))?),
             (None, Some(path)) => {
-                let pem = read_ca_file(path).map_err(|e| err("caFile", e))?;
-                Arc::new(roots(Some(&pem)).map_err(|e| err(field, e))?)
+                let pem = read_ca_file(path).map_err(|e| err("caFile", e.to_string()))?;
+                Arc::new(roots(Some(&pem)).map_err(|e| err(field, e.to_string()))?)
             }
             (None, None) => default_roots
                 .get()
@@ -244,14 +251,14 @@ impl UpstreamTls {
         let config = match (&spec.client_cert_pem, &spec.client_key_pem) {
             (None, None) => builder.with_no_client_auth(),
             (Some(cert), Some(key)) => {
-                let cert = pem_or_base64(cert, "clientCertPem").map_err(|e| err("clientCertPem", e))?;
+                let cert = pem_or_base64(cert, "clientCertPem").map_err(|e| err("clientCertPem", e.to_string()))?;
                 let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert)
                     .collect::<Result<_, _>>()
                     .map_err(|e| err("clientCertPem", format!("not a PEM certificate chain: {e}")))?;
                 if chain.is_empty() {
                     return Err(err("clientCertPem", "holds no certificate".into()));
                 }
-                let key = pem_or_base64(key, "clientKeyPem").map_err(|e| err("clientKeyPem", e))?;
+                let key = pem_or_base64(key, "clientKeyPem").map_err(|e| err("clientKeyPem", e.to_string()))?;
                 let key = PrivateKeyDer::from_pem_slice(&key)
                     .map_err(|_| err("clientKeyPem", "not a PEM private key".into()))?;
                 builder

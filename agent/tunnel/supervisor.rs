@@ -268,145 +268,207 @@ pub(super) async fn supervise(
     state: Arc<TunnelState>,
     mut rx: mpsc::Receiver<Control>,
 ) -> anyhow::Result<()> {
-    let http = reqwest::Client::builder()
-        .timeout(policy.poll_interval.max(Duration::from_millis(500)))
-        .no_proxy()
-        .build()?;
     let mut poll = tokio::time::interval(policy.poll_interval);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut machine = Machine::new(policy);
-    let mut spec: Option<TunnelSpec> = None;
-    // The running child with the spec it was started from (what stopping it needs).
-    let mut child: Option<(Running, TunnelSpec)> = None;
-    let mut last_exit = String::new();
-    let mut pending: Option<(Option<TunnelSpec>, Option<tokio::sync::oneshot::Sender<()>>)> =
-        initial.map(|s| (Some(s), None));
-
+    let mut sup = Supervisor::new(policy, state)?;
+    if let Some(spec) = initial {
+        sup.apply(Some(spec)).await?;
+    }
     loop {
-        let event = if let Some((new, ack)) = pending.take() {
-            let event = Event::Applied {
-                changed: new != spec,
-                wanted: new.is_some(),
-            };
-            spec = new;
-            state.wanted.store(spec.is_some(), Ordering::Release);
-            let outputs = next(&mut machine, event, Instant::now());
-            run_outputs(outputs, &mut machine, &spec, &mut child, &state, &last_exit, false).await?;
-            if let Some(ack) = ack {
+        match sup.wait(&mut rx, &mut poll).await {
+            Wake::Event(event) => {
+                let outputs = next(&mut sup.machine, event, Instant::now());
+                sup.carry_out(outputs, event == Event::StartDue).await?;
+            }
+            Wake::Apply(spec, ack) => {
+                sup.apply(*spec).await?;
                 let _ = ack.send(());
             }
-            continue;
-        } else {
-            let has_child = child.is_some();
-            let exited = async {
-                match child.as_mut() {
-                    Some((r, _)) => (&mut r.exit)
-                        .await
-                        .unwrap_or_else(|_| Err(std::io::Error::other("waiter task ended"))),
-                    None => std::future::pending().await,
-                }
-            };
-            let start_due = async {
-                match machine.start_due() {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                status = exited => {
-                    let pid = child.take().map_or(0, |(r, _)| r.pid);
-                    last_exit = describe(&status);
-                    record_exit(&state, pid);
-                    state.with_detail(|d| d.last_exit = Some(last_exit.clone()));
-                    if state.held() {
-                        // The fence's SIGTERM did this; the node is leaving active and will
-                        // apply `None`: no restart, and no failure counted.
-                        tracing::info!(result = %last_exit, "cloudflared stopped after the fence's SIGTERM: {last_exit}");
-                        continue;
-                    }
-                    Event::Exited
-                }
-                _ = start_due => Event::StartDue,
-                msg = rx.recv() => {
-                    let Some(Control::Apply(new, ack)) = msg else {
-                        if let Some((r, s)) = child.take() {
-                            stop(r, &s, &state).await;
-                        }
-                        return Ok(());
-                    };
-                    pending = Some((new, Some(ack)));
-                    continue;
-                }
-                _ = poll.tick(), if has_child => {
-                    let Some(metrics) = spec.as_ref().map(|s| s.metrics) else { continue };
-                    let (connections, connector) = poll_ready(&http, metrics).await.unwrap_or((0, None));
-                    if child.is_none() {
-                        continue;
-                    }
-                    state.connections.store(connections, Ordering::Release);
-                    if connector.is_some() {
-                        // cloudflared has its connector id before any connection (its /ready
-                        // says so with a 503 too).
-                        state.with_detail(|d| d.connector_id = connector);
-                    }
-                    if connections > 0 {
-                        state.with_detail(|d| d.last_connected = Some(Instant::now()));
-                    }
-                    Event::Polled { connections }
-                }
+            Wake::Closed => {
+                sup.stop_child().await;
+                return Ok(());
             }
-        };
-        let outputs = next(&mut machine, event, Instant::now());
-        let retry = event == Event::StartDue;
-        run_outputs(outputs, &mut machine, &spec, &mut child, &state, &last_exit, retry).await?;
+            Wake::Nothing => {}
+        }
     }
 }
 
-/// Carries out `outputs`; spawn results go back into the machine. `retry`: the spawn is the
-/// retry of an earlier failure (its error says "restart").
-async fn run_outputs(
-    outputs: Vec<Output>,
-    machine: &mut Machine,
-    spec: &Option<TunnelSpec>,
-    child: &mut Option<(Running, TunnelSpec)>,
-    state: &TunnelState,
-    last_exit: &str,
-    retry: bool,
-) -> anyhow::Result<()> {
-    for output in outputs {
-        match output {
-            Output::Stop => {
-                if let Some((r, s)) = child.take() {
-                    stop(r, &s, state).await;
-                }
+/// What woke the loop.
+enum Wake {
+    /// An event for the machine.
+    Event(Event),
+    /// A spec to apply, and who waits for it to be applied.
+    Apply(Box<Option<TunnelSpec>>, tokio::sync::oneshot::Sender<()>),
+    /// The control channel closed: stop cloudflared and end.
+    Closed,
+    /// Something that is no event (a poll without a child, the fence's own SIGTERM).
+    Nothing,
+}
+
+/// What the loop keeps between events: the machine, the applied spec and the child it runs.
+struct Supervisor {
+    machine: Machine,
+    /// The spec applied last (`None`: nothing should run).
+    spec: Option<TunnelSpec>,
+    /// The running child with the spec it was started from (what stopping it needs).
+    child: Option<(Running, TunnelSpec)>,
+    /// How the last cloudflared ended, for the log lines about it.
+    last_exit: String,
+    state: Arc<TunnelState>,
+    /// Polls cloudflared's `/ready`.
+    http: reqwest::Client,
+}
+
+impl Supervisor {
+    fn new(policy: RestartPolicy, state: Arc<TunnelState>) -> anyhow::Result<Supervisor> {
+        let http = reqwest::Client::builder()
+            .timeout(policy.poll_interval.max(Duration::from_millis(500)))
+            .no_proxy()
+            .build()?;
+        Ok(Supervisor {
+            machine: Machine::new(policy),
+            spec: None,
+            child: None,
+            last_exit: String::new(),
+            state,
+            http,
+        })
+    }
+
+    /// Makes `new` the spec, then does what the machine says about it.
+    async fn apply(&mut self, new: Option<TunnelSpec>) -> anyhow::Result<()> {
+        let event = Event::Applied {
+            changed: new != self.spec,
+            wanted: new.is_some(),
+        };
+        self.spec = new;
+        self.state.wanted.store(self.spec.is_some(), Ordering::Release);
+        let outputs = next(&mut self.machine, event, Instant::now());
+        self.carry_out(outputs, false).await
+    }
+
+    /// Waits for the child's exit, the backoff's end, a control message or the next poll.
+    async fn wait(&mut self, rx: &mut mpsc::Receiver<Control>, poll: &mut tokio::time::Interval) -> Wake {
+        let has_child = self.child.is_some();
+        let child = &mut self.child;
+        let exited = async {
+            match child.as_mut() {
+                Some((r, _)) => (&mut r.exit)
+                    .await
+                    .unwrap_or_else(|_| Err(std::io::Error::other("waiter task ended"))),
+                None => std::future::pending().await,
             }
-            Output::Spawn { restart } => {
-                if restart {
-                    state.restarts.fetch_add(1, Ordering::AcqRel);
-                }
-                let Some(s) = spec else { continue };
-                let event = match spawn(s, state) {
-                    Ok(r) => {
-                        *child = Some((r, s.clone()));
-                        Event::Spawned
-                    }
-                    Err(e) => {
-                        let what = if restart || retry {
-                            "cannot restart cloudflared"
-                        } else {
-                            "cannot start cloudflared"
-                        };
-                        tracing::error!(error = %format!("{e:#}"), "{what}: {e:#}");
-                        Event::SpawnFailed
-                    }
+        };
+        let due = self.machine.start_due();
+        let start_due = async {
+            match due {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            status = exited => self.exited(&status),
+            _ = start_due => Wake::Event(Event::StartDue),
+            msg = rx.recv() => match msg {
+                Some(Control::Apply(new, ack)) => Wake::Apply(Box::new(new), ack),
+                None => Wake::Closed,
+            },
+            _ = poll.tick(), if has_child => self.poll().await,
+        }
+    }
+
+    /// The child ended with `status`.
+    fn exited(&mut self, status: &std::io::Result<std::process::ExitStatus>) -> Wake {
+        let pid = self.child.take().map_or(0, |(r, _)| r.pid);
+        self.last_exit = describe(status);
+        record_exit(&self.state, pid);
+        self.state.with_detail(|d| d.last_exit = Some(self.last_exit.clone()));
+        if self.state.held() {
+            // The fence's SIGTERM did this; the node is leaving active and will apply `None`:
+            // no restart, and no failure counted.
+            let last_exit = &self.last_exit;
+            tracing::info!(result = %last_exit, "cloudflared stopped after the fence's SIGTERM: {last_exit}");
+            return Wake::Nothing;
+        }
+        Wake::Event(Event::Exited)
+    }
+
+    /// Asks the running cloudflared's `/ready` how many connections it has.
+    async fn poll(&mut self) -> Wake {
+        let Some(metrics) = self.spec.as_ref().map(|s| s.metrics) else {
+            return Wake::Nothing;
+        };
+        let (connections, connector) = poll_ready(&self.http, metrics).await.unwrap_or((0, None));
+        if self.child.is_none() {
+            return Wake::Nothing;
+        }
+        self.state.connections.store(connections, Ordering::Release);
+        if connector.is_some() {
+            // cloudflared has its connector id before any connection (its /ready says so
+            // with a 503 too).
+            self.state.with_detail(|d| d.connector_id = connector);
+        }
+        if connections > 0 {
+            self.state.with_detail(|d| d.last_connected = Some(Instant::now()));
+        }
+        Wake::Event(Event::Polled { connections })
+    }
+
+    async fn stop_child(&mut self) {
+        if let Some((r, s)) = self.child.take() {
+            stop(r, &s, &self.state).await;
+        }
+    }
+
+    /// Carries out `outputs`; spawn results go back into the machine. `retry`: the spawn is
+    /// the retry of an earlier failure (its error says "restart").
+    async fn carry_out(&mut self, outputs: Vec<Output>, retry: bool) -> anyhow::Result<()> {
+        for output in outputs {
+            match output {
+                Output::Stop => self.stop_child().await,
+                Output::Spawn { restart } => self.spawn(restart, retry),
+                other => self.report(other)?,
+            }
+            self.state.crash_loop.store(self.machine.crash_loop, Ordering::Release);
+        }
+        self.state.crash_loop.store(self.machine.crash_loop, Ordering::Release);
+        Ok(())
+    }
+
+    /// Starts cloudflared with the current spec and tells the machine how that went.
+    fn spawn(&mut self, restart: bool, retry: bool) {
+        if restart {
+            self.state.restarts.fetch_add(1, Ordering::AcqRel);
+        }
+        let Some(s) = &self.spec else { return };
+        let event = match spawn(s, &self.state) {
+            Ok(r) => {
+                self.child = Some((r, s.clone()));
+                Event::Spawned
+            }
+            Err(e) => {
+                let what = if restart || retry {
+                    "cannot restart cloudflared"
+                } else {
+                    "cannot start cloudflared"
                 };
-                next(machine, event, Instant::now());
+                tracing::error!(error = %format!("{e:#}"), "{what}: {e:#}");
+                Event::SpawnFailed
             }
+        };
+        next(&mut self.machine, event, Instant::now());
+    }
+
+    /// Says what an output means (log, systemd status); giving up is the loop's error.
+    fn report(&self, output: Output) -> anyhow::Result<()> {
+        let last_exit = &self.last_exit;
+        match output {
+            Output::Stop | Output::Spawn { .. } => {}
             Output::Exited { uptime, delay } => {
                 tracing::warn!(result = %last_exit, uptime_s = uptime.as_secs_f64(), restart_in_ms = delay.as_millis() as u64, "cloudflared exited unexpectedly ({last_exit}) after {:.1}s; restarting in {delay:?}", uptime.as_secs_f64());
             }
             Output::CrashLoop { exits, newly } => {
-                let window = machine.policy.crash_loop_window.as_secs();
+                let window = self.machine.policy.crash_loop_window.as_secs();
                 if newly {
                     tracing::error!(
                         exits,
@@ -439,10 +501,8 @@ async fn run_outputs(
             }
             Output::Stable => tracing::info!("cloudflared is stable again"),
         }
-        state.crash_loop.store(machine.crash_loop, Ordering::Release);
+        Ok(())
     }
-    state.crash_loop.store(machine.crash_loop, Ordering::Release);
-    Ok(())
 }
 
 #[cfg(test)]
@@ -638,5 +698,41 @@ mod tests {
         next(&mut m, Event::SpawnFailed, Instant::now());
         assert_eq!(m.unstable_exits, 0);
         assert!(m.start_due().is_some());
+    }
+
+    /// The loop's state alone, without a process: an exit is the machine's event unless the
+    /// fence caused it, and giving up is the loop's error.
+    #[tokio::test]
+    async fn the_loop_state_sorts_exits_and_ends_on_giving_up() {
+        use std::os::unix::process::ExitStatusExt;
+        let state = Arc::new(TunnelState::default());
+        let mut sup = Supervisor::new(policy(), state.clone()).unwrap();
+        sup.apply(None).await.unwrap();
+        assert_eq!(sup.machine.state, State::Idle);
+        assert!(!state.wanted.load(Ordering::Acquire));
+        assert!(matches!(sup.poll().await, Wake::Nothing), "no spec: nothing to poll");
+
+        let status = Ok(std::process::ExitStatus::from_raw(1 << 8));
+        assert!(matches!(sup.exited(&status), Wake::Event(Event::Exited)));
+        assert_eq!(sup.last_exit, "exited with code 1");
+        assert_eq!(state.detail().last_exit.as_deref(), Some("exited with code 1"));
+        state.fence();
+        assert!(
+            matches!(sup.exited(&status), Wake::Nothing),
+            "the fence's SIGTERM is no failure"
+        );
+
+        sup.machine.crash_loop = true;
+        let e = sup
+            .carry_out(vec![Output::GiveUp { unstable_exits: 5 }], false)
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("exited 5 times without staying up (last: exited with code 1)"),
+            "{e}"
+        );
+        sup.carry_out(vec![Output::Stable], false).await.unwrap();
+        assert!(state.crash_loop.load(Ordering::Acquire), "the flag is published");
     }
 }

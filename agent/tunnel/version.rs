@@ -46,34 +46,56 @@ pub fn parse(output: &str) -> Option<CloudflaredVersion> {
     Some(CloudflaredVersion { version, parsed })
 }
 
+/// Why `cloudflared --version` told nothing. Not fatal by itself: boot warns, a reload to a
+/// new path refuses.
+#[derive(Debug, thiserror::Error)]
+pub enum VersionError {
+    #[error("`{program} --version` did not answer within {timeout:?}")]
+    Timeout { program: String, timeout: Duration },
+    #[error("cannot run `{program} --version`: {error}")]
+    Run { program: String, error: std::io::Error },
+    /// `first` is the start of what it printed (at most 120 characters); `exit` its exit code,
+    /// or "by signal".
+    #[error("`{program} --version` printed no version (exit {exit}): {first:?}")]
+    NoVersion {
+        program: String,
+        exit: String,
+        first: String,
+    },
+}
+
 /// Runs `PROGRAM --version` (bounded by `timeout`, with cloudflared's scrubbed environment) and
 /// parses what it printed.
-pub async fn detect(program: &Path, timeout: Duration) -> Result<CloudflaredVersion, String> {
+pub async fn detect(program: &Path, timeout: Duration) -> Result<CloudflaredVersion, VersionError> {
     let run = crate::tunnel::command(program)
         .arg("--version")
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
         .output();
+    let shown = || program.display().to_string();
     let out = match tokio::time::timeout(timeout, run).await {
         Err(_) => {
-            return Err(format!(
-                "`{} --version` did not answer within {timeout:?}",
-                program.display()
-            ))
+            return Err(VersionError::Timeout {
+                program: shown(),
+                timeout,
+            })
         }
-        Ok(Err(e)) => return Err(format!("cannot run `{} --version`: {e}", program.display())),
+        Ok(Err(error)) => {
+            return Err(VersionError::Run {
+                program: shown(),
+                error,
+            })
+        }
         Ok(Ok(out)) => out,
     };
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    parse(&text).ok_or_else(|| {
-        let first = text.lines().next().unwrap_or("").chars().take(120).collect::<String>();
-        format!(
-            "`{} --version` printed no version (exit {}): {first:?}",
-            program.display(),
-            out.status
-                .code()
-                .map_or_else(|| "by signal".to_owned(), |c| c.to_string())
-        )
+    parse(&text).ok_or_else(|| VersionError::NoVersion {
+        program: shown(),
+        exit: out
+            .status
+            .code()
+            .map_or_else(|| "by signal".to_owned(), |c| c.to_string()),
+        first: text.lines().next().unwrap_or("").chars().take(120).collect(),
     })
 }
 
@@ -136,5 +158,26 @@ mod tests {
         assert!(msg.contains("2025.4"), "{msg}");
         assert!(msg.contains("/usr/bin/cloudflared is 2024.12.1"), "{msg}");
         assert!(check_delivery(Path::new("c"), &old, TokenDelivery::Env).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_program_that_prints_no_version_is_named_with_its_exit_and_output() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("tunnel-agent-version-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let program = dir.join("not-cloudflared");
+        std::fs::write(&program, "#!/bin/sh\necho 'Incorrect Usage'\nexit 3\n").unwrap();
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let e = detect(&program, Duration::from_secs(10)).await.unwrap_err();
+        assert!(matches!(e, VersionError::NoVersion { .. }), "{e:?}");
+        let want = format!(
+            "`{} --version` printed no version (exit 3): \"Incorrect Usage\"",
+            program.display()
+        );
+        assert_eq!(e.to_string(), want);
+        let e = detect(&dir.join("missing"), Duration::from_secs(10)).await.unwrap_err();
+        assert!(matches!(e, VersionError::Run { .. }), "{e:?}");
+        assert!(e.to_string().starts_with("cannot run `"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -1,0 +1,343 @@
+//! The boot steps, in the order [`super::start`] runs them. Each takes what it needs and returns
+//! what it started, with its [`Stop`] when it started something that runs.
+//!
+//! The listener steps take their sockets rather than binding them: the caller binds them now,
+//! and a start that inherits its sockets would hand those instead, through the same step.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use http::HeaderName;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, Interval};
+
+use crate::config::{Config, RouteSourceKind};
+use crate::election::Outcome;
+use crate::gcp::{self, MetadataClient, SecretManager};
+use crate::health::{self, Health};
+use crate::node::{Node, NodeParts};
+use crate::proxy::{AccessLog, InboundAuth, LiveSettings, Proxy};
+use crate::roles::{self, Role, RoleSource};
+use crate::routing::config_api::{self, Push};
+use crate::routing::source::{self as route_source, BootRoutes};
+use crate::routing::table::RouteTable;
+use crate::secrets::refresh::SecretChange;
+use crate::secrets::resolve::{join_errors, resolve_all};
+use crate::secrets::SecretValues;
+use crate::server::{self, Limits};
+use crate::shutdown::{self, Lent, Stop};
+use crate::telemetry::Metrics;
+use crate::tunnel::version::CloudflaredVersion;
+use crate::{control, follow, handover, systemd};
+
+/// The internal listeners' grace: the health listener and the config API hold no long requests.
+fn one_second(_: &Config) -> Duration {
+    Duration::from_secs(1)
+}
+
+/// The proxy drains for `agent.shutdown_grace`.
+fn shutdown_grace(config: &Config) -> Duration {
+    config.agent.shutdown_grace
+}
+
+/// The node's stop: the election's resign (a request to etcd), then cloudflared's drain and
+/// SIGKILL after it. The node bounds each part itself; this bounds the whole.
+fn node_grace(config: &Config) -> Duration {
+    let cf = &config.cloudflared;
+    let resign = config
+        .role_election
+        .as_ref()
+        .map_or(Duration::ZERO, |e| e.request_timeout());
+    cf.grace_period.saturating_add(cf.stop_margin).saturating_add(resign)
+}
+
+/// The clients of the cloud's services every later step may use.
+pub(super) struct Clients {
+    pub metadata: MetadataClient,
+    pub secret_manager: Arc<SecretManager>,
+}
+
+/// Step 0: the metadata server's and Secret Manager's clients; `/status` details policy.
+pub(super) fn clients(config: &Config, health: &Health) -> anyhow::Result<Clients> {
+    health.set_details_from(config.health.details_from);
+    let metadata = MetadataClient::new(config.gcp.metadata_base(), config.gcp.metadata_timeout)?;
+    let secret_manager = Arc::new(SecretManager::new(
+        metadata.clone(),
+        config.gcp.secret_manager_endpoint.clone(),
+        config.gcp.metadata_timeout.max(Duration::from_secs(10)),
+    )?);
+    Ok(Clients {
+        metadata,
+        secret_manager,
+    })
+}
+
+/// Step 1: the config is loaded (by the caller); what the cloudflared it names can do.
+pub(super) async fn config_loaded(
+    config: &Config,
+    config_path: &Path,
+    health: &Health,
+) -> anyhow::Result<Option<CloudflaredVersion>> {
+    health.config_loaded.store(true, Ordering::Release);
+    health.update_status(|s| s.config_file = config_path.display().to_string());
+    detect_cloudflared(config, health).await
+}
+
+/// Asks the configured cloudflared its version at boot (a reload asks again, in
+/// `Node::reload_cloudflared_version`): logged, shown in `/status` and the metrics, and checked
+/// against the token delivery. A cloudflared that cannot be asked is only warned about here
+/// (starting it will say what is wrong, and a standby may never start it).
+async fn detect_cloudflared(config: &Config, health: &Health) -> anyhow::Result<Option<CloudflaredVersion>> {
+    let cf = &config.cloudflared;
+    if !cf.enabled {
+        return Ok(None);
+    }
+    match crate::tunnel::version::detect(&cf.path, Duration::from_secs(10)).await {
+        Ok(version) => {
+            tracing::info!(
+                program = %cf.path.display(),
+                version = %version.version,
+                "cloudflared version {} ({})",
+                version.version,
+                cf.path.display()
+            );
+            health.tunnel.set_version(version.version.clone());
+            crate::tunnel::version::check_delivery(&cf.path, &version, cf.token_delivery)?;
+            Ok(Some(version))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot tell cloudflared's version: {e}");
+            Ok(None)
+        }
+    }
+}
+
+/// Step 2: every named secret's value, retried until `deadline` (`agent.boot_timeout`).
+pub(super) async fn secrets(
+    config: &Config,
+    clients: &Clients,
+    metrics: &Metrics,
+    health: &Health,
+    deadline: Instant,
+) -> anyhow::Result<SecretValues> {
+    systemd::status("fetching secrets");
+    let secrets = resolve_all(config, &clients.secret_manager, metrics, deadline)
+        .await
+        .map_err(|e| anyhow::anyhow!(join_errors(&e)))?;
+    health.secrets_loaded.store(true, Ordering::Release);
+    health.update_status(|s| s.secrets = secrets.keys().cloned().collect());
+    Ok(secrets)
+}
+
+/// Step 3: the route source's table, or the last good one.
+pub(super) async fn routes(config: &Config, clients: &Clients, metrics: &Metrics) -> anyhow::Result<BootRoutes> {
+    systemd::status("loading routes");
+    let routes = route_source::boot(config, &clients.metadata, metrics).await?;
+    let (count, source) = (routes.table.len(), route_source::describe(config));
+    tracing::info!(routes = count, source = %source, "routes loaded: {count} from {source}");
+    Ok(routes)
+}
+
+/// The client-side limits every listener starts from.
+pub(super) fn limits(config: &Config) -> Limits {
+    Limits {
+        header_read_timeout: config.proxy.header_read_timeout,
+        idle_timeout: config.proxy.idle_timeout,
+        max_header_bytes: config.proxy.max_header_bytes,
+        http2_keep_alive_interval: config.proxy.http2_keep_alive_interval,
+        max_connections: None,
+    }
+}
+
+/// Step 4: `:2000` (readiness, status, metrics) served on `listener`.
+pub(super) fn health_listener(listener: TcpListener, limits: &Limits, health: &Arc<Health>) -> anyhow::Result<Stop> {
+    let health = health.clone();
+    let server = server::serve(listener, limits.clone(), move |peer, req| {
+        health.clone().handle(peer, req)
+    })?;
+    tracing::info!(listen = %server.local_addr, "health listener up on {}", server.local_addr);
+    Ok(server.into_stop("health listener", one_second))
+}
+
+/// Step 5a: the proxy's shared state, with an empty table until the node installs one.
+pub(super) fn proxy(
+    config: &Config,
+    secrets: &SecretValues,
+    clients: &Clients,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Arc<Proxy>> {
+    let tokens = gcp::IdTokenCache::new(
+        clients.metadata.clone(),
+        config.gcp.id_token_refresh_margin,
+        metrics.clone(),
+        tokio::runtime::Handle::current(),
+    );
+    let live = LiveSettings {
+        auth: InboundAuth::for_config(config, secrets, None)?,
+        routes: Arc::new(RouteTable::default()),
+        auth_header: HeaderName::from_bytes(config.proxy.auth_header.as_bytes()).context("proxy.auth_header")?,
+        max_body_bytes: config.proxy.max_body_bytes,
+        access_log: AccessLog::from_config(&config.proxy.access_log),
+    };
+    Proxy::new(&config.proxy, live, tokens, metrics.clone())
+}
+
+/// Step 5b: the proxy served on `sockets`, one worker thread each, each with its own upstream
+/// pools (nginx's worker model; docs/benchmarks.md has the numbers). Drained for
+/// `agent.shutdown_grace` when stopped.
+pub(super) fn proxy_listener(
+    sockets: Vec<std::net::TcpListener>,
+    proxy: &Arc<Proxy>,
+    config: &Config,
+    limits: &Limits,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<(SocketAddr, Stop)> {
+    let limits = limits.clone().capped(config.proxy.max_connections, metrics);
+    let server = server::serve_workers(sockets, limits, |_| {
+        let worker = proxy.worker();
+        move |peer, req| worker.clone().handle(peer, req)
+    })?;
+    Ok((server.local_addr, server.into_stop("proxy", shutdown_grace)))
+}
+
+/// The role to start in. Under an election or a followed check, standby until it says
+/// otherwise, whatever the file or a persisted promote says.
+pub(super) async fn starting_role(config: &Config, metadata: &MetadataClient) -> (Role, RoleSource, Option<String>) {
+    match &config.role_election {
+        Some(_) => (Role::Standby, RoleSource::Election, None),
+        None if config.role_follow.is_some() => (Role::Standby, RoleSource::Follow, None),
+        None => roles::boot_role(config, metadata).await,
+    }
+}
+
+/// Step 5c: the node, which holds everything that can change from here on; it installs the boot
+/// table through the path every later table takes. Its stop (the election's resign,
+/// cloudflared, the refreshers) runs when the stack reaches it, wherever boot stopped.
+pub(super) fn node(parts: NodeParts, routes: BootRoutes) -> ((Lent<Node>, mpsc::Receiver<SecretChange>), Stop) {
+    let health = parts.health.clone();
+    let (node, secret_changes) = Node::new(parts);
+    let (mut node, stop) = Stop::lend("node", node_grace, node, Node::stop);
+    node.publish_role();
+    node.install_routes(&routes.map, Arc::new(routes.table));
+    health.update_status(|s| s.routes_fallback = routes.fallback);
+    ((node, secret_changes), stop)
+}
+
+/// Step 5d: waits for the proxy to answer its own probe (before declaring it, and before
+/// cloudflared may send traffic), then keeps probing it for `/ready`.
+pub(super) async fn proxy_probe(health: &Arc<Health>, addr: SocketAddr, workers: usize) -> anyhow::Result<Stop> {
+    let deadline = crate::deadline::from_now(Duration::from_secs(5));
+    while !health::probe(addr, Duration::from_secs(1)).await {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "proxy on {addr} does not answer its own health probe"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    health.proxy_answering.store(true, Ordering::Release);
+    let probe = health.watch_proxy(addr, Duration::from_secs(1));
+    tracing::info!(listen = %addr, workers, "proxy up on {addr}");
+    Ok(Stop::aborting("proxy probe", probe))
+}
+
+/// Step 6a: the control socket. Commands wait in the channel until the node's loop runs. When
+/// stopped, the socket file goes with the listener.
+pub(super) fn control_socket(config: &Config) -> anyhow::Result<(mpsc::Receiver<control::Incoming>, Stop)> {
+    let (tx, rx) = mpsc::channel(4);
+    let (path, task) = control::serve(&config.agent.runtime_dir, tx)?;
+    let stop = Stop::spawn("control socket", shutdown::no_grace, move |mut watch| async move {
+        let _ = watch.wait_for(Option::is_some).await;
+        task.abort();
+        let _ = task.await;
+        let _ = std::fs::remove_file(&path);
+        true
+    });
+    Ok((rx, stop))
+}
+
+/// Step 6b: cloudflared, started when this node is active (the proxy answers by now).
+pub(super) async fn cloudflared(node: &Node, health: &Health) {
+    let cf = &node.config().cloudflared;
+    let (cf_metrics, cf_grace) = (cf.enabled.then_some(cf.metrics), cf.ready_grace);
+    health.update_status(|s| {
+        s.cloudflared_metrics = cf_metrics;
+        s.tunnel_ready_grace = cf_grace;
+    });
+    if node.wants_tunnel() {
+        systemd::status("starting cloudflared");
+    }
+    node.follow_tunnel().await;
+}
+
+/// Step 6c: the L7 config API (`routes.source = "config-api"`): the controller pushes route
+/// tables, which reach the node as events.
+pub(super) async fn config_api(
+    node: &Node,
+    metrics: &Arc<Metrics>,
+    limits: Limits,
+) -> anyhow::Result<(mpsc::Receiver<Push>, Option<Stop>)> {
+    let (tx, rx) = mpsc::channel(4);
+    let config = node.config();
+    let (Some(section), RouteSourceKind::ConfigApi) = (&config.config_api, config.routes.source) else {
+        return Ok((rx, None));
+    };
+    let name = section.auth_secret.as_deref().unwrap_or_default();
+    anyhow::ensure!(node.secrets().contains_key(name), "config_api.auth_secret has no value");
+    let (settings, applied) = node.config_api_feeds();
+    let api = config_api::start(section, settings, tx, applied, metrics.clone(), limits).await?;
+    Ok((rx, Some(api.into_stop("config API", one_second))))
+}
+
+/// Step 7a: the watched role attribute, when configured.
+pub(super) fn role_watch(
+    config: &Config,
+    metadata: &MetadataClient,
+    etag: Option<String>,
+) -> (mpsc::Receiver<Role>, Option<Stop>) {
+    let (tx, rx) = mpsc::channel(4);
+    let task = roles::watch(config, metadata.clone(), etag, tx);
+    (rx, task.map(|t| Stop::aborting("role watch", t)))
+}
+
+/// Step 7b: the `[role_follow]` check, when configured. Its task is the node's.
+pub(super) fn follow(node: &mut Node) -> anyhow::Result<mpsc::Receiver<bool>> {
+    let (tx, rx) = mpsc::channel(4);
+    if let Some(section) = &node.config().role_follow {
+        let (follow, task) = follow::start(section, tx)?;
+        node.add_follow(follow, task);
+    }
+    Ok(rx)
+}
+
+/// Step 7c: the election campaigns from here (READY=1 is sent: a standby is ready). Its task is
+/// the node's, so that shutdown can resign before stopping it. Under an election, `STATUS=`
+/// follows its state (unreachable, follower of X, leader) on a 1 s tick.
+pub(super) fn election(
+    node: &mut Node,
+    health: &Arc<Health>,
+) -> anyhow::Result<(mpsc::Receiver<Outcome>, Option<Interval>)> {
+    let (tx, rx) = mpsc::channel(16);
+    let gated = node.config().role_follow.is_some();
+    let Some((election, task)) = handover::start(node.config(), node.secrets(), health, &health.tunnel, tx, gated)?
+    else {
+        return Ok((rx, None));
+    };
+    node.add_election(election, task);
+    Ok((rx, Some(tokio::time::interval(Duration::from_secs(1)))))
+}
+
+/// Step 7d: the watched routes attribute, when the routes come from it.
+pub(super) fn route_watch(
+    config: &Config,
+    metadata: MetadataClient,
+    etag: Option<String>,
+) -> (mpsc::Receiver<route_source::Update>, Option<Stop>) {
+    let (tx, rx) = mpsc::channel(4);
+    let task = route_source::watch(config, metadata, etag, tx);
+    (rx, task.map(|t| Stop::aborting("routes watch", t)))
+}

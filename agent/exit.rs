@@ -1,0 +1,108 @@
+//! How the process ends: the exit statuses the agent promises (packaging/tunnel-agent.1's EXIT
+//! STATUS, the unit's `RestartPreventExitStatus=`) and the top-level error that chooses one.
+//!
+//! Usage errors (exit 2) are clap's own and never reach this module.
+
+use std::process::ExitCode;
+
+use crate::config::ConfigError;
+use crate::tunnel::version::Unsupported;
+
+/// An exit status of `tunnel-agent`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Exit {
+    /// Success, a clean shutdown; for `check`, a valid configuration.
+    Success = 0,
+    /// Any other failure: an address in use, cloudflared crash-looping past its restart limit,
+    /// no agent on the control socket or a refused command.
+    Failure = 1,
+    /// The configuration is invalid (`EX_CONFIG` from sysexits.h). The unit lists it in
+    /// `RestartPreventExitStatus=`, so a bad file does not become a restart loop.
+    Config = 78,
+}
+
+impl Exit {
+    /// Every status the agent itself returns (the man page documents each).
+    pub const ALL: [Exit; 3] = [Exit::Success, Exit::Failure, Exit::Config];
+
+    pub const fn code(self) -> u8 {
+        self as u8
+    }
+}
+
+impl From<Exit> for ExitCode {
+    fn from(exit: Exit) -> ExitCode {
+        ExitCode::from(exit.code())
+    }
+}
+
+/// Why the agent stopped with an error. Each variant is a kind of failure with its exit status,
+/// so the binary asks [`AgentError::exit`] instead of guessing from a message.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The configuration file does not load or validate.
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    /// The configured cloudflared cannot run this configuration ([`Unsupported`], with the
+    /// context the run reported it in): restarting cannot fix it.
+    #[error("{0:#}")]
+    Unsupported(anyhow::Error),
+    /// Anything else that ends a run.
+    #[error("{0:#}")]
+    Failed(anyhow::Error),
+}
+
+impl AgentError {
+    pub fn exit(&self) -> Exit {
+        match self {
+            AgentError::Config(_) | AgentError::Unsupported(_) => Exit::Config,
+            AgentError::Failed(_) => Exit::Failure,
+        }
+    }
+}
+
+impl From<Unsupported> for AgentError {
+    fn from(e: Unsupported) -> AgentError {
+        AgentError::Unsupported(e.into())
+    }
+}
+
+impl From<anyhow::Error> for AgentError {
+    /// Sorts an error from a run that carries its cause untyped (`boot::run` returns
+    /// `anyhow::Result`) by the typed cause in its chain. The one place such a cause is looked
+    /// for; it goes once `boot::run` returns `AgentError`.
+    fn from(e: anyhow::Error) -> AgentError {
+        if e.downcast_ref::<Unsupported>().is_some() {
+            AgentError::Unsupported(e)
+        } else {
+            AgentError::Failed(e)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_the_documented_ones() {
+        let codes: Vec<u8> = Exit::ALL.iter().map(|e| e.code()).collect();
+        assert_eq!(codes, [0, 1, 78]);
+    }
+
+    #[test]
+    fn an_old_cloudflared_is_a_configuration_error_even_through_context() {
+        let unsupported = Unsupported {
+            program: "/usr/bin/cloudflared".into(),
+            version: "2024.12.1".into(),
+        };
+        let shown = format!("boot: {unsupported}");
+        let e = AgentError::from(anyhow::Error::new(unsupported).context("boot"));
+        assert_eq!(e.exit(), Exit::Config);
+        assert_eq!(e.to_string(), shown, "the message keeps its context");
+        let other = AgentError::from(anyhow::anyhow!("address in use").context("proxy.listen"));
+        assert_eq!(other.exit(), Exit::Failure);
+        assert_eq!(other.to_string(), "proxy.listen: address in use");
+    }
+}
