@@ -45,3 +45,40 @@ impl InboundAuth {
         accepts(&self.accepted, presented)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::secret::Secret;
+
+    #[test]
+    fn auth_accepts_current_and_unexpired_previous_only() {
+        let now = Instant::now();
+        let auth = InboundAuth {
+            header: HeaderName::from_static("x-internal-auth-token"),
+            accepted: vec![
+                AcceptedToken {
+                    value: Secret::new("new"),
+                    until: None,
+                },
+                AcceptedToken {
+                    value: Secret::new("old"),
+                    until: Some(now + Duration::from_secs(60)),
+                },
+                AcceptedToken {
+                    value: Secret::new("older"),
+                    until: Some(now - Duration::from_secs(1)),
+                },
+            ],
+        };
+        assert!(auth.accepts(b"new"));
+        assert!(auth.accepts(b"old"));
+        assert!(!auth.accepts(b"older"));
+        assert!(!auth.accepts(b"ne"));
+        assert!(!auth.accepts(b""));
+    }
+}

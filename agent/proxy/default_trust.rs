@@ -10,7 +10,8 @@ use hyper_util::client::legacy::Client;
 use rustls::pki_types::TrustAnchor;
 
 use super::destination::GuardedResolver;
-use super::{http_connector, CappedBody, HttpsConnector, MirrorClient, Proxy, Worker};
+use super::upstream::{http_connector, HttpsConnector, MirrorClient};
+use super::{CappedBody, Proxy, Worker};
 use crate::config::ProxySection;
 use crate::routing::tls;
 

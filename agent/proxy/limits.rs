@@ -4,7 +4,8 @@
 //!
 //! - A request body that stops arriving (`proxy.body_read_timeout`, nginx's
 //!   `client_body_timeout`): before the response head, the wait for that head already runs a
-//!   timer ([`super::response_head`]) and it also watches the body, so a stalled upload gets 408;
+//!   timer ([`super::upstream::response_head`]) and it also watches the body, so a stalled
+//!   upload gets 408;
 //!   after the response has started (rare: the upstream answered before the body ended), the
 //!   body arms its own timer only while it waits for the client, and the upload is reset.
 //!   Only waiting *for the client* counts: an upstream that stops reading is the upstream's
