@@ -16,6 +16,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use crate::config::Config;
+use crate::exit::AgentError;
 use crate::health::Health;
 use crate::node::{Node, NodeParts, Signal, Sources};
 use crate::role;
@@ -28,7 +29,7 @@ use crate::tunnel::TunnelState;
 /// Runs the agent until `signals` says shut down (or closes), or cloudflared's supervisor gives
 /// up. `config` was loaded from `config_path` by the caller (which needed it to set up logging);
 /// `signals` also carries reloads.
-pub async fn run(config_path: PathBuf, config: Config, signals: mpsc::Receiver<Signal>) -> anyhow::Result<()> {
+pub async fn run(config_path: PathBuf, config: Config, signals: mpsc::Receiver<Signal>) -> Result<(), AgentError> {
     let metrics = Arc::new(Metrics::default());
     let tunnel = Arc::new(TunnelState::default());
     let health = Health::new(metrics.clone(), tunnel.clone());
@@ -38,7 +39,7 @@ pub async fn run(config_path: PathBuf, config: Config, signals: mpsc::Receiver<S
     let mut stops = Stops::default();
     let failure = match start(&mut stops, &health, &tunnel, &metrics, config_path, config, signals).await {
         Ok((mut node, sources)) => {
-            let failure = node.run(sources).await;
+            let failure = node.run(sources).await.map(AgentError::from);
             in_effect = node.config().clone();
             // Dropped here: the node goes back to its stop, on the stack below the later steps'.
             failure
@@ -62,7 +63,7 @@ async fn start(
     config_path: PathBuf,
     config: Config,
     signals: mpsc::Receiver<Signal>,
-) -> anyhow::Result<(Lent<Node>, Sources)> {
+) -> Result<(Lent<Node>, Sources), AgentError> {
     let boot_deadline = crate::deadline::from_now(config.agent.boot_timeout);
     let clients = steps::clients(&config, health)?;
     // 1. Config (loaded and validated by the caller), and what the cloudflared it names can do.

@@ -10,6 +10,7 @@ use std::path::Path;
 use crate::config::{self, Config, ConfigError};
 use crate::exit::Exit;
 use crate::routing;
+use crate::routing::error::{RoutesError, SourceError};
 use crate::telemetry::Metrics;
 
 /// What `check` prints and how it exits.
@@ -108,18 +109,17 @@ fn check_routes(path: &Path, config: &Config, metrics: &Metrics, named: &Named, 
         _ => "routes",
     };
     // A table's problem can be a setting the report above already named (the proxy's
-    // `ca_file` anchors every https route): said once, not twice. `load_local` returns its
-    // table's problems inside an `anyhow::Error`.
-    let message = match e.downcast_ref::<routing::table::RoutesError>() {
-        Some(routes) => {
+    // `ca_file` anchors every https route): said once, not twice.
+    let message = match e {
+        SourceError::Invalid(routes) => {
             let problems: Vec<_> = (routes.problems.iter())
                 .filter(|p| !named.covers(&p.key))
                 .cloned()
                 .collect();
-            let new = routing::table::RoutesError { problems };
+            let new = RoutesError { problems };
             (!new.problems.is_empty()).then(|| format!("invalid routes: {new}"))
         }
-        None => Some(format!("{e:#}")),
+        other => Some(other.to_string()),
     };
     match message {
         Some(message) => report.problem(format!("{}: {key}: {message}", path.display())),

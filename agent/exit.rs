@@ -44,10 +44,9 @@ pub enum AgentError {
     /// The configuration file does not load or validate.
     #[error("{0}")]
     Config(#[from] ConfigError),
-    /// The configured cloudflared cannot run this configuration ([`Unsupported`], with the
-    /// context the run reported it in): restarting cannot fix it.
-    #[error("{0:#}")]
-    Unsupported(anyhow::Error),
+    /// The configured cloudflared cannot run this configuration: restarting cannot fix it.
+    #[error("{0}")]
+    Unsupported(#[from] Unsupported),
     /// Anything else that ends a run.
     #[error("{0:#}")]
     Failed(anyhow::Error),
@@ -62,22 +61,11 @@ impl AgentError {
     }
 }
 
-impl From<Unsupported> for AgentError {
-    fn from(e: Unsupported) -> AgentError {
-        AgentError::Unsupported(e.into())
-    }
-}
-
 impl From<anyhow::Error> for AgentError {
-    /// Sorts an error from a run that carries its cause untyped (`boot::run` returns
-    /// `anyhow::Result`) by the typed cause in its chain. The one place such a cause is looked
-    /// for; it goes once `boot::run` returns `AgentError`.
+    /// A failure a run reports untyped (an address in use, cloudflared crash-looping): the
+    /// typed kinds above are built where they happen, never guessed from a message.
     fn from(e: anyhow::Error) -> AgentError {
-        if e.downcast_ref::<Unsupported>().is_some() {
-            AgentError::Unsupported(e)
-        } else {
-            AgentError::Failed(e)
-        }
+        AgentError::Failed(e)
     }
 }
 
@@ -92,15 +80,15 @@ mod tests {
     }
 
     #[test]
-    fn an_old_cloudflared_is_a_configuration_error_even_through_context() {
+    fn an_old_cloudflared_is_a_configuration_error_and_other_failures_are_not() {
         let unsupported = Unsupported {
             program: "/usr/bin/cloudflared".into(),
             version: "2024.12.1".into(),
         };
-        let shown = format!("boot: {unsupported}");
-        let e = AgentError::from(anyhow::Error::new(unsupported).context("boot"));
+        let shown = unsupported.to_string();
+        let e = AgentError::from(unsupported);
         assert_eq!(e.exit(), Exit::Config);
-        assert_eq!(e.to_string(), shown, "the message keeps its context");
+        assert_eq!(e.to_string(), shown);
         let other = AgentError::from(anyhow::anyhow!("address in use").context("proxy.listen"));
         assert_eq!(other.exit(), Exit::Failure);
         assert_eq!(other.to_string(), "proxy.listen: address in use");

@@ -243,7 +243,6 @@ fn run(path: PathBuf) -> Exit {
     match runtime.block_on(agent) {
         Ok(()) => Exit::Success,
         Err(e) => {
-            let e = AgentError::from(e);
             tracing::error!(error = %e, "tunnel-agent failed: {e}");
             err(&format!("tunnel-agent: {e}\n"));
             e.exit()

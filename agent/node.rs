@@ -175,9 +175,10 @@ fn tunnel_spec(
 /// the control runtime is one thread that also answers `/ready` and pets the watchdog.
 async fn build_routes(config: &Config, map: HostMap, metrics: &Arc<Metrics>) -> anyhow::Result<(HostMap, RouteTable)> {
     let (config, metrics) = (config.clone(), metrics.clone());
-    tokio::task::spawn_blocking(move || route_source::build(&config, &map, &metrics).map(|t| (map, t)))
+    let built = tokio::task::spawn_blocking(move || route_source::build(&config, &map, &metrics).map(|t| (map, t)))
         .await
-        .context("compiling the route table did not finish")?
+        .context("compiling the route table did not finish")?;
+    Ok(built?)
 }
 
 /// The next tick of an optional timer (never, without one).

@@ -32,7 +32,7 @@ use crate::secrets::SecretValues;
 use crate::server::{self, Limits};
 use crate::shutdown::{self, Lent, Stop};
 use crate::telemetry::Metrics;
-use crate::tunnel::version::CloudflaredVersion;
+use crate::tunnel::version::{CloudflaredVersion, Unsupported};
 use crate::tunnel::TunnelState;
 use crate::{control, systemd};
 
@@ -84,7 +84,7 @@ pub(super) async fn config_loaded(
     config_path: &Path,
     health: &Health,
     tunnel: &TunnelState,
-) -> anyhow::Result<Option<CloudflaredVersion>> {
+) -> Result<Option<CloudflaredVersion>, Unsupported> {
     health.config_loaded.store(true, Ordering::Release);
     health.update_status(|s| s.config_file = config_path.display().to_string());
     detect_cloudflared(config, tunnel).await
@@ -94,7 +94,7 @@ pub(super) async fn config_loaded(
 /// `Node::reload_cloudflared_version`): logged, shown in `/status` and the metrics, and checked
 /// against the token delivery. A cloudflared that cannot be asked is only warned about here
 /// (starting it will say what is wrong, and a standby may never start it).
-async fn detect_cloudflared(config: &Config, tunnel: &TunnelState) -> anyhow::Result<Option<CloudflaredVersion>> {
+async fn detect_cloudflared(config: &Config, tunnel: &TunnelState) -> Result<Option<CloudflaredVersion>, Unsupported> {
     let cf = &config.cloudflared;
     if !cf.enabled {
         return Ok(None);

@@ -1,6 +1,6 @@
 //! Where the route table comes from, and where it is written for operators and reboots.
 //!
-//! - `<runtime_dir>/routes.json`: the effective table in the seed's format, for operators (and
+//! - `<runtime_dir>/routes.json`: the effective table as a host map, for operators (and
 //!   anything that used to read `/etc/cf-proxy/routes.json`).
 //! - `<state_dir>/routes.json`: the last host map from a remote source (file, metadata attribute)
 //!   that built a valid table; served at boot when the source cannot be read, so a reboot during
@@ -108,12 +108,12 @@ pub fn persist(config: &Config, map: &HostMap, table: &RouteTable) -> std::io::R
 /// error reads "invalid routes: …" (with `{:#}`) and keeps the
 /// [`RoutesError`](crate::routing::table::RoutesError) for callers that sort its problems
 /// (`check`).
-pub fn build(config: &Config, map: &HostMap, metrics: &Metrics) -> anyhow::Result<RouteTable> {
-    RouteTable::build_with(config, map, metrics).map_err(|e| anyhow::Error::new(e).context("invalid routes"))
+pub fn build(config: &Config, map: &HostMap, metrics: &Metrics) -> Result<RouteTable, SourceError> {
+    RouteTable::build_with(config, map, metrics).map_err(SourceError::Invalid)
 }
 
 /// Reads the configured local route source and builds the table (what `check` uses).
-pub fn load_local(config: &Config, metrics: &Metrics) -> anyhow::Result<RouteTable> {
+pub fn load_local(config: &Config, metrics: &Metrics) -> Result<RouteTable, SourceError> {
     let map = match config.routes.source {
         RouteSourceKind::Inline => config.routes.hosts.clone(),
         RouteSourceKind::File => read_host_map(config.routes.file.as_deref().unwrap_or(Path::new("")))?,
