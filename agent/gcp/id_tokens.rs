@@ -14,22 +14,35 @@ use tokio::time::Instant;
 use super::{MetadataClient, MetadataError};
 use crate::telemetry::Metrics;
 
+/// Why a token from the metadata server has no usable `exp` claim.
+#[derive(Debug, thiserror::Error)]
+pub enum JwtError {
+    #[error("not a JWT (expected three dot-separated parts)")]
+    NotThreeParts,
+    #[error("JWT payload is not base64url: {0}")]
+    NotBase64(base64::DecodeError),
+    #[error("JWT payload is not JSON: {0}")]
+    NotJson(serde_json::Error),
+    #[error("JWT has no exp claim")]
+    NoExp,
+}
+
 /// Seconds since the epoch of the JWT's `exp` claim. The signature is not checked: the token
 /// comes from the metadata server and is checked by its audience.
-pub fn jwt_exp(token: &str) -> Result<u64, String> {
+pub fn jwt_exp(token: &str) -> Result<u64, JwtError> {
     let mut parts = token.split('.');
     let (Some(_), Some(payload), Some(_), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
-        return Err("not a JWT (expected three dot-separated parts)".into());
+        return Err(JwtError::NotThreeParts);
     };
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload.trim_end_matches('='))
-        .map_err(|e| format!("JWT payload is not base64url: {e}"))?;
+        .map_err(JwtError::NotBase64)?;
     #[derive(serde::Deserialize)]
     struct Claims {
         exp: Option<u64>,
     }
-    let claims: Claims = serde_json::from_slice(&bytes).map_err(|e| format!("JWT payload is not JSON: {e}"))?;
-    claims.exp.ok_or_else(|| "JWT has no exp claim".to_owned())
+    let claims: Claims = serde_json::from_slice(&bytes).map_err(JwtError::NotJson)?;
+    claims.exp.ok_or(JwtError::NoExp)
 }
 
 /// The longest a token is cached, whatever its `exp` says.
@@ -213,7 +226,7 @@ impl IdTokenCache {
             reason,
         };
         let jwt = self.metadata.identity_token(&slot.audience).await?;
-        let exp = jwt_exp(&jwt).map_err(bad)?;
+        let exp = jwt_exp(&jwt).map_err(|e| bad(e.to_string()))?;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -302,8 +315,9 @@ mod tests {
     #[test]
     fn reads_exp_and_refuses_junk() {
         assert_eq!(jwt_exp(&jwt(r#"{"exp":1700000000,"aud":"x"}"#)).unwrap(), 1_700_000_000);
-        assert!(jwt_exp(&jwt(r#"{"aud":"x"}"#)).unwrap_err().contains("no exp"));
-        assert!(jwt_exp("abc").unwrap_err().contains("three"));
-        assert!(jwt_exp("a.!!!.c").unwrap_err().contains("base64url"));
+        assert!(matches!(jwt_exp(&jwt(r#"{"aud":"x"}"#)), Err(JwtError::NoExp)));
+        assert!(matches!(jwt_exp("abc"), Err(JwtError::NotThreeParts)));
+        assert!(matches!(jwt_exp("a.!!!.c"), Err(JwtError::NotBase64(_))));
+        assert!(jwt_exp("a.!!!.c").unwrap_err().to_string().contains("base64url"));
     }
 }

@@ -12,7 +12,7 @@ mod id_tokens;
 mod secret_manager;
 mod watch;
 
-pub use id_tokens::{jwt_exp, IdTokenCache, TokenUnavailable};
+pub use id_tokens::{jwt_exp, IdTokenCache, JwtError, TokenUnavailable};
 pub use secret_manager::{SecretManager, SecretManagerError};
 pub use watch::{AttributeWatch, Watched};
 
@@ -135,11 +135,6 @@ impl MetadataClient {
         Ok(body.trim().to_owned())
     }
 }
-
-// Remove after merge: `errors::error_chain` is not a cloud helper. Only the callers outside
-// this worktree's files still name it here (follow.rs, election/etcd.rs, proxy/mod.rs,
-// tests/common/client.rs); they switch to `crate::errors::error_chain`.
-pub use crate::errors::error_chain;
 
 /// How much of an error body a [`MetadataError::Status`] keeps: enough for the server's reason.
 const MAX_ERROR_BODY: usize = 200;

@@ -112,7 +112,7 @@ async fn collect(resp: http::Response<hyper::body::Incoming>) -> Result<Reply, S
 }
 
 /// An error with its whole cause chain, as the agent itself formats them.
-pub use tunnel_agent::gcp::error_chain as chain;
+pub use tunnel_agent::errors::error_chain as chain;
 
 /// A response read off a raw socket.
 #[derive(Debug)]
