@@ -60,7 +60,7 @@ pub use validate::RouteCheck;
 
 pub const DEFAULT_PATH: &str = "/etc/tunnel-agent/agent.toml";
 
-/// A node's role (seed 002): only the active node runs cloudflared; a standby keeps secrets,
+/// A node's role in an active/standby pair: only the active node runs cloudflared; a standby keeps secrets,
 /// routes and the proxy warm. Part of the schema (`role = "standby"`); [`crate::role`] decides
 /// which one is in effect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize, Default)]

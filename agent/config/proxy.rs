@@ -26,8 +26,8 @@ pub struct ProxySection {
     pub allow_id_tokens_over_http: bool,
     /// Header cloudflared's ingress adds with the shared internal token.
     pub auth_header: String,
-    /// Name of the secret holding the internal token. Unset: no auth on this listener (seed 002,
-    /// where cloudflared and the app share a host).
+    /// Name of the secret holding the internal token. Unset: no auth on this listener (for a
+    /// host where cloudflared and the app share the machine).
     pub auth_secret: Option<String>,
     /// After the internal token rotates (secret `refresh`), the previous value is still accepted
     /// this long, so requests signed with it during the rollout do not get 401s.

@@ -17,7 +17,7 @@ pub enum RouteSourceKind {
     /// `[routes.hosts]` in this file.
     #[default]
     Inline,
-    /// A JSON file in the seed's `routes.json` format.
+    /// A JSON host map file (`routes.json`: `{"hostname": "https://upstream"}`).
     File,
     /// A GCE metadata attribute holding that JSON, watched for changes.
     GcpMetadata,

@@ -1,5 +1,5 @@
 //! The config API: a controller pushes whole route tables to the agent (`routes.source =
-//! "config-api"`), wire-compatible with the L7 peer (seeds 003/004):
+//! "config-api"`), wire-compatible with the gateway controller's L7 proxy:
 //!
 //! - `PUT /config` with `{"version": N, "rules": [...]}` and `Authorization: Bearer TOKEN`:
 //!   401 wrong or missing token, 415 not `application/json`, 413 body over 1 MiB, 400 invalid

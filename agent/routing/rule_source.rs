@@ -61,7 +61,7 @@ impl RuleSource {
                 timeouts: TimeoutsSpec::default(),
                 default_backend_timeout: config.proxy.upstream_timeout,
                 unavailable_status: None,
-                // The seed's host maps point at Cloud Run, which routes on its own hostname.
+                // Host maps usually point at Cloud Run, which routes on its own hostname.
                 host_header: HostHeader::Upstream,
                 listeners: Vec::new(),
             });

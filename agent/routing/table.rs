@@ -1,5 +1,5 @@
 //! The route table, modelled on Gateway API `HTTPRoute`: hostnames → ordered rules → matches →
-//! weighted backends. The seed's `{"hostname": "https://upstream"}` map is the simplest case: one
+//! weighted backends. A host map's `{"hostname": "https://upstream"}` map is the simplest case: one
 //! route per hostname with one rule, the default match (`PathPrefix /`) and one backend.
 //!
 //! A table is built whole from configuration and then only read: requests see it through an
@@ -198,7 +198,7 @@ pub struct Routed<'t> {
     pub matched: &'t RouteMatch,
 }
 
-/// Reads a seed-format `routes.json` (`{"hostname": "https://upstream"}`).
+/// Reads a host map `routes.json` (`{"hostname": "https://upstream"}`).
 pub fn read_host_map(path: &Path) -> Result<BTreeMap<String, String>, SourceError> {
     let text = std::fs::read(path).map_err(|error| SourceError::Read {
         path: path.to_owned(),
@@ -328,7 +328,7 @@ impl RouteTable {
         self.route(host, &head).map(|r| r.rule)
     }
 
-    /// The seed's `routes.json` format: hostname → first backend URL.
+    /// The host map `routes.json` format: hostname → first backend URL.
     pub fn to_host_map(&self) -> BTreeMap<String, String> {
         let mut out = BTreeMap::new();
         for r in &self.summary {

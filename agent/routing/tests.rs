@@ -667,7 +667,8 @@ fn same_hostname_is_fine_unless_two_catch_alls_claim_it() {
     assert!(err.to_string().contains("already routed"), "{err}");
 }
 
-/// The worked example in docs/routing.md (seed 003's `advanced-routing`), in both forms, must
+/// The worked example in docs/routing.md (the gateway controller's `advanced-routing`
+/// HTTPRoute), in both forms, must
 /// parse and route as the document says.
 #[test]
 fn docs_worked_example_builds_and_routes() {
