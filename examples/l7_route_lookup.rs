@@ -14,7 +14,7 @@ use tunnel_agent::routing::RequestHead;
 
 fn table(toml: &str) -> RouteTable {
     let config = tunnel_agent::routing::parse_config(Path::new("bench.toml"), toml).expect("valid");
-    RouteTable::build(&config, &config.routes.hosts).expect("builds")
+    tunnel_agent::routing::compile::build(&config, &config.routes.hosts).expect("builds")
 }
 
 fn two_hundred_rules() -> String {

@@ -421,7 +421,7 @@ mod test_support {
     /// The table of `toml` (an agent config's `[[route]]`s).
     pub fn table(toml: &str) -> RouteTable {
         let config = crate::routing::parse_config(Path::new("t.toml"), toml).expect("the test config parses");
-        RouteTable::build(&config, &config.routes.hosts).expect("the test table compiles")
+        crate::routing::compile::build(&config, &config.routes.hosts).expect("the test table compiles")
     }
 
     /// Settings serving `routes`, with the internal auth header `x-internal-auth-token`.

@@ -7,7 +7,7 @@
 //! table as written); the regex sets, the one part whose cost depends on how rules share
 //! hostnames, are built last within their own budget ([`Compiler::finish`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +22,40 @@ use crate::routing::table::{Backend, RouteSummary, RouteTable, RoutesError, Rule
 use crate::routing::tls::{DefaultRoots, TlsError, UpstreamTls};
 use crate::routing::{limits, Filters, RouteMatch};
 use crate::telemetry::{Metrics, RouteStats};
+
+/// Builds the table from `config`'s `[[route]]` entries plus `host_map` (the inline
+/// `[routes.hosts]` or the routes file). Collects every problem.
+pub fn build(config: &Config, host_map: &BTreeMap<String, String>) -> Result<RouteTable, RoutesError> {
+    build_with(config, host_map, &Metrics::default())
+}
+
+/// [`build`], counting into `metrics` (the running node's).
+pub fn build_with(
+    config: &Config,
+    host_map: &BTreeMap<String, String>,
+    metrics: &Metrics,
+) -> Result<RouteTable, RoutesError> {
+    let mut problems = Vec::new();
+    let mut sources = RuleSource::from_host_map(config, host_map);
+    for (i, r) in config.route.iter().enumerate() {
+        sources.push(RuleSource::from_route(config, i, r, &mut problems));
+    }
+    rules(sources, &config.listener, config, metrics, true, problems)
+}
+
+/// Compiles rules into a table ([`Compiler`]). With `strict_duplicates`, a hostname claimed
+/// by two rules that both accept every request is an error (the second could never be
+/// chosen); the config API accepts that, as Gateway API does (the earlier rule wins).
+pub(crate) fn rules(
+    sources: Vec<RuleSource>,
+    listeners: &[ListenerSpec],
+    config: &Config,
+    metrics: &Metrics,
+    strict_duplicates: bool,
+    problems: Vec<Problem>,
+) -> Result<RouteTable, RoutesError> {
+    Compiler::run(sources, listeners, config, metrics, strict_duplicates, problems)
+}
 
 /// One compile of one table: the settings it runs under, what it has built so far and every
 /// problem found.

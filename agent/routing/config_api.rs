@@ -31,6 +31,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::config::route_spec::null_as_empty;
 use crate::config::{BackendSpec, Config, ConfigApiSection, HostHeader, ListenerSpec, Problem};
 use crate::config::{FilterSpec, MatchSpec, TimeoutsSpec};
+use crate::routing::compile;
 pub use crate::routing::persisted::{boot_persisted, load_persisted, persist, recompile_persisted, PersistedError};
 use crate::routing::table::{RouteTable, RoutesError, RuleSource};
 use crate::secret::{self, AcceptedToken};
@@ -153,7 +154,7 @@ impl PushedConfig {
             })
             .collect();
         // Rules without backends are allowed, as in Gateway API: their requests get 500.
-        let mut table = RouteTable::compile(sources, &self.listeners, config, metrics, false, Vec::new())?;
+        let mut table = compile::rules(sources, &self.listeners, config, metrics, false, Vec::new())?;
         table.version = Some(self.version);
         table.grpc = self.has_grpc_route;
         Ok(table)
@@ -681,7 +682,7 @@ mod listener_tests {
             "#,
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        let t = RouteTable::build(&config, &config.routes.hosts).expect("builds");
+        let t = compile::build(&config, &config.routes.hosts).expect("builds");
         assert_eq!(route(&t, "bar.example.com", "/"), "404");
         assert_eq!(route(&t, "example.org", "/"), "fallback");
     }

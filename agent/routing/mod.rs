@@ -11,7 +11,7 @@
 //! table, whatever its source, is applied by `crate::node`. [`error`] holds routing's error
 //! types: a rule's value, a refused table, a source that gave nothing.
 
-mod compile;
+pub mod compile;
 pub mod config_api;
 pub mod cors;
 pub mod destination;

@@ -16,9 +16,9 @@ use tokio::sync::mpsc;
 
 use crate::config::{Config, RouteSourceKind};
 use crate::gcp::{MetadataClient, Watched};
-use crate::routing::config_api;
 use crate::routing::error::SourceError;
 use crate::routing::table::{parse_host_map, read_host_map, RouteTable};
+use crate::routing::{compile, config_api};
 use crate::telemetry::Metrics;
 
 pub type HostMap = BTreeMap<String, String>;
@@ -109,7 +109,7 @@ pub fn persist(config: &Config, map: &HostMap, table: &RouteTable) -> std::io::R
 /// [`RoutesError`](crate::routing::table::RoutesError) for callers that sort its problems
 /// (`check`).
 pub fn build(config: &Config, map: &HostMap, metrics: &Metrics) -> Result<RouteTable, SourceError> {
-    RouteTable::build_with(config, map, metrics).map_err(SourceError::Invalid)
+    compile::build_with(config, map, metrics).map_err(SourceError::Invalid)
 }
 
 /// Reads the configured local route source and builds the table (what `check` uses).
@@ -149,7 +149,7 @@ pub async fn boot(config: &Config, metadata: &MetadataClient, metrics: &Metrics)
     }
     // A remote source's value that builds no valid table is as unusable as an unreachable one.
     let fetched = fetch(config, metadata).await.and_then(|(map, etag)| {
-        let table = RouteTable::build_with(config, &map, metrics).map_err(SourceError::Invalid)?;
+        let table = compile::build_with(config, &map, metrics).map_err(SourceError::Invalid)?;
         Ok((map, table, etag))
     });
     match fetched {

@@ -18,13 +18,12 @@ use std::time::Duration;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::StatusCode;
 
-use crate::config::{AuthHeaderKind, Config, HostHeader, ListenerSpec, Problem, UpstreamAuthKind, UpstreamProtocol};
-use crate::routing::compile::Compiler;
+use crate::config::{AuthHeaderKind, HostHeader, UpstreamAuthKind, UpstreamProtocol};
 use crate::routing::error::{HostMapError, RuleError, SourceError};
 use crate::routing::index::{self, HostIndex, Listener};
 use crate::routing::tls::UpstreamTls;
 use crate::routing::{Filters, RequestHead, RouteMatch};
-use crate::telemetry::{Metrics, RouteStats};
+use crate::telemetry::RouteStats;
 
 /// Where a request goes once it matched: the upstream and how to authenticate to it.
 #[derive(Debug)]
@@ -224,39 +223,6 @@ pub fn parse_host_map(json: &[u8]) -> Result<BTreeMap<String, String>, HostMapEr
 }
 
 impl RouteTable {
-    /// Builds the table from `config`'s `[[route]]` entries plus `host_map` (the inline
-    /// `[routes.hosts]` or the routes file). Collects every problem.
-    pub fn build(config: &Config, host_map: &BTreeMap<String, String>) -> Result<RouteTable, RoutesError> {
-        Self::build_with(config, host_map, &Metrics::default())
-    }
-
-    pub fn build_with(
-        config: &Config,
-        host_map: &BTreeMap<String, String>,
-        metrics: &Metrics,
-    ) -> Result<RouteTable, RoutesError> {
-        let mut problems = Vec::new();
-        let mut sources = RuleSource::from_host_map(config, host_map);
-        for (i, r) in config.route.iter().enumerate() {
-            sources.push(RuleSource::from_route(config, i, r, &mut problems));
-        }
-        Self::compile(sources, &config.listener, config, metrics, true, problems)
-    }
-
-    /// Compiles rules into a table ([`Compiler`]). With `strict_duplicates`, a hostname claimed
-    /// by two rules that both accept every request is an error (the second could never be
-    /// chosen); the config API accepts that, as Gateway API does (the earlier rule wins).
-    pub(crate) fn compile(
-        sources: Vec<RuleSource>,
-        listeners: &[ListenerSpec],
-        config: &Config,
-        metrics: &Metrics,
-        strict_duplicates: bool,
-        problems: Vec<Problem>,
-    ) -> Result<RouteTable, RoutesError> {
-        Compiler::run(sources, listeners, config, metrics, strict_duplicates, problems)
-    }
-
     pub fn len(&self) -> usize {
         self.rules.len()
     }

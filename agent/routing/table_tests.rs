@@ -1,11 +1,13 @@
 //! Unit tests of `routing::table`.
 
 use super::*;
+use crate::config::Problem;
+use crate::telemetry::Metrics;
 
 fn table(toml: &str) -> Result<RouteTable, RoutesError> {
     let config =
         crate::routing::parse_config(Path::new("t.toml"), toml).map_err(|e| RoutesError { problems: e.problems })?;
-    RouteTable::build(&config, &config.routes.hosts)
+    crate::routing::compile::build(&config, &config.routes.hosts)
 }
 
 #[test]

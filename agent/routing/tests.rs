@@ -14,7 +14,7 @@ use crate::routing::table::{RouteTable, RoutesError};
 fn table(toml: &str) -> Result<RouteTable, RoutesError> {
     let config =
         crate::routing::parse_config(Path::new("t.toml"), toml).map_err(|e| RoutesError { problems: e.problems })?;
-    RouteTable::build(&config, &config.routes.hosts)
+    crate::routing::compile::build(&config, &config.routes.hosts)
 }
 
 /// A request for matching: `target` is `path[?query]`.

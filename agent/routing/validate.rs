@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::config::{Config, ConfigError, Problem, RouteSourceKind};
-use crate::routing::table::RouteTable;
+use crate::routing::compile;
 
 /// The problems in `config`'s routes: `[[route]]` and, for `source = "inline"`, the host
 /// map. Remote sources are checked when fetched.
@@ -16,7 +16,7 @@ pub fn route_problems(config: &Config) -> Vec<Problem> {
         RouteSourceKind::Inline => &config.routes.hosts,
         _ => &empty,
     };
-    match RouteTable::build(config, hosts) {
+    match compile::build(config, hosts) {
         Ok(_) => Vec::new(),
         Err(e) => e.problems,
     }
