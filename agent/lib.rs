@@ -27,6 +27,7 @@ pub mod peer_body;
 pub mod process_stats;
 pub mod proxy;
 pub mod random;
+pub mod reaper;
 pub mod roles;
 pub mod routing;
 pub mod secret;

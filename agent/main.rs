@@ -88,6 +88,7 @@ fn main() -> ExitCode {
         ));
         return ExitCode::FAILURE;
     }
+    tunnel_agent::reaper::init_if_pid1();
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => check(&config),
