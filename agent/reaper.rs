@@ -30,38 +30,55 @@ const FORWARDED: [Signal; 3] = [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP]
 
 /// When this process is PID 1, runs the init described above and exits with the agent's
 /// status; it never returns then. Otherwise (systemd, a shell, `podman run --init`, the agent
-/// under the init) unblocks the signals the agent handles and returns: a blocked mask is
-/// inherited through `exec` (the init's own is, and std's spawn leaves it as it is), and a
-/// blocked SIGTERM would never reach the agent's handler. Call it before any thread starts:
-/// the signal mask must be the whole process's.
+/// under the init) it returns at once and changes nothing. Call it before any thread starts:
+/// the init's signal mask must be the whole process's.
+///
+/// The agent under the init starts with the signal mask PID 1 was started with, not the
+/// init's: a mask is inherited through fork and exec, std's `Command::spawn` leaves it as it is,
+/// and a SIGTERM blocked in the agent would never reach its handler. tests/reaper.rs checks
+/// both paths (and that the agent's mask has no SIGTERM in it).
 pub fn init_if_pid1() {
+    if Pid::this() != Pid::from_raw(1) {
+        return;
+    }
     let mut set = SigSet::empty();
     for signal in FORWARDED.into_iter().chain([Signal::SIGCHLD]) {
         set.add(signal);
     }
-    if Pid::this() != Pid::from_raw(1) {
-        if let Err(e) = set.thread_unblock() {
-            eprintln!("tunnel-agent: cannot unblock SIGTERM, SIGINT, SIGHUP, SIGCHLD: {e}");
-        }
-        return;
-    }
     // Blocked before the child exists, so a SIGTERM that arrives while it starts waits in the
-    // init's pending set instead of being dropped. The child unblocks them for itself (above).
+    // init's pending set instead of being dropped (the kernel discards a signal PID 1 neither
+    // handles nor blocks).
     let previous = match set.thread_swap_mask(SigmaskHow::SIG_BLOCK) {
         Ok(previous) => previous,
         Err(e) => return degraded(&format!("cannot block signals: {e}"), None),
     };
-    let agent = std::env::args_os().skip(1);
-    let child = match Command::new("/proc/self/exe").args(agent).spawn() {
+    let mut agent = Command::new("/proc/self/exe");
+    agent.args(std::env::args_os().skip(1));
+    restore_mask_in_child(&mut agent, previous);
+    let child = match agent.spawn() {
         Ok(child) => child,
         Err(e) => return degraded(&format!("cannot start the agent under it: {e}"), Some(previous)),
     };
     let Ok(pid) = i32::try_from(child.id()) else {
+        eprintln!("tunnel-agent: the agent's pid {} is out of range", child.id());
         std::process::exit(1)
     };
     // The child is waited for below, by pid, among the orphans; the handle is not needed.
     drop(child);
     std::process::exit(supervise(Pid::from_raw(pid), &set))
+}
+
+/// Makes `command`'s process set its signal mask to `mask` before it executes.
+#[allow(unsafe_code)]
+fn restore_mask_in_child(command: &mut Command, mask: SigSet) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec the closure makes one async-signal-safe call,
+    // pthread_sigmask(3) (signal-safety(7) lists it through sigprocmask), on a set copied in
+    // before the fork; it allocates nothing and takes no lock (an `Errno` becomes an
+    // `io::Error` without allocating).
+    unsafe {
+        command.pre_exec(move || mask.thread_set_mask().map_err(std::io::Error::from));
+    }
 }
 
 /// Running as PID 1 without the init: the agent still handles SIGTERM itself; only orphans
