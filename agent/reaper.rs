@@ -16,8 +16,9 @@
 //! only own child is the agent; cloudflared is the agent's child, never the init's, so the
 //! init's `waitpid(-1)` can collect every orphan and can never collect cloudflared. The init
 //! forwards SIGTERM, SIGINT and SIGHUP to the agent, and exits with the agent's status
-//! (128 + the signal number when a signal ended it). No `unsafe`: the child is a new `exec` of
-//! the same binary (`/proc/self/exe`), not a `fork` of a running process.
+//! (128 + the signal number when a signal ended it). The child is a new `exec` of the same
+//! binary (`/proc/self/exe`), not a `fork` of a running process; the one `unsafe` here is the
+//! `pre_exec` that gives it back the signal mask PID 1 started with.
 
 use std::process::Command;
 
