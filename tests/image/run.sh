@@ -241,7 +241,10 @@ body=$(curl -s --max-time 5 -H 'Host: image-test.example.com' "http://127.0.0.1:
 say "PASS a request through the proxy reaches the host's upstream"
 
 # The orphan: it said it exited; then PID 1 must not keep it as a zombie child.
-orphan_said() { podman logs "$ctr" 2>&1 | grep -q 'orphaning-cloudflared: orphan [0-9]* exiting'; }
+# The log is read whole before grep: with pipefail, `podman logs | grep -q` fails when grep's
+# early exit makes podman logs die of SIGPIPE.
+container_log() { podman logs "$ctr" 2>&1; }
+orphan_said() { grep -q 'orphaning-cloudflared: orphan [0-9]* exiting' <<<"$(container_log)"; }
 poll 30 "orphan exit in the log" orphan_said
 no_zombies() {
   local pid left=
@@ -260,11 +263,11 @@ took_ms=$((($(date +%s%N) - t0) / 1000000))
 code=$(podman inspect -f '{{.State.ExitCode}}' "$ctr")
 [ "$code" = 0 ] || fail "the container exited $code after podman stop"
 [ "$took_ms" -lt $((grace * 1000)) ] || fail "podman stop took $took_ms ms, grace is ${grace}s"
-podman logs "$ctr" 2>&1 | grep -q 'Initiating graceful shutdown' || fail "cloudflared was not asked to drain"
+logs=$(container_log)
+grep -q 'Initiating graceful shutdown' <<<"$logs" || fail "cloudflared was not asked to drain"
 say "PASS podman stop: exit 0 after $took_ms ms (grace ${grace}s), cloudflared drained"
 
 # No secret value in the log or /status (argv: checked above, while the processes ran).
-logs=$(podman logs "$ctr" 2>&1)
 for secret in "$tunnel_token" "$api_token"; do
   case "$logs$status" in *"$secret"*) fail "a secret value is in the log or /status" ;; esac
 done
