@@ -29,6 +29,7 @@ pub mod process_stats;
 pub mod prom_text;
 pub mod proxy;
 pub mod random;
+pub mod reaper;
 pub mod role;
 pub mod routing;
 pub mod secret;

@@ -89,6 +89,7 @@ fn main() -> ExitCode {
         ));
         return Exit::Failure.into();
     }
+    tunnel_agent::reaper::init_if_pid1();
     let cli = Cli::parse();
     let exit = match cli.command {
         Command::Check { config } => check(&config),

@@ -185,6 +185,9 @@ pub struct AgentBuilder {
     env: Vec<(String, String)>,
     /// Run the agent as this uid and gid (the test runs as root), owning its directory.
     user: Option<u32>,
+    /// A command the agent is started under (its argv comes after these), e.g. `unshare` to
+    /// make it PID 1 of a new PID namespace. Empty: started directly.
+    launcher: Vec<String>,
 }
 
 impl Default for AgentBuilder {
@@ -204,6 +207,7 @@ impl AgentBuilder {
             ),
             env: Vec::new(),
             user: None,
+            launcher: Vec::new(),
         }
     }
 
@@ -230,6 +234,13 @@ impl AgentBuilder {
         self
     }
 
+    /// Starts the agent as an argument of `launcher` (program and its arguments): `spawn`'s child
+    /// and `Agent::pid` are then the launcher's.
+    pub fn launched_by(mut self, launcher: &[&str]) -> Self {
+        self.launcher = launcher.iter().map(|&a| a.to_owned()).collect();
+        self
+    }
+
     /// Starts the agent with `config` and waits until it logs `ready`.
     pub async fn start(self, config: &ConfigText) -> Agent {
         let text = config.render(self.dir.path());
@@ -242,7 +253,15 @@ impl AgentBuilder {
     pub fn spawn(self, config_text: &str) -> Agent {
         let config_path = self.dir.path().join("agent.toml");
         std::fs::write(&config_path, config_text).expect("write config");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tunnel-agent"));
+        let agent = env!("CARGO_BIN_EXE_tunnel-agent");
+        let mut cmd = match self.launcher.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(agent);
+                cmd
+            }
+            None => Command::new(agent),
+        };
         cmd.arg("run")
             .arg("-c")
             .arg(&config_path)
@@ -379,6 +398,7 @@ impl Agent {
             dir: self.dir.clone(),
             env: self.env.clone(),
             user: None,
+            launcher: Vec::new(),
         }
     }
 
