@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 
 use super::{Change, Role, RoleSource, Roles};
 use crate::config::Config;
-use crate::election::{self, etcd};
+use crate::election::{self, etcd, store::Store};
 use crate::follow;
 use crate::secrets::SecretValues;
 
@@ -125,7 +125,7 @@ impl Roles {
         };
         let settings = election::Settings::from_section(section, me);
         let gated = self.follow.is_some();
-        let (election, task) = election::start(settings, client, fence, outcomes, gated);
+        let (election, task) = election::start(settings, Store::Etcd(client), fence, outcomes, gated);
         self.fence.health.publish_election(Box::new(election.clone()));
         self.election = Some(election);
         self.tasks.push(task);
