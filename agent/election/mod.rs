@@ -18,6 +18,7 @@
 //! [`Command`]s (resign, campaign now, gate). The node's one role path applies them.
 
 pub mod etcd;
+pub mod kubernetes;
 pub mod store;
 
 use std::sync::{Arc, Mutex};
@@ -278,7 +279,7 @@ pub struct Settings {
 impl Settings {
     pub fn from_section(section: &RoleElectionSection, me: String) -> Settings {
         Settings {
-            key: section.key.clone(),
+            key: section.key_name(),
             me,
             ttl: section.ttl,
             renew_interval: section.renew_interval(),
@@ -598,14 +599,14 @@ impl Task {
                 h.deadline = deadline::after(now, self.settings.fence_margin.saturating_add(self.retry_delay()));
                 self.lease = Some(h);
                 if let Err(e) = self.renew(h).await {
-                    tracing::warn!(error = %e, "etcd unreachable; keeping the active role (on_store_loss = \"keep\"): {e}");
+                    tracing::warn!(error = %e, "the election's store is unreachable; keeping the active role (on_store_loss = \"keep\"): {e}");
                 }
                 return;
             }
             self.stale = Some(h.id);
             self.give_up(
                 h,
-                "the lease could not be renewed in time (etcd unreachable or without quorum)",
+                "the lease could not be renewed in time (the store is unreachable, or etcd lost quorum)",
             )
             .await;
             return;

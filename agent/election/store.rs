@@ -13,16 +13,21 @@
 use std::time::Duration;
 
 use super::etcd::{self, EtcdClient, EtcdError};
+use super::kubernetes::{self, KubeError, LeaseClient};
 
 /// The backend: one of the two clients.
 pub enum Store {
     Etcd(EtcdClient),
+    /// Boxed: it keeps the last Lease it saw, much larger than the etcd client.
+    Kubernetes(Box<LeaseClient>),
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(transparent)]
     Etcd(#[from] EtcdError),
+    #[error(transparent)]
+    Kubernetes(#[from] KubeError),
 }
 
 /// Who holds the key.
@@ -57,6 +62,7 @@ impl Store {
     pub fn backend(&self) -> &'static str {
         match self {
             Store::Etcd(_) => "etcd",
+            Store::Kubernetes(_) => "kubernetes",
         }
     }
 
@@ -71,6 +77,12 @@ impl Store {
     ) -> Result<Result<Lease, Option<Holder>>, StoreError> {
         match self {
             Store::Etcd(c) => etcd_acquire(c, key, me, ttl, timeout).await,
+            // The client was built with this node's name and ttl; the key is its Lease.
+            Store::Kubernetes(c) => Ok(c
+                .acquire(timeout)
+                .await?
+                .map(|(id, ttl)| Lease { id, ttl })
+                .map_err(|h| h.map(from_kube))),
         }
     }
 
@@ -86,12 +98,17 @@ impl Store {
                 }) => Ok(Renewal::Lost(format!("the lease is gone: {message}"))),
                 Err(e) => Err(e.into()),
             },
+            Store::Kubernetes(c) => Ok(match c.renew(lease, timeout).await? {
+                Ok(ttl) => Renewal::Renewed(ttl),
+                Err(why) => Renewal::Lost(why),
+            }),
         }
     }
 
     pub async fn read(&self, key: &str, timeout: Duration) -> Result<Option<Holder>, StoreError> {
         match self {
             Store::Etcd(c) => Ok(c.get(key, timeout).await?.map(from_etcd)),
+            Store::Kubernetes(c) => Ok(c.read(timeout).await?.map(from_kube)),
         }
     }
 
@@ -99,6 +116,7 @@ impl Store {
     pub async fn release(&self, lease: i64, timeout: Duration) -> Result<(), StoreError> {
         match self {
             Store::Etcd(c) => Ok(c.revoke(lease, timeout).await?),
+            Store::Kubernetes(c) => Ok(c.release(lease, timeout).await?),
         }
     }
 }
@@ -107,6 +125,13 @@ fn from_etcd(h: etcd::Holder) -> Holder {
     Holder {
         name: h.name,
         lease: h.lease,
+    }
+}
+
+fn from_kube(h: kubernetes::Holder) -> Holder {
+    Holder {
+        name: h.name,
+        lease: i64::from(h.transitions),
     }
 }
 
