@@ -327,6 +327,36 @@ async fn a_bad_token_is_reported_and_a_rotated_one_is_read_again() {
     no_token_in_logs(&nodes);
 }
 
+/// The API server is down when the agents start: both are standby and say why; once it
+/// answers, one of them is elected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_server_down_at_boot_means_standby_and_says_so() {
+    let api = FakeKubeApi::start(SA_TOKEN).await;
+    api.refuse();
+    let up = FakeUpstream::start(Wire::Http1).await;
+    let nodes = pair(&api, &up, 100).await;
+    for n in &nodes {
+        let s = eventually(
+            DEADLINE,
+            "the election to report the API server unreachable",
+            || async {
+                let s = n.status().await;
+                (s["election"]["state"] == "unreachable").then_some(s)
+            },
+        )
+        .await;
+        assert_eq!(s["role"], "standby", "{s}");
+        let error = s["election"]["last_error"].as_str().unwrap_or("");
+        assert!(error.contains("did not answer"), "{s}");
+    }
+    let sampler = Sampler::start(nodes.iter().map(|n| n.agent.health_addr()).collect());
+    api.restore().await;
+    one_leader(&nodes).await;
+    assert!(api.lease(NAMESPACE, LEASE).is_some(), "the Lease was not created");
+    let (_, overlaps) = sampler.finish().await;
+    assert!(overlaps.is_empty(), "two actives at once: {overlaps:?}");
+}
+
 #[test]
 fn check_refuses_a_lease_config_that_cannot_fence_or_names_no_lease() {
     let dir = tempfile::tempdir().expect("tempdir");
