@@ -1,7 +1,9 @@
-//! Leader election on etcd (`[role_election]`): the node that holds the key under a live lease
-//! is active; every other node is standby and watches the key.
+//! Leader election (`[role_election]`): the node that holds the key under a live lease is
+//! active; every other node is standby and watches the key. The state machine below exists
+//! once; the store under it ([`store::Store`]) is etcd or a Kubernetes Lease
+//! (`kubernetes.rs` has that recipe and what it takes from client-go).
 //!
-//! The recipe is etcd's own (`clientv3/concurrency`): grant a lease, then a transaction that
+//! On etcd, the recipe is etcd's own (`clientv3/concurrency`): grant a lease, then a transaction that
 //! puts `key = host_name` attached to it only if the key's `create_revision` is 0 (it does not
 //! exist). The leader renews the lease every ttl/3. A standby takes over only once the key is
 //! gone, which etcd guarantees happens only when the lease was revoked or expired *on the
