@@ -137,6 +137,9 @@ async fn a_killed_leader_is_replaced_once_its_lease_expires() {
         let s = nodes[leader].status().await;
         assert_eq!(s["election"]["backend"], "kubernetes", "{s}");
         assert_eq!(s["election"]["key"], format!("{NAMESPACE}/{LEASE}"), "{s}");
+        let run = nodes[leader].agent.control("status").await;
+        let line = format!("election:     kubernetes Lease {NAMESPACE}/{LEASE} is leader");
+        assert!(run.stdout.contains(&line), "{run:?}");
         let lease = api.lease(NAMESPACE, LEASE).expect("the Lease exists");
         assert_eq!(lease["spec"]["holderIdentity"], nodes[leader].name.as_str(), "{lease}");
         assert_eq!(lease["spec"]["leaseDurationSeconds"], TTL.as_secs(), "{lease}");
