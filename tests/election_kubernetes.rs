@@ -330,6 +330,53 @@ async fn a_bad_token_is_reported_and_a_rotated_one_is_read_again() {
     no_token_in_logs(&nodes);
 }
 
+/// Another client writes the Lease without touching its spec (an annotation): the leader's
+/// next renewal meets a 409, reads the Lease again, finds it still its own and renews with the
+/// new resourceVersion; it stays leader, and the annotation is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflict_from_another_writer_does_not_depose_the_leader() {
+    let t0 = Instant::now();
+    let api = FakeKubeApi::start(SA_TOKEN).await;
+    let up = FakeUpstream::start(Wire::Http1).await;
+    let nodes = pair(&api, &up, 100).await;
+    let sampler = Sampler::start(nodes.iter().map(|n| n.agent.health_addr()).collect());
+    let leader = one_leader(&nodes).await;
+    sampler.wait_only(leader, t0, DEADLINE).await;
+    // Another writer every 50 ms for two lease durations: renewals meet 409s and go through.
+    let until = Instant::now() + 2 * TTL;
+    let mut round = 0;
+    while Instant::now() < until {
+        api.annotate(NAMESPACE, LEASE, &format!("round {round}"));
+        round += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(api.answered(409) > 0, "no renewal met a conflict");
+    let s = nodes[leader].status().await;
+    assert_eq!(s["election"]["is_leader"], true, "{s}");
+    assert_eq!(s["election"]["elections_lost"], 0, "{s}");
+    let lease = api.lease(NAMESPACE, LEASE).expect("the Lease");
+    let note = format!("round {}", round - 1);
+    assert_eq!(
+        lease["metadata"]["annotations"]["example.com/note"],
+        note.as_str(),
+        "{lease}"
+    );
+    let (_, overlaps) = sampler.finish().await;
+    assert!(overlaps.is_empty(), "two actives at once: {overlaps:?}");
+    assert_eq!(leaders_now(&nodes).await, 1);
+}
+
+/// How many nodes report themselves leader now.
+async fn leaders_now(nodes: &[Node]) -> usize {
+    let mut n = 0;
+    for node in nodes {
+        if node.status().await["election"]["is_leader"] == true {
+            n += 1;
+        }
+    }
+    n
+}
+
 /// The API server is down when the agents start: both are standby and say why; once it
 /// answers, one of them is elected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

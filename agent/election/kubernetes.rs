@@ -46,6 +46,8 @@ const TOKEN_LIMIT: u64 = 64 * 1024;
 const HOLDER_LIMIT: usize = 1024;
 /// The longest lease duration honoured from a record: longer ones are read as this.
 const DURATION_LIMIT: i64 = 3600;
+/// Writes of one renewal or release, each after a 409 and a read (all within its timeout).
+const CONFLICT_RETRIES: usize = 4;
 
 /// How to reach the API server and which Lease.
 #[derive(Clone)]
@@ -386,7 +388,9 @@ impl LeaseClient {
 
     /// Renews hold `lease`: `Ok(Ok(ttl))`, or `Ok(Err(why))` when it is no longer ours. A 409
     /// (someone else wrote the Lease) is answered by a read: still ours, the write is retried
-    /// once with the new version; otherwise lost.
+    /// with the new version; otherwise lost. Writers that keep changing a Lease that is still
+    /// ours make this renewal fail (an error, not a loss): the state machine retries, and
+    /// fences by time if it never gets through.
     pub async fn renew(&self, lease: i64, timeout: Duration) -> Result<Result<Duration, String>, KubeError> {
         let me = self.me.as_str();
         let deadline = crate::deadline::from_now(timeout);
@@ -394,7 +398,7 @@ impl LeaseClient {
             Some(o) if o.spec.is(me, lease) => Some(o),
             _ => self.get(deadline).await?,
         };
-        for _ in 0..2 {
+        for _ in 0..CONFLICT_RETRIES {
             let Some(current) = base.take() else {
                 return Ok(Err("the Lease was deleted".into()));
             };
@@ -417,7 +421,10 @@ impl LeaseClient {
             }
             base = self.get(deadline).await?;
         }
-        Ok(Err("the Lease kept changing under this node's renewals".into()))
+        Err(KubeError::Api {
+            status: StatusCode::CONFLICT.as_u16(),
+            message: "the Lease kept changing under this node's renewals".into(),
+        })
     }
 
     /// Who holds the Lease by our clock: `None` when it does not exist, has no holder, or its
@@ -446,7 +453,7 @@ impl LeaseClient {
             Some(o) if o.spec.is(me, lease) => Some(o),
             _ => self.get(deadline).await?,
         };
-        for _ in 0..2 {
+        for _ in 0..CONFLICT_RETRIES {
             let Some(current) = base.take().filter(|o| o.spec.is(me, lease)) else {
                 return Ok(());
             };

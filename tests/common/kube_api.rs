@@ -151,6 +151,17 @@ impl FakeKubeApi {
         self.state.leases.lock().unwrap().get(&key).cloned()
     }
 
+    /// Another client's write that leaves the spec alone (`kubectl annotate`): a new
+    /// resourceVersion, so the holder's next renewal meets a 409.
+    pub fn annotate(&self, namespace: &str, name: &str, note: &str) {
+        let mut leases = self.state.leases.lock().unwrap();
+        let key = (namespace.to_owned(), name.to_owned());
+        let mut lease = leases.get(&key).cloned().expect("a Lease to annotate");
+        lease["metadata"]["annotations"] = json!({"example.com/note": note});
+        let current = lease.clone();
+        store(&self.state, &mut leases, namespace, name, lease, Some(&current));
+    }
+
     /// How many requests were answered with `status`.
     pub fn answered(&self, status: u16) -> usize {
         self.state
