@@ -171,8 +171,13 @@ fn print_summary(reply: &tunnel_agent::control::Reply) {
             (Some(id), Some(left)) => format!("lease {id}, {left:.1} s left"),
             _ => "no lease".to_owned(),
         };
+        let what = if e.backend == "kubernetes" {
+            "kubernetes Lease"
+        } else {
+            "etcd key"
+        };
         out(&format!(
-            "election:     etcd key {} is {}; leader {}; {lease}; won {}, lost {}, renew failures {}\n",
+            "election:     {what} {} is {}; leader {}; {lease}; won {}, lost {}, renew failures {}\n",
             e.key,
             e.state,
             e.leader.as_deref().unwrap_or("none"),

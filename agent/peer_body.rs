@@ -1,5 +1,5 @@
 //! Bodies of answers from the agent's HTTP peers (the metadata server, Secret Manager,
-//! cloudflared's `/ready`, etcd), read with a ceiling. A peer can be broken, or an address a
+//! cloudflared's `/ready`, etcd, the Kubernetes API server), read with a ceiling. A peer can be broken, or an address a
 //! hostile party controls, and reqwest's `text()`/`bytes()`/`json()` read whatever arrives into
 //! memory: a body without end would grow the agent until the kernel kills it. Each caller names
 //! the largest answer its protocol can have; past that the answer is refused, not buffered.

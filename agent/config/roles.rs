@@ -44,7 +44,12 @@ impl RoleSource {
 pub enum ElectionBackend {
     #[default]
     Etcd,
+    /// A `coordination.k8s.io/v1` Lease.
+    Kubernetes,
 }
+
+/// Where a pod finds its service account's token and the cluster CA (the kubelet mounts them).
+pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
 /// What a leader does when it cannot renew its lease (etcd lost quorum, or this host lost
 /// etcd: the two look the same from here).
@@ -60,16 +65,25 @@ pub enum OnStoreLoss {
     Keep,
 }
 
-/// `[role_election]`: the node holding `key` under a live lease is active.
+/// `[role_election]`: the node holding `key` under a live lease (etcd), or holding the Lease
+/// (Kubernetes), is active.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoleElectionSection {
     pub backend: ElectionBackend,
-    /// Client URLs of the members (`http://…:2379` or `https://…`); tried in order, the last
-    /// one that answered first.
+    /// etcd: client URLs of the members (`http://…:2379` or `https://…`); tried in order, the
+    /// last one that answered first.
     pub endpoints: Vec<String>,
-    /// One key per pair or fleet; its value is the leader's `host_name`.
+    /// etcd: one key per pair or fleet; its value is the leader's `host_name`.
     pub key: String,
+    /// Kubernetes: the Lease's namespace and name (one Lease per pair or fleet).
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    /// Kubernetes: the API server's URL. Unset: `https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT`.
+    pub api_url: Option<String>,
+    /// Kubernetes: the service account token, read for each request (the kubelet rotates it).
+    /// Unset: the pod's mounted token.
+    pub token_file: Option<PathBuf>,
     /// Lease TTL, whole seconds. Failover after a crash takes up to this long.
     #[serde(deserialize_with = "duration::at_most::<_, _, { duration::HOUR }>")]
     pub ttl: Duration,
@@ -82,7 +96,8 @@ pub struct RoleElectionSection {
     pub poll_interval: Duration,
     /// This host's name in the key. Unset: the kernel hostname.
     pub host_name: Option<String>,
-    /// PEM CA bundle for `https://` endpoints (else the system roots).
+    /// PEM CA bundle for `https://` endpoints or the API server (else the system roots; on
+    /// Kubernetes the pod's mounted `ca.crt` when it exists).
     pub ca_file: Option<PathBuf>,
     /// Client certificate and key (PEM) for etcd's `--client-cert-auth`.
     pub cert_file: Option<PathBuf>,
@@ -100,6 +115,10 @@ impl Default for RoleElectionSection {
             backend: ElectionBackend::Etcd,
             endpoints: Vec::new(),
             key: String::new(),
+            namespace: None,
+            name: None,
+            api_url: None,
+            token_file: None,
             ttl: Duration::from_secs(10),
             fence_margin: Duration::from_secs(1),
             poll_interval: Duration::from_millis(250),
@@ -127,25 +146,15 @@ impl RoleElectionSection {
 
     pub fn validate(&self, secrets: &[&str], bad: &mut dyn FnMut(String, String)) {
         let key = |k: &str| format!("role_election.{k}");
-        if self.endpoints.is_empty() {
-            bad(key("endpoints"), "at least one etcd client URL is required".into());
-        }
-        for (i, e) in self.endpoints.iter().enumerate() {
-            if !(e.starts_with("http://") || e.starts_with("https://")) || e.len() < "http://x".len() {
-                bad(format!("{}[{i}]", key("endpoints")), not_a_url(e));
-            }
-        }
-        if self.key.trim().is_empty() {
-            bad(
-                key("key"),
-                "required: one key per pair or fleet, e.g. \"/tunnel-agent/pair-1/leader\"".into(),
-            );
+        match self.backend {
+            ElectionBackend::Etcd => self.validate_etcd(secrets, bad),
+            ElectionBackend::Kubernetes => self.validate_kubernetes(bad),
         }
         if self.ttl.subsec_nanos() != 0 || self.ttl < Duration::from_secs(2) {
             bad(
                 key("ttl"),
                 format!(
-                    "{} is not a whole number of seconds >= 2 (etcd grants leases in seconds and raises shorter ones)",
+                    "{} is not a whole number of seconds >= 2 (leases are whole seconds; etcd raises shorter ones)",
                     humantime_serde::re::humantime::format_duration(self.ttl)
                 ),
             );
@@ -168,6 +177,29 @@ impl RoleElectionSection {
         if self.poll_interval.is_zero() {
             bad(key("poll_interval"), "must be greater than 0".into());
         }
+        if self.host_name.as_deref().is_some_and(|h| h.trim().is_empty()) {
+            bad(key("host_name"), "must not be empty".into());
+        }
+    }
+}
+
+impl RoleElectionSection {
+    fn validate_etcd(&self, secrets: &[&str], bad: &mut dyn FnMut(String, String)) {
+        let key = |k: &str| format!("role_election.{k}");
+        if self.endpoints.is_empty() {
+            bad(key("endpoints"), "at least one etcd client URL is required".into());
+        }
+        for (i, e) in self.endpoints.iter().enumerate() {
+            if !(e.starts_with("http://") || e.starts_with("https://")) || e.len() < "http://x".len() {
+                bad(format!("{}[{i}]", key("endpoints")), not_a_url(e));
+            }
+        }
+        if self.key.trim().is_empty() {
+            bad(
+                key("key"),
+                "required: one key per pair or fleet, e.g. \"/tunnel-agent/pair-1/leader\"".into(),
+            );
+        }
         if self.cert_file.is_some() != self.key_file.is_some() {
             bad(key("cert_file"), "cert_file and key_file go together".into());
         }
@@ -180,10 +212,78 @@ impl RoleElectionSection {
             ),
             _ => {}
         }
-        if self.host_name.as_deref().is_some_and(|h| h.trim().is_empty()) {
-            bad(key("host_name"), "must not be empty".into());
+        let kube_only = [
+            ("namespace", self.namespace.is_some()),
+            ("name", self.name.is_some()),
+            ("api_url", self.api_url.is_some()),
+            ("token_file", self.token_file.is_some()),
+        ];
+        for (k, set) in kube_only {
+            if set {
+                bad(key(k), "only for backend = \"kubernetes\"".into());
+            }
         }
     }
+
+    fn validate_kubernetes(&self, bad: &mut dyn FnMut(String, String)) {
+        let key = |k: &str| format!("role_election.{k}");
+        // Object names: DNS-1123 (a namespace is a label, 63; a Lease a subdomain, 253).
+        for (k, value, limit) in [("namespace", &self.namespace, 63), ("name", &self.name, 253)] {
+            match value {
+                None => bad(key(k), "required with backend = \"kubernetes\"".into()),
+                Some(v) if !is_dns1123(v, limit, k == "name") => bad(
+                    key(k),
+                    format!("{v:?} is not a Kubernetes object name (lower-case letters, digits, '-', at most {limit} characters)"),
+                ),
+                Some(_) => {}
+            }
+        }
+        if let Some(url) = &self.api_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < "http://x".len() {
+                bad(key("api_url"), not_a_url(url));
+            }
+        }
+        let etcd_only = [
+            ("endpoints", !self.endpoints.is_empty()),
+            ("key", !self.key.is_empty()),
+            ("cert_file", self.cert_file.is_some()),
+            ("key_file", self.key_file.is_some()),
+            ("username", self.username.is_some()),
+            ("password_secret", self.password_secret.is_some()),
+        ];
+        for (k, set) in etcd_only {
+            if set {
+                bad(
+                    key(k),
+                    "only for backend = \"etcd\" (the Lease is namespace/name)".into(),
+                );
+            }
+        }
+    }
+
+    /// What `/status` and the logs call the election's key: etcd's key, or `namespace/name`.
+    pub fn key_name(&self) -> String {
+        match self.backend {
+            ElectionBackend::Etcd => self.key.clone(),
+            ElectionBackend::Kubernetes => format!(
+                "{}/{}",
+                self.namespace.as_deref().unwrap_or(""),
+                self.name.as_deref().unwrap_or("")
+            ),
+        }
+    }
+}
+
+/// A DNS-1123 label (`dots` false) or subdomain (`dots` true) of at most `limit` characters.
+fn is_dns1123(v: &str, limit: usize, dots: bool) -> bool {
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    !v.is_empty() && v.len() <= limit && if dots { v.split('.').all(label_ok) } else { label_ok(v) }
 }
 
 /// `[role_follow]`: active iff `url` answers 2xx (e.g. Patroni's `GET /primary`).

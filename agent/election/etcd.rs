@@ -82,6 +82,10 @@ pub struct EtcdClient {
     token: Mutex<Option<String>>,
 }
 
+/// The largest answer read from a member: the election's answers (a lease, one key whose
+/// value is a host name, a token) are well under 1 KiB; a member that sends more is refused.
+const BODY_LIMIT: usize = 256 * 1024;
+
 /// gRPC's UNAUTHENTICATED, which etcd answers for an expired or unknown auth token.
 const CODE_UNAUTHENTICATED: i64 = 16;
 /// gRPC's NOT_FOUND ("requested lease not found").
@@ -298,8 +302,7 @@ impl EtcdClient {
                 .await
                 .map_err(|e| Failed::Unreachable(failure(endpoint, &e)))?;
             let status = resp.status();
-            let text = resp
-                .text()
+            let text = crate::peer_body::read_text(resp, BODY_LIMIT)
                 .await
                 .map_err(|e| Failed::Unreachable(failure(endpoint, &e)))?;
             match answer(endpoint, status, &text) {
@@ -333,9 +336,12 @@ impl EtcdClient {
             .send()
             .await
             .map_err(|e| EtcdError::Unreachable(failure(endpoint, &e)))?;
-        let value: serde_json::Value = resp.json().await.map_err(|e| EtcdError::Protocol {
+        let body = crate::peer_body::read(resp, BODY_LIMIT)
+            .await
+            .map_err(|e| EtcdError::Unreachable(failure(endpoint, &e)))?;
+        let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| EtcdError::Protocol {
             endpoint: shown(endpoint),
-            message: crate::secret::redact_urls_in(&format!("authenticate: {e}")),
+            message: format!("authenticate: {e}"),
         })?;
         match value.get("token").and_then(|t| t.as_str()) {
             Some(token) => {
@@ -574,6 +580,29 @@ mod tests {
             .expect("grant through the live member");
         assert_eq!(lease.id, 7);
         drop(hung);
+    }
+
+    /// A member whose answer has no end is refused at the ceiling, not buffered.
+    #[tokio::test]
+    async fn an_answer_without_end_is_refused_at_the_ceiling() {
+        let head = "HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n";
+        let url = crate::peer_body::test_peer::peer(head, 64 << 20).await;
+        let c = EtcdClient::new(&EtcdOptions {
+            endpoints: vec![url.trim_end_matches('/').to_owned()],
+            ca_pem: None,
+            identity_pem: None,
+            username: None,
+            password: None,
+        })
+        .expect("client");
+        let e = c
+            .get("/k", Duration::from_secs(10))
+            .await
+            .expect_err("over the ceiling");
+        assert!(
+            e.to_string().contains(&format!("larger than {BODY_LIMIT} bytes")),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1,7 +1,9 @@
-//! Leader election on etcd (`[role_election]`): the node that holds the key under a live lease
-//! is active; every other node is standby and watches the key.
+//! Leader election (`[role_election]`): the node that holds the key under a live lease is
+//! active; every other node is standby and watches the key. The state machine below exists
+//! once; the store under it ([`store::Store`]) is etcd or a Kubernetes Lease
+//! (`kubernetes.rs` has that recipe and what it takes from client-go).
 //!
-//! The recipe is etcd's own (`clientv3/concurrency`): grant a lease, then a transaction that
+//! On etcd, the recipe is etcd's own (`clientv3/concurrency`): grant a lease, then a transaction that
 //! puts `key = host_name` attached to it only if the key's `create_revision` is 0 (it does not
 //! exist). The leader renews the lease every ttl/3. A standby takes over only once the key is
 //! gone, which etcd guarantees happens only when the lease was revoked or expired *on the
@@ -18,6 +20,8 @@
 //! [`Command`]s (resign, campaign now, gate). The node's one role path applies them.
 
 pub mod etcd;
+pub mod kubernetes;
+pub mod store;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,7 +32,7 @@ use tokio::time::Instant;
 use crate::config::roles::{OnStoreLoss, RoleElectionSection};
 use crate::deadline;
 use crate::health::{ElectionStatus, Published};
-use etcd::{EtcdClient, EtcdError, Holder};
+use store::{Holder, Renewal, Store, StoreError};
 
 /// Why a request to the election failed.
 #[derive(Debug, thiserror::Error)]
@@ -37,13 +41,13 @@ pub enum ElectionError {
     #[error("the election task stopped")]
     Stopped,
     #[error(transparent)]
-    Etcd(#[from] EtcdError),
+    Store(#[from] StoreError),
     /// Won, but so late that the lease was about to be fenced anyway.
     #[error("won the key too late to hold it safely; revoked")]
     TooLate,
     /// Resigned, but the lease is left to expire by itself.
     #[error("could not revoke the lease (it expires within its ttl): {0}")]
-    NotRevoked(EtcdError),
+    NotRevoked(StoreError),
 }
 
 /// Where this node stands in the election.
@@ -56,7 +60,7 @@ pub enum Phase {
     SteppedAside,
     /// The `[role_follow]` check fails: no campaign.
     Gated,
-    /// etcd did not answer the last request.
+    /// The store did not answer the last request.
     Unreachable,
 }
 
@@ -102,6 +106,8 @@ pub enum Command {
 /// Where the election stands, for `/status`, `/metrics` and the CLI.
 #[derive(Debug, Clone, Default)]
 pub struct ElectionState {
+    /// `etcd` or `kubernetes`.
+    pub backend: &'static str,
     pub key: String,
     pub me: String,
     pub phase: Phase,
@@ -180,7 +186,7 @@ impl Election {
             .filter(|_| s.is_leader)
             .map(|d| d.saturating_duration_since(Instant::now()).as_secs_f64());
         ElectionStatus {
-            backend: "etcd".to_owned(),
+            backend: s.backend.to_owned(),
             key: s.key,
             host_name: s.me,
             state: s.phase.as_str().to_owned(),
@@ -205,7 +211,7 @@ impl Election {
             .filter(|_| s.is_leader)
             .map_or(0.0, |d| d.saturating_duration_since(Instant::now()).as_secs_f64());
         let labels = [
-            ("backend", "etcd"),
+            ("backend", s.backend),
             ("key", &s.key),
             ("leader", s.leader.as_deref().unwrap_or("")),
         ];
@@ -275,7 +281,7 @@ pub struct Settings {
 impl Settings {
     pub fn from_section(section: &RoleElectionSection, me: String) -> Settings {
         Settings {
-            key: section.key.clone(),
+            key: section.key_name(),
             me,
             ttl: section.ttl,
             renew_interval: section.renew_interval(),
@@ -290,13 +296,14 @@ impl Settings {
 /// Starts the election task. It campaigns at once (unless `gated`).
 pub fn start(
     settings: Settings,
-    client: EtcdClient,
+    client: Store,
     fence: Fence,
     outcomes: mpsc::Sender<Outcome>,
     gated: bool,
 ) -> (Election, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(8);
     let state = Arc::new(Mutex::new(ElectionState {
+        backend: client.backend(),
         key: settings.key.clone(),
         me: settings.me.clone(),
         phase: if gated { Phase::Gated } else { Phase::Follower },
@@ -328,7 +335,7 @@ struct Held {
 
 struct Task {
     settings: Settings,
-    client: EtcdClient,
+    client: Store,
     election: Election,
     outcomes: mpsc::Sender<Outcome>,
     gate_open: bool,
@@ -402,7 +409,7 @@ impl Task {
                         // The node asked, and has fenced itself already: no Deposed for it.
                         self.release_lease();
                         // Revoke at once, so a standby takes over now rather than after ttl.
-                        let revoked = self.client.revoke(h.id, self.settings.request_timeout).await;
+                        let revoked = self.client.release(h.id, self.settings.request_timeout).await;
                         if revoked.is_err() {
                             // Revoked by `follow` once etcd answers again, if it has not expired.
                             self.stale = Some(h.id);
@@ -464,9 +471,12 @@ impl Task {
 
     /// Standby: read the key; campaign when it is gone.
     async fn follow(&mut self) {
-        let read = self.client.get(&self.settings.key, self.settings.request_timeout).await;
+        let read = self
+            .client
+            .read(&self.settings.key, self.settings.request_timeout)
+            .await;
         let read = match read {
-            Ok(Some(holder)) if self.stale == Some(holder.lease) => self.revoke_stale(holder).await,
+            Ok(Some(holder)) if self.is_stale(&holder) => self.revoke_stale(holder).await,
             other => {
                 if other.is_ok() {
                     // The key is gone or under another lease: the stale one holds nothing.
@@ -512,95 +522,73 @@ impl Task {
 
     /// The key is still ours under the lease we fenced on (so nobody is active): give it up
     /// now rather than after its ttl. Safe: this node is fenced, and the key names its lease.
-    async fn revoke_stale(&mut self, holder: Holder) -> Result<Option<Holder>, EtcdError> {
-        self.client.revoke(holder.lease, self.settings.request_timeout).await?;
+    async fn revoke_stale(&mut self, holder: Holder) -> Result<Option<Holder>, StoreError> {
+        self.client.release(holder.lease, self.settings.request_timeout).await?;
         self.stale = None;
         tracing::info!(key = %self.settings.key, lease = format!("{:x}", holder.lease), "revoked the lease this node fenced on (lease {:x}): {} is free", holder.lease, self.settings.key);
         Ok(None)
     }
 
+    /// Whether `holder` is the hold this node fenced on.
+    fn is_stale(&self, holder: &Holder) -> bool {
+        self.stale == Some(holder.lease) && holder.name == self.settings.me
+    }
+
     /// One attempt at the key. `Ok(true)` when won.
     async fn campaign(&mut self) -> Result<bool, ElectionError> {
         let timeout = self.settings.request_timeout;
-        // The lease counts from before the grant was sent.
+        // The hold counts from before the attempt's first request was sent.
         let sent = Instant::now();
-        let lease = self
+        let outcome = self
             .client
-            .grant(self.settings.ttl, timeout)
+            .acquire(&self.settings.key, &self.settings.me, self.settings.ttl, timeout)
             .await
             .map_err(|e| self.unreachable(e))?;
-        if lease.ttl < self.settings.ttl {
-            // Never expected (etcd only raises TTLs), but the fence must use what was granted.
-            tracing::warn!(
-                asked_s = self.settings.ttl.as_secs(),
-                granted_s = lease.ttl.as_secs(),
-                "etcd granted a shorter lease than asked: {}s instead of {}s",
-                lease.ttl.as_secs(),
-                self.settings.ttl.as_secs()
-            );
-        }
+        let lease = match outcome {
+            Ok(lease) => lease,
+            Err(holder) => {
+                let name = holder.map(|h| h.name);
+                self.update(|s| s.leader = name);
+                return Ok(false);
+            }
+        };
         let held = Held {
             id: lease.id,
             granted: lease.ttl,
             deadline: deadline::after(sent, lease.ttl),
             next_renew: deadline::after(sent, lease.ttl / 3),
         };
-        let outcome = self
-            .client
-            .campaign(&self.settings.key, &self.settings.me, lease.id, timeout)
-            .await;
-        let fence_at = held
-            .deadline
-            .checked_sub(self.settings.fence_margin)
-            .unwrap_or(held.deadline);
-        match outcome {
-            Ok(Ok(())) if Instant::now() < fence_at => {
-                let term = {
-                    let mut s = self.election.state.lock().unwrap_or_else(|e| e.into_inner());
-                    s.term += 1;
-                    s.won += 1;
-                    s.is_leader = true;
-                    s.phase = Phase::Leader;
-                    s.leader = Some(self.settings.me.clone());
-                    s.lease_id = Some(lease.id);
-                    s.lease_ttl = Some(lease.ttl);
-                    s.lease_deadline = Some(held.deadline);
-                    s.last_error = None;
-                    s.term
-                };
-                self.lease = Some(held);
-                tracing::info!(key = %self.settings.key, host = %self.settings.me, lease = format!("{:x}", lease.id), ttl_s = lease.ttl.as_secs(), "won the election for {} as {} (lease {:x}, ttl {}s)", self.settings.key, self.settings.me, lease.id, lease.ttl.as_secs());
-                let _ = self.outcomes.send(Outcome::Elected { term }).await;
-                Ok(true)
-            }
-            Ok(Ok(())) => {
-                // Won, but so late that the lease is about to be fenced anyway: give it back.
-                let _ = self.client.revoke(lease.id, timeout).await;
-                Err(ElectionError::TooLate)
-            }
-            Ok(Err(holder)) => {
-                let _ = self.client.revoke(lease.id, timeout).await;
-                let name = holder.map(|h| h.name);
-                self.update(|s| s.leader = name);
-                Ok(false)
-            }
-            Err(e) => {
-                // The transaction's outcome is unknown: if it did put the key, revoking the
-                // lease deletes it again. If the revoke fails too, the key expires within ttl
-                // and nobody is active meanwhile, which is the safe side.
-                let _ = self.client.revoke(lease.id, timeout).await;
-                Err(self.unreachable(e))
-            }
+        if Instant::now() >= self.fence_at(&held) {
+            // Won, but so late that the hold is about to be fenced anyway: give it back.
+            let _ = self.client.release(lease.id, timeout).await;
+            return Err(ElectionError::TooLate);
         }
+        let term = {
+            let mut s = self.election.state.lock().unwrap_or_else(|e| e.into_inner());
+            s.term += 1;
+            s.won += 1;
+            s.is_leader = true;
+            s.phase = Phase::Leader;
+            s.leader = Some(self.settings.me.clone());
+            s.lease_id = Some(lease.id);
+            s.lease_ttl = Some(lease.ttl);
+            s.lease_deadline = Some(held.deadline);
+            s.last_error = None;
+            s.term
+        };
+        self.lease = Some(held);
+        tracing::info!(key = %self.settings.key, host = %self.settings.me, lease = format!("{:x}", lease.id), ttl_s = lease.ttl.as_secs(), "won the election for {} as {} (lease {:x}, ttl {}s)", self.settings.key, self.settings.me, lease.id, lease.ttl.as_secs());
+        let _ = self.outcomes.send(Outcome::Elected { term }).await;
+        Ok(true)
     }
 
-    fn unreachable(&self, e: EtcdError) -> ElectionError {
+    fn unreachable(&self, e: StoreError) -> ElectionError {
         let msg = e.to_string();
         self.update(|s| {
             s.phase = Phase::Unreachable;
             s.last_error = Some(msg);
         });
-        ElectionError::Etcd(e)
+        ElectionError::Store(e)
     }
 
     /// Leader: renew when due; fence when the lease could be about to expire.
@@ -613,14 +601,14 @@ impl Task {
                 h.deadline = deadline::after(now, self.settings.fence_margin.saturating_add(self.retry_delay()));
                 self.lease = Some(h);
                 if let Err(e) = self.renew(h).await {
-                    tracing::warn!(error = %e, "etcd unreachable; keeping the active role (on_store_loss = \"keep\"): {e}");
+                    tracing::warn!(error = %e, "the election's store is unreachable; keeping the active role (on_store_loss = \"keep\"): {e}");
                 }
                 return;
             }
             self.stale = Some(h.id);
             self.give_up(
                 h,
-                "the lease could not be renewed in time (etcd unreachable or without quorum)",
+                "the lease could not be renewed in time (the store is unreachable, or etcd lost quorum)",
             )
             .await;
             return;
@@ -636,12 +624,12 @@ impl Task {
         (self.settings.renew_interval / 4).max(Duration::from_millis(100))
     }
 
-    /// One keepalive plus a read of the key (somebody may have deleted it).
-    async fn renew(&mut self, mut h: Held) -> Result<(), EtcdError> {
+    /// One renewal plus a read of the key (somebody may have deleted or taken it).
+    async fn renew(&mut self, mut h: Held) -> Result<(), StoreError> {
         let sent = Instant::now();
         let budget = self.request_budget();
-        match self.client.keepalive(h.id, budget).await {
-            Ok(Some(ttl)) => {
+        match self.client.renew(h.id, budget).await {
+            Ok(Renewal::Renewed(ttl)) => {
                 h.deadline = deadline::after(sent, ttl.min(h.granted));
                 h.next_renew = deadline::after(sent, self.settings.renew_interval);
                 self.lease = Some(h);
@@ -650,16 +638,8 @@ impl Task {
                     s.last_error = None;
                 });
             }
-            Ok(None) => {
-                self.give_up(h, "the lease expired on the server").await;
-                return Ok(());
-            }
-            Err(EtcdError::Refused {
-                code: etcd::CODE_NOT_FOUND,
-                message,
-                ..
-            }) => {
-                self.give_up(h, &format!("the lease is gone: {message}")).await;
+            Ok(Renewal::Lost(reason)) => {
+                self.give_up(h, &reason).await;
                 return Ok(());
             }
             Err(e) => {
@@ -673,11 +653,11 @@ impl Task {
                 return Err(e);
             }
         }
-        match self.client.get(&self.settings.key, self.request_budget()).await {
-            Ok(Some(holder)) if holder.lease == h.id => Ok(()),
+        match self.client.read(&self.settings.key, self.request_budget()).await {
+            Ok(Some(holder)) if holder.lease == h.id && holder.name == self.settings.me => Ok(()),
             Ok(other) => {
                 let who = other.map(|o| o.name);
-                let _ = self.client.revoke(h.id, self.settings.request_timeout).await;
+                let _ = self.client.release(h.id, self.settings.request_timeout).await;
                 let reason = format!(
                     "the key is no longer ours (held by {})",
                     who.as_deref().unwrap_or("nobody")

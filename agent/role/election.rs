@@ -7,8 +7,9 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use super::{Change, Role, RoleSource, Roles};
+use crate::config::roles::{ElectionBackend, RoleElectionSection, SERVICE_ACCOUNT_DIR};
 use crate::config::Config;
-use crate::election::{self, etcd};
+use crate::election::{self, etcd, kubernetes, store::Store};
 use crate::follow;
 use crate::secrets::SecretValues;
 
@@ -41,18 +42,61 @@ pub fn outcome_change(outcome: election::Outcome) -> Change {
     }
 }
 
-/// The etcd client for `[role_election]`, its files and password read now.
-fn client(
-    section: &crate::config::roles::RoleElectionSection,
-    secrets: &SecretValues,
-) -> anyhow::Result<etcd::EtcdClient> {
-    let read = |key: &str, path: &Option<std::path::PathBuf>| -> anyhow::Result<Option<Vec<u8>>> {
-        path.as_ref()
-            .map(|p| {
-                std::fs::read(p).map_err(|e| anyhow::anyhow!("role_election.{key}: cannot read {}: {e}", p.display()))
-            })
-            .transpose()
+/// `role_election.{key}`'s file, read now.
+fn read(key: &str, path: &Option<std::path::PathBuf>) -> anyhow::Result<Option<Vec<u8>>> {
+    path.as_ref()
+        .map(|p| std::fs::read(p).map_err(|e| anyhow::anyhow!("role_election.{key}: cannot read {}: {e}", p.display())))
+        .transpose()
+}
+
+/// The backend's client for `[role_election]`, its files and password read now.
+fn store(section: &RoleElectionSection, secrets: &SecretValues, me: &str) -> anyhow::Result<Store> {
+    Ok(match section.backend {
+        ElectionBackend::Etcd => Store::Etcd(client(section, secrets)?),
+        ElectionBackend::Kubernetes => Store::Kubernetes(Box::new(lease_client(section, me)?)),
+    })
+}
+
+/// The Lease client: the API server from the config or the pod's environment, the CA from the
+/// config or the pod's mount. The token file is read for each request, not now.
+fn lease_client(section: &RoleElectionSection, me: &str) -> anyhow::Result<kubernetes::LeaseClient> {
+    let api_url = match &section.api_url {
+        Some(url) => url.clone(),
+        None => {
+            let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+            let (Some(host), Some(port)) = (var("KUBERNETES_SERVICE_HOST"), var("KUBERNETES_SERVICE_PORT")) else {
+                anyhow::bail!(
+                    "role_election.api_url: unset, and KUBERNETES_SERVICE_HOST/KUBERNETES_SERVICE_PORT are not in the environment (not in a pod?)"
+                );
+            };
+            // An IPv6 service address goes in brackets.
+            let host = if host.contains(':') { format!("[{host}]") } else { host };
+            format!("https://{host}:{port}")
+        }
     };
+    let default_ca = std::path::Path::new(SERVICE_ACCOUNT_DIR).join("ca.crt");
+    let ca_pem = match &section.ca_file {
+        Some(_) => read("ca_file", &section.ca_file)?,
+        None if default_ca.exists() => read("ca_file", &Some(default_ca))?,
+        None => None,
+    };
+    let options = kubernetes::LeaseOptions {
+        api_url,
+        namespace: section.namespace.clone().unwrap_or_default(),
+        name: section.name.clone().unwrap_or_default(),
+        token_file: section
+            .token_file
+            .clone()
+            .unwrap_or_else(|| std::path::Path::new(SERVICE_ACCOUNT_DIR).join("token")),
+        ca_pem,
+        me: me.to_owned(),
+        ttl: section.ttl,
+    };
+    kubernetes::LeaseClient::new(&options).map_err(|e| anyhow::anyhow!("role_election: {e}"))
+}
+
+/// The etcd client for `[role_election]`, its files and password read now.
+fn client(section: &RoleElectionSection, secrets: &SecretValues) -> anyhow::Result<etcd::EtcdClient> {
     let identity = match (
         read("cert_file", &section.cert_file)?,
         read("key_file", &section.key_file)?,
@@ -108,7 +152,6 @@ impl Roles {
         let Some(section) = &config.role_election else {
             return Ok(());
         };
-        let client = client(section, secrets)?;
         let me = section.host_name.clone().unwrap_or_else(|| {
             nix::unistd::gethostname()
                 .ok()
@@ -119,6 +162,7 @@ impl Roles {
             !me.is_empty(),
             "role_election.host_name: unset and the kernel hostname is empty"
         );
+        let client = store(section, secrets, &me)?;
         let fence: election::Fence = {
             let fence = self.fence.clone();
             Arc::new(move || fence.decide(Role::Standby))
