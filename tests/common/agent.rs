@@ -185,6 +185,8 @@ pub struct AgentBuilder {
     env: Vec<(String, String)>,
     /// Run the agent as this uid and gid (the test runs as root), owning its directory.
     user: Option<u32>,
+    /// `run --from-env`: the gateway controller's variables over the config file.
+    from_env: bool,
 }
 
 impl Default for AgentBuilder {
@@ -204,6 +206,7 @@ impl AgentBuilder {
             ),
             env: Vec::new(),
             user: None,
+            from_env: false,
         }
     }
 
@@ -220,6 +223,13 @@ impl AgentBuilder {
 
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Starts the agent with `run --from-env -c FILE`: the file is the base (directories,
+    /// health listener, cloudflared's path), the environment the gateway controller's contract.
+    pub fn with_env_mode(mut self) -> Self {
+        self.from_env = true;
         self
     }
 
@@ -243,8 +253,11 @@ impl AgentBuilder {
         let config_path = self.dir.path().join("agent.toml");
         std::fs::write(&config_path, config_text).expect("write config");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tunnel-agent"));
-        cmd.arg("run")
-            .arg("-c")
+        cmd.arg("run");
+        if self.from_env {
+            cmd.arg("--from-env");
+        }
+        cmd.arg("-c")
             .arg(&config_path)
             // Only what the test chooses: no GCE_METADATA_HOST, JOURNAL_STREAM or NOTIFY_SOCKET
             // from the developer's shell or CI.
@@ -379,6 +392,7 @@ impl Agent {
             dir: self.dir.clone(),
             env: self.env.clone(),
             user: None,
+            from_env: false,
         }
     }
 
