@@ -171,7 +171,7 @@ fn tunnel_spec(
     }
     let token = cf.token_secret.as_ref().and_then(|n| secrets.get(n)).cloned();
     let hostnames: Vec<String> = table.summary.iter().flat_map(|r| r.hostnames.iter().cloned()).collect();
-    let mut spec = TunnelSpec::new(cf, token, &config.agent.runtime_dir, origin, &hostnames);
+    let mut spec = TunnelSpec::new(cf, token, &config.agent.runtime_dir, origin, &hostnames, table.grpc);
     spec.home = Some(config.agent.state_dir.clone());
     spec.sandbox = Some(crate::tunnel::sandbox::policy_for(config, &spec));
     Some(spec)

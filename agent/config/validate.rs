@@ -260,6 +260,12 @@ impl Config {
                 );
             }
         }
+        if let (Some(p), true) = (cf.protocol_in_extra_args(), cf.protocol != super::TunnelProtocol::Auto) {
+            bad(
+                "cloudflared.protocol".into(),
+                format!("{:?} here and {p:?} in extra_args; keep one", cf.protocol.as_str()),
+            );
+        }
         for a in &cf.extra_args {
             if let Some(flag) = managed_cloudflared_arg(a) {
                 bad(
@@ -396,6 +402,23 @@ fn managed_cloudflared_arg(arg: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::managed_cloudflared_arg;
+    use crate::config::Config;
+
+    fn problems(text: &str) -> Vec<(String, String)> {
+        match Config::parse(std::path::Path::new("t.toml"), text, &|_| Vec::new()) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.problems.into_iter().map(|p| (p.key, p.reason)).collect(),
+        }
+    }
+
+    #[test]
+    fn the_protocol_is_set_in_one_place() {
+        let p = problems("[cloudflared]\nprotocol = \"quic\"\nextra_args = [\"--protocol=http2\"]\n");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].0, "cloudflared.protocol");
+        assert!(problems("[cloudflared]\nextra_args = [\"-protocol\", \"http2\"]\n").is_empty());
+        assert!(problems("[cloudflared]\nprotocol = \"http2\"\n").is_empty());
+    }
 
     #[test]
     fn every_spelling_of_a_managed_cloudflared_flag_is_refused_without_its_value() {
