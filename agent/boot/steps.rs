@@ -278,6 +278,7 @@ pub(super) async fn cloudflared(node: &Node, health: &Health) {
 /// tables, which reach the node as events.
 pub(super) async fn config_api(
     node: &Node,
+    health: &Arc<Health>,
     metrics: &Arc<Metrics>,
     limits: Limits,
 ) -> anyhow::Result<(mpsc::Receiver<Push>, Option<Stop>)> {
@@ -286,10 +287,15 @@ pub(super) async fn config_api(
     let (Some(section), RouteSourceKind::ConfigApi) = (&config.config_api, config.routes.source) else {
         return Ok((rx, None));
     };
-    let name = section.auth_secret.as_deref().unwrap_or_default();
-    anyhow::ensure!(node.secrets().contains_key(name), "config_api.auth_secret has no value");
+    if let Some(name) = &section.auth_secret {
+        anyhow::ensure!(node.secrets().contains_key(name), "config_api.auth_secret has no value");
+    } else {
+        // Validated: only with `allow_unauthenticated = true`.
+        tracing::warn!(listen = %section.listen, "the config API on {} takes pushes WITHOUT authentication (config_api.allow_unauthenticated)", section.listen);
+    }
     let (settings, applied) = node.config_api_feeds();
-    let api = config_api::start(section, settings, tx, applied, metrics.clone(), limits).await?;
+    let view = health.clone() as Arc<dyn config_api::NodeView>;
+    let api = config_api::start(section, settings, tx, applied, view, metrics.clone(), limits).await?;
     Ok((rx, Some(api.into_stop("config API", one_second))))
 }
 

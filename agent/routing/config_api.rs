@@ -1,17 +1,24 @@
 //! The config API: a controller pushes whole route tables to the agent (`routes.source =
-//! "config-api"`), wire-compatible with the L7 peer (seeds 003/004):
+//! "config-api"`), a drop-in for the gateway controller's proxy pods (seeds 003/004; the peer's
+//! `internal/proxy/api.go`):
 //!
 //! - `PUT /config` with `{"version": N, "rules": [...]}` and `Authorization: Bearer TOKEN`:
 //!   401 wrong or missing token, 415 not `application/json`, 413 body over 1 MiB, 400 invalid
-//!   (every problem listed), 409 version older than the one applied, 200 applied.
-//! - `GET /config` → `{"version": N, "ready": bool}`; `GET /healthz`, `GET /readyz` as the peer.
+//!   (every problem listed), 409 only when `0 < N < current` ([`is_stale`]), 200 applied. An
+//!   equal version is applied again; version 0 is applied with a warning and is not ready.
+//! - `GET /config` → `{"version": N, "ready": bool}`, with the same bearer as `PUT` (the
+//!   controller's pusher reads it after a 409 and retries above it).
+//! - `GET /healthz` always 200; `GET /readyz` 503 "no config loaded" until a table with a
+//!   version above 0 is in, then 503 while the node cannot serve (the tunnel not connected);
+//!   `GET /metrics` without a token (`config_api.metrics`), the health listener's text.
+//! - `config_api.allow_unauthenticated`: no token at all (the peer without `PROXY_AUTH_TOKEN`).
 //!
 //! The wire format itself is [`crate::routing::pushed`]. A push is validated and compiled here
-//! (on a blocking thread), then handed to the node as a
-//! [`Push`]: the node version-checks, persists and applies it on the path every route table takes
-//! (proxy, status, runtime `routes.json`, cloudflared's ingress for a locally-managed tunnel).
-//! The node handles one event at a time, so concurrent pushes apply in some order, and a request
-//! sees either the old table or the new one, never a mix.
+//! (on a blocking thread), then handed to the node as a [`Push`]: the node version-checks,
+//! persists and applies it on the path every route table takes (proxy, status, runtime
+//! `routes.json`, cloudflared's ingress for a locally-managed tunnel, and its `--protocol` when
+//! the table has gRPC routes). The node handles one event at a time, so concurrent pushes apply
+//! in some order, and a request sees either the old table or the new one, never a mix.
 //!
 //! With `persist = true` (the default) every applied push is also written to
 //! `agent.state_dir/config-api.json` (temp file, fsync, rename) and read back at boot: the
@@ -73,10 +80,28 @@ async fn linger(mut body: Incoming, mut seen: usize) {
     let _ = tokio::time::timeout(LINGER_TIME, drain).await;
 }
 
-/// Whether cloudflared is told to use HTTP/2 towards the edge (`--protocol http2`).
-fn tunnel_is_http2(config: &Config) -> bool {
-    let args = &config.cloudflared.extra_args;
-    args.windows(2).any(|w| w[0] == "--protocol" && w[1] == "http2") || args.iter().any(|a| a == "--protocol=http2")
+/// Whether a push of `version` is refused while the table in use has `current`: only when
+/// `0 < version < current`. An equal version is applied again (a controller re-pushing after
+/// its own restart), and version 0 (unversioned) is applied over anything, as the peer does
+/// (`Router.UpdateConfig`).
+pub fn is_stale(version: u64, current: u64) -> bool {
+    version > 0 && version < current
+}
+
+/// Whether the table in use counts as a loaded configuration: it has a version above 0 (the
+/// peer's `/readyz` answers "no config loaded" while its version is 0).
+pub fn counts_as_loaded(version: Option<u64>) -> bool {
+    version.is_some_and(|v| v > 0)
+}
+
+/// What the config API reads of the node besides the table's version. Implemented by
+/// `crate::health::Health`, whose readiness it shares.
+pub trait NodeView: Send + Sync {
+    /// `Err(reason)` while the node cannot serve its role for a reason other than its table
+    /// (the tunnel not connected, the proxy not answering, draining).
+    fn serving(&self) -> Result<(), String>;
+    /// The Prometheus text of the health listener's `/metrics`.
+    fn metrics_text(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send + '_>>;
 }
 
 /// A validated, compiled push on its way to the node.
@@ -113,6 +138,8 @@ pub struct ApiSettings {
     /// The bearer tokens accepted: `config_api.auth_secret`'s value, and after a rotation the
     /// previous one for `proxy.auth_overlap`, as the proxy's inbound auth.
     pub tokens: Vec<AcceptedToken>,
+    /// `config_api.allow_unauthenticated`: every request is let in without a token.
+    pub open: bool,
 }
 
 impl ApiSettings {
@@ -135,6 +162,7 @@ impl ApiSettings {
         ApiSettings {
             config: config.clone(),
             tokens,
+            open: config.config_api.as_ref().is_some_and(|a| a.allow_unauthenticated),
         }
     }
 }
@@ -147,6 +175,8 @@ pub struct ConfigApi {
     pushes: mpsc::Sender<Push>,
     /// The version of the table in use (`None` before the first push), published by the node.
     applied: watch::Receiver<Option<u64>>,
+    /// Readiness beyond the table, and the metrics text.
+    node: Arc<dyn NodeView>,
 }
 
 /// Starts the listener. `config.config_api` and its secret were validated with the config.
@@ -155,6 +185,7 @@ pub async fn start(
     settings: watch::Receiver<Arc<ApiSettings>>,
     pushes: mpsc::Sender<Push>,
     applied: watch::Receiver<Option<u64>>,
+    node: Arc<dyn NodeView>,
     metrics: Arc<Metrics>,
     limits: Limits,
 ) -> anyhow::Result<ServerHandle> {
@@ -163,6 +194,7 @@ pub async fn start(
         settings,
         pushes,
         applied,
+        node,
     });
     let listener = server::bind(section.listen, "config_api.listen").await?;
     let handle = server::serve(listener, limits, move |_, req| api.clone().handle(req))?;
@@ -187,6 +219,23 @@ fn shutting_down() -> Response<Full<Bytes>> {
     )
 }
 
+fn unauthorized() -> Response<Full<Bytes>> {
+    let mut resp = reply(
+        StatusCode::UNAUTHORIZED,
+        json!({ "error": "unauthorized", "message": "missing or wrong bearer token" }),
+    );
+    resp.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    resp
+}
+
+fn not_ready(reason: &str) -> Response<Full<Bytes>> {
+    reply(
+        StatusCode::SERVICE_UNAVAILABLE,
+        json!({ "ready": false, "reason": reason }),
+    )
+}
+
 fn problems_reply(status: StatusCode, code: &str, problems: &[Problem]) -> Response<Full<Bytes>> {
     let list: Vec<_> = problems
         .iter()
@@ -200,16 +249,28 @@ impl ConfigApi {
         let loaded = *self.applied.borrow();
         match (req.method(), req.uri().path()) {
             (&Method::PUT, "/config") => self.put(req).await,
-            (&Method::GET, "/config") => reply(
-                StatusCode::OK,
-                json!({ "version": loaded.unwrap_or(0), "ready": loaded.is_some() }),
-            ),
+            (&Method::GET, "/config") if !self.authorized(&req) => unauthorized(),
+            (&Method::GET, "/config") => {
+                let ready = counts_as_loaded(loaded) && self.node.serving().is_ok();
+                reply(
+                    StatusCode::OK,
+                    json!({ "version": loaded.unwrap_or(0), "ready": ready }),
+                )
+            }
             (&Method::GET, "/healthz") => reply(StatusCode::OK, json!({ "status": "ok" })),
-            (&Method::GET, "/readyz") if loaded.is_some() => reply(StatusCode::OK, json!({ "ready": true })),
-            (&Method::GET, "/readyz") => reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                json!({ "ready": false, "reason": "no config loaded" }),
-            ),
+            (&Method::GET, "/readyz") => match (counts_as_loaded(loaded), self.node.serving()) {
+                (false, _) => not_ready("no config loaded"),
+                (true, Err(why)) => not_ready(&why),
+                (true, Ok(())) => reply(StatusCode::OK, json!({ "ready": true })),
+            },
+            (&Method::GET, "/metrics") if self.metrics_on() => {
+                let mut resp = Response::new(Full::new(Bytes::from(self.node.metrics_text().await)));
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                resp
+            }
             (_, "/config" | "/healthz" | "/readyz") => {
                 let mut resp = reply(StatusCode::METHOD_NOT_ALLOWED, json!({ "error": "method_not_allowed" }));
                 let allow = if req.uri().path() == "/config" {
@@ -225,9 +286,18 @@ impl ConfigApi {
         }
     }
 
+    /// `config_api.metrics`.
+    fn metrics_on(&self) -> bool {
+        let settings = self.settings.borrow();
+        settings.config.config_api.as_ref().is_some_and(|a| a.metrics)
+    }
+
     /// `Authorization: Bearer TOKEN` (scheme case-insensitive, RFC 9110 §11.1), token compared
     /// in constant time.
     fn authorized(&self, req: &Request<Incoming>) -> bool {
+        if self.settings.borrow().open {
+            return true;
+        }
         let Some(value) = req.headers().get(header::AUTHORIZATION) else {
             return false;
         };
@@ -269,13 +339,7 @@ impl ConfigApi {
     /// not JSON, 413 over [`MAX_BODY_BYTES`] (declared or sent), 400 when it cannot be read.
     async fn body(&self, req: Request<Incoming>) -> Result<Bytes, Response<Full<Bytes>>> {
         if !self.authorized(&req) {
-            let mut resp = reply(
-                StatusCode::UNAUTHORIZED,
-                json!({ "error": "unauthorized", "message": "missing or wrong bearer token" }),
-            );
-            resp.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return Err(resp);
+            return Err(unauthorized());
         }
         let is_json = req
             .headers()
@@ -329,10 +393,14 @@ impl ConfigApi {
         };
         match outcome {
             Some(PushOutcome::Applied { rules }) => {
-                if pushed.has_grpc_route && !tunnel_is_http2(&self.settings.borrow().config) {
+                let cf = &self.settings.borrow().config.cloudflared;
+                if pushed.has_grpc_route && cf.enabled && cf.effective_protocol(true) != Some("http2") {
                     // The controller sets hasGrpcRoute because cloudflared drops HTTP trailers
                     // over QUIC, and gRPC carries its status in them.
-                    tracing::warn!("the table has gRPC routes but cloudflared is not run with --protocol http2 (cloudflared.extra_args); gRPC status trailers may be lost over QUIC");
+                    tracing::warn!("the table has gRPC routes but cloudflared is pinned to another protocol than http2 (cloudflared.protocol, extra_args); gRPC status trailers may be lost over QUIC");
+                }
+                if pushed.version == 0 {
+                    tracing::warn!("applied an unversioned table (version 0): /readyz stays 503 \"no config loaded\" until a push with a version above 0");
                 }
                 reply(StatusCode::OK, json!({ "version": pushed.version, "rules": rules }))
             }
@@ -361,5 +429,29 @@ impl ConfigApi {
         })
         .await
         .ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{counts_as_loaded, is_stale};
+
+    /// The peer's `Router.UpdateConfig`: refused only when `0 < version < current`.
+    #[test]
+    fn only_an_older_nonzero_version_is_stale() {
+        for (version, current, stale) in [
+            (4, 5, true),
+            (1, 5, true),
+            (5, 5, false),
+            (6, 5, false),
+            (0, 5, false),
+            (0, 0, false),
+            (1, 0, false),
+        ] {
+            assert_eq!(is_stale(version, current), stale, "{version} over {current}");
+        }
+        assert!(!counts_as_loaded(None));
+        assert!(!counts_as_loaded(Some(0)));
+        assert!(counts_as_loaded(Some(1)));
     }
 }
