@@ -18,7 +18,8 @@
 //! - `parse`: reading the file and locating every parser error;
 //! - `validate`: the checks types cannot express;
 //! - `reload`: which settings a reload cannot change (they need a restart);
-//! - [`duration`]: every duration field, bounded where it is read.
+//! - [`duration`]: every duration field, bounded where it is read;
+//! - [`env`]: the environment mode, the gateway controller's variables read into a [`Config`].
 
 pub mod roles;
 
@@ -29,6 +30,7 @@ use serde::Deserialize;
 mod agent;
 mod cloudflared;
 pub mod duration;
+pub mod env;
 mod error;
 mod gcp;
 mod health;
