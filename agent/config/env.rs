@@ -13,8 +13,11 @@
 //! start naming the variable (docs/config.md lists every difference).
 //!
 //! A file given with `-c` is the base (directories, the health listener, cloudflared's path);
-//! the variables then set what they cover. The variables are read once, when the mode is
-//! enabled, so a reload applies the same ones to the re-read file. Secret values are not kept
+//! the variables own what they cover: an unset one gives the peer's default, never the file's
+//! value, so a pod means the same whatever file its image carries, and a file's own config API
+//! token is refused rather than silently replaced. Only the access-log variables, optional in
+//! the peer's chart, leave the file's settings when unset. The variables are read once, when the
+//! mode is enabled, so a reload applies the same ones to the re-read file. Secret values are not kept
 //! here: only whether `TUNNEL_TOKEN` and `PROXY_AUTH_TOKEN` are set; the secrets themselves are
 //! `source = "env"` secrets, read where every secret is read.
 
@@ -33,6 +36,8 @@ pub const AUTH_TOKEN_SECRET: &str = "config_api_token";
 
 /// cloudflared's `connection.MaxGracePeriod`, which the peer clamps `PROXY_GRACE_PERIOD` to.
 pub const MAX_GRACE: Duration = Duration::from_secs(180);
+/// The peer's `defaultGracePeriod`.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 
 /// The peer's variables the agent reads.
 const READ: &[&str] = &[
@@ -172,8 +177,9 @@ impl Environment {
             cf.token_secret = Some(TUNNEL_TOKEN_SECRET.to_owned());
             cf.token_delivery = TokenDelivery::File;
         }
-        if let Some(v) = self.value("PROXY_TUNNEL_PROTOCOL")? {
-            config.cloudflared.protocol = match v.to_ascii_lowercase().as_str() {
+        config.cloudflared.protocol = match self.value("PROXY_TUNNEL_PROTOCOL")? {
+            None => TunnelProtocol::Auto,
+            Some(v) => match v.to_ascii_lowercase().as_str() {
                 "auto" => TunnelProtocol::Auto,
                 "http2" => TunnelProtocol::Http2,
                 "quic" => TunnelProtocol::Quic,
@@ -183,8 +189,8 @@ impl Environment {
                         format!("{v:?} is not one of auto, http2, quic"),
                     ))
                 }
-            };
-        }
+            },
+        };
         Ok(())
     }
 
@@ -198,6 +204,14 @@ impl Environment {
             persist: false,
             ..ConfigApiSection::default()
         });
+        if api.auth_secret.is_some() || api.allow_unauthenticated {
+            // Replacing it (or opening the API because PROXY_AUTH_TOKEN is unset) would change
+            // who may push behind the file's back.
+            return Err(Problem {
+                key: "config_api.auth_secret".to_owned(),
+                reason: "the environment mode takes the config API's token from PROXY_AUTH_TOKEN; remove auth_secret and allow_unauthenticated from the file".to_owned(),
+            });
+        }
         api.listen = listen_addr("PROXY_CONFIG_ADDR", self.value("PROXY_CONFIG_ADDR")?.unwrap_or(":8081"))?;
         api.metrics = match self.value("PROXY_METRICS_ENABLED")? {
             // Default on; only an explicit 0 or false turns it off (the peer's rule).
@@ -240,9 +254,17 @@ impl Environment {
 
     /// `PROXY_GRACE_PERIOD`: cloudflared's drain, and the proxy's after it.
     fn overlay_grace(&self, config: &mut Config) -> Result<(), Problem> {
-        let Some(v) = self.value("PROXY_GRACE_PERIOD")? else {
-            return Ok(());
+        let grace = match self.value("PROXY_GRACE_PERIOD")? {
+            None => DEFAULT_GRACE,
+            Some(v) => Self::grace(v)?,
         };
+        config.cloudflared.grace_period = grace;
+        config.agent.shutdown_grace = grace;
+        Ok(())
+    }
+
+    /// A `PROXY_GRACE_PERIOD` value, clamped to [`MAX_GRACE`].
+    fn grace(v: &str) -> Result<Duration, Problem> {
         let grace = humantime::parse_duration(v).map_err(|e| {
             problem(
                 "PROXY_GRACE_PERIOD",
@@ -252,10 +274,7 @@ impl Environment {
         if grace.is_zero() {
             return Err(problem("PROXY_GRACE_PERIOD", "must be greater than 0".to_owned()));
         }
-        let grace = grace.min(MAX_GRACE);
-        config.cloudflared.grace_period = grace;
-        config.agent.shutdown_grace = grace;
-        Ok(())
+        Ok(grace.min(MAX_GRACE))
     }
 
     /// `PROXY_ACCESS_LOG_ENABLED`, `PROXY_ACCESS_LOG_SAMPLING_RATE`.
@@ -491,6 +510,27 @@ mod tests {
         );
         let (c, _) = overlaid(&[("PROXY_GRACE_PERIOD", "1m30s")]);
         assert_eq!(c.cloudflared.grace_period, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn the_variables_own_their_keys_over_a_file() {
+        let mut c = Config::default();
+        c.cloudflared.grace_period = Duration::from_secs(5);
+        c.cloudflared.protocol = TunnelProtocol::Quic;
+        c.proxy.listen = "127.0.0.1:1".parse().unwrap();
+        assert!(env(&[]).overlay(&mut c).is_empty());
+        assert_eq!(c.cloudflared.grace_period, DEFAULT_GRACE);
+        assert_eq!(c.cloudflared.protocol, TunnelProtocol::Auto);
+        assert_eq!(c.proxy.listen, "0.0.0.0:8080".parse().unwrap());
+        // A file's own token would be replaced, or dropped with PROXY_AUTH_TOKEN unset.
+        let mut c = Config {
+            config_api: Some(ConfigApiSection {
+                auth_secret: Some("mine".into()),
+                ..ConfigApiSection::default()
+            }),
+            ..Config::default()
+        };
+        assert_eq!(keys(&env(&[]).overlay(&mut c)), ["config_api.auth_secret"]);
     }
 
     #[test]
