@@ -201,6 +201,17 @@ async fn a_restarted_controller_catches_up_through_get_config_and_a_lost_race_is
         wrong.push(table(1, "d.example.com", &up.url())).await,
         Pushed::Failed(401)
     );
+
+    // A reload re-reads the file under the same variables: the token still comes from
+    // PROXY_AUTH_TOKEN (without the variables the reload would drop the config API's secret).
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    agent.wait_for_log(&["configuration reloaded"], DEADLINE).await;
+    assert_eq!(same.proxy_version().await, Ok(12));
+    let v = same.next();
+    assert_eq!(
+        same.push(table(v, "e.example.com", &up.url())).await,
+        Pushed::Applied { version: 13 }
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
