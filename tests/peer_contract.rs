@@ -402,6 +402,15 @@ async fn with_a_tunnel_token_readyz_waits_for_the_edge_and_grpc_moves_cloudflare
         !logs.contains(&token) && !logs.contains(AUTH),
         "a secret in the log:\n{logs}"
     );
+    let status = reqwest::get(agent.health_url("/status"))
+        .await
+        .expect("/status answers");
+    let status = status.text().await.unwrap_or_default();
+    assert!(
+        !status.contains(&token) && !status.contains(AUTH),
+        "a secret in /status: {status}"
+    );
+    assert!(status.contains("agent.toml + environment"), "{status}");
     agent.signal(nix::sys::signal::Signal::SIGTERM);
     let status = agent.wait_exit(Duration::from_secs(15)).await;
     assert!(status.success(), "{status}");

@@ -84,7 +84,13 @@ pub(super) async fn config_loaded(
     health: &Health,
 ) -> anyhow::Result<Option<CloudflaredVersion>> {
     health.config_loaded.store(true, Ordering::Release);
-    health.update_status(|s| s.config_file = config_path.display().to_string());
+    // The environment mode (`--from-env`) says so: its settings are not all in a file.
+    let file = match (crate::config::env::active(), config_path.as_os_str().is_empty()) {
+        (Some(_), true) => "(environment)".to_owned(),
+        (Some(_), false) => format!("{} + environment", config_path.display()),
+        (None, _) => config_path.display().to_string(),
+    };
+    health.update_status(|s| s.config_file = file);
     detect_cloudflared(config, health).await
 }
 
