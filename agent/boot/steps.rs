@@ -295,8 +295,9 @@ pub(super) async fn config_api(
     };
     if let Some(name) = &section.auth_secret {
         anyhow::ensure!(node.secrets().contains_key(name), "config_api.auth_secret has no value");
-    } else {
-        // Validated: only with `allow_unauthenticated = true`.
+    } else if crate::config::env::active().is_none() {
+        // Validated: only with `allow_unauthenticated = true`. The environment mode has said
+        // it already, naming PROXY_AUTH_TOKEN.
         tracing::warn!(listen = %section.listen, "the config API on {} takes pushes WITHOUT authentication (config_api.allow_unauthenticated)", section.listen);
     }
     let (settings, applied) = node.config_api_feeds();
