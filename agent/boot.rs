@@ -104,7 +104,7 @@ async fn start(
     // `tunnel-agent promote` finds it), cloudflared once the proxy answers, the config API.
     let control = stops.keep(steps::control_socket(node.config())?);
     steps::cloudflared(&node, health).await;
-    let pushes = stops.keep_some(steps::config_api(&node, metrics, limits).await?);
+    let pushes = stops.keep_some(steps::config_api(&node, health, metrics, limits).await?);
     // 7. Ready: every local component serves; the tunnel's edge connection is /ready's business.
     systemd::ready("serving");
     tracing::info!("ready");

@@ -533,6 +533,34 @@ impl Health {
     }
 }
 
+/// The config API's `/readyz` and `/metrics` (the gateway controller's probes and scrape) read
+/// the same state as `/ready` and `/metrics` here.
+impl crate::routing::config_api::NodeView for Health {
+    fn serving(&self) -> Result<(), String> {
+        let (ready, body) = self.readiness();
+        if ready {
+            return Ok(());
+        }
+        if body["draining"] == json!(true) {
+            return Err("draining".to_owned());
+        }
+        let (tunnel_ok, tunnel) = self.tunnel_verdict();
+        if !tunnel_ok {
+            return Err(format!("tunnel not connected to edge: {tunnel}"));
+        }
+        let components = body["components"].as_object().into_iter().flatten();
+        let waiting: Vec<&str> = components
+            .filter(|(name, state)| *name != "cloudflared" && state.as_str() != Some("ok"))
+            .map(|(name, _)| name.as_str())
+            .collect();
+        Err(format!("not ready: {}", waiting.join(", ")))
+    }
+
+    fn metrics_text(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send + '_>> {
+        Box::pin(self.render_metrics())
+    }
+}
+
 /// Passes every string in `value` through [`crate::secret::redact_urls_in`].
 fn redact_strings(value: &mut serde_json::Value) {
     match value {

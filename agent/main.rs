@@ -24,17 +24,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent in the foreground (what systemd starts).
-    Run {
-        /// Configuration file.
-        #[arg(short, long, default_value = config::DEFAULT_PATH)]
-        config: PathBuf,
-    },
+    Run(Source),
     /// Validate a configuration (and the route file and local secrets it names) without
     /// starting anything. Exit 0 if valid; otherwise print every problem and exit 78.
-    Check {
-        #[arg(short, long, default_value = config::DEFAULT_PATH)]
-        config: PathBuf,
-    },
+    Check(Source),
     /// Make this node active: start cloudflared now (through the running agent).
     Promote(ControlArgs),
     /// Make this node standby: stop cloudflared gracefully; the proxy keeps serving.
@@ -43,11 +36,36 @@ enum Command {
     Status(ControlArgs),
 }
 
+/// Where the configuration comes from: a file, or the gateway controller's environment
+/// variables (over a file, when one is named).
+#[derive(clap::Args)]
+struct Source {
+    /// Configuration file [default: /etc/tunnel-agent/agent.toml; none with --from-env].
+    #[arg(short, long)]
+    config: Option<PathBuf>,
+    /// Read the gateway controller's proxy variables (TUNNEL_TOKEN, PROXY_ADDR,
+    /// PROXY_CONFIG_ADDR, PROXY_AUTH_TOKEN, PROXY_GRACE_PERIOD, PROXY_TUNNEL_PROTOCOL, ...);
+    /// with -c, over that file (docs/config.md, "The environment mode").
+    #[arg(long)]
+    from_env: bool,
+}
+
+impl Source {
+    /// The file to load (empty: the environment alone); turns the environment mode on.
+    fn path(self) -> PathBuf {
+        if self.from_env {
+            config::env::enable();
+            return self.config.unwrap_or_default();
+        }
+        self.config.unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH))
+    }
+}
+
 #[derive(clap::Args)]
 struct ControlArgs {
     /// Configuration file (to find the runtime directory and its control socket).
-    #[arg(short, long, default_value = config::DEFAULT_PATH)]
-    config: PathBuf,
+    #[command(flatten)]
+    source: Source,
     /// The control socket, instead of the one in the config's runtime directory.
     #[arg(long)]
     socket: Option<PathBuf>,
@@ -92,8 +110,8 @@ fn main() -> ExitCode {
     tunnel_agent::reaper::init_if_pid1();
     let cli = Cli::parse();
     let exit = match cli.command {
-        Command::Check { config } => check(&config),
-        Command::Run { config } => run(config),
+        Command::Check(source) => check(&source.path()),
+        Command::Run(source) => run(source.path()),
         Command::Promote(args) => control(args, tunnel_agent::control::Command::Promote),
         Command::Demote(args) => control(args, tunnel_agent::control::Command::Demote),
         Command::Status(args) => control(args, tunnel_agent::control::Command::Status),
@@ -104,7 +122,7 @@ fn main() -> ExitCode {
 fn control(args: ControlArgs, command: tunnel_agent::control::Command) -> Exit {
     let socket = match args.socket {
         Some(s) => s,
-        None => match routing::load_config(&args.config) {
+        None => match routing::load_config(&args.source.path()) {
             Ok(c) => tunnel_agent::control::socket_path(&c.agent.runtime_dir),
             Err(e) => {
                 let e = AgentError::from(e);
@@ -194,7 +212,13 @@ fn print_summary(reply: &tunnel_agent::control::Reply) {
 
 /// `tunnel-agent check`: the library's report, printed.
 fn check(path: &std::path::Path) -> Exit {
+    for w in config::env::active().map(|e| e.warnings()).unwrap_or_default() {
+        err(&format!("(environment): warning: {w}\n"));
+    }
     let report = tunnel_agent::check::check(path);
+    if let Some(hint) = env_hint(path, report.failed) {
+        err(&hint);
+    }
     out(&report.stdout);
     err(&report.stderr);
     report.exit()
@@ -206,6 +230,9 @@ fn run(path: PathBuf) -> Exit {
         Err(e) => {
             let e = AgentError::from(e);
             err(&format!("{e}\n"));
+            if let Some(hint) = env_hint(&path, true) {
+                err(&hint);
+            }
             return e.exit();
         }
     };
@@ -219,19 +246,28 @@ fn run(path: PathBuf) -> Exit {
     // with the file's own next to it.
     let plan = tunnel_agent::role::starting(&config);
     let (role, role_source, why) = (plan.role(), plan.source(), plan.why());
+    let from = match (config::env::active().is_some(), path.as_os_str().is_empty()) {
+        (true, true) => "the environment".to_owned(),
+        (true, false) => format!("{} and the environment", path.display()),
+        (false, _) => path.display().to_string(),
+    };
     tracing::info!(
         version = tunnel_agent::build_info::VERSION,
         commit = tunnel_agent::build_info::COMMIT,
         build_date = tunnel_agent::build_info::BUILD_DATE,
-        config_file = %path.display(),
+        config_file = %from,
         role = role.as_str(),
         role_source = role_source.as_str(),
         configured_role = config.role.as_str(),
         "tunnel-agent {} starting with {} (role {why}; configured role {})",
         tunnel_agent::build_info::LONG_VERSION,
-        path.display(),
+        from,
         config.role.as_str()
     );
+    // Once per start: what the environment mode does not act on, or does differently.
+    for w in config::env::active().map(|e| e.warnings()).unwrap_or_default() {
+        tracing::warn!("environment: {w}");
+    }
     // The control runtime (boot, supervision, health, roles, reloads) is one thread; the proxy
     // runs on its own worker threads (`proxy.workers`), so the autohealing probe and
     // cloudflared's supervision never queue behind proxied requests.
@@ -254,6 +290,21 @@ fn run(path: PathBuf) -> Exit {
             e.exit()
         }
     }
+}
+
+/// When the default file is missing and the gateway controller's variables are set, the
+/// switch that reads them: the agent never falls back to them on its own (a host whose file
+/// went missing must not start with another configuration).
+fn env_hint(path: &std::path::Path, failed: bool) -> Option<String> {
+    if !failed || config::env::active().is_some() || path != std::path::Path::new(config::DEFAULT_PATH) || path.exists()
+    {
+        return None;
+    }
+    let peer = std::env::vars_os().any(|(k, _)| {
+        let k = k.to_string_lossy();
+        k == "TUNNEL_TOKEN" || k.starts_with("PROXY_")
+    });
+    peer.then(|| "tunnel-agent: the gateway controller's variables (TUNNEL_TOKEN, PROXY_*) are set: run with --from-env to read them\n".to_owned())
 }
 
 /// SIGTERM and SIGINT stop the agent, SIGHUP reloads it: installed here, so the library takes

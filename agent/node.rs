@@ -165,7 +165,7 @@ fn tunnel_spec(
     }
     let token = cf.token_secret.as_ref().and_then(|n| secrets.get(n)).cloned();
     let hostnames: Vec<String> = table.summary.iter().flat_map(|r| r.hostnames.iter().cloned()).collect();
-    let mut spec = TunnelSpec::new(cf, token, &config.agent.runtime_dir, origin, &hostnames);
+    let mut spec = TunnelSpec::new(cf, token, &config.agent.runtime_dir, origin, &hostnames, table.grpc);
     spec.home = Some(config.agent.state_dir.clone());
     spec.sandbox = Some(crate::tunnel::sandbox::policy_for(config, &spec));
     Some(spec)
@@ -380,8 +380,9 @@ impl Node {
         self.metrics.keep_routes(table.route_stats());
         self.proxy.tokens().retain(&table.id_token_audiences().collect());
         self.routes_version.send_replace(version);
-        // A config-API node is ready once it has a pushed table (from the state dir or a push).
-        let loaded = config.routes.source != RouteSourceKind::ConfigApi || version.is_some();
+        // A config-API node is ready once it has a pushed table (from the state dir or a push)
+        // with a version: version 0 is applied but not ready (the peer's rule).
+        let loaded = config.routes.source != RouteSourceKind::ConfigApi || config_api::counts_as_loaded(version);
         self.health.routes_loaded.store(loaded, Ordering::Release);
         self.health.update_status(|s| {
             s.routes = summary;
@@ -572,7 +573,7 @@ impl Node {
     /// follows after.
     async fn pushed(&mut self, push: Push) {
         let current = self.proxy.live.load().routes.version;
-        if let Some(current) = current.filter(|&c| push.version < c) {
+        if let Some(current) = current.filter(|&c| config_api::is_stale(push.version, c)) {
             let _ = push.reply.send(PushOutcome::Stale { current });
             return;
         }

@@ -86,7 +86,13 @@ pub(super) async fn config_loaded(
     tunnel: &TunnelState,
 ) -> Result<Option<CloudflaredVersion>, Unsupported> {
     health.config_loaded.store(true, Ordering::Release);
-    health.update_status(|s| s.config_file = config_path.display().to_string());
+    // The environment mode (`--from-env`) says so: its settings are not all in a file.
+    let file = match (crate::config::env::active(), config_path.as_os_str().is_empty()) {
+        (Some(_), true) => "(environment)".to_owned(),
+        (Some(_), false) => format!("{} + environment", config_path.display()),
+        (None, _) => config_path.display().to_string(),
+    };
+    health.update_status(|s| s.config_file = file);
     detect_cloudflared(config, tunnel).await
 }
 
@@ -270,6 +276,7 @@ pub(super) async fn cloudflared(node: &Node, health: &Health) {
 /// tables, which reach the node as events.
 pub(super) async fn config_api(
     node: &Node,
+    health: &Arc<Health>,
     metrics: &Arc<Metrics>,
     limits: Limits,
 ) -> anyhow::Result<(mpsc::Receiver<Push>, Option<Stop>)> {
@@ -278,10 +285,16 @@ pub(super) async fn config_api(
     let (Some(section), RouteSourceKind::ConfigApi) = (&config.config_api, config.routes.source) else {
         return Ok((rx, None));
     };
-    let name = section.auth_secret.as_deref().unwrap_or_default();
-    anyhow::ensure!(node.secrets().contains_key(name), "config_api.auth_secret has no value");
+    if let Some(name) = &section.auth_secret {
+        anyhow::ensure!(node.secrets().contains_key(name), "config_api.auth_secret has no value");
+    } else if crate::config::env::active().is_none() {
+        // Validated: only with `allow_unauthenticated = true`. The environment mode has said
+        // it already, naming PROXY_AUTH_TOKEN.
+        tracing::warn!(listen = %section.listen, "the config API on {} takes pushes WITHOUT authentication (config_api.allow_unauthenticated)", section.listen);
+    }
     let (settings, applied) = node.config_api_feeds();
-    let api = config_api::start(section, settings, tx, applied, metrics.clone(), limits).await?;
+    let view = health.clone() as Arc<dyn config_api::NodeView>;
+    let api = config_api::start(section, settings, tx, applied, view, metrics.clone(), limits).await?;
     Ok((rx, Some(api.into_stop("config API", one_second))))
 }
 

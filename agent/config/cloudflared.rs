@@ -18,6 +18,29 @@ pub enum TokenDelivery {
     File,
 }
 
+/// The transport cloudflared uses towards the edge (`--protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TunnelProtocol {
+    /// cloudflared's own choice (QUIC, falling back to HTTP/2), except that a route table with
+    /// gRPC routes (`hasGrpcRoute`) runs it with `--protocol http2`: cloudflared drops HTTP
+    /// trailers over QUIC, and gRPC carries its status in them.
+    #[default]
+    Auto,
+    Http2,
+    Quic,
+}
+
+impl TunnelProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TunnelProtocol::Auto => "auto",
+            TunnelProtocol::Http2 => "http2",
+            TunnelProtocol::Quic => "quic",
+        }
+    }
+}
+
 /// Whether cloudflared runs confined by Landlock (`tunnel::sandbox`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -54,7 +77,9 @@ pub struct CloudflaredSection {
     pub grace_period: Duration,
     #[serde(deserialize_with = "duration::at_most::<_, _, { duration::HOUR }>")]
     pub stop_margin: Duration,
-    /// Extra arguments placed before `run` (e.g. `["--protocol", "http2"]`).
+    /// `--protocol`: `auto` (gRPC tables switch to `http2`), `http2` or `quic`.
+    pub protocol: TunnelProtocol,
+    /// Extra arguments placed before `run` (e.g. `["--edge-ip-version", "4"]`).
     pub extra_args: Vec<String>,
     /// Restart backoff after an unrequested exit.
     #[serde(deserialize_with = "duration::at_most::<_, _, { duration::HOUR }>")]
@@ -90,6 +115,36 @@ pub struct CloudflaredSection {
     pub sandbox_allow: Vec<PathBuf>,
 }
 
+impl CloudflaredSection {
+    /// The `--protocol` value `extra_args` sets, as Go's flag package reads it (one or two
+    /// dashes, the value after `=` or in the next argument).
+    pub fn protocol_in_extra_args(&self) -> Option<&str> {
+        let args = &self.extra_args;
+        args.iter().enumerate().find_map(|(i, a)| {
+            let name = a.strip_prefix("--").or_else(|| a.strip_prefix('-'))?;
+            match name.split_once('=') {
+                Some(("protocol", value)) => Some(value),
+                None if name == "protocol" => args.get(i + 1).map(String::as_str),
+                _ => None,
+            }
+        })
+    }
+
+    /// The `--protocol` cloudflared runs with for a table with (`grpc`) or without gRPC routes:
+    /// `extra_args`' own, else [`CloudflaredSection::protocol`]'s, where `auto` is cloudflared's
+    /// default (no flag) unless the table has gRPC routes.
+    pub fn effective_protocol(&self, grpc: bool) -> Option<&str> {
+        if let Some(p) = self.protocol_in_extra_args() {
+            return Some(p);
+        }
+        match self.protocol {
+            TunnelProtocol::Auto if grpc => Some("http2"),
+            TunnelProtocol::Auto => None,
+            p => Some(p.as_str()),
+        }
+    }
+}
+
 /// Most entries of `cloudflared.sandbox_allow`.
 pub const MAX_SANDBOX_ALLOW: usize = 32;
 
@@ -105,6 +160,7 @@ impl Default for CloudflaredSection {
             metrics: SocketAddr::from(([127, 0, 0, 1], 20241)),
             grace_period: Duration::from_secs(30),
             stop_margin: Duration::from_secs(5),
+            protocol: TunnelProtocol::Auto,
             extra_args: Vec::new(),
             restart_backoff: Duration::from_millis(200),
             restart_backoff_max: Duration::from_secs(30),

@@ -41,7 +41,12 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let file = self.file.display();
+        // The environment mode without a file.
+        let file = if self.file.as_os_str().is_empty() {
+            std::borrow::Cow::Borrowed("(environment)")
+        } else {
+            self.file.to_string_lossy()
+        };
         let mut lines = Vec::new();
         // `file:line:column:` is the shape editors and CI annotators recognise.
         for p in &self.parse {

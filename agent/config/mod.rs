@@ -18,7 +18,8 @@
 //! - `parse`: reading the file and locating every parser error;
 //! - `validate`: the checks types cannot express;
 //! - `reload`: which settings a reload cannot change (they need a restart);
-//! - [`duration`]: every duration field, bounded where it is read.
+//! - [`duration`]: every duration field, bounded where it is read;
+//! - [`env`]: the environment mode, the gateway controller's variables read into a [`Config`].
 
 pub mod roles;
 
@@ -29,6 +30,7 @@ use serde::Deserialize;
 mod agent;
 mod cloudflared;
 pub mod duration;
+pub mod env;
 mod error;
 mod gcp;
 mod health;
@@ -42,7 +44,7 @@ mod secrets;
 mod validate;
 
 pub use agent::{AgentSection, LogFormat};
-pub use cloudflared::{CloudflaredSection, Sandbox, TokenDelivery, MAX_SANDBOX_ALLOW};
+pub use cloudflared::{CloudflaredSection, Sandbox, TokenDelivery, TunnelProtocol, MAX_SANDBOX_ALLOW};
 pub use error::{ConfigError, ParseProblem, Problem};
 pub use gcp::GcpSection;
 pub use health::{DetailsFrom, HealthSection};

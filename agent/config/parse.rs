@@ -7,6 +7,10 @@ use super::{Config, ConfigError, ParseProblem, Problem, RouteCheck};
 impl Config {
     /// Reads, parses and validates `path`; `route_check` checks the route contents.
     pub fn load(path: &Path, route_check: RouteCheck) -> Result<Config, ConfigError> {
+        // The environment mode without a file: its variables over the defaults.
+        if path.as_os_str().is_empty() && super::env::active().is_some() {
+            return Self::parse(path, "", route_check);
+        }
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: path.to_owned(),
             problems: vec![Problem {
@@ -30,10 +34,13 @@ impl Config {
                 rest: Some(rest),
             }) => {
                 let (mut config, blanked) = *rest;
+                let from_env = overlay_env(&mut config);
                 // `check` still reads the secrets that are well formed.
                 config.secrets = config.typed_secrets();
                 let mut validation = config.validate(route_check);
                 validation.retain(|p| !blanked.iter().any(|b| beside(&p.key, b)));
+                name_variables(&mut validation);
+                validation.splice(0..0, from_env);
                 return Err(ConfigError {
                     file: path.to_owned(),
                     parse: problems,
@@ -50,7 +57,10 @@ impl Config {
                 })
             }
         };
-        let problems = config.validate(route_check);
+        let from_env = overlay_env(&mut config);
+        let mut problems = config.validate(route_check);
+        name_variables(&mut problems);
+        problems.splice(0..0, from_env);
         debug_assert!(parse.is_empty());
         if problems.is_empty() {
             config.secrets = config.typed_secrets();
@@ -64,6 +74,19 @@ impl Config {
                 config: Some(Box::new(config)),
             })
         }
+    }
+}
+
+/// In the environment mode ([`super::env`]), its variables set on `config`; the problems of
+/// those that cannot be read.
+fn overlay_env(config: &mut Config) -> Vec<Problem> {
+    super::env::active().map_or_else(Vec::new, |env| env.overlay(config))
+}
+
+/// In the environment mode, each validation problem names the variable behind its key.
+fn name_variables(problems: &mut [Problem]) {
+    if let Some(env) = super::env::active() {
+        env.name_variables(problems);
     }
 }
 

@@ -84,9 +84,15 @@ pub const RESTART_ONLY: &[RestartOnly] = &[
         name: "config_api",
         differs: |a, b| {
             let api = |c: &Config| {
-                c.config_api
-                    .as_ref()
-                    .map(|a| (a.listen, a.auth_secret.clone(), a.persist))
+                c.config_api.as_ref().map(|a| {
+                    (
+                        a.listen,
+                        a.auth_secret.clone(),
+                        a.allow_unauthenticated,
+                        a.metrics,
+                        a.persist,
+                    )
+                })
             };
             api(a) != api(b)
         },

@@ -246,8 +246,16 @@ pub(crate) fn protocol_or_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Resul
 pub struct ConfigApiSection {
     /// Loopback by default: only a local controller or an SSH tunnel can reach it.
     pub listen: SocketAddr,
-    /// Secret holding the bearer token a `PUT /config` must present. Required.
+    /// Secret holding the bearer token `PUT /config` and `GET /config` must present. Required
+    /// unless `allow_unauthenticated` says, explicitly, that anyone reaching `listen` may push.
     pub auth_secret: Option<String>,
+    /// No bearer token at all (the gateway controller's proxy without `PROXY_AUTH_TOKEN`):
+    /// every client that reaches `listen` may replace the route table. Refused together with
+    /// `auth_secret`; a warning at every start says it is on.
+    pub allow_unauthenticated: bool,
+    /// `GET /metrics` on this listener, without a token (the peer serves it there, and its
+    /// chart's ServiceMonitor scrapes it): the same text as the health listener's `/metrics`.
+    pub metrics: bool,
     /// Write each applied table to `agent.state_dir` and serve it again after a restart, until
     /// the controller pushes a newer one.
     pub persist: bool,
@@ -258,6 +266,8 @@ impl Default for ConfigApiSection {
         ConfigApiSection {
             listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
             auth_secret: None,
+            allow_unauthenticated: false,
+            metrics: true,
             persist: true,
         }
     }

@@ -173,10 +173,16 @@ impl Config {
                     "not used with source = \"config-api\" (the controller pushes every route)".into(),
                 );
             }
+            let open = self.config_api.as_ref().is_some_and(|a| a.allow_unauthenticated);
             match self.config_api.as_ref().and_then(|a| a.auth_secret.as_ref()) {
+                None if open => {}
                 None => bad(
                     "config_api.auth_secret".into(),
-                    "required for routes.source = \"config-api\"".into(),
+                    "required for routes.source = \"config-api\" (or, to let anyone who reaches config_api.listen push routes, allow_unauthenticated = true)".into(),
+                ),
+                Some(_) if open => bad(
+                    "config_api.allow_unauthenticated".into(),
+                    "not used with auth_secret; remove one of them".into(),
                 ),
                 Some(secret) if !self.has_secret(secret) => bad(
                     "config_api.auth_secret".into(),
@@ -259,6 +265,12 @@ impl Config {
                     format!("{}: must be an absolute path without \"..\"", p.display()),
                 );
             }
+        }
+        if let (Some(p), true) = (cf.protocol_in_extra_args(), cf.protocol != super::TunnelProtocol::Auto) {
+            bad(
+                "cloudflared.protocol".into(),
+                format!("{:?} here and {p:?} in extra_args; keep one", cf.protocol.as_str()),
+            );
         }
         for a in &cf.extra_args {
             if let Some(flag) = managed_cloudflared_arg(a) {
@@ -396,6 +408,38 @@ fn managed_cloudflared_arg(arg: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::managed_cloudflared_arg;
+    use crate::config::Config;
+
+    fn problems(text: &str) -> Vec<(String, String)> {
+        match Config::parse(std::path::Path::new("t.toml"), text, &|_| Vec::new()) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.problems.into_iter().map(|p| (p.key, p.reason)).collect(),
+        }
+    }
+
+    #[test]
+    fn a_config_api_without_a_token_must_say_so_and_not_both() {
+        let api = "[routes]\nsource = \"config-api\"\n[config_api]\n";
+        let none = problems(api);
+        assert_eq!(none.len(), 1, "{none:?}");
+        assert_eq!(none[0].0, "config_api.auth_secret");
+        assert!(none[0].1.contains("allow_unauthenticated = true"), "{none:?}");
+        assert!(problems(&format!("{api}allow_unauthenticated = true\n")).is_empty());
+        let both = problems(&format!(
+            "[secrets.t]\nsource = \"env\"\nvar = \"T\"\n{api}auth_secret = \"t\"\nallow_unauthenticated = true\n"
+        ));
+        let keys: Vec<&str> = both.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["config_api.allow_unauthenticated"], "{both:?}");
+    }
+
+    #[test]
+    fn the_protocol_is_set_in_one_place() {
+        let p = problems("[cloudflared]\nprotocol = \"quic\"\nextra_args = [\"--protocol=http2\"]\n");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].0, "cloudflared.protocol");
+        assert!(problems("[cloudflared]\nextra_args = [\"-protocol\", \"http2\"]\n").is_empty());
+        assert!(problems("[cloudflared]\nprotocol = \"http2\"\n").is_empty());
+    }
 
     #[test]
     fn every_spelling_of_a_managed_cloudflared_flag_is_refused_without_its_value() {

@@ -7,7 +7,7 @@
 //! [`table::RouteTable`] once per configuration, one method per piece of a rule;
 //! [`validate`] runs that compile step over a config file so `check` and the running agent never
 //! disagree. The table's sources: the config file or a host map ([`source`], watched or read
-//! once) and the controller's pushes ([`config_api`], the last one kept by `persisted`); every
+//! once) and the controller's pushes ([`config_api`], in the wire format of [`pushed`], the last one kept by `persisted`); every
 //! table, whatever its source, is applied by `crate::node`. [`error`] holds routing's error
 //! types: a rule's value, a refused table, a source that gave nothing.
 
@@ -23,6 +23,7 @@ pub mod matching;
 pub mod mirror;
 pub mod path;
 mod persisted;
+pub mod pushed;
 mod rule_source;
 pub mod source;
 pub mod table;

@@ -97,13 +97,15 @@ fn go_duration(d: Duration) -> String {
 
 impl TunnelSpec {
     /// Builds the command for `section`. `token` is the value of `token_secret`; `hostnames`
-    /// feed the ingress of a locally-managed tunnel.
+    /// feed the ingress of a locally-managed tunnel; `grpc`: the table has gRPC routes, which
+    /// under `protocol = "auto"` need `--protocol http2` (a changed spec restarts cloudflared).
     pub fn new(
         section: &CloudflaredSection,
         token: Option<Secret>,
         runtime_dir: &std::path::Path,
         origin: SocketAddr,
         hostnames: &[String],
+        grpc: bool,
     ) -> TunnelSpec {
         let mut args = vec![
             "tunnel".to_owned(),
@@ -120,6 +122,9 @@ impl TunnelSpec {
             args.push("--config".to_owned());
             args.push(path.display().to_string());
             ingress = Some((path, ingress_yaml(tunnel, creds, origin, hostnames)));
+        }
+        if let (None, Some(p)) = (section.protocol_in_extra_args(), section.effective_protocol(grpc)) {
+            args.extend(["--protocol".to_owned(), p.to_owned()]);
         }
         args.extend(section.extra_args.iter().cloned());
         args.push("run".to_owned());
@@ -727,6 +732,7 @@ mod tests {
             std::path::Path::new("/run/x"),
             origin,
             &[],
+            false,
         );
         assert_eq!(
             spec.args,
@@ -743,6 +749,25 @@ mod tests {
             ]
         );
         assert!(!spec.args.iter().any(|a| a.contains("sekrit")));
+        // Under `protocol = "auto"` a gRPC table runs cloudflared on HTTP/2 (trailers); an
+        // explicit protocol or extra_args' own is kept.
+        let auto = CloudflaredSection {
+            extra_args: Vec::new(),
+            ..section.clone()
+        };
+        let protocol = |s: &CloudflaredSection, grpc: bool| {
+            let spec = TunnelSpec::new(s, None, std::path::Path::new("/run/x"), origin, &[], grpc);
+            let at = spec.args.iter().position(|a| a == "--protocol");
+            at.map(|i| spec.args[i + 1].clone())
+        };
+        assert_eq!(protocol(&auto, false), None);
+        assert_eq!(protocol(&auto, true).as_deref(), Some("http2"));
+        let quic = CloudflaredSection {
+            protocol: crate::config::TunnelProtocol::Quic,
+            ..auto.clone()
+        };
+        assert_eq!(protocol(&quic, true).as_deref(), Some("quic"));
+        assert_eq!(protocol(&section, false).as_deref(), Some("http2"));
         let section = CloudflaredSection {
             token_delivery: crate::config::TokenDelivery::File,
             ..section
@@ -753,6 +778,7 @@ mod tests {
             std::path::Path::new("/run/x"),
             origin,
             &[],
+            false,
         );
         assert_eq!(
             &spec.args[spec.args.len() - 3..],

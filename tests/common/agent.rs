@@ -188,6 +188,8 @@ pub struct AgentBuilder {
     /// A command the agent is started under (its argv comes after these), e.g. `unshare` to
     /// make it PID 1 of a new PID namespace. Empty: started directly.
     launcher: Vec<String>,
+    /// `run --from-env`: the gateway controller's variables over the config file.
+    from_env: bool,
 }
 
 impl Default for AgentBuilder {
@@ -208,6 +210,7 @@ impl AgentBuilder {
             env: Vec::new(),
             user: None,
             launcher: Vec::new(),
+            from_env: false,
         }
     }
 
@@ -224,6 +227,13 @@ impl AgentBuilder {
 
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Starts the agent with `run --from-env -c FILE`: the file is the base (directories,
+    /// health listener, cloudflared's path), the environment the gateway controller's contract.
+    pub fn with_env_mode(mut self) -> Self {
+        self.from_env = true;
         self
     }
 
@@ -262,8 +272,11 @@ impl AgentBuilder {
             }
             None => Command::new(agent),
         };
-        cmd.arg("run")
-            .arg("-c")
+        cmd.arg("run");
+        if self.from_env {
+            cmd.arg("--from-env");
+        }
+        cmd.arg("-c")
             .arg(&config_path)
             // Only what the test chooses: no GCE_METADATA_HOST, JOURNAL_STREAM or NOTIFY_SOCKET
             // from the developer's shell or CI.
@@ -399,6 +412,7 @@ impl Agent {
             env: self.env.clone(),
             user: None,
             launcher: Vec::new(),
+            from_env: false,
         }
     }
 
