@@ -105,7 +105,10 @@ async fn a_table_over_the_limits_is_refused_naming_the_rule_and_the_limit() {
     );
 
     // Nothing of it was applied.
-    let config: Value = reqwest::get(format!("http://{}/config", agent.config_api_addr()))
+    let config: Value = reqwest::Client::new()
+        .get(format!("http://{}/config", agent.config_api_addr()))
+        .bearer_auth(API_TOKEN)
+        .send()
         .await
         .unwrap()
         .json()
