@@ -23,6 +23,7 @@ use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::json;
 
+use super::hold::{Holder, Lease};
 use crate::secrets::Secret;
 
 /// How to reach and authenticate to the cluster.
@@ -54,22 +55,6 @@ pub enum EtcdError {
     /// The client could not be built from the configured files (`what` names the part).
     #[error("{what}: {source}")]
     Setup { what: &'static str, source: reqwest::Error },
-}
-
-/// Who holds the key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Holder {
-    /// The key's value: the holder's host name.
-    pub name: String,
-    pub lease: i64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Lease {
-    pub id: i64,
-    /// What the server granted, which may be more than asked for (etcd raises TTLs below its
-    /// minimum, about 1.5 × its election timeout).
-    pub ttl: Duration,
 }
 
 pub struct EtcdClient {

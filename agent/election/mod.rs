@@ -20,6 +20,7 @@
 //! [`Command`]s (resign, campaign now, gate). The node's one role path applies them.
 
 pub mod etcd;
+pub mod hold;
 pub mod kubernetes;
 pub mod store;
 

@@ -13,6 +13,7 @@
 use std::time::Duration;
 
 use super::etcd::{self, EtcdClient, EtcdError};
+pub use super::hold::{Holder, Lease};
 use super::kubernetes::{self, KubeError, LeaseClient};
 
 /// The backend: one of the two clients.
@@ -28,24 +29,6 @@ pub enum StoreError {
     Etcd(#[from] EtcdError),
     #[error(transparent)]
     Kubernetes(#[from] KubeError),
-}
-
-/// Who holds the key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Holder {
-    /// The holder's host name.
-    pub name: String,
-    /// Which hold: etcd's lease ID, or the Lease's `leaseTransitions` at its acquisition.
-    pub lease: i64,
-}
-
-/// A hold this node won.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Lease {
-    /// What [`Holder::lease`] reads while this hold lasts.
-    pub id: i64,
-    /// The hold's duration on the server (etcd may grant more than asked).
-    pub ttl: Duration,
 }
 
 /// What a renewal found.
@@ -107,7 +90,7 @@ impl Store {
 
     pub async fn read(&self, key: &str, timeout: Duration) -> Result<Option<Holder>, StoreError> {
         match self {
-            Store::Etcd(c) => Ok(c.get(key, timeout).await?.map(from_etcd)),
+            Store::Etcd(c) => Ok(c.get(key, timeout).await?),
             Store::Kubernetes(c) => Ok(c.read(timeout).await?.map(from_kube)),
         }
     }
@@ -118,13 +101,6 @@ impl Store {
             Store::Etcd(c) => Ok(c.revoke(lease, timeout).await?),
             Store::Kubernetes(c) => Ok(c.release(lease, timeout).await?),
         }
-    }
-}
-
-fn from_etcd(h: etcd::Holder) -> Holder {
-    Holder {
-        name: h.name,
-        lease: h.lease,
     }
 }
 
@@ -162,7 +138,7 @@ async fn etcd_acquire(
         })),
         Ok(Err(holder)) => {
             let _ = c.revoke(lease.id, timeout).await;
-            Ok(Err(holder.map(from_etcd)))
+            Ok(Err(holder))
         }
         Err(e) => {
             // The transaction's outcome is unknown: if it did put the key, revoking the lease
