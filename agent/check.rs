@@ -55,9 +55,14 @@ pub fn check(path: &Path) -> Report {
     };
     let named = Named(named);
     let metrics = Metrics::default();
-    check_secrets(path, &config, &metrics, &named, &mut report);
+    // The environment mode without a file (`check --from-env`) has no path to name.
+    let file = match path.as_os_str().is_empty() {
+        true => "(environment)".to_owned(),
+        false => path.display().to_string(),
+    };
+    check_secrets(&file, &config, &metrics, &named, &mut report);
     if !named.covers("routes") && !named.covers("route") {
-        check_routes(path, &config, &metrics, &named, &mut report);
+        check_routes(&file, &config, &metrics, &named, &mut report);
     }
     report
 }
@@ -81,7 +86,7 @@ impl Named {
     }
 }
 
-fn check_secrets(path: &Path, config: &Config, metrics: &Metrics, named: &Named, report: &mut Report) {
+fn check_secrets(file: &str, config: &Config, metrics: &Metrics, named: &Named, report: &mut Report) {
     let Err(errors) = crate::secrets::resolve::load_local(config, metrics) else {
         return;
     };
@@ -89,16 +94,16 @@ fn check_secrets(path: &Path, config: &Config, metrics: &Metrics, named: &Named,
         let key = e.key();
         let table = key.rsplit_once('.').map_or(key.as_str(), |(t, _)| t);
         if !named.covers(table) {
-            report.problem(format!("{}: {key}: {e}", path.display()));
+            report.problem(format!("{}: {key}: {e}", file));
         }
     }
 }
 
-fn check_routes(path: &Path, config: &Config, metrics: &Metrics, named: &Named, report: &mut Report) {
+fn check_routes(file: &str, config: &Config, metrics: &Metrics, named: &Named, report: &mut Report) {
     let e = match routing::source::load_local(config, metrics) {
         Ok(table) => {
             if !report.failed {
-                report.stdout = format!("{}: ok ({} routes)\n", path.display(), table.len());
+                report.stdout = format!("{}: ok ({} routes)\n", file, table.len());
             }
             return;
         }
@@ -122,7 +127,7 @@ fn check_routes(path: &Path, config: &Config, metrics: &Metrics, named: &Named, 
         other => Some(other.to_string()),
     };
     match message {
-        Some(message) => report.problem(format!("{}: {key}: {message}", path.display())),
+        Some(message) => report.problem(format!("{}: {key}: {message}", file)),
         None => report.failed = true,
     }
 }

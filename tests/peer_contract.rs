@@ -427,7 +427,8 @@ fn start_argv(cf: &FakeCloudflared, pid: u32) -> Vec<String> {
 }
 
 /// `tunnel-agent ARGS` with only `vars` in its environment: the exit code and stderr.
-async fn run(args: &[&str], vars: &[(&str, &str)]) -> (Option<i32>, String) {
+/// Runs the binary once: its exit code, stdout and stderr.
+async fn run(args: &[&str], vars: &[(&str, &str)]) -> (Option<i32>, String, String) {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tunnel-agent"));
     cmd.args(args)
         .env_clear()
@@ -440,12 +441,13 @@ async fn run(args: &[&str], vars: &[(&str, &str)]) -> (Option<i32>, String) {
         .await
         .expect("finishes in time")
         .expect("runs");
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code(), text(&out.stdout), text(&out.stderr))
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn check_reads_the_environment_as_start_up_does_and_names_each_variable() {
-    let (code, stderr) = run(
+    let (code, _, stderr) = run(
         &["check", "--from-env"],
         &[
             ("PROXY_AUTH_TOKEN", ""),
@@ -463,7 +465,7 @@ async fn check_reads_the_environment_as_start_up_does_and_names_each_variable() 
         assert!(stderr.contains(needle), "{needle:?} in:\n{stderr}");
     }
     // A listener clash is named by the variable behind it.
-    let (code, stderr) = run(
+    let (code, _, stderr) = run(
         &["check", "--from-env"],
         &[
             ("PROXY_AUTH_TOKEN", "t"),
@@ -478,7 +480,7 @@ async fn check_reads_the_environment_as_start_up_does_and_names_each_variable() 
         "{stderr}"
     );
 
-    let (code, stderr) = run(
+    let (code, stdout, stderr) = run(
         &["check", "--from-env"],
         &[
             ("PROXY_AUTH_TOKEN", "t"),
@@ -488,6 +490,8 @@ async fn check_reads_the_environment_as_start_up_does_and_names_each_variable() 
     )
     .await;
     assert_eq!(code, Some(0), "{stderr}");
+    // No file: the report names the environment, as its problems do.
+    assert_eq!(stdout.trim(), "(environment): ok (0 routes)", "{stdout}");
     assert!(stderr.contains("warning: PROXY_BOGUS is not a variable"), "{stderr}");
     assert!(!stderr.contains("eyJhIjoiZmFrZSJ9"), "{stderr}");
 }
@@ -498,7 +502,7 @@ async fn without_the_switch_the_environment_is_only_pointed_at() {
         eprintln!("skipped: /etc/tunnel-agent/agent.toml exists on this host, so `check` reads it");
         return;
     }
-    let (code, stderr) = run(&["check"], &[("PROXY_ADDR", ":8080")]).await;
+    let (code, _, stderr) = run(&["check"], &[("PROXY_ADDR", ":8080")]).await;
     assert_eq!(code, Some(78), "{stderr}");
     assert!(stderr.contains("run with --from-env"), "{stderr}");
 }
