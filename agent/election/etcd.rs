@@ -157,17 +157,7 @@ fn answer(endpoint: &str, status: reqwest::StatusCode, text: &str) -> Result<ser
 impl EtcdClient {
     pub fn new(options: &EtcdOptions) -> Result<EtcdClient, EtcdError> {
         let setup = |what: &'static str| move |source| EtcdError::Setup { what, source };
-        let mut builder = reqwest::Client::builder()
-            .no_proxy()
-            .use_rustls_tls()
-            .connect_timeout(Duration::from_secs(2))
-            .pool_idle_timeout(Duration::from_secs(30))
-            .tcp_nodelay(true);
-        if let Some(pem) = &options.ca_pem {
-            for cert in reqwest::Certificate::from_pem_bundle(pem).map_err(setup("CA bundle"))? {
-                builder = builder.add_root_certificate(cert);
-            }
-        }
+        let mut builder = super::http::builder(options.ca_pem.as_deref()).map_err(|(what, e)| setup(what)(e))?;
         if let Some(pem) = &options.identity_pem {
             builder = builder.identity(reqwest::Identity::from_pem(pem).map_err(setup("client certificate/key"))?);
         }

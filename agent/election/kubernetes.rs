@@ -165,17 +165,7 @@ impl LeaseClient {
                 message: crate::errors::error_chain(&e),
             }
         };
-        let mut builder = reqwest::Client::builder()
-            .no_proxy()
-            .use_rustls_tls()
-            .connect_timeout(Duration::from_secs(2))
-            .pool_idle_timeout(Duration::from_secs(30))
-            .tcp_nodelay(true);
-        if let Some(pem) = &options.ca_pem {
-            for cert in reqwest::Certificate::from_pem_bundle(pem).map_err(setup("CA bundle"))? {
-                builder = builder.add_root_certificate(cert);
-            }
-        }
+        let builder = super::http::builder(options.ca_pem.as_deref()).map_err(|(what, e)| setup(what)(e))?;
         let http = builder.build().map_err(setup("HTTP client"))?;
         let api = options.api_url.trim_end_matches('/');
         let collection = format!(
@@ -329,6 +319,15 @@ impl LeaseClient {
         Instant::now() >= crate::deadline::after(o.since, wait)
     }
 
+    /// The Lease as last seen when it is still hold `lease` of this node (no request), else as
+    /// read now.
+    async fn ours_or_read(&self, lease: i64, deadline: Instant) -> Result<Read, KubeError> {
+        match self.cached() {
+            Some(o) if o.spec.is(&self.me, lease) => Ok(Some(o)),
+            _ => self.get(deadline).await,
+        }
+    }
+
     fn cached(&self) -> Option<Observed> {
         self.observed.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -394,10 +393,7 @@ impl LeaseClient {
     pub async fn renew(&self, lease: i64, timeout: Duration) -> Result<Result<Duration, String>, KubeError> {
         let me = self.me.as_str();
         let deadline = crate::deadline::from_now(timeout);
-        let mut base = match self.cached() {
-            Some(o) if o.spec.is(me, lease) => Some(o),
-            _ => self.get(deadline).await?,
-        };
+        let mut base = self.ours_or_read(lease, deadline).await?;
         for _ in 0..CONFLICT_RETRIES {
             let Some(current) = base.take() else {
                 return Ok(Err("the Lease was deleted".into()));
@@ -449,10 +445,7 @@ impl LeaseClient {
     pub async fn release(&self, lease: i64, timeout: Duration) -> Result<(), KubeError> {
         let me = self.me.as_str();
         let deadline = crate::deadline::from_now(timeout);
-        let mut base = match self.cached() {
-            Some(o) if o.spec.is(me, lease) => Some(o),
-            _ => self.get(deadline).await?,
-        };
+        let mut base = self.ours_or_read(lease, deadline).await?;
         for _ in 0..CONFLICT_RETRIES {
             let Some(current) = base.take().filter(|o| o.spec.is(me, lease)) else {
                 return Ok(());

@@ -21,6 +21,7 @@
 
 pub mod etcd;
 pub mod hold;
+mod http;
 pub mod kubernetes;
 pub mod store;
 
