@@ -6,6 +6,13 @@
 //! → ready → watches, role sources, refreshers. Every stop goes on one [`Stops`] stack. Shutdown,
 //! or a step that fails, pops it: readiness fails first (`draining`), so probes stop routing here
 //! while the rest drains, then the last thing started is the first stopped.
+//!
+//! One boot path for a fresh start and for an upgraded image: with a carried state
+//! ([`crate::handover`]) the same steps adopt what the previous image handed over (its sockets,
+//! secrets, role) instead of binding, fetching and deciding; the new image commits once ready, or
+//! returns to the previous binary if a step fails. An upgrade ends the event loop
+//! ([`Ended::Upgrade`]) and pops the stack in hand-over mode ([`Stops::hand_over`]): listeners
+//! drain, the node's stop is not run, and the state goes to the new binary ([`hand_over`]).
 
 mod steps;
 
@@ -17,71 +24,185 @@ use tokio::sync::mpsc;
 
 use crate::config::Config;
 use crate::exit::AgentError;
+use crate::handover::listeners::{Kind, Sockets};
+use crate::handover::{self, Incoming, Plan, State};
 use crate::health::Health;
-use crate::node::{Node, NodeParts, Signal, Sources};
+use crate::node::{self, Ended, Node, NodeParts, Signal, Sources};
 use crate::role;
-use crate::server;
 use crate::shutdown::{Lent, Stops};
 use crate::systemd;
 use crate::telemetry::Metrics;
 use crate::tunnel::TunnelState;
 
-/// Runs the agent until `signals` says shut down (or closes), or cloudflared's supervisor gives
-/// up. `config` was loaded from `config_path` by the caller (which needed it to set up logging);
-/// `signals` also carries reloads.
-pub async fn run(config_path: PathBuf, config: Config, signals: mpsc::Receiver<Signal>) -> Result<(), AgentError> {
+/// Runs the agent until `signals` says shut down (or closes), cloudflared's supervisor gives up,
+/// or an upgrade hands the process to another binary. `config` was loaded from `config_path` by
+/// the caller (which needed it to set up logging); `signals` also carries reloads and upgrades.
+/// `incoming`: the state an upgraded image starts from.
+pub async fn run(
+    config_path: PathBuf,
+    config: Config,
+    signals: mpsc::Receiver<Signal>,
+    incoming: Option<Incoming>,
+) -> Result<(), AgentError> {
     let metrics = Arc::new(Metrics::default());
     let tunnel = Arc::new(TunnelState::default());
     let health = Health::new(metrics.clone(), tunnel.clone());
     // The graces at shutdown are the configuration's in effect then: the boot file's, or the
     // node's after its reloads.
     let mut in_effect = config.clone();
+    let runtime_dir = config.agent.runtime_dir.clone();
     let mut stops = Stops::default();
-    let failure = match start(&mut stops, &health, &tunnel, &metrics, config_path, config, signals).await {
-        Ok((mut node, sources)) => {
-            let failure = node.run(sources).await.map(AgentError::from);
+    let carried = incoming.as_ref().and_then(|i| i.state().ok());
+    let started = start(
+        &mut stops,
+        &health,
+        &tunnel,
+        &metrics,
+        (config_path, config),
+        signals,
+        carried,
+    )
+    .await;
+    let failure = match started {
+        Ok((mut node, sources, sockets)) => {
+            if let Some(incoming) = incoming {
+                incoming.commit(&health);
+            }
+            let ended = node.run(sources).await;
             in_effect = node.config().clone();
+            match ended {
+                Ended::Stopped(failure) => failure.map(AgentError::from),
+                Ended::Upgrade(plan) => {
+                    let carried = node.hand_over().await;
+                    // Dropped: the node goes back to its stop, which the hand-over keeps unrun.
+                    drop(node);
+                    return hand_over(&plan, carried, stops, &sockets, &health, &in_effect).await;
+                }
+            }
             // Dropped here: the node goes back to its stop, on the stack below the later steps'.
-            failure
         }
-        Err(e) => Some(e),
+        // An upgraded image that cannot boot returns to the previous binary, which goes on
+        // with the same state; nothing of this image is stopped (its node's stop would stop the
+        // carried cloudflared). Only if that is impossible does it shut down like any failure.
+        Err(e) => match incoming {
+            Some(incoming) => Some(AgentError::from(anyhow::anyhow!(incoming.roll_back(&e.to_string())))),
+            None => Some(e),
+        },
     };
     tracing::info!("shutting down");
     systemd::stopping();
     health.draining.store(true, Ordering::Release);
     stops.stop_all(&in_effect).await;
+    remove_control_socket(&runtime_dir);
     failure.map_or(Ok(()), Err)
 }
 
-/// The boot steps, in order, each stop pushed on `stops`. Returns the node, lent to its event
-/// loop, and the sources of its events.
+/// The control socket's file goes at shutdown (not at an upgrade: the next image serves it).
+fn remove_control_socket(runtime_dir: &std::path::Path) {
+    let path = crate::control::socket_path(runtime_dir);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot remove {}: {e}", path.display()),
+    }
+}
+
+/// The old image's side of an upgrade: `RELOADING=1`, the listeners stop accepting and drain
+/// (at most `agent.upgrade_drain`; the kept duplicates go on listening, so the kernel queues
+/// new connections), the state is written, and the new binary runs in this process's place.
+/// Returns only when neither it nor this binary could be executed: then the stops kept for
+/// the next image run after all, and the agent exits with the error (systemd restarts it).
+async fn hand_over(
+    plan: &Plan,
+    node: node::Carried,
+    stops: Stops,
+    sockets: &Sockets,
+    health: &Health,
+    in_effect: &Config,
+) -> Result<(), AgentError> {
+    systemd::reloading_for(&format!("upgrading in place to {}", plan.to));
+    let held_since = tokio::time::Instant::now();
+    let kept = stops.hand_over(in_effect, in_effect.agent.upgrade_drain).await;
+    let state = State {
+        format: handover::state::FORMAT,
+        from: crate::build_info::LONG_VERSION.to_owned(),
+        to: plan.to.clone(),
+        binary: node.binary,
+        held_since_ns: crate::deadline::to_monotonic_ns(held_since),
+        agent: health.status.load().agent.clone(),
+        listeners: sockets.carry(),
+        role: node.role,
+        role_source: node.role_source,
+        routes_version: node.routes_version,
+        secrets: node.secrets,
+    };
+    let keep = sockets.kept_fds();
+    tracing::info!(
+        drained_ms = held_since.elapsed().as_millis() as u64,
+        "executing {} in place",
+        plan.binary.display()
+    );
+    let why = handover::exec(plan, &state, &keep);
+    tracing::error!(error = %why, "the upgrade failed and this binary cannot continue: {why}");
+    for stop in kept {
+        stop.stop(in_effect).await;
+    }
+    Err(AgentError::from(anyhow::anyhow!(why)))
+}
+
+/// The boot steps, in order, each stop pushed on `stops`; with `carried`, from the state the
+/// previous image handed over. Returns the node, lent to its event loop, the sources of its
+/// events, and the listening sockets (for the next upgrade).
 async fn start(
     stops: &mut Stops,
     health: &Arc<Health>,
     tunnel: &Arc<TunnelState>,
     metrics: &Arc<Metrics>,
-    config_path: PathBuf,
-    config: Config,
+    (config_path, config): (PathBuf, Config),
     signals: mpsc::Receiver<Signal>,
-) -> Result<(Lent<Node>, Sources), AgentError> {
+    carried: Option<&State>,
+) -> Result<(Lent<Node>, Sources, Sockets), AgentError> {
     let boot_deadline = crate::deadline::from_now(config.agent.boot_timeout);
+    let mut sockets = Sockets::new(carried.map(|s| s.listeners.clone()).unwrap_or_default());
     let clients = steps::clients(&config, health)?;
     // 1. Config (loaded and validated by the caller), and what the cloudflared it names can do.
     let cloudflared_version = steps::config_loaded(&config, &config_path, health, tunnel).await?;
     // 2. Secrets.
-    let secrets = steps::secrets(&config, &clients, metrics, health, boot_deadline).await?;
+    let secrets = steps::secrets(&config, &clients, metrics, health, boot_deadline, carried).await?;
     // 3. Routes.
-    let routes = steps::routes(&config, &clients, metrics).await?;
+    let mut routes = steps::routes(&config, &clients, metrics).await?;
+    // The proxy serves the boot table from its first connection (an upgraded image's sockets
+    // have connections queued); the node installs it through the one path right after.
+    let table = Arc::new(std::mem::take(&mut routes.table));
     let limits = steps::limits(&config);
     // 4. Health listener.
-    let listener = server::bind(config.health.listen, "health.listen").await?;
-    stops.push(steps::health_listener(listener, &limits, health)?);
+    let listener = sockets.tcp(Kind::Health, config.health.listen, "health.listen").await?;
+    // A fresh start answers probes from here (503 while booting); an upgraded image leaves the
+    // inherited socket queueing until it is ready, so no probe sees it half-started.
+    let health_slot = stops.len();
+    let mut health_listener = Some(listener);
+    if carried.is_none() {
+        stops.push(steps::health_listener(health_listener.take(), &limits, health)?);
+    }
     // 5. Proxy (an empty table until the node installs the boot table), the node, the probe.
-    let proxy = steps::proxy(&config, &secrets, &clients, metrics)?;
-    let workers = config.proxy.worker_threads();
-    let sockets = server::bind_workers(config.proxy.listen, "proxy.listen", workers)?;
-    let proxy_addr = stops.keep(steps::proxy_listener(sockets, &proxy, &config, &limits, metrics)?);
-    let role = role::start::boot(&config, &clients.metadata).await;
+    let proxy = steps::proxy(&config, &secrets, &clients, metrics, table.clone())?;
+    let worker_sockets = sockets.proxy(config.proxy.listen, config.proxy.worker_threads())?;
+    let workers = worker_sockets.len();
+    let proxy_addr = stops.keep(steps::proxy_listener(
+        worker_sockets,
+        &proxy,
+        &config,
+        &limits,
+        metrics,
+    )?);
+    let role = match carried {
+        Some(s) => role::Boot {
+            role: s.role,
+            source: s.role_source,
+            etag: None,
+        },
+        None => role::start::boot(&config, &clients.metadata).await,
+    };
     let role_etag = role.etag.clone();
     let (routes_etag, metadata) = (routes.etag.clone(), clients.metadata.clone());
     let parts = NodeParts {
@@ -97,14 +218,21 @@ async fn start(
         tunnel: tunnel.clone(),
         role,
         cloudflared_version,
+        binary: steps::binary(carried),
     };
-    let (mut node, secret_changes) = stops.keep(steps::node(parts, routes));
+    let (mut node, secret_changes) = stops.keep(steps::node(parts, routes, table));
     stops.push(steps::proxy_probe(health, proxy_addr, workers).await?);
     // 6. The control socket (before READY=1, so `systemctl start` followed at once by
     // `tunnel-agent promote` finds it), cloudflared once the proxy answers, the config API.
-    let control = stops.keep(steps::control_socket(node.config())?);
+    let control = stops.keep(steps::control_socket(node.config(), &mut sockets)?);
     steps::cloudflared(&node, health).await;
-    let pushes = stops.keep_some(steps::config_api(&node, health, metrics, limits).await?);
+    let pushes = stops.keep_some(steps::config_api(&node, health, metrics, limits.clone(), &mut sockets).await?);
+    if health_listener.is_some() {
+        stops.insert(
+            health_slot,
+            steps::health_listener(health_listener.take(), &limits, health)?,
+        );
+    }
     // 7. Ready: every local component serves; the tunnel's edge connection is /ready's business.
     systemd::ready("serving");
     tracing::info!("ready");
@@ -126,5 +254,5 @@ async fn start(
         status_tick,
         watchdog: systemd::watchdog_interval().map(tokio::time::interval),
     };
-    Ok((node, sources))
+    Ok((node, sources, sockets))
 }

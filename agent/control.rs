@@ -20,6 +20,8 @@ pub enum Command {
     Promote,
     Demote,
     Status,
+    /// Re-execute in place into the binary on disk (an upgrade).
+    Upgrade,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -44,8 +46,8 @@ pub fn socket_path(runtime_dir: &Path) -> PathBuf {
     runtime_dir.join("control.sock")
 }
 
-/// Binds the socket (replacing a stale one) and serves it until the task is aborted.
-pub fn serve(runtime_dir: &Path, tx: mpsc::Sender<Incoming>) -> anyhow::Result<(PathBuf, tokio::task::JoinHandle<()>)> {
+/// Binds the socket at [`socket_path`] (replacing a stale one), owner-only.
+pub fn bind(runtime_dir: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> {
     let path = socket_path(runtime_dir);
     std::fs::create_dir_all(runtime_dir)
         .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", runtime_dir.display()))?;
@@ -54,10 +56,20 @@ pub fn serve(runtime_dir: &Path, tx: mpsc::Sender<Incoming>) -> anyhow::Result<(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => anyhow::bail!("cannot remove stale {}: {e}", path.display()),
     }
-    let listener =
-        UnixListener::bind(&path).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", path.display()))?;
+    let listener = std::os::unix::net::UnixListener::bind(&path)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| anyhow::anyhow!("cannot restrict {}: {e}", path.display()))?;
+    Ok(listener)
+}
+
+/// Serves the control socket on `listener` (bound by [`bind`], or adopted from the previous
+/// image, non-blocking) until the task is aborted.
+pub fn serve(
+    listener: std::os::unix::net::UnixListener,
+    tx: mpsc::Sender<Incoming>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = UnixListener::from_std(listener)?;
     let me = nix::unistd::geteuid().as_raw();
     let task = tokio::spawn(async move {
         loop {
@@ -73,7 +85,7 @@ pub fn serve(runtime_dir: &Path, tx: mpsc::Sender<Incoming>) -> anyhow::Result<(
             });
         }
     });
-    Ok((path, task))
+    Ok(task)
 }
 
 async fn handle(stream: UnixStream, me: u32, tx: mpsc::Sender<Incoming>) -> std::io::Result<()> {
@@ -161,4 +173,59 @@ pub async fn call(path: &Path, command: Command) -> Result<Reply, CallError> {
         .await
         .map_err(|_| CallError::Timeout)??;
     serde_json::from_str(&line).map_err(CallError::Unreadable)
+}
+
+/// How long `tunnel-agent upgrade` waits for the outcome: the preflight, the drain
+/// (`agent.upgrade_drain`, at most a minute) and the new image's boot.
+const UPGRADE_WAIT: Duration = Duration::from_secs(120);
+
+/// The client side of `upgrade`: asks the agent at `path`, and, when it goes ahead, polls
+/// `status` until an image answers whose upgrade counters moved (the new one, or the previous
+/// one back after a rollback). The reply says how it went: `ok` only for a completed upgrade.
+pub async fn upgrade(path: &Path) -> Result<Reply, CallError> {
+    let asked = call(path, Command::Upgrade).await?;
+    let Some(before) = asked.status.as_ref().filter(|_| asked.ok).map(|s| s.agent.clone()) else {
+        return Ok(asked);
+    };
+    let counts = |a: &crate::health::AgentStatus| (a.upgrades, a.rolled_back);
+    let deadline = tokio::time::Instant::now() + UPGRADE_WAIT;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if tokio::time::Instant::now() >= deadline {
+            return Err(CallError::Timeout);
+        }
+        // Between images the socket queues the connection, or the old image answers still.
+        let Ok(reply) = call(path, Command::Status).await else {
+            continue;
+        };
+        let Some(status) = reply.status.as_ref() else { continue };
+        if counts(&status.agent) == counts(&before) {
+            continue;
+        }
+        let last = status.agent.last_upgrade.clone();
+        let completed = last
+            .as_ref()
+            .is_some_and(|u| u.result == crate::health::UpgradeResult::Completed);
+        let message = match &last {
+            Some(u) if completed => format!(
+                "upgraded in place: {} -> {} (new connections waited {} ms)",
+                u.from,
+                u.to,
+                u.held_ms.unwrap_or(0)
+            ),
+            Some(u) => format!(
+                "upgrade to {} rolled back: {}; {} serves again",
+                u.to,
+                u.error.as_deref().unwrap_or("unknown reason"),
+                u.from
+            ),
+            None => "the agent restarted without recording the upgrade".to_owned(),
+        };
+        return Ok(Reply {
+            ok: completed,
+            changed: true,
+            message,
+            status: reply.status,
+        });
+    }
 }

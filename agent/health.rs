@@ -79,6 +79,7 @@ pub trait TunnelView: Send + Sync {
 /// them, so the typed reply prints exactly as the untyped one did.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {
+    pub agent: AgentStatus,
     pub build_date: String,
     pub cloudflared: TunnelStatus,
     pub commit: String,
@@ -98,6 +99,53 @@ pub struct Status {
     pub secrets: Vec<String>,
     pub uptime_s: u64,
     pub version: String,
+}
+
+/// `/status`'s `agent`: the build that runs, since when, and the upgrades in place this process
+/// has seen (counted across its images: an upgrade carries them).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct AgentStatus {
+    pub last_upgrade: Option<UpgradeStatus>,
+    /// Upgrades refused before anything changed (the new binary failed its checks).
+    pub refused: u64,
+    /// Upgrades whose new image could not take over, so the previous binary came back.
+    pub rolled_back: u64,
+    /// When this image took over (RFC 3339): its start, or the upgrade that exec'd it.
+    pub since: String,
+    /// Upgrades completed.
+    pub upgrades: u64,
+    /// `--version` of the running image.
+    pub version: String,
+}
+
+/// One upgrade in place, as `/status` and `tunnel-agent upgrade` report it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeStatus {
+    pub error: Option<String>,
+    pub from: String,
+    /// How long the listeners queued new connections: from the old image's last accept to
+    /// the new image's first (`null` when refused).
+    pub held_ms: Option<u64>,
+    pub result: UpgradeResult,
+    pub to: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpgradeResult {
+    Completed,
+    RolledBack,
+    Refused,
+}
+
+impl UpgradeResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpgradeResult::Completed => "completed",
+            UpgradeResult::RolledBack => "rolled-back",
+            UpgradeResult::Refused => "refused",
+        }
+    }
 }
 
 /// `/status`'s `routes`.
@@ -188,6 +236,8 @@ pub struct StatusInfo {
     /// `None` until the boot decided it.
     pub role: Option<Role>,
     pub role_source: Option<RoleSource>,
+    /// The running build and its upgrades.
+    pub agent: AgentStatus,
 }
 
 /// The agent's cached health.
@@ -357,6 +407,7 @@ impl Health {
         let s = self.status.load();
         let (ready, readiness) = self.components();
         Status {
+            agent: s.agent.clone(),
             version: crate::build_info::VERSION.to_owned(),
             commit: crate::build_info::COMMIT.to_owned(),
             build_date: crate::build_info::BUILD_DATE.to_owned(),
@@ -420,6 +471,21 @@ impl Health {
             let help = "The cloudflared version the agent detected at boot.";
             Family::open(&mut out, "tunnel_agent_cloudflared_info", Kind::Gauge, help)
                 .sample(&[("version", version)], 1);
+        }
+        let agent = self.status.load().agent.clone();
+        let help = "Upgrades in place this process has seen, by result.";
+        let mut upgrades = Family::open(&mut out, "tunnel_agent_upgrades_total", Kind::Counter, help);
+        for result in [
+            UpgradeResult::Completed,
+            UpgradeResult::RolledBack,
+            UpgradeResult::Refused,
+        ] {
+            let n = match result {
+                UpgradeResult::Completed => agent.upgrades,
+                UpgradeResult::RolledBack => agent.rolled_back,
+                UpgradeResult::Refused => agent.refused,
+            };
+            upgrades.sample(&[("result", result.as_str())], n);
         }
         let help = "cloudflared restarts after failures.";
         prom_text::single(

@@ -22,6 +22,7 @@ pub mod files;
 pub mod follow;
 pub mod framing;
 pub mod gcp;
+pub mod handover;
 pub mod health;
 pub mod node;
 pub mod peer_body;

@@ -34,6 +34,14 @@ enum Command {
     Demote(ControlArgs),
     /// Show the running agent's role, where it came from, tunnel state and routes.
     Status(ControlArgs),
+    /// Re-execute the running agent in place into the binary now on disk (after a package
+    /// upgrade): same process, same cloudflared, no connection refused. Waits for the outcome:
+    /// exit 0 when the new binary runs, 1 when it was refused or rolled back.
+    Upgrade(ControlArgs),
+    /// What an upgrade asks of a new binary before handing over: its version and the state
+    /// formats it takes over from, as one JSON line.
+    #[command(hide = true)]
+    HandoverProbe,
 }
 
 /// Where the configuration comes from: a file, or the gateway controller's environment
@@ -108,10 +116,18 @@ fn main() -> ExitCode {
         return Exit::Failure.into();
     }
     tunnel_agent::reaper::init_if_pid1();
+    // Before any thread exists: the hand-over's variables leave the environment here.
+    let incoming = tunnel_agent::handover::Incoming::take();
     let cli = Cli::parse();
     let exit = match cli.command {
         Command::Check(source) => check(&source.path()),
-        Command::Run(source) => run(source.path()),
+        Command::Run(source) => run(source.path(), incoming),
+        Command::Upgrade(args) => upgrade(args),
+        Command::HandoverProbe => {
+            let probe = tunnel_agent::handover::preflight::Probe::mine();
+            out(&format!("{}\n", serde_json::to_string(&probe).unwrap_or_default()));
+            Exit::Success
+        }
         Command::Promote(args) => control(args, tunnel_agent::control::Command::Promote),
         Command::Demote(args) => control(args, tunnel_agent::control::Command::Demote),
         Command::Status(args) => control(args, tunnel_agent::control::Command::Status),
@@ -119,7 +135,8 @@ fn main() -> ExitCode {
     exit.into()
 }
 
-fn control(args: ControlArgs, command: tunnel_agent::control::Command) -> Exit {
+/// The control socket `args` name (or its config's), and a runtime to talk to it.
+fn control_target(args: ControlArgs) -> Result<(std::path::PathBuf, tokio::runtime::Runtime), Exit> {
     let socket = match args.socket {
         Some(s) => s,
         None => match routing::load_config(&args.source.path()) {
@@ -127,16 +144,56 @@ fn control(args: ControlArgs, command: tunnel_agent::control::Command) -> Exit {
             Err(e) => {
                 let e = AgentError::from(e);
                 err(&format!("{e}\n"));
-                return e.exit();
+                return Err(e.exit());
             }
         },
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
+    match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => Ok((socket, rt)),
         Err(e) => {
             err(&format!("cannot start the async runtime: {e}\n"));
-            return Exit::Failure;
+            Err(Exit::Failure)
         }
+    }
+}
+
+/// `tunnel-agent upgrade`: asks, then waits for the image that answers afterwards.
+fn upgrade(args: ControlArgs) -> Exit {
+    let json = args.json;
+    let (socket, runtime) = match control_target(args) {
+        Ok(t) => t,
+        Err(exit) => return exit,
+    };
+    match runtime.block_on(tunnel_agent::control::upgrade(&socket)) {
+        Err(e) => {
+            err(&format!("tunnel-agent: {e}\n"));
+            Exit::Failure
+        }
+        Ok(reply) => {
+            if json {
+                out(&format!(
+                    "{}\n",
+                    serde_json::to_string_pretty(&reply).unwrap_or_default()
+                ));
+            } else if reply.ok {
+                out(&format!("{}\n", reply.message));
+            } else {
+                err(&format!("tunnel-agent: {}\n", reply.message));
+            }
+            if reply.ok {
+                Exit::Success
+            } else {
+                Exit::Failure
+            }
+        }
+    }
+}
+
+fn control(args: ControlArgs, command: tunnel_agent::control::Command) -> Exit {
+    let json = args.json;
+    let (socket, runtime) = match control_target(args) {
+        Ok(t) => t,
+        Err(exit) => return exit,
     };
     match runtime.block_on(tunnel_agent::control::call(&socket, command)) {
         Err(e) => {
@@ -144,7 +201,7 @@ fn control(args: ControlArgs, command: tunnel_agent::control::Command) -> Exit {
             Exit::Failure
         }
         Ok(reply) => {
-            if args.json {
+            if json {
                 out(&format!(
                     "{}\n",
                     serde_json::to_string_pretty(&reply).unwrap_or_default()
@@ -224,11 +281,25 @@ fn check(path: &std::path::Path) -> Exit {
     report.exit()
 }
 
-fn run(path: PathBuf) -> Exit {
+fn run(path: PathBuf, incoming: Option<tunnel_agent::handover::Incoming>) -> Exit {
+    // A new image that cannot read what the previous one carried returns to it at once.
+    let incoming = match incoming {
+        Some(i) => match i.state().err().map(str::to_owned) {
+            Some(why) => {
+                err(&format!("tunnel-agent: {}\n", i.roll_back(&why)));
+                return Exit::Failure;
+            }
+            None => Some(i),
+        },
+        None => None,
+    };
     let config = match routing::load_config(&path) {
         Ok(c) => c,
         Err(e) => {
             let e = AgentError::from(e);
+            if let Some(i) = incoming {
+                err(&format!("tunnel-agent: {}\n", i.roll_back(&e.to_string())));
+            }
             err(&format!("{e}\n"));
             if let Some(hint) = env_hint(&path, true) {
                 err(&hint);
@@ -280,7 +351,7 @@ fn run(path: PathBuf) -> Exit {
     };
     let agent = async {
         let signals = forward_signals()?;
-        tunnel_agent::boot::run(path, config, signals).await
+        tunnel_agent::boot::run(path, config, signals, incoming).await
     };
     match runtime.block_on(agent) {
         Ok(()) => Exit::Success,
@@ -313,6 +384,7 @@ fn forward_signals() -> anyhow::Result<mpsc::Receiver<Signal>> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    let mut usr2 = signal(SignalKind::user_defined2())?;
     let (tx, rx) = mpsc::channel(4);
     tokio::spawn(async move {
         loop {
@@ -320,6 +392,7 @@ fn forward_signals() -> anyhow::Result<mpsc::Receiver<Signal>> {
                 _ = term.recv() => Signal::Shutdown,
                 _ = int.recv() => Signal::Shutdown,
                 _ = hup.recv() => Signal::Reload,
+                _ = usr2.recv() => Signal::Upgrade,
             };
             if tx.send(sig).await.is_err() {
                 return;

@@ -4,11 +4,11 @@
 //!
 //! | event | from | handler |
 //! | --- | --- | --- |
-//! | [`Event::Signal`] | `main.rs` (SIGTERM/SIGINT, SIGHUP) or a test | [`Node::reload`], or stop |
+//! | [`Event::Signal`] | `main.rs` (SIGTERM/SIGINT, SIGHUP, SIGUSR2) or a test | [`Node::reload`], an upgrade, or stop |
 //! | [`Event::RouteUpdate`] | the watched metadata attribute | [`Node::routes_changed`] |
 //! | [`Event::Push`] | the config API | [`Node::pushed`] |
 //! | [`Event::SecretChanged`] | secret refreshers | [`Node::secret_changed`] |
-//! | [`Event::Control`] | the control socket | [`Node::control`] |
+//! | [`Event::Control`] | the control socket | [`Node::control`], or an upgrade |
 //! | [`Event::RoleChanged`] | the watched role attribute | [`Node::set_role`] |
 //! | [`Event::Election`] | the etcd election (`election`) | [`Node::set_role`] |
 //! | [`Event::FollowChanged`] | the `[role_follow]` check | [`Node::set_role`], or gate/resign the election |
@@ -19,7 +19,12 @@
 //! [`Sources`], one more variant and one more handler. Every route table, whatever its source,
 //! is applied by [`Node::install_routes`] and then reaches cloudflared through
 //! [`Node::follow_tunnel`]. Every role change, whatever its source, goes through
-//! [`Node::set_role`]; the role's state and its sources belong to [`Roles`].
+//! [`Node::set_role`]; the role's state and its sources belong to [`Roles`]. An upgrade in place
+//! (`upgrade.rs`) ends the loop with [`Ended::Upgrade`] once its preflight passed.
+
+mod upgrade;
+
+pub use upgrade::Carried;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -37,6 +42,7 @@ use crate::config::{Config, RouteSourceKind};
 use crate::control;
 use crate::election::Outcome;
 use crate::gcp::{MetadataClient, SecretManager};
+use crate::handover::Plan;
 use crate::health::{Health, RouteStatus};
 use crate::proxy::{AccessLog, InboundAuth, LiveSettings, Proxy};
 use crate::role::{self, Answer, Change, Handover, Manual, Role, RoleSource, Roles};
@@ -56,6 +62,8 @@ use crate::tunnel::{RestartPolicy, TunnelSpec, TunnelState, TunnelSupervisor};
 pub enum Signal {
     Shutdown,
     Reload,
+    /// Re-execute in place into the binary on disk (SIGUSR2).
+    Upgrade,
 }
 
 /// Something the running node reacts to.
@@ -122,6 +130,8 @@ pub struct Node {
     /// `cloudflared --version` of the running configuration's binary: asked at boot and again on
     /// every reload, when cloudflared is enabled and answered.
     cloudflared_version: Option<crate::tunnel::version::CloudflaredVersion>,
+    /// The binary an upgrade runs: the path this process was first started from.
+    binary: PathBuf,
 }
 
 /// What the boot sequence hands [`Node::new`]: everything the node starts with.
@@ -141,6 +151,8 @@ pub struct NodeParts {
     /// The starting role and where it came from ([`role::start::boot`]).
     pub role: role::Boot,
     pub cloudflared_version: Option<crate::tunnel::version::CloudflaredVersion>,
+    /// The binary an upgrade runs.
+    pub binary: PathBuf,
 }
 
 /// What the loop does after an event.
@@ -148,6 +160,17 @@ enum Flow {
     Continue,
     /// Stop the node; `Some` when it stops because something failed.
     Stop(Option<anyhow::Error>),
+    /// Hand over to the new binary, which passed its preflight.
+    Upgrade(Plan),
+}
+
+/// Why the node's loop ended.
+#[derive(Debug)]
+pub enum Ended {
+    /// Shut down; `Some` when because something failed.
+    Stopped(Option<anyhow::Error>),
+    /// An upgrade in place goes ahead: [`Node::hand_over`], then boot execs `Plan`.
+    Upgrade(Plan),
 }
 
 /// The cloudflared command for `config`, or `None` when it should not run here (disabled, or
@@ -220,6 +243,7 @@ impl Node {
             routes_version: watch::Sender::new(None),
             api_settings: watch::Sender::new(Arc::new(api_settings)),
             cloudflared_version: parts.cloudflared_version,
+            binary: parts.binary,
         };
         (node, secret_changed)
     }
@@ -264,12 +288,14 @@ impl Node {
         self.roles.publish();
     }
 
-    /// Handles events until a shutdown signal or a failure. Returns the failure, if any.
-    pub async fn run(&mut self, mut sources: Sources) -> Option<anyhow::Error> {
+    /// Handles events until a shutdown signal, a failure, or an upgrade that goes ahead.
+    pub async fn run(&mut self, mut sources: Sources) -> Ended {
         loop {
             let event = self.next_event(&mut sources).await;
-            if let Flow::Stop(failure) = self.handle(event).await {
-                return failure;
+            match self.handle(event).await {
+                Flow::Continue => {}
+                Flow::Stop(failure) => return Ended::Stopped(failure),
+                Flow::Upgrade(plan) => return Ended::Upgrade(plan),
             }
         }
     }
@@ -303,6 +329,18 @@ impl Node {
         match event {
             Event::Signal(Signal::Shutdown) => return Flow::Stop(None),
             Event::Signal(Signal::Reload) => self.reload().await,
+            Event::Signal(Signal::Upgrade) => {
+                if let (_, Some(plan)) = self.upgrade_requested().await {
+                    return Flow::Upgrade(plan);
+                }
+            }
+            Event::Control((control::Command::Upgrade, reply)) => {
+                let (answer, plan) = self.control_upgrade().await;
+                let _ = reply.send(answer);
+                if let Some(plan) = plan {
+                    return Flow::Upgrade(plan);
+                }
+            }
             Event::RouteUpdate(update) => self.routes_changed(update).await,
             Event::Push(push) => self.pushed(*push).await,
             Event::SecretChanged(change) => self.secret_changed(change).await,
@@ -653,6 +691,8 @@ impl Node {
             control::Command::Status => Answer::unchanged(self.roles.describe()),
             control::Command::Promote => self.manual(true).await,
             control::Command::Demote => self.manual(false).await,
+            // Taken by the loop (`handle`): it may end it.
+            control::Command::Upgrade => Answer::refused("an upgrade is handled by the event loop".to_owned()),
         };
         control::Reply {
             ok: answer.ok,

@@ -42,6 +42,9 @@ pub struct Stop {
     grace: Grace,
     signal: watch::Sender<Option<Duration>>,
     task: JoinHandle<bool>,
+    /// Left running by an upgrade in place ([`Stops::hand_over`]): what it owns goes on in
+    /// the next image.
+    carried: bool,
 }
 
 /// A new watch for a service, and the sender its [`Stop`] keeps.
@@ -67,7 +70,15 @@ impl Stop {
             grace,
             signal,
             task,
+            carried: false,
         }
+    }
+
+    /// Marks a stop that an upgrade in place must not run: what it stops (the node's
+    /// cloudflared and election) is handed to the next image instead.
+    pub fn carried_over(mut self) -> Stop {
+        self.carried = true;
+        self
     }
 
     /// Spawns `service` with a new watch.
@@ -126,13 +137,15 @@ impl Stop {
     /// Tells the service to stop within its grace under `in_effect`, and waits for it (the grace
     /// plus [`SLACK`] at most). Returns whether it finished everything in time.
     pub async fn stop(self, in_effect: &Config) -> bool {
+        let grace = (self.grace)(in_effect);
+        self.stop_within(grace).await
+    }
+
+    /// Tells the service to stop within `grace`, and waits for it ([`SLACK`] beyond).
+    pub async fn stop_within(self, grace: Duration) -> bool {
         let Stop {
-            what,
-            grace,
-            signal,
-            mut task,
+            what, signal, mut task, ..
         } = self;
-        let grace = grace(in_effect);
         tracing::debug!(what, grace_s = grace.as_secs_f64(), "stopping the {what}");
         let _ = signal.send(Some(grace));
         let bound = grace.saturating_add(SLACK);
@@ -195,6 +208,23 @@ impl Stops {
         self.stack.push(stop);
     }
 
+    /// How many stops the stack holds (a position for [`Stops::insert`]).
+    pub fn len(&self) -> usize {
+        self.stack.len()
+    }
+
+    /// Whether nothing was started.
+    pub fn is_empty(&self) -> bool {
+        self.stack.is_empty()
+    }
+
+    /// Puts a stop where the stack was `at` long (its step runs later than its place in the
+    /// list, but stops as if it had run there).
+    pub fn insert(&mut self, at: usize, stop: Stop) {
+        let at = at.min(self.stack.len());
+        self.stack.insert(at, stop);
+    }
+
     /// Pushes a step's stop and hands back what the step started.
     pub fn keep<T>(&mut self, (started, stop): (T, Stop)) -> T {
         self.push(stop);
@@ -212,6 +242,22 @@ impl Stops {
         while let Some(stop) = self.stack.pop() {
             stop.stop(in_effect).await;
         }
+    }
+
+    /// An upgrade in place: pops the stack like [`Stops::stop_all`], each listener draining for
+    /// its grace but at most `drain`, except the stops marked [`Stop::carried_over`], which are
+    /// returned unrun: the caller holds them (dropping one would run it) until its exec.
+    pub async fn hand_over(mut self, in_effect: &Config, drain: Duration) -> Vec<Stop> {
+        let mut kept = Vec::new();
+        while let Some(stop) = self.stack.pop() {
+            if stop.carried {
+                kept.push(stop);
+            } else {
+                let grace = (stop.grace)(in_effect).min(drain);
+                stop.stop_within(grace).await;
+            }
+        }
+        kept
     }
 }
 
@@ -305,6 +351,27 @@ mod tests {
         assert!(stop.stop(&grace(30)).await);
         // The task's state is gone once the stop returns: its sender was dropped.
         assert!(dropped.await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_hand_over_drains_for_at_most_its_bound_and_runs_no_carried_stop() {
+        let log = Log::default();
+        let mut stops = Stops::default();
+        stops.push(service("health", &log));
+        let node_log = log.clone();
+        let node = stops.keep(Stop::lend("node", no_grace, 1u32, move |n| async move {
+            node_log.lock().unwrap().push(format!("node {n}"));
+        }));
+        let last = stops.stack.pop().unwrap().carried_over();
+        stops.push(last);
+        stops.push(service("proxy", &log));
+        drop(node);
+        let kept = stops.hand_over(&grace(30), Duration::from_secs(2)).await;
+        assert_eq!(entries(&log), ["proxy 2s", "health 2s"]);
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].what(), "node");
+        tokio::task::yield_now().await;
+        assert_eq!(entries(&log), ["proxy 2s", "health 2s"], "the carried stop did not run");
     }
 
     #[tokio::test]

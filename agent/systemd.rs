@@ -28,6 +28,11 @@ pub fn reloading() {
     send(&[NotifyState::Reloading, NotifyState::Status("reloading configuration")]);
 }
 
+/// `RELOADING=1` for an upgrade in place: the new image's `READY=1` ends it.
+pub fn reloading_for(what: &str) {
+    send(&[NotifyState::Reloading, NotifyState::Status(what)]);
+}
+
 pub fn stopping() {
     send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
 }

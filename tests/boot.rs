@@ -25,7 +25,7 @@ async fn boots_in_process_reloads_and_stops_on_the_shutdown_signal() {
     let config = tunnel_agent::routing::load_config(&path).unwrap_or_else(|e| panic!("{e}"));
 
     let (signals, rx) = mpsc::channel(1);
-    let agent = tokio::spawn(tunnel_agent::boot::run(path.clone(), config, rx));
+    let agent = tokio::spawn(tunnel_agent::boot::run(path.clone(), config, rx, None));
     let socket = control::socket_path(&dir.path().join("run"));
     let s = eventually(DEADLINE, "the node answers on its control socket", || status(&socket)).await;
     assert_eq!(s.routes.count, 1, "{s:?}");

@@ -5,7 +5,7 @@
 //! and a start that inherits its sockets would hand those instead, through the same step.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +19,8 @@ use tokio::time::{Instant, Interval};
 use crate::config::{Config, RouteSourceKind};
 use crate::election::Outcome;
 use crate::gcp::{self, MetadataClient, SecretManager};
+use crate::handover::listeners::{Kind, Sockets};
+use crate::handover::State;
 use crate::health::{self, Health};
 use crate::node::{Node, NodeParts};
 use crate::proxy::{AccessLog, InboundAuth, LiveSettings, Proxy};
@@ -30,7 +32,7 @@ use crate::secrets::refresh::SecretChange;
 use crate::secrets::resolve::{join_errors, resolve_all};
 use crate::secrets::SecretValues;
 use crate::server::{self, Limits};
-use crate::shutdown::{self, Lent, Stop};
+use crate::shutdown::{Lent, Stop};
 use crate::telemetry::Metrics;
 use crate::tunnel::version::{CloudflaredVersion, Unsupported};
 use crate::tunnel::TunnelState;
@@ -63,9 +65,20 @@ pub(super) struct Clients {
     pub secret_manager: Arc<SecretManager>,
 }
 
-/// Step 0: the metadata server's and Secret Manager's clients; `/status` details policy.
+/// The binary an upgrade runs: the path this process was first started from (carried from
+/// image to image: by the time of an upgrade, `/proc/self/exe` names the replaced file).
+pub(super) fn binary(carried: Option<&State>) -> PathBuf {
+    match carried {
+        Some(s) => s.binary.clone(),
+        None => std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/usr/bin/tunnel-agent")),
+    }
+}
+
+/// Step 0: the metadata server's and Secret Manager's clients; `/status` details policy and
+/// the running build.
 pub(super) fn clients(config: &Config, health: &Health) -> anyhow::Result<Clients> {
     health.set_details_from(config.health.details_from);
+    health.update_status(|s| s.agent = crate::handover::fresh_status());
     let metadata = MetadataClient::new(config.gcp.metadata_base(), config.gcp.metadata_timeout)?;
     let secret_manager = Arc::new(SecretManager::new(
         metadata.clone(),
@@ -125,18 +138,28 @@ async fn detect_cloudflared(config: &Config, tunnel: &TunnelState) -> Result<Opt
     }
 }
 
-/// Step 2: every named secret's value, retried until `deadline` (`agent.boot_timeout`).
+/// Step 2: every named secret's value, retried until `deadline` (`agent.boot_timeout`); or the
+/// values the previous image carried (rotations included), when they name every configured one.
 pub(super) async fn secrets(
     config: &Config,
     clients: &Clients,
     metrics: &Metrics,
     health: &Health,
     deadline: Instant,
+    carried: Option<&State>,
 ) -> anyhow::Result<SecretValues> {
-    systemd::status("fetching secrets");
-    let secrets = resolve_all(config, &clients.secret_manager, metrics, deadline)
-        .await
-        .map_err(|e| anyhow::anyhow!(join_errors(&e)))?;
+    let carried = carried
+        .map(|s| s.secrets.values())
+        .filter(|values| config.secrets.keys().all(|name| values.contains_key(name)));
+    let secrets = match carried {
+        Some(values) => values,
+        None => {
+            systemd::status("fetching secrets");
+            resolve_all(config, &clients.secret_manager, metrics, deadline)
+                .await
+                .map_err(|e| anyhow::anyhow!(join_errors(&e)))?
+        }
+    };
     health.secrets_loaded.store(true, Ordering::Release);
     health.update_status(|s| s.secrets = secrets.keys().cloned().collect());
     Ok(secrets)
@@ -163,7 +186,12 @@ pub(super) fn limits(config: &Config) -> Limits {
 }
 
 /// Step 4: `:2000` (readiness, status, metrics) served on `listener`.
-pub(super) fn health_listener(listener: TcpListener, limits: &Limits, health: &Arc<Health>) -> anyhow::Result<Stop> {
+pub(super) fn health_listener(
+    listener: Option<TcpListener>,
+    limits: &Limits,
+    health: &Arc<Health>,
+) -> anyhow::Result<Stop> {
+    let listener = listener.ok_or_else(|| anyhow::anyhow!("the health listener was served already"))?;
     let health = health.clone();
     let server = server::serve(listener, limits.clone(), move |peer, req| {
         health.clone().handle(peer, req)
@@ -172,12 +200,14 @@ pub(super) fn health_listener(listener: TcpListener, limits: &Limits, health: &A
     Ok(server.into_stop("health listener", one_second))
 }
 
-/// Step 5a: the proxy's shared state, with an empty table until the node installs one.
+/// Step 5a: the proxy's shared state, serving `table` (the boot table, which the node then
+/// installs through the path every table takes).
 pub(super) fn proxy(
     config: &Config,
     secrets: &SecretValues,
     clients: &Clients,
     metrics: &Arc<Metrics>,
+    table: Arc<RouteTable>,
 ) -> anyhow::Result<Arc<Proxy>> {
     let tokens = gcp::IdTokenCache::new(
         clients.metadata.clone(),
@@ -187,7 +217,7 @@ pub(super) fn proxy(
     );
     let live = LiveSettings {
         auth: InboundAuth::for_config(config, secrets, None)?,
-        routes: Arc::new(RouteTable::default()),
+        routes: table,
         auth_header: HeaderName::from_bytes(config.proxy.auth_header.as_bytes()).context("proxy.auth_header")?,
         max_body_bytes: config.proxy.max_body_bytes,
         access_log: AccessLog::from_config(&config.proxy.access_log),
@@ -216,12 +246,18 @@ pub(super) fn proxy_listener(
 /// Step 5c: the node, which holds everything that can change from here on; it installs the boot
 /// table through the path every later table takes. Its stop (the election's resign,
 /// cloudflared, the refreshers) runs when the stack reaches it, wherever boot stopped.
-pub(super) fn node(parts: NodeParts, routes: BootRoutes) -> ((Lent<Node>, mpsc::Receiver<SecretChange>), Stop) {
+pub(super) fn node(
+    parts: NodeParts,
+    routes: BootRoutes,
+    table: Arc<RouteTable>,
+) -> ((Lent<Node>, mpsc::Receiver<SecretChange>), Stop) {
     let health = parts.health.clone();
     let (node, secret_changes) = Node::new(parts);
     let (mut node, stop) = Stop::lend("node", node_grace, node, Node::stop);
+    // An upgrade hands cloudflared and the election to the next image instead of stopping them.
+    let stop = stop.carried_over();
     node.publish_role();
-    node.install_routes(&routes.map, Arc::new(routes.table));
+    node.install_routes(&routes.map, table);
     health.update_status(|s| s.routes_fallback = routes.fallback);
     ((node, secret_changes), stop)
 }
@@ -243,19 +279,18 @@ pub(super) async fn proxy_probe(health: &Arc<Health>, addr: SocketAddr, workers:
     Ok(Stop::aborting("proxy probe", probe))
 }
 
-/// Step 6a: the control socket. Commands wait in the channel until the node's loop runs. When
-/// stopped, the socket file goes with the listener.
-pub(super) fn control_socket(config: &Config) -> anyhow::Result<(mpsc::Receiver<control::Incoming>, Stop)> {
+/// Step 6a: the control socket, bound or adopted. Commands wait in the channel until the node's
+/// loop runs. Stopping it stops accepting; the file goes at shutdown (`boot::run`), not at an
+/// upgrade, whose next image serves the same socket.
+pub(super) fn control_socket(
+    config: &Config,
+    sockets: &mut Sockets,
+) -> anyhow::Result<(mpsc::Receiver<control::Incoming>, Stop)> {
     let (tx, rx) = mpsc::channel(4);
-    let (path, task) = control::serve(&config.agent.runtime_dir, tx)?;
-    let stop = Stop::spawn("control socket", shutdown::no_grace, move |mut watch| async move {
-        let _ = watch.wait_for(Option::is_some).await;
-        task.abort();
-        let _ = task.await;
-        let _ = std::fs::remove_file(&path);
-        true
-    });
-    Ok((rx, stop))
+    let runtime_dir = &config.agent.runtime_dir;
+    let listener = sockets.control(&control::socket_path(runtime_dir), || control::bind(runtime_dir))?;
+    let task = control::serve(listener, tx)?;
+    Ok((rx, Stop::aborting("control socket", task)))
 }
 
 /// Step 6b: cloudflared, started when this node is active (the proxy answers by now).
@@ -279,6 +314,7 @@ pub(super) async fn config_api(
     health: &Arc<Health>,
     metrics: &Arc<Metrics>,
     limits: Limits,
+    sockets: &mut Sockets,
 ) -> anyhow::Result<(mpsc::Receiver<Push>, Option<Stop>)> {
     let (tx, rx) = mpsc::channel(4);
     let config = node.config();
@@ -294,7 +330,10 @@ pub(super) async fn config_api(
     }
     let (settings, applied) = node.config_api_feeds();
     let view = health.clone() as Arc<dyn config_api::NodeView>;
-    let api = config_api::start(section, settings, tx, applied, view, metrics.clone(), limits).await?;
+    let listener = sockets
+        .tcp(Kind::ConfigApi, section.listen, "config_api.listen")
+        .await?;
+    let api = config_api::start(listener, settings, tx, applied, view, metrics.clone(), limits).await?;
     Ok((rx, Some(api.into_stop("config API", one_second))))
 }
 

@@ -18,6 +18,11 @@ pub struct AgentSection {
     /// How long in-flight proxy requests may take to finish after SIGTERM.
     #[serde(deserialize_with = "duration::at_most::<_, _, { duration::HOUR }>")]
     pub shutdown_grace: Duration,
+    /// How long an upgrade in place lets in-flight proxy requests finish before the exec cuts
+    /// them; new connections wait in the kernel's queue meanwhile, so this bounds their wait
+    /// too (docs/operations.md, "Upgrading").
+    #[serde(deserialize_with = "duration::at_most::<_, _, { duration::MINUTE }>")]
+    pub upgrade_drain: Duration,
     pub log_format: LogFormat,
     /// `tracing` filter directive, e.g. `info` or `tunnel_agent=debug,hyper=info`.
     pub log_level: String,
@@ -33,6 +38,7 @@ impl Default for AgentSection {
             runtime_dir: PathBuf::from("/run/tunnel-agent"),
             state_dir: PathBuf::from("/var/lib/tunnel-agent"),
             shutdown_grace: Duration::from_secs(30),
+            upgrade_drain: Duration::from_secs(10),
             log_format: LogFormat::Auto,
             log_level: "info".to_owned(),
             boot_timeout: Duration::from_secs(300),

@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::Deserializer;
 
 /// One minute, in seconds: the unit of the bounds below.
-const MINUTE: u64 = 60;
+pub const MINUTE: u64 = 60;
 /// The bound of waits and intervals of the agent's own machinery (a probe, a connect, a grace).
 pub const HOUR: u64 = 60 * MINUTE;
 /// The bound of anything a request, a connection or a refresh may last.

@@ -35,7 +35,7 @@ use hyper::body::Incoming;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::config::{Config, ConfigApiSection, Problem};
+use crate::config::{Config, Problem};
 pub use crate::routing::persisted::{boot_persisted, load_persisted, persist, recompile_persisted, PersistedError};
 pub use crate::routing::pushed::{PushedConfig, PushedRule};
 use crate::routing::table::{RouteTable, RoutesError};
@@ -179,9 +179,10 @@ pub struct ConfigApi {
     node: Arc<dyn NodeView>,
 }
 
-/// Starts the listener. `config.config_api` and its secret were validated with the config.
+/// Serves the API on `listener` (bound or adopted by the caller on `config_api.listen`).
+/// `config.config_api` and its secret were validated with the config.
 pub async fn start(
-    section: &ConfigApiSection,
+    listener: tokio::net::TcpListener,
     settings: watch::Receiver<Arc<ApiSettings>>,
     pushes: mpsc::Sender<Push>,
     applied: watch::Receiver<Option<u64>>,
@@ -196,7 +197,6 @@ pub async fn start(
         applied,
         node,
     });
-    let listener = server::bind(section.listen, "config_api.listen").await?;
     let handle = server::serve(listener, limits, move |_, req| api.clone().handle(req))?;
     tracing::info!(listen = %handle.local_addr, "config api up on {}", handle.local_addr);
     Ok(handle)

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use super::ConnPhase;
 use crate::telemetry::Metrics;
@@ -68,6 +69,10 @@ where
 {
     let mut conn = std::pin::pin!(conn);
     let mut idle_check = std::pin::pin!(idle_h2(&phase, idle));
+    let mut told = std::pin::pin!(async {
+        let _ = stop.wait_for(Option::is_some).await;
+        first_request(&phase).await;
+    });
     let mut closing = false;
     loop {
         tokio::select! {
@@ -77,7 +82,7 @@ where
                 }
                 return;
             }
-            _ = stop.changed(), if !closing => {
+            _ = told.as_mut(), if !closing => {
                 closing = true;
                 conn.as_mut().graceful_shutdown();
             }
@@ -87,6 +92,21 @@ where
                 conn.as_mut().graceful_shutdown();
             }
         }
+    }
+}
+
+/// How long a connection accepted just before a stop may take to send its first request head.
+const FIRST_REQUEST_WAIT: Duration = Duration::from_millis(500);
+
+/// Returns once an HTTP/1 connection that has served no request yet has its first one under way,
+/// or after [`FIRST_REQUEST_WAIT`]. hyper closes a connection with no request in progress at
+/// once when told to shut down; for one accepted a moment before (its request on the wire, as
+/// during an upgrade's drain) the client would see it closed without an answer, and a client
+/// retries only on a connection it had used before.
+async fn first_request(phase: &ConnPhase) {
+    let deadline = Instant::now() + FIRST_REQUEST_WAIT;
+    while phase.started.load(Ordering::Acquire) == 0 && !phase.h2.load(Ordering::Acquire) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 

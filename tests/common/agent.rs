@@ -190,6 +190,8 @@ pub struct AgentBuilder {
     launcher: Vec<String>,
     /// `run --from-env`: the gateway controller's variables over the config file.
     from_env: bool,
+    /// The binary to run instead of the one cargo built (an upgrade test replaces it).
+    program: Option<PathBuf>,
 }
 
 impl Default for AgentBuilder {
@@ -211,7 +213,14 @@ impl AgentBuilder {
             user: None,
             launcher: Vec::new(),
             from_env: false,
+            program: None,
         }
+    }
+
+    /// Runs `program` (a copy of the built binary, say) instead of the built binary itself.
+    pub fn program(mut self, program: &Path) -> Self {
+        self.program = Some(program.to_owned());
+        self
     }
 
     pub fn dir(&self) -> &Path {
@@ -263,7 +272,10 @@ impl AgentBuilder {
     pub fn spawn(self, config_text: &str) -> Agent {
         let config_path = self.dir.path().join("agent.toml");
         std::fs::write(&config_path, config_text).expect("write config");
-        let agent = env!("CARGO_BIN_EXE_tunnel-agent");
+        let agent = self
+            .program
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_tunnel-agent")));
         let mut cmd = match self.launcher.split_first() {
             Some((program, args)) => {
                 let mut cmd = Command::new(program);
@@ -413,6 +425,7 @@ impl Agent {
             user: None,
             launcher: Vec::new(),
             from_env: false,
+            program: None,
         }
     }
 

@@ -1,0 +1,81 @@
+//! The node's part of an upgrade in place: the preflight when asked (`tunnel-agent upgrade`,
+//! SIGUSR2), and, once it passed and the loop ended, what the node hands the next image.
+//! `boot` does the rest (drain, state, exec; `crate::handover`).
+
+use std::path::PathBuf;
+
+use crate::control;
+use crate::handover::state::CarriedSecrets;
+use crate::handover::{self, preflight, Plan};
+use crate::role::{Answer, Role, RoleSource};
+use crate::systemd;
+
+use super::Node;
+
+/// What the node hands the next image (the rest of the state is boot's: sockets, counters).
+#[derive(Debug)]
+pub struct Carried {
+    /// The binary later upgrades run.
+    pub binary: PathBuf,
+    pub role: Role,
+    pub role_source: RoleSource,
+    /// The version of the pushed table in use.
+    pub routes_version: Option<u64>,
+    pub secrets: CarriedSecrets,
+}
+
+impl Node {
+    /// The preflight of an upgrade: the new binary (the file at the path this process was
+    /// started from) must take our state and accept the configuration. Refused: recorded in
+    /// `/status`, the metric and the journal, nothing changed.
+    pub(super) async fn upgrade_requested(&mut self) -> (Answer, Option<Plan>) {
+        let binary = self.binary.clone();
+        tracing::info!(binary = %binary.display(), "upgrade requested: checking {}", binary.display());
+        systemd::status(&format!("serving; checking {} for an upgrade", binary.display()));
+        let from_env = crate::config::env::active().is_some();
+        match preflight::check(&binary, &self.config_path, from_env).await {
+            Ok(plan) => {
+                let from = crate::build_info::LONG_VERSION;
+                tracing::info!(from, to = %plan.to, "upgrading in place: {from} -> {}", plan.to);
+                let answer = Answer {
+                    ok: true,
+                    changed: true,
+                    message: format!("re-executing in place: {from} -> {}", plan.to),
+                };
+                (answer, Some(plan))
+            }
+            Err(why) => {
+                handover::refused(&self.health, &binary.display().to_string(), &why);
+                systemd::status(&format!("serving; upgrade refused: {why}"));
+                (Answer::refused(format!("upgrade refused: {why}")), None)
+            }
+        }
+    }
+
+    /// The loop has ended for an upgrade: stops what must not run on (the secret refreshers;
+    /// the next image starts its own) and says what the next image takes over.
+    pub async fn hand_over(&mut self) -> Carried {
+        for t in self.refreshers.drain(..) {
+            t.abort();
+        }
+        Carried {
+            binary: self.binary.clone(),
+            role: self.roles.role(),
+            role_source: self.roles.source(),
+            routes_version: *self.routes_version.borrow(),
+            secrets: CarriedSecrets::from(&self.secrets),
+        }
+    }
+
+    /// A control command that is an upgrade: answered, and the plan when it goes ahead.
+    pub(super) async fn control_upgrade(&mut self) -> (control::Reply, Option<Plan>) {
+        let (answer, plan) = self.upgrade_requested().await;
+        let reply = control::Reply {
+            ok: answer.ok,
+            changed: answer.changed,
+            message: answer.message,
+            status: self.health.status(),
+        };
+        (reply, plan)
+    }
+}
