@@ -363,7 +363,8 @@ pub(super) fn adopt(
         Adopted::NotOurs(e) => {
             tracing::warn!(pid, error = %e, "not adopting cloudflared pid {pid}: it is not a child of this process ({e}); it is not signalled");
             state.pid.store(0, Ordering::Release);
-            Ok((sup, Begin::Ended(pid, Err(e.into()))))
+            let why = std::io::Error::other(format!("it is not a child of this process ({e})"));
+            Ok((sup, Begin::Ended(pid, Err(why))))
         }
     }
 }

@@ -434,7 +434,9 @@ mod tests {
     use super::*;
     use std::os::fd::{AsFd, AsRawFd};
 
-    /// A child of this process, started without tokio, with its stdout on a pipe.
+    /// A child of this process, started without tokio, with its stdout on a pipe. The tests
+    /// reap it through the code under test.
+    #[allow(clippy::zombie_processes)]
     fn child(script: &str) -> (u32, OwnedFd) {
         let mut c = std::process::Command::new("sh")
             .args(["-c", script])

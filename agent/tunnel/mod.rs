@@ -295,7 +295,7 @@ impl TunnelState {
 
 enum Control {
     /// Run this spec (restarting if it differs), or stop when `None`.
-    Apply(Option<TunnelSpec>, oneshot::Sender<()>),
+    Apply(Box<Option<TunnelSpec>>, oneshot::Sender<()>),
     /// Let go of cloudflared for an in-place upgrade and end.
     Detach(oneshot::Sender<Carried>),
 }
@@ -310,7 +310,9 @@ pub struct TunnelSupervisor {
 impl TunnelSupervisor {
     /// Starts supervising; spawns cloudflared at once when `spec` is set.
     pub fn start(spec: Option<TunnelSpec>, policy: RestartPolicy, state: Arc<TunnelState>) -> TunnelSupervisor {
-        let begin = spec.map_or(supervisor::Begin::Nothing, supervisor::Begin::Apply);
+        let begin = spec.map_or(supervisor::Begin::Nothing, |spec| {
+            supervisor::Begin::Apply(Box::new(spec))
+        });
         let sup = supervisor::Supervisor::new(policy, state.clone()).map(|sup| (sup, begin));
         TunnelSupervisor::run(sup, state)
     }
@@ -360,7 +362,7 @@ impl TunnelSupervisor {
     /// cloudflared spawned, or stopped and reaped.
     pub async fn apply(&self, spec: Option<TunnelSpec>) {
         let (ack, done) = oneshot::channel();
-        if self.tx.send(Control::Apply(spec, ack)).await.is_ok() {
+        if self.tx.send(Control::Apply(Box::new(spec), ack)).await.is_ok() {
             let _ = done.await;
         }
     }

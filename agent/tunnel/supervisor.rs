@@ -268,7 +268,7 @@ pub(super) enum Begin {
     /// Nothing (an adopted cloudflared runs, or none should).
     Nothing,
     /// Apply this spec (a fresh start).
-    Apply(TunnelSpec),
+    Apply(Box<TunnelSpec>),
     /// The carried cloudflared `pid` could not be taken over (it ended, or is not our child):
     /// an exit as any other, counted and restarted by the policy.
     Ended(u32, std::io::Result<std::process::ExitStatus>),
@@ -286,7 +286,7 @@ pub(super) async fn supervise(
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     match begin {
         Begin::Nothing => {}
-        Begin::Apply(spec) => sup.apply(Some(spec)).await?,
+        Begin::Apply(spec) => sup.apply(Some(*spec)).await?,
         Begin::Ended(pid, status) => {
             if let Wake::Event(event) = sup.ended(pid, &status) {
                 let outputs = next(&mut sup.machine, event, Instant::now());
@@ -402,7 +402,7 @@ impl Supervisor {
             status = exited => self.exited(&status),
             _ = start_due => Wake::Event(Event::StartDue),
             msg = rx.recv() => match msg {
-                Some(Control::Apply(new, ack)) => Wake::Apply(Box::new(new), ack),
+                Some(Control::Apply(new, ack)) => Wake::Apply(new, ack),
                 Some(Control::Detach(reply)) => Wake::Detach(reply),
                 None => Wake::Closed,
             },
@@ -478,8 +478,13 @@ impl Supervisor {
         if restart {
             self.state.restarts.fetch_add(1, Ordering::AcqRel);
         }
-        let Some(s) = &self.spec else { return };
-        let event = match spawn(s, &self.state) {
+        // No spec: adopted with none and nothing applied since. A failed start, so the machine
+        // waits in `Backoff` (not in `Starting`, which only a spawn result leaves).
+        let started = match &self.spec {
+            Some(s) => spawn(s, &self.state),
+            None => Err(anyhow::anyhow!("no spec applied since the upgrade")),
+        };
+        let event = match started {
             Ok(r) => {
                 self.child = Some(r);
                 Event::Spawned
@@ -772,5 +777,10 @@ mod tests {
         );
         sup.carry_out(vec![Output::Stable], false).await.unwrap();
         assert!(state.crash_loop.load(Ordering::Acquire), "the flag is published");
+
+        // A restart due with no spec to start from (adopted with none): a failed start.
+        sup.machine.state = State::Starting(Start::Retry);
+        sup.spawn(true, true);
+        assert!(sup.machine.start_due().is_some(), "{:?}", sup.machine.state);
     }
 }
