@@ -181,6 +181,8 @@ struct LogPipes {
     /// Set to stop the readers (a hand-over); dropped, they read on until EOF.
     stop: watch::Sender<bool>,
     readers: Vec<tokio::task::JoinHandle<()>>,
+    /// Logs what the readers send; ends when they have.
+    emitter: tokio::task::JoinHandle<()>,
 }
 
 impl LogPipes {
@@ -203,21 +205,24 @@ impl LogPipes {
         let stdout = keep(stdout, "stdout");
         let stderr = keep(stderr, "stderr");
         drop(lines_tx);
-        tokio::spawn(emit_logs(lines, pid));
+        let emitter = tokio::spawn(emit_logs(lines, pid));
         LogPipes {
             stdout,
             stderr,
             stop,
             readers,
+            emitter,
         }
     }
 
-    /// Stops the readers and hands out the kept read ends' numbers, left open.
+    /// Stops the readers, waits until what they read is logged, and hands out the kept read
+    /// ends' numbers, left open.
     async fn release(self) -> (Option<i32>, Option<i32>) {
         let _ = self.stop.send(true);
         for reader in self.readers {
             let _ = reader.await;
         }
+        let _ = self.emitter.await;
         (
             self.stdout.map(IntoRawFd::into_raw_fd),
             self.stderr.map(IntoRawFd::into_raw_fd),
