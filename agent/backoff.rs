@@ -42,6 +42,13 @@ impl Backoff {
         self.attempt
     }
 
+    /// This backoff as one that has handed out `attempts` delays: how one is carried across an
+    /// in-place upgrade (`tunnel::carry`).
+    pub fn with_attempts(mut self, attempts: u32) -> Backoff {
+        self.attempt = attempts;
+        self
+    }
+
     pub fn reset(&mut self) {
         self.attempt = 0;
     }

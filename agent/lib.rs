@@ -5,7 +5,8 @@
 //! the same steps in reverse. ARCHITECTURE.md says where each concept lives.
 
 // Denied everywhere but `tunnel::sandbox` (Landlock syscalls, a `pre_exec` hook), which allows
-// it for itself.
+// it for itself, and single functions that allow it with their `SAFETY:` reasons (`reaper`'s
+// `pre_exec`; `tunnel::child`'s pidfd_open and the duplicate of a carried descriptor).
 #![deny(unsafe_code)]
 
 pub mod backoff;

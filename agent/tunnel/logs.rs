@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 /// Longest cloudflared log line kept; the rest of a longer line is dropped.
@@ -36,12 +36,42 @@ async fn read_line_capped<R: AsyncRead + Unpin>(r: &mut BufReader<R>, out: &mut 
     }
 }
 
-/// Sends each line `reader` yields to `lines` until EOF.
-pub(super) async fn read_lines<R: AsyncRead + Unpin>(reader: R, lines: mpsc::Sender<Vec<u8>>) {
+/// Sends each line `reader` yields to `lines` until EOF, or until `stop` turns true (a hand-
+/// over: the pipe stays open for the next image's reader). Stopped, it first sends what it had
+/// read past the last full line, so no line is lost; only a line cut at that point arrives as
+/// two. A `stop` whose sender is gone never stops it.
+pub(super) async fn read_lines<R: AsyncRead + Unpin>(
+    reader: R,
+    lines: mpsc::Sender<Vec<u8>>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut r = BufReader::new(reader);
     let mut line = Vec::with_capacity(256);
-    while let Ok(true) = read_line_capped(&mut r, &mut line).await {
-        if lines.send(std::mem::take(&mut line)).await.is_err() {
+    let stopped = async {
+        if stop.wait_for(|stop| *stop).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::pin!(stopped);
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut stopped => break,
+            more = read_line_capped(&mut r, &mut line) => match more {
+                Ok(true) => {
+                    if lines.send(std::mem::take(&mut line)).await.is_err() {
+                        return;
+                    }
+                }
+                _ => return,
+            },
+        }
+    }
+    // `read_line_capped` is cancelled between reads: `line` holds what it took of the current
+    // line, the reader's buffer what it read beyond.
+    line.extend_from_slice(r.buffer());
+    for piece in line.split(|&b| b == b'\n').filter(|p| !p.is_empty()) {
+        if lines.send(piece.to_vec()).await.is_err() {
             return;
         }
     }

@@ -20,6 +20,8 @@
 //!
 //! The child runs in its own process group, so signals reach any helper it forks.
 
+pub mod carry;
+mod child;
 pub mod log_limit;
 mod logs;
 #[cfg(test)]
@@ -28,12 +30,11 @@ pub mod sandbox;
 pub mod supervisor;
 pub mod version;
 
-use logs::{emit_logs, read_lines};
+pub use carry::Carried;
 pub use logs::{parse_log_line, LogLevel};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -294,7 +295,9 @@ impl TunnelState {
 
 enum Control {
     /// Run this spec (restarting if it differs), or stop when `None`.
-    Apply(Option<TunnelSpec>, oneshot::Sender<()>),
+    Apply(Box<Option<TunnelSpec>>, oneshot::Sender<()>),
+    /// Let go of cloudflared for an in-place upgrade and end.
+    Detach(oneshot::Sender<Carried>),
 }
 
 /// The handle the boot sequence holds.
@@ -307,16 +310,59 @@ pub struct TunnelSupervisor {
 impl TunnelSupervisor {
     /// Starts supervising; spawns cloudflared at once when `spec` is set.
     pub fn start(spec: Option<TunnelSpec>, policy: RestartPolicy, state: Arc<TunnelState>) -> TunnelSupervisor {
+        let begin = spec.map_or(supervisor::Begin::Nothing, |spec| {
+            supervisor::Begin::Apply(Box::new(spec))
+        });
+        let sup = supervisor::Supervisor::new(policy, state.clone()).map(|sup| (sup, begin));
+        TunnelSupervisor::run(sup, state)
+    }
+
+    /// Takes over the cloudflared an earlier image of this process supervised, from what its
+    /// [`TunnelSupervisor::detach`] returned: the machine and counters as they were, the pid
+    /// checked to be our child and watched, its output read from duplicates of the carried
+    /// descriptors (which stay open: the hand-over owns them until it commits). `spec` is what
+    /// this image computed for the current config, secrets and role; the next
+    /// [`TunnelSupervisor::apply`] restarts nothing when cloudflared was started from an
+    /// equivalent spec, and restarts it as any change does otherwise. A carried cloudflared that
+    /// ended meanwhile, or a pid that is not our child, is an exit as any other: counted, and
+    /// restarted by `policy` (a pid that is not ours is never signalled).
+    pub fn adopt(
+        carried: Carried,
+        spec: Option<TunnelSpec>,
+        policy: RestartPolicy,
+        state: Arc<TunnelState>,
+    ) -> TunnelSupervisor {
+        let sup = carry::adopt(carried, spec, policy, state.clone());
+        TunnelSupervisor::run(sup, state)
+    }
+
+    fn run(
+        sup: anyhow::Result<(supervisor::Supervisor, supervisor::Begin)>,
+        state: Arc<TunnelState>,
+    ) -> TunnelSupervisor {
         let (tx, rx) = mpsc::channel(8);
-        let task = tokio::spawn(supervisor::supervise(spec, policy, state.clone(), rx));
+        let task = tokio::spawn(supervisor::supervise(sup, rx));
         TunnelSupervisor { tx, task, state }
+    }
+
+    /// Ends supervision for an in-place upgrade without signalling cloudflared, and returns
+    /// what the next image needs to [`TunnelSupervisor::adopt`] it: cloudflared keeps running,
+    /// unreaped (still this process's child after the exec), its pipes open at
+    /// [`Carried::fds`]. Waits for the loop to be free: a stop or start under way finishes
+    /// first. `None` when the loop had already ended (it gave up).
+    pub async fn detach(self) -> Option<Carried> {
+        let (reply, carried) = oneshot::channel();
+        self.tx.send(Control::Detach(reply)).await.ok()?;
+        let carried = carried.await.ok()?;
+        let _ = self.task.await;
+        Some(carried)
     }
 
     /// Applies a new spec (or stops, with `None`). Returns once the change took effect:
     /// cloudflared spawned, or stopped and reaped.
     pub async fn apply(&self, spec: Option<TunnelSpec>) {
         let (ack, done) = oneshot::channel();
-        if self.tx.send(Control::Apply(spec, ack)).await.is_ok() {
+        if self.tx.send(Control::Apply(Box::new(spec), ack)).await.is_ok() {
             let _ = done.await;
         }
     }
@@ -383,154 +429,6 @@ fn record_exit(state: &TunnelState, pid: u32) {
     drop(s);
     state.pid.store(0, Ordering::Release);
     state.connections.store(0, Ordering::Release);
-}
-
-/// A cloudflared we started.
-struct Running {
-    pid: u32,
-    exit: oneshot::Receiver<std::io::Result<ExitStatus>>,
-}
-
-fn describe(status: &std::io::Result<ExitStatus>) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match status {
-        Ok(s) => match (s.code(), s.signal()) {
-            (Some(c), _) => format!("exited with code {c}"),
-            (None, Some(sig)) => format!(
-                "killed by signal {}",
-                Signal::try_from(sig).map_or_else(|_| sig.to_string(), |s| s.as_str().to_owned())
-            ),
-            _ => "exited".to_owned(),
-        },
-        Err(e) => format!("could not be waited for: {e}"),
-    }
-}
-
-fn spawn(spec: &TunnelSpec, state: &TunnelState) -> anyhow::Result<Running> {
-    if let (Some(path), Some(token)) = (&spec.token_file, &spec.token) {
-        crate::files::write_atomic(path, token.expose().as_bytes(), 0o600)
-            .map_err(|e| anyhow::anyhow!("cannot write the token file {}: {e}", path.display()))?;
-    }
-    if let Some((path, yaml)) = &spec.ingress {
-        crate::files::write_atomic(path, yaml.as_bytes(), 0o644)
-            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
-    }
-    let mut cmd = command(&spec.program);
-    cmd.args(&spec.args)
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    if let Some(home) = &spec.home {
-        cmd.env("HOME", home);
-    }
-    if let (Some(token), None) = (&spec.token, &spec.token_file) {
-        cmd.env("TUNNEL_TOKEN", token.expose());
-    }
-    // Kept open until the child has exec'd: it restricts itself to this ruleset.
-    let ruleset = confine(&mut cmd, spec)?;
-    let mut signalling = state.signalling();
-    if signalling.hold {
-        anyhow::bail!("not starting cloudflared: this node is fenced (it left the active role)");
-    }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", spec.program.display()))?;
-    drop(ruleset);
-    let pid = child.id().unwrap_or(0);
-    signalling.pid = pid;
-    signalling.sigterm_sent = false;
-    drop(signalling);
-    let (lines_tx, lines) = mpsc::channel(256);
-    if let Some(out) = child.stdout.take() {
-        tokio::spawn(read_lines(out, lines_tx.clone()));
-    }
-    if let Some(err) = child.stderr.take() {
-        tokio::spawn(read_lines(err, lines_tx));
-    }
-    tokio::spawn(emit_logs(lines, pid));
-    let (tx, exit) = oneshot::channel();
-    tokio::spawn(async move {
-        let _ = tx.send(child.wait().await);
-    });
-    state.pid.store(pid, Ordering::Release);
-    state.connections.store(0, Ordering::Release);
-    state.with_detail(|d| {
-        d.started_at = Some(Instant::now());
-        d.connector_id = None;
-        // A new process has no connection until a poll sees one; an earlier process's
-        // connection must not count towards ready_grace.
-        d.last_connected = None;
-    });
-    // `extra_args` can hold no token (config validation), but a URL among them may carry
-    // credentials.
-    let args = crate::secret::redact_urls_in(&spec.args.join(" "));
-    tracing::info!(pid, program = %spec.program.display(), %args, "cloudflared started: pid {pid}, {} {args}", spec.program.display());
-    Ok(Running { pid, exit })
-}
-
-/// Applies `spec`'s sandbox to `cmd`; returns the ruleset, to be kept until the spawn returned.
-fn confine(cmd: &mut tokio::process::Command, spec: &TunnelSpec) -> anyhow::Result<Option<sandbox::Ruleset>> {
-    static UNCONFINED_SAID: AtomicBool = AtomicBool::new(false);
-    static CONFINED_SAID: AtomicBool = AtomicBool::new(false);
-    let Some(policy) = &spec.sandbox else {
-        return Ok(None);
-    };
-    let ruleset = sandbox::prepare(policy)?;
-    match &ruleset {
-        Some(r) => {
-            sandbox::confine(cmd, r);
-            if !CONFINED_SAID.swap(true, Ordering::Relaxed) {
-                tracing::info!(
-                    abi = r.abi,
-                    "cloudflared runs confined by Landlock (ABI {}): no access to the agent's secret files, \
-                     credentials, state or runtime directory",
-                    r.abi
-                );
-            }
-        }
-        None if policy.mode == crate::config::Sandbox::Auto && !UNCONFINED_SAID.swap(true, Ordering::Relaxed) => {
-            tracing::warn!(
-                "this kernel offers no Landlock: cloudflared runs unconfined and can read the agent's secret files \
-                 and write its state directory (cloudflared.sandbox = \"landlock\" refuses to run it so)"
-            );
-        }
-        None => {}
-    }
-    Ok(ruleset)
-}
-
-/// One SIGTERM to the group, wait grace + margin, then SIGKILL; always reaps.
-async fn stop(mut run: Running, spec: &TunnelSpec, state: &TunnelState) {
-    let group = Pid::from_raw(i32::try_from(run.pid).unwrap_or(0));
-    tracing::info!(
-        pid = run.pid,
-        grace_s = spec.grace.as_secs_f64(),
-        "stopping cloudflared (SIGTERM): pid {}, grace {:?}",
-        run.pid,
-        spec.grace
-    );
-    {
-        let mut s = state.signalling();
-        if s.pid == run.pid {
-            terminate_locked(&mut s);
-        }
-    }
-    let status = match tokio::time::timeout(spec.grace.saturating_add(spec.stop_margin), &mut run.exit).await {
-        Ok(status) => status,
-        Err(_) => {
-            tracing::warn!(
-                pid = run.pid,
-                "cloudflared ignored SIGTERM past its grace period; sending SIGKILL to pid {}",
-                run.pid
-            );
-            let _ = killpg(group, Signal::SIGKILL);
-            run.exit.await
-        }
-    };
-    let status = status.unwrap_or_else(|_| Err(std::io::Error::other("waiter task ended")));
-    tracing::info!(pid = run.pid, result = %describe(&status), "cloudflared stopped: pid {}, {}", run.pid, describe(&status));
-    record_exit(state, run.pid);
 }
 
 /// Reads cloudflared's `/ready`. Public only for the fuzz target (fuzz/fuzz_targets/responses.rs).

@@ -23,11 +23,14 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::{describe, poll_ready, record_exit, spawn, stop, Control, RestartPolicy, Running, TunnelSpec, TunnelState};
+use super::carry::{self, CarriedSpec};
+use super::child::{describe, spawn, stop, Running};
+use super::{poll_ready, record_exit, Control, RestartPolicy, TunnelSpec, TunnelState};
 use crate::backoff::Backoff;
 
 /// Why a start was asked for; a failed start is counted differently for each.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Start {
     /// A new spec was applied (promotion, reload, new routes).
     Applied,
@@ -260,19 +263,36 @@ pub fn next(m: &mut Machine, event: Event, now: Instant) -> Vec<Output> {
     out
 }
 
-/// The supervisor's loop: runs until the control channel closes (stopping cloudflared) or the
-/// machine gives up (the error says why).
+/// What the loop does first.
+pub(super) enum Begin {
+    /// Nothing (an adopted cloudflared runs, or none should).
+    Nothing,
+    /// Apply this spec (a fresh start).
+    Apply(Box<TunnelSpec>),
+    /// The carried cloudflared `pid` could not be taken over (it ended, or is not our child):
+    /// an exit as any other, counted and restarted by the policy.
+    Ended(u32, std::io::Result<std::process::ExitStatus>),
+}
+
+/// The supervisor's loop: runs until the control channel closes (stopping cloudflared), a
+/// hand-over detaches it (leaving cloudflared running), or the machine gives up (the error
+/// says why).
 pub(super) async fn supervise(
-    initial: Option<TunnelSpec>,
-    policy: RestartPolicy,
-    state: Arc<TunnelState>,
+    sup: anyhow::Result<(Supervisor, Begin)>,
     mut rx: mpsc::Receiver<Control>,
 ) -> anyhow::Result<()> {
-    let mut poll = tokio::time::interval(policy.poll_interval);
+    let (mut sup, begin) = sup?;
+    let mut poll = tokio::time::interval(sup.machine.policy.poll_interval);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut sup = Supervisor::new(policy, state)?;
-    if let Some(spec) = initial {
-        sup.apply(Some(spec)).await?;
+    match begin {
+        Begin::Nothing => {}
+        Begin::Apply(spec) => sup.apply(Some(*spec)).await?,
+        Begin::Ended(pid, status) => {
+            if let Wake::Event(event) = sup.ended(pid, &status) {
+                let outputs = next(&mut sup.machine, event, Instant::now());
+                sup.carry_out(outputs, false).await?;
+            }
+        }
     }
     loop {
         match sup.wait(&mut rx, &mut poll).await {
@@ -288,6 +308,10 @@ pub(super) async fn supervise(
                 sup.stop_child().await;
                 return Ok(());
             }
+            Wake::Detach(reply) => {
+                let _ = reply.send(carry::detach(&mut sup).await);
+                return Ok(());
+            }
             Wake::Nothing => {}
         }
     }
@@ -301,26 +325,31 @@ enum Wake {
     Apply(Box<Option<TunnelSpec>>, tokio::sync::oneshot::Sender<()>),
     /// The control channel closed: stop cloudflared and end.
     Closed,
+    /// A hand-over: let go of cloudflared, say what the next image needs, and end.
+    Detach(tokio::sync::oneshot::Sender<carry::Carried>),
     /// Something that is no event (a poll without a child, the fence's own SIGTERM).
     Nothing,
 }
 
 /// What the loop keeps between events: the machine, the applied spec and the child it runs.
-struct Supervisor {
-    machine: Machine,
+pub(super) struct Supervisor {
+    pub(super) machine: Machine,
     /// The spec applied last (`None`: nothing should run).
-    spec: Option<TunnelSpec>,
-    /// The running child with the spec it was started from (what stopping it needs).
-    child: Option<(Running, TunnelSpec)>,
+    pub(super) spec: Option<TunnelSpec>,
+    /// After an adoption, until the next apply: the carried form of the spec the adopted
+    /// cloudflared was started from (`Some(None)`: none was wanted), when it is not `spec`'s.
+    /// The next applied spec is compared with it.
+    pub(super) carried_spec: Option<Option<CarriedSpec>>,
+    pub(super) child: Option<Running>,
     /// How the last cloudflared ended, for the log lines about it.
-    last_exit: String,
-    state: Arc<TunnelState>,
+    pub(super) last_exit: String,
+    pub(super) state: Arc<TunnelState>,
     /// Polls cloudflared's `/ready`.
     http: reqwest::Client,
 }
 
 impl Supervisor {
-    fn new(policy: RestartPolicy, state: Arc<TunnelState>) -> anyhow::Result<Supervisor> {
+    pub(super) fn new(policy: RestartPolicy, state: Arc<TunnelState>) -> anyhow::Result<Supervisor> {
         let http = reqwest::Client::builder()
             .timeout(policy.poll_interval.max(Duration::from_millis(500)))
             .no_proxy()
@@ -328,6 +357,7 @@ impl Supervisor {
         Ok(Supervisor {
             machine: Machine::new(policy),
             spec: None,
+            carried_spec: None,
             child: None,
             last_exit: String::new(),
             state,
@@ -337,8 +367,12 @@ impl Supervisor {
 
     /// Makes `new` the spec, then does what the machine says about it.
     async fn apply(&mut self, new: Option<TunnelSpec>) -> anyhow::Result<()> {
+        let changed = match self.carried_spec.take() {
+            Some(carried) => !CarriedSpec::same(carried.as_ref(), new.as_ref()),
+            None => new != self.spec,
+        };
         let event = Event::Applied {
-            changed: new != self.spec,
+            changed,
             wanted: new.is_some(),
         };
         self.spec = new;
@@ -353,9 +387,7 @@ impl Supervisor {
         let child = &mut self.child;
         let exited = async {
             match child.as_mut() {
-                Some((r, _)) => (&mut r.exit)
-                    .await
-                    .unwrap_or_else(|_| Err(std::io::Error::other("waiter task ended"))),
+                Some(r) => r.exited().await,
                 None => std::future::pending().await,
             }
         };
@@ -370,7 +402,8 @@ impl Supervisor {
             status = exited => self.exited(&status),
             _ = start_due => Wake::Event(Event::StartDue),
             msg = rx.recv() => match msg {
-                Some(Control::Apply(new, ack)) => Wake::Apply(Box::new(new), ack),
+                Some(Control::Apply(new, ack)) => Wake::Apply(new, ack),
+                Some(Control::Detach(reply)) => Wake::Detach(reply),
                 None => Wake::Closed,
             },
             _ = poll.tick(), if has_child => self.poll().await,
@@ -379,7 +412,12 @@ impl Supervisor {
 
     /// The child ended with `status`.
     fn exited(&mut self, status: &std::io::Result<std::process::ExitStatus>) -> Wake {
-        let pid = self.child.take().map_or(0, |(r, _)| r.pid);
+        let pid = self.child.take().map_or(0, |r| r.pid);
+        self.ended(pid, status)
+    }
+
+    /// The cloudflared `pid` ended with `status` (or could not be taken over).
+    fn ended(&mut self, pid: u32, status: &std::io::Result<std::process::ExitStatus>) -> Wake {
         self.last_exit = describe(status);
         record_exit(&self.state, pid);
         self.state.with_detail(|d| d.last_exit = Some(self.last_exit.clone()));
@@ -415,8 +453,8 @@ impl Supervisor {
     }
 
     async fn stop_child(&mut self) {
-        if let Some((r, s)) = self.child.take() {
-            stop(r, &s, &self.state).await;
+        if let Some(r) = self.child.take() {
+            stop(r, &self.state).await;
         }
     }
 
@@ -440,10 +478,15 @@ impl Supervisor {
         if restart {
             self.state.restarts.fetch_add(1, Ordering::AcqRel);
         }
-        let Some(s) = &self.spec else { return };
-        let event = match spawn(s, &self.state) {
+        // No spec: adopted with none and nothing applied since. A failed start, so the machine
+        // waits in `Backoff` (not in `Starting`, which only a spawn result leaves).
+        let started = match &self.spec {
+            Some(s) => spawn(s, &self.state),
+            None => Err(anyhow::anyhow!("no spec applied since the upgrade")),
+        };
+        let event = match started {
             Ok(r) => {
-                self.child = Some((r, s.clone()));
+                self.child = Some(r);
                 Event::Spawned
             }
             Err(e) => {
@@ -734,5 +777,10 @@ mod tests {
         );
         sup.carry_out(vec![Output::Stable], false).await.unwrap();
         assert!(state.crash_loop.load(Ordering::Acquire), "the flag is published");
+
+        // A restart due with no spec to start from (adopted with none): a failed start.
+        sup.machine.state = State::Starting(Start::Retry);
+        sup.spawn(true, true);
+        assert!(sup.machine.start_due().is_some(), "{:?}", sup.machine.state);
     }
 }
