@@ -135,8 +135,9 @@ async fn hand_over(
         role_source: node.role_source,
         routes_version: node.routes_version,
         secrets: node.secrets,
+        tunnel: node.tunnel,
     };
-    let keep = sockets.kept_fds();
+    let keep = state.fds();
     tracing::info!(
         drained_ms = held_since.elapsed().as_millis() as u64,
         "executing {} in place",
@@ -219,6 +220,7 @@ async fn start(
         role,
         cloudflared_version,
         binary: steps::binary(carried),
+        tunnel_carried: carried.and_then(|s| s.tunnel.clone()),
     };
     let (mut node, secret_changes) = stops.keep(steps::node(parts, routes, table));
     stops.push(steps::proxy_probe(health, proxy_addr, workers).await?);

@@ -153,6 +153,8 @@ pub struct NodeParts {
     pub cloudflared_version: Option<crate::tunnel::version::CloudflaredVersion>,
     /// The binary an upgrade runs.
     pub binary: PathBuf,
+    /// The cloudflared an upgraded image adopts instead of starting one.
+    pub tunnel_carried: Option<crate::tunnel::Carried>,
 }
 
 /// What the loop does after an event.
@@ -228,7 +230,22 @@ impl Node {
                 role::Fence::new(parts.health.clone(), parts.tunnel.clone()),
                 parts.metrics.clone(),
             ),
-            tunnel: TunnelSupervisor::start(None, policy, parts.tunnel),
+            tunnel: match parts.tunnel_carried {
+                // The spec this image computes for what runs now: the carried cloudflared goes on
+                // unless it was started from a different one.
+                Some(carried) => {
+                    let routes = parts.proxy.live.load().routes.clone();
+                    let spec = tunnel_spec(
+                        &parts.config,
+                        &parts.secrets,
+                        parts.proxy_addr,
+                        &routes,
+                        parts.role.role,
+                    );
+                    TunnelSupervisor::adopt(carried, spec, policy, parts.tunnel)
+                }
+                None => TunnelSupervisor::start(None, policy, parts.tunnel),
+            },
             config_path: parts.config_path,
             config: parts.config,
             health: parts.health,

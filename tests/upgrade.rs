@@ -57,6 +57,11 @@ async fn start(upstream: &FakeUpstream, extra: &str) -> (Agent, FakeCloudflared,
         .start(&config)
         .await;
     cf.wait_starts(1, DEADLINE).await;
+    let health = agent.health_addr();
+    common::eventually(DEADLINE, "the tunnel connected (/ready 200)", || async move {
+        (common::client::get(health, "localhost", "/ready", &[]).await.status == 200).then_some(())
+    })
+    .await;
     (agent, cf, binary)
 }
 
@@ -186,7 +191,18 @@ async fn ready_sampler(addr: SocketAddr, tally: Arc<Tally>, stop: Arc<AtomicBool
                     .body(Empty::<Bytes>::new())
                     .expect("request");
                 match s.send_request(req).await {
-                    Ok(resp) => Ok(resp.status().as_u16()),
+                    Ok(resp) if resp.status() == 200 => Ok(200),
+                    Ok(resp) => {
+                        let code = resp.status().as_u16();
+                        let body = resp
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        let status = common::client::get(addr, "localhost", "/status", &[]).await.text();
+                        Err(format!("answered {code}: {} {status}", String::from_utf8_lossy(&body)))
+                    }
                     Err(e) => Err(e.to_string()),
                 }
             }

@@ -6,7 +6,7 @@
 //! listening, so the kernel goes on queueing connections until the new image accepts them.
 
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 
@@ -164,11 +164,6 @@ impl Sockets {
                 addr: addr.clone(),
             })
             .collect()
-    }
-
-    /// The kept numbers, for clearing close-on-exec before the exec.
-    pub fn kept_fds(&self) -> Vec<RawFd> {
-        self.kept.iter().map(|(_, _, fd)| fd.as_raw_fd()).collect()
     }
 
     /// The inherited sockets no listener took (their settings changed): closed at commit.

@@ -70,6 +70,9 @@ impl Incoming {
     /// Reads and removes the hand-over's variables: `None` on a fresh start. Runs first thing in
     /// `main`, before any thread exists (it changes the environment), so no child ever sees
     /// them. Every carried number is made close-on-exec again at once.
+    // Removing variables is unsound only with other threads reading the environment: `main`
+    // calls this before it starts any.
+    #[allow(clippy::disallowed_methods)]
     pub fn take() -> Option<Incoming> {
         let state_var = std::env::var(STATE_VAR).ok();
         let previous_var = std::env::var(PREVIOUS_VAR).ok();

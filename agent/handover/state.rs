@@ -45,12 +45,17 @@ pub struct State {
     /// The resolved secrets, so the new image starts without asking Secret Manager (which may be
     /// unreachable just then) and with rotated values, not the boot-time ones.
     pub secrets: CarriedSecrets,
+    /// The running cloudflared (its pid, log pipes, supervision state), or the supervisor's
+    /// counters when none runs.
+    pub tunnel: Option<crate::tunnel::Carried>,
 }
 
 impl State {
     /// Every descriptor number the state names, which must survive the exec.
     pub fn fds(&self) -> Vec<i32> {
-        self.listeners.iter().map(|l| l.fd).collect()
+        let mut fds: Vec<i32> = self.listeners.iter().map(|l| l.fd).collect();
+        fds.extend(self.tunnel.iter().flat_map(|t| t.fds()));
+        fds
     }
 }
 

@@ -9,6 +9,7 @@ use crate::handover::state::CarriedSecrets;
 use crate::handover::{self, preflight, Plan};
 use crate::role::{Answer, Role, RoleSource};
 use crate::systemd;
+use crate::tunnel::{RestartPolicy, TunnelSupervisor};
 
 use super::Node;
 
@@ -22,6 +23,7 @@ pub struct Carried {
     /// The version of the pushed table in use.
     pub routes_version: Option<u64>,
     pub secrets: CarriedSecrets,
+    pub tunnel: Option<crate::tunnel::Carried>,
 }
 
 impl Node {
@@ -58,12 +60,21 @@ impl Node {
         for t in self.refreshers.drain(..) {
             t.abort();
         }
+        // The supervisor's loop ends without touching cloudflared; an idle one takes its place,
+        // which nothing applies a spec to (the node's stop does not run in a hand-over).
+        let idle = TunnelSupervisor::start(
+            None,
+            RestartPolicy::from(&self.config.cloudflared),
+            self.tunnel.state.clone(),
+        );
+        let tunnel = std::mem::replace(&mut self.tunnel, idle).detach().await;
         Carried {
             binary: self.binary.clone(),
             role: self.roles.role(),
             role_source: self.roles.source(),
             routes_version: *self.routes_version.borrow(),
             secrets: CarriedSecrets::from(&self.secrets),
+            tunnel,
         }
     }
 
