@@ -87,6 +87,15 @@ pub struct CarriedLease {
     pub next_renew_ns: u64,
 }
 
+impl CarriedLease {
+    /// The carried deadline as an instant of this image, [`CLOCK_SLACK`] early: never later
+    /// than it was in the image that carried it.
+    pub fn deadline(&self) -> Instant {
+        let deadline = deadline::from_monotonic_ns(self.deadline_ns);
+        deadline.checked_sub(CLOCK_SLACK).unwrap_or(deadline)
+    }
+}
+
 /// The Lease object as the Kubernetes client last saw it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObservedLease {
@@ -100,6 +109,16 @@ impl Carried {
     /// Whether this node held the key when it was carried.
     pub fn is_leader(&self) -> bool {
         self.lease.is_some()
+    }
+
+    /// When the carried lease must be fenced on under `fence_margin` (`None` on a follower):
+    /// by then the election must have been resumed, or the node fenced without it. For a boot
+    /// with slow steps ahead of the election's to check, or to arm a timer on.
+    pub fn fence_point(&self, fence_margin: Duration) -> Option<Instant> {
+        self.lease.map(|l| {
+            let deadline = l.deadline();
+            deadline.checked_sub(fence_margin).unwrap_or(deadline)
+        })
     }
 
     /// Why `settings` on `backend` is not the election this was carried from, if it is not.
@@ -257,12 +276,10 @@ impl Task {
     fn held(&self, l: &CarriedLease) -> Held {
         let now = Instant::now();
         let granted = Duration::from_millis(l.granted_ms).min(GRANTED_LIMIT);
-        let carried = deadline::from_monotonic_ns(l.deadline_ns);
-        let carried = carried.checked_sub(CLOCK_SLACK).unwrap_or(carried);
         Held {
             id: l.id,
             granted,
-            deadline: carried.min(deadline::after(now, granted)),
+            deadline: l.deadline().min(deadline::after(now, granted)),
             next_renew: now,
         }
     }
@@ -342,6 +359,13 @@ mod tests {
         let held = task.held(&l);
         assert!(held.deadline <= before, "{:?} > {before:?}", held.deadline);
         assert!(before - held.deadline < Duration::from_millis(5));
+        let c = Carried {
+            lease: Some(l),
+            ..carried()
+        };
+        let margin = Duration::from_millis(500);
+        assert!(c.fence_point(margin).expect("a leader's") <= before - margin);
+        assert_eq!(Carried { lease: None, ..c }.fence_point(margin), None);
         l.deadline_ns = u64::MAX;
         let held = task.held(&l);
         assert!(held.deadline <= Instant::now() + Duration::from_secs(3));
