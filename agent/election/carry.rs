@@ -18,9 +18,10 @@
 //! - A resumed task that holds no lease fences too: the node cannot be active on a lease it
 //!   does not hold, whatever it carried as its role.
 //!
-//! What the node hears: a resumed leader sends nothing while it stays leader (the node starts
-//! active from the carried role, with cloudflared carried too; an `Elected` would mean a
-//! promotion). A lease not resumed sends one `Deposed`; later wins and losses are as usual.
+//! What the node hears: a resumed leader sends nothing while it stays leader. The node starts
+//! active because [`Election::state`] says it leads as soon as [`resume`] returns (its
+//! cloudflared carried too); an `Elected` would ask for a promotion it does not need. A lease
+//! not resumed sends one `Deposed`; later wins (a new term) and losses are as usual.
 
 use std::time::Duration;
 
