@@ -279,26 +279,7 @@ impl LeaseClient {
 
     /// Parses a Lease and records it as observed: `since` moves only when `spec` changed.
     fn observe(&self, body: &[u8]) -> Result<Observed, KubeError> {
-        let object: serde_json::Value =
-            serde_json::from_slice(body).map_err(|e| KubeError::Protocol(format!("a Lease that is not JSON: {e}")))?;
-        let rv = object
-            .pointer("/metadata/resourceVersion")
-            .and_then(|v| v.as_str())
-            .unwrap_or("");
-        if rv.is_empty() || rv.len() > 128 {
-            return Err(KubeError::Protocol(
-                "a Lease without a usable metadata.resourceVersion".into(),
-            ));
-        }
-        let spec: Spec = match object.get("spec") {
-            Some(s) => Spec::deserialize(s).map_err(|e| KubeError::Protocol(format!("Lease spec: {e}")))?,
-            None => Spec::default(),
-        };
-        if spec.holder_identity.as_ref().is_some_and(|h| h.len() > HOLDER_LIMIT) {
-            return Err(KubeError::Protocol(format!(
-                "a holderIdentity longer than {HOLDER_LIMIT} bytes"
-            )));
-        }
+        let (object, spec) = parse(body)?;
         let mut slot = self.observed.lock().unwrap_or_else(|e| e.into_inner());
         let since = match slot.as_ref() {
             Some(o) if o.spec == spec => o.since,
@@ -307,6 +288,29 @@ impl LeaseClient {
         let observed = Observed { object, spec, since };
         *slot = Some(observed.clone());
         Ok(observed)
+    }
+
+    /// The Lease as this node last saw it (the object, as JSON) and since when unchanged, for an
+    /// upgrade in place to carry (`election::carry`).
+    pub fn observed_record(&self) -> Option<(String, Instant)> {
+        self.cached().map(|o| (o.object.to_string(), o.since))
+    }
+
+    /// Takes a carried [`LeaseClient::observed_record`] back, so the new image goes on counting
+    /// a silent holder's lease duration from when the old one first saw its record, rather than
+    /// from the exec (which would delay a takeover by up to a lease duration). Checked as an
+    /// answer from the server is; `since` is never taken as later than now. A record that moved
+    /// meanwhile is replaced at the next read, which restarts the count (`observe`).
+    pub fn restore_observed(&self, object: &str, since: Instant) -> Result<(), KubeError> {
+        if object.len() > BODY_LIMIT {
+            return Err(KubeError::Protocol(format!(
+                "a carried Lease larger than {BODY_LIMIT} bytes"
+            )));
+        }
+        let (object, spec) = parse(object.as_bytes())?;
+        let since = since.min(Instant::now());
+        *self.observed.lock().unwrap_or_else(|e| e.into_inner()) = Some(Observed { object, spec, since });
+        Ok(())
     }
 
     /// Whether the holder stopped renewing: its record unchanged for a lease duration (the
@@ -463,6 +467,32 @@ impl LeaseClient {
     }
 }
 
+/// A Lease as the server (or a carried record) gives it: the object and its `spec`, refused when
+/// it lacks a usable `resourceVersion` or carries an oversized holder.
+fn parse(body: &[u8]) -> Result<(serde_json::Value, Spec), KubeError> {
+    let object: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| KubeError::Protocol(format!("a Lease that is not JSON: {e}")))?;
+    let rv = object
+        .pointer("/metadata/resourceVersion")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
+    if rv.is_empty() || rv.len() > 128 {
+        return Err(KubeError::Protocol(
+            "a Lease without a usable metadata.resourceVersion".into(),
+        ));
+    }
+    let spec: Spec = match object.get("spec") {
+        Some(s) => Spec::deserialize(s).map_err(|e| KubeError::Protocol(format!("Lease spec: {e}")))?,
+        None => Spec::default(),
+    };
+    if spec.holder_identity.as_ref().is_some_and(|h| h.len() > HOLDER_LIMIT) {
+        return Err(KubeError::Protocol(format!(
+            "a holderIdentity longer than {HOLDER_LIMIT} bytes"
+        )));
+    }
+    Ok((object, spec))
+}
+
 /// A `spec` as this node writes it.
 fn spec_json(
     holder: Option<&str>,
@@ -547,6 +577,29 @@ mod tests {
         // An empty holder is free at once.
         let o = c.observe(&lease("3", "", far_future)).expect("lease");
         assert!(LeaseClient::expired(&o, ttl));
+    }
+
+    /// A carried record goes on counting from when the old image first saw it, but never from
+    /// a time later than now; one that would not pass as an answer is refused.
+    #[tokio::test(start_paused = true)]
+    async fn a_carried_record_keeps_its_count_and_is_checked() {
+        let old = client();
+        let ttl = Duration::from_secs(3);
+        old.observe(&lease("1", "node-b", "")).expect("lease");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let (object, since) = old.observed_record().expect("a record");
+        let new = client();
+        new.restore_observed(&object, since).expect("restored");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let o = new.observe(&lease("1", "node-b", "")).expect("lease");
+        assert!(
+            LeaseClient::expired(&o, ttl),
+            "counted from the old image's first sight"
+        );
+        new.restore_observed(&object, Instant::now() + ttl).expect("restored");
+        assert!(new.cached().expect("record").since <= Instant::now());
+        assert!(new.restore_observed("{}", since).is_err());
+        assert!(new.restore_observed(&" ".repeat(BODY_LIMIT + 1), since).is_err());
     }
 
     #[test]

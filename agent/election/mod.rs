@@ -17,8 +17,13 @@
 //! Hence at no instant do two nodes accept new tunnel traffic, even under partition.
 //!
 //! The task talks to the node through [`Outcome`]s (elected / deposed) and takes
-//! [`Command`]s (resign, campaign now, gate). The node's one role path applies them.
+//! [`Command`]s (resign, campaign now, gate, detach). The node's one role path applies them.
+//!
+//! **Across an upgrade in place** the task is detached rather than stopped: it hands over what it
+//! holds ([`Carried`]) without resigning, and the new image resumes renewing the same lease
+//! ([`resume`]) before its deadline, which the exec never extends (`carry.rs`).
 
+pub mod carry;
 pub mod etcd;
 pub mod hold;
 mod http;
@@ -35,6 +40,8 @@ use crate::config::roles::{OnStoreLoss, RoleElectionSection};
 use crate::deadline;
 use crate::health::{ElectionStatus, Published};
 use store::{Holder, Renewal, Store, StoreError};
+
+pub use carry::{resume, Carried, CarriedLease, ObservedLease};
 
 /// Why a request to the election failed.
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +110,9 @@ pub enum Command {
     },
     /// Campaign only while `true` (the `[role_follow]` check gates the election).
     Gate(bool),
+    /// An upgrade in place: renew now if leading, answer what the next image resumes from, then
+    /// end without releasing anything (see [`Election::detach`]).
+    Detach { done: oneshot::Sender<Carried> },
 }
 
 /// Where the election stands, for `/status`, `/metrics` and the CLI.
@@ -178,6 +188,21 @@ impl Election {
 
     pub async fn gate(&self, open: bool) {
         let _ = self.tx.send(Command::Gate(open)).await;
+    }
+
+    /// Stops the task *without resigning*, for an upgrade in place: a leader renews its lease
+    /// once more (so the next image gets the longest time before the fence point), and the
+    /// answer is what [`resume`] needs to go on renewing the same lease. From here until the
+    /// resume nobody renews the lease or watches its fence point: detach last, just before the
+    /// exec, and resume first. Should the exec not happen after all, [`resume`] in this process.
+    /// `/status` keeps showing the state as detached.
+    pub async fn detach(&self) -> Result<Carried, ElectionError> {
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Detach { done })
+            .await
+            .map_err(|_| ElectionError::Stopped)?;
+        rx.await.map_err(|_| ElectionError::Stopped)
     }
 
     /// The `election` object of `/status` (and `tunnel-agent status`).
@@ -303,26 +328,8 @@ pub fn start(
     outcomes: mpsc::Sender<Outcome>,
     gated: bool,
 ) -> (Election, tokio::task::JoinHandle<()>) {
-    let (tx, rx) = mpsc::channel(8);
-    let state = Arc::new(Mutex::new(ElectionState {
-        backend: client.backend(),
-        key: settings.key.clone(),
-        me: settings.me.clone(),
-        phase: if gated { Phase::Gated } else { Phase::Follower },
-        ..ElectionState::default()
-    }));
-    let election = Election { tx, state, fence };
-    let task = Task {
-        settings,
-        client,
-        election: election.clone(),
-        outcomes,
-        gate_open: !gated,
-        stepped_aside: false,
-        lease: None,
-        stale: None,
-    };
-    (election, tokio::spawn(task.run(rx)))
+    let (task, rx) = Task::new(settings, client, fence, outcomes, gated);
+    (task.election.clone(), tokio::spawn(task.run(rx)))
 }
 
 /// The lease this node holds the key with.
@@ -351,6 +358,35 @@ struct Task {
 }
 
 impl Task {
+    /// A task that holds nothing yet, and the receiver of its handle's commands.
+    fn new(
+        settings: Settings,
+        client: Store,
+        fence: Fence,
+        outcomes: mpsc::Sender<Outcome>,
+        gated: bool,
+    ) -> (Task, mpsc::Receiver<Command>) {
+        let (tx, rx) = mpsc::channel(8);
+        let state = Arc::new(Mutex::new(ElectionState {
+            backend: client.backend(),
+            key: settings.key.clone(),
+            me: settings.me.clone(),
+            phase: if gated { Phase::Gated } else { Phase::Follower },
+            ..ElectionState::default()
+        }));
+        let task = Task {
+            settings,
+            client,
+            election: Election { tx, state, fence },
+            outcomes,
+            gate_open: !gated,
+            stepped_aside: false,
+            lease: None,
+            stale: None,
+        };
+        (task, rx)
+    }
+
     fn update(&self, f: impl FnOnce(&mut ElectionState)) {
         f(&mut self.election.state.lock().unwrap_or_else(|e| e.into_inner()));
     }
@@ -373,6 +409,11 @@ impl Task {
             };
             tokio::select! {
                 cmd = rx.recv() => match cmd {
+                    Some(Command::Detach { done }) => {
+                        if self.detach(done).await {
+                            return;
+                        }
+                    }
                     Some(cmd) => self.command(cmd).await,
                     // The node is gone; a lease left behind expires by itself.
                     None => return,
@@ -440,6 +481,8 @@ impl Task {
                     self.update(|s| s.phase = phase);
                 }
             }
+            // Answered by `run`, which ends the task after it.
+            Command::Detach { done } => drop(done),
         }
     }
 

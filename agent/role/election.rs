@@ -149,7 +149,54 @@ impl Roles {
         secrets: &SecretValues,
         outcomes: mpsc::Sender<election::Outcome>,
     ) -> anyhow::Result<()> {
+        self.run_election(config, secrets, outcomes, None)
+    }
+
+    /// [`Roles::start_election`] after an upgrade in place: the election goes on from what the
+    /// previous image carried ([`election::resume`]). A carried leader is still the leader when
+    /// this returns unless the exec took it past its fence point (then it is fenced, and a
+    /// `Deposed` follows on `outcomes`): start active only if [`Roles::election_leads`] says so.
+    /// Without `[role_election]` any more, a carried lease is left to expire, fenced.
+    pub fn resume_election(
+        &mut self,
+        config: &Config,
+        secrets: &SecretValues,
+        outcomes: mpsc::Sender<election::Outcome>,
+        carried: election::Carried,
+    ) -> anyhow::Result<()> {
+        self.run_election(config, secrets, outcomes, Some(carried))
+    }
+
+    /// An upgrade in place: the election's task stops *without resigning* and its state is
+    /// returned for [`Roles::resume_election`] in the next image (`None`: no election). From
+    /// here nobody renews the lease until the resume: call it last before the exec. The
+    /// election is no longer this node's: [`Roles::stop`] neither fences nor resigns for it.
+    pub async fn detach_election(&mut self) -> Result<Option<election::Carried>, election::ElectionError> {
+        let Some(election) = self.election.clone() else {
+            return Ok(None);
+        };
+        let carried = election.detach().await?;
+        self.election = None;
+        Ok(Some(carried))
+    }
+
+    /// Whether the election says this node holds the key now (`false` without an election).
+    pub fn election_leads(&self) -> bool {
+        self.election.as_ref().is_some_and(|e| e.state().is_leader)
+    }
+
+    fn run_election(
+        &mut self,
+        config: &Config,
+        secrets: &SecretValues,
+        outcomes: mpsc::Sender<election::Outcome>,
+        carried: Option<election::Carried>,
+    ) -> anyhow::Result<()> {
         let Some(section) = &config.role_election else {
+            if carried.as_ref().is_some_and(election::Carried::is_leader) {
+                tracing::warn!("the carried election lease is not resumed: [role_election] is gone from the config; fenced, it expires by itself");
+                self.fence.decide(Role::Standby);
+            }
             return Ok(());
         };
         let me = section.host_name.clone().unwrap_or_else(|| {
@@ -169,7 +216,10 @@ impl Roles {
         };
         let settings = election::Settings::from_section(section, me);
         let gated = self.follow.is_some();
-        let (election, task) = election::start(settings, client, fence, outcomes, gated);
+        let (election, task) = match carried {
+            Some(carried) => election::resume(settings, client, fence, outcomes, gated, carried),
+            None => election::start(settings, client, fence, outcomes, gated),
+        };
         self.fence.health.publish_election(Box::new(election.clone()));
         self.election = Some(election);
         self.tasks.push(task);

@@ -210,3 +210,61 @@ fn health_renders_the_published_role_and_reads_it_back_typed() {
     assert_eq!(typed.role, Some(Role::Standby));
     assert_eq!(serde_json::to_value(&typed).unwrap(), status);
 }
+
+/// An upgrade in place under an election: a carried leader within its lease leads as soon as
+/// the election is resumed (no `Elected`, no fence); past its fence point, or with
+/// `[role_election]` gone from the config, the node is fenced. The store is unreachable here:
+/// leading on the carried lease needs no answer until its fence point.
+#[tokio::test]
+async fn a_carried_election_leads_only_while_its_lease_is_safe() {
+    use crate::config::roles::RoleElectionSection;
+    let mut f = fixture("carried", Role::Active, RoleSource::Election);
+    let (outcomes, _rx) = tokio::sync::mpsc::channel(8);
+    let secrets = crate::secrets::SecretValues::new();
+    assert!(f.roles.detach_election().await.expect("no election").is_none());
+    let mut config = f.config.clone();
+    config.role_election = Some(RoleElectionSection {
+        endpoints: vec!["http://127.0.0.1:1".to_owned()],
+        key: "/k".to_owned(),
+        host_name: Some("node-a".to_owned()),
+        ..RoleElectionSection::default()
+    });
+    let margin = config
+        .role_election
+        .as_ref()
+        .map(|s| s.fence_margin)
+        .unwrap_or_default();
+    let carried = |left: Duration| -> crate::election::Carried {
+        let deadline = crate::deadline::to_monotonic_ns(tokio::time::Instant::now() + left);
+        serde_json::from_value(serde_json::json!({
+            "backend": "etcd", "key": "/k", "me": "node-a",
+            "lease": {"id": 42, "granted_ms": 10_000, "deadline_ns": deadline, "next_renew_ns": deadline},
+            "stale": null, "gate_open": true, "stepped_aside": false,
+            "term": 3, "won": 3, "lost": 2, "renew_failures": 0,
+            "leader": "node-a", "last_error": null, "observed": null
+        }))
+        .expect("carried")
+    };
+    let fenced = |f: &Fixture| f.health.leaving_active.load(Ordering::Acquire);
+
+    f.roles
+        .resume_election(&config, &secrets, outcomes.clone(), carried(margin * 4))
+        .expect("resumed");
+    assert!(f.roles.election_leads() && !fenced(&f));
+    let again = f.roles.detach_election().await.expect("detached").expect("carried");
+    assert_eq!(again.lease.map(|l| l.id), Some(42));
+    assert_eq!(again.won, 3);
+    assert!(!f.roles.election_leads(), "detached: no longer this image's election");
+
+    f.roles
+        .resume_election(&config, &secrets, outcomes.clone(), carried(margin / 2))
+        .expect("resumed");
+    assert!(!f.roles.election_leads() && fenced(&f), "past the fence point");
+
+    f.roles.fence.decide(Role::Active);
+    f.roles
+        .resume_election(&f.config, &secrets, outcomes, carried(margin * 4))
+        .expect("no election configured");
+    assert!(!f.roles.election_leads() && fenced(&f), "[role_election] gone");
+    f.roles.stop().await;
+}
