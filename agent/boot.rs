@@ -72,12 +72,7 @@ pub async fn run(
             in_effect = node.config().clone();
             match ended {
                 Ended::Stopped(failure) => failure.map(AgentError::from),
-                Ended::Upgrade(plan) => {
-                    let carried = node.hand_over().await;
-                    // Dropped: the node goes back to its stop, which the hand-over keeps unrun.
-                    drop(node);
-                    return hand_over(&plan, carried, stops, &sockets, &health, &in_effect).await;
-                }
+                Ended::Upgrade(plan) => return hand_over(&plan, node, stops, &sockets, &health, &in_effect).await,
             }
             // Dropped here: the node goes back to its stop, on the stack below the later steps'.
         }
@@ -114,7 +109,7 @@ fn remove_control_socket(runtime_dir: &std::path::Path) {
 /// the next image run after all, and the agent exits with the error (systemd restarts it).
 async fn hand_over(
     plan: &Plan,
-    node: node::Carried,
+    mut node: Lent<Node>,
     stops: Stops,
     sockets: &Sockets,
     health: &Health,
@@ -123,6 +118,13 @@ async fn hand_over(
     systemd::reloading_for(&format!("upgrading in place to {}", plan.to));
     let held_since = tokio::time::Instant::now();
     let kept = stops.hand_over(in_effect, in_effect.agent.upgrade_drain).await;
+    // The election and cloudflared go on untouched through the drain; handed over last.
+    let node: node::Carried = {
+        let carried = node.hand_over().await;
+        // The node goes back to its stop, which the hand-over keeps unrun.
+        drop(node);
+        carried
+    };
     let state = State {
         format: handover::state::FORMAT,
         from: crate::build_info::LONG_VERSION.to_owned(),
@@ -136,6 +138,7 @@ async fn hand_over(
         routes_version: node.routes_version,
         secrets: node.secrets,
         tunnel: node.tunnel,
+        election: node.election,
     };
     let keep = state.fds();
     tracing::info!(
@@ -165,6 +168,9 @@ async fn start(
 ) -> Result<(Lent<Node>, Sources, Sockets), AgentError> {
     let boot_deadline = crate::deadline::from_now(config.agent.boot_timeout);
     let mut sockets = Sockets::new(carried.map(|s| s.listeners.clone()).unwrap_or_default());
+    // Until the carried election is resumed (step 5c) nobody renews its lease: if boot got that
+    // far only after the fence point, cloudflared is stopped without waiting for it.
+    let guard = steps::fence_guard(carried, &config);
     let clients = steps::clients(&config, health)?;
     // 1. Config (loaded and validated by the caller), and what the cloudflared it names can do.
     let cloudflared_version = steps::config_loaded(&config, &config_path, health, tunnel).await?;
@@ -223,6 +229,10 @@ async fn start(
         tunnel_carried: carried.and_then(|s| s.tunnel.clone()),
     };
     let (mut node, secret_changes) = stops.keep(steps::node(parts, routes, table));
+    let resumed = steps::resume_election(&mut node, carried.and_then(|s| s.election.clone())).await?;
+    if let Some(guard) = guard {
+        guard.abort();
+    }
     stops.push(steps::proxy_probe(health, proxy_addr, workers).await?);
     // 6. The control socket (before READY=1, so `systemctl start` followed at once by
     // `tunnel-agent promote` finds it), cloudflared once the proxy answers, the config API.
@@ -241,7 +251,10 @@ async fn start(
     // The role sources and route watch from here (a standby is ready), then the refreshers.
     let roles = stops.keep_some(steps::role_watch(node.config(), &metadata, role_etag));
     let follow = steps::follow(&mut node)?;
-    let (election, status_tick) = steps::election(&mut node)?;
+    let (election, status_tick) = match resumed {
+        Some(resumed) => resumed,
+        None => steps::election(&mut node)?,
+    };
     let route_updates = stops.keep_some(steps::route_watch(node.config(), metadata, routes_etag));
     node.restart_refreshers();
     let sources = Sources {

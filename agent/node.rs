@@ -300,6 +300,26 @@ impl Node {
         Ok(self.roles.wants_status_tick())
     }
 
+    /// An upgraded image's election, resumed from what the previous one carried, as early as
+    /// the node exists. The carried role stands only if the election still leads (the exec may
+    /// have taken it past its fence point): otherwise standby, through the one role path.
+    pub async fn resume_election(
+        &mut self,
+        outcomes: mpsc::Sender<Outcome>,
+        carried: crate::election::Carried,
+    ) -> anyhow::Result<bool> {
+        self.roles
+            .resume_election(&self.config, &self.secrets, outcomes, carried)?;
+        if self.roles.role() == Role::Active && !self.roles.election_leads() {
+            let change = Change {
+                to: Role::Standby,
+                source: RoleSource::Election,
+            };
+            self.set_role(change).await;
+        }
+        Ok(self.roles.wants_status_tick())
+    }
+
     /// `/status` and `STATUS=` say the starting role (boot, once the node exists).
     pub fn publish_role(&mut self) {
         self.roles.publish();

@@ -39,6 +39,11 @@ fn install(path: &Path, from: Option<&str>) {
 /// An agent running a copy of the built binary from its own directory, with the fake
 /// cloudflared and one route to `upstream`.
 async fn start(upstream: &FakeUpstream, extra: &str) -> (Agent, FakeCloudflared, PathBuf) {
+    start_as(upstream, extra, true).await
+}
+
+/// [`start`]; `tunnel`: whether it is to run cloudflared (false for a standby).
+async fn start_as(upstream: &FakeUpstream, extra: &str, tunnel: bool) -> (Agent, FakeCloudflared, PathBuf) {
     let builder = AgentBuilder::new();
     let cf = FakeCloudflared::new(builder.dir());
     let bin_dir = builder.dir().join("bin");
@@ -56,7 +61,9 @@ async fn start(upstream: &FakeUpstream, extra: &str) -> (Agent, FakeCloudflared,
         .program(&binary)
         .start(&config)
         .await;
-    cf.wait_starts(1, DEADLINE).await;
+    if tunnel {
+        cf.wait_starts(1, DEADLINE).await;
+    }
     let health = agent.health_addr();
     common::eventually(DEADLINE, "the tunnel connected (/ready 200)", || async move {
         (common::client::get(health, "localhost", "/ready", &[]).await.status == 200).then_some(())
@@ -386,4 +393,54 @@ async fn a_new_image_that_cannot_read_the_state_returns_to_the_previous_binary()
     install(&binary, None);
     let upgraded = agent.control("upgrade").await;
     assert!(upgraded.ok(), "{}", upgraded.output());
+}
+
+/// An elected leader on a real etcd keeps its key (the same lease) through the upgrade, the
+/// standby never takes it, and `/active` (sampled every 10 ms on both) is never 200 on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_elected_leader_keeps_its_lease_through_an_upgrade() {
+    use common::etcd::{self, EtcdCluster};
+    use common::sampler::Sampler;
+    if !etcd::available("an_elected_leader_keeps_its_lease_through_an_upgrade") {
+        return;
+    }
+    let cluster = EtcdCluster::start(3).await;
+    let endpoints: Vec<String> = (0..cluster.len())
+        .map(|i| format!("\"http://{}\"", cluster.client_addr(i)))
+        .collect();
+    let election = |name: &str| {
+        format!(
+            "[role_election]\nbackend = \"etcd\"\nendpoints = [{}]\nkey = \"/tunnel-agent/test/upgrade\"\nttl = \"3s\"\nfence_margin = \"500ms\"\npoll_interval = \"100ms\"\nhost_name = \"{name}\"\n",
+            endpoints.join(", ")
+        )
+    };
+    let upstream = FakeUpstream::start(Wire::Http1).await;
+    let (a, cf_a, binary) = start(&upstream, &election("node-a")).await;
+    common::eventually(DEADLINE, "node-a elected", || async {
+        (status(&a)["election"]["is_leader"] == true).then_some(())
+    })
+    .await;
+    let (b, _cf_b, _) = start_as(&upstream, &election("node-b"), false).await;
+    let sampler = Sampler::start(vec![a.health_addr(), b.health_addr()]);
+    let before = status(&a);
+    let lease = before["election"]["lease_id"].clone();
+    assert!(lease.is_string(), "{before:#}");
+    let cf_pid = cf_a.started_pids()[0];
+
+    install(&binary, None);
+    let upgraded = a.control("upgrade").await;
+    assert!(upgraded.ok(), "{}\n{}", upgraded.output(), a.logs().join("\n"));
+    // Past a whole ttl after the exec: the resumed leader renewed the same lease meanwhile.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (samples, overlaps) = sampler.finish().await;
+    assert!(overlaps.is_empty(), "two actives at once: {overlaps:?}");
+    assert!(samples > 100, "{samples} samples");
+    let after = status(&a);
+    assert_eq!(after["election"]["is_leader"], true, "{after:#}");
+    assert_eq!(after["election"]["lease_id"], lease, "the same lease: {after:#}");
+    assert_eq!(after["role"], "active");
+    assert_eq!(after["agent"]["upgrades"], 1);
+    assert_eq!(status(&b)["role"], "standby");
+    assert_eq!(cf_a.started_pids(), vec![cf_pid], "cloudflared kept");
+    eprintln!("leader upgraded under an etcd election: {samples} samples of /active on both, none both 200");
 }

@@ -364,6 +364,38 @@ pub(super) fn election(node: &mut Node) -> anyhow::Result<(mpsc::Receiver<Outcom
     Ok((rx, ticks.then(|| tokio::time::interval(Duration::from_secs(1)))))
 }
 
+/// Step 5c, after an upgrade: the election goes on from the carried lease, as soon as the node
+/// exists (step 7c does not start another).
+pub(super) async fn resume_election(
+    node: &mut Node,
+    carried: Option<crate::election::Carried>,
+) -> anyhow::Result<Option<(mpsc::Receiver<Outcome>, Option<Interval>)>> {
+    let Some(carried) = carried else {
+        return Ok(None);
+    };
+    let (tx, rx) = mpsc::channel(16);
+    let ticks = node.resume_election(tx, carried).await?;
+    Ok(Some((rx, ticks.then(|| tokio::time::interval(Duration::from_secs(1))))))
+}
+
+/// An upgraded image's guard for the carried lease until the election resumes: at the lease's
+/// fence point it sends the carried cloudflared's process group its SIGTERM, as the fence would.
+/// `None` when no lease was carried.
+pub(super) fn fence_guard(carried: Option<&State>, config: &Config) -> Option<tokio::task::JoinHandle<()>> {
+    let carried = carried?;
+    let margin = config.role_election.as_ref().map_or(Duration::ZERO, |e| e.fence_margin);
+    let at = carried.election.as_ref()?.fence_point(margin)?;
+    let pid = carried.tunnel.as_ref().and_then(|t| t.pid)?;
+    Some(tokio::spawn(async move {
+        tokio::time::sleep_until(at).await;
+        tracing::error!(pid, "the carried election lease reached its fence point before the election resumed; stopping cloudflared pid {pid}");
+        let group = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(0));
+        if group.as_raw() > 0 {
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGTERM);
+        }
+    }))
+}
+
 /// Step 7d: the watched routes attribute, when the routes come from it.
 pub(super) fn route_watch(
     config: &Config,

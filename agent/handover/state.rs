@@ -48,6 +48,8 @@ pub struct State {
     /// The running cloudflared (its pid, log pipes, supervision state), or the supervisor's
     /// counters when none runs.
     pub tunnel: Option<crate::tunnel::Carried>,
+    /// The election's held lease and counters (`None`: no election).
+    pub election: Option<crate::election::Carried>,
 }
 
 impl State {

@@ -24,6 +24,7 @@ pub struct Carried {
     pub routes_version: Option<u64>,
     pub secrets: CarriedSecrets,
     pub tunnel: Option<crate::tunnel::Carried>,
+    pub election: Option<crate::election::Carried>,
 }
 
 impl Node {
@@ -54,12 +55,23 @@ impl Node {
         }
     }
 
-    /// The loop has ended for an upgrade: stops what must not run on (the secret refreshers;
-    /// the next image starts its own) and says what the next image takes over.
+    /// The loop has ended for an upgrade and the listeners have drained: stops what must not run
+    /// on (the secret refreshers; the next image starts its own) and says what the next image
+    /// takes over. The election first (its last renewal gives the next image the most time; a
+    /// fence after the tunnel's detach would find no cloudflared to stop), then cloudflared.
+    /// An election that cannot be detached (its task ended) is carried as none: the next image
+    /// starts it afresh, as a follower, fenced.
     pub async fn hand_over(&mut self) -> Carried {
         for t in self.refreshers.drain(..) {
             t.abort();
         }
+        let election = match self.roles.detach_election().await {
+            Ok(carried) => carried,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot hand the election over ({e}); the next image starts it afresh");
+                None
+            }
+        };
         // The supervisor's loop ends without touching cloudflared; an idle one takes its place,
         // which nothing applies a spec to (the node's stop does not run in a hand-over).
         let idle = TunnelSupervisor::start(
@@ -75,6 +87,7 @@ impl Node {
             routes_version: *self.routes_version.borrow(),
             secrets: CarriedSecrets::from(&self.secrets),
             tunnel,
+            election,
         }
     }
 
