@@ -29,6 +29,7 @@ use crate::handover::{self, Incoming, Plan, State};
 use crate::health::Health;
 use crate::node::{self, Ended, Node, NodeParts, Signal, Sources};
 use crate::role;
+use crate::secrets::refresh::SecretChange;
 use crate::shutdown::{Lent, Stops};
 use crate::systemd;
 use crate::telemetry::Metrics;
@@ -143,8 +144,8 @@ async fn hand_over(
     let keep = state.fds();
     tracing::info!(
         drained_ms = held_since.elapsed().as_millis() as u64,
-        "executing {} in place",
-        plan.binary.display()
+        "listeners drained for the upgrade in {} ms",
+        held_since.elapsed().as_millis()
     );
     let why = handover::exec(plan, &state, &keep);
     tracing::error!(error = %why, "the upgrade failed and this binary cannot continue: {why}");
@@ -154,44 +155,93 @@ async fn hand_over(
     Err(AgentError::from(anyhow::anyhow!(why)))
 }
 
-/// The boot steps, in order, each stop pushed on `stops`; with `carried`, from the state the
-/// previous image handed over. Returns the node, lent to its event loop, the sources of its
-/// events, and the listening sockets (for the next upgrade).
-async fn start(
+/// What steps 0-3 give the rest: the cloud clients, cloudflared's version, the secrets, the
+/// boot routes and their table.
+struct Inputs {
+    clients: steps::Clients,
+    cloudflared_version: Option<crate::tunnel::version::CloudflaredVersion>,
+    secrets: crate::secrets::SecretValues,
+    routes: crate::routing::source::BootRoutes,
+    table: Arc<crate::routing::table::RouteTable>,
+}
+
+/// Steps 0-3: clients, config, secrets, routes.
+async fn inputs(
+    config: &Config,
+    config_path: &std::path::Path,
+    health: &Arc<Health>,
+    tunnel: &Arc<TunnelState>,
+    metrics: &Arc<Metrics>,
+    carried: Option<&State>,
+) -> Result<Inputs, AgentError> {
+    let boot_deadline = crate::deadline::from_now(config.agent.boot_timeout);
+    let clients = steps::clients(config, health)?;
+    // 1. Config (loaded and validated by the caller), and what the cloudflared it names can do.
+    let cloudflared_version = steps::config_loaded(config, config_path, health, tunnel).await?;
+    // 2. Secrets.
+    let secrets = steps::secrets(config, &clients, metrics, health, boot_deadline, carried).await?;
+    // 3. Routes.
+    let mut routes = steps::routes(config, &clients, metrics).await?;
+    // The proxy serves the boot table from its first connection (an upgraded image's sockets
+    // have connections queued); the node installs it through the one path right after.
+    let table = Arc::new(std::mem::take(&mut routes.table));
+    Ok(Inputs {
+        clients,
+        cloudflared_version,
+        secrets,
+        routes,
+        table,
+    })
+}
+
+/// The health listener of an upgraded image, served once it is ready: its socket, and where
+/// its stop goes on the stack.
+type HealthLater = Option<(usize, tokio::net::TcpListener)>;
+
+/// What steps 4-5 started that the later steps use.
+struct Up {
+    node: Lent<Node>,
+    secret_changes: mpsc::Receiver<SecretChange>,
+    /// A resumed election's outcomes and status tick (step 7 starts one otherwise).
+    resumed: Option<Resumed>,
+    health_later: HealthLater,
+    /// The watched role attribute's ETag, where its watch starts.
+    role_etag: Option<String>,
+}
+
+/// Steps 4-5: the health listener, the proxy, the role, the node (which adopts a carried
+/// cloudflared and resumes a carried election), the proxy's probe.
+#[allow(clippy::too_many_arguments)]
+async fn node_up(
     stops: &mut Stops,
+    sockets: &mut Sockets,
     health: &Arc<Health>,
     tunnel: &Arc<TunnelState>,
     metrics: &Arc<Metrics>,
     (config_path, config): (PathBuf, Config),
-    signals: mpsc::Receiver<Signal>,
+    inputs: Inputs,
     carried: Option<&State>,
-) -> Result<(Lent<Node>, Sources, Sockets), AgentError> {
-    let boot_deadline = crate::deadline::from_now(config.agent.boot_timeout);
-    let mut sockets = Sockets::new(carried.map(|s| s.listeners.clone()).unwrap_or_default());
-    // Until the carried election is resumed (step 5c) nobody renews its lease: if boot got that
-    // far only after the fence point, cloudflared is stopped without waiting for it.
-    let guard = steps::fence_guard(carried, &config);
-    let clients = steps::clients(&config, health)?;
-    // 1. Config (loaded and validated by the caller), and what the cloudflared it names can do.
-    let cloudflared_version = steps::config_loaded(&config, &config_path, health, tunnel).await?;
-    // 2. Secrets.
-    let secrets = steps::secrets(&config, &clients, metrics, health, boot_deadline, carried).await?;
-    // 3. Routes.
-    let mut routes = steps::routes(&config, &clients, metrics).await?;
-    // The proxy serves the boot table from its first connection (an upgraded image's sockets
-    // have connections queued); the node installs it through the one path right after.
-    let table = Arc::new(std::mem::take(&mut routes.table));
+) -> Result<Up, AgentError> {
     let limits = steps::limits(&config);
-    // 4. Health listener.
+    // 4. Health listener. A fresh start answers probes from here (503 while booting); an
+    // upgraded image leaves the inherited socket queueing until it is ready, so no probe sees
+    // it half-started.
     let listener = sockets.tcp(Kind::Health, config.health.listen, "health.listen").await?;
-    // A fresh start answers probes from here (503 while booting); an upgraded image leaves the
-    // inherited socket queueing until it is ready, so no probe sees it half-started.
-    let health_slot = stops.len();
-    let mut health_listener = Some(listener);
-    if carried.is_none() {
-        stops.push(steps::health_listener(health_listener.take(), &limits, health)?);
-    }
-    // 5. Proxy (an empty table until the node installs the boot table), the node, the probe.
+    let later = match carried {
+        None => {
+            stops.push(steps::health_listener(Some(listener), &limits, health)?);
+            None
+        }
+        Some(_) => Some((stops.len(), listener)),
+    };
+    // 5. Proxy (serving the boot table), the role, the node, the probe.
+    let Inputs {
+        clients,
+        cloudflared_version,
+        secrets,
+        routes,
+        table,
+    } = inputs;
     let proxy = steps::proxy(&config, &secrets, &clients, metrics, table.clone())?;
     let worker_sockets = sockets.proxy(config.proxy.listen, config.proxy.worker_threads())?;
     let workers = worker_sockets.len();
@@ -211,7 +261,6 @@ async fn start(
         None => role::start::boot(&config, &clients.metadata).await,
     };
     let role_etag = role.etag.clone();
-    let (routes_etag, metadata) = (routes.etag.clone(), clients.metadata.clone());
     let parts = NodeParts {
         config_path,
         config,
@@ -230,20 +279,66 @@ async fn start(
     };
     let (mut node, secret_changes) = stops.keep(steps::node(parts, routes, table));
     let resumed = steps::resume_election(&mut node, carried.and_then(|s| s.election.clone())).await?;
+    stops.push(steps::proxy_probe(health, proxy_addr, workers).await?);
+    Ok(Up {
+        node,
+        secret_changes,
+        resumed,
+        health_later: later,
+        role_etag,
+    })
+}
+
+/// A resumed election's outcomes and its status tick.
+type Resumed = (mpsc::Receiver<crate::election::Outcome>, Option<tokio::time::Interval>);
+
+/// The boot steps, in order, each stop pushed on `stops`; with `carried`, from the state the
+/// previous image handed over. Returns the node, lent to its event loop, the sources of its
+/// events, and the listening sockets (for the next upgrade).
+async fn start(
+    stops: &mut Stops,
+    health: &Arc<Health>,
+    tunnel: &Arc<TunnelState>,
+    metrics: &Arc<Metrics>,
+    (config_path, config): (PathBuf, Config),
+    signals: mpsc::Receiver<Signal>,
+    carried: Option<&State>,
+) -> Result<(Lent<Node>, Sources, Sockets), AgentError> {
+    let mut sockets = Sockets::new(carried.map(|s| s.listeners.clone()).unwrap_or_default());
+    // Until the carried election is resumed (step 5) nobody renews its lease: if boot got that
+    // far only after the fence point, cloudflared is stopped without waiting for it.
+    let guard = steps::fence_guard(carried, &config);
+    let inputs = inputs(&config, &config_path, health, tunnel, metrics, carried).await?;
+    let routes_etag = inputs.routes.etag.clone();
+    let metadata = inputs.clients.metadata.clone();
+    let limits = steps::limits(&config);
+    let Up {
+        mut node,
+        secret_changes,
+        resumed,
+        health_later,
+        role_etag,
+    } = node_up(
+        stops,
+        &mut sockets,
+        health,
+        tunnel,
+        metrics,
+        (config_path, config),
+        inputs,
+        carried,
+    )
+    .await?;
     if let Some(guard) = guard {
         guard.abort();
     }
-    stops.push(steps::proxy_probe(health, proxy_addr, workers).await?);
     // 6. The control socket (before READY=1, so `systemctl start` followed at once by
     // `tunnel-agent promote` finds it), cloudflared once the proxy answers, the config API.
     let control = stops.keep(steps::control_socket(node.config(), &mut sockets)?);
     steps::cloudflared(&node, health).await;
     let pushes = stops.keep_some(steps::config_api(&node, health, metrics, limits.clone(), &mut sockets).await?);
-    if health_listener.is_some() {
-        stops.insert(
-            health_slot,
-            steps::health_listener(health_listener.take(), &limits, health)?,
-        );
+    if let Some((slot, listener)) = health_later {
+        stops.insert(slot, steps::health_listener(Some(listener), &limits, health)?);
     }
     // 7. Ready: every local component serves; the tunnel's edge connection is /ready's business.
     systemd::ready("serving");

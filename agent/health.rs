@@ -148,6 +148,25 @@ impl UpgradeResult {
     }
 }
 
+/// `tunnel_agent_upgrades_total{result}`.
+fn render_upgrades(agent: &AgentStatus, out: &mut String) {
+    use crate::prom_text::{Family, Kind};
+    let help = "Upgrades in place this process has seen, by result.";
+    let mut upgrades = Family::open(out, "tunnel_agent_upgrades_total", Kind::Counter, help);
+    for result in [
+        UpgradeResult::Completed,
+        UpgradeResult::RolledBack,
+        UpgradeResult::Refused,
+    ] {
+        let n = match result {
+            UpgradeResult::Completed => agent.upgrades,
+            UpgradeResult::RolledBack => agent.rolled_back,
+            UpgradeResult::Refused => agent.refused,
+        };
+        upgrades.sample(&[("result", result.as_str())], n);
+    }
+}
+
 /// `/status`'s `routes`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoutesStatus {
@@ -472,21 +491,7 @@ impl Health {
             Family::open(&mut out, "tunnel_agent_cloudflared_info", Kind::Gauge, help)
                 .sample(&[("version", version)], 1);
         }
-        let agent = self.status.load().agent.clone();
-        let help = "Upgrades in place this process has seen, by result.";
-        let mut upgrades = Family::open(&mut out, "tunnel_agent_upgrades_total", Kind::Counter, help);
-        for result in [
-            UpgradeResult::Completed,
-            UpgradeResult::RolledBack,
-            UpgradeResult::Refused,
-        ] {
-            let n = match result {
-                UpgradeResult::Completed => agent.upgrades,
-                UpgradeResult::RolledBack => agent.rolled_back,
-                UpgradeResult::Refused => agent.refused,
-            };
-            upgrades.sample(&[("result", result.as_str())], n);
-        }
+        render_upgrades(&self.status.load().agent, &mut out);
         let help = "cloudflared restarts after failures.";
         prom_text::single(
             &mut out,

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tunnel_agent::exit::{AgentError, Exit};
+use tunnel_agent::handover::Incoming;
 use tunnel_agent::node::Signal;
 use tunnel_agent::{config, routing};
 
@@ -117,7 +118,7 @@ fn main() -> ExitCode {
     }
     tunnel_agent::reaper::init_if_pid1();
     // Before any thread exists: the hand-over's variables leave the environment here.
-    let incoming = tunnel_agent::handover::Incoming::take();
+    let incoming = Incoming::take();
     let cli = Cli::parse();
     let exit = match cli.command {
         Command::Check(source) => check(&source.path()),
@@ -281,17 +282,25 @@ fn check(path: &std::path::Path) -> Exit {
     report.exit()
 }
 
-fn run(path: PathBuf, incoming: Option<tunnel_agent::handover::Incoming>) -> Exit {
-    // A new image that cannot read what the previous one carried returns to it at once.
-    let incoming = match incoming {
+/// A new image that cannot read what the previous one carried returns to it at once (`Err`:
+/// that failed too).
+fn readable(incoming: Option<Incoming>) -> Result<Option<Incoming>, Exit> {
+    match incoming {
         Some(i) => match i.state().err().map(str::to_owned) {
             Some(why) => {
                 err(&format!("tunnel-agent: {}\n", i.roll_back(&why)));
-                return Exit::Failure;
+                Err(Exit::Failure)
             }
-            None => Some(i),
+            None => Ok(Some(i)),
         },
-        None => None,
+        None => Ok(None),
+    }
+}
+
+fn run(path: PathBuf, incoming: Option<Incoming>) -> Exit {
+    let incoming = match readable(incoming) {
+        Ok(i) => i,
+        Err(exit) => return exit,
     };
     let config = match routing::load_config(&path) {
         Ok(c) => c,

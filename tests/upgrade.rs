@@ -444,3 +444,61 @@ async fn an_elected_leader_keeps_its_lease_through_an_upgrade() {
     assert_eq!(cf_a.started_pids(), vec![cf_pid], "cloudflared kept");
     eprintln!("leader upgraded under an etcd election: {samples} samples of /active on both, none both 200");
 }
+
+/// A pushed table (the gateway controller's) is the table after the upgrade, with its version:
+/// `GET /config` and `/readyz` answer as before, and a stale push is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_table_and_its_version_survive_an_upgrade() {
+    const API_TOKEN: &str = "config-api-token-for-the-upgrade-test";
+    let upstream = FakeUpstream::start(Wire::Http1).await;
+    let builder = AgentBuilder::new();
+    let cf = FakeCloudflared::new(builder.dir());
+    let binary = builder.dir().join("tunnel-agent");
+    install(&binary, None);
+    let config = ConfigText::new()
+        .env_secret("tunnel_token", "TUNNEL_TOKEN_FOR_TEST")
+        .env_secret("config_token", "CONFIG_API_TOKEN_FOR_TEST")
+        .routes("source = \"config-api\"")
+        .raw("[config_api]\nlisten = \"127.0.0.1:0\"\nauth_secret = \"config_token\"\n")
+        .raw(&cf.section(&[]));
+    let agent = builder
+        .env("TUNNEL_TOKEN_FOR_TEST", TOKEN)
+        .env("CONFIG_API_TOKEN_FOR_TEST", API_TOKEN)
+        .program(&binary)
+        .start(&config)
+        .await;
+    let table = |version: u64| {
+        serde_json::json!({
+            "version": version,
+            "rules": [{ "hostnames": ["pushed.test"], "backends": [{ "url": upstream.url() }] }],
+        })
+    };
+    let (code, _) = agent.put_config(API_TOKEN, &table(7), DEADLINE).await;
+    assert_eq!(code, 200);
+    let cf_pids = cf.wait_starts(1, DEADLINE).await;
+
+    install(&binary, None);
+    let upgraded = agent.control("upgrade").await;
+    assert!(upgraded.ok(), "{}\n{}", upgraded.output(), agent.logs().join("\n"));
+
+    let applied: serde_json::Value = reqwest::Client::new()
+        .get(format!("http://{}/config", agent.config_api_addr()))
+        .bearer_auth(API_TOKEN)
+        .send()
+        .await
+        .expect("GET /config")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(applied["version"], 7, "{applied}");
+    let readyz = reqwest::get(format!("http://{}/readyz", agent.config_api_addr()))
+        .await
+        .expect("/readyz");
+    assert_eq!(readyz.status(), 200);
+    let reply = common::client::get(agent.proxy_addr(), "pushed.test", "/", &[]).await;
+    assert_eq!(reply.status, 200, "the pushed route serves: {}", reply.text());
+    let (stale, _) = agent.put_config(API_TOKEN, &table(6), DEADLINE).await;
+    assert_eq!(stale, 409, "older than the carried version");
+    assert_eq!(status(&agent)["routes"]["version"], 7);
+    assert_eq!(cf.started_pids(), cf_pids, "cloudflared kept");
+}

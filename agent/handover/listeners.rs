@@ -65,8 +65,8 @@ impl Sockets {
     }
 
     /// Takes the inherited sockets of `kind` that `fits`, as duplicates. One of `kind` that does
-    /// not fit (the address changed in the file since the last start) is left alone: it closes
-    /// at commit, and the caller binds the configured address instead.
+    /// not fit (the address changed in the file since the last start) is not used: its carried
+    /// number closes at commit, and the caller binds the configured address instead.
     fn adopt(&mut self, kind: Kind, fits: impl Fn(&str) -> bool) -> anyhow::Result<Vec<(String, OwnedFd)>> {
         let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.inherited)
             .into_iter()
@@ -165,11 +165,6 @@ impl Sockets {
             })
             .collect()
     }
-
-    /// The inherited sockets no listener took (their settings changed): closed at commit.
-    pub fn unused(&self) -> &[Carried] {
-        &self.inherited
-    }
 }
 
 #[cfg(test)]
@@ -206,7 +201,6 @@ mod tests {
         assert_eq!(adopted.local_addr().unwrap(), addr);
         let (accepted, _) = adopted.accept().await.unwrap();
         assert_eq!(accepted.peer_addr().unwrap(), waiting.local_addr().unwrap());
-        assert!(second.unused().is_empty());
     }
 
     #[tokio::test]
@@ -218,14 +212,16 @@ mod tests {
             .unwrap();
         let mut second = Sockets::new(first.carry());
         let new = second.tcp(Kind::Health, "127.0.0.2:0".parse().unwrap(), "h").await;
-        // 127.0.0.2 is loopback on Linux: bound fresh, the inherited one left for commit.
+        // 127.0.0.2 is loopback on Linux: bound fresh (the inherited one closes at commit).
         let new = new.unwrap();
         assert_eq!(new.local_addr().unwrap().ip().to_string(), "127.0.0.2");
-        assert_eq!(second.unused().len(), 1);
+        let kept = second.carry();
+        assert_eq!(kept.len(), 1, "only the socket in use is kept for the next image");
+        assert!(kept[0].addr.starts_with("127.0.0.2:"), "{kept:?}");
     }
 
-    #[test]
-    fn every_proxy_worker_socket_is_adopted_whatever_the_configured_count() {
+    #[tokio::test]
+    async fn every_proxy_worker_socket_is_adopted_whatever_the_configured_count() {
         let mut first = Sockets::default();
         let sockets = first.proxy("127.0.0.1:0".parse().unwrap(), 3).unwrap();
         let addr = sockets[0].local_addr().unwrap();

@@ -252,6 +252,14 @@ pub fn exec(plan: &Plan, state: &State, keep: &[RawFd]) -> String {
         Ok(fd) => fd,
         Err(e) => return format!("cannot keep the running binary open for a rollback: {e}"),
     };
+    tracing::info!(
+        state_bytes = bytes.len(),
+        fds = keep.len(),
+        "executing {} in place ({} bytes of state, {} descriptors)",
+        plan.binary.display(),
+        bytes.len(),
+        keep.len()
+    );
     let mut all = keep.to_vec();
     all.extend([memfd.as_raw_fd(), previous]);
     let env = [
