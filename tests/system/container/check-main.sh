@@ -514,6 +514,8 @@ check_upgrade_in_place
 check_upgrade_rollback
 check_downgrade_in_place
 check_restart_after_upgrades
+check_upgrade_starts_stopped_unit
+check_policy_rc_d_holds_the_agent
 check_cloudflared_confined
 check_stop_order
 check_purge

@@ -7,7 +7,8 @@
 # with one added setting) and a broken N+2 ($BROKEN_VERSION: a /usr/bin/tunnel-agent that passes
 # the checks but hands the exec'd image garbage instead of the carried state, over N's binary).
 # In order: N -> N+1 in place under load; N+1 -> N+2 rolled back under load; N+2 -> N, a
-# downgrade, in place; then `systemctl restart` as before.
+# downgrade, in place; `systemctl restart` as before; N -> N+1 with the unit stopped starts it;
+# N+1 -> N while policy-rc.d forbids restarts leaves the agent alone.
 
 LOAD=/run/systemtest/load
 
@@ -273,6 +274,43 @@ check_restart_after_upgrades() {
     fail $name "/status agent: $(status_get 'd["agent"]'), want $OLD_AGENT_VERSION with 0 upgrades"
   elif ! serves green; then
     fail $name "not serving after the restart"
+  else
+    pass $name
+  fi
+}
+
+# --- an enabled unit that is not running is started on upgrade, as before -------------------------
+check_upgrade_starts_stopped_unit() {
+  local name=apt-upgrade-starts-an-enabled-stopped-unit out
+  systemctl stop $UNIT
+  if ! out=$(apt-get install -y "tunnel-agent=$NEW_VERSION" </dev/null 2>&1); then
+    fail $name "apt-get install exited non-zero: $out"
+  elif ! wait_for 60 answers http://127.0.0.1:2000/ready 200 || ! is_state active; then
+    fail $name "not started by the upgrade: $(prop ActiveState) $(prop StatusText)"
+  elif ! agent_version_is "$NEW_AGENT_VERSION" || [ "$(status_get 'd["agent"]["upgrades"]')" != 0 ]; then
+    fail $name "/status agent: $(status_get 'd["agent"]'), want a fresh $NEW_AGENT_VERSION"
+  elif [[ $out == *"re-executing"* ]]; then
+    fail $name "postinst tried to re-execute a stopped agent: $out"
+  else
+    pass $name
+  fi
+}
+
+# --- policy-rc.d forbidding restarts holds the re-execution too -----------------------------------
+check_policy_rc_d_holds_the_agent() {
+  local name=apt-upgrade-honours-policy-rc-d pid out
+  pid=$(prop MainPID)
+  printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+  chmod 0755 /usr/sbin/policy-rc.d
+  out=$(apt-get install -y --allow-downgrades "tunnel-agent=$OLD_VERSION" </dev/null 2>&1)
+  local rc=$?
+  rm -f /usr/sbin/policy-rc.d
+  if [ $rc -ne 0 ]; then
+    fail $name "apt-get install exited $rc: $out"
+  elif [ "$(prop MainPID)" != "$pid" ] || ! agent_version_is "$NEW_AGENT_VERSION"; then
+    fail $name "the agent changed: MainPID $pid -> $(prop MainPID), $(status_get 'd["agent"]["version"]')"
+  elif [[ $out != *"policy-rc.d forbids"* ]]; then
+    fail $name "postinst did not say policy-rc.d held the agent: $out"
   else
     pass $name
   fi
