@@ -92,7 +92,8 @@ stop_load() {
   ready_total=$(grep -c . "$LOAD_DIR/ready.txt")
   ready_bad=$(awk '$2 != 200' "$LOAD_DIR/ready.txt" | grep -c .)
   LOAD_BAD=$((ka_bad + nc_bad + ready_bad))
-  LOAD_SUMMARY="$ka_total keep-alive requests ($ka_bad failed), $nc_total new connections ($nc_bad failed), $ready_total /ready samples ($ready_bad not 200)"
+  LOAD_SUMMARY="$ka_total keep-alive requests ($ka_bad failed), $nc_total new connections ($nc_bad failed),"
+  LOAD_SUMMARY+=" $ready_total /ready samples ($ready_bad not 200)"
 }
 
 # latency WINDOW_START_MS WINDOW_END_MS: p50/p99/max of connect+first byte of the new connections
