@@ -68,14 +68,67 @@ host_results=$work/host-results.txt
 host_pass() { echo "PASS $1" >>"$host_results"; }
 host_fail() { echo "FAIL $1: $2" >>"$host_results"; }
 
-# --- 1. the package -------------------------------------------------------------------------
+# --- 1. the packages ------------------------------------------------------------------------
+# tunnel-agent three times, for the upgrade checks: N (this tree); N+1, this tree with another
+# version number, so that an in-place upgrade is seen to change the running binary, and with
+# one setting added to the unit, which its postinst must report; and a broken N+2 (below).
+# N+1 is built first, from a copy, with the same target directory: only the crate rebuilds,
+# and N's build then puts N's binary back at target/release/tunnel-agent for what uses it next.
+crate_version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)
+next_crate_version=$crate_version+upgrade1
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$repo/target}
 t0=$(date +%s)
-say "building the .deb (release build)"
+say "building N+1 ($next_crate_version) from a copy of the tree (release build)"
+next_tree=$work/next-tree
+mkdir -p "$next_tree"
+tar -C "$repo" --exclude=./.git --exclude=./target --exclude=./tests/system/cache --exclude=./fuzz/target \
+  --exclude=./bench/out -cf - . | tar -C "$next_tree" -xf -
+sed -i "0,/^version = \"$crate_version\"\$/s//version = \"$next_crate_version\"/" "$next_tree/Cargo.toml"
+sed -i "/^name = \"tunnel-agent\"\$/{n;s/^version = .*/version = \"$next_crate_version\"/}" "$next_tree/Cargo.lock"
+sed -i 's/^\[Service\]$/[Service]\nX-SystemTest=N+1 changed the unit, so its postinst says a restart applies it/' \
+  "$next_tree/systemd/tunnel-agent.service"
+# Outside a git checkout build.rs says "unknown": the same commit as N, named explicitly.
+(cd "$next_tree" && TUNNEL_AGENT_COMMIT=$(git -C "$repo" rev-parse --short=12 HEAD 2>/dev/null || echo unknown) \
+  cargo deb --locked --quiet --output "$work/debs/" -- --quiet >/dev/null)
+rm -rf "$next_tree"
+t_next=$(($(date +%s) - t0))
+t0=$(date +%s)
+say "building N (release build)"
 cargo deb --locked --quiet --output "$work/debs/" -- --quiet >/dev/null
-cargo deb --locked --quiet --no-build --deb-revision 2 --output "$work/debs/" >/dev/null
-deb1=$(ls "$work"/debs/tunnel-agent_*-1_*.deb)
-deb2=$(ls "$work"/debs/tunnel-agent_*-2_*.deb)
-say "built $(basename "$deb1") and $(basename "$deb2") in $(($(date +%s) - t0)) s"
+deb1=$(ls "$work"/debs/tunnel-agent_"$crate_version"-1_*.deb)
+deb2=$(ls "$work"/debs/tunnel-agent_"$next_crate_version"-1_*.deb)
+say "built $(basename "$deb1") in $(($(date +%s) - t0)) s, $(basename "$deb2") in $t_next s"
+
+# N+2: N+1's package with a /usr/bin/tunnel-agent that passes every check but breaks the hand-over
+# (tests/system/fakes/tunnel-agent-broken-handover), over N's binary at
+# /usr/lib/tunnel-agent/tunnel-agent-real: the upgrade to it must roll back to N+1.
+broken_version=$crate_version+upgrade2-1
+broken_root=$work/broken-root
+dpkg-deb -R "$deb2" "$broken_root"
+install -d "$broken_root/usr/lib/tunnel-agent"
+dpkg-deb --fsys-tarfile "$deb1" | tar -xOf - ./usr/bin/tunnel-agent >"$broken_root/usr/lib/tunnel-agent/tunnel-agent-real"
+chmod 0755 "$broken_root/usr/lib/tunnel-agent/tunnel-agent-real"
+install -m 0755 tests/system/fakes/tunnel-agent-broken-handover "$broken_root/usr/bin/tunnel-agent"
+sed -i "s/^Version: .*/Version: $broken_version/" "$broken_root/DEBIAN/control"
+deb3=$work/debs/tunnel-agent_${broken_version}_$(dpkg-deb -f "$deb2" Architecture).deb
+dpkg-deb --root-owner-group --build "$broken_root" "$deb3" >/dev/null
+rm -rf "$broken_root"
+
+# Each package holds the binary it is meant to: N's and N+1's report their own versions.
+packaged_version() { # DEB: the first line of its /usr/bin/tunnel-agent --version
+  local bin=$work/packaged-tunnel-agent
+  dpkg-deb --fsys-tarfile "$1" | tar -xOf - ./usr/bin/tunnel-agent >"$bin"
+  chmod 0755 "$bin"
+  "$bin" --version | head -n1
+  rm -f "$bin"
+}
+v1=$(packaged_version "$deb1")
+v2=$(packaged_version "$deb2")
+if [[ $v1 == "tunnel-agent $crate_version ("* && $v2 == "tunnel-agent $next_crate_version ("* ]]; then
+  host_pass packages-hold-their-versions
+else
+  host_fail packages-hold-their-versions "N's binary says '$v1', N+1's '$v2'"
+fi
 
 # cloudflared as packages, the way the fleet's repository holds them next to tunnel-agent.
 # cf_deb NAME VERSION ARCH BINARY DEPENDS DESCRIPTION
@@ -228,6 +281,7 @@ prepare_root() {
   cp -a --reflink=auto "$rootfs" "$root"
   install -d -m 0755 "$root/srv/systemtest"
   install -m 0644 tests/system/container/lib.sh "$root/srv/systemtest/lib.sh"
+  install -m 0644 tests/system/container/upgrade.sh "$root/srv/systemtest/upgrade.sh"
   install -m 0755 "tests/system/container/$2" "$root/srv/systemtest/check.sh"
   install -m 0755 tests/system/fakes/fake-gcp "$root/srv/systemtest/fake-gcp"
   install -m 0644 tests/system/container/systemtest.service "$root/etc/systemd/system/systemtest.service"
@@ -265,7 +319,9 @@ pkg_version2=$(dpkg-deb -f "$deb2" Version)
 
 root=$(prepare_root main check-main.sh)
 add_apt_source "$root"
-printf 'OLD_VERSION=%s\nNEW_VERSION=%s\n' "$pkg_version" "$pkg_version2" >"$root/srv/systemtest/versions.env"
+printf 'OLD_VERSION=%s\nNEW_VERSION=%s\nBROKEN_VERSION=%s\nOLD_AGENT_VERSION=%s\nNEW_AGENT_VERSION=%s\n' \
+  "$pkg_version" "$pkg_version2" "$broken_version" "$crate_version" "$next_crate_version" \
+  >"$root/srv/systemtest/versions.env"
 boot main "$root"
 
 root=$(prepare_root cloud-init check-cloud-init.sh)
@@ -326,7 +382,7 @@ boot cloud-init "$root"
 if [ -n "$real_cf_version" ]; then
   root=$(prepare_root real-cloudflared check-real.sh)
   add_apt_source "$root"
-  printf 'CF_VERSION=%s\n' "$real_cf_version" >"$root/srv/systemtest/versions.env"
+  printf 'CF_VERSION=%s\nPKG_VERSION=%s\n' "$real_cf_version" "$pkg_version" >"$root/srv/systemtest/versions.env"
   boot real-cloudflared "$root"
 else
   mkdir -p "$work/real-cloudflared"

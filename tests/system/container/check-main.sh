@@ -1,13 +1,16 @@
 #!/bin/bash
 # The system test's main scenario, run by systemtest.service inside a booted Debian container:
 # install the package from the signed apt repository, then drive tunnel-agent.service through
-# start, reload, watchdog, upgrade (through apt), stop and purge with real systemd, recording one
-# result line per check.
+# start, reload, watchdog, upgrades in place (through apt: upgrade, rollback, downgrade), restart,
+# stop and purge with real systemd, recording one result line per check.
 set -uo pipefail
 . /srv/systemtest/lib.sh
+. /srv/systemtest/upgrade.sh
 : >"$RESULTS"
 
-. $ST/versions.env # OLD_VERSION, NEW_VERSION: tunnel-agent's two versions in the repository
+# OLD_VERSION, NEW_VERSION, BROKEN_VERSION: tunnel-agent's three packages in the repository;
+# OLD_AGENT_VERSION, NEW_AGENT_VERSION: the versions N's and N+1's binaries report.
+. $ST/versions.env
 FAKE_CF_VERSION=0.0.0+systemtest
 CONFIG=/etc/tunnel-agent/agent.toml
 ROUTES=/etc/tunnel-agent/routes.json
@@ -384,41 +387,7 @@ check_watchdog() {
   fi
 }
 
-# --- 7. upgrade: config and state kept, service restarted on the new version --------------------
-check_upgrade() {
-  local name=apt-upgrade-keeps-config-credentials-and-state sum pid out
-  sum=$(sha256sum "$CONFIG")
-  pid=$(prop MainPID)
-  # The last good route table, which the agent keeps for a reboot during a source outage.
-  if [ ! -f /var/lib/tunnel-agent/routes.json ]; then
-    fail $name "no state (/var/lib/tunnel-agent/routes.json) before the upgrade"
-    return
-  fi
-  local creds
-  creds=$(ls -la /etc/tunnel-agent/credentials | sha256sum)
-  if ! out=$(apt-get install -y "tunnel-agent=$NEW_VERSION" </dev/null 2>&1); then
-    fail $name "apt-get install (upgrade) failed: $out"
-    return
-  fi
-  echo "$out" >"$OUT/apt-upgrade.txt"
-  if [ "$(sha256sum "$CONFIG")" != "$sum" ]; then
-    fail $name "the upgrade changed $CONFIG"
-  elif [ "$(ls -la /etc/tunnel-agent/credentials | sha256sum)" != "$creds" ]; then
-    fail $name "the upgrade changed /etc/tunnel-agent/credentials"
-  elif grep -q -i conffile "$OUT/apt-upgrade.txt"; then
-    fail $name "the upgrade asked about a conffile (see apt-upgrade.txt)"
-  elif [ "$(dpkg-query -W -f '${Version}' tunnel-agent)" != "$NEW_VERSION" ]; then
-    fail $name "installed version is $(dpkg-query -W -f '${Version}' tunnel-agent)"
-  elif ! wait_for 60 restarted_from "$pid"; then
-    fail $name "not restarted on the new version: $(prop ActiveState), MainPID $pid -> $(prop MainPID)"
-  elif [ ! -f /var/lib/tunnel-agent/routes.json ]; then
-    fail $name "state lost across the upgrade"
-  elif ! wait_for 30 serves green; then
-    fail $name "not serving after the upgrade"
-  else
-    pass $name
-  fi
-}
+# --- 7. upgrades through apt: in place (same process), rolled back, downgraded (upgrade.sh) -----
 
 # --- 7b. cloudflared under the packaged unit cannot read the credential file ------------------
 # It shares the agent's UID, so only the agent's Landlock sandbox (agent/tunnel/sandbox.rs, and
@@ -541,7 +510,12 @@ check_no_core_and_a_scrubbed_child
 check_reload_changed_route
 check_reload_broken_config
 check_watchdog
-check_upgrade
+check_upgrade_in_place
+check_upgrade_rollback
+check_downgrade_in_place
+check_restart_after_upgrades
+check_upgrade_starts_stopped_unit
+check_policy_rc_d_holds_the_agent
 check_cloudflared_confined
 check_stop_order
 check_purge

@@ -8,7 +8,9 @@ set -uo pipefail
 . /srv/systemtest/lib.sh
 : >"$RESULTS"
 
-. $ST/versions.env # CF_VERSION: the real cloudflared's version
+# CF_VERSION: the real cloudflared's version; PKG_VERSION: tunnel-agent's N (the repository also
+# holds the main scenario's N+1 and broken N+2).
+. $ST/versions.env
 CONFIG=/etc/tunnel-agent/agent.toml
 GCP=/run/systemtest/gcp
 CF_READY=http://127.0.0.1:20241/ready
@@ -118,7 +120,7 @@ check_install() {
   printf '%s\n' "$INTERNAL_TOKEN" >/etc/tunnel-agent/credentials/internal-token
   chmod 0600 /etc/tunnel-agent/credentials/internal-token
   write_config "$EDGE"
-  if ! out=$(apt-get update 2>&1 && apt-get install -y tunnel-agent cloudflared </dev/null 2>&1); then
+  if ! out=$(apt-get update 2>&1 && apt-get install -y "tunnel-agent=$PKG_VERSION" cloudflared </dev/null 2>&1); then
     fail $name "apt-get failed: $out"
   elif [ "$(dpkg-query -W -f '${Version}' cloudflared)" != "$CF_VERSION" ]; then
     fail $name "cloudflared $(dpkg-query -W -f '${Version}' cloudflared), want $CF_VERSION"
