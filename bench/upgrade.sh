@@ -24,6 +24,7 @@ LOOPS=${LOOPS:-4}
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
     cargo build --release --quiet
 fi
+release=${CARGO_TARGET_DIR:-target}/release/tunnel-agent
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 backend=127.0.0.1:$(free_port)
 agent_port=$(free_port)
@@ -33,7 +34,7 @@ start_backend "$backend"
 
 # tunnel-agent, from a copy of the binary that each round replaces as dpkg would.
 mkdir -p "$WORK/bin" "$WORK/run" "$WORK/state"
-install_agent() { cp target/release/tunnel-agent "$WORK/bin/.new" && mv "$WORK/bin/.new" "$WORK/bin/tunnel-agent"; }
+install_agent() { cp "$release" "$WORK/bin/.new" && mv "$WORK/bin/.new" "$WORK/bin/tunnel-agent"; }
 install_agent
 cat > "$WORK/agent.toml" <<TOML
 [agent]
@@ -68,17 +69,19 @@ http {
   server { listen 127.0.0.1:$nginx_port; location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; } }
 }
 NGINX
-nginx -c "$WORK/front.conf"
+# By its absolute path: the binary upgrade re-executes argv[0].
+"$(command -v nginx)" -c "$WORK/front.conf"
 
 for _ in $(seq 100); do
     curl -fs -o /dev/null "http://127.0.0.1:$health_port/ready" && curl -fs -o /dev/null "http://127.0.0.1:$nginx_port/" && break
     sleep 0.1
 done
 
-python3 - "$WORK" "$agent_port" "$nginx_port" "$agent_pid" "$ROUNDS" "$LOOPS" <<'PY'
-import os, signal, socket, statistics, subprocess, sys, threading, time
+python3 - "$WORK" "$agent_port" "$nginx_port" "$agent_pid" "$ROUNDS" "$LOOPS" "$release" <<'PY'
+import json, os, signal, socket, statistics, subprocess, sys, threading, time
+held = []
 
-work, agent_port, nginx_port, agent_pid, rounds, loops = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+work, agent_port, nginx_port, agent_pid, rounds, loops, release = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), sys.argv[7]
 REQ = b"GET / HTTP/1.1\r\nHost: bench.example.com\r\nConnection: close\r\n\r\n"
 
 def one(port):
@@ -105,20 +108,28 @@ def rss_kb(pid):
     return 0
 
 def agent_upgrade():
-    subprocess.run(["cp", "target/release/tunnel-agent", f"{work}/bin/.new"], check=True)
+    subprocess.run(["cp", release, f"{work}/bin/.new"], check=True)
     os.replace(f"{work}/bin/.new", f"{work}/bin/tunnel-agent")
-    r = subprocess.run([f"{work}/bin/tunnel-agent", "upgrade", "-c", f"{work}/agent.toml"], capture_output=True, text=True)
+    r = subprocess.run([f"{work}/bin/tunnel-agent", "upgrade", "--json", "-c", f"{work}/agent.toml"], capture_output=True, text=True)
     if r.returncode != 0:
         sys.exit(f"upgrade failed: {r.stdout}{r.stderr}")
+    held.append(json.loads(r.stdout)["status"]["agent"]["last_upgrade"]["held_ms"])
 
 def nginx_master():
-    return int(open(f"{work}/front/nginx.pid").read())
+    # Between the old master's rename to nginx.pid.oldbin and the new one's write: none.
+    try:
+        return int(open(f"{work}/front/nginx.pid").read())
+    except (FileNotFoundError, ValueError):
+        return None
 
 def nginx_upgrade():
     old = nginx_master()
     os.kill(old, signal.SIGUSR2)
     # The new master writes nginx.pid and renames the old one's to nginx.pid.oldbin.
-    while not os.path.exists(f"{work}/front/nginx.pid.oldbin") or nginx_master() == old:
+    deadline = time.monotonic() + 10
+    while not os.path.exists(f"{work}/front/nginx.pid.oldbin") or nginx_master() in (None, old):
+        if time.monotonic() > deadline:
+            sys.exit("nginx did not start a new master after USR2 (see front/error.log)")
         time.sleep(0.005)
     time.sleep(0.2)  # the new master's workers start accepting
     os.kill(old, signal.SIGWINCH)
@@ -155,6 +166,7 @@ def run(name, port, upgrade):
 before = rss_kb(agent_pid)
 run("agent", agent_port, agent_upgrade)
 after = rss_kb(agent_pid)
+print(f"agent  new connections held (the agent's own held_ms: last accept of the old image to ready of the new): {sorted(held)} ms")
 print(f"agent  resident memory: {before} kB before, {after} kB after {rounds} upgrades (same pid {agent_pid})")
 run("nginx", nginx_port, nginx_upgrade)
 PY
