@@ -194,9 +194,16 @@ pub async fn upgrade(path: &Path) -> Result<Reply, CallError> {
         if tokio::time::Instant::now() >= deadline {
             return Err(CallError::Timeout);
         }
-        // Between images the socket queues the connection, or the old image answers still.
-        let Ok(reply) = call(path, Command::Status).await else {
-            continue;
+        // Between images the socket queues the connection (it never closes), or the old image
+        // answers still. Refused or gone: no image is left to answer.
+        let reply = match call(path, Command::Status).await {
+            Ok(reply) => reply,
+            Err(CallError::NotRunning(_)) => {
+                return Ok(refusal(
+                    "the agent exited during the upgrade (its control socket is gone); see its journal".to_owned(),
+                ))
+            }
+            Err(_) => continue,
         };
         let Some(status) = reply.status.as_ref() else { continue };
         if counts(&status.agent) == counts(&before) {

@@ -394,6 +394,8 @@ fn forward_signals() -> anyhow::Result<mpsc::Receiver<Signal>> {
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     let mut usr2 = signal(SignalKind::user_defined2())?;
+    // Handled from here: what arrived during an upgrade's exec is delivered now.
+    tunnel_agent::handover::unblock_signals();
     let (tx, rx) = mpsc::channel(4);
     tokio::spawn(async move {
         loop {

@@ -502,3 +502,59 @@ async fn a_pushed_table_and_its_version_survive_an_upgrade() {
     assert_eq!(status(&agent)["routes"]["version"], 7);
     assert_eq!(cf.started_pids(), cf_pids, "cloudflared kept");
 }
+
+/// SIGHUPs all through an upgrade (a `systemctl reload` racing the package's postinst): the ones
+/// that arrive between the exec and the new image's handlers wait for them instead of ending
+/// the process (SIGHUP's default action), and the upgrade completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_during_the_exec_wait_for_the_new_image() {
+    let upstream = FakeUpstream::start(Wire::Http1).await;
+    let (agent, cf, binary) = start(&upstream, "").await;
+    let cf_pid = cf.started_pids()[0];
+    install(&binary, None);
+    let pid = agent.pid();
+    let stop = Arc::new(AtomicBool::new(false));
+    let hammer = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut sent = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).is_err() {
+                    break;
+                }
+                sent += 1;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            sent
+        })
+    };
+    let upgraded = agent.control("upgrade").await;
+    stop.store(true, Ordering::Relaxed);
+    let sent = hammer.await.expect("hammer");
+    assert!(upgraded.ok(), "{}\n{}", upgraded.output(), agent.logs().join("\n"));
+    assert!(
+        nix::sys::signal::kill(pid, None).is_ok(),
+        "the agent survived {sent} SIGHUPs"
+    );
+    assert!(sent > 20, "signals were sent throughout the upgrade ({sent})");
+    let s = status(&agent);
+    assert_eq!(s["agent"]["upgrades"], 1, "{s:#}");
+    assert_eq!(cf.started_pids(), vec![cf_pid]);
+    // The new image handled SIGHUP as a reload.
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    let reloaded = agent
+        .logs()
+        .iter()
+        .filter(|l| l.contains("configuration reloaded"))
+        .count();
+    common::eventually(DEADLINE, "a reload by the new image", || async {
+        (agent
+            .logs()
+            .iter()
+            .filter(|l| l.contains("configuration reloaded"))
+            .count()
+            > reloaded)
+            .then_some(())
+    })
+    .await;
+}

@@ -47,6 +47,31 @@ pub const PREVIOUS_VAR: &str = "TUNNEL_AGENT_PREVIOUS";
 /// Set for a previous image coming back: why the new one could not take over.
 pub const ROLLED_BACK_VAR: &str = "TUNNEL_AGENT_ROLLED_BACK";
 
+/// The signals the agent handles. Their default action ends the process, so between the exec
+/// and the new image's handlers (a few ms) one of them (a `systemctl reload` during an apt
+/// upgrade) would kill the agent and drop the tunnel: they are blocked across the exec (the
+/// mask survives it) and stay pending until [`unblock_signals`].
+const HANDLED: [nix::sys::signal::Signal; 4] = [
+    nix::sys::signal::Signal::SIGHUP,
+    nix::sys::signal::Signal::SIGINT,
+    nix::sys::signal::Signal::SIGTERM,
+    nix::sys::signal::Signal::SIGUSR2,
+];
+
+fn handled_set() -> nix::sys::signal::SigSet {
+    let mut set = nix::sys::signal::SigSet::empty();
+    for s in HANDLED {
+        set.add(s);
+    }
+    set
+}
+
+/// Once the handlers are installed: the signals blocked across an exec (pending ones arrive
+/// now) are delivered again. A no-op for a fresh start.
+pub fn unblock_signals() {
+    let _ = nix::sys::signal::pthread_sigmask(nix::sys::signal::SigmaskHow::SIG_UNBLOCK, Some(&handled_set()), None);
+}
+
 /// The longest reason carried in [`ROLLED_BACK_VAR`].
 const REASON_LIMIT: usize = 1000;
 
@@ -223,6 +248,7 @@ fn replace_image(image: Image<'_>, keep: &[RawFd], env: &[(&str, String)]) -> st
             return e;
         }
     }
+    let _ = nix::sys::signal::pthread_sigmask(nix::sys::signal::SigmaskHow::SIG_BLOCK, Some(&handled_set()), None);
     let err = match image {
         Image::Path(path) => match to_c(path.as_os_str().as_bytes()) {
             Ok(p) => nix::unistd::execve(&p, &args, &envp).unwrap_err(),
@@ -233,6 +259,7 @@ fn replace_image(image: Image<'_>, keep: &[RawFd], env: &[(&str, String)]) -> st
     for &fd in keep {
         let _ = fds::set_cloexec(fd, true);
     }
+    unblock_signals();
     std::io::Error::from_raw_os_error(err as i32)
 }
 
