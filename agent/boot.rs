@@ -68,6 +68,7 @@ pub async fn run(
         Ok((mut node, sources, sockets)) => {
             if let Some(incoming) = incoming {
                 incoming.commit(&health);
+                node.recheck_cloudflared_version().await;
             }
             let ended = node.run(sources).await;
             in_effect = node.config().clone();
@@ -177,7 +178,7 @@ async fn inputs(
     let boot_deadline = crate::deadline::from_now(config.agent.boot_timeout);
     let clients = steps::clients(config, health)?;
     // 1. Config (loaded and validated by the caller), and what the cloudflared it names can do.
-    let cloudflared_version = steps::config_loaded(config, config_path, health, tunnel).await?;
+    let cloudflared_version = steps::config_loaded(config, config_path, health, tunnel, carried).await?;
     // 2. Secrets.
     let secrets = steps::secrets(config, &clients, metrics, health, boot_deadline, carried).await?;
     // 3. Routes.

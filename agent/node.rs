@@ -531,19 +531,7 @@ impl Node {
         if let Some(trust) = trust {
             self.proxy.use_default_trust(trust);
         }
-        if cloudflared_version != self.cloudflared_version {
-            if let Some(v) = &cloudflared_version {
-                tracing::info!(
-                    program = %new.cloudflared.path.display(),
-                    version = %v.version,
-                    "cloudflared version {} ({})",
-                    v.version,
-                    new.cloudflared.path.display()
-                );
-                self.tunnel.state.set_version(v.version.clone());
-            }
-            self.cloudflared_version = cloudflared_version;
-        }
+        self.note_cloudflared_version(cloudflared_version, &new.cloudflared.path);
         // Nothing below can fail: the file's role, if it changed, is applied through the one
         // role path once the new settings are in place.
         let role_change = self.roles.reloaded(&self.config, &new);
@@ -571,6 +559,29 @@ impl Node {
             self.config_path.display()
         );
         Ok(())
+    }
+
+    /// Records `version` as that of the configuration's cloudflared at `program` (logged, and
+    /// shown in `/status` and the metrics, when it changed).
+    fn note_cloudflared_version(
+        &mut self,
+        version: Option<crate::tunnel::version::CloudflaredVersion>,
+        program: &std::path::Path,
+    ) {
+        if version == self.cloudflared_version {
+            return;
+        }
+        if let Some(v) = &version {
+            tracing::info!(
+                program = %program.display(),
+                version = %v.version,
+                "cloudflared version {} ({})",
+                v.version,
+                program.display()
+            );
+            self.tunnel.state.set_version(v.version.clone());
+        }
+        self.cloudflared_version = version;
     }
 
     /// Asks the reloaded configuration's cloudflared its version again: `cloudflared.path` may

@@ -91,12 +91,15 @@ pub(super) fn clients(config: &Config, health: &Health) -> anyhow::Result<Client
     })
 }
 
-/// Step 1: the config is loaded (by the caller); what the cloudflared it names can do.
+/// Step 1: the config is loaded (by the caller); what the cloudflared it names can do. After an
+/// upgrade, what the adopted cloudflared is, from the carried state (the binary on disk is asked
+/// once the new image is ready: `Node::recheck_cloudflared_version`).
 pub(super) async fn config_loaded(
     config: &Config,
     config_path: &Path,
     health: &Health,
     tunnel: &TunnelState,
+    carried: Option<&State>,
 ) -> Result<Option<CloudflaredVersion>, Unsupported> {
     health.config_loaded.store(true, Ordering::Release);
     // The environment mode (`--from-env`) says so: its settings are not all in a file.
@@ -106,7 +109,18 @@ pub(super) async fn config_loaded(
         (None, _) => config_path.display().to_string(),
     };
     health.update_status(|s| s.config_file = file);
-    detect_cloudflared(config, tunnel).await
+    let adopted = carried
+        .and_then(|s| s.tunnel.as_ref())
+        .filter(|t| t.pid.is_some())
+        .and_then(|t| t.status.version.as_deref())
+        .and_then(|v| crate::tunnel::version::parse(&format!("cloudflared version {v}")));
+    match adopted {
+        Some(version) if config.cloudflared.enabled => {
+            tunnel.set_version(version.version.clone());
+            Ok(Some(version))
+        }
+        _ => detect_cloudflared(config, tunnel).await,
+    }
 }
 
 /// Asks the configured cloudflared its version at boot (a reload asks again, in

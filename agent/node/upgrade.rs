@@ -91,6 +91,17 @@ impl Node {
         }
     }
 
+    /// An upgraded image's boot took the adopted cloudflared's version from the carried state
+    /// (asking the binary would hold new connections for as long as it takes to answer). Once
+    /// ready, the binary on disk, which the next start runs, is asked as a reload asks it.
+    pub async fn recheck_cloudflared_version(&mut self) {
+        let config = self.config.clone();
+        match self.reload_cloudflared_version(&config).await {
+            Ok(version) => self.note_cloudflared_version(version, &config.cloudflared.path),
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "cloudflared on disk: {e:#}"),
+        }
+    }
+
     /// A control command that is an upgrade: answered, and the plan when it goes ahead.
     pub(super) async fn control_upgrade(&mut self) -> (control::Reply, Option<Plan>) {
         let (answer, plan) = self.upgrade_requested().await;
