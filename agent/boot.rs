@@ -25,9 +25,10 @@ use tokio::sync::mpsc;
 use crate::config::Config;
 use crate::exit::AgentError;
 use crate::handover::listeners::{Kind, Sockets};
+use crate::handover::state::NodeState;
 use crate::handover::{self, Incoming, Plan, State};
 use crate::health::Health;
-use crate::node::{self, Ended, Node, NodeParts, Signal, Sources};
+use crate::node::{Ended, Node, NodeParts, Signal, Sources};
 use crate::role;
 use crate::secrets::refresh::SecretChange;
 use crate::shutdown::{Lent, Stops};
@@ -121,7 +122,7 @@ async fn hand_over(
     let held_since = tokio::time::Instant::now();
     let kept = stops.hand_over(in_effect, in_effect.agent.upgrade_drain).await;
     // The election and cloudflared go on untouched through the drain; handed over last.
-    let node: node::Carried = {
+    let node: NodeState = {
         let carried = node.hand_over().await;
         // The node goes back to its stop, which the hand-over keeps unrun.
         drop(node);
@@ -131,16 +132,10 @@ async fn hand_over(
         format: handover::state::FORMAT,
         from: crate::build_info::LONG_VERSION.to_owned(),
         to: plan.to.clone(),
-        binary: node.binary,
         held_since_ns: crate::deadline::to_monotonic_ns(held_since),
         agent: health.status.load().agent.clone(),
         listeners: sockets.carry(),
-        role: node.role,
-        role_source: node.role_source,
-        routes_version: node.routes_version,
-        secrets: node.secrets,
-        tunnel: node.tunnel,
-        election: node.election,
+        node,
     };
     let keep = state.fds();
     tracing::info!(
@@ -255,8 +250,8 @@ async fn node_up(
     )?);
     let role = match carried {
         Some(s) => role::Boot {
-            role: s.role,
-            source: s.role_source,
+            role: s.node.role,
+            source: s.node.role_source,
             etag: None,
         },
         None => role::start::boot(&config, &clients.metadata).await,
@@ -276,10 +271,10 @@ async fn node_up(
         role,
         cloudflared_version,
         binary: steps::binary(carried),
-        tunnel_carried: carried.and_then(|s| s.tunnel.clone()),
+        tunnel_carried: carried.and_then(|s| s.node.tunnel.clone()),
     };
     let (mut node, secret_changes) = stops.keep(steps::node(parts, routes, table));
-    let resumed = steps::resume_election(&mut node, carried.and_then(|s| s.election.clone())).await?;
+    let resumed = steps::resume_election(&mut node, carried.and_then(|s| s.node.election.clone())).await?;
     stops.push(steps::proxy_probe(health, proxy_addr, workers).await?);
     Ok(Up {
         node,

@@ -123,7 +123,7 @@ fn main() -> ExitCode {
     let exit = match cli.command {
         Command::Check(source) => check(&source.path()),
         Command::Run(source) => run(source.path(), incoming),
-        Command::Upgrade(args) => upgrade(args),
+        Command::Upgrade(args) => control(args, tunnel_agent::control::Command::Upgrade),
         Command::HandoverProbe => {
             let probe = tunnel_agent::handover::preflight::Probe::mine();
             out(&format!("{}\n", serde_json::to_string(&probe).unwrap_or_default()));
@@ -158,64 +158,40 @@ fn control_target(args: ControlArgs) -> Result<(std::path::PathBuf, tokio::runti
     }
 }
 
-/// `tunnel-agent upgrade`: asks, then waits for the image that answers afterwards.
-fn upgrade(args: ControlArgs) -> Exit {
-    let json = args.json;
-    let (socket, runtime) = match control_target(args) {
-        Ok(t) => t,
-        Err(exit) => return exit,
-    };
-    match runtime.block_on(tunnel_agent::control::upgrade(&socket)) {
-        Err(e) => {
-            err(&format!("tunnel-agent: {e}\n"));
-            Exit::Failure
-        }
-        Ok(reply) => {
-            if json {
-                out(&format!(
-                    "{}\n",
-                    serde_json::to_string_pretty(&reply).unwrap_or_default()
-                ));
-            } else if reply.ok {
-                out(&format!("{}\n", reply.message));
-            } else {
-                err(&format!("tunnel-agent: {}\n", reply.message));
-            }
-            if reply.ok {
-                Exit::Success
-            } else {
-                Exit::Failure
-            }
-        }
-    }
-}
-
+/// `promote`, `demote`, `status` and `upgrade` through the control socket. `upgrade` waits for
+/// the image that answers afterwards and prints how it went; the others print a summary.
 fn control(args: ControlArgs, command: tunnel_agent::control::Command) -> Exit {
+    use tunnel_agent::control::{self, Command};
     let json = args.json;
     let (socket, runtime) = match control_target(args) {
         Ok(t) => t,
         Err(exit) => return exit,
     };
-    match runtime.block_on(tunnel_agent::control::call(&socket, command)) {
+    let answer = match command {
+        Command::Upgrade => runtime.block_on(control::upgrade(&socket)),
+        _ => runtime.block_on(control::call(&socket, command)),
+    };
+    let reply = match answer {
+        Ok(reply) => reply,
         Err(e) => {
             err(&format!("tunnel-agent: {e}\n"));
-            Exit::Failure
+            return Exit::Failure;
         }
-        Ok(reply) => {
-            if json {
-                out(&format!(
-                    "{}\n",
-                    serde_json::to_string_pretty(&reply).unwrap_or_default()
-                ));
-            } else {
-                print_summary(&reply);
-            }
-            if reply.ok {
-                Exit::Success
-            } else {
-                Exit::Failure
-            }
-        }
+    };
+    if json {
+        out(&format!(
+            "{}\n",
+            serde_json::to_string_pretty(&reply).unwrap_or_default()
+        ));
+    } else if command == Command::Upgrade && reply.ok {
+        out(&format!("{}\n", reply.message));
+    } else {
+        print_summary(&reply);
+    }
+    if reply.ok {
+        Exit::Success
+    } else {
+        Exit::Failure
     }
 }
 

@@ -24,8 +24,6 @@
 
 mod upgrade;
 
-pub use upgrade::Carried;
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;

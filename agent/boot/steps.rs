@@ -69,7 +69,7 @@ pub(super) struct Clients {
 /// image to image: by the time of an upgrade, `/proc/self/exe` names the replaced file).
 pub(super) fn binary(carried: Option<&State>) -> PathBuf {
     match carried {
-        Some(s) => s.binary.clone(),
+        Some(s) => s.node.binary.clone(),
         None => std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/usr/bin/tunnel-agent")),
     }
 }
@@ -110,7 +110,7 @@ pub(super) async fn config_loaded(
     };
     health.update_status(|s| s.config_file = file);
     let adopted = carried
-        .and_then(|s| s.tunnel.as_ref())
+        .and_then(|s| s.node.tunnel.as_ref())
         .filter(|t| t.pid.is_some())
         .and_then(|t| t.status.version.as_deref())
         .and_then(|v| crate::tunnel::version::parse(&format!("cloudflared version {v}")));
@@ -163,7 +163,7 @@ pub(super) async fn secrets(
     carried: Option<&State>,
 ) -> anyhow::Result<SecretValues> {
     let carried = carried
-        .map(|s| s.secrets.values())
+        .map(|s| s.node.secrets.values())
         .filter(|values| config.secrets.keys().all(|name| values.contains_key(name)));
     let secrets = match carried {
         Some(values) => values,
@@ -398,8 +398,8 @@ pub(super) async fn resume_election(
 pub(super) fn fence_guard(carried: Option<&State>, config: &Config) -> Option<tokio::task::JoinHandle<()>> {
     let carried = carried?;
     let margin = config.role_election.as_ref().map_or(Duration::ZERO, |e| e.fence_margin);
-    let at = carried.election.as_ref()?.fence_point(margin)?;
-    let pid = carried.tunnel.as_ref().and_then(|t| t.pid)?;
+    let at = carried.node.election.as_ref()?.fence_point(margin)?;
+    let pid = carried.node.tunnel.as_ref().and_then(|t| t.pid)?;
     Some(tokio::spawn(async move {
         tokio::time::sleep_until(at).await;
         tracing::error!(pid, "the carried election lease reached its fence point before the election resumed; stopping cloudflared pid {pid}");

@@ -30,14 +30,21 @@ pub struct State {
     pub from: String,
     /// `--version` the new binary gave in its preflight.
     pub to: String,
-    /// The binary later upgrades run: the path this process was first started from.
-    pub binary: PathBuf,
     /// When the old image stopped accepting connections (CLOCK_MONOTONIC ns): the start of the
     /// time new connections wait in the kernel's queues.
     pub held_since_ns: u64,
     /// The counters and last upgrade `/status` shows, kept across images.
     pub agent: AgentStatus,
     pub listeners: Vec<listeners::Carried>,
+    #[serde(flatten)]
+    pub node: NodeState,
+}
+
+/// What the node hands over (`Node::hand_over`).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NodeState {
+    /// The binary later upgrades run: the path this process was first started from.
+    pub binary: PathBuf,
     pub role: Role,
     pub role_source: RoleSource,
     /// The version of the pushed table in use (`None`: not a pushed table).
@@ -56,7 +63,7 @@ impl State {
     /// Every descriptor number the state names, which must survive the exec.
     pub fn fds(&self) -> Vec<i32> {
         let mut fds: Vec<i32> = self.listeners.iter().map(|l| l.fd).collect();
-        fds.extend(self.tunnel.iter().flat_map(|t| t.fds()));
+        fds.extend(self.node.tunnel.iter().flat_map(|t| t.fds()));
         fds
     }
 }

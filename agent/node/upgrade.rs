@@ -2,30 +2,14 @@
 //! SIGUSR2), and, once it passed and the loop ended, what the node hands the next image.
 //! `boot` does the rest (drain, state, exec; `crate::handover`).
 
-use std::path::PathBuf;
-
 use crate::control;
-use crate::handover::state::CarriedSecrets;
+use crate::handover::state::{CarriedSecrets, NodeState};
 use crate::handover::{self, preflight, Plan};
-use crate::role::{Answer, Role, RoleSource};
+use crate::role::Answer;
 use crate::systemd;
 use crate::tunnel::{RestartPolicy, TunnelSupervisor};
 
 use super::Node;
-
-/// What the node hands the next image (the rest of the state is boot's: sockets, counters).
-#[derive(Debug)]
-pub struct Carried {
-    /// The binary later upgrades run.
-    pub binary: PathBuf,
-    pub role: Role,
-    pub role_source: RoleSource,
-    /// The version of the pushed table in use.
-    pub routes_version: Option<u64>,
-    pub secrets: CarriedSecrets,
-    pub tunnel: Option<crate::tunnel::Carried>,
-    pub election: Option<crate::election::Carried>,
-}
 
 impl Node {
     /// The preflight of an upgrade: the new binary (the file at the path this process was
@@ -61,7 +45,7 @@ impl Node {
     /// fence after the tunnel's detach would find no cloudflared to stop), then cloudflared.
     /// An election that cannot be detached (its task ended) is carried as none: the next image
     /// starts it afresh, as a follower, fenced.
-    pub async fn hand_over(&mut self) -> Carried {
+    pub async fn hand_over(&mut self) -> NodeState {
         for t in self.refreshers.drain(..) {
             t.abort();
         }
@@ -80,7 +64,7 @@ impl Node {
             self.tunnel.state.clone(),
         );
         let tunnel = std::mem::replace(&mut self.tunnel, idle).detach().await;
-        Carried {
+        NodeState {
             binary: self.binary.clone(),
             role: self.roles.role(),
             role_source: self.roles.source(),

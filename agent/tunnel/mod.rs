@@ -20,6 +20,7 @@
 //!
 //! The child runs in its own process group, so signals reach any helper it forks.
 
+pub mod carried_spec;
 pub mod carry;
 mod child;
 pub mod log_limit;
@@ -297,7 +298,7 @@ enum Control {
     /// Run this spec (restarting if it differs), or stop when `None`.
     Apply(Box<Option<TunnelSpec>>, oneshot::Sender<()>),
     /// Let go of cloudflared for an in-place upgrade and end.
-    Detach(oneshot::Sender<Carried>),
+    Detach(oneshot::Sender<Box<supervisor::Supervisor>>),
 }
 
 /// The handle the boot sequence holds.
@@ -353,9 +354,9 @@ impl TunnelSupervisor {
     pub async fn detach(self) -> Option<Carried> {
         let (reply, carried) = oneshot::channel();
         self.tx.send(Control::Detach(reply)).await.ok()?;
-        let carried = carried.await.ok()?;
+        let mut sup = carried.await.ok()?;
         let _ = self.task.await;
-        Some(carried)
+        Some(carry::detach(&mut sup).await)
     }
 
     /// Applies a new spec (or stops, with `None`). Returns once the change took effect:

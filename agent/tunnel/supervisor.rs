@@ -23,7 +23,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::carry::{self, CarriedSpec};
+use super::carried_spec::CarriedSpec;
 use super::child::{describe, spawn, stop, Running};
 use super::{poll_ready, record_exit, Control, RestartPolicy, TunnelSpec, TunnelState};
 use crate::backoff::Backoff;
@@ -309,7 +309,8 @@ pub(super) async fn supervise(
                 return Ok(());
             }
             Wake::Detach(reply) => {
-                let _ = reply.send(carry::detach(&mut sup).await);
+                // The caller lets go of cloudflared (`carry::detach`) once the loop has ended.
+                let _ = reply.send(Box::new(sup));
                 return Ok(());
             }
             Wake::Nothing => {}
@@ -325,8 +326,8 @@ enum Wake {
     Apply(Box<Option<TunnelSpec>>, tokio::sync::oneshot::Sender<()>),
     /// The control channel closed: stop cloudflared and end.
     Closed,
-    /// A hand-over: let go of cloudflared, say what the next image needs, and end.
-    Detach(tokio::sync::oneshot::Sender<carry::Carried>),
+    /// A hand-over: end, handing the loop's state to whoever lets go of cloudflared.
+    Detach(tokio::sync::oneshot::Sender<Box<Supervisor>>),
     /// Something that is no event (a poll without a child, the fence's own SIGTERM).
     Nothing,
 }
