@@ -37,7 +37,8 @@ start=$SECONDS
 cargo fuzz build "${build[@]}"
 echo "fuzz: built ${#targets[@]} targets in $((SECONDS - start)) s"
 
-bin_dir=target/$(rustc -vV | sed -n 's/^host: //p')/release
+# Where cargo put them: fuzz/target, or CARGO_TARGET_DIR when the caller shares one.
+bin_dir=${CARGO_TARGET_DIR:-target}/$(rustc -vV | sed -n 's/^host: //p')/release
 for t in "${targets[@]}"; do
   scratch=target/corpus-run/$t
   artifacts=artifacts/$t
