@@ -195,6 +195,22 @@ fn control(args: ControlArgs, command: tunnel_agent::control::Command) -> Exit {
     }
 }
 
+/// The `agent:` line: the running build, since when, and its upgrades in place.
+fn describe_agent(a: &tunnel_agent::health::AgentStatus) -> String {
+    let last = match &a.last_upgrade {
+        None => String::new(),
+        Some(u) => {
+            let held = u.held_ms.map(|ms| format!(", new connections waited {ms} ms")).unwrap_or_default();
+            let error = u.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default();
+            format!("; last upgrade {} ({} -> {}{held}){error}", u.result.as_str(), u.from, u.to)
+        }
+    };
+    format!(
+        "{} since {}; {} upgrades in place, {} rolled back, {} refused{last}",
+        a.version, a.since, a.upgrades, a.rolled_back, a.refused
+    )
+}
+
 fn print_summary(reply: &tunnel_agent::control::Reply) {
     if !reply.ok {
         err(&format!("tunnel-agent: {}\n", reply.message));
@@ -210,6 +226,7 @@ fn print_summary(reply: &tunnel_agent::control::Reply) {
         s.role_source.map_or("?", |r| r.as_str())
     ));
     out(&format!("ready:        {}\n", s.ready));
+    out(&format!("agent:        {}\n", describe_agent(&s.agent)));
     let cf = &s.cloudflared;
     out(&format!(
         "tunnel:       {} connections, pid {}, {} restarts, last exit {}\n",

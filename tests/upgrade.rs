@@ -558,3 +558,47 @@ async fn signals_during_the_exec_wait_for_the_new_image() {
     })
     .await;
 }
+
+/// systemd sees the upgrade as a reload of the same main process: `RELOADING=1` from the old
+/// image before it drains, `READY=1` from the new one once it serves; `tunnel-agent status`
+/// says which build runs and how its last upgrade went.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_sees_reloading_then_ready_and_status_tells_the_upgrade() {
+    let upstream = FakeUpstream::start(Wire::Http1).await;
+    let builder = AgentBuilder::new();
+    let notify = common::NotifySocket::bind(builder.dir());
+    let binary = builder.dir().join("tunnel-agent");
+    install(&binary, None);
+    let config = ConfigText::new().host("app.test", &upstream.url());
+    let agent = builder
+        .env("NOTIFY_SOCKET", &notify.path.display().to_string())
+        .program(&binary)
+        .start(&config)
+        .await;
+    notify.wait_for("READY=1", 1, DEADLINE).await;
+    install(&binary, None);
+    let upgraded = agent.control("upgrade").await;
+    assert!(upgraded.ok(), "{}", upgraded.output());
+    notify.wait_for("READY=1", 2, DEADLINE).await;
+    let lines = notify.lines();
+    let reloading = lines.iter().position(|l| l == "RELOADING=1").expect("RELOADING=1 sent");
+    let ready_again = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| *l == "READY=1")
+        .map(|(i, _)| i)
+        .nth(1)
+        .expect("a second READY=1");
+    assert!(reloading < ready_again, "RELOADING=1 before the new image's READY=1: {lines:?}");
+    let summary = agent.control("status").await;
+    assert!(summary.ok(), "{}", summary.output());
+    let line = summary
+        .output()
+        .lines()
+        .find(|l| l.starts_with("agent:"))
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("no agent line: {}", summary.output()));
+    assert!(line.contains("1 upgrades in place"), "{line}");
+    assert!(line.contains("last upgrade completed"), "{line}");
+    assert!(line.contains("new connections waited"), "{line}");
+}
