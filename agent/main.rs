@@ -200,9 +200,17 @@ fn describe_agent(a: &tunnel_agent::health::AgentStatus) -> String {
     let last = match &a.last_upgrade {
         None => String::new(),
         Some(u) => {
-            let held = u.held_ms.map(|ms| format!(", new connections waited {ms} ms")).unwrap_or_default();
+            let held = u
+                .held_ms
+                .map(|ms| format!(", new connections waited {ms} ms"))
+                .unwrap_or_default();
             let error = u.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default();
-            format!("; last upgrade {} ({} -> {}{held}){error}", u.result.as_str(), u.from, u.to)
+            format!(
+                "; last upgrade {} ({} -> {}{held}){error}",
+                u.result.as_str(),
+                u.from,
+                u.to
+            )
         }
     };
     format!(

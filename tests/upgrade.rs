@@ -589,7 +589,10 @@ async fn systemd_sees_reloading_then_ready_and_status_tells_the_upgrade() {
         .map(|(i, _)| i)
         .nth(1)
         .expect("a second READY=1");
-    assert!(reloading < ready_again, "RELOADING=1 before the new image's READY=1: {lines:?}");
+    assert!(
+        reloading < ready_again,
+        "RELOADING=1 before the new image's READY=1: {lines:?}"
+    );
     let summary = agent.control("status").await;
     assert!(summary.ok(), "{}", summary.output());
     let line = summary
