@@ -216,16 +216,16 @@ async fn node_up(
     metrics: &Arc<Metrics>,
     (config_path, config): (PathBuf, Config),
     inputs: Inputs,
+    limits: &crate::server::Limits,
     carried: Option<&State>,
 ) -> Result<Up, AgentError> {
-    let limits = steps::limits(&config);
     // 4. Health listener. A fresh start answers probes from here (503 while booting); an
     // upgraded image leaves the inherited socket queueing until it is ready, so no probe sees
     // it half-started.
     let listener = sockets.tcp(Kind::Health, config.health.listen, "health.listen").await?;
     let later = match carried {
         None => {
-            stops.push(steps::health_listener(Some(listener), &limits, health)?);
+            stops.push(steps::health_listener(listener, limits, health)?);
             None
         }
         Some(_) => Some((stops.len(), listener)),
@@ -241,13 +241,7 @@ async fn node_up(
     let proxy = steps::proxy(&config, &secrets, &clients, metrics, table.clone())?;
     let worker_sockets = sockets.proxy(config.proxy.listen, config.proxy.worker_threads())?;
     let workers = worker_sockets.len();
-    let proxy_addr = stops.keep(steps::proxy_listener(
-        worker_sockets,
-        &proxy,
-        &config,
-        &limits,
-        metrics,
-    )?);
+    let proxy_addr = stops.keep(steps::proxy_listener(worker_sockets, &proxy, &config, limits, metrics)?);
     let role = match carried {
         Some(s) => role::Boot {
             role: s.node.role,
@@ -322,6 +316,7 @@ async fn start(
         metrics,
         (config_path, config),
         inputs,
+        &limits,
         carried,
     )
     .await?;
@@ -334,7 +329,7 @@ async fn start(
     steps::cloudflared(&node, health).await;
     let pushes = stops.keep_some(steps::config_api(&node, health, metrics, limits.clone(), &mut sockets).await?);
     if let Some((slot, listener)) = health_later {
-        stops.insert(slot, steps::health_listener(Some(listener), &limits, health)?);
+        stops.insert(slot, steps::health_listener(listener, &limits, health)?);
     }
     // 7. Ready: every local component serves; the tunnel's edge connection is /ready's business.
     systemd::ready("serving");

@@ -200,12 +200,7 @@ pub(super) fn limits(config: &Config) -> Limits {
 }
 
 /// Step 4: `:2000` (readiness, status, metrics) served on `listener`.
-pub(super) fn health_listener(
-    listener: Option<TcpListener>,
-    limits: &Limits,
-    health: &Arc<Health>,
-) -> anyhow::Result<Stop> {
-    let listener = listener.ok_or_else(|| anyhow::anyhow!("the health listener was served already"))?;
+pub(super) fn health_listener(listener: TcpListener, limits: &Limits, health: &Arc<Health>) -> anyhow::Result<Stop> {
     let health = health.clone();
     let server = server::serve(listener, limits.clone(), move |peer, req| {
         health.clone().handle(peer, req)

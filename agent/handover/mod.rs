@@ -213,10 +213,16 @@ impl Incoming {
         let reason: String = why.replace('\n', " ").chars().take(REASON_LIMIT).collect();
         eprintln!("tunnel-agent: cannot take over ({reason}); returning to the previous binary");
         let fds = self.carried_fds();
-        let env = [(ROLLED_BACK_VAR, reason), (STATE_VAR, self.state_fd.to_string())];
-        let e = replace_image(Image::Fd(previous), &fds, &env);
+        let e = return_to(previous, &fds, self.state_fd, reason);
         format!("cannot take over ({why}), and returning to the previous binary failed: {e}")
     }
+}
+
+/// A rollback: executes the previous binary (`previous`, an `O_PATH` descriptor) with the state
+/// in `state_fd`, telling it why (`reason`). Returns only on failure.
+fn return_to(previous: RawFd, keep: &[RawFd], state_fd: RawFd, reason: String) -> std::io::Error {
+    let env = [(ROLLED_BACK_VAR, reason), (STATE_VAR, state_fd.to_string())];
+    replace_image(Image::Fd(previous), keep, &env)
 }
 
 /// The binary to run in this process's place.
@@ -296,8 +302,7 @@ pub fn exec(plan: &Plan, state: &State, keep: &[RawFd]) -> String {
     let e = replace_image(Image::Path(&plan.binary), &all, &env);
     tracing::error!(binary = %plan.binary.display(), error = %e, "cannot execute {}: {e}; continuing with the running binary", plan.binary.display());
     let reason = format!("cannot execute {}: {e}", plan.binary.display());
-    let env = [(ROLLED_BACK_VAR, reason), (STATE_VAR, memfd.as_raw_fd().to_string())];
-    let again = replace_image(Image::Fd(previous), &all, &env);
+    let again = return_to(previous, &all, memfd.as_raw_fd(), reason);
     format!(
         "cannot execute {} ({e}) nor the running binary again ({again})",
         plan.binary.display()
