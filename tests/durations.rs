@@ -116,6 +116,7 @@ async fn check_refuses_every_duration_over_its_bound_with_file_key_and_bound() {
         &format!(
             r#"[agent]
 shutdown_grace = "{ABSURD}"
+upgrade_drain = "2m"
 [proxy]
 auth_overlap = "{ABSURD}"
 upstream_timeout = "2days"
@@ -138,12 +139,13 @@ timeouts = {{ request = "{ABSURD}" }}
     let out = run.output();
     for (line, key, bound) in [
         (2, "agent.shutdown_grace", "1h"),
-        (4, "proxy.auth_overlap", "1day"),
-        (5, "proxy.upstream_timeout", "1day"),
-        (7, "gcp.metadata_timeout", "1h"),
-        (9, "cloudflared.stable_after", "1day"),
-        (12, "role_follow.interval", "1h"),
-        (16, "route[0].timeouts.request", "1day"),
+        (3, "agent.upgrade_drain", "1m"),
+        (5, "proxy.auth_overlap", "1day"),
+        (6, "proxy.upstream_timeout", "1day"),
+        (8, "gcp.metadata_timeout", "1h"),
+        (10, "cloudflared.stable_after", "1day"),
+        (13, "role_follow.interval", "1h"),
+        (17, "route[0].timeouts.request", "1day"),
     ] {
         let want = format!("absurd.toml:{line}:");
         assert!(
