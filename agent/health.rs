@@ -199,6 +199,31 @@ pub struct TunnelStatus {
     pub uptime_s: Option<u64>,
     pub version: Option<String>,
     pub wanted: bool,
+    /// What the last read of cloudflared's own ingress found, while it runs.
+    #[serde(default)]
+    pub remote_ingress: Option<IngressAudit>,
+}
+
+/// `/status`'s `cloudflared.remote_ingress` (`tunnel::remote_ingress`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IngressAudit {
+    /// cloudflared's configuration version: -1 for its local ingress, else the remote one's.
+    pub version: i64,
+    pub rules: usize,
+    /// Rules whose requests reach the proxy, including those through the proxy variables.
+    pub via_proxy: usize,
+    /// How many rules reach around the proxy; the first few are in `bypass`.
+    pub bypassing: usize,
+    pub bypass: Vec<IngressBypass>,
+}
+
+/// One rule of cloudflared's ingress whose requests do not reach the proxy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IngressBypass {
+    /// The rule's hostname (`*` for a catch-all).
+    pub hostname: String,
+    /// Its service, credentials in a URL redacted.
+    pub service: String,
 }
 
 /// `/status`'s `election`, published by the election.
@@ -481,6 +506,11 @@ impl Health {
                 "tunnel_agent_cloudflared_crash_loop",
                 "1 while cloudflared is crash-looping.",
                 u64::from(t.crash_loop),
+            ),
+            (
+                "tunnel_agent_cloudflared_ingress_bypass_rules",
+                "Rules of cloudflared's ingress whose requests do not reach the proxy (0 when unknown).",
+                t.remote_ingress.as_ref().map_or(0, |a| a.bypassing as u64),
             ),
         ];
         for (name, help, v) in gauges {

@@ -177,6 +177,24 @@ async fn running_without_an_edge(s: &Subject) {
         "{text}"
     );
 
+    // Its ingress as it applies it: version -1 until the edge pushes one; with no rules, the
+    // default (every request 503). The agent reads it to find rules that go around its proxy.
+    let config = http.get(format!("http://{metrics}/config")).send().await.unwrap();
+    assert_eq!(config.status().as_u16(), 200);
+    let body = config.bytes().await.unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&body).expect("/config is JSON");
+    assert_eq!(json["version"], -1, "{json}");
+    let rules = json["config"]["ingress"].as_array().expect("config.ingress");
+    assert!(rules.iter().all(|r| r["service"].is_string()), "{json}");
+    assert_eq!(
+        rules.last().map(|r| &r["service"]),
+        Some(&"http_status:503".into()),
+        "{json}"
+    );
+    let origin = "127.0.0.1:8080".parse().unwrap();
+    let audit = tunnel_agent::tunnel::remote_ingress::audit(&body, origin, true).expect("the agent reads it");
+    assert_eq!((audit.version, audit.bypassing), (-1, 0), "{audit:?}");
+
     // SIGHUP: survived.
     kill(pid, Signal::SIGHUP).unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -191,7 +191,25 @@ async fn cloudflared_gets_only_the_environment_it_needs() {
     let pid = cf.started_pids()[0];
     let env = cf.env_of(Some(pid));
     let keys: Vec<&str> = env.keys().map(String::as_str).collect();
-    assert_eq!(keys, ["HOME", "LANG", "PATH", "TUNNEL_TOKEN", "TZ"], "{env:?}");
+    assert_eq!(
+        keys,
+        [
+            "HOME",
+            "HTTPS_PROXY",
+            "HTTP_PROXY",
+            "LANG",
+            "PATH",
+            "TUNNEL_TOKEN",
+            "TZ"
+        ],
+        "{env:?}"
+    );
+    let proxy = format!("http://{}", agent.proxy_addr());
+    assert_eq!(
+        (&env["HTTP_PROXY"], &env["HTTPS_PROXY"]),
+        (&proxy, &proxy),
+        "cloudflared.remote_ingress"
+    );
     assert_eq!(env["TUNNEL_TOKEN"], TOKEN);
     assert_eq!(env["PATH"], "/usr/bin:/bin");
     let version = cf.env_of(None);

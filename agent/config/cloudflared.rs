@@ -54,6 +54,21 @@ pub enum Sandbox {
     Off,
 }
 
+/// Where cloudflared sends a request that its *remote* ingress (configured at Cloudflare, by a
+/// dashboard, Terraform or a controller) gives to an `http(s)://` service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum RemoteIngress {
+    /// Through the agent's proxy, routed by the table like every other request: cloudflared is
+    /// given the proxy as its `HTTP_PROXY`/`HTTPS_PROXY`, which Go's HTTP client uses for every
+    /// service not on loopback. An `https://` service arrives as `CONNECT` and is refused.
+    #[default]
+    ViaProxy,
+    /// Where the remote ingress says: cloudflared reaches those services itself, around the
+    /// proxy's filters, authentication and weights (reported, see `tunnel::remote_ingress`).
+    Direct,
+}
+
 /// cloudflared, supervised. Either a remotely-managed tunnel (`token_secret`) or a
 /// locally-managed one (`credentials_file` + `tunnel`, ingress written from the route table).
 #[derive(Debug, Clone, Deserialize)]
@@ -79,6 +94,8 @@ pub struct CloudflaredSection {
     pub stop_margin: Duration,
     /// `--protocol`: `auto` (gRPC tables switch to `http2`), `http2` or `quic`.
     pub protocol: TunnelProtocol,
+    /// What becomes of a request the remote ingress sends to a service other than the proxy.
+    pub remote_ingress: RemoteIngress,
     /// Extra arguments placed before `run` (e.g. `["--edge-ip-version", "4"]`).
     pub extra_args: Vec<String>,
     /// Restart backoff after an unrequested exit.
@@ -161,6 +178,7 @@ impl Default for CloudflaredSection {
             grace_period: Duration::from_secs(30),
             stop_margin: Duration::from_secs(5),
             protocol: TunnelProtocol::Auto,
+            remote_ingress: RemoteIngress::ViaProxy,
             extra_args: Vec::new(),
             restart_backoff: Duration::from_millis(200),
             restart_backoff_max: Duration::from_secs(30),

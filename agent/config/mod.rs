@@ -44,7 +44,7 @@ mod secrets;
 mod validate;
 
 pub use agent::{AgentSection, LogFormat};
-pub use cloudflared::{CloudflaredSection, Sandbox, TokenDelivery, TunnelProtocol, MAX_SANDBOX_ALLOW};
+pub use cloudflared::{CloudflaredSection, RemoteIngress, Sandbox, TokenDelivery, TunnelProtocol, MAX_SANDBOX_ALLOW};
 pub use error::{ConfigError, ParseProblem, Problem};
 pub use gcp::GcpSection;
 pub use health::{DetailsFrom, HealthSection};

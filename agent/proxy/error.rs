@@ -23,6 +23,10 @@ pub enum ProxyError {
     /// A redirect that takes its host from the request, whose `Host` is not a host name.
     #[error("the Host header is not a host name to redirect to")]
     BadHost,
+    /// `CONNECT`: the proxy routes requests by hostname and path, never tunnels; cloudflared
+    /// sends one for an `https://` service of its remote ingress (`cloudflared.remote_ingress`).
+    #[error("CONNECT is not served")]
+    Connect,
     #[error("no route for host {host:?} and path {path:?}")]
     NoRoute { host: String, path: String },
     /// The declared `Content-Length` is over the limit.
@@ -73,6 +77,7 @@ impl ProxyError {
             ProxyError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             ProxyError::BadPath(_) | ProxyError::BadHost => StatusCode::BAD_REQUEST,
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            ProxyError::Connect => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::DeclaredBodyTooLarge { .. } | ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BadUpstreamUri(_) => StatusCode::BAD_REQUEST,
             ProxyError::BodyReadTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
@@ -93,6 +98,7 @@ impl ProxyError {
             ProxyError::BadPath(_) => "bad_path",
             ProxyError::BadHost => "bad_host",
             ProxyError::NoRoute { .. } => "no_route",
+            ProxyError::Connect => "connect_refused",
             ProxyError::DeclaredBodyTooLarge { .. } | ProxyError::BodyTooLarge => "body_too_large",
             ProxyError::BadUpstreamUri(_) => "bad_request",
             ProxyError::Unavailable { .. } => "unavailable",

@@ -238,6 +238,9 @@ impl Worker {
         if req.uri().path() == "/healthz" {
             return json(StatusCode::OK, r#"{"status":"ok"}"#.into());
         }
+        if req.method() == http::Method::CONNECT {
+            return self.unrouted(ProxyError::Connect, start, exchange);
+        }
         if let Some(auth) = &live.auth {
             let ok = req
                 .headers()

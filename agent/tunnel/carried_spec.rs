@@ -26,6 +26,10 @@ pub struct CarriedSpec {
     pub grace_ms: u64,
     pub stop_margin_ms: u64,
     pub origin: SocketAddr,
+    /// Absent from the state an image before `remote_ingress` wrote: its cloudflared has no
+    /// proxy variables, and a spec with them differs (one restart, at that upgrade).
+    #[serde(default)]
+    pub egress_proxy: Option<SocketAddr>,
     pub home: Option<PathBuf>,
     pub sandbox: Option<CarriedSandbox>,
 }
@@ -55,6 +59,7 @@ impl CarriedSpec {
             grace_ms: millis(spec.grace),
             stop_margin_ms: millis(spec.stop_margin),
             origin: spec.origin,
+            egress_proxy: spec.egress_proxy,
             home: spec.home.clone(),
             sandbox: spec.sandbox.as_ref().map(CarriedSandbox::of),
         }

@@ -263,6 +263,9 @@ pub(super) fn spawn(spec: &TunnelSpec, state: &TunnelState) -> anyhow::Result<Ru
     if let Some(home) = &spec.home {
         cmd.env("HOME", home);
     }
+    if let Some(proxy) = spec.egress_proxy {
+        cmd.envs(super::egress_proxy_env(proxy));
+    }
     if let (Some(token), None) = (&spec.token, &spec.token_file) {
         cmd.env("TUNNEL_TOKEN", token.expose());
     }

@@ -25,6 +25,7 @@ pub mod carry;
 mod child;
 pub mod log_limit;
 mod logs;
+pub mod remote_ingress;
 #[cfg(test)]
 mod restart_story;
 pub mod sandbox;
@@ -65,6 +66,9 @@ pub struct TunnelSpec {
     pub stop_margin: Duration,
     /// The embedded proxy, for cloudflared's ingress.
     pub origin: SocketAddr,
+    /// `cloudflared.remote_ingress = "via-proxy"`: the proxy, given to cloudflared as its
+    /// `HTTP_PROXY` and `HTTPS_PROXY` ([`egress_proxy_env`]).
+    pub egress_proxy: Option<SocketAddr>,
     /// cloudflared's `HOME`: the agent's state directory.
     pub home: Option<PathBuf>,
     /// Its Landlock confinement ([`sandbox`]); `None` runs it unconfined.
@@ -152,10 +156,40 @@ impl TunnelSpec {
             grace: section.grace_period,
             stop_margin: section.stop_margin,
             origin,
+            egress_proxy: (section.remote_ingress == crate::config::RemoteIngress::ViaProxy).then(|| dialable(origin)),
             home: None,
             sandbox: None,
         }
     }
+}
+
+/// `addr` as a client reaches it: a proxy listening on every address is dialled on loopback.
+pub fn dialable(addr: SocketAddr) -> SocketAddr {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), addr.port()),
+        IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), addr.port()),
+        _ => addr,
+    }
+}
+
+/// The variables that send cloudflared's requests for `http(s)://` services through `proxy`.
+///
+/// Facts this relies on (cloudflared's `ingress/origin_service.go` `newHTTPTransport`, Go's
+/// `net/http` and `golang.org/x/net/http/httpproxy`, read at cloudflared d1df7985; the fake,
+/// tests/fakes/cloudflared, behaves so):
+/// - the transport of every `http://`/`https://`/`ws(s)://` service has
+///   `Proxy: http.ProxyFromEnvironment`: `HTTP_PROXY` for `http` services, `HTTPS_PROXY` for
+///   `https`, except a service named `localhost` or a loopback address, which is always dialled
+///   directly (so the ingress this agent writes, and a remote one naming the proxy on
+///   loopback, are unaffected), and except `NO_PROXY`, which cloudflared never gets;
+/// - through a proxy, an `http` request goes out in absolute form with the *visitor's* `Host`
+///   (Go writes `r.Host`, not the service's address, into the request line), so the proxy
+///   routes it by hostname like any other; an `https` one is a `CONNECT host:port`, which the
+///   proxy refuses (it cannot see the hostname inside TLS).
+pub fn egress_proxy_env(proxy: SocketAddr) -> [(&'static str, String); 2] {
+    let url = format!("http://{proxy}");
+    [("HTTP_PROXY", url.clone()), ("HTTPS_PROXY", url)]
 }
 
 /// cloudflared's `config.yml` for a locally-managed tunnel: every hostname to the embedded
@@ -241,6 +275,8 @@ pub struct TunnelDetail {
     pub started_at: Option<Instant>,
     /// What `cloudflared --version` said at boot.
     pub version: Option<String>,
+    /// The running cloudflared's pid and what its ingress was found to be.
+    pub remote_ingress: Option<(u32, remote_ingress::Audit)>,
 }
 
 impl TunnelState {
@@ -399,6 +435,7 @@ impl crate::health::TunnelView for TunnelState {
             crash_loop: self.crash_loop.load(Ordering::Acquire),
             last_exit: d.last_exit,
             uptime_s: d.started_at.filter(|_| pid != 0).map(|s| s.elapsed().as_secs()),
+            remote_ingress: d.remote_ingress.filter(|(p, _)| *p == pid && pid != 0).map(|(_, a)| a),
         }
     }
 

@@ -437,7 +437,9 @@ impl Supervisor {
         let Some(metrics) = self.spec.as_ref().map(|s| s.metrics) else {
             return Wake::Nothing;
         };
-        let (connections, connector) = poll_ready(&self.http, metrics).await.unwrap_or((0, None));
+        let polled = poll_ready(&self.http, metrics).await;
+        let answered = polled.is_some();
+        let (connections, connector) = polled.unwrap_or((0, None));
         if self.child.is_none() {
             return Wake::Nothing;
         }
@@ -449,6 +451,9 @@ impl Supervisor {
         }
         if connections > 0 {
             self.state.with_detail(|d| d.last_connected = Some(Instant::now()));
+        }
+        if let (Some(spec), Some(child), true) = (&self.spec, &self.child, answered) {
+            super::remote_ingress::check(&self.http, spec, child.pid, &self.state).await;
         }
         Wake::Event(Event::Polled { connections })
     }

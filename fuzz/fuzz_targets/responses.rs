@@ -1,7 +1,7 @@
 //! What the agent's HTTP peers answer, through the agent's own clients and parsers: the etcd
 //! JSON gateway (agent/election/etcd.rs: lease grant, keepalive, revoke, range, txn, auth), the
 //! metadata server (agent/gcp/: an attribute, the access token, an identity token through the
-//! cache that reads its `exp`), cloudflared's `/ready` and its log lines (agent/tunnel/).
+//! cache that reads its `exp`), cloudflared's `/ready`, its `/config` and its log lines (agent/tunnel/).
 //! A peer may be broken or hostile; no answer may panic the agent, allocate without bound or
 //! hang it.
 //!
@@ -65,14 +65,14 @@ fuzz_target!(|data: &[u8]| {
     let [which, answer @ ..] = data else {
         return;
     };
-    if which % 11 == 10 {
+    if which % 12 == 10 {
         let _ = tunnel_agent::tunnel::parse_log_line(&String::from_utf8_lossy(answer));
         return;
     }
     let p = peers();
     p.peer.answer(answer);
     let _ = block_on(async {
-        match which % 11 {
+        match which % 12 {
             0 => drop(p.etcd.grant(Duration::from_secs(10), T).await),
             1 => drop(p.etcd.keepalive(7, T).await),
             2 => drop(p.etcd.revoke(7, T).await),
@@ -91,7 +91,11 @@ fuzz_target!(|data: &[u8]| {
                 );
                 drop(cache.header("https://app.example.run.app").await)
             }
-            _ => drop(tunnel_agent::tunnel::poll_ready(&p.ready, p.peer.addr).await),
+            9 => drop(tunnel_agent::tunnel::poll_ready(&p.ready, p.peer.addr).await),
+            _ => {
+                let origin = "127.0.0.1:8080".parse().expect("an address");
+                drop(tunnel_agent::tunnel::remote_ingress::read(&p.ready, p.peer.addr, origin, true).await)
+            }
         }
     });
 });
