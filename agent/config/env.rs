@@ -89,6 +89,53 @@ pub struct Environment {
 
 static ACTIVE: OnceLock<Environment> = OnceLock::new();
 
+/// Where the environment mode without a file keeps its files when a default directory cannot be
+/// written. The gateway controller's chart runs its proxy pods as uid 65534 on a read-only root
+/// with no volume; `/dev/shm` is the tmpfs every container runtime mounts writable (mode 1777),
+/// shared by the pod's containers and kept for the pod's life, across container restarts.
+pub const SHM_DIR: &str = "/dev/shm/tunnel-agent";
+
+/// What [`writable_dirs`] moved, for the start-up warnings.
+static MOVED: OnceLock<Vec<String>> = OnceLock::new();
+
+/// Without a file: each default directory the agent cannot write (`runtime_dir`,
+/// `state_dir`) replaced by one beneath [`SHM_DIR`], when that can be written. Only probes
+/// (access(2)); the agent creates the directories at start, as for any other path.
+pub fn writable_dirs(agent: &mut super::AgentSection) {
+    let _ = MOVED.set(writable_dirs_under(agent, std::path::Path::new(SHM_DIR)));
+}
+
+/// [`writable_dirs`] with `shm` for [`SHM_DIR`]; what it moved, said as a warning.
+fn writable_dirs_under(agent: &mut super::AgentSection, shm: &std::path::Path) -> Vec<String> {
+    if !can_write(shm) {
+        return Vec::new();
+    }
+    let mut moved = Vec::new();
+    for (key, dir, sub) in [
+        ("agent.runtime_dir", &mut agent.runtime_dir, "run"),
+        ("agent.state_dir", &mut agent.state_dir, "state"),
+    ] {
+        if !can_write(dir) {
+            let new = shm.join(sub);
+            moved.push(format!(
+                "{key} {} cannot be written (a read-only root without a volume?): using {}",
+                dir.display(),
+                new.display()
+            ));
+            *dir = new;
+        }
+    }
+    moved
+}
+
+/// Whether `dir` can be written, or created: its nearest existing ancestor can be written.
+fn can_write(dir: &std::path::Path) -> bool {
+    use nix::unistd::{access, AccessFlags};
+    dir.ancestors()
+        .find(|a| !a.as_os_str().is_empty() && a.exists())
+        .is_some_and(|a| access(a, AccessFlags::W_OK | AccessFlags::X_OK).is_ok())
+}
+
 /// Turns the environment mode on for this process: reads the variables once; every later
 /// [`Config::load`] applies them.
 pub fn enable() -> &'static Environment {
@@ -297,7 +344,7 @@ impl Environment {
     /// What start-up says once, as warnings: no config API token, a clamped grace, variables of
     /// the peer that are not acted on, and `PROXY_*` variables the peer does not have either.
     pub fn warnings(&self) -> Vec<String> {
-        let mut out = Vec::new();
+        let mut out = MOVED.get().cloned().unwrap_or_default();
         if self.auth_token == Presence::Unset {
             out.push("the config API runs WITHOUT authentication: anyone who reaches PROXY_CONFIG_ADDR can replace the route table; set PROXY_AUTH_TOKEN".to_owned());
         }
@@ -414,6 +461,41 @@ fn listen_addr(var: &str, v: &str) -> Result<SocketAddr, Problem> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn default_dirs_that_cannot_be_written_move_beneath_shm() {
+        let tmp = tempfile::tempdir().unwrap();
+        // Nothing can be created beneath a regular file, not even by root.
+        let file = tmp.path().join("not-a-directory");
+        std::fs::write(&file, "").unwrap();
+        let fresh = || super::super::AgentSection {
+            runtime_dir: file.join("run"),
+            state_dir: tmp.path().join("state"),
+            ..Default::default()
+        };
+        let shm = tmp.path().join("shm");
+        let mut agent = fresh();
+        let said = writable_dirs_under(&mut agent, &shm);
+        assert_eq!(agent.runtime_dir, shm.join("run"));
+        assert_eq!(said.len(), 1, "{said:?}");
+        assert!(
+            said[0].starts_with("agent.runtime_dir ") && said[0].contains("cannot be written"),
+            "{said:?}"
+        );
+        assert_eq!(
+            agent.state_dir,
+            tmp.path().join("state"),
+            "a directory that can be created stays"
+        );
+        let mut agent = fresh();
+        writable_dirs_under(&mut agent, &file.join("shm"));
+        assert_eq!(
+            agent.runtime_dir,
+            file.join("run"),
+            "no writable /dev/shm: nothing moves"
+        );
+    }
+
     use super::*;
 
     fn env(vars: &[(&str, &str)]) -> Environment {

@@ -9,7 +9,9 @@ impl Config {
     pub fn load(path: &Path, route_check: RouteCheck) -> Result<Config, ConfigError> {
         // The environment mode without a file: its variables over the defaults.
         if path.as_os_str().is_empty() && super::env::active().is_some() {
-            return Self::parse(path, "", route_check);
+            let mut config = Self::parse(path, "", route_check)?;
+            super::env::writable_dirs(&mut config.agent);
+            return Ok(config);
         }
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: path.to_owned(),
