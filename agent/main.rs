@@ -317,10 +317,17 @@ fn run(path: PathBuf, incoming: Option<Incoming>) -> Exit {
             return e.exit();
         }
     };
-    if let Err(e) = tunnel_agent::telemetry::init_logging(config.agent.log_format, &config.agent.log_level) {
+    let (format, stream) = (config.agent.log_format, config.agent.log_stream());
+    if let Err(e) = tunnel_agent::telemetry::init_logging(format, stream, &config.agent.log_level) {
         err(&format!("cannot set up logging: {e:#}\n"));
         return Exit::Failure;
     }
+    // From here on what ends the run is said where the log goes (`agent.log_stream`), so a
+    // container that asked for stdout finds nothing on stderr but a panic.
+    let fatal = move |text: &str| match stream {
+        config::LogStream::Stdout if format != config::LogFormat::Journald => out(text),
+        _ => err(text),
+    };
     // The first line of every start says what runs, from which file, in which role, so one
     // `journalctl -u tunnel-agent` excerpt identifies the build without a shell on the host.
     // The role is the one this start begins in (a persisted promote, an election's standby),
@@ -355,7 +362,7 @@ fn run(path: PathBuf, incoming: Option<Incoming>) -> Exit {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            err(&format!("cannot start the async runtime: {e}\n"));
+            fatal(&format!("cannot start the async runtime: {e}\n"));
             return Exit::Failure;
         }
     };
@@ -367,7 +374,7 @@ fn run(path: PathBuf, incoming: Option<Incoming>) -> Exit {
         Ok(()) => Exit::Success,
         Err(e) => {
             tracing::error!(error = %e, "tunnel-agent failed: {e}");
-            err(&format!("tunnel-agent: {e}\n"));
+            fatal(&format!("tunnel-agent: {e}\n"));
             e.exit()
         }
     }
