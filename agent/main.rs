@@ -328,34 +328,7 @@ fn run(path: PathBuf, incoming: Option<Incoming>) -> Exit {
         config::LogStream::Stdout if format != config::LogFormat::Journald => out(text),
         _ => err(text),
     };
-    // The first line of every start says what runs, from which file, in which role, so one
-    // `journalctl -u tunnel-agent` excerpt identifies the build without a shell on the host.
-    // The role is the one this start begins in (a persisted promote, an election's standby),
-    // with the file's own next to it.
-    let plan = tunnel_agent::role::starting(&config);
-    let (role, role_source, why) = (plan.role(), plan.source(), plan.why());
-    let from = match (config::env::active().is_some(), path.as_os_str().is_empty()) {
-        (true, true) => "the environment".to_owned(),
-        (true, false) => format!("{} and the environment", path.display()),
-        (false, _) => path.display().to_string(),
-    };
-    tracing::info!(
-        version = tunnel_agent::build_info::VERSION,
-        commit = tunnel_agent::build_info::COMMIT,
-        build_date = tunnel_agent::build_info::BUILD_DATE,
-        config_file = %from,
-        role = role.as_str(),
-        role_source = role_source.as_str(),
-        configured_role = config.role.as_str(),
-        "tunnel-agent {} starting with {} (role {why}; configured role {})",
-        tunnel_agent::build_info::LONG_VERSION,
-        from,
-        config.role.as_str()
-    );
-    // Once per start: what the environment mode does not act on, or does differently.
-    for w in config::env::active().map(|e| e.warnings()).unwrap_or_default() {
-        tracing::warn!("environment: {w}");
-    }
+    log_start(&config, &path);
     // The control runtime (boot, supervision, health, roles, reloads) is one thread; the proxy
     // runs on its own worker threads (`proxy.workers`), so the autohealing probe and
     // cloudflared's supervision never queue behind proxied requests.
@@ -377,6 +350,36 @@ fn run(path: PathBuf, incoming: Option<Incoming>) -> Exit {
             fatal(&format!("tunnel-agent: {e}\n"));
             e.exit()
         }
+    }
+}
+
+/// The first line of every start says what runs, from which file, in which role, so one
+/// `journalctl -u tunnel-agent` excerpt identifies the build without a shell on the host. The
+/// role is the one this start begins in (a persisted promote, an election's standby), with the
+/// file's own next to it. Then, once per start, what the environment mode does not act on.
+fn log_start(config: &config::Config, path: &std::path::Path) {
+    let plan = tunnel_agent::role::starting(config);
+    let (role, role_source, why) = (plan.role(), plan.source(), plan.why());
+    let from = match (config::env::active().is_some(), path.as_os_str().is_empty()) {
+        (true, true) => "the environment".to_owned(),
+        (true, false) => format!("{} and the environment", path.display()),
+        (false, _) => path.display().to_string(),
+    };
+    tracing::info!(
+        version = tunnel_agent::build_info::VERSION,
+        commit = tunnel_agent::build_info::COMMIT,
+        build_date = tunnel_agent::build_info::BUILD_DATE,
+        config_file = %from,
+        role = role.as_str(),
+        role_source = role_source.as_str(),
+        configured_role = config.role.as_str(),
+        "tunnel-agent {} starting with {} (role {why}; configured role {})",
+        tunnel_agent::build_info::LONG_VERSION,
+        from,
+        config.role.as_str()
+    );
+    for w in config::env::active().map(|e| e.warnings()).unwrap_or_default() {
+        tracing::warn!("environment: {w}");
     }
 }
 
