@@ -141,3 +141,40 @@ async fn the_error_that_ends_a_run_follows_the_log() {
     assert_eq!(agent.other_stream(), Vec::<String>::new(), "stderr");
     drop(taken);
 }
+
+/// `check` does what start-up does: a bad key names the file, line, key and both streams; a bad
+/// variable names the variable. Both exit 78.
+#[test]
+fn check_refuses_a_bad_stream_in_the_file_or_the_variable() {
+    let builder = AgentBuilder::new();
+    let path = builder.file(
+        "agent.toml",
+        "[agent]\nlog_level = \"info\"\nlog_stream = \"journal\"\n",
+    );
+    let check = |var: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tunnel-agent"));
+        cmd.arg("check").arg("-c").arg(&path).env_clear();
+        if let Some(v) = var {
+            cmd.env("TUNNEL_AGENT_LOG_STREAM", v);
+        }
+        let out = cmd.output().expect("run tunnel-agent check");
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, stderr) = check(None);
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{}:3:14: agent.log_stream: unknown variant `journal`, expected `stderr` or `stdout`",
+            path.display()
+        )),
+        "{stderr}"
+    );
+    std::fs::write(&path, "[agent]\nlog_level = \"info\"\n").expect("rewrite the file");
+    assert_eq!(check(Some("stdout")).0, Some(0));
+    let (code, stderr) = check(Some("journal"));
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(
+        stderr.contains("TUNNEL_AGENT_LOG_STREAM: \"journal\" is not one of stderr, stdout"),
+        "{stderr}"
+    );
+}
