@@ -317,15 +317,48 @@ fn run(path: PathBuf, incoming: Option<Incoming>) -> Exit {
             return e.exit();
         }
     };
-    if let Err(e) = tunnel_agent::telemetry::init_logging(config.agent.log_format, &config.agent.log_level) {
+    let (format, stream) = (config.agent.log_format, config.agent.log_stream());
+    if let Err(e) = tunnel_agent::telemetry::init_logging(format, stream, &config.agent.log_level) {
         err(&format!("cannot set up logging: {e:#}\n"));
         return Exit::Failure;
     }
-    // The first line of every start says what runs, from which file, in which role, so one
-    // `journalctl -u tunnel-agent` excerpt identifies the build without a shell on the host.
-    // The role is the one this start begins in (a persisted promote, an election's standby),
-    // with the file's own next to it.
-    let plan = tunnel_agent::role::starting(&config);
+    // From here on what ends the run is said where the log goes (`agent.log_stream`), so a
+    // container that asked for stdout finds nothing on stderr but a panic.
+    let fatal = move |text: &str| match stream {
+        config::LogStream::Stdout if format != config::LogFormat::Journald => out(text),
+        _ => err(text),
+    };
+    log_start(&config, &path);
+    // The control runtime (boot, supervision, health, roles, reloads) is one thread; the proxy
+    // runs on its own worker threads (`proxy.workers`), so the autohealing probe and
+    // cloudflared's supervision never queue behind proxied requests.
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            fatal(&format!("cannot start the async runtime: {e}\n"));
+            return Exit::Failure;
+        }
+    };
+    let agent = async {
+        let signals = forward_signals()?;
+        tunnel_agent::boot::run(path, config, signals, incoming).await
+    };
+    match runtime.block_on(agent) {
+        Ok(()) => Exit::Success,
+        Err(e) => {
+            tracing::error!(error = %e, "tunnel-agent failed: {e}");
+            fatal(&format!("tunnel-agent: {e}\n"));
+            e.exit()
+        }
+    }
+}
+
+/// The first line of every start says what runs, from which file, in which role, so one
+/// `journalctl -u tunnel-agent` excerpt identifies the build without a shell on the host. The
+/// role is the one this start begins in (a persisted promote, an election's standby), with the
+/// file's own next to it. Then, once per start, what the environment mode does not act on.
+fn log_start(config: &config::Config, path: &std::path::Path) {
+    let plan = tunnel_agent::role::starting(config);
     let (role, role_source, why) = (plan.role(), plan.source(), plan.why());
     let from = match (config::env::active().is_some(), path.as_os_str().is_empty()) {
         (true, true) => "the environment".to_owned(),
@@ -345,31 +378,8 @@ fn run(path: PathBuf, incoming: Option<Incoming>) -> Exit {
         from,
         config.role.as_str()
     );
-    // Once per start: what the environment mode does not act on, or does differently.
     for w in config::env::active().map(|e| e.warnings()).unwrap_or_default() {
         tracing::warn!("environment: {w}");
-    }
-    // The control runtime (boot, supervision, health, roles, reloads) is one thread; the proxy
-    // runs on its own worker threads (`proxy.workers`), so the autohealing probe and
-    // cloudflared's supervision never queue behind proxied requests.
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            err(&format!("cannot start the async runtime: {e}\n"));
-            return Exit::Failure;
-        }
-    };
-    let agent = async {
-        let signals = forward_signals()?;
-        tunnel_agent::boot::run(path, config, signals, incoming).await
-    };
-    match runtime.block_on(agent) {
-        Ok(()) => Exit::Success,
-        Err(e) => {
-            tracing::error!(error = %e, "tunnel-agent failed: {e}");
-            err(&format!("tunnel-agent: {e}\n"));
-            e.exit()
-        }
     }
 }
 

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::config::LogFormat;
+use crate::config::{LogFormat, LogStream};
 use crate::prom_text::{self, Family, Kind};
 
 /// Upper bounds of the latency histogram, in seconds.
@@ -303,32 +303,82 @@ fn render_upstream_errors(out: &mut String, all: &[(&str, &RouteStats)]) {
     }
 }
 
-/// Whether stderr is connected to the journal: systemd sets `JOURNAL_STREAM=dev:inode` for the
-/// service's stdout/stderr, and a child that reopened stderr (or an SSH shell that inherited the
-/// variable) has a different device/inode. `tracing_journald::layer()` succeeds anywhere the
-/// journal socket exists, so it cannot answer this itself.
-pub fn stderr_is_journal() -> bool {
-    let Ok(stream) = std::env::var("JOURNAL_STREAM") else {
+/// Whether `stream` is connected to the journal: systemd sets `JOURNAL_STREAM=dev:inode` for
+/// the service's stdout/stderr, and a child that reopened the stream (or an SSH shell that
+/// inherited the variable) has a different device/inode. `tracing_journald::layer()` succeeds
+/// anywhere the journal socket exists, so it cannot answer this itself.
+pub fn is_journal(stream: LogStream) -> bool {
+    let Ok(journal) = std::env::var("JOURNAL_STREAM") else {
         return false;
     };
-    let Some((dev, ino)) = stream.split_once(':') else {
+    let Some((dev, ino)) = journal.split_once(':') else {
         return false;
     };
     let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
         return false;
     };
-    match nix::sys::stat::fstat(libc::STDERR_FILENO) {
+    let fd = match stream {
+        LogStream::Stderr => libc::STDERR_FILENO,
+        LogStream::Stdout => libc::STDOUT_FILENO,
+    };
+    match nix::sys::stat::fstat(fd) {
         Ok(st) => st.st_dev == dev && st.st_ino == ino,
         Err(_) => false,
     }
 }
 
-/// Installs the global subscriber. `level` was validated by config.
-pub fn init_logging(format: LogFormat, level: &str) -> anyhow::Result<()> {
+/// The chosen stream as the fmt layer's writer. The layer formats an event into one buffer and
+/// writes it with one `write_all`, which holds the handle's lock throughout, so lines from
+/// different threads never interleave; nothing is allocated per line.
+#[derive(Debug, Clone, Copy)]
+struct StreamWriter(LogStream);
+
+enum StreamHandle {
+    Out(std::io::Stdout),
+    Err(std::io::Stderr),
+}
+
+impl std::io::Write for StreamHandle {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            StreamHandle::Out(h) => h.write(buf),
+            StreamHandle::Err(h) => h.write(buf),
+        }
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        match self {
+            StreamHandle::Out(h) => h.write_all(buf),
+            StreamHandle::Err(h) => h.write_all(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            StreamHandle::Out(h) => h.flush(),
+            StreamHandle::Err(h) => h.flush(),
+        }
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for StreamWriter {
+    type Writer = StreamHandle;
+
+    fn make_writer(&'a self) -> StreamHandle {
+        match self.0 {
+            LogStream::Stdout => StreamHandle::Out(std::io::stdout()),
+            LogStream::Stderr => StreamHandle::Err(std::io::stderr()),
+        }
+    }
+}
+
+/// Installs the global subscriber, writing to `stream` (the journal ignores it). `level` was
+/// validated by config.
+pub fn init_logging(format: LogFormat, stream: LogStream, level: &str) -> anyhow::Result<()> {
     use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_new(level)?;
     let format = match format {
-        LogFormat::Auto if stderr_is_journal() => LogFormat::Journald,
+        LogFormat::Auto if is_journal(stream) => LogFormat::Journald,
         LogFormat::Auto => LogFormat::Text,
         f => f,
     };
@@ -339,12 +389,16 @@ pub fn init_logging(format: LogFormat, level: &str) -> anyhow::Result<()> {
             registry.with(layer).try_init()?
         }
         LogFormat::Json => registry
-            .with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(StreamWriter(stream)),
+            )
             .try_init()?,
         _ => registry
             .with(
                 tracing_subscriber::fmt::layer()
-                    .with_writer(std::io::stderr)
+                    .with_writer(StreamWriter(stream))
                     .with_ansi(false),
             )
             .try_init()?,

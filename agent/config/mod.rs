@@ -43,7 +43,7 @@ mod secret_name;
 mod secrets;
 mod validate;
 
-pub use agent::{AgentSection, LogFormat};
+pub use agent::{AgentSection, LogFormat, LogStream, LOG_STREAM_VAR};
 pub use cloudflared::{CloudflaredSection, RemoteIngress, Sandbox, TokenDelivery, TunnelProtocol, MAX_SANDBOX_ALLOW};
 pub use error::{ConfigError, ParseProblem, Problem};
 pub use gcp::GcpSection;
@@ -222,6 +222,19 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_log_stream_names_file_line_key_and_the_streams() {
+        let err = parse("[agent]\nlog_format = \"json\"\nlog_stream = \"journal\"\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "/etc/t/agent.toml:3:14: agent.log_stream: unknown variant `journal`, expected `stderr` or `stdout`"
+        );
+        let c = parse("[agent]\nlog_stream = \"stdout\"\n").unwrap();
+        assert_eq!(c.agent.log_stream(), LogStream::Stdout);
+    }
+
+    #[test]
     fn each_secret_source_carries_what_it_needs() {
         let c = parse(
             "[secrets.f]\nsource = \"file\"\npath = \"tok\"\nrefresh = \"5s\"\n\
@@ -312,6 +325,7 @@ mod tests {
             runtime_dir = "/run/other"
             state_dir = "/var/lib/other"
             log_format = "json"
+            log_stream = "stdout"
             log_level = "debug"
             [proxy]
             listen = "127.0.0.1:8081"
@@ -339,7 +353,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             running.restart_only_differences(&new).len(),
-            16,
+            17,
             "every restart-only group"
         );
         new.keep_restart_only(&running);

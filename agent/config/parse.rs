@@ -36,7 +36,8 @@ impl Config {
                 rest: Some(rest),
             }) => {
                 let (mut config, blanked) = *rest;
-                let from_env = overlay_env(&mut config);
+                let mut from_env = overlay_env(&mut config);
+                from_env.extend(log_stream_default(&mut config));
                 // `check` still reads the secrets that are well formed.
                 config.secrets = config.typed_secrets();
                 let mut validation = config.validate(route_check);
@@ -59,7 +60,8 @@ impl Config {
                 })
             }
         };
-        let from_env = overlay_env(&mut config);
+        let mut from_env = overlay_env(&mut config);
+        from_env.extend(log_stream_default(&mut config));
         let mut problems = config.validate(route_check);
         name_variables(&mut problems);
         problems.splice(0..0, from_env);
@@ -83,6 +85,13 @@ impl Config {
 /// those that cannot be read.
 fn overlay_env(config: &mut Config) -> Vec<Problem> {
     super::env::active().map_or_else(Vec::new, |env| env.overlay(config))
+}
+
+/// `agent.log_stream` from [`super::LOG_STREAM_VAR`] when the file leaves it out (in either
+/// mode: the image sets the variable for both).
+fn log_stream_default(config: &mut Config) -> Option<Problem> {
+    let var = std::env::var_os(super::LOG_STREAM_VAR);
+    config.agent.default_log_stream(var.as_deref())
 }
 
 /// In the environment mode, each validation problem names the variable behind its key.

@@ -44,6 +44,8 @@ pub const RESTART_ONLY: &[RestartOnly] = &[
     fields!("agent.runtime_dir": agent.runtime_dir),
     fields!("agent.state_dir": agent.state_dir),
     fields!("agent.log_format": agent.log_format),
+    // The subscriber's writer is chosen once, at start.
+    fields!("agent.log_stream": agent.log_stream),
     // The global subscriber is installed once, with the level read at start.
     fields!("agent.log_level": agent.log_level),
     fields!("proxy.max_header_bytes": proxy.max_header_bytes),

@@ -24,9 +24,12 @@
 # The agent is PID 1 (entry point /usr/bin/tunnel-agent, command `run`, which reads the default
 # config path): as PID 1 it reaps orphaned processes (agent/reaper.rs) and handles SIGTERM
 # itself. The command names no --config, so a later start without a config file (the gateway
-# controller's environment variables, issue 21) needs no new image. It logs to stderr, which the
-# container runtime collects as it does stdout; `agent.log_format = "auto"` never picks journald
-# in a container (no JOURNAL_STREAM), so it writes text unless the config says "json".
+# controller's environment variables, issue 21) needs no new image. It logs to stdout, where a
+# container's logs are expected: the image sets TUNNEL_AGENT_LOG_STREAM=stdout, the default of
+# `agent.log_stream` when the config file does not set it (with a file or without one); only a
+# panic, or an error before the config is read, is on stderr. `agent.log_format = "auto"` never
+# picks journald in a container (no JOURNAL_STREAM), so it writes text unless the config says
+# "json".
 #
 # Needs: cargo, buildah, ldd (libc-bin), python3, the ca-certificates package. Run as root or as a user
 # buildah can run rootless for. Prints the image id and its size.
@@ -101,7 +104,7 @@ oci() { echo "--annotation=org.opencontainers.image.$1=$2 --label=org.opencontai
 buildah config \
   --entrypoint '["/usr/bin/tunnel-agent"]' --cmd '["run"]' \
   --user "$uid:$uid" --workingdir /var/lib/tunnel-agent \
-  --env PATH=/usr/local/bin:/usr/bin:/bin --stop-signal SIGTERM \
+  --env PATH=/usr/local/bin:/usr/bin:/bin --env TUNNEL_AGENT_LOG_STREAM=stdout --stop-signal SIGTERM \
   --volume /var/lib/tunnel-agent \
   $(oci title tunnel-agent) $(oci version "$version") $(oci revision "$commit") \
   $(oci source "$(cargo_field repository)") $(oci licenses "$(cargo_field license)") \

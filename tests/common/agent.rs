@@ -1,8 +1,9 @@
 //! Runs the real binary: writes its config into a fresh directory, starts `run -c FILE` with a
-//! chosen environment, collects stderr, and learns the real listen addresses from the log.
+//! chosen environment, collects its log (stderr, or stdout when the test says so) and the other
+//! stream apart, and learns the real listen addresses from the log.
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -192,6 +193,8 @@ pub struct AgentBuilder {
     from_env: bool,
     /// The binary to run instead of the one cargo built (an upgrade test replaces it).
     program: Option<PathBuf>,
+    /// The agent logs to stdout (`agent.log_stream`): the harness reads its log there.
+    log_on_stdout: bool,
 }
 
 impl Default for AgentBuilder {
@@ -214,7 +217,15 @@ impl AgentBuilder {
             launcher: Vec::new(),
             from_env: false,
             program: None,
+            log_on_stdout: false,
         }
+    }
+
+    /// Reads the agent's log from its stdout, for an agent told to log there
+    /// (`agent.log_stream`); stderr is then [`Agent::other_stream`].
+    pub fn log_on_stdout(mut self) -> Self {
+        self.log_on_stdout = true;
+        self
     }
 
     /// Runs `program` (a copy of the built binary, say) instead of the built binary itself.
@@ -294,7 +305,7 @@ impl AgentBuilder {
             // from the developer's shell or CI.
             .env_clear()
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         for (k, v) in &self.env {
             cmd.env(k, v);
@@ -305,30 +316,47 @@ impl AgentBuilder {
             std::os::unix::process::CommandExt::gid(&mut cmd, id);
         }
         let mut child = cmd.spawn().expect("spawn tunnel-agent");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = log.clone();
-        let log_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let done = log_done.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
-            }
-            done.store(true, std::sync::atomic::Ordering::Release);
-        });
+        let stdout: Box<dyn Read + Send> = Box::new(child.stdout.take().expect("stdout is piped"));
+        let stderr: Box<dyn Read + Send> = Box::new(child.stderr.take().expect("stderr is piped"));
+        let (log_stream, other_stream) = if self.log_on_stdout {
+            (stdout, stderr)
+        } else {
+            (stderr, stdout)
+        };
+        let (log, other) = (Arc::default(), Arc::default());
+        let closed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        collect_lines(log_stream, &log, &closed);
+        collect_lines(other_stream, &other, &closed);
         Agent {
             child,
             dir: self.dir,
             env: self.env,
             config_path,
             log,
-            log_done,
+            other,
+            closed,
+            log_on_stdout: self.log_on_stdout,
             proxy_addr: None,
             health_addr: None,
             exit: None,
         }
     }
+}
+
+/// Appends each line of `stream` to `sink` on a thread of its own; counts `closed` up at EOF.
+fn collect_lines(
+    stream: Box<dyn Read + Send>,
+    sink: &Arc<Mutex<Vec<String>>>,
+    closed: &Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let (sink, closed) = (sink.clone(), closed.clone());
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+        }
+        closed.fetch_add(1, std::sync::atomic::Ordering::Release);
+    });
 }
 
 /// Gives `dir` and everything under it to `id` (uid and gid).
@@ -352,8 +380,11 @@ pub struct Agent {
     env: Vec<(String, String)>,
     config_path: PathBuf,
     log: Arc<Mutex<Vec<String>>>,
-    /// Set when stderr reached EOF: every line the agent wrote is in `log`.
-    log_done: Arc<std::sync::atomic::AtomicBool>,
+    /// The lines of the stream the log is not on.
+    other: Arc<Mutex<Vec<String>>>,
+    /// How many of stdout and stderr reached EOF: at 2 every line the agent wrote is collected.
+    closed: Arc<std::sync::atomic::AtomicUsize>,
+    log_on_stdout: bool,
     proxy_addr: Option<SocketAddr>,
     health_addr: Option<SocketAddr>,
     exit: Option<ExitStatus>,
@@ -426,6 +457,7 @@ impl Agent {
             launcher: Vec::new(),
             from_env: false,
             program: None,
+            log_on_stdout: self.log_on_stdout,
         }
     }
 
@@ -459,12 +491,12 @@ impl Agent {
         }
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            // Exited, and its last log lines collected (stderr is read on another thread).
+            // Exited, and its last lines collected (stdout and stderr are read on other threads).
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 self.exit = Some(status);
             }
             if let Some(status) = self.exit {
-                if self.log_done.load(std::sync::atomic::Ordering::Acquire) {
+                if self.closed.load(std::sync::atomic::Ordering::Acquire) == 2 {
                     return status;
                 }
             }
@@ -508,9 +540,14 @@ impl Agent {
         path
     }
 
-    /// Every stderr line so far.
+    /// Every log line so far (stderr's, or stdout's with [`AgentBuilder::log_on_stdout`]).
     pub fn logs(&self) -> Vec<String> {
         self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Every line so far on the stream the log is not on.
+    pub fn other_stream(&self) -> Vec<String> {
+        self.other.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Waits for a log line containing every one of `needles`, returning it.
@@ -584,6 +621,11 @@ impl Drop for Agent {
         }
         if std::thread::panicking() {
             eprintln!("---- agent log ----\n{}\n-------------------", self.logs().join("\n"));
+            let other = self.other_stream();
+            if !other.is_empty() {
+                let name = if self.log_on_stdout { "stderr" } else { "stdout" };
+                eprintln!("---- agent {name} ----\n{}\n-------------------", other.join("\n"));
+            }
         }
     }
 }

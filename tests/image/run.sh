@@ -12,13 +12,19 @@
 #   - the orphan cloudflared leaves behind does not stay a zombie (PID 1 reaps it);
 #   - `podman stop` (SIGTERM) drains: cloudflared gets its SIGTERM, the container exits 0 within
 #     the agent's shutdown grace;
-#   - no secret value in the log or in any process's argv.
+#   - no secret value in the log or in any process's argv;
+#   - every line the container wrote went to stdout, none to stderr (the image's
+#     TUNNEL_AGENT_LOG_STREAM=stdout), read from podman's k8s-file log, which tags each line with
+#     its stream; and the same for `run --from-env` with no config file (the gateway
+#     controller's data plane), which must also start and stop cleanly.
 # The container shares the host's network namespace (--network host) and every listener is on
 # 127.0.0.1: nothing leaves loopback. Readiness is polled with deadlines, never slept for.
 #
 # Skips, saying why, when podman, buildah, python3 or curl are missing, when not root (the checks
 # read the container's processes in the host's /proc), or when buildah cannot make a container or
 # podman cannot start one here (every error podman gave is printed). TUNNEL_AGENT_SKIP_IMAGE_TEST=1 skips it explicitly. Called from tests/run-all.sh.
+# IMAGE_NAME (build.sh's) names the image; the test image is that name with -image-test, so two
+# checkouts can run the test side by side.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 repo=$PWD
@@ -46,7 +52,7 @@ work=$target/image-test
 rm -rf "$work"
 mkdir -p "$work"
 
-test_image=localhost/tunnel-agent-image-test:latest
+test_image=${IMAGE_NAME:-localhost/tunnel-agent}-image-test:latest
 upstream_pid=
 ctr=
 cleanup() {
@@ -272,4 +278,40 @@ for secret in "$tunnel_token" "$api_token"; do
   case "$logs$status" in *"$secret"*) fail "a secret value is in the log or /status" ;; esac
 done
 say "PASS no secret value in the log or /status"
+
+# stdout_only NEEDLE...: fails unless the container's k8s-file log (`TIME STREAM F|P LINE`, the
+# CRI format kubelet writes too) has a line with each NEEDLE and every line is on stdout; sets
+# `lines` to how many there are. Read from the file: it keeps each line's stream, which
+# `podman logs` does not show apart.
+stdout_only() {
+  local file needle
+  file=$(podman inspect -f '{{.HostConfig.LogConfig.Path}}' "$ctr")
+  [ -s "$file" ] || fail "no container log at '$file'"
+  awk '$2 != "stdout"' "$file" >"$work/not-stdout"
+  [ ! -s "$work/not-stdout" ] || fail "lines not on stdout: $(head -n 5 "$work/not-stdout")"
+  for needle in "$@"; do
+    grep -qF -- "$needle" "$file" || fail "no '$needle' in the log"
+  done
+  lines=$(wc -l <"$file")
+}
+stdout_only '"message":"ready"' '"target":"cloudflared"' 'Initiating graceful shutdown' 'proxy stopped'
+say "PASS run: all $lines lines on stdout (the agent's, cloudflared's), none on stderr"
+
+# --- run --from-env: no config file at all ---------------------------------------------------
+# The gateway controller's data plane: its variables only, no TUNNEL_TOKEN (no tunnel). In its own
+# network namespace (--network none): the listeners keep their defaults (:8080, :8081, :2000)
+# without meeting the host's; the log says when the config API is up.
+podman rm -f -v -t 0 "$ctr" >/dev/null
+# shellcheck disable=SC2086 # run_opts is a list of options
+ctr=$(podman run -d $run_opts --read-only --read-only-tmpfs=false --network none --log-driver k8s-file \
+  --tmpfs /run/tunnel-agent:rw,nosuid,nodev,mode=0750,U \
+  -e PROXY_AUTH_TOKEN="$api_token" "$test_image" run --from-env)
+config_api_up() { grep -q 'config api up' <<<"$(container_log)"; }
+poll 30 "'config api up' from run --from-env" config_api_up
+podman stop -t $((grace + 10)) "$ctr" >/dev/null
+code=$(podman inspect -f '{{.State.ExitCode}}' "$ctr")
+[ "$code" = 0 ] || fail "run --from-env exited $code after podman stop"
+stdout_only 'starting with the environment' 'config api up' 'proxy stopped'
+case "$(container_log)" in *"$api_token"*) fail "the config API token is in the log" ;; esac
+say "PASS run --from-env: exit 0 after podman stop, all $lines lines on stdout, none on stderr"
 say "all passed in $(($(date +%s) - started)) s"
