@@ -101,8 +101,17 @@ static MOVED: OnceLock<Vec<String>> = OnceLock::new();
 /// Without a file: each default directory the agent cannot write (`runtime_dir`,
 /// `state_dir`) replaced by one beneath [`SHM_DIR`], when that can be written. Only probes
 /// (access(2)); the agent creates the directories at start, as for any other path.
+/// Also says when the default config file exists: `--from-env` without `-c` does not read it
+/// (the image's default command is `run --from-env`; a pod with a file passes `args: ["run"]`).
 pub fn writable_dirs(agent: &mut super::AgentSection) {
-    let _ = MOVED.set(writable_dirs_under(agent, std::path::Path::new(SHM_DIR)));
+    let mut notes = writable_dirs_under(agent, std::path::Path::new(SHM_DIR));
+    if std::path::Path::new(super::DEFAULT_PATH).exists() {
+        notes.push(format!(
+            "{} exists but is not read: --from-env without -c takes the variables alone (run without --from-env to read the file, or with -c {0} to apply the variables over it)",
+            super::DEFAULT_PATH
+        ));
+    }
+    let _ = MOVED.set(notes);
 }
 
 /// [`writable_dirs`] with `shm` for [`SHM_DIR`]; what it moved, said as a warning.

@@ -13,7 +13,7 @@
 #                                   the default trust (webpki) is compiled into the binary
 #   /etc/nsswitch.conf              hosts from /etc/hosts, then DNS (glibc's own resolver)
 #   /etc/tunnel-agent/              empty: mount the config file at agent.toml here (the default
-#                                   path `tunnel-agent run` reads; nothing is baked in)
+#                                   path `tunnel-agent run` reads, with `args: ["run"]`)
 #   /usr/local/bin/cloudflared      NOT shipped: layer the official cloudflared in at this path
 #                                   (PATH puts /usr/local/bin first, `cloudflared.path` finds it)
 #   /run/tunnel-agent, /var/lib/tunnel-agent, /tmp
@@ -21,10 +21,13 @@
 #                                   at /run/tunnel-agent (podman --read-only mounts one at /run)
 #                                   and a volume at /var/lib/tunnel-agent (a pushed table persists)
 #
-# The agent is PID 1 (entry point /usr/bin/tunnel-agent, command `run`, which reads the default
-# config path): as PID 1 it reaps orphaned processes (agent/reaper.rs) and handles SIGTERM
-# itself. The command names no --config, so a later start without a config file (the gateway
-# controller's environment variables, issue 21) needs no new image. It logs to stdout, where a
+# The agent is PID 1 (entry point /usr/bin/tunnel-agent): as PID 1 it reaps orphaned processes
+# (agent/reaper.rs) and handles SIGTERM itself. The command is `run --from-env`: with no args, as
+# the gateway controller's chart runs its proxy pods (no command, no args, uid 65534, a read-only
+# root, no volume), the image reads that controller's variables, and keeps its files beneath
+# /dev/shm when the directories below cannot be written. A pod with a config file at
+# /etc/tunnel-agent/agent.toml passes `args: ["run"]` (packaging/kubernetes/active-standby.yaml);
+# a file there that the default command does not read is said as a warning. It logs to stdout, where a
 # container's logs are expected: the image sets TUNNEL_AGENT_LOG_STREAM=stdout, the default of
 # `agent.log_stream` when the config file does not set it (with a file or without one); only a
 # panic, or an error before the config is read, is on stderr. `agent.log_format = "auto"` never
@@ -102,7 +105,7 @@ cargo_field() { awk -F'"' -v key="$1" '$1 ~ "^" key " *= *$" { print $2; exit }'
 oci() { echo "--annotation=org.opencontainers.image.$1=$2 --label=org.opencontainers.image.$1=$2"; }
 # shellcheck disable=SC2046 # oci prints two words without spaces inside them
 buildah config \
-  --entrypoint '["/usr/bin/tunnel-agent"]' --cmd '["run"]' \
+  --entrypoint '["/usr/bin/tunnel-agent"]' --cmd '["run", "--from-env"]' \
   --user "$uid:$uid" --workingdir /var/lib/tunnel-agent \
   --env PATH=/usr/local/bin:/usr/bin:/bin --env TUNNEL_AGENT_LOG_STREAM=stdout --stop-signal SIGTERM \
   --volume /var/lib/tunnel-agent \

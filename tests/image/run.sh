@@ -2,8 +2,8 @@
 # The OCI image test: builds the image (packaging/image/build.sh, a release build), adds a test
 # layer on top of it (Debian's python3, and at /usr/local/bin/cloudflared, where users put the
 # real one, tests/image/orphaning-cloudflared in front of tests/fakes/cloudflared), runs it with
-# podman as the image says (its user, its entry point and command) on a read-only root with a
-# config file mounted at the default path, and checks:
+# podman as the image says (its user and entry point; `run`, as a pod with a file passes it) on
+# a read-only root with a config file mounted at the default path, and checks:
 #   - PID 1 is tunnel-agent, its one child the agent, cloudflared the agent's child; all run as
 #     uid 65532, on a root mounted read-only;
 #   - `/ready` answers 200 once a table is pushed to the config API and the tunnel is up, and
@@ -15,8 +15,12 @@
 #   - no secret value in the log or in any process's argv;
 #   - every line the container wrote went to stdout, none to stderr (the image's
 #     TUNNEL_AGENT_LOG_STREAM=stdout), read from podman's k8s-file log, which tags each line with
-#     its stream; and the same for `run --from-env` with no config file (the gateway
-#     controller's data plane), which must also start and stop cleanly.
+#     its stream;
+#   - then as the gateway controller's chart runs its proxy pods, unchanged: no args (the image's
+#     default command, `run --from-env`), uid 65534, no capabilities, a read-only root and no
+#     volume, its variables only: the directories move beneath /dev/shm (said in the log),
+#     `/readyz` is 503 "no config loaded" until a push and 200 after it with the tunnel up,
+#     `podman stop` exits 0, every line on stdout, no secret in the log.
 # The container shares the host's network namespace (--network host) and every listener is on
 # 127.0.0.1: nothing leaves loopback. Readiness is polled with deadlines, never slept for.
 #
@@ -183,7 +187,7 @@ tunnel_token=$(printf '{"a":"account","t":"6ff42ae2-765d-4adf-8112-31c55c1551ef"
 ctr=$(podman run -d $run_opts --read-only --read-only-tmpfs=false --network host --log-driver k8s-file \
   --tmpfs /run/tunnel-agent:rw,nosuid,nodev,mode=0750,U \
   -v "$work/agent.toml:/etc/tunnel-agent/agent.toml:ro" \
-  -e TUNNEL_TOKEN="$tunnel_token" -e CONFIG_API_TOKEN="$api_token" "$test_image")
+  -e TUNNEL_TOKEN="$tunnel_token" -e CONFIG_API_TOKEN="$api_token" "$test_image" run)
 
 # poll DEADLINE_S DESCRIPTION COMMAND...: runs COMMAND until it succeeds, or fails the test.
 poll() {
@@ -297,21 +301,52 @@ stdout_only() {
 stdout_only '"message":"ready"' '"target":"cloudflared"' 'Initiating graceful shutdown' 'proxy stopped'
 say "PASS run: all $lines lines on stdout (the agent's, cloudflared's), none on stderr"
 
-# --- run --from-env: no config file at all ---------------------------------------------------
-# The gateway controller's data plane: its variables only, no TUNNEL_TOKEN (no tunnel). In its own
-# network namespace (--network none): the listeners keep their defaults (:8080, :8081, :2000)
-# without meeting the host's; the log says when the config API is up.
+# --- the gateway controller's chart, unchanged ----------------------------------------------
+# Its proxy Deployment points at this image with no command and no args (the image's default,
+# `run --from-env`), runs it as uid 65534 with a read-only root, no capabilities, no privilege
+# escalation and no volume (podman's image volume ignored, as Kubernetes does), and configures
+# it with its variables: a tunnel token and the config API's bearer. In its own network namespace
+# (--network none): the listeners keep their defaults (:8080 on loopback, :8081, :2000); the
+# config API is driven from inside the container, with the test layer's python3.
 podman rm -f -v -t 0 "$ctr" >/dev/null
 # shellcheck disable=SC2086 # run_opts is a list of options
 ctr=$(podman run -d $run_opts --read-only --read-only-tmpfs=false --network none --log-driver k8s-file \
-  --tmpfs /run/tunnel-agent:rw,nosuid,nodev,mode=0750,U \
-  -e PROXY_AUTH_TOKEN="$api_token" "$test_image" run --from-env)
+  --user 65534:65534 --cap-drop ALL --security-opt no-new-privileges --image-volume ignore \
+  -e TUNNEL_TOKEN="$tunnel_token" -e PROXY_AUTH_TOKEN="$api_token" "$test_image")
 config_api_up() { grep -q 'config api up' <<<"$(container_log)"; }
-poll 30 "'config api up' from run --from-env" config_api_up
+poll 30 "'config api up' from the chart's pod shape" config_api_up
+# api METHOD PATH [BODY]: the config API's status code and body, asked from inside the pod.
+api() {
+  podman exec -e TOKEN="$api_token" "$ctr" python3 -c '
+import os, sys, urllib.request, urllib.error
+method, path = sys.argv[1], sys.argv[2]
+body = sys.argv[3].encode() if len(sys.argv) > 3 else None
+req = urllib.request.Request("http://127.0.0.1:8081" + path, data=body, method=method,
+    headers={"Authorization": "Bearer " + os.environ["TOKEN"], "Content-Type": "application/json"})
+try:
+    with urllib.request.urlopen(req, timeout=2) as r:
+        print(r.status, r.read().decode())
+except urllib.error.HTTPError as e:
+    print(e.code, e.read().decode())
+' "$@"
+}
+answer=$(api GET /readyz)
+case "$answer" in "503 "*"no config loaded"*) ;; *) fail "/readyz before a push: $answer" ;; esac
+table='{"version": 1, "rules": [{"hostnames": ["chart.example.com"], "backends": [{"url": "http://127.0.0.1:9"}]}]}'
+answer=$(api PUT /config "$table")
+case "$answer" in "200 "*) ;; *) fail "PUT /config: $answer" ;; esac
+chart_ready() { case "$(api GET /readyz)" in "200 "*) true ;; *) false ;; esac; }
+poll 30 "/readyz 200 after a push, with the tunnel up" chart_ready
+[ "$(podman inspect -f '{{.Config.User}} {{.HostConfig.ReadonlyRootfs}}' "$ctr")" = "65534:65534 true" ] ||
+  fail "podman inspect: $(podman inspect -f '{{.Config.User}} {{.HostConfig.ReadonlyRootfs}}' "$ctr")"
+say "PASS the chart's pod shape: uid 65534, read-only root, no volume, no args: /readyz 503 'no config loaded', then 200 after a push"
 podman stop -t $((grace + 10)) "$ctr" >/dev/null
 code=$(podman inspect -f '{{.State.ExitCode}}' "$ctr")
-[ "$code" = 0 ] || fail "run --from-env exited $code after podman stop"
-stdout_only 'starting with the environment' 'config api up' 'proxy stopped'
-case "$(container_log)" in *"$api_token"*) fail "the config API token is in the log" ;; esac
-say "PASS run --from-env: exit 0 after podman stop, all $lines lines on stdout, none on stderr"
+[ "$code" = 0 ] || fail "the chart's pod shape exited $code after podman stop"
+stdout_only 'starting with the environment' 'cannot be written' '/dev/shm/tunnel-agent/run' 'config api up' \
+  'cloudflared: Registered tunnel connection' 'proxy stopped'
+for secret in "$tunnel_token" "$api_token"; do
+  case "$(container_log)" in *"$secret"*) fail "a secret value is in the log" ;; esac
+done
+say "PASS the chart's pod shape: its directories beneath /dev/shm (said), exit 0 after podman stop, all $lines lines on stdout"
 say "all passed in $(($(date +%s) - started)) s"
