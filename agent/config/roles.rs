@@ -428,4 +428,52 @@ mod tests {
         assert!(text.contains("\"ftp\""), "{text}");
         assert!(!text.contains("hunter2") && !text.contains("s3cr3t"), "{text}");
     }
+
+    /// A kubeconfig replaces api_url, token_file and ca_file; context goes with it; neither is
+    /// etcd's.
+    #[test]
+    fn a_kubeconfig_is_kubernetes_only_and_replaces_the_explicit_keys() {
+        let problems = |section: RoleElectionSection| {
+            let mut seen = Vec::new();
+            section.validate(&[], &mut |k, r| seen.push(format!("{k}: {r}")));
+            seen
+        };
+        let kube = RoleElectionSection {
+            backend: ElectionBackend::Kubernetes,
+            namespace: Some("tunnel".into()),
+            name: Some("pair-1".into()),
+            ttl: Duration::from_secs(4),
+            kubeconfig: Some("/etc/tunnel-agent/kubeconfig".into()),
+            context: Some("prod".into()),
+            ..RoleElectionSection::default()
+        };
+        assert_eq!(problems(kube.clone()), Vec::<String>::new());
+        let both = RoleElectionSection {
+            api_url: Some("https://10.0.0.1".into()),
+            ca_file: Some("/ca.pem".into()),
+            ..kube.clone()
+        };
+        let seen = problems(both).join("\n");
+        assert!(seen.contains("role_election.api_url: not with kubeconfig"), "{seen}");
+        assert!(seen.contains("role_election.ca_file: not with kubeconfig"), "{seen}");
+        let lone_context = RoleElectionSection {
+            kubeconfig: None,
+            ..kube.clone()
+        };
+        assert_eq!(problems(lone_context), ["role_election.context: only with kubeconfig"]);
+        let etcd = RoleElectionSection {
+            backend: ElectionBackend::Etcd,
+            endpoints: vec!["http://127.0.0.1:2379".into()],
+            key: "/k".into(),
+            namespace: None,
+            name: None,
+            ..kube
+        };
+        let seen = problems(etcd).join("\n");
+        assert!(
+            seen.contains("role_election.kubeconfig: only for backend = \"kubernetes\""),
+            "{seen}"
+        );
+        assert!(seen.contains("role_election.context: only for backend"), "{seen}");
+    }
 }

@@ -275,6 +275,10 @@ impl Resolver<'_> {
         let token = match (&u.token, &u.token_file) {
             (Some(_), Some(_)) => return Err(fail("token", "set either token or tokenFile, not both".into())),
             (Some(t), None) if t.trim().is_empty() => return Err(fail("token", "is empty".into())),
+            // It goes into an Authorization header as it is.
+            (Some(t), None) if !t.trim().bytes().all(|b| b.is_ascii_graphic()) => {
+                return Err(fail("token", "must be one word of printable ASCII".into()))
+            }
             (Some(t), None) => Token::Fixed(Secret::new(t.trim())),
             (None, Some(p)) => Token::File(self.dir.join(p)),
             (None, None) => Token::None,
@@ -496,6 +500,11 @@ mod tests {
                 SERVER.to_owned(),
                 "    extensions: []".to_owned(),
                 "users[0].user.token: the user has no credentials",
+            ),
+            (
+                SERVER.to_owned(),
+                "    token: \"hunter2 hunter2\"".to_owned(),
+                "users[0].user.token: must be one word",
             ),
             (
                 "    server: ftp://h".to_owned(),
