@@ -195,7 +195,7 @@ async fn a_server_certificate_from_another_ca_is_refused() {
         assert_eq!(s["role"], "standby", "{s}");
         let error = s["election"]["last_error"].as_str().unwrap_or("");
         assert!(
-            error.contains("did not answer") && error.contains("UnknownIssuer"),
+            error.contains("certificate is not trusted") && error.contains("UnknownIssuer"),
             "{s}"
         );
     }

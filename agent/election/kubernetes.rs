@@ -95,6 +95,10 @@ pub enum KubeError {
     /// No answer (connection refused, timeout, TLS failure).
     #[error("the Kubernetes API server did not answer: {0}")]
     Unreachable(String),
+    /// The TLS handshake refused the server's certificate: another CA, another name, expired.
+    /// Counts as no answer; said apart so the operator looks at the CA, not the network.
+    #[error("the Kubernetes API server's certificate is not trusted (check role_election.ca_file, the kubeconfig's certificate-authority, or the pod's ca.crt): {0}")]
+    Untrusted(String),
     /// 401 or 403: the token is bad, expired, or may not touch the Lease; with the `Status`
     /// object's message (RBAC's names the user, the verb and the resource).
     #[error("the Kubernetes API server refused the credentials (HTTP {status}) for Lease {lease}: {message}; {hint}")]
@@ -271,8 +275,12 @@ impl LeaseClient {
         if let Some(body) = body {
             req = req.json(body);
         }
-        let unreachable = |e: &dyn std::error::Error| {
-            KubeError::Unreachable(crate::secret::redact_urls_in(&crate::errors::error_chain(e)))
+        let unreachable = |e: &(dyn std::error::Error + 'static)| {
+            let chain = crate::secret::redact_urls_in(&crate::errors::error_chain(e));
+            match refused_certificate(e) {
+                true => KubeError::Untrusted(chain),
+                false => KubeError::Unreachable(chain),
+            }
         };
         let resp = req.send().await.map_err(|e| unreachable(&e))?;
         let status = resp.status();
@@ -544,6 +552,23 @@ fn parse(body: &[u8]) -> Result<(serde_json::Value, Spec), KubeError> {
         )));
     }
     Ok((object, spec))
+}
+
+/// Whether rustls refused the server's certificate somewhere in `e`'s chain. An `io::Error` is
+/// looked into with `get_ref`: its `source()` skips the error it wraps, and hyper-util wraps
+/// tokio-rustls' `io::Error` in another.
+fn refused_certificate(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(rustls::Error::InvalidCertificate(_)) = err.downcast_ref::<rustls::Error>() {
+            return true;
+        }
+        cur = match err.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
+    }
+    false
 }
 
 /// A `spec` as this node writes it.
