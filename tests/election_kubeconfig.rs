@@ -269,7 +269,7 @@ async fn a_kubeconfig_client_certificate_authenticates_alone() {
 }
 
 /// `check` reads the kubeconfig and what it names, as start-up does: a usable one passes; a
-/// plugin, a missing file, a key that is not PEM or a conflicting key fails, naming the config
+/// plugin, a missing file, a CA or key that is not PEM or a conflicting key fails, naming the config
 /// file, the key, the kubeconfig and its field, and never printing the token.
 #[test]
 fn check_reads_the_kubeconfig_as_start_up_does() {
@@ -314,6 +314,10 @@ fn check_reads_the_kubeconfig_as_start_up_does() {
         out.contains("role_election.kubeconfig") && out.contains("client certificate/key"),
         "{out}"
     );
+    let not_pem = format!("{server}\n    certificate-authority-data: {}", base64(b"not a PEM"));
+    let (code, out) = check(&uses, &kubeconfig(&not_pem, &token));
+    assert_eq!(code, Some(78), "{out}");
+    assert!(out.contains("CA bundle: holds no PEM certificate"), "{out}");
     let (code, out) = check(&format!("{uses}\ncontext = \"elsewhere\""), &kubeconfig(server, &token));
     assert_eq!(code, Some(78), "{out}");
     assert!(out.contains("contexts: no context named \"elsewhere\""), "{out}");
