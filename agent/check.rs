@@ -61,6 +61,7 @@ pub fn check(path: &Path) -> Report {
         false => path.display().to_string(),
     };
     check_secrets(&file, &config, &metrics, &named, &mut report);
+    check_election(&file, &config, &named, &mut report);
     if !named.covers("routes") && !named.covers("route") {
         check_routes(&file, &config, &metrics, &named, &mut report);
     }
@@ -96,6 +97,19 @@ fn check_secrets(file: &str, config: &Config, metrics: &Metrics, named: &Named, 
         if !named.covers(table) {
             report.problem(format!("{}: {key}: {e}", file));
         }
+    }
+}
+
+/// The kubeconfig a Lease election names, read and used as start-up does.
+fn check_election(file: &str, config: &Config, named: &Named, report: &mut Report) {
+    let Some(section) = &config.role_election else {
+        return;
+    };
+    if named.covers("role_election") {
+        return;
+    }
+    if let Err(e) = crate::role::election::check_kubeconfig(section) {
+        report.problem(format!("{file}: {e}"));
     }
 }
 

@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use tunnel_agent::config::roles::OnStoreLoss;
 use tunnel_agent::deadline::from_monotonic_ns;
 use tunnel_agent::election::etcd::{EtcdClient, EtcdOptions};
-use tunnel_agent::election::kubernetes::{LeaseClient, LeaseOptions};
+use tunnel_agent::election::kubernetes::{Access, LeaseClient, LeaseOptions, Token};
 use tunnel_agent::election::store::Store;
 use tunnel_agent::election::{self, Carried, Election, Outcome, Settings};
 
@@ -47,11 +47,14 @@ impl Backend {
             Backend::Etcd(endpoints) => Store::Etcd(etcd_client(endpoints)),
             Backend::Kubernetes { api, token_file } => Store::Kubernetes(Box::new(
                 LeaseClient::new(&LeaseOptions {
-                    api_url: api.clone(),
+                    access: Access {
+                        api_url: api.clone(),
+                        ca_pem: None,
+                        token: Token::File(token_file.clone()),
+                        identity_pem: None,
+                    },
                     namespace: NAMESPACE.into(),
                     name: LEASE.into(),
-                    token_file: token_file.clone(),
-                    ca_pem: None,
                     me: me.into(),
                     ttl: TTL,
                 })

@@ -47,7 +47,7 @@ fn node_config(name: &str, cf: &FakeCloudflared, up: &FakeUpstream, api: &str, t
 
 /// A node whose token file holds `token`; its cloudflared drains for `drain_ms` after SIGTERM.
 async fn node(name: &str, api: &FakeKubeApi, up: &FakeUpstream, token: &str, drain_ms: u64) -> Node {
-    let relay = Relay::start(api.url().trim_start_matches("http://").parse().expect("addr")).await;
+    let relay = Relay::start(api.addr()).await;
     let builder = AgentBuilder::new();
     let cf = FakeCloudflared::new(builder.dir());
     cf.set("drain_ms", &drain_ms.to_string());
@@ -173,9 +173,10 @@ async fn a_killed_leader_is_replaced_once_its_lease_expires() {
     no_token_in_logs(&nodes);
 }
 
-/// The API server hangs (accepts, never answers), refuses connections, answers 503, or
-/// answers too slowly: the leader fences within the lease duration of the fault, nobody
-/// else is active meanwhile, and once the server is back exactly one node leads.
+/// The API server hangs (accepts, never answers), refuses connections, answers 503, starts
+/// answering 403 (RBAC no longer lets the account touch the Lease), or answers too slowly: the
+/// leader fences within the lease duration of the fault, nobody else is active meanwhile, and
+/// once the server is back exactly one node leads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_api_server_that_hangs_refuses_or_fails_fences_the_leader_within_ttl() {
     let t0 = Instant::now();
@@ -188,6 +189,7 @@ async fn an_api_server_that_hangs_refuses_or_fails_fences_the_leader_within_ttl(
         ("hang", Some(Fault::Hang)),
         ("refuse", None),
         ("503", Some(Fault::Status(503))),
+        ("403", Some(Fault::Forbidden)),
         ("slow", Some(Fault::Slow(Duration::from_secs(5)))),
     ];
     for (label, fault) in faults {
@@ -310,7 +312,7 @@ async fn a_bad_token_is_reported_and_a_rotated_one_is_read_again() {
     let nodes = vec![node("node-a", &api, &up, "sa-token-wrong-0000", 100).await];
     let line = nodes[0]
         .agent
-        .wait_for_log(&["refused the service account", "HTTP 401"], DEADLINE)
+        .wait_for_log(&["refused the credentials", "HTTP 401"], DEADLINE)
         .await;
     assert!(!line.contains("sa-token-wrong"), "{line}");
     let s = nodes[0].status().await;
@@ -325,8 +327,49 @@ async fn a_bad_token_is_reported_and_a_rotated_one_is_read_again() {
     one_leader(&nodes).await;
     nodes[0]
         .agent
-        .wait_for_log(&["accepts the service account token again"], DEADLINE)
+        .wait_for_log(&["accepts the credentials again"], DEADLINE)
         .await;
+    no_token_in_logs(&nodes);
+}
+
+/// RBAC does not let the account touch the Lease (a missing or wrong Role): every request is
+/// 403. The node never goes active, says why once in its log (the Lease, HTTP 403 and the
+/// server's reason) however often it retries, and `/status` carries the same reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_that_rbac_denies_is_never_taken_and_said_once() {
+    let api = FakeKubeApi::start(SA_TOKEN).await;
+    api.set_fault(Fault::Forbidden);
+    let up = FakeUpstream::start(Wire::Http1).await;
+    let nodes = vec![node("node-a", &api, &up, SA_TOKEN, 100).await];
+    let sampler = Sampler::start(vec![nodes[0].agent.health_addr()]);
+    let needles = ["HTTP 403", &format!("Lease {NAMESPACE}/{LEASE}"), "cannot get resource"];
+    let line = nodes[0].agent.wait_for_log(&needles, DEADLINE).await;
+    println!("{line}");
+    // Several campaigns later (each one a GET that is refused), still one line.
+    eventually(DEADLINE, "ten refused requests", || async {
+        (api.answered(403) >= 10).then_some(())
+    })
+    .await;
+    let s = nodes[0].status().await;
+    assert_eq!(s["role"], "standby", "{s}");
+    assert_eq!(s["election"]["state"], "unreachable", "{s}");
+    let error = s["election"]["last_error"].as_str().unwrap_or("");
+    assert!(
+        error.contains("403") && error.contains("forbidden") && error.contains(LEASE),
+        "{s}"
+    );
+    let said = nodes[0].agent.logs().iter().filter(|l| l.contains("HTTP 403")).count();
+    assert_eq!(said, 1, "{}", nodes[0].agent.logs().join("\n"));
+    assert!(api.lease(NAMESPACE, LEASE).is_none(), "a denied node created the Lease");
+    let timeline = sampler.timeline.clone();
+    let (samples, _) = sampler.finish().await;
+    println!(
+        "samples {samples}, /active changes {:?}",
+        timeline.lock().unwrap().len()
+    );
+    let ever_active = timeline.lock().unwrap().iter().any(|(_, v)| v[0]);
+    assert!(!ever_active, "/active answered 200 while RBAC denied the Lease");
+    assert!(samples > 0);
     no_token_in_logs(&nodes);
 }
 

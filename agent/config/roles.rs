@@ -84,6 +84,13 @@ pub struct RoleElectionSection {
     /// Kubernetes: the service account token, read for each request (the kubelet rotates it).
     /// Unset: the pod's mounted token.
     pub token_file: Option<PathBuf>,
+    /// Kubernetes, outside the cluster: a kubeconfig file naming the API server, its CA and
+    /// the credentials (instead of `api_url`, `token_file` and `ca_file`). Only this key names
+    /// one: `KUBECONFIG` in the agent's environment is not read, so the cluster the election
+    /// runs on is in the config file, where `check` sees it.
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig's context to use. Unset: its `current-context`.
+    pub context: Option<String>,
     /// Lease TTL, whole seconds. Failover after a crash takes up to this long.
     #[serde(deserialize_with = "duration::at_most::<_, _, { duration::HOUR }>")]
     pub ttl: Duration,
@@ -119,6 +126,8 @@ impl Default for RoleElectionSection {
             name: None,
             api_url: None,
             token_file: None,
+            kubeconfig: None,
+            context: None,
             ttl: Duration::from_secs(10),
             fence_margin: Duration::from_secs(1),
             poll_interval: Duration::from_millis(250),
@@ -217,6 +226,8 @@ impl RoleElectionSection {
             ("name", self.name.is_some()),
             ("api_url", self.api_url.is_some()),
             ("token_file", self.token_file.is_some()),
+            ("kubeconfig", self.kubeconfig.is_some()),
+            ("context", self.context.is_some()),
         ];
         for (k, set) in kube_only {
             if set {
@@ -242,6 +253,24 @@ impl RoleElectionSection {
             if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < "http://x".len() {
                 bad(key("api_url"), not_a_url(url));
             }
+        }
+        if self.kubeconfig.is_some() {
+            let in_kubeconfig = [
+                ("api_url", self.api_url.is_some()),
+                ("token_file", self.token_file.is_some()),
+                ("ca_file", self.ca_file.is_some()),
+            ];
+            for (k, _) in in_kubeconfig.iter().filter(|(_, set)| *set) {
+                bad(
+                    key(k),
+                    "not with kubeconfig: the kubeconfig names the server, its CA and the credentials".into(),
+                );
+            }
+        } else if self.context.is_some() {
+            bad(key("context"), "only with kubeconfig".into());
+        }
+        if self.context.as_deref().is_some_and(|c| c.is_empty() || c.len() > 253) {
+            bad(key("context"), "must be a context's name (1 to 253 characters)".into());
         }
         let etcd_only = [
             ("endpoints", !self.endpoints.is_empty()),
@@ -398,5 +427,53 @@ mod tests {
         assert!(text.contains("role_election.endpoints[1]: must be"), "{text}");
         assert!(text.contains("\"ftp\""), "{text}");
         assert!(!text.contains("hunter2") && !text.contains("s3cr3t"), "{text}");
+    }
+
+    /// A kubeconfig replaces api_url, token_file and ca_file; context goes with it; neither is
+    /// etcd's.
+    #[test]
+    fn a_kubeconfig_is_kubernetes_only_and_replaces_the_explicit_keys() {
+        let problems = |section: RoleElectionSection| {
+            let mut seen = Vec::new();
+            section.validate(&[], &mut |k, r| seen.push(format!("{k}: {r}")));
+            seen
+        };
+        let kube = RoleElectionSection {
+            backend: ElectionBackend::Kubernetes,
+            namespace: Some("tunnel".into()),
+            name: Some("pair-1".into()),
+            ttl: Duration::from_secs(4),
+            kubeconfig: Some("/etc/tunnel-agent/kubeconfig".into()),
+            context: Some("prod".into()),
+            ..RoleElectionSection::default()
+        };
+        assert_eq!(problems(kube.clone()), Vec::<String>::new());
+        let both = RoleElectionSection {
+            api_url: Some("https://10.0.0.1".into()),
+            ca_file: Some("/ca.pem".into()),
+            ..kube.clone()
+        };
+        let seen = problems(both).join("\n");
+        assert!(seen.contains("role_election.api_url: not with kubeconfig"), "{seen}");
+        assert!(seen.contains("role_election.ca_file: not with kubeconfig"), "{seen}");
+        let lone_context = RoleElectionSection {
+            kubeconfig: None,
+            ..kube.clone()
+        };
+        assert_eq!(problems(lone_context), ["role_election.context: only with kubeconfig"]);
+        let etcd = RoleElectionSection {
+            backend: ElectionBackend::Etcd,
+            endpoints: vec!["http://127.0.0.1:2379".into()],
+            key: "/k".into(),
+            namespace: None,
+            name: None,
+            ..kube
+        };
+        let seen = problems(etcd).join("\n");
+        assert!(
+            seen.contains("role_election.kubeconfig: only for backend = \"kubernetes\""),
+            "{seen}"
+        );
+        assert!(seen.contains("role_election.context: only for backend"), "{seen}");
     }
 }

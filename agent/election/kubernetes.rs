@@ -21,6 +21,8 @@
 //!   empty holder at once. Acquiring increments `leaseTransitions`.
 //! - In-cluster credentials: a bearer token in a file that the kubelet rotates (projected
 //!   service account tokens), read again for every request here; the cluster CA next to it.
+//!   Outside the cluster, a kubeconfig's cluster and user (`kubeconfig.rs`): a token, a
+//!   `tokenFile` (read again like the in-cluster one) and/or a client certificate.
 //!
 //! Kubernetes' own leader election does not fence: a leader that stops renewing only learns it
 //! lost when it next talks to the API server. Ours fences by time in the state machine; this
@@ -38,6 +40,8 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::time::Instant;
 
+use crate::secret::Secret;
+
 /// The largest Lease or `Status` answer read; a Lease is well under 2 KiB.
 const BODY_LIMIT: usize = 64 * 1024;
 /// The largest token file read (projected tokens are about 1 KiB).
@@ -49,17 +53,37 @@ const DURATION_LIMIT: i64 = 3600;
 /// Writes of one renewal or release, each after a 409 and a read (all within its timeout).
 const CONFLICT_RETRIES: usize = 4;
 
+/// How to reach the API server and who this node is to it: the in-cluster defaults or
+/// `api_url`/`token_file`/`ca_file`, or a kubeconfig's cluster and user (`kubeconfig.rs`).
+#[derive(Debug, Clone)]
+pub struct Access {
+    /// `https://host:port` (in-cluster: from `KUBERNETES_SERVICE_HOST`/`_PORT`).
+    pub api_url: String,
+    /// PEM bundle the API server's certificate must chain to (else the system roots).
+    pub ca_pem: Option<Vec<u8>>,
+    pub token: Token,
+    /// A client certificate and its key, one PEM (a kubeconfig's `client-certificate`).
+    pub identity_pem: Option<Secret>,
+}
+
+/// Where the bearer token comes from.
+#[derive(Debug, Clone)]
+pub enum Token {
+    /// A file read for every request: the kubelet rotates projected service account tokens,
+    /// and a kubeconfig's `tokenFile` is re-read the same way.
+    File(PathBuf),
+    /// A kubeconfig's `token`, as written.
+    Fixed(Secret),
+    /// None: a client certificate authenticates.
+    None,
+}
+
 /// How to reach the API server and which Lease.
 #[derive(Clone)]
 pub struct LeaseOptions {
-    /// `https://host:port` (in-cluster: from `KUBERNETES_SERVICE_HOST`/`_PORT`).
-    pub api_url: String,
+    pub access: Access,
     pub namespace: String,
     pub name: String,
-    /// The service account token, read for every request (it rotates).
-    pub token_file: PathBuf,
-    /// PEM bundle the API server's certificate must chain to (else the system roots).
-    pub ca_pem: Option<Vec<u8>>,
     /// This node's `holderIdentity` (its host name).
     pub me: String,
     /// `leaseDurationSeconds` this node writes, and the least it waits on another's hold.
@@ -71,15 +95,25 @@ pub enum KubeError {
     /// No answer (connection refused, timeout, TLS failure).
     #[error("the Kubernetes API server did not answer: {0}")]
     Unreachable(String),
-    /// 401 or 403: the token is bad, expired, or may not touch the Lease.
-    #[error("the Kubernetes API server refused the service account (HTTP {status}): {hint}")]
-    Unauthorized { status: u16, hint: &'static str },
+    /// The TLS handshake refused the server's certificate: another CA, another name, expired.
+    /// Counts as no answer; said apart so the operator looks at the CA, not the network.
+    #[error("the Kubernetes API server's certificate is not trusted (check role_election.ca_file, the kubeconfig's certificate-authority, or the pod's ca.crt): {0}")]
+    Untrusted(String),
+    /// 401 or 403: the token is bad, expired, or may not touch the Lease; with the `Status`
+    /// object's message (RBAC's names the user, the verb and the resource).
+    #[error("the Kubernetes API server refused the credentials (HTTP {status}) for Lease {lease}: {message}; {hint}")]
+    Unauthorized {
+        status: u16,
+        lease: String,
+        message: String,
+        hint: &'static str,
+    },
     /// Any other refusal (5xx, 422…), with the `Status` object's message.
     #[error("the Kubernetes API server answered HTTP {status}: {message}")]
     Api { status: u16, message: String },
     #[error("unexpected answer from the Kubernetes API server: {0}")]
     Protocol(String),
-    #[error("cannot read the service account token: {0}")]
+    #[error("cannot read the bearer token: {0}")]
     Token(String),
     #[error("{what}: {message}")]
     Setup { what: &'static str, message: String },
@@ -146,7 +180,7 @@ pub struct LeaseClient {
     collection: String,
     namespace: String,
     name: String,
-    token_file: PathBuf,
+    token: Token,
     me: String,
     ttl: Duration,
     observed: Mutex<Option<Observed>>,
@@ -165,9 +199,26 @@ impl LeaseClient {
                 message: crate::errors::error_chain(&e),
             }
         };
-        let builder = super::http::builder(options.ca_pem.as_deref()).map_err(|(what, e)| setup(what)(e))?;
+        let access = &options.access;
+        // A bundle without a certificate would leave the system roots alone trusted, quietly.
+        if let Some(pem) = &access.ca_pem {
+            if reqwest::Certificate::from_pem_bundle(pem).is_ok_and(|certs| certs.is_empty()) {
+                return Err(KubeError::Setup {
+                    what: "CA bundle",
+                    message: "holds no PEM certificate".into(),
+                });
+            }
+        }
+        let mut builder = super::http::builder(access.ca_pem.as_deref()).map_err(|(what, e)| setup(what)(e))?;
+        if let Some(pem) = &access.identity_pem {
+            let identity = reqwest::Identity::from_pem(pem.expose().as_bytes()).map_err(|_| KubeError::Setup {
+                what: "client certificate/key",
+                message: "not a PEM certificate and private key (PKCS#8, RSA or SEC1)".into(),
+            })?;
+            builder = builder.identity(identity);
+        }
         let http = builder.build().map_err(setup("HTTP client"))?;
-        let api = options.api_url.trim_end_matches('/');
+        let api = access.api_url.trim_end_matches('/');
         let collection = format!(
             "{api}/apis/coordination.k8s.io/v1/namespaces/{}/leases",
             options.namespace
@@ -178,7 +229,7 @@ impl LeaseClient {
             collection,
             namespace: options.namespace.clone(),
             name: options.name.clone(),
-            token_file: options.token_file.clone(),
+            token: access.token.clone(),
             me: options.me.clone(),
             ttl: options.ttl,
             observed: Mutex::new(None),
@@ -186,22 +237,28 @@ impl LeaseClient {
         })
     }
 
-    /// The token as the file holds it now (the kubelet rewrites it before it expires).
-    fn token(&self) -> Result<String, KubeError> {
-        let path = self.token_file.display();
-        let file = std::fs::File::open(&self.token_file).map_err(|e| KubeError::Token(format!("{path}: {e}")))?;
+    /// The bearer token now: a token file as it holds it now (the kubelet rewrites it before
+    /// it expires), or `None` when a client certificate authenticates alone.
+    fn token(&self) -> Result<Option<Secret>, KubeError> {
+        let path = match &self.token {
+            Token::File(path) => path,
+            Token::Fixed(token) => return Ok(Some(token.clone())),
+            Token::None => return Ok(None),
+        };
+        let shown = path.display();
+        let file = std::fs::File::open(path).map_err(|e| KubeError::Token(format!("{shown}: {e}")))?;
         let mut text = String::new();
         file.take(TOKEN_LIMIT)
             .read_to_string(&mut text)
-            .map_err(|e| KubeError::Token(format!("{path}: {e}")))?;
+            .map_err(|e| KubeError::Token(format!("{shown}: {e}")))?;
         let token = text.trim();
         if token.is_empty() {
-            return Err(KubeError::Token(format!("{path} is empty")));
+            return Err(KubeError::Token(format!("{shown} is empty")));
         }
         if !token.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(KubeError::Token(format!("{path} holds more than one token-like word")));
+            return Err(KubeError::Token(format!("{shown} holds more than one token-like word")));
         }
-        Ok(token.to_owned())
+        Ok(Some(Secret::new(token)))
     }
 
     /// One request; the answer's status and body (read with a ceiling). 401/403 are errors.
@@ -220,13 +277,19 @@ impl LeaseClient {
             .http
             .request(method, url)
             .timeout(left)
-            .bearer_auth(self.token()?)
             .header(http::header::ACCEPT, "application/json");
+        if let Some(token) = self.token()? {
+            req = req.bearer_auth(token.expose());
+        }
         if let Some(body) = body {
             req = req.json(body);
         }
-        let unreachable = |e: &dyn std::error::Error| {
-            KubeError::Unreachable(crate::secret::redact_urls_in(&crate::errors::error_chain(e)))
+        let unreachable = |e: &(dyn std::error::Error + 'static)| {
+            let chain = crate::secret::redact_urls_in(&crate::errors::error_chain(e));
+            match refused_certificate(e) {
+                true => KubeError::Untrusted(chain),
+                false => KubeError::Unreachable(chain),
+            }
         };
         let resp = req.send().await.map_err(|e| unreachable(&e))?;
         let status = resp.status();
@@ -234,33 +297,40 @@ impl LeaseClient {
             .await
             .map_err(|e| unreachable(&e))?;
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-            return Err(self.refused(status));
+            return Err(self.refused(status, &body));
         }
         if self.auth_failing.swap(false, Ordering::Relaxed) {
-            tracing::info!("the Kubernetes API server accepts the service account token again");
+            tracing::info!("the Kubernetes API server accepts the credentials again");
         }
         Ok((status, body))
     }
 
-    fn refused(&self, status: StatusCode) -> KubeError {
-        let hint = if status == StatusCode::UNAUTHORIZED {
-            "the token is missing, expired or not for this cluster (check role_election.token_file)"
-        } else {
-            "the service account may not get, create or update this Lease (check its Role)"
+    /// A 401 or 403, said once in the log (with the server's reason and what to check) until
+    /// a request gets through again.
+    fn refused(&self, status: StatusCode, body: &[u8]) -> KubeError {
+        let hint = match (status, &self.token) {
+            (StatusCode::UNAUTHORIZED, Token::File(_)) => {
+                "the token is missing, expired or not for this cluster (check role_election.token_file, or the kubeconfig's tokenFile)"
+            }
+            (StatusCode::UNAUTHORIZED, _) => {
+                "the kubeconfig's token or client certificate is not accepted by this cluster"
+            }
+            _ => "the account may not get, create or update this Lease (check its Role and RoleBinding)",
+        };
+        let error = KubeError::Unauthorized {
+            status: status.as_u16(),
+            lease: self.describe(),
+            message: status_message(body),
+            hint,
         };
         if !self.auth_failing.swap(true, Ordering::Relaxed) {
             tracing::error!(
                 status = status.as_u16(),
                 lease = %self.describe(),
-                "the Kubernetes API server refused the service account (HTTP {}) for Lease {}: {hint}; the election counts the API server as unreachable until it accepts it",
-                status.as_u16(),
-                self.describe()
+                "{error}; the election counts the API server as unreachable until it accepts the credentials"
             );
         }
-        KubeError::Unauthorized {
-            status: status.as_u16(),
-            hint,
-        }
+        error
     }
 
     fn describe(&self) -> String {
@@ -493,6 +563,23 @@ fn parse(body: &[u8]) -> Result<(serde_json::Value, Spec), KubeError> {
     Ok((object, spec))
 }
 
+/// Whether rustls refused the server's certificate somewhere in `e`'s chain. An `io::Error` is
+/// looked into with `get_ref`: its `source()` skips the error it wraps, and hyper-util wraps
+/// tokio-rustls' `io::Error` in another.
+fn refused_certificate(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(rustls::Error::InvalidCertificate(_)) = err.downcast_ref::<rustls::Error>() {
+            return true;
+        }
+        cur = match err.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
+    }
+    false
+}
+
 /// A `spec` as this node writes it.
 fn spec_json(
     holder: Option<&str>,
@@ -520,15 +607,20 @@ fn micro_time() -> String {
 
 /// A refusal with the `Status` object's message, if it has one (shortened, escaped).
 fn api_error(status: StatusCode, body: &[u8]) -> KubeError {
+    KubeError::Api {
+        status: status.as_u16(),
+        message: status_message(body),
+    }
+}
+
+/// A `Status` object's `message`, shortened and escaped (it is the server's text).
+fn status_message(body: &[u8]) -> String {
     let message = serde_json::from_slice::<serde_json::Value>(body)
         .ok()
         .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_owned))
         .unwrap_or_default();
     let short: String = message.chars().take(300).collect();
-    KubeError::Api {
-        status: status.as_u16(),
-        message: format!("{short:?}"),
-    }
+    format!("{short:?}")
 }
 
 #[cfg(test)]
@@ -537,11 +629,14 @@ mod tests {
 
     fn client() -> LeaseClient {
         LeaseClient::new(&LeaseOptions {
-            api_url: "http://127.0.0.1:1".into(),
+            access: Access {
+                api_url: "http://127.0.0.1:1".into(),
+                ca_pem: None,
+                token: Token::File("/nonexistent".into()),
+                identity_pem: None,
+            },
             namespace: "ns".into(),
             name: "leader".into(),
-            token_file: "/nonexistent".into(),
-            ca_pem: None,
             me: "node-a".into(),
             ttl: Duration::from_secs(3),
         })

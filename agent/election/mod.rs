@@ -27,6 +27,7 @@ pub mod carry;
 pub mod etcd;
 pub mod hold;
 mod http;
+pub mod kubeconfig;
 pub mod kubernetes;
 pub mod store;
 

@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use super::{Change, Role, RoleSource, Roles};
 use crate::config::roles::{ElectionBackend, RoleElectionSection, SERVICE_ACCOUNT_DIR};
 use crate::config::Config;
-use crate::election::{self, etcd, kubernetes, store::Store};
+use crate::election::{self, etcd, kubeconfig, kubernetes, store::Store};
 use crate::follow;
 use crate::secrets::SecretValues;
 
@@ -57,16 +57,38 @@ fn store(section: &RoleElectionSection, secrets: &SecretValues, me: &str) -> any
     })
 }
 
-/// The Lease client: the API server from the config or the pod's environment, the CA from the
-/// config or the pod's mount. The token file is read for each request, not now.
+/// The Lease client for `[role_election]`'s Lease, reaching the API server as [`lease_access`]
+/// says.
 fn lease_client(section: &RoleElectionSection, me: &str) -> anyhow::Result<kubernetes::LeaseClient> {
+    let options = kubernetes::LeaseOptions {
+        access: lease_access(section)?,
+        namespace: section.namespace.clone().unwrap_or_default(),
+        name: section.name.clone().unwrap_or_default(),
+        me: me.to_owned(),
+        ttl: section.ttl,
+    };
+    kubernetes::LeaseClient::new(&options).map_err(|e| match &section.kubeconfig {
+        Some(path) => anyhow::anyhow!("role_election.kubeconfig: {}: {e}", path.display()),
+        None => anyhow::anyhow!("role_election: {e}"),
+    })
+}
+
+/// How the Lease client reaches the API server: a kubeconfig's cluster and user, or the API
+/// server from the config or the pod's environment, the CA from the config or the pod's mount,
+/// and the token file from the config or the pod's mount. Files are read now, except a token
+/// file, which is read for each request.
+fn lease_access(section: &RoleElectionSection) -> anyhow::Result<kubernetes::Access> {
+    if let Some(path) = &section.kubeconfig {
+        return kubeconfig::load(path, section.context.as_deref())
+            .map_err(|e| anyhow::anyhow!("role_election.kubeconfig: {e}"));
+    }
     let api_url = match &section.api_url {
         Some(url) => url.clone(),
         None => {
             let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
             let (Some(host), Some(port)) = (var("KUBERNETES_SERVICE_HOST"), var("KUBERNETES_SERVICE_PORT")) else {
                 anyhow::bail!(
-                    "role_election.api_url: unset, and KUBERNETES_SERVICE_HOST/KUBERNETES_SERVICE_PORT are not in the environment (not in a pod?)"
+                    "role_election.api_url: unset, and KUBERNETES_SERVICE_HOST/KUBERNETES_SERVICE_PORT are not in the environment (not in a pod? outside the cluster, set role_election.kubeconfig)"
                 );
             };
             // An IPv6 service address goes in brackets.
@@ -80,19 +102,27 @@ fn lease_client(section: &RoleElectionSection, me: &str) -> anyhow::Result<kuber
         None if default_ca.exists() => read("ca_file", &Some(default_ca))?,
         None => None,
     };
-    let options = kubernetes::LeaseOptions {
+    let token_file = section
+        .token_file
+        .clone()
+        .unwrap_or_else(|| std::path::Path::new(SERVICE_ACCOUNT_DIR).join("token"));
+    Ok(kubernetes::Access {
         api_url,
-        namespace: section.namespace.clone().unwrap_or_default(),
-        name: section.name.clone().unwrap_or_default(),
-        token_file: section
-            .token_file
-            .clone()
-            .unwrap_or_else(|| std::path::Path::new(SERVICE_ACCOUNT_DIR).join("token")),
         ca_pem,
-        me: me.to_owned(),
-        ttl: section.ttl,
-    };
-    kubernetes::LeaseClient::new(&options).map_err(|e| anyhow::anyhow!("role_election: {e}"))
+        token: kubernetes::Token::File(token_file),
+        identity_pem: None,
+    })
+}
+
+/// What `tunnel-agent check` verifies of a Lease election that names a kubeconfig, as start-up
+/// does: the file and the files it names read, and the client built from them (a CA or a client
+/// key that is not PEM fails here). Without a kubeconfig nothing is read: the in-cluster
+/// defaults exist only in the pod, and `check` may run elsewhere.
+pub fn check_kubeconfig(section: &RoleElectionSection) -> anyhow::Result<()> {
+    if section.backend != ElectionBackend::Kubernetes || section.kubeconfig.is_none() {
+        return Ok(());
+    }
+    lease_client(section, "check").map(drop)
 }
 
 /// The etcd client for `[role_election]`, its files and password read now.

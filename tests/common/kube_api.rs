@@ -24,8 +24,20 @@
 //!   `leaseTransitions`; `k8s.io/api/coordination/v1` `LeaseSpec`). It never judges expiry:
 //!   that is the clients' business, by their own clocks.
 //!
+//! - Authentication comes before authorization: a request whose bearer token is wrong is 401
+//!   whatever RBAC says; an authenticated one that RBAC denies is 403 reason `Forbidden`, with
+//!   the authorizer's message (`User "system:serviceaccount:NS:SA" cannot VERB resource
+//!   "leases" in API group "coordination.k8s.io" in the namespace "NS"`; apiserver's
+//!   `forbidden.go`). A verified client certificate authenticates as a token does (the API
+//!   server's `--client-ca-file`; its authenticators are tried in turn and the first that
+//!   succeeds wins); an unverified one is refused by the TLS handshake.
+//!
+//! [`FakeKubeApi::start_tls`] serves HTTPS with a certificate the test makes
+//! ([`super::pki`]), optionally accepting client certificates signed by a CA.
+//!
 //! Faults: [`Fault::Slow`] (answers after a delay), [`Fault::Hang`] (accepts and reads the
-//! request, never answers), [`Fault::Status`] (answers every request with a 5xx `Status`), and
+//! request, never answers), [`Fault::Status`] (answers every request with a 5xx `Status`),
+//! [`Fault::Forbidden`] (RBAC denies every authenticated request), and
 //! [`FakeKubeApi::refuse`] (the port closed: connection refused; live connections dropped).
 
 use std::collections::BTreeMap;
@@ -51,6 +63,17 @@ pub enum Fault {
     Slow(Duration),
     Hang,
     Status(u16),
+    /// RBAC denies the Lease: every authenticated request is 403 `Forbidden`.
+    Forbidden,
+}
+
+/// HTTPS instead of HTTP: the server's certificate chain and key (PEM), and the CA (PEM) whose
+/// client certificates authenticate a request without a token.
+#[derive(Clone)]
+pub struct Tls {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    pub client_ca_pem: Option<Vec<u8>>,
 }
 
 struct State {
@@ -63,11 +86,15 @@ struct State {
     answered: Mutex<Vec<(Method, u16)>>,
     /// Each successful write's holderIdentity, in order.
     holders: Mutex<Vec<String>>,
+    /// TLS handshakes that failed (the client did not trust the certificate, or presented one
+    /// the client CA did not sign).
+    failed_handshakes: AtomicU64,
 }
 
 pub struct FakeKubeApi {
     addr: SocketAddr,
     state: Arc<State>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     /// The accept loop and every live connection (aborted by `refuse`).
     tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
@@ -75,6 +102,16 @@ pub struct FakeKubeApi {
 impl FakeKubeApi {
     /// Serves on a loopback port; requests must carry `Authorization: Bearer {token}`.
     pub async fn start(token: &str) -> FakeKubeApi {
+        Self::start_with(token, None).await
+    }
+
+    /// Serves HTTPS with `tls`'s certificate (requests still need the token unless they present
+    /// a client certificate `tls.client_ca_pem` signed).
+    pub async fn start_tls(token: &str, tls: &Tls) -> FakeKubeApi {
+        Self::start_with(token, Some(acceptor(tls))).await
+    }
+
+    async fn start_with(token: &str, tls: Option<tokio_rustls::TlsAcceptor>) -> FakeKubeApi {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind fake API server");
         let addr = listener.local_addr().expect("addr");
         let api = FakeKubeApi {
@@ -86,7 +123,9 @@ impl FakeKubeApi {
                 fault: Mutex::new(Fault::None),
                 answered: Mutex::default(),
                 holders: Mutex::default(),
+                failed_handshakes: AtomicU64::new(0),
             }),
+            tls,
             tasks: Arc::default(),
         };
         api.serve(listener);
@@ -94,18 +133,24 @@ impl FakeKubeApi {
     }
 
     fn serve(&self, listener: TcpListener) {
-        let (state, tasks) = (self.state.clone(), self.tasks.clone());
+        let (state, tasks, tls) = (self.state.clone(), self.tasks.clone(), self.tls.clone());
         let accept = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let state = state.clone();
+                let (state, tls) = (state.clone(), tls.clone());
                 let conn = tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| handle(state.clone(), req));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                        .await;
+                    let Some(tls) = tls else {
+                        return serve_connection(stream, state, false).await;
+                    };
+                    // A failed handshake (an untrusted client certificate) is the client's error.
+                    let Ok(stream) = tls.accept(stream).await else {
+                        state.failed_handshakes.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    };
+                    let client_cert = stream.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
+                    serve_connection(stream, state, client_cert).await;
                 });
                 tasks.lock().unwrap().push(conn);
             }
@@ -114,7 +159,12 @@ impl FakeKubeApi {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
 
     pub fn set_fault(&self, fault: Fault) {
@@ -173,6 +223,11 @@ impl FakeKubeApi {
             .count()
     }
 
+    /// How many TLS handshakes failed.
+    pub fn failed_handshakes(&self) -> u64 {
+        self.state.failed_handshakes.load(Ordering::SeqCst)
+    }
+
     /// Each successful write's holderIdentity ("" for a release), in order.
     pub fn holders(&self) -> Vec<String> {
         self.state.holders.lock().unwrap().clone()
@@ -186,6 +241,47 @@ impl Drop for FakeKubeApi {
 }
 
 type Answer = Result<Response<Full<Bytes>>, std::convert::Infallible>;
+
+/// HTTP/1.1 on one accepted connection; `client_cert`: it presented a verified certificate.
+async fn serve_connection<S>(stream: S, state: Arc<State>, client_cert: bool)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req| handle(state.clone(), req, client_cert));
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+        .await;
+}
+
+/// The TLS side of [`FakeKubeApi::start_tls`]: client certificates optional (a token works
+/// too), and verified against the client CA when one is given.
+fn acceptor(tls: &Tls) -> tokio_rustls::TlsAcceptor {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&tls.cert_pem)
+        .collect::<Result<_, _>>()
+        .expect("server certificate PEM");
+    let key = PrivateKeyDer::from_pem_slice(&tls.key_pem).expect("server key PEM");
+    let builder = rustls::ServerConfig::builder();
+    let builder = match &tls.client_ca_pem {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(ca) {
+                roots.add(c.expect("client CA PEM")).expect("client CA");
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+                .allow_unauthenticated()
+                .build()
+                .expect("client verifier");
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_single_cert(certs, key).expect("server TLS config");
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
 
 fn json_response(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
     Response::builder()
@@ -210,20 +306,20 @@ fn status(code: StatusCode, reason: &str, message: String) -> Response<Full<Byte
     json_response(code, &body)
 }
 
-async fn handle(state: Arc<State>, req: Request<Incoming>) -> Answer {
+async fn handle(state: Arc<State>, req: Request<Incoming>, client_cert: bool) -> Answer {
     let fault = *state.fault.lock().unwrap();
     match fault {
         Fault::Hang => std::future::pending::<()>().await,
         Fault::Slow(d) => tokio::time::sleep(d).await,
-        Fault::Status(_) | Fault::None => {}
+        Fault::Status(_) | Fault::Forbidden | Fault::None => {}
     }
     let method = req.method().clone();
-    let resp = answer(&state, req, fault).await;
+    let resp = answer(&state, req, fault, client_cert).await;
     state.answered.lock().unwrap().push((method, resp.status().as_u16()));
     Ok(resp)
 }
 
-async fn answer(state: &State, req: Request<Incoming>, fault: Fault) -> Response<Full<Bytes>> {
+async fn answer(state: &State, req: Request<Incoming>, fault: Fault, client_cert: bool) -> Response<Full<Bytes>> {
     if let Fault::Status(code) = fault {
         let code = StatusCode::from_u16(code).expect("status code");
         return status(
@@ -234,10 +330,15 @@ async fn answer(state: &State, req: Request<Incoming>, fault: Fault) -> Response
     }
     let expected = format!("Bearer {}", state.token.lock().unwrap());
     let auth = req.headers().get("authorization").and_then(|v| v.to_str().ok());
-    if auth != Some(expected.as_str()) {
+    // The API server tries its authenticators in turn (x509 before bearer tokens) and takes
+    // the first that succeeds.
+    if !client_cert && auth != Some(expected.as_str()) {
         return status(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized".into());
     }
     let path = req.uri().path().to_owned();
+    if fault == Fault::Forbidden {
+        return forbidden(req.method(), &path);
+    }
     let Some(rest) = path.strip_prefix(PREFIX) else {
         return status(
             StatusCode::NOT_FOUND,
@@ -267,6 +368,25 @@ async fn answer(state: &State, req: Request<Incoming>, fault: Fault) -> Response
             "not supported by the fake".into(),
         ),
     }
+}
+
+/// RBAC's denial, worded as the API server's authorizer words it.
+fn forbidden(method: &Method, path: &str) -> Response<Full<Bytes>> {
+    let verb = match *method {
+        Method::GET => "get",
+        Method::POST => "create",
+        Method::PUT => "update",
+        _ => "patch",
+    };
+    let rest = path.strip_prefix(PREFIX).unwrap_or("");
+    let mut parts = rest.split('/');
+    let ns = parts.next().unwrap_or("");
+    let name = parts.nth(1).map(|n| format!(" {n:?}")).unwrap_or_default();
+    status(
+        StatusCode::FORBIDDEN,
+        "Forbidden",
+        format!("leases.coordination.k8s.io{name} is forbidden: User \"system:serviceaccount:{ns}:tunnel-agent\" cannot {verb} resource \"leases\" in API group \"coordination.k8s.io\" in the namespace \"{ns}\""),
+    )
 }
 
 fn not_found(name: &str) -> Response<Full<Bytes>> {

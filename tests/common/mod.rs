@@ -16,6 +16,7 @@ pub mod etcd;
 pub mod kube_api;
 pub mod metadata;
 pub mod notify;
+pub mod pki;
 pub mod sampler;
 pub mod secret_manager;
 pub mod upstream;
