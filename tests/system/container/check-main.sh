@@ -270,14 +270,21 @@ check_no_secret_in_logs() {
 
 # --- 3c. no core file carries a secret; cloudflared gets only what it needs ---------------------
 # LimitCORE=0 in the unit, the agent non-dumpable (the kernel then gives its /proc/PID files to
-# root), and cloudflared's environment an allow-list (agent/tunnel/mod.rs, PASSED_ENV).
+# root), and cloudflared's environment an allow-list (agent/tunnel/mod.rs, PASSED_ENV), plus
+# HTTP_PROXY and HTTPS_PROXY naming the agent's own proxy and nothing else
+# (`cloudflared.remote_ingress = "via-proxy"`, the default: tunnel::egress_proxy_env).
 check_no_core_and_a_scrubbed_child() {
   local name=no-core-dumps-agent-not-dumpable-child-env-scrubbed pid cf extra
   pid=$(prop MainPID)
   cf=$(cloudflared_pid) || true
   if [ -n "$cf" ]; then
     tr '\0' '\n' <"/proc/$cf/environ" >"$OUT/cloudflared-environ.txt"
-    extra=$(grep -v -E '^(PATH|LANG|LC_ALL|TZ|SSL_CERT_FILE|SSL_CERT_DIR|HOME|TUNNEL_TOKEN)=' "$OUT/cloudflared-environ.txt" | cut -d= -f1 | tr '\n' ' ' || true)
+    extra=$(grep -v -E '^(PATH|LANG|LC_ALL|TZ|SSL_CERT_FILE|SSL_CERT_DIR|HOME|TUNNEL_TOKEN)=|^HTTPS?_PROXY=http://127\.0\.0\.1:8080$' \
+      "$OUT/cloudflared-environ.txt" | cut -d= -f1 | tr '\n' ' ' || true)
+    # Both proxy variables are there: a missing one would let that scheme go around the proxy.
+    for var in HTTP_PROXY HTTPS_PROXY; do
+      grep -qx "$var=http://127.0.0.1:8080" "$OUT/cloudflared-environ.txt" || extra="$extra(no $var=http://127.0.0.1:8080) "
+    done
   fi
   if [ "$(prop LimitCORE)" != 0 ] || [ "$(prop LimitCORESoft)" != 0 ]; then
     fail $name "LimitCORE=$(prop LimitCORE) LimitCORESoft=$(prop LimitCORESoft), want 0"
@@ -288,7 +295,7 @@ check_no_core_and_a_scrubbed_child() {
   elif [ -z "$cf" ]; then
     fail $name "cloudflared is not running in the unit's cgroup"
   elif [ -n "$extra" ]; then
-    fail $name "cloudflared's environment holds more than it needs: $extra"
+    fail $name "cloudflared's environment is not what it needs: $extra"
   else
     pass $name
   fi
