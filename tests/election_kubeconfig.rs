@@ -110,7 +110,7 @@ async fn https_is_trusted_through_ca_file_and_kubeconfig_ca_data() {
     let api = FakeKubeApi::start_tls(SA_TOKEN, &server_tls(&pki, false)).await;
     assert!(api.url().starts_with("https://127.0.0.1:"));
     let up = FakeUpstream::start(Wire::Http1).await;
-    let ca = pki.path("ca.pem").display().to_string();
+    let ca = pki.path_str("ca.pem");
     let a = node(
         "node-a",
         &up,

@@ -6,13 +6,14 @@ mod common;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use common::agent::toml_str;
 use common::client::get;
+use common::pki::{self, Pki};
 use common::{AgentBuilder, ConfigText};
 use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -20,77 +21,26 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl CLI (Debian package openssl)");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// The URI SAN (a SPIFFE ID) of the `workload` certificate.
 const WORKLOAD_ID: &str = "spiffe://cluster.local/ns/shop/sa/api";
 
 /// A CA, a server certificate for `secure.internal` and 127.0.0.1, a `workload` server
 /// certificate for [`WORKLOAD_ID`] and `api.shop.internal`, and a client certificate.
-struct Pki {
-    dir: PathBuf,
-}
-
-impl Pki {
-    fn new(dir: &Path) -> Pki {
-        let dir = dir.join("pki");
-        std::fs::create_dir_all(&dir).unwrap();
-        openssl(
-            &dir,
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=test CA",
-                "-addext",
-                "basicConstraints=critical,CA:TRUE",
-                "-addext",
-                "keyUsage=critical,keyCertSign,cRLSign",
-            ],
-        );
-        for (name, ext) in [
-            ("server", "subjectAltName=DNS:secure.internal,IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE"),
-            ("workload", &format!("subjectAltName=URI:{WORKLOAD_ID},DNS:api.shop.internal\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE")),
-            ("client", "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE"),
-        ] {
-            std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
-            openssl(&dir, &["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                "-keyout", &format!("{name}.key"), "-out", &format!("{name}.csr"), "-subj", &format!("/CN={name}")]);
-            openssl(&dir, &["x509", "-req", "-in", &format!("{name}.csr"), "-CA", "ca.pem", "-CAkey", "ca.key",
-                "-CAcreateserial", "-days", "2", "-extfile", &format!("{name}.ext"), "-out", &format!("{name}.pem")]);
-        }
-        Pki { dir }
-    }
-
-    fn path(&self, f: &str) -> String {
-        self.dir.join(f).display().to_string()
-    }
-
-    fn read(&self, f: &str) -> Vec<u8> {
-        std::fs::read(self.dir.join(f)).unwrap()
-    }
+fn test_pki(dir: &Path) -> Pki {
+    let workload =
+        format!("subjectAltName=URI:{WORKLOAD_ID},DNS:api.shop.internal\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE");
+    Pki::with_leaves(
+        dir,
+        "pki",
+        &[
+            (
+                "server",
+                "subjectAltName=DNS:secure.internal,IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE",
+            ),
+            ("workload", &workload),
+            ("client", pki::CLIENT),
+        ],
+    )
 }
 
 /// A TLS upstream with the `server` certificate answering `sni=…;alpn=…;client_cert=…;host=…`.
@@ -180,10 +130,10 @@ async fn tls_upstream_seen(pki: &Pki, cert: &str, require_client_cert: bool) -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_tls_settings_anchor_name_and_authenticate_the_upstream() {
     let scratch = tempfile::tempdir().unwrap();
-    let pki = Pki::new(scratch.path());
+    let pki = test_pki(scratch.path());
     let one_way = tls_upstream(&pki, false).await;
     let mutual = tls_upstream(&pki, true).await;
-    let ca = toml_str(&pki.path("ca.pem"));
+    let ca = toml_str(&pki.path_str("ca.pem"));
     let cert = toml_str(&String::from_utf8(pki.read("client.pem")).unwrap());
     let key = toml_str(&String::from_utf8(pki.read("client.key")).unwrap());
     let config = ConfigText::new().raw(&format!(
@@ -250,10 +200,10 @@ backends = [{{ url = "https://{mutual}", tls = {{ ca_file = {ca}, server_name = 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_global_ca_bundle_anchors_every_https_upstream() {
     let scratch = tempfile::tempdir().unwrap();
-    let pki = Pki::new(scratch.path());
+    let pki = test_pki(scratch.path());
     let up = tls_upstream(&pki, false).await;
     let config = ConfigText::new()
-        .proxy(&format!("ca_file = {}", toml_str(&pki.path("ca.pem"))))
+        .proxy(&format!("ca_file = {}", toml_str(&pki.path_str("ca.pem"))))
         .host("map.test", &format!("https://{up}"));
     let agent = AgentBuilder::new().start(&config).await;
     let r = get(agent.proxy_addr(), "map.test", "/", &[]).await;
@@ -265,29 +215,7 @@ async fn a_global_ca_bundle_anchors_every_https_upstream() {
 /// A CA certificate that signed nothing the tests serve.
 fn unrelated_ca(dir: &Path) -> Vec<u8> {
     let other = dir.join("other");
-    std::fs::create_dir_all(&other).unwrap();
-    openssl(
-        &other,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=other CA",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-        ],
-    );
+    pki::make_ca(&other, "other CA");
     std::fs::read(other.join("ca.pem")).unwrap()
 }
 
@@ -296,7 +224,7 @@ fn unrelated_ca(dir: &Path) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ca_removed_from_the_global_bundle_is_distrusted_after_a_reload() {
     let scratch = tempfile::tempdir().unwrap();
-    let pki = Pki::new(scratch.path());
+    let pki = test_pki(scratch.path());
     let other_ca = unrelated_ca(scratch.path());
     let bundle = scratch.path().join("bundle.pem");
     std::fs::write(&bundle, [pki.read("ca.pem"), other_ca.clone()].concat()).unwrap();
@@ -321,7 +249,7 @@ async fn a_ca_removed_from_the_global_bundle_is_distrusted_after_a_reload() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pushed_backend_follows_the_reloaded_global_bundle() {
     let scratch = tempfile::tempdir().unwrap();
-    let pki = Pki::new(scratch.path());
+    let pki = test_pki(scratch.path());
     let other_ca = unrelated_ca(scratch.path());
     let bundle = scratch.path().join("bundle.pem");
     std::fs::write(&bundle, [pki.read("ca.pem"), other_ca.clone()].concat()).unwrap();
@@ -360,9 +288,9 @@ async fn a_pushed_backend_follows_the_reloaded_global_bundle() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uri_subject_alt_names_authenticate_a_workload_identity() {
     let scratch = tempfile::tempdir().unwrap();
-    let pki = Pki::new(scratch.path());
+    let pki = test_pki(scratch.path());
     let up = tls_upstream_with(&pki, "workload", false).await;
-    let ca = toml_str(&pki.path("ca.pem"));
+    let ca = toml_str(&pki.path_str("ca.pem"));
     let tls = |rest: &str| format!("{{ ca_file = {ca}, server_name = \"sni-only.invalid\", {rest} }}");
     let route = |host: &str, tls: &str| {
         format!("[[route]]\nhostnames = [\"{host}\"]\nbackends = [{{ url = \"https://{up}\", tls = {tls} }}]\n\n")
@@ -440,7 +368,7 @@ async fn uri_subject_alt_names_authenticate_a_workload_identity() {
 async fn a_pushed_uri_san_policy_is_enforced() {
     const TOKEN: &str = "uri-san-push-token";
     let scratch = tempfile::tempdir().unwrap();
-    let pki = Pki::new(scratch.path());
+    let pki = test_pki(scratch.path());
     let up = tls_upstream_with(&pki, "workload", false).await;
     let config = ConfigText::new()
         .env_secret("config_token", "URI_SAN_PUSH_TOKEN")
@@ -486,7 +414,7 @@ async fn a_pushed_uri_san_policy_is_enforced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_system_trust_store_anchors_upstreams_when_chosen() {
     let scratch = tempfile::tempdir().unwrap();
-    let pki = Pki::new(scratch.path());
+    let pki = test_pki(scratch.path());
     let up = tls_upstream(&pki, false).await;
     let routes = format!(
         r#"
@@ -500,7 +428,7 @@ backends = [{{ url = "https://{up}", tls = {{ server_name = "secure.internal" }}
         .host("map.test", &format!("https://{up}"))
         .raw(&routes);
     let agent = AgentBuilder::new()
-        .env("SSL_CERT_FILE", &pki.path("ca.pem"))
+        .env("SSL_CERT_FILE", &pki.path_str("ca.pem"))
         .start(&system)
         .await;
     for host in ["map.test", "policy.test"] {
@@ -513,7 +441,7 @@ backends = [{{ url = "https://{up}", tls = {{ server_name = "secure.internal" }}
         .host("map.test", &format!("https://{up}"))
         .raw(&routes);
     let agent = AgentBuilder::new()
-        .env("SSL_CERT_FILE", &pki.path("ca.pem"))
+        .env("SSL_CERT_FILE", &pki.path_str("ca.pem"))
         .start(&default)
         .await;
     for host in ["map.test", "policy.test"] {
@@ -570,10 +498,10 @@ fn an_unusable_system_store_or_two_trust_choices_are_config_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mirror_with_its_own_tls_settings_reaches_an_mtls_only_backend() {
     let scratch = tempfile::tempdir().unwrap();
-    let pki = Pki::new(scratch.path());
+    let pki = test_pki(scratch.path());
     let primary = tls_upstream(&pki, false).await;
     let (mirror, mirrored) = tls_upstream_seen(&pki, "server", true).await;
-    let ca = toml_str(&pki.path("ca.pem"));
+    let ca = toml_str(&pki.path_str("ca.pem"));
     let cert = toml_str(&String::from_utf8(pki.read("client.pem")).unwrap());
     let key = toml_str(&String::from_utf8(pki.read("client.key")).unwrap());
     let primary_tls = format!("{{ ca_file = {ca}, server_name = \"secure.internal\" }}");

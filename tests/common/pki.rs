@@ -1,6 +1,6 @@
-//! A throwaway PKI made by the openssl CLI for one test: a CA, a server certificate for
-//! 127.0.0.1 and `localhost`, and a client certificate, each with its key, in a directory of
-//! the test's own. Nothing here is committed: keys exist only for the run.
+//! A throwaway PKI made by the openssl CLI for one test: a CA and leaf certificates it signed,
+//! each with its key, in a directory of the test's own. Nothing here is committed: keys exist
+//! only for the run.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -8,6 +8,13 @@ use std::process::Command;
 pub struct Pki {
     dir: PathBuf,
 }
+
+/// The extensions of a server certificate for 127.0.0.1 and `localhost`.
+pub const SERVER_LOCALHOST: &str =
+    "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE";
+
+/// The extensions of a client certificate.
+pub const CLIENT: &str = "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE";
 
 /// Whether the openssl CLI is here; when not, says which test skips and why.
 pub fn available(test: &str) -> bool {
@@ -21,12 +28,13 @@ pub fn available(test: &str) -> bool {
     found
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
+/// Runs the openssl CLI in `dir`, failing the test with its stderr when it fails.
+pub fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
         .args(args)
         .current_dir(dir)
         .output()
-        .expect("openssl CLI");
+        .expect("openssl CLI (Debian package openssl)");
     assert!(
         out.status.success(),
         "openssl {args:?}: {}",
@@ -34,60 +42,59 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
+const EC: [&str; 5] = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+
+/// A self-signed CA certificate `dir/ca.pem` (key `dir/ca.key`) with the subject `/CN=cn`.
+pub fn make_ca(dir: &Path, cn: &str) {
+    std::fs::create_dir_all(dir).expect("pki dir");
+    let subject = format!("/CN={cn}");
+    let mut args = vec!["req", "-x509"];
+    args.extend(EC);
+    args.extend(["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", &subject]);
+    args.extend(["-addext", "basicConstraints=critical,CA:TRUE"]);
+    args.extend(["-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
+    openssl(dir, &args);
+}
+
 impl Pki {
-    /// A CA named `name` under `parent/name`, with `server` and `client` certificates.
+    /// A CA named `name` under `parent/name`, with `server` ([`SERVER_LOCALHOST`]) and `client`
+    /// ([`CLIENT`]) certificates.
     pub fn new(parent: &Path, name: &str) -> Pki {
+        Pki::with_leaves(parent, name, &[("server", SERVER_LOCALHOST), ("client", CLIENT)])
+    }
+
+    /// A CA named `name` under `parent/name` and one certificate per `(leaf, extensions)`,
+    /// written as `leaf.pem` and `leaf.key`; the extensions are openssl's `-extfile` lines.
+    pub fn with_leaves(parent: &Path, name: &str, leaves: &[(&str, &str)]) -> Pki {
         let dir = parent.join(name);
-        std::fs::create_dir_all(&dir).expect("pki dir");
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
-        let subject = format!("/CN={name}");
-        let mut args = vec!["req", "-x509"];
-        args.extend(ec);
-        args.extend(["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", &subject]);
-        args.extend(["-addext", "basicConstraints=critical,CA:TRUE"]);
-        args.extend(["-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
-        openssl(&dir, &args);
-        for (leaf, ext) in [
-            (
-                "server",
-                "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE",
-            ),
-            ("client", "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE"),
-        ] {
-            std::fs::write(dir.join(format!("{leaf}.ext")), ext).expect("ext file");
-            let (key, csr, pem) = (format!("{leaf}.key"), format!("{leaf}.csr"), format!("{leaf}.pem"));
+        make_ca(&dir, name);
+        for (leaf, ext) in leaves {
+            let (key, csr, pem, extfile) = (
+                format!("{leaf}.key"),
+                format!("{leaf}.csr"),
+                format!("{leaf}.pem"),
+                format!("{leaf}.ext"),
+            );
+            std::fs::write(dir.join(&extfile), ext).expect("ext file");
             let subject = format!("/CN={leaf}");
             let mut args = vec!["req"];
-            args.extend(ec);
+            args.extend(EC);
             args.extend(["-keyout", &key, "-out", &csr, "-subj", &subject]);
             openssl(&dir, &args);
-            let ext = format!("{leaf}.ext");
-            openssl(
-                &dir,
-                &[
-                    "x509",
-                    "-req",
-                    "-in",
-                    &csr,
-                    "-CA",
-                    "ca.pem",
-                    "-CAkey",
-                    "ca.key",
-                    "-CAcreateserial",
-                    "-days",
-                    "2",
-                    "-extfile",
-                    &ext,
-                    "-out",
-                    &pem,
-                ],
-            );
+            let mut args = vec!["x509", "-req", "-in", &csr, "-CA", "ca.pem", "-CAkey", "ca.key"];
+            args.extend(["-CAcreateserial", "-days", "2", "-extfile", &extfile, "-out", &pem]);
+            openssl(&dir, &args);
         }
         Pki { dir }
     }
 
     pub fn path(&self, file: &str) -> PathBuf {
         self.dir.join(file)
+    }
+
+    /// [`Pki::path`] as a string, for config text and environment variables.
+    pub fn path_str(&self, file: &str) -> String {
+        self.path(file).display().to_string()
     }
 
     pub fn read(&self, file: &str) -> Vec<u8> {
