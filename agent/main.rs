@@ -317,7 +317,7 @@ fn run(path: PathBuf, incoming: Option<Incoming>) -> Exit {
             return e.exit();
         }
     };
-    let (format, stream) = (config.agent.log_format, config.agent.log_stream());
+    let (format, stream) = (config.agent.log_format(), config.agent.log_stream());
     if let Err(e) = tunnel_agent::telemetry::init_logging(format, stream, &config.agent.log_level) {
         err(&format!("cannot set up logging: {e:#}\n"));
         return Exit::Failure;

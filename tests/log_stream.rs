@@ -2,6 +2,7 @@
 //! agent logs (its own events, cloudflared's lines re-emitted, the access log, the error that
 //! ends a run) arrives on the chosen stream and nothing on the other. The harness reads stdout
 //! and stderr apart, so a line on the wrong stream fails the test whichever way it strays.
+//! `TUNNEL_AGENT_LOG_FORMAT`, the image's other variable, gives `agent.log_format` the same way.
 
 mod common;
 
@@ -115,6 +116,38 @@ async fn the_files_key_decides_over_the_variable() {
     assert_eq!(agent.other_stream(), Vec::<String>::new(), "stdout");
 }
 
+/// The image's way for the format: with the variable and no key, the gateway controller's
+/// environment mode logs one JSON object per line (as that controller's proxy does), every
+/// line of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_format_variable_gives_json_lines_and_the_files_key_decides() {
+    let start = |config: ConfigText| async move {
+        let mut agent = AgentBuilder::new()
+            .log_on_stdout()
+            .with_env_mode()
+            .env("TUNNEL_AGENT_LOG_STREAM", "stdout")
+            .env("TUNNEL_AGENT_LOG_FORMAT", "json")
+            .env("PROXY_ADDR", "127.0.0.1:0")
+            .env("PROXY_CONFIG_ADDR", "127.0.0.1:0")
+            .start(&config)
+            .await;
+        agent.wait_for_log(&["config api up"], DEADLINE).await;
+        agent.signal(Signal::SIGTERM);
+        assert!(agent.wait_exit(DEADLINE).await.success());
+        assert_eq!(agent.other_stream(), Vec::<String>::new(), "stderr");
+        agent.logs()
+    };
+    let log = start(ConfigText::new().without_agent_key("log_format")).await;
+    assert!(log.len() >= 3, "{log:?}");
+    for line in &log {
+        let parsed: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(parsed["level"].is_string() && parsed["fields"].is_object(), "{line}");
+    }
+    // The harness's file says `log_format = "text"`: that wins over the variable.
+    let log = start(ConfigText::new()).await;
+    assert!(log.iter().all(|l| !l.starts_with('{')), "{log:?}");
+}
+
 /// The error that ends a run once logging is set up (here: the proxy's port is taken) is said
 /// where the log goes, not on stderr.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,6 +208,34 @@ fn check_refuses_a_bad_stream_in_the_file_or_the_variable() {
     assert_eq!(code, Some(78), "{stderr}");
     assert!(
         stderr.contains("TUNNEL_AGENT_LOG_STREAM: \"journal\" is not one of stderr, stdout"),
+        "{stderr}"
+    );
+}
+
+/// A format variable the key would not take is refused by `check` (which loads the file as a
+/// start does), naming the variable and the formats.
+#[test]
+fn check_refuses_a_bad_format_variable() {
+    let builder = AgentBuilder::new();
+    let path = builder.file("agent.toml", "[agent]\nlog_level = \"info\"\n");
+    let check = |var: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tunnel-agent"))
+            .arg("check")
+            .arg("-c")
+            .arg(&path)
+            .env_clear()
+            .env("TUNNEL_AGENT_LOG_FORMAT", var)
+            .output()
+            .expect("run tunnel-agent");
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    assert_eq!(check("json").0, Some(0));
+    let (code, stderr) = check("logfmt");
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(
+        stderr.contains(
+            "TUNNEL_AGENT_LOG_FORMAT: \"logfmt\" is not one of auto, text, json, journald (the default of agent.log_format)"
+        ),
         "{stderr}"
     );
 }

@@ -13,6 +13,11 @@ use super::{duration, Problem};
 /// where a container's logs are expected without a line in any file.
 pub const LOG_STREAM_VAR: &str = "TUNNEL_AGENT_LOG_STREAM";
 
+/// Our variable for `agent.log_format`'s default when the file does not set it: the OCI image
+/// sets it to `json`, as the gateway controller's proxy logs, so its pods' log pipelines read
+/// ours unchanged whether or not a file is mounted.
+pub const LOG_FORMAT_VAR: &str = "TUNNEL_AGENT_LOG_FORMAT";
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentSection {
@@ -29,7 +34,9 @@ pub struct AgentSection {
     /// too (docs/operations.md, "Upgrading").
     #[serde(deserialize_with = "duration::at_most::<_, _, { duration::MINUTE }>")]
     pub upgrade_drain: Duration,
-    pub log_format: LogFormat,
+    /// How lines are written. `None` in the file: [`LOG_FORMAT_VAR`] decides when the file is
+    /// loaded, else `auto` (read it through [`AgentSection::log_format`]).
+    pub log_format: Option<LogFormat>,
     /// The stream the text and JSON formats write to. `None` in the file: [`LOG_STREAM_VAR`]
     /// decides when the file is loaded, else stderr (what systemd's units and the journal
     /// expect; read it through [`AgentSection::log_stream`]).
@@ -49,7 +56,7 @@ impl Default for AgentSection {
             state_dir: PathBuf::from("/var/lib/tunnel-agent"),
             shutdown_grace: Duration::from_secs(30),
             upgrade_drain: Duration::from_secs(10),
-            log_format: LogFormat::Auto,
+            log_format: None,
             log_stream: None,
             log_level: "info".to_owned(),
             boot_timeout: Duration::from_secs(300),
@@ -57,10 +64,11 @@ impl Default for AgentSection {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
-    /// journald when stderr is the journal stream, text otherwise.
+    /// journald when the log stream is the journal stream, text otherwise.
+    #[default]
     Auto,
     Text,
     Json,
@@ -92,27 +100,58 @@ impl AgentSection {
         self.log_stream.unwrap_or_default()
     }
 
-    /// Takes `var`, the value of [`LOG_STREAM_VAR`], as `log_stream` when the file does not
-    /// set it. Unset or empty means no default (as the gateway controller's variables do). A
-    /// value that is neither stream is a problem naming the variable even when the file
-    /// decides: it is a mistake in the deployment either way.
-    pub(super) fn default_log_stream(&mut self, var: Option<&OsStr>) -> Option<Problem> {
-        let var = var.filter(|v| !v.is_empty())?;
-        let stream = match var.to_str().map(str::trim) {
-            Some("stderr") => LogStream::Stderr,
-            Some("stdout") => LogStream::Stdout,
-            _ => {
-                return Some(Problem {
-                    key: LOG_STREAM_VAR.to_owned(),
-                    reason: format!(
-                        "{:?} is not one of stderr, stdout (the default of agent.log_stream)",
-                        var.to_string_lossy()
-                    ),
-                })
-            }
-        };
-        self.log_stream.get_or_insert(stream);
-        None
+    /// How the log is written: the file's `log_format`, else what [`LOG_FORMAT_VAR`] said when
+    /// the file was loaded, else `auto`.
+    pub fn log_format(&self) -> LogFormat {
+        self.log_format.unwrap_or_default()
+    }
+
+    /// Takes `stream` and `format`, the values of [`LOG_STREAM_VAR`] and [`LOG_FORMAT_VAR`], as
+    /// `log_stream` and `log_format` where the file does not set them. Unset or empty means no
+    /// default (as the gateway controller's variables do). A value the key would not take is
+    /// a problem naming the variable even when the file decides: it is a mistake in the
+    /// deployment either way.
+    pub(super) fn log_defaults(&mut self, stream: Option<&OsStr>, format: Option<&OsStr>) -> Vec<Problem> {
+        const STREAMS: &[(&str, LogStream)] = &[("stderr", LogStream::Stderr), ("stdout", LogStream::Stdout)];
+        const FORMATS: &[(&str, LogFormat)] = &[
+            ("auto", LogFormat::Auto),
+            ("text", LogFormat::Text),
+            ("json", LogFormat::Json),
+            ("journald", LogFormat::Journald),
+        ];
+        let mut problems = Vec::new();
+        match from_var(LOG_STREAM_VAR, stream, STREAMS, "agent.log_stream") {
+            Ok(v) => self.log_stream = self.log_stream.or(v),
+            Err(p) => problems.push(p),
+        }
+        match from_var(LOG_FORMAT_VAR, format, FORMATS, "agent.log_format") {
+            Ok(v) => self.log_format = self.log_format.or(v),
+            Err(p) => problems.push(p),
+        }
+        problems
+    }
+}
+
+/// The value of variable `name` among `choices`, the values of `key`: `None` when unset or
+/// empty, a problem naming the variable and the choices when it is none of them.
+fn from_var<T: Copy>(name: &str, var: Option<&OsStr>, choices: &[(&str, T)], key: &str) -> Result<Option<T>, Problem> {
+    let Some(var) = var.filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    let value = var.to_str().map(str::trim);
+    match choices.iter().find(|(word, _)| Some(*word) == value) {
+        Some((_, v)) => Ok(Some(*v)),
+        None => {
+            let words: Vec<&str> = choices.iter().map(|(word, _)| *word).collect();
+            Err(Problem {
+                key: name.to_owned(),
+                reason: format!(
+                    "{:?} is not one of {} (the default of {key})",
+                    var.to_string_lossy(),
+                    words.join(", ")
+                ),
+            })
+        }
     }
 }
 
@@ -125,8 +164,9 @@ mod tests {
             log_stream: file,
             ..AgentSection::default()
         };
-        let problem = agent.default_log_stream(Some(OsStr::new(var)));
-        (agent.log_stream(), problem)
+        let mut problems = agent.log_defaults(Some(OsStr::new(var)), None);
+        assert!(problems.len() <= 1);
+        (agent.log_stream(), problems.pop())
     }
 
     #[test]
@@ -137,8 +177,11 @@ mod tests {
         assert_eq!(with_var(Some(LogStream::Stderr), "stdout"), (LogStream::Stderr, None));
         assert_eq!(with_var(None, ""), (LogStream::Stderr, None), "empty is unset");
         let mut agent = AgentSection::default();
-        assert_eq!(agent.default_log_stream(None), None);
-        assert_eq!(agent.log_stream(), LogStream::Stderr);
+        assert_eq!(agent.log_defaults(None, None), vec![]);
+        assert_eq!(
+            (agent.log_stream(), agent.log_format()),
+            (LogStream::Stderr, LogFormat::Auto)
+        );
     }
 
     #[test]
@@ -153,5 +196,47 @@ mod tests {
                 "\"STDOUT2\" is not one of stderr, stdout (the default of agent.log_stream)"
             );
         }
+    }
+
+    #[test]
+    fn the_format_variable_is_the_default_and_the_file_decides() {
+        let format = |file: Option<LogFormat>, var: &str| {
+            let mut agent = AgentSection {
+                log_format: file,
+                ..AgentSection::default()
+            };
+            let problems = agent.log_defaults(None, Some(OsStr::new(var)));
+            (agent.log_format(), problems)
+        };
+        assert_eq!(format(None, "json"), (LogFormat::Json, vec![]));
+        assert_eq!(format(None, " text"), (LogFormat::Text, vec![]));
+        assert_eq!(format(None, ""), (LogFormat::Auto, vec![]), "empty is unset");
+        assert_eq!(format(Some(LogFormat::Text), "json"), (LogFormat::Text, vec![]));
+        for file in [None, Some(LogFormat::Text)] {
+            let (got, problems) = format(file, "JSON");
+            assert_eq!(got, file.unwrap_or_default());
+            assert_eq!(problems.len(), 1);
+            assert_eq!(problems[0].key, LOG_FORMAT_VAR);
+            assert_eq!(
+                problems[0].reason,
+                "\"JSON\" is not one of auto, text, json, journald (the default of agent.log_format)"
+            );
+        }
+    }
+
+    #[test]
+    fn both_variables_are_read_and_both_problems_said() {
+        let mut agent = AgentSection::default();
+        assert_eq!(
+            agent.log_defaults(Some(OsStr::new("stdout")), Some(OsStr::new("json"))),
+            vec![]
+        );
+        assert_eq!(
+            (agent.log_stream(), agent.log_format()),
+            (LogStream::Stdout, LogFormat::Json)
+        );
+        let problems = AgentSection::default().log_defaults(Some(OsStr::new("x")), Some(OsStr::new("y")));
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, [LOG_STREAM_VAR, LOG_FORMAT_VAR]);
     }
 }

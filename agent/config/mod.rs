@@ -43,7 +43,7 @@ mod secret_name;
 mod secrets;
 mod validate;
 
-pub use agent::{AgentSection, LogFormat, LogStream, LOG_STREAM_VAR};
+pub use agent::{AgentSection, LogFormat, LogStream, LOG_FORMAT_VAR, LOG_STREAM_VAR};
 pub use cloudflared::{CloudflaredSection, RemoteIngress, Sandbox, TokenDelivery, TunnelProtocol, MAX_SANDBOX_ALLOW};
 pub use error::{ConfigError, ParseProblem, Problem};
 pub use gcp::GcpSection;

@@ -37,7 +37,7 @@ impl Config {
             }) => {
                 let (mut config, blanked) = *rest;
                 let mut from_env = overlay_env(&mut config);
-                from_env.extend(log_stream_default(&mut config));
+                from_env.extend(log_defaults(&mut config));
                 // `check` still reads the secrets that are well formed.
                 config.secrets = config.typed_secrets();
                 let mut validation = config.validate(route_check);
@@ -61,7 +61,7 @@ impl Config {
             }
         };
         let mut from_env = overlay_env(&mut config);
-        from_env.extend(log_stream_default(&mut config));
+        from_env.extend(log_defaults(&mut config));
         let mut problems = config.validate(route_check);
         name_variables(&mut problems);
         problems.splice(0..0, from_env);
@@ -87,11 +87,13 @@ fn overlay_env(config: &mut Config) -> Vec<Problem> {
     super::env::active().map_or_else(Vec::new, |env| env.overlay(config))
 }
 
-/// `agent.log_stream` from [`super::LOG_STREAM_VAR`] when the file leaves it out (in either
-/// mode: the image sets the variable for both).
-fn log_stream_default(config: &mut Config) -> Option<Problem> {
-    let var = std::env::var_os(super::LOG_STREAM_VAR);
-    config.agent.default_log_stream(var.as_deref())
+/// `agent.log_stream` and `agent.log_format` from [`super::LOG_STREAM_VAR`] and
+/// [`super::LOG_FORMAT_VAR`] where the file leaves them out (in either mode: the image sets the
+/// variables for both).
+fn log_defaults(config: &mut Config) -> Vec<Problem> {
+    let stream = std::env::var_os(super::LOG_STREAM_VAR);
+    let format = std::env::var_os(super::LOG_FORMAT_VAR);
+    config.agent.log_defaults(stream.as_deref(), format.as_deref())
 }
 
 /// In the environment mode, each validation problem names the variable behind its key.

@@ -28,11 +28,10 @@
 # /dev/shm when the directories below cannot be written. A pod with a config file at
 # /etc/tunnel-agent/agent.toml passes `args: ["run"]` (packaging/kubernetes/active-standby.yaml);
 # a file there that the default command does not read is said as a warning. It logs to stdout, where a
-# container's logs are expected: the image sets TUNNEL_AGENT_LOG_STREAM=stdout, the default of
-# `agent.log_stream` when the config file does not set it (with a file or without one); only a
-# panic, or an error before the config is read, is on stderr. `agent.log_format = "auto"` never
-# picks journald in a container (no JOURNAL_STREAM), so it writes text unless the config says
-# "json".
+# container's logs are expected, one JSON object per line, as the controller's proxy does: the
+# image sets TUNNEL_AGENT_LOG_STREAM=stdout and TUNNEL_AGENT_LOG_FORMAT=json, the defaults of
+# `agent.log_stream` and `agent.log_format` when the config file does not set them (with a file
+# or without one); only a panic, or an error before the config is read, is on stderr.
 #
 # Needs: cargo, buildah, ldd (libc-bin), python3, the ca-certificates package. Run as root or as a user
 # buildah can run rootless for. Prints the image id and its size.
@@ -107,7 +106,8 @@ oci() { echo "--annotation=org.opencontainers.image.$1=$2 --label=org.opencontai
 buildah config \
   --entrypoint '["/usr/bin/tunnel-agent"]' --cmd '["run", "--from-env"]' \
   --user "$uid:$uid" --workingdir /var/lib/tunnel-agent \
-  --env PATH=/usr/local/bin:/usr/bin:/bin --env TUNNEL_AGENT_LOG_STREAM=stdout --stop-signal SIGTERM \
+  --env PATH=/usr/local/bin:/usr/bin:/bin --env TUNNEL_AGENT_LOG_STREAM=stdout \
+  --env TUNNEL_AGENT_LOG_FORMAT=json --stop-signal SIGTERM \
   --volume /var/lib/tunnel-agent \
   $(oci title tunnel-agent) $(oci version "$version") $(oci revision "$commit") \
   $(oci source "$(cargo_field repository)") $(oci licenses "$(cargo_field license)") \

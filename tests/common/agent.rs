@@ -68,6 +68,13 @@ impl ConfigText {
         self
     }
 
+    /// `[agent]` without `key`, for a test of the key's default (the harness sets
+    /// `log_format` and `log_level`).
+    pub fn without_agent_key(mut self, key: &str) -> Self {
+        self.agent.retain(|l| l.split('=').next().unwrap_or("").trim() != key);
+        self
+    }
+
     /// A line in `[proxy]`.
     pub fn proxy(mut self, line: &str) -> Self {
         replace_key(&mut self.proxy, line);
@@ -411,7 +418,10 @@ impl Agent {
                     self.proxy_addr = Some(listen_field(line));
                 }
             }
-            if lines.iter().any(|l| l.trim_end().ends_with(": ready")) {
+            if lines
+                .iter()
+                .any(|l| l.trim_end().ends_with(": ready") || l.contains(r#""fields":{"message":"ready"}"#))
+            {
                 assert!(
                     self.proxy_addr.is_some() && self.health_addr.is_some(),
                     "ready before listeners: {lines:#?}"
@@ -680,10 +690,12 @@ pub async fn run_command(program: String, args: Vec<String>) -> ControlRun {
     }
 }
 
-/// `listen=ADDR` from a log line.
+/// `listen=ADDR` from a text log line, or `"listen":"ADDR"` from a JSON one.
 fn listen_field(line: &str) -> SocketAddr {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix("listen="))
+    let json = serde_json::from_str::<serde_json::Value>(line).ok();
+    let from_json = json.as_ref().and_then(|v| v["fields"]["listen"].as_str());
+    from_json
+        .or_else(|| line.split_whitespace().find_map(|w| w.strip_prefix("listen=")))
         .and_then(|a| a.parse().ok())
         .unwrap_or_else(|| panic!("no listen=ADDR in {line:?}"))
 }

@@ -20,7 +20,8 @@
 #     default command, `run --from-env`), uid 65534, no capabilities, a read-only root and no
 #     volume, its variables only: the directories move beneath /dev/shm (said in the log),
 #     `/readyz` is 503 "no config loaded" until a push and 200 after it with the tunnel up,
-#     `podman stop` exits 0, every line on stdout, no secret in the log.
+#     `podman stop` exits 0, every line on stdout and a JSON object (the image's
+#     TUNNEL_AGENT_LOG_FORMAT=json, as the controller's proxy logs), no secret in the log.
 # The container shares the host's network namespace (--network host) and every listener is on
 # 127.0.0.1: nothing leaves loopback. Readiness is polled with deadlines, never slept for.
 #
@@ -344,9 +345,18 @@ podman stop -t $((grace + 10)) "$ctr" >/dev/null
 code=$(podman inspect -f '{{.State.ExitCode}}' "$ctr")
 [ "$code" = 0 ] || fail "the chart's pod shape exited $code after podman stop"
 stdout_only 'starting with the environment' 'cannot be written' '/dev/shm/tunnel-agent/run' 'config api up' \
-  'cloudflared: Registered tunnel connection' 'proxy stopped'
+  '"target":"cloudflared"' 'Registered tunnel connection' 'proxy stopped'
+# JSON, as the controller's own proxy logs: the image's TUNNEL_AGENT_LOG_FORMAT, no file. Each
+# k8s-file line is `TIME STREAM F|P LINE`; every LINE must be one JSON object.
+python3 - "$(podman inspect -f '{{.HostConfig.LogConfig.Path}}' "$ctr")" <<'PY' || fail "a log line is not a JSON object"
+import json, sys
+for line in open(sys.argv[1], encoding="utf-8"):
+    payload = line.rstrip("\n").split(" ", 3)[3]
+    if not isinstance(json.loads(payload), dict):
+        sys.exit(f"not an object: {payload}")
+PY
 for secret in "$tunnel_token" "$api_token"; do
   case "$(container_log)" in *"$secret"*) fail "a secret value is in the log" ;; esac
 done
-say "PASS the chart's pod shape: its directories beneath /dev/shm (said), exit 0 after podman stop, all $lines lines on stdout"
+say "PASS the chart's pod shape: its directories beneath /dev/shm (said), exit 0 after podman stop, all $lines lines on stdout, each a JSON object"
 say "all passed in $(($(date +%s) - started)) s"
