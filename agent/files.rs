@@ -1,8 +1,53 @@
-//! Files other programs read while we write them: written whole or not at all.
+//! Files other programs read while we write them: written whole or not at all. Files the
+//! host's admin names for us to read: read bounded, and only when they are regular files.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
+
+/// Why [`read_regular`] read nothing.
+#[derive(Debug)]
+pub enum ReadError {
+    /// Opening or reading failed.
+    Io(std::io::Error),
+    /// A FIFO, a device, a socket or a directory.
+    NotRegular,
+    /// Larger than the bound it was read with.
+    TooLarge(u64),
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::Io(e) => write!(f, "cannot read: {e}"),
+            ReadError::NotRegular => f.write_str("is not a regular file"),
+            ReadError::TooLarge(limit) => write!(f, "larger than {limit} bytes"),
+        }
+    }
+}
+
+/// Reads `path` whole when it is a regular file of at most `limit` bytes. A FIFO would block
+/// the control runtime that reads it, a device such as `/dev/zero` would grow memory for ever:
+/// the file is opened with `O_NONBLOCK` (so that a FIFO swapped in after a `stat` cannot block
+/// the open either) and its type checked on the open file.
+pub fn read_regular(path: &Path, limit: u64) -> Result<Vec<u8>, ReadError> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(ReadError::Io)?;
+    if !file.metadata().map_err(ReadError::Io)?.is_file() {
+        return Err(ReadError::NotRegular);
+    }
+    let mut bytes = Vec::new();
+    file.take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(ReadError::Io)?;
+    if bytes.len() as u64 > limit {
+        return Err(ReadError::TooLarge(limit));
+    }
+    Ok(bytes)
+}
 
 /// Writes `data` to `path` atomically: a temp file in the same directory (same filesystem, so the
 /// rename is atomic), fsync, rename over the target, fsync the directory so the rename survives
@@ -86,5 +131,31 @@ mod tests {
         assert_eq!(std::fs::read(&target).unwrap(), b"new");
         assert!(!std::fs::symlink_metadata(&target).unwrap().file_type().is_symlink());
         assert_eq!(std::fs::metadata(&target).unwrap().permissions().mode() & 0o777, 0o644);
+    }
+
+    /// Only a regular file within the bound is read: a FIFO nobody writes is refused at once
+    /// (it would block the runtime reading it), a device and a directory are refused, a file
+    /// one byte over the bound too.
+    #[test]
+    fn read_regular_refuses_what_is_not_a_bounded_regular_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ca.pem");
+        std::fs::write(&file, b"12345").unwrap();
+        assert_eq!(read_regular(&file, 5).unwrap(), b"12345");
+        assert!(matches!(read_regular(&file, 4), Err(ReadError::TooLarge(4))));
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let started = tokio::time::Instant::now();
+        assert!(matches!(read_regular(&fifo, 5), Err(ReadError::NotRegular)));
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        for other in [Path::new("/dev/zero"), dir.path()] {
+            assert!(
+                matches!(read_regular(other, 5), Err(ReadError::NotRegular)),
+                "{other:?}"
+            );
+        }
+        let missing = read_regular(&dir.path().join("absent"), 5).unwrap_err().to_string();
+        assert!(missing.starts_with("cannot read: "), "{missing}");
+        assert_eq!(ReadError::NotRegular.to_string(), "is not a regular file");
     }
 }

@@ -28,7 +28,7 @@
 //! it holds (a token, a client key) are held as [`Secret`]s and never appear in an error: a
 //! parser's message that would quote a value has the quoted text removed.
 
-use std::io::Read as _;
+use crate::files::read_regular;
 use std::path::Path;
 
 use base64::Engine as _;
@@ -147,7 +147,7 @@ pub fn load(path: &Path, context: Option<&str>) -> Result<Access, KubeconfigErro
         field: field.to_owned(),
         reason,
     };
-    let text = read_bounded(path).map_err(|reason| fail("(file)", reason))?;
+    let text = read_regular(path, FILE_LIMIT).map_err(|e| fail("(file)", e.to_string()))?;
     let text = String::from_utf8(text).map_err(|_| fail("(file)", "is not UTF-8 text".into()))?;
     let parsed: File = serde_path_to_error::deserialize(serde_yaml_ng::Deserializer::from_str(&text)).map_err(|e| {
         let field = e.path().to_string();
@@ -234,17 +234,12 @@ impl Resolver<'_> {
                 "must be an http:// or https:// URL, with its host".into(),
             ));
         }
-        let ca = match (&c.certificate_authority, &c.certificate_authority_data) {
-            (Some(_), Some(_)) => {
-                return Err(fail(
-                    "certificate-authority",
-                    "set either certificate-authority or certificate-authority-data, not both".into(),
-                ))
-            }
-            (Some(path), None) => Some(self.read(&format!("{at}.certificate-authority"), path)?),
-            (None, Some(data)) => Some(decode(data).map_err(|r| fail("certificate-authority-data", r))?),
-            (None, None) => None,
-        };
+        let ca = self.file_or_data(
+            at,
+            "certificate-authority",
+            &c.certificate_authority,
+            &c.certificate_authority_data,
+        )?;
         Ok((server.to_owned(), ca))
     }
 
@@ -283,28 +278,13 @@ impl Resolver<'_> {
             (None, Some(p)) => Token::File(self.dir.join(p)),
             (None, None) => Token::None,
         };
-        let cert = match (&u.client_certificate, &u.client_certificate_data) {
-            (Some(_), Some(_)) => {
-                return Err(fail(
-                    "client-certificate",
-                    "set either client-certificate or client-certificate-data, not both".into(),
-                ))
-            }
-            (Some(p), None) => Some(self.read(&format!("{at}.client-certificate"), p)?),
-            (None, Some(d)) => Some(decode(d).map_err(|r| fail("client-certificate-data", r))?),
-            (None, None) => None,
-        };
-        let key = match (&u.client_key, &u.client_key_data) {
-            (Some(_), Some(_)) => {
-                return Err(fail(
-                    "client-key",
-                    "set either client-key or client-key-data, not both".into(),
-                ))
-            }
-            (Some(p), None) => Some(self.read(&format!("{at}.client-key"), p)?),
-            (None, Some(d)) => Some(decode(d).map_err(|_| fail("client-key-data", "is not base64".into()))?),
-            (None, None) => None,
-        };
+        let cert = self.file_or_data(
+            at,
+            "client-certificate",
+            &u.client_certificate,
+            &u.client_certificate_data,
+        )?;
+        let key = self.file_or_data(at, "client-key", &u.client_key, &u.client_key_data)?;
         let identity = match (cert, key) {
             (Some(mut pem), Some(key)) => {
                 pem.push(b'\n');
@@ -325,24 +305,28 @@ impl Resolver<'_> {
         Ok((token, identity))
     }
 
-    /// A file the kubeconfig names, relative to its directory, bounded.
-    fn read(&self, field: &str, path: &str) -> Result<Vec<u8>, KubeconfigError> {
-        let full = self.dir.join(path);
-        read_bounded(&full).map_err(|reason| (self.fail)(field, format!("{}: {reason}", full.display())))
+    /// The bytes of `key` (a path the kubeconfig names, relative to its directory, read
+    /// bounded) or of `key-data` (base64 in the file): one of them, never both.
+    fn file_or_data(
+        &self,
+        at: &str,
+        key: &str,
+        path: &Option<String>,
+        data: &Option<String>,
+    ) -> Result<Option<Vec<u8>>, KubeconfigError> {
+        let fail = |k: &str, reason: String| (self.fail)(&format!("{at}.{k}"), reason);
+        match (path, data) {
+            (Some(_), Some(_)) => Err(fail(key, format!("set either {key} or {key}-data, not both"))),
+            (Some(path), None) => {
+                let full = self.dir.join(path);
+                read_regular(&full, FILE_LIMIT)
+                    .map(Some)
+                    .map_err(|e| fail(key, format!("{}: {e}", full.display())))
+            }
+            (None, Some(data)) => decode(data).map(Some).map_err(|r| fail(&format!("{key}-data"), r)),
+            (None, None) => Ok(None),
+        }
     }
-}
-
-/// A file's bytes, refused when larger than [`FILE_LIMIT`].
-fn read_bounded(path: &Path) -> Result<Vec<u8>, String> {
-    let file = std::fs::File::open(path).map_err(|e| format!("cannot read: {e}"))?;
-    let mut bytes = Vec::new();
-    file.take(FILE_LIMIT + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("cannot read: {e}"))?;
-    if bytes.len() as u64 > FILE_LIMIT {
-        return Err(format!("larger than {FILE_LIMIT} bytes"));
-    }
-    Ok(bytes)
 }
 
 /// A `*-data` field: standard base64 (Go's `[]byte` in YAML), whitespace allowed.
@@ -445,6 +429,23 @@ mod tests {
         );
         assert!(
             e.contains("clusters[0].cluster.certificate-authority: ") && e.contains("pki/missing.pem: cannot read"),
+            "{e}"
+        );
+    }
+
+    /// A file the kubeconfig names that is not a regular file (a FIFO here, which would block
+    /// the read) is refused at once, naming the field.
+    #[test]
+    fn a_named_file_that_is_not_regular_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        nix::unistd::mkfifo(&dir.path().join("ca.pem"), nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+        let e = refused(
+            dir.path(),
+            &format!("{SERVER}\n    certificate-authority: ca.pem"),
+            "    token: x",
+        );
+        assert!(
+            e.contains("clusters[0].cluster.certificate-authority: ") && e.contains("ca.pem: is not a regular file"),
             "{e}"
         );
     }

@@ -29,7 +29,6 @@
 //! client only reports what the server said. 401 and 403 are logged (once, until the server
 //! accepts the token again) and count as "unreachable": the leader fences on them.
 
-use std::io::Read as _;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -246,11 +245,9 @@ impl LeaseClient {
             Token::None => return Ok(None),
         };
         let shown = path.display();
-        let file = std::fs::File::open(path).map_err(|e| KubeError::Token(format!("{shown}: {e}")))?;
-        let mut text = String::new();
-        file.take(TOKEN_LIMIT)
-            .read_to_string(&mut text)
-            .map_err(|e| KubeError::Token(format!("{shown}: {e}")))?;
+        let bytes =
+            crate::files::read_regular(path, TOKEN_LIMIT).map_err(|e| KubeError::Token(format!("{shown}: {e}")))?;
+        let text = String::from_utf8(bytes).map_err(|_| KubeError::Token(format!("{shown} is not UTF-8 text")))?;
         let token = text.trim();
         if token.is_empty() {
             return Err(KubeError::Token(format!("{shown} is empty")));

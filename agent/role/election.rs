@@ -45,9 +45,16 @@ pub fn outcome_change(outcome: election::Outcome) -> Change {
 /// `role_election.{key}`'s file, read now.
 fn read(key: &str, path: &Option<std::path::PathBuf>) -> anyhow::Result<Option<Vec<u8>>> {
     path.as_ref()
-        .map(|p| std::fs::read(p).map_err(|e| anyhow::anyhow!("role_election.{key}: cannot read {}: {e}", p.display())))
+        .map(|p| {
+            crate::files::read_regular(p, FILE_LIMIT)
+                .map_err(|e| anyhow::anyhow!("role_election.{key}: {}: {e}", p.display()))
+        })
         .transpose()
 }
+
+/// The largest CA, certificate or key file read for the store's client: far more than any
+/// real one, so a device or a huge file cannot grow memory without bound.
+const FILE_LIMIT: u64 = 1024 * 1024;
 
 /// The backend's client for `[role_election]`, its files and password read now.
 fn store(section: &RoleElectionSection, secrets: &SecretValues, me: &str) -> anyhow::Result<Store> {

@@ -25,33 +25,20 @@ pub const MAX_CA_BUNDLE_BYTES: usize = 512 * 1024;
 
 /// Reads a CA bundle the host's admin named in the local TOML (`proxy.ca_file`, a TOML
 /// backend's `tls.ca_file`; a pushed table cannot name files). Only a regular file of at most
-/// [`MAX_CA_BUNDLE_BYTES`] is read: a FIFO would block the control runtime, a device such as
-/// `/dev/zero` would grow memory for ever. Opened with `O_NONBLOCK` so that a FIFO swapped in
-/// after the `stat` cannot block the open either; the type is checked on the open file.
+/// [`MAX_CA_BUNDLE_BYTES`] is read ([`crate::files::read_regular`]).
 pub fn read_ca_file(path: &std::path::Path) -> Result<Vec<u8>, RuleError> {
-    use std::io::Read as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let cannot = |e: std::io::Error| RuleError::new(format!("cannot read {}: {e}", path.display()));
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-        .map_err(cannot)?;
-    let meta = file.metadata().map_err(cannot)?;
-    if !meta.is_file() {
-        return Err(format!("{} is not a regular file", path.display()).into());
-    }
-    let mut pem = Vec::new();
-    let limit = MAX_CA_BUNDLE_BYTES as u64;
-    file.take(limit + 1).read_to_end(&mut pem).map_err(cannot)?;
-    if pem.len() as u64 > limit {
-        return Err(format!(
-            "{} is larger than {MAX_CA_BUNDLE_BYTES} bytes; a CA bundle is far smaller",
-            path.display()
-        )
-        .into());
-    }
-    Ok(pem)
+    use crate::files::ReadError;
+    crate::files::read_regular(path, MAX_CA_BUNDLE_BYTES as u64).map_err(|e| {
+        let path = path.display();
+        match e {
+            ReadError::Io(e) => format!("cannot read {path}: {e}"),
+            ReadError::NotRegular => format!("{path} is not a regular file"),
+            ReadError::TooLarge(_) => {
+                format!("{path} is larger than {MAX_CA_BUNDLE_BYTES} bytes; a CA bundle is far smaller")
+            }
+        }
+        .into()
+    })
 }
 
 /// The trust anchors: the CA bundle in `pem`, or webpki's (Mozilla's) roots.
