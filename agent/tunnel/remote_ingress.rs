@@ -63,6 +63,38 @@ enum Reach {
     Around,
 }
 
+/// How many of the supervisor's polls pass between two reads of a process's `/config` (10 s
+/// at the default `poll_interval`): the body may be megabytes, parsed on the control runtime,
+/// and a remote ingress changes when someone edits it, not every second.
+const READ_EVERY: u32 = 10;
+
+/// When the ingress is read: at the first answered poll of each cloudflared process, then
+/// every [`READ_EVERY`]th.
+#[derive(Debug, Default)]
+pub(super) struct Schedule {
+    pid: Option<u32>,
+    polls: u32,
+}
+
+impl Schedule {
+    /// Whether this poll of process `pid` reads the ingress.
+    pub(super) fn due(&mut self, pid: u32) -> bool {
+        if self.pid != Some(pid) {
+            *self = Schedule {
+                pid: Some(pid),
+                polls: 0,
+            };
+            return true;
+        }
+        self.polls += 1;
+        if self.polls < READ_EVERY {
+            return false;
+        }
+        self.polls = 0;
+        true
+    }
+}
+
 /// Reads cloudflared's `/config` and audits it against `origin` (the proxy's address) and
 /// `via_proxy` (whether cloudflared has the proxy variables). `None` when cloudflared did not
 /// answer, or answered something that is not its configuration (an older cloudflared without
@@ -229,6 +261,16 @@ fn host_and_port(authority: &str, tls: bool) -> Option<(&str, u16)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ingress_is_read_at_a_new_process_then_every_tenth_poll() {
+        let mut schedule = Schedule::default();
+        let reads: Vec<bool> = (0..21).map(|_| schedule.due(41)).collect();
+        let at: Vec<usize> = reads.iter().enumerate().filter(|(_, r)| **r).map(|(i, _)| i).collect();
+        assert_eq!(at, [0, 10, 20]);
+        assert!(schedule.due(42), "a new process is read at once");
+        assert!(!schedule.due(42));
+    }
 
     fn config(rules: &[(&str, &str)]) -> Vec<u8> {
         let ingress: Vec<_> = rules

@@ -345,8 +345,9 @@ pub(super) struct Supervisor {
     /// How the last cloudflared ended, for the log lines about it.
     pub(super) last_exit: String,
     pub(super) state: Arc<TunnelState>,
-    /// Polls cloudflared's `/ready`.
+    /// Polls cloudflared's `/ready` (and `/config`, when `ingress_reads` says).
     http: reqwest::Client,
+    ingress_reads: super::remote_ingress::Schedule,
 }
 
 impl Supervisor {
@@ -363,6 +364,7 @@ impl Supervisor {
             last_exit: String::new(),
             state,
             http,
+            ingress_reads: Default::default(),
         })
     }
 
@@ -453,7 +455,9 @@ impl Supervisor {
             self.state.with_detail(|d| d.last_connected = Some(Instant::now()));
         }
         if let (Some(spec), Some(child), true) = (&self.spec, &self.child, answered) {
-            super::remote_ingress::check(&self.http, spec, child.pid, &self.state).await;
+            if self.ingress_reads.due(child.pid) {
+                super::remote_ingress::check(&self.http, spec, child.pid, &self.state).await;
+            }
         }
         Wake::Event(Event::Polled { connections })
     }
