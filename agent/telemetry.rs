@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tracing_subscriber::fmt::writer::EitherWriter;
+
 use crate::config::{LogFormat, LogStream};
 use crate::prom_text::{self, Family, Kind};
 
@@ -333,41 +335,13 @@ pub fn is_journal(stream: LogStream) -> bool {
 #[derive(Debug, Clone, Copy)]
 struct StreamWriter(LogStream);
 
-enum StreamHandle {
-    Out(std::io::Stdout),
-    Err(std::io::Stderr),
-}
-
-impl std::io::Write for StreamHandle {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self {
-            StreamHandle::Out(h) => h.write(buf),
-            StreamHandle::Err(h) => h.write(buf),
-        }
-    }
-
-    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
-        match self {
-            StreamHandle::Out(h) => h.write_all(buf),
-            StreamHandle::Err(h) => h.write_all(buf),
-        }
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        match self {
-            StreamHandle::Out(h) => h.flush(),
-            StreamHandle::Err(h) => h.flush(),
-        }
-    }
-}
-
 impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for StreamWriter {
-    type Writer = StreamHandle;
+    type Writer = EitherWriter<std::io::Stdout, std::io::Stderr>;
 
-    fn make_writer(&'a self) -> StreamHandle {
+    fn make_writer(&'a self) -> Self::Writer {
         match self.0 {
-            LogStream::Stdout => StreamHandle::Out(std::io::stdout()),
-            LogStream::Stderr => StreamHandle::Err(std::io::stderr()),
+            LogStream::Stdout => EitherWriter::A(std::io::stdout()),
+            LogStream::Stderr => EitherWriter::B(std::io::stderr()),
         }
     }
 }
