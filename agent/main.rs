@@ -322,11 +322,14 @@ fn run(path: PathBuf, incoming: Option<Incoming>) -> Exit {
         err(&format!("cannot set up logging: {e:#}\n"));
         return Exit::Failure;
     }
-    // From here on what ends the run is said where the log goes (`agent.log_stream`), so a
-    // container that asked for stdout finds nothing on stderr but a panic.
-    let fatal = move |text: &str| match stream {
-        config::LogStream::Stdout if format != config::LogFormat::Journald => out(text),
-        _ => err(text),
+    // From here on what ends the run is logged (by the caller), then said again as a plain last
+    // line where the log goes (`agent.log_stream`), so a container that asked for stdout finds
+    // nothing on stderr but a panic. Not in JSON: there the logged event is the line, and a
+    // plain one would be the one line on the stream a JSON reader cannot parse.
+    let fatal = move |text: &str| match (format, stream) {
+        (config::LogFormat::Json, _) => {}
+        (config::LogFormat::Journald, _) | (_, config::LogStream::Stderr) => err(text),
+        (_, config::LogStream::Stdout) => out(text),
     };
     log_start(&config, &path);
     // The control runtime (boot, supervision, health, roles, reloads) is one thread; the proxy
@@ -335,6 +338,7 @@ fn run(path: PathBuf, incoming: Option<Incoming>) -> Exit {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime: {e}");
             fatal(&format!("cannot start the async runtime: {e}\n"));
             return Exit::Failure;
         }

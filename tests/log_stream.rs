@@ -175,6 +175,30 @@ async fn the_error_that_ends_a_run_follows_the_log() {
     drop(taken);
 }
 
+/// In JSON, the error that ends a run is its JSON event alone: no plain line after it, which
+/// would be the one line on the stream a JSON reader cannot parse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_json_the_error_that_ends_a_run_is_a_json_line_too() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
+    let port = taken.local_addr().expect("its address").port();
+    let builder = AgentBuilder::new().log_on_stdout();
+    let config = ConfigText::new()
+        .agent("log_format = \"json\"")
+        .agent("log_stream = \"stdout\"")
+        .proxy(&format!("listen = \"127.0.0.1:{port}\""))
+        .render(builder.dir());
+    let mut agent = builder.spawn(&config);
+    assert!(!agent.wait_exit(DEADLINE).await.success(), "started on a taken port");
+    let log = agent.logs();
+    assert!(log.iter().any(|l| l.contains("tunnel-agent failed")), "{log:#?}");
+    for line in &log {
+        let parsed: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(parsed.is_object(), "{line}");
+    }
+    assert_eq!(agent.other_stream(), Vec::<String>::new(), "stderr");
+    drop(taken);
+}
+
 /// `check` does what start-up does: a bad key names the file, line, key and both streams; a bad
 /// variable names the variable. Both exit 78.
 #[test]
