@@ -53,8 +53,8 @@ pub enum EtcdError {
     #[error("unexpected answer from etcd {endpoint}: {message}")]
     Protocol { endpoint: String, message: String },
     /// The client could not be built from the configured files (`what` names the part).
-    #[error("{what}: {source}")]
-    Setup { what: &'static str, source: reqwest::Error },
+    #[error("{what}: {message}")]
+    Setup { what: &'static str, message: String },
 }
 
 pub struct EtcdClient {
@@ -156,8 +156,14 @@ fn answer(endpoint: &str, status: reqwest::StatusCode, text: &str) -> Result<ser
 
 impl EtcdClient {
     pub fn new(options: &EtcdOptions) -> Result<EtcdClient, EtcdError> {
-        let setup = |what: &'static str| move |source| EtcdError::Setup { what, source };
-        let mut builder = super::http::builder(options.ca_pem.as_deref()).map_err(|(what, e)| setup(what)(e))?;
+        let setup = |what: &'static str| {
+            move |e: reqwest::Error| EtcdError::Setup {
+                what,
+                message: crate::errors::error_chain(&e),
+            }
+        };
+        let mut builder = super::http::builder(options.ca_pem.as_deref())
+            .map_err(|(what, message)| EtcdError::Setup { what, message })?;
         if let Some(pem) = &options.identity_pem {
             builder = builder.identity(reqwest::Identity::from_pem(pem).map_err(setup("client certificate/key"))?);
         }

@@ -199,16 +199,8 @@ impl LeaseClient {
             }
         };
         let access = &options.access;
-        // A bundle without a certificate would leave the system roots alone trusted, quietly.
-        if let Some(pem) = &access.ca_pem {
-            if reqwest::Certificate::from_pem_bundle(pem).is_ok_and(|certs| certs.is_empty()) {
-                return Err(KubeError::Setup {
-                    what: "CA bundle",
-                    message: "holds no PEM certificate".into(),
-                });
-            }
-        }
-        let mut builder = super::http::builder(access.ca_pem.as_deref()).map_err(|(what, e)| setup(what)(e))?;
+        let mut builder = super::http::builder(access.ca_pem.as_deref())
+            .map_err(|(what, message)| KubeError::Setup { what, message })?;
         if let Some(pem) = &access.identity_pem {
             let identity = reqwest::Identity::from_pem(pem.expose().as_bytes()).map_err(|_| KubeError::Setup {
                 what: "client certificate/key",
